@@ -1,0 +1,387 @@
+//! The backup stream format: written by [`Backup`](super::store::Backup), read by
+//! [`Store::restore`](super::Store::restore). Documented in `docs/backup-format.md`.
+//!
+//! ```text
+//! header  "KVDBBAK\x01" since:u64 version:u64
+//! record  'D' version:u64 deleted_at:u64 len:u32 key         a deleted key
+//!         'R' version:u64 deleted_at:u64 len:u32 prefix      a deleted prefix (bucket)
+//!         'P' len:u32 key kind:u8 expires_at:u64 version:u64 len:u32 value
+//! footer  'E' records:u64 crc32:u32                          CRC of every byte before 'E'
+//! ```
+//! Integers are big-endian. A stream without its footer, or whose CRC does not
+//! match, is refused: a truncated backup is never half-restored silently.
+
+use std::io::{BufWriter, Read, Write};
+
+use super::StorageError;
+use super::store::Entry;
+
+const MAGIC: &[u8; 8] = b"KVDBBAK\x01";
+
+/// Largest key or value length accepted from a stream; far above any limit
+/// the server enforces, so only corruption trips it.
+const MAX_FIELD: u32 = 1 << 30;
+
+/// What a backup covers: changes after `since`, up to and including `version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BackupInfo {
+    pub since: u64,
+    pub version: u64,
+}
+
+/// One change in a backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Delete {
+        key: Vec<u8>,
+        version: u64,
+        deleted_at: u64,
+    },
+    DeletePrefix {
+        prefix: Vec<u8>,
+        version: u64,
+        deleted_at: u64,
+    },
+    Put {
+        key: Vec<u8>,
+        entry: Entry,
+    },
+}
+
+fn io(e: std::io::Error) -> StorageError {
+    StorageError::Backup(format!("writing the stream: {e}"))
+}
+
+struct Crc<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Crc<W> {
+    fn put(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        self.crc.update(bytes);
+        self.inner.write_all(bytes).map_err(io)
+    }
+}
+
+/// Writes a backup stream.
+pub struct Writer<'a> {
+    out: Crc<BufWriter<&'a mut dyn Write>>,
+    count: u64,
+}
+
+fn len32(b: &[u8]) -> [u8; 4] {
+    // Keys and values are bounded far below 4 GiB by the server's limits.
+    u32::try_from(b.len()).unwrap_or(u32::MAX).to_be_bytes()
+}
+
+impl<'a> Writer<'a> {
+    /// # Errors
+    /// The output fails.
+    pub fn new(out: &'a mut dyn Write, info: BackupInfo) -> Result<Self, StorageError> {
+        let mut out = Crc {
+            inner: BufWriter::with_capacity(64 * 1024, out),
+            crc: crc32fast::Hasher::new(),
+        };
+        out.put(MAGIC)?;
+        out.put(&info.since.to_be_bytes())?;
+        out.put(&info.version.to_be_bytes())?;
+        Ok(Self { out, count: 0 })
+    }
+
+    /// # Errors
+    /// The output fails.
+    pub fn record(&mut self, record: &Record) -> Result<(), StorageError> {
+        let o = &mut self.out;
+        match record {
+            Record::Delete {
+                key,
+                version,
+                deleted_at,
+            }
+            | Record::DeletePrefix {
+                prefix: key,
+                version,
+                deleted_at,
+            } => {
+                o.put(if matches!(record, Record::Delete { .. }) {
+                    b"D"
+                } else {
+                    b"R"
+                })?;
+                o.put(&version.to_be_bytes())?;
+                o.put(&deleted_at.to_be_bytes())?;
+                o.put(&len32(key))?;
+                o.put(key)?;
+            }
+            Record::Put { key, entry } => {
+                o.put(b"P")?;
+                o.put(&len32(key))?;
+                o.put(key)?;
+                o.put(&[entry.kind])?;
+                o.put(&entry.expires_at.to_be_bytes())?;
+                o.put(&entry.version.to_be_bytes())?;
+                o.put(&len32(&entry.value))?;
+                o.put(&entry.value)?;
+            }
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Writes the footer and flushes; returns the number of records.
+    ///
+    /// # Errors
+    /// The output fails.
+    pub fn finish(mut self) -> Result<u64, StorageError> {
+        let crc = self.out.crc.clone().finalize();
+        self.out.inner.write_all(b"E").map_err(io)?;
+        self.out
+            .inner
+            .write_all(&self.count.to_be_bytes())
+            .map_err(io)?;
+        self.out.inner.write_all(&crc.to_be_bytes()).map_err(io)?;
+        self.out.inner.flush().map_err(io)?;
+        Ok(self.count)
+    }
+}
+
+/// Reads a backup stream record by record, checking its footer at the end.
+pub struct Reader<'a> {
+    input: &'a mut dyn Read,
+    crc: crc32fast::Hasher,
+    info: BackupInfo,
+    count: u64,
+    done: bool,
+}
+
+fn corrupt(what: &str) -> StorageError {
+    StorageError::Restore(format!("the backup stream is corrupt or truncated: {what}"))
+}
+
+impl<'a> Reader<'a> {
+    /// # Errors
+    /// The stream is not a KVdb backup.
+    pub fn new(input: &'a mut dyn Read) -> Result<Self, StorageError> {
+        let mut r = Self {
+            input,
+            crc: crc32fast::Hasher::new(),
+            info: BackupInfo {
+                since: 0,
+                version: 0,
+            },
+            count: 0,
+            done: false,
+        };
+        let magic = r.bytes(8)?;
+        if magic != MAGIC {
+            return Err(StorageError::Restore(
+                "this is not a KVdb backup (bad magic)".into(),
+            ));
+        }
+        r.info = BackupInfo {
+            since: r.u64()?,
+            version: r.u64()?,
+        };
+        Ok(r)
+    }
+
+    pub fn info(&self) -> BackupInfo {
+        self.info
+    }
+
+    fn raw(&mut self, buf: &mut [u8]) -> Result<(), StorageError> {
+        self.input
+            .read_exact(buf)
+            .map_err(|e| corrupt(&e.to_string()))
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<Vec<u8>, StorageError> {
+        let mut buf = vec![0; n];
+        self.raw(&mut buf)?;
+        self.crc.update(&buf);
+        Ok(buf)
+    }
+
+    fn u64(&mut self) -> Result<u64, StorageError> {
+        let mut b = [0; 8];
+        self.raw(&mut b)?;
+        self.crc.update(&b);
+        Ok(u64::from_be_bytes(b))
+    }
+
+    fn field(&mut self) -> Result<Vec<u8>, StorageError> {
+        let mut b = [0; 4];
+        self.raw(&mut b)?;
+        self.crc.update(&b);
+        let n = u32::from_be_bytes(b);
+        if n > MAX_FIELD {
+            return Err(corrupt("field length out of range"));
+        }
+        self.bytes(n as usize)
+    }
+
+    /// The next record, or `None` after a valid footer.
+    ///
+    /// # Errors
+    /// The stream is corrupt or truncated.
+    pub fn next_record(&mut self) -> Result<Option<Record>, StorageError> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut tag = [0u8; 1];
+        self.raw(&mut tag)?;
+        let record = match tag[0] {
+            b'E' => {
+                let expected = self.crc.clone().finalize();
+                let mut b = [0; 8];
+                self.raw(&mut b)?;
+                let count = u64::from_be_bytes(b);
+                let mut c = [0; 4];
+                self.raw(&mut c)?;
+                if u32::from_be_bytes(c) != expected || count != self.count {
+                    return Err(corrupt("checksum mismatch"));
+                }
+                self.done = true;
+                return Ok(None);
+            }
+            t @ (b'D' | b'R') => {
+                self.crc.update(&tag);
+                let version = self.u64()?;
+                let deleted_at = self.u64()?;
+                let key = self.field()?;
+                if t == b'D' {
+                    Record::Delete {
+                        key,
+                        version,
+                        deleted_at,
+                    }
+                } else {
+                    Record::DeletePrefix {
+                        prefix: key,
+                        version,
+                        deleted_at,
+                    }
+                }
+            }
+            b'P' => {
+                self.crc.update(&tag);
+                let key = self.field()?;
+                let kind = self.bytes(1)?[0];
+                let expires_at = self.u64()?;
+                let version = self.u64()?;
+                let value = self.field()?;
+                Record::Put {
+                    key,
+                    entry: Entry {
+                        kind,
+                        expires_at,
+                        version,
+                        value,
+                    },
+                }
+            }
+            _ => return Err(corrupt("unknown record tag")),
+        };
+        self.count += 1;
+        Ok(Some(record))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = Writer::new(
+            &mut out,
+            BackupInfo {
+                since: 3,
+                version: 9,
+            },
+        )
+        .expect("header");
+        w.record(&Record::Delete {
+            key: b"gone".to_vec(),
+            version: 4,
+            deleted_at: 7,
+        })
+        .expect("record");
+        w.record(&Record::Put {
+            key: b"k".to_vec(),
+            entry: Entry {
+                kind: 1,
+                expires_at: 0,
+                version: 9,
+                value: b"42".to_vec(),
+            },
+        })
+        .expect("record");
+        assert_eq!(w.finish().expect("footer"), 2);
+        out
+    }
+
+    #[test]
+    fn round_trip_keeps_every_record() {
+        let bytes = sample();
+        let mut input = bytes.as_slice();
+        let mut r = Reader::new(&mut input).expect("header");
+        assert_eq!(
+            r.info(),
+            BackupInfo {
+                since: 3,
+                version: 9
+            }
+        );
+        assert!(matches!(
+            r.next_record().expect("first"),
+            Some(Record::Delete { version: 4, .. })
+        ));
+        assert!(matches!(
+            r.next_record().expect("second"),
+            Some(Record::Put { .. })
+        ));
+        assert_eq!(r.next_record().expect("footer"), None);
+    }
+
+    #[test]
+    fn truncated_or_flipped_streams_are_refused() {
+        let bytes = sample();
+        let mut short = &bytes[..bytes.len() - 3];
+        let mut r = Reader::new(&mut short).expect("header");
+        let mut saw_error = false;
+        for _ in 0..4 {
+            match r.next_record() {
+                Err(_) => {
+                    saw_error = true;
+                    break;
+                }
+                Ok(None) => break,
+                Ok(Some(_)) => {}
+            }
+        }
+        assert!(saw_error, "a truncated stream must fail");
+
+        let mut flipped = bytes.clone();
+        let at = flipped.len() - 20;
+        flipped[at] ^= 0x55;
+        let mut input = flipped.as_slice();
+        let mut r = Reader::new(&mut input).expect("header");
+        let mut result = Ok(Some(Record::Delete {
+            key: vec![],
+            version: 0,
+            deleted_at: 0,
+        }));
+        while let Ok(Some(_)) = result {
+            result = r.next_record();
+        }
+        assert!(result.is_err(), "a corrupted stream must fail");
+    }
+
+    #[test]
+    fn other_files_are_not_backups() {
+        let mut input: &[u8] = b"hello world, this is not a backup";
+        assert!(Reader::new(&mut input).is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! The backend-conformance suite: every test runs against every backend.
+
+use std::ops::Bound;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::memory::MemoryBackend;
+use super::redb::RedbBackend;
+use super::{Backend, Entry, Store, StorageError};
+
+struct Fixture {
+    store: Store,
+    clock: Arc<AtomicU64>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    fn advance(&self, ms: u64) {
+        self.clock.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    fn put(&self, key: &str, value: &str, expires_at: u64) -> u64 {
+        let (k, v) = (key.as_bytes().to_vec(), value.as_bytes().to_vec());
+        self.store
+            .write_blocking(move |ctx| ctx.put(&k, 0, &v, expires_at))
+            .expect("commit")
+            .expect("put")
+    }
+
+    fn get(&self, key: &str) -> Option<Entry> {
+        self.store
+            .snapshot()
+            .expect("snapshot")
+            .get(key.as_bytes())
+            .expect("get")
+    }
+
+    fn keys(&self, lower: Bound<&[u8]>, upper: Bound<&[u8]>, reverse: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        self.store
+            .snapshot()
+            .expect("snapshot")
+            .scan(lower, upper, reverse, &mut |k, _| {
+                out.push(String::from_utf8_lossy(k).into_owned());
+                true
+            })
+            .expect("scan");
+        out
+    }
+
+    fn delete(&self, key: &str) -> bool {
+        let k = key.as_bytes().to_vec();
+        self.store
+            .write_blocking(move |ctx| ctx.delete(&k))
+            .expect("commit")
+            .expect("delete")
+    }
+
+    fn gc(&self) -> super::GcStats {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(self.store.gc())
+            .expect("gc")
+    }
+}
+
+fn memory() -> Fixture {
+    with_backend(Arc::new(MemoryBackend::new()), None)
+}
+
+fn redb() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = RedbBackend::open(dir.path()).expect("open redb");
+    with_backend(Arc::new(backend), Some(dir))
+}
+
+fn with_backend(backend: Arc<dyn Backend>, dir: Option<tempfile::TempDir>) -> Fixture {
+    let clock = Arc::new(AtomicU64::new(1_000_000));
+    let store = Store::open_with_manual_clock(backend, clock.clone()).expect("open store");
+    Fixture {
+        store,
+        clock,
+        _dir: dir,
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod on_memory { $( #[test] fn $name() { super::$name(super::memory()); } )* }
+        mod on_redb { $( #[test] fn $name() { super::$name(super::redb()); } )* }
+    };
+}
+
+conformance!(
+    put_then_get_returns_kind_value_and_version,
+    versions_increase_with_every_write,
+    scan_is_ordered_bounded_and_reversible,
+    scan_stops_when_the_visitor_says_so,
+    expired_entries_vanish_at_once_and_gc_reclaims_them,
+    rewriting_a_key_moves_its_expiry,
+    delete_reports_whether_the_key_was_live,
+    failed_job_in_a_batch_leaves_the_others_committed,
+    many_concurrent_writers_never_lose_an_increment,
+    purge_prefix_removes_only_that_prefix,
+    backup_and_restore_round_trip,
+    incremental_backup_carries_deletes_and_new_writes,
+    restore_refuses_a_gap_in_the_chain,
+    writes_after_close_are_refused,
+);
+
+fn put_then_get_returns_kind_value_and_version(f: Fixture) {
+    assert_eq!(f.get("a"), None);
+    let v = f.put("a", "1", 0);
+    let e = f.get("a").expect("present");
+    assert_eq!((e.kind, e.value.as_slice(), e.version), (0, &b"1"[..], v));
+}
+
+fn versions_increase_with_every_write(f: Fixture) {
+    let a = f.put("a", "1", 0);
+    let b = f.put("b", "1", 0);
+    let c = f.put("a", "2", 0);
+    assert!(a < b && b < c);
+}
+
+fn scan_is_ordered_bounded_and_reversible(f: Fixture) {
+    for k in ["b", "a", "c", "ab", "d"] {
+        f.put(k, "x", 0);
+    }
+    assert_eq!(
+        f.keys(Bound::Unbounded, Bound::Unbounded, false),
+        ["a", "ab", "b", "c", "d"]
+    );
+    assert_eq!(
+        f.keys(Bound::Excluded(b"a"), Bound::Excluded(b"d"), false),
+        ["ab", "b", "c"]
+    );
+    assert_eq!(
+        f.keys(Bound::Included(b"a"), Bound::Included(b"c"), true),
+        ["c", "b", "ab", "a"]
+    );
+    assert!(f.keys(Bound::Included(b"z"), Bound::Excluded(b"a"), false).is_empty());
+}
+
+fn scan_stops_when_the_visitor_says_so(f: Fixture) {
+    for k in ["a", "b", "c"] {
+        f.put(k, "x", 0);
+    }
+    let mut seen = 0;
+    f.store
+        .snapshot()
+        .expect("snapshot")
+        .scan(Bound::Unbounded, Bound::Unbounded, false, &mut |_, _| {
+            seen += 1;
+            seen < 2
+        })
+        .expect("scan");
+    assert_eq!(seen, 2);
+}
+
+fn expired_entries_vanish_at_once_and_gc_reclaims_them(f: Fixture) {
+    let now = f.store.now_ms();
+    f.put("short", "x", now + 1000);
+    f.put("long", "x", now + 60_000);
+    f.put("forever", "x", 0);
+    assert!(f.get("short").is_some());
+    f.advance(1000);
+    assert_eq!(f.get("short"), None, "expired exactly at expires_at");
+    assert_eq!(
+        f.keys(Bound::Unbounded, Bound::Unbounded, false),
+        ["forever", "long"]
+    );
+    let stats = f.gc();
+    assert_eq!(stats.expired, 1);
+    assert_eq!(f.gc().expired, 0, "nothing left to reclaim");
+    assert!(f.get("long").is_some());
+}
+
+fn rewriting_a_key_moves_its_expiry(f: Fixture) {
+    let now = f.store.now_ms();
+    f.put("k", "x", now + 1000);
+    f.put("k", "y", 0);
+    f.advance(2000);
+    assert_eq!(f.gc().expired, 0);
+    assert_eq!(f.get("k").expect("kept").value, b"y");
+}
+
+fn delete_reports_whether_the_key_was_live(f: Fixture) {
+    f.put("k", "x", 0);
+    assert!(f.delete("k"));
+    assert!(!f.delete("k"));
+    assert_eq!(f.get("k"), None);
+}
+
+fn failed_job_in_a_batch_leaves_the_others_committed(f: Fixture) {
+    // A job that decides not to write (its own error) must not disturb others.
+    let refused = f
+        .store
+        .write_blocking(|ctx| -> Result<(), &'static str> {
+            if ctx.get(b"missing").expect("get").is_none() {
+                return Err("refused");
+            }
+            Ok(())
+        })
+        .expect("commit");
+    assert_eq!(refused, Err("refused"));
+    f.put("k", "v", 0);
+    assert!(f.get("k").is_some());
+}
+
+fn many_concurrent_writers_never_lose_an_increment(f: Fixture) {
+    let store = f.store.clone();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    store
+                        .write_blocking(|ctx| {
+                            let n = ctx
+                                .get(b"n")?
+                                .map_or(0, |e| e.value.len());
+                            ctx.put(b"n", 0, &vec![b'x'; n + 1], 0)
+                        })
+                        .expect("commit")
+                        .expect("put");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    assert_eq!(f.get("n").expect("n").value.len(), 400);
+}
+
+fn purge_prefix_removes_only_that_prefix(f: Fixture) {
+    for i in 0..2500 {
+        f.put(&format!("b1/{i:05}"), "x", 0);
+    }
+    f.put("b2/keep", "x", 0);
+    f.store
+        .write_blocking(|ctx| ctx.purge_prefix(b"b1/"))
+        .expect("commit")
+        .expect("purge");
+    let stats = f.gc();
+    assert_eq!(stats.purged, 2500);
+    assert_eq!(f.keys(Bound::Unbounded, Bound::Unbounded, false), ["b2/keep"]);
+}
+
+fn backup_bytes(f: &Fixture, since: u64) -> (Vec<u8>, u64) {
+    let backup = f.store.backup(since).expect("backup");
+    let version = backup.info().version;
+    let mut out = Vec::new();
+    backup.write_to(&mut out).expect("write");
+    (out, version)
+}
+
+fn all_entries(f: &Fixture) -> Vec<(Vec<u8>, Entry)> {
+    let mut out = Vec::new();
+    f.store
+        .snapshot()
+        .expect("snapshot")
+        .scan(Bound::Unbounded, Bound::Unbounded, false, &mut |k, e| {
+            out.push((k.to_vec(), e));
+            true
+        })
+        .expect("scan");
+    out
+}
+
+fn backup_and_restore_round_trip(f: Fixture) {
+    let now = f.store.now_ms();
+    f.put("a", "1", 0);
+    f.put("b", "2", now + 60_000);
+    f.put("gone", "3", now + 10);
+    f.advance(20);
+    let (bytes, version) = backup_bytes(&f, 0);
+    let target = memory();
+    target.clock.store(f.clock.load(Ordering::SeqCst), Ordering::SeqCst);
+    let info = target.store.restore(&mut bytes.as_slice()).expect("restore");
+    assert_eq!(info.version, version);
+    assert_eq!(all_entries(&target), all_entries(&f));
+    // The restored store goes on numbering after the backup.
+    assert!(target.put("c", "4", 0) > version);
+}
+
+fn incremental_backup_carries_deletes_and_new_writes(f: Fixture) {
+    f.put("a", "1", 0);
+    f.put("b", "2", 0);
+    let (full, v1) = backup_bytes(&f, 0);
+    f.delete("a");
+    f.put("c", "3", 0);
+    f.store
+        .write_blocking(|ctx| ctx.purge_prefix(b"b"))
+        .expect("commit")
+        .expect("purge");
+    let (incr, _) = backup_bytes(&f, v1);
+    let target = redb();
+    target.store.restore(&mut full.as_slice()).expect("full");
+    target.store.restore(&mut incr.as_slice()).expect("increment");
+    f.gc();
+    assert_eq!(all_entries(&target), all_entries(&f));
+    assert_eq!(
+        target.keys(Bound::Unbounded, Bound::Unbounded, false),
+        ["c"]
+    );
+}
+
+fn restore_refuses_a_gap_in_the_chain(f: Fixture) {
+    f.put("a", "1", 0);
+    let (_, v1) = backup_bytes(&f, 0);
+    f.put("b", "1", 0);
+    let (_, v2) = backup_bytes(&f, v1);
+    f.put("c", "1", 0);
+    let (incr2, _) = backup_bytes(&f, v2);
+    let target = memory();
+    let err = target.store.restore(&mut incr2.as_slice());
+    assert!(matches!(err, Err(StorageError::Restore(_))), "{err:?}");
+    let (full, _) = backup_bytes(&f, 0);
+    target.store.restore(&mut full.as_slice()).expect("full");
+    let again = target.store.restore(&mut full.as_slice());
+    assert!(matches!(again, Err(StorageError::Restore(_))), "{again:?}");
+}
+
+fn writes_after_close_are_refused(f: Fixture) {
+    f.put("a", "1", 0);
+    f.store.close();
+    let r = f.store.write_blocking(|ctx| ctx.put(b"b", 0, b"x", 0));
+    assert!(matches!(r, Err(StorageError::Closed)));
+    assert!(f.get("a").is_some(), "reads still work after close");
+}

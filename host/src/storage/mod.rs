@@ -1,0 +1,124 @@
+//! Storage: the only code that touches a storage engine.
+//!
+//! Two layers, after the seed's `KVBackend`:
+//!
+//! - [`Backend`] is an ordered byte-to-byte map with snapshot reads and
+//!   all-or-nothing write transactions. It is all an engine has to provide;
+//!   [`redb`](self::redb) (durable, the default) and [`memory`] implement it.
+//! - [`Store`] builds the KVdb semantics on top of any backend, once: entries
+//!   with a type tag, an expiry and a version; expiry that hides an entry at
+//!   once and reclaims it in the background ([`Store::gc`]); tombstones for
+//!   incremental [`backup`](Store::backup) / [`restore`](Store::restore); and
+//!   group commit, so that many concurrent writers share one fsync.
+//!
+//! This module knows nothing of buckets, keys, permissions or HTTP: its keys
+//! and values are bytes. All writes go through one writer thread (see
+//! [`store`]); reads are snapshot reads that never wait for a writer.
+
+mod backup;
+pub mod memory;
+pub mod redb;
+mod store;
+
+#[cfg(test)]
+mod conformance;
+
+use std::ops::Bound;
+
+pub use backup::BackupInfo;
+pub use store::{Durability, Entry, GcStats, Snapshot, Store, WriteCtx};
+
+/// A failure of the storage engine or of the data it holds.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("backup: {0}")]
+    Backup(String),
+    #[error(
+        "an incremental backup since version {since} is no longer possible: deletions up to version {horizon} have been forgotten; take a full backup (since 0)"
+    )]
+    BackupTooOld { since: u64, horizon: u64 },
+    #[error("restore: {0}")]
+    Restore(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A point-in-time, read-only view of a backend.
+pub trait RawRead: Send {
+    /// The value stored under `key`.
+    ///
+    /// # Errors
+    /// An engine failure.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Visits the pairs with keys in `(lower, upper)` in byte order (or reverse),
+    /// until `visit` returns `false`.
+    ///
+    /// # Errors
+    /// An engine failure.
+    fn scan(
+        &self,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        reverse: bool,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError>;
+}
+
+/// The inside of a write transaction: reads see the transaction's own writes.
+pub trait RawWrite {
+    /// # Errors
+    /// An engine failure.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    /// # Errors
+    /// An engine failure.
+    fn scan(
+        &self,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        reverse: bool,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError>;
+    /// # Errors
+    /// An engine failure.
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StorageError>;
+    /// # Errors
+    /// An engine failure.
+    fn delete(&mut self, key: &[u8]) -> Result<(), StorageError>;
+}
+
+/// A storage engine: an ordered map of bytes with snapshots and transactions.
+///
+/// Implementations are blocking; [`Store`] calls [`Backend::write`] from its
+/// writer thread only, so a backend never sees two write transactions at once.
+pub trait Backend: Send + Sync + 'static {
+    /// A consistent snapshot of everything committed so far.
+    ///
+    /// # Errors
+    /// An engine failure.
+    fn snapshot(&self) -> Result<Box<dyn RawRead>, StorageError>;
+
+    /// Runs `body` in one write transaction and commits it if `body` returns
+    /// `Ok`; on `Err` nothing it wrote is kept. With `durable`, the commit is on
+    /// stable storage when this returns.
+    ///
+    /// # Errors
+    /// `body`'s error, or an engine failure (then nothing is committed).
+    fn write(
+        &self,
+        durable: bool,
+        body: &mut dyn FnMut(&mut dyn RawWrite) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError>;
+
+    /// Makes every commit so far durable.
+    ///
+    /// # Errors
+    /// An engine failure.
+    fn sync(&self) -> Result<(), StorageError>;
+}
