@@ -1,1 +1,74 @@
+//! KVdb: a key-value database as a service.
+//!
+//! The map, bottom up:
+//!
+//! - [`storage`]: the backend trait, the redb and memory backends, and the
+//!   [`Store`](storage::Store) that adds entries, expiry, versions, group
+//!   commit and backups. The only code that touches a storage engine.
+//! - [`bucket`]: bucket ids, keys, typed values, policies, scopes, and
+//!   [`Scoped`](bucket::Scoped), the one place where permissions are checked.
+//! - [`auth`]: credentials (keys, JWT access tokens) to a scope.
+//! - [`http`]: the axum routes of API.md, mapping errors to problem documents.
+//! - [`config`]: the command line.
+//!
+//! [`run`] serves a router on a listener until a shutdown signal, then
+//! finishes requests in flight and syncs the store.
+
+pub mod auth;
+pub mod bucket;
+pub mod config;
+pub mod http;
 pub mod storage;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bucket::Buckets;
+
+/// How often expired entries and deleted buckets are reclaimed when nothing
+/// asks sooner: expired entries are invisible at once, so this only bounds
+/// how long their space stays taken.
+pub const GC_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Reclaims space in the background: on a timer, and at once when a bucket is
+/// deleted. Each step is a small write batch, so requests never stall on it.
+pub async fn gc_loop(buckets: Arc<Buckets>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(GC_INTERVAL) => {}
+            () = buckets.purge_wanted().notified() => {}
+        }
+        match buckets.store().gc().await {
+            Ok(stats) if stats != storage::GcStats::default() => {
+                tracing::info!(?stats, "reclaimed space");
+            }
+            Ok(_) => {}
+            Err(storage::StorageError::Closed) => return,
+            Err(e) => tracing::error!(error = %e, "background clean-up failed"),
+        }
+    }
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; then stops
+/// accepting, lets requests in flight finish, and closes (syncs) the store.
+///
+/// # Errors
+/// The listener fails.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: http::AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let buckets = state.buckets.clone();
+    let gc = tokio::spawn(gc_loop(buckets.clone()));
+    let app = http::router(state);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    gc.abort();
+    let store = buckets.store().clone();
+    // Closing joins the writer thread (it drains and syncs): off the runtime.
+    let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    served
+}

@@ -1,1 +1,195 @@
-fn main() {}
+//! The `kvdb` binary: parse the command line, set up logging, act.
+
+use std::io::{IsTerminal, Read, Write};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use kvdb::bucket::{Buckets, Limits};
+use kvdb::config::{BackendKind, BackupArgs, Cli, Command, DurabilityArg, RestoreArgs, ServeArgs};
+use kvdb::storage::{Backend, Durability, Store, memory::MemoryBackend, redb::RedbBackend};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KVDB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Backup(args) => backup(&args),
+        Command::Restore(args) => restore(&args),
+    }
+}
+
+fn open_backend(kind: BackendKind, data: &std::path::Path) -> anyhow::Result<Arc<dyn Backend>> {
+    Ok(match kind {
+        BackendKind::Redb => Arc::new(
+            RedbBackend::open(data)
+                .with_context(|| format!("opening the data directory {}", data.display()))?,
+        ),
+        BackendKind::Memory => Arc::new(MemoryBackend::new()),
+    })
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let durability = match args.durability {
+        DurabilityArg::Strict => Durability::Strict,
+        DurabilityArg::Relaxed => Durability::Relaxed,
+    };
+    let store = Store::open(open_backend(args.backend, &args.data)?, durability)?;
+    let buckets = Buckets::new(
+        store,
+        Limits {
+            max_value_bytes: args.max_value_bytes,
+        },
+    );
+    let state = kvdb::http::AppState {
+        buckets,
+        admin_token: args.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, backend = ?args.backend, ?durability, data = %args.data.display(), "kvdb is ready");
+        println!("listening on http://{addr}");
+        std::io::stdout().flush()?;
+        kvdb::run(listener, state, shutdown_signal()).await?;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
+fn backup(args: &BackupArgs) -> anyhow::Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!(
+        "{}/_admin/backup?since={}",
+        args.server.trim_end_matches('/'),
+        args.since
+    );
+    let mut response = agent
+        .get(&url)
+        .header("Authorization", &format!("Bearer {}", args.admin_token))
+        .call()
+        .with_context(|| format!("connecting to {}", args.server))?;
+    if !response.status().is_success() {
+        let detail = response.body_mut().read_to_string().unwrap_or_default();
+        bail!(
+            "the server refused the backup ({}): {detail}",
+            response.status()
+        );
+    }
+    let header = |name: &str| -> anyhow::Result<u64> {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("the server sent no {name} header"))
+    };
+    let version = header(kvdb::http::BACKUP_VERSION_HEADER)?;
+    let since = header(kvdb::http::BACKUP_SINCE_HEADER)?;
+    let progress = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} backing up: {bytes} ({bytes_per_sec}, {elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut reader = progress.wrap_read(response.body_mut().as_reader());
+    let bytes = match &args.output {
+        Some(path) => {
+            let partial = path.with_extension("partial");
+            let mut file = std::fs::File::create(&partial)
+                .with_context(|| format!("creating {}", partial.display()))?;
+            let n = std::io::copy(&mut reader, &mut file).context("receiving the backup")?;
+            file.sync_all()?;
+            std::fs::rename(&partial, path)?;
+            n
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            if out.is_terminal() {
+                bail!(
+                    "refusing to write a binary backup to a terminal: use --output FILE or a pipe"
+                );
+            }
+            let mut buf = Vec::new();
+            reader
+                .read_to_end(&mut buf)
+                .context("receiving the backup")?;
+            out.write_all(&buf)?;
+            out.flush()?;
+            buf.len() as u64
+        }
+    };
+    progress.finish_and_clear();
+    eprintln!(
+        "backup of versions {}..={version} complete ({bytes} bytes); for the next incremental backup use --since {version}",
+        since + 1
+    );
+    if args.output.is_some() {
+        println!("version {version}");
+    }
+    Ok(())
+}
+
+fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
+    let store = Store::open(open_backend(args.backend, &args.data)?, Durability::Strict)?;
+    for path in &args.files {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut input = std::io::BufReader::with_capacity(256 * 1024, file);
+        let info = store
+            .restore(&mut input)
+            .with_context(|| format!("restoring {}", path.display()))?;
+        eprintln!(
+            "restored {} (versions {}..={})",
+            path.display(),
+            info.since + 1,
+            info.version
+        );
+    }
+    store.close();
+    Ok(())
+}

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::memory::MemoryBackend;
 use super::redb::RedbBackend;
-use super::{Backend, Entry, Store, StorageError};
+use super::{Backend, Entry, StorageError, Store};
 
 struct Fixture {
     store: Store,
@@ -139,7 +139,10 @@ fn scan_is_ordered_bounded_and_reversible(f: Fixture) {
         f.keys(Bound::Included(b"a"), Bound::Included(b"c"), true),
         ["c", "b", "ab", "a"]
     );
-    assert!(f.keys(Bound::Included(b"z"), Bound::Excluded(b"a"), false).is_empty());
+    assert!(
+        f.keys(Bound::Included(b"z"), Bound::Excluded(b"a"), false)
+            .is_empty()
+    );
 }
 
 fn scan_stops_when_the_visitor_says_so(f: Fixture) {
@@ -217,9 +220,7 @@ fn many_concurrent_writers_never_lose_an_increment(f: Fixture) {
                 for _ in 0..50 {
                     store
                         .write_blocking(|ctx| {
-                            let n = ctx
-                                .get(b"n")?
-                                .map_or(0, |e| e.value.len());
+                            let n = ctx.get(b"n")?.map_or(0, |e| e.value.len());
                             ctx.put(b"n", 0, &vec![b'x'; n + 1], 0)
                         })
                         .expect("commit")
@@ -245,7 +246,10 @@ fn purge_prefix_removes_only_that_prefix(f: Fixture) {
         .expect("purge");
     let stats = f.gc();
     assert_eq!(stats.purged, 2500);
-    assert_eq!(f.keys(Bound::Unbounded, Bound::Unbounded, false), ["b2/keep"]);
+    assert_eq!(
+        f.keys(Bound::Unbounded, Bound::Unbounded, false),
+        ["b2/keep"]
+    );
 }
 
 fn backup_bytes(f: &Fixture, since: u64) -> (Vec<u8>, u64) {
@@ -277,8 +281,13 @@ fn backup_and_restore_round_trip(f: Fixture) {
     f.advance(20);
     let (bytes, version) = backup_bytes(&f, 0);
     let target = memory();
-    target.clock.store(f.clock.load(Ordering::SeqCst), Ordering::SeqCst);
-    let info = target.store.restore(&mut bytes.as_slice()).expect("restore");
+    target
+        .clock
+        .store(f.clock.load(Ordering::SeqCst), Ordering::SeqCst);
+    let info = target
+        .store
+        .restore(&mut bytes.as_slice())
+        .expect("restore");
     assert_eq!(info.version, version);
     assert_eq!(all_entries(&target), all_entries(&f));
     // The restored store goes on numbering after the backup.
@@ -298,7 +307,10 @@ fn incremental_backup_carries_deletes_and_new_writes(f: Fixture) {
     let (incr, _) = backup_bytes(&f, v1);
     let target = redb();
     target.store.restore(&mut full.as_slice()).expect("full");
-    target.store.restore(&mut incr.as_slice()).expect("increment");
+    target
+        .store
+        .restore(&mut incr.as_slice())
+        .expect("increment");
     f.gc();
     assert_eq!(all_entries(&target), all_entries(&f));
     assert_eq!(

@@ -26,6 +26,7 @@ mod conformance;
 use std::ops::Bound;
 
 pub use backup::BackupInfo;
+pub(crate) use store::prefix_end;
 pub use store::{Durability, Entry, GcStats, Snapshot, Store, WriteCtx};
 
 /// A failure of the storage engine or of the data it holds.

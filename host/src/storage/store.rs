@@ -568,9 +568,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> T + Send + 'static,
     {
-        self.submit(false, op)?
-            .await
-            .map_err(|_| batch_aborted())?
+        self.submit(false, op)?.await.map_err(|_| batch_aborted())?
     }
 
     /// Reclaims expired entries, purges scheduled prefixes and forgets
@@ -666,20 +664,21 @@ impl Store {
     pub fn restore(&self, input: &mut dyn std::io::Read) -> Result<BackupInfo, StorageError> {
         let mut reader = backup::Reader::new(input)?;
         let info = reader.info();
-        let (restored, seq, has_data) = self.write_blocking(|ctx| -> Result<_, StorageError> {
-            let restored = ctx.meta(META_RESTORED)?;
-            let mut has_data = false;
-            ctx.raw.scan(
-                Bound::Included(&[NS_DATA]),
-                Bound::Excluded(&[NS_DATA + 1]),
-                false,
-                &mut |_, _| {
-                    has_data = true;
-                    false
-                },
-            )?;
-            Ok((restored, ctx.seq, has_data))
-        })??;
+        let (restored, seq, has_data) =
+            self.write_blocking(|ctx| -> Result<_, StorageError> {
+                let restored = ctx.meta(META_RESTORED)?;
+                let mut has_data = false;
+                ctx.raw.scan(
+                    Bound::Included(&[NS_DATA]),
+                    Bound::Excluded(&[NS_DATA + 1]),
+                    false,
+                    &mut |_, _| {
+                        has_data = true;
+                        false
+                    },
+                )?;
+                Ok((restored, ctx.seq, has_data))
+            })??;
         if info.since == 0 && (has_data || seq > 0) {
             return Err(StorageError::Restore(
                 "a full backup can only be restored into an empty data directory".into(),

@@ -1,0 +1,703 @@
+//! Buckets: isolated key spaces over the store, and the one authorization point.
+//!
+//! [`Buckets`] creates and opens buckets (caching their policies); a
+//! [`Bucket`] is an opened bucket; [`Scoped`] is a bucket seen through a
+//! [`Scope`], and is the *only* code that decides whether an operation is
+//! allowed. HTTP handlers (and, later, script runtimes) build a scope with
+//! `auth` and call `Scoped`; they never check permissions themselves.
+//!
+//! Storage keys: `id(16) 'p'` holds the policy, `id(16) 'k' key` the values;
+//! deleting a bucket purges the prefix `id(16)` in the background.
+//! Reads are snapshot reads on the calling thread (microseconds for one key);
+//! writes are jobs for the store's writer, which serialises them, so every
+//! read-modify-write here is atomic.
+
+mod id;
+mod key;
+mod policy;
+mod scope;
+pub mod value;
+
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::sync::{Arc, RwLock};
+
+pub use id::{BucketId, InvalidBucketId};
+pub use key::{InvalidKey, Key, MAX_KEY_BYTES, check_key_text};
+pub use policy::{Policy, PolicyChange, PolicyError};
+pub use scope::{Grant, Permission, Permissions, Principal, Scope};
+pub use value::{Number, Op, OpConflict, Typing, Value, ValueError};
+
+use crate::auth::{self, TokenError};
+use crate::storage::{Snapshot, StorageError, Store, WriteCtx};
+
+/// Entry kind of a stored policy (values use the kinds in [`value`]).
+const KIND_POLICY: u8 = 0x10;
+
+/// What a bucket operation can fail with; mapped to HTTP once, in `http::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    #[error("there is no bucket with this id")]
+    NotFound,
+    #[error("there is no key {0:?} in this bucket")]
+    KeyNotFound(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    PreconditionFailed(&'static str),
+    #[error("{0}")]
+    Conflict(#[from] OpConflict),
+    #[error("the value would be {size} bytes; the limit is {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Limits that apply to every bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest value, in bytes (413 above it).
+    pub max_value_bytes: usize,
+}
+
+/// A precondition on a write, from `If-Match` / `If-None-Match`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Condition {
+    #[default]
+    Always,
+    /// The current value's ETag must be one of these (`*`: any value).
+    IfMatch(Vec<String>),
+    /// The key must be absent (`If-None-Match: *`).
+    IfAbsent,
+}
+
+/// The strong ETag of a stored version.
+pub fn etag(version: u64) -> String {
+    format!("\"{version:x}\"")
+}
+
+impl Condition {
+    fn check(&self, current: Option<&Stored>) -> Result<(), BucketError> {
+        match self {
+            Condition::Always => Ok(()),
+            Condition::IfAbsent if current.is_none() => Ok(()),
+            Condition::IfAbsent => Err(BucketError::PreconditionFailed(
+                "If-None-Match: * but the key exists",
+            )),
+            Condition::IfMatch(tags) => {
+                let Some(cur) = current else {
+                    return Err(BucketError::PreconditionFailed(
+                        "If-Match but the key does not exist",
+                    ));
+                };
+                let mine = etag(cur.version);
+                if tags
+                    .iter()
+                    .any(|t| t == "*" || t.trim_start_matches("W/") == mine)
+                {
+                    Ok(())
+                } else {
+                    Err(BucketError::PreconditionFailed(
+                        "If-Match: the value has changed since that ETag",
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// A value with its metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub value: Value,
+    pub version: u64,
+    /// Unix milliseconds; 0 = never.
+    pub expires_at: u64,
+}
+
+impl Stored {
+    fn from_entry(e: crate::storage::Entry) -> Self {
+        Self {
+            value: Value::decode(e.kind, e.value),
+            version: e.version,
+            expires_at: e.expires_at,
+        }
+    }
+
+    pub fn etag(&self) -> String {
+        etag(self.version)
+    }
+}
+
+/// A listing request (`GET /:bucket/`), already parsed.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub prefix: String,
+    /// Exclusive, in the direction of travel.
+    pub start: Option<String>,
+    /// Exclusive, in the direction of travel.
+    pub end: Option<String>,
+    pub reverse: bool,
+    pub limit: usize,
+    pub skip: usize,
+    pub values: bool,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub entries: Vec<(String, Option<Value>)>,
+    /// Set when the limit cut the listing short: the `start` of the next page.
+    pub next_start: Option<String>,
+}
+
+struct Cached {
+    version: u64,
+    policy: Option<Arc<Policy>>,
+}
+
+/// All buckets: creation, opening, policy cache. Cheap to share in an `Arc`.
+pub struct Buckets {
+    store: Store,
+    limits: Limits,
+    /// Policies by bucket, tagged with the version of their record so that a
+    /// stale read can never replace a newer policy (or a deletion).
+    cache: RwLock<HashMap<BucketId, Cached>>,
+    purge_wanted: tokio::sync::Notify,
+}
+
+fn policy_key(id: &BucketId) -> Vec<u8> {
+    let mut k = id.to_bytes().to_vec();
+    k.push(b'p');
+    k
+}
+
+fn data_prefix(id: &BucketId) -> Vec<u8> {
+    let mut k = id.to_bytes().to_vec();
+    k.push(b'k');
+    k
+}
+
+fn data_key(id: &BucketId, key: &str) -> Vec<u8> {
+    let mut k = data_prefix(id);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn decode_policy(bytes: &[u8]) -> Result<Policy, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| StorageError::Corrupt(format!("bucket policy: {e}")))
+}
+
+fn now_s(now_ms: u64) -> u64 {
+    now_ms / 1000
+}
+
+impl Buckets {
+    pub fn new(store: Store, limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            limits,
+            cache: RwLock::new(HashMap::new()),
+            purge_wanted: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Woken when a deleted bucket's data waits to be purged.
+    pub fn purge_wanted(&self) -> &tokio::sync::Notify {
+        &self.purge_wanted
+    }
+
+    fn remember(&self, id: BucketId, version: u64, policy: Option<Arc<Policy>>) {
+        let mut cache = self
+            .cache
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match cache.get(&id) {
+            Some(c) if c.version >= version => {}
+            _ => {
+                cache.insert(id, Cached { version, policy });
+            }
+        }
+    }
+
+    /// Creates a bucket with a fresh random id.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub async fn create(
+        &self,
+        change: PolicyChange,
+    ) -> Result<(BucketId, Arc<Policy>), BucketError> {
+        let id = BucketId::random();
+        let (policy, version) = self
+            .store
+            .write(move |ctx| -> Result<_, BucketError> {
+                let policy = change.create(now_s(ctx.now_ms()));
+                let bytes =
+                    serde_json::to_vec(&policy).map_err(|e| BucketError::Invalid(e.to_string()))?;
+                if ctx.get(&policy_key(&id))?.is_some() {
+                    // 122 random bits collided: refuse rather than overwrite.
+                    return Err(BucketError::Invalid(
+                        "bucket id collision; try again".into(),
+                    ));
+                }
+                let version = ctx.put(&policy_key(&id), KIND_POLICY, &bytes, 0)?;
+                Ok((policy, version))
+            })
+            .await??;
+        let policy = Arc::new(policy);
+        self.remember(id, version, Some(policy.clone()));
+        Ok((id, policy))
+    }
+
+    /// Opens an existing bucket.
+    ///
+    /// # Errors
+    /// [`BucketError::NotFound`], or a storage failure.
+    pub fn open(self: &Arc<Self>, id: BucketId) -> Result<Bucket, BucketError> {
+        let cached = self
+            .cache
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .map(|c| c.policy.clone());
+        let policy = match cached {
+            Some(Some(policy)) => policy,
+            Some(None) => return Err(BucketError::NotFound),
+            None => {
+                let entry = self
+                    .store
+                    .snapshot()?
+                    .get(&policy_key(&id))?
+                    .ok_or(BucketError::NotFound)?;
+                let policy = Arc::new(decode_policy(&entry.value)?);
+                self.remember(id, entry.version, Some(policy.clone()));
+                policy
+            }
+        };
+        Ok(Bucket {
+            buckets: self.clone(),
+            id,
+            policy,
+        })
+    }
+}
+
+/// An opened bucket: its id and policy, not yet bound to a scope.
+#[derive(Clone)]
+pub struct Bucket {
+    buckets: Arc<Buckets>,
+    id: BucketId,
+    policy: Arc<Policy>,
+}
+
+impl Bucket {
+    pub fn id(&self) -> BucketId {
+        self.id
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The bucket seen through `scope`: every operation is checked against it.
+    pub fn scoped(self, scope: Scope) -> Scoped {
+        Scoped {
+            bucket: self,
+            scope,
+        }
+    }
+
+    /// The scope of a request presenting `credential` (see [`auth::authorize`]).
+    ///
+    /// # Errors
+    /// A wrong key or an invalid token.
+    pub fn authorize(&self, credential: Option<&str>) -> Result<Scope, auth::AuthError> {
+        auth::authorize(
+            &self.id,
+            &self.policy,
+            credential,
+            now_s(self.buckets.store.now_ms()),
+        )
+    }
+}
+
+/// A bucket seen through a scope: the one authorization point.
+pub struct Scoped {
+    bucket: Bucket,
+    scope: Scope,
+}
+
+/// Checks, inside a write job, that the bucket still exists: a write racing
+/// with the bucket's deletion must not leave orphan data behind.
+fn ensure_bucket(ctx: &mut WriteCtx<'_>, id: &BucketId) -> Result<(), BucketError> {
+    match ctx.get(&policy_key(id))? {
+        Some(_) => Ok(()),
+        None => Err(BucketError::NotFound),
+    }
+}
+
+fn expiry(now_ms: u64, ttl_s: Option<u64>, default_ttl: u64) -> u64 {
+    match ttl_s.unwrap_or(default_ttl) {
+        0 => 0,
+        s => now_ms.saturating_add(s.saturating_mul(1000)),
+    }
+}
+
+fn lower_max<'a>(a: Bound<&'a [u8]>, b: Bound<&'a [u8]>) -> Bound<&'a [u8]> {
+    match (a, b) {
+        (Bound::Unbounded, x) | (x, Bound::Unbounded) => x,
+        (Bound::Included(x) | Bound::Excluded(x), Bound::Included(y) | Bound::Excluded(y))
+            if x != y =>
+        {
+            if x > y {
+                a
+            } else {
+                b
+            }
+        }
+        (Bound::Excluded(_), _) => a,
+        _ => b,
+    }
+}
+
+fn upper_min<'a>(a: Bound<&'a [u8]>, b: Bound<&'a [u8]>) -> Bound<&'a [u8]> {
+    match (a, b) {
+        (Bound::Unbounded, x) | (x, Bound::Unbounded) => x,
+        (Bound::Included(x) | Bound::Excluded(x), Bound::Included(y) | Bound::Excluded(y))
+            if x != y =>
+        {
+            if x < y {
+                a
+            } else {
+                b
+            }
+        }
+        (Bound::Excluded(_), _) => a,
+        _ => b,
+    }
+}
+
+impl Scoped {
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    pub fn bucket(&self) -> &Bucket {
+        &self.bucket
+    }
+
+    fn store(&self) -> &Store {
+        &self.bucket.buckets.store
+    }
+
+    fn refuse(&self, what: String) -> BucketError {
+        match self.scope.principal {
+            Principal::Anonymous => BucketError::Unauthorized(format!(
+                "{what} needs a key or an access token for this bucket"
+            )),
+            Principal::Credential => {
+                BucketError::Forbidden(format!("{what} is not allowed with this credential"))
+            }
+        }
+    }
+
+    fn require(&self, p: Permission, key: &str) -> Result<(), BucketError> {
+        if self.scope.allows(p, key) {
+            Ok(())
+        } else {
+            Err(self.refuse(format!("{} on key {key:?}", p.name())))
+        }
+    }
+
+    fn require_admin(&self) -> Result<(), BucketError> {
+        if self.scope.admin {
+            return Ok(());
+        }
+        if self.bucket.policy.secret_key.is_none() {
+            return Err(BucketError::Forbidden(
+                "this bucket was created without a secret_key, so it has no admin: its policy, tokens and scripts can't be managed".into(),
+            ));
+        }
+        Err(self.refuse("this operation (it needs the bucket's secret key)".into()))
+    }
+
+    fn check_size(&self, value: &Value) -> Result<(), BucketError> {
+        let limit = self.bucket.buckets.limits.max_value_bytes;
+        let size = value.size();
+        if size > limit {
+            return Err(BucketError::TooLarge { size, limit });
+        }
+        Ok(())
+    }
+
+    /// The live value under `key`.
+    ///
+    /// # Errors
+    /// No read permission on `key`, or a storage failure.
+    pub fn get(&self, key: &Key) -> Result<Option<Stored>, BucketError> {
+        self.require(Permission::Read, key.as_str())?;
+        self.read_with(&self.store().snapshot()?, key)
+    }
+
+    fn read_with(&self, snap: &Snapshot, key: &Key) -> Result<Option<Stored>, BucketError> {
+        Ok(snap
+            .get(&data_key(&self.bucket.id, key.as_str()))?
+            .map(Stored::from_entry))
+    }
+
+    /// Sets `key` to `value`; returns the new version. `ttl_s`: seconds
+    /// (0 = never), else the bucket's `default_ttl`.
+    ///
+    /// # Errors
+    /// No write permission, a failed condition, a value over the size limit,
+    /// or a storage failure.
+    pub async fn set(
+        &self,
+        key: &Key,
+        value: Value,
+        ttl_s: Option<u64>,
+        condition: Condition,
+    ) -> Result<u64, BucketError> {
+        self.require(Permission::Write, key.as_str())?;
+        self.check_size(&value)?;
+        let id = self.bucket.id;
+        let dkey = data_key(&id, key.as_str());
+        let default_ttl = self.bucket.policy.default_ttl;
+        let (kind, bytes) = value.encode();
+        self.store()
+            .write(move |ctx| -> Result<u64, BucketError> {
+                ensure_bucket(ctx, &id)?;
+                if condition != Condition::Always {
+                    let current = ctx.get(&dkey)?.map(Stored::from_entry);
+                    condition.check(current.as_ref())?;
+                }
+                let expires_at = expiry(ctx.now_ms(), ttl_s, default_ttl);
+                Ok(ctx.put(&dkey, kind, &bytes, expires_at)?)
+            })
+            .await?
+    }
+
+    /// Applies an atomic operation to `key`; returns the new value and version.
+    ///
+    /// # Errors
+    /// No write permission, a failed condition, an operation that does not
+    /// apply to the current value (409), a result over the size limit, or a
+    /// storage failure.
+    pub async fn patch(
+        &self,
+        key: &Key,
+        op: Op,
+        ttl_s: Option<u64>,
+        condition: Condition,
+    ) -> Result<Stored, BucketError> {
+        self.require(Permission::Write, key.as_str())?;
+        let id = self.bucket.id;
+        let dkey = data_key(&id, key.as_str());
+        let default_ttl = self.bucket.policy.default_ttl;
+        let limit = self.bucket.buckets.limits.max_value_bytes;
+        self.store()
+            .write(move |ctx| -> Result<Stored, BucketError> {
+                ensure_bucket(ctx, &id)?;
+                let current = ctx.get(&dkey)?.map(Stored::from_entry);
+                condition.check(current.as_ref())?;
+                let value = op.apply(current.map(|c| c.value))?;
+                if value.size() > limit {
+                    return Err(BucketError::TooLarge {
+                        size: value.size(),
+                        limit,
+                    });
+                }
+                let expires_at = expiry(ctx.now_ms(), ttl_s, default_ttl);
+                let (kind, bytes) = value.encode();
+                let version = ctx.put(&dkey, kind, &bytes, expires_at)?;
+                Ok(Stored {
+                    value,
+                    version,
+                    expires_at,
+                })
+            })
+            .await?
+    }
+
+    /// Deletes `key`.
+    ///
+    /// # Errors
+    /// No delete permission, a failed condition, the key is absent
+    /// ([`BucketError::KeyNotFound`]), or a storage failure.
+    pub async fn delete(&self, key: &Key, condition: Condition) -> Result<(), BucketError> {
+        self.require(Permission::Delete, key.as_str())?;
+        let id = self.bucket.id;
+        let dkey = data_key(&id, key.as_str());
+        let name = key.to_string();
+        self.store()
+            .write(move |ctx| -> Result<(), BucketError> {
+                ensure_bucket(ctx, &id)?;
+                let current = ctx.get(&dkey)?.map(Stored::from_entry);
+                condition.check(current.as_ref())?;
+                if current.is_none() {
+                    return Err(BucketError::KeyNotFound(name));
+                }
+                ctx.delete(&dkey)?;
+                Ok(())
+            })
+            .await?
+    }
+
+    /// Lists keys (and values) as `query` asks, confined to what the scope may
+    /// enumerate. Blocking: call it off the async threads for large limits.
+    ///
+    /// # Errors
+    /// No enumerate permission on the prefix (or no read permission when
+    /// values are asked for), or a storage failure.
+    pub fn list(&self, query: &ListQuery) -> Result<Listing, BucketError> {
+        let Some(prefix) = self.scope.listing_prefix(&query.prefix) else {
+            return Err(self.refuse(format!("listing keys under {:?}", query.prefix)));
+        };
+        if query.values {
+            self.require(Permission::Read, &prefix)?;
+        }
+        let base = data_prefix(&self.bucket.id);
+        let with_base = |s: &str| {
+            let mut k = base.clone();
+            k.extend_from_slice(s.as_bytes());
+            k
+        };
+        let lo_prefix = with_base(&prefix);
+        let hi_prefix = crate::storage::prefix_end(&lo_prefix);
+        let start = query.start.as_deref().map(with_base);
+        let end = query.end.as_deref().map(with_base);
+        let (travel_from, travel_to) = (
+            start.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+            end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+        );
+        let (lower, upper) = if query.reverse {
+            (travel_to, travel_from)
+        } else {
+            (travel_from, travel_to)
+        };
+        let lower = lower_max(Bound::Included(&lo_prefix), lower);
+        let upper = upper_min(
+            hi_prefix
+                .as_deref()
+                .map_or(Bound::Unbounded, Bound::Excluded),
+            upper,
+        );
+        let mut listing = Listing::default();
+        let mut skipped = 0;
+        self.store()
+            .snapshot()?
+            .scan(lower, upper, query.reverse, &mut |k, entry| {
+                let Ok(key) = std::str::from_utf8(&k[base.len()..]) else {
+                    return true;
+                };
+                if skipped < query.skip {
+                    skipped += 1;
+                    return true;
+                }
+                if listing.entries.len() == query.limit {
+                    listing.next_start = listing.entries.last().map(|(k, _)| k.clone());
+                    return false;
+                }
+                let value = query.values.then(|| Value::decode(entry.kind, entry.value));
+                listing.entries.push((key.to_owned(), value));
+                true
+            })?;
+        Ok(listing)
+    }
+
+    /// The policy, for the admin.
+    ///
+    /// # Errors
+    /// Not the admin.
+    pub fn policy(&self) -> Result<serde_json::Value, BucketError> {
+        self.require_admin()?;
+        Ok(self.bucket.policy.public_view(&self.bucket.id))
+    }
+
+    /// Changes the policy; returns the new one as the admin sees it.
+    ///
+    /// # Errors
+    /// Not the admin, a change that unsets the secret or signing key, or a
+    /// storage failure.
+    pub async fn update_policy(
+        &self,
+        change: PolicyChange,
+    ) -> Result<serde_json::Value, BucketError> {
+        self.require_admin()?;
+        change.check_update()?;
+        let id = self.bucket.id;
+        let (policy, version) = self
+            .store()
+            .write(move |ctx| -> Result<_, BucketError> {
+                let entry = ctx.get(&policy_key(&id))?.ok_or(BucketError::NotFound)?;
+                let policy = decode_policy(&entry.value)?.apply(change);
+                let bytes =
+                    serde_json::to_vec(&policy).map_err(|e| BucketError::Invalid(e.to_string()))?;
+                let version = ctx.put(&policy_key(&id), KIND_POLICY, &bytes, 0)?;
+                Ok((policy, version))
+            })
+            .await??;
+        let view = policy.public_view(&id);
+        self.bucket
+            .buckets
+            .remember(id, version, Some(Arc::new(policy)));
+        Ok(view)
+    }
+
+    /// Deletes the bucket: it is gone at once; its data is purged in the
+    /// background, in small steps that never hold up other buckets.
+    ///
+    /// # Errors
+    /// Not the admin, or a storage failure.
+    pub async fn delete_bucket(&self) -> Result<(), BucketError> {
+        self.require_admin()?;
+        let id = self.bucket.id;
+        self.store()
+            .write(move |ctx| -> Result<(), BucketError> {
+                ensure_bucket(ctx, &id)?;
+                ctx.delete(&policy_key(&id))?;
+                ctx.purge_prefix(&id.to_bytes())?;
+                Ok(())
+            })
+            .await??;
+        self.bucket.buckets.remember(id, u64::MAX, None);
+        self.bucket.buckets.purge_wanted.notify_one();
+        Ok(())
+    }
+
+    /// Issues an access token for `grant`, valid for `ttl_s` seconds; returns
+    /// the token and its expiry (Unix seconds). Needs the secret key.
+    ///
+    /// # Errors
+    /// Not the admin.
+    pub fn issue_token(&self, grant: &Grant, ttl_s: u64) -> Result<(String, u64), BucketError> {
+        self.require_admin()?;
+        let now = now_s(self.store().now_ms());
+        let expires_at = now.saturating_add(ttl_s);
+        let token = auth::token::issue(
+            &self.bucket.policy.signing_key,
+            &self.bucket.id,
+            grant,
+            now,
+            expires_at,
+        )?;
+        Ok((token, expires_at))
+    }
+}

@@ -1,0 +1,231 @@
+//! A bucket's policy: its master keys, signing key, default TTL and contact.
+//!
+//! Parsing of policy fields from clients happens here, once: a [`PolicyChange`]
+//! is valid by construction and [`Policy::apply`] cannot fail.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+/// Bytes of randomness in a generated signing key (HS256 wants >= 32).
+const SIGNING_KEY_BYTES: usize = 32;
+
+/// The policy as stored. `signing_key` never leaves the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub secret_key: Option<String>,
+    pub read_key: Option<String>,
+    pub write_key: Option<String>,
+    pub signing_key: String,
+    pub default_ttl: u64,
+    pub email: Option<String>,
+    pub created_at: u64,
+}
+
+/// Fields of a create or update request, as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyChange {
+    secret_key: Option<String>,
+    read_key: Option<Option<String>>,
+    write_key: Option<Option<String>>,
+    signing_key: Option<String>,
+    default_ttl: Option<u64>,
+    email: Option<Option<String>>,
+}
+
+/// A policy field that can't be accepted (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error(
+        "unknown policy field {0:?}; known fields: secret_key, read_key, write_key, signing_key, default_ttl, email"
+    )]
+    UnknownField(String),
+    #[error("{0} must be a string")]
+    NotAString(&'static str),
+    #[error("default_ttl must be a non-negative integer number of seconds")]
+    BadTtl,
+    #[error("{0} can be changed but not unset")]
+    CannotUnset(&'static str),
+    #[error("{0} is longer than 1024 bytes")]
+    TooLong(&'static str),
+}
+
+/// Longest accepted key or email: generous for any generated secret.
+const MAX_FIELD: usize = 1024;
+
+fn random_signing_key() -> String {
+    let bytes: [u8; SIGNING_KEY_BYTES] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl PolicyChange {
+    /// Reads fields from a JSON object or form pairs (all values as JSON).
+    /// An empty string means "unset".
+    ///
+    /// # Errors
+    /// An unknown field, a non-string key, a bad TTL.
+    pub fn from_fields(fields: BTreeMap<String, serde_json::Value>) -> Result<Self, PolicyError> {
+        let mut change = Self::default();
+        for (name, value) in fields {
+            match name.as_str() {
+                "secret_key" => {
+                    change.secret_key = Some(text(&value, "secret_key")?.unwrap_or_default())
+                }
+                "signing_key" => {
+                    change.signing_key = Some(text(&value, "signing_key")?.unwrap_or_default())
+                }
+                "read_key" => change.read_key = Some(text(&value, "read_key")?),
+                "write_key" => change.write_key = Some(text(&value, "write_key")?),
+                "email" => change.email = Some(text(&value, "email")?),
+                "default_ttl" => change.default_ttl = Some(ttl(&value)?),
+                _ => return Err(PolicyError::UnknownField(name)),
+            }
+        }
+        Ok(change)
+    }
+
+    /// A new bucket's policy. A missing or empty secret key leaves the bucket
+    /// without an admin; a missing signing key is generated.
+    pub fn create(self, now_s: u64) -> Policy {
+        Policy {
+            secret_key: self.secret_key.filter(|s| !s.is_empty()),
+            read_key: self.read_key.flatten(),
+            write_key: self.write_key.flatten(),
+            signing_key: self
+                .signing_key
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(random_signing_key),
+            default_ttl: self.default_ttl.unwrap_or(0),
+            email: self.email.flatten(),
+            created_at: now_s,
+        }
+    }
+
+    /// Checks what an update to an existing policy may not do.
+    ///
+    /// # Errors
+    /// Unsetting the secret or signing key.
+    pub fn check_update(&self) -> Result<(), PolicyError> {
+        if self.secret_key.as_deref() == Some("") {
+            return Err(PolicyError::CannotUnset("secret_key"));
+        }
+        if self.signing_key.as_deref() == Some("") {
+            return Err(PolicyError::CannotUnset("signing_key"));
+        }
+        Ok(())
+    }
+}
+
+fn text(value: &serde_json::Value, field: &'static str) -> Result<Option<String>, PolicyError> {
+    match value {
+        serde_json::Value::String(s) if s.is_empty() => Ok(None),
+        serde_json::Value::String(s) if s.len() > MAX_FIELD => Err(PolicyError::TooLong(field)),
+        serde_json::Value::String(s) => Ok(Some(s.clone())),
+        serde_json::Value::Null => Ok(None),
+        _ => Err(PolicyError::NotAString(field)),
+    }
+}
+
+fn ttl(value: &serde_json::Value) -> Result<u64, PolicyError> {
+    match value {
+        serde_json::Value::Number(n) => n.as_u64().ok_or(PolicyError::BadTtl),
+        serde_json::Value::String(s) => s.trim().parse().map_err(|_| PolicyError::BadTtl),
+        _ => Err(PolicyError::BadTtl),
+    }
+}
+
+impl Policy {
+    /// The policy after `change` (already checked with
+    /// [`PolicyChange::check_update`]).
+    #[must_use]
+    pub fn apply(&self, change: PolicyChange) -> Policy {
+        let mut p = self.clone();
+        if let Some(k) = change.secret_key.filter(|s| !s.is_empty()) {
+            p.secret_key = Some(k);
+        }
+        if let Some(k) = change.signing_key.filter(|s| !s.is_empty()) {
+            p.signing_key = k;
+        }
+        if let Some(k) = change.read_key {
+            p.read_key = k;
+        }
+        if let Some(k) = change.write_key {
+            p.write_key = k;
+        }
+        if let Some(e) = change.email {
+            p.email = e;
+        }
+        if let Some(t) = change.default_ttl {
+            p.default_ttl = t;
+        }
+        p
+    }
+
+    /// The policy as its admin sees it: everything but the signing key.
+    pub fn public_view(&self, id: &super::BucketId) -> serde_json::Value {
+        serde_json::json!({
+            "bucket": id.to_string(),
+            "secret_key": self.secret_key,
+            "read_key": self.read_key,
+            "write_key": self.write_key,
+            "default_ttl": self.default_ttl,
+            "email": self.email,
+            "created_at": self.created_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(v: serde_json::Value) -> BTreeMap<String, serde_json::Value> {
+        serde_json::from_value(v).expect("object")
+    }
+
+    #[test]
+    fn creation_generates_a_signing_key_and_ignores_empty_keys() {
+        let p = PolicyChange::from_fields(fields(
+            json!({"secret_key": "", "read_key": "r", "default_ttl": "60"}),
+        ))
+        .expect("valid")
+        .create(5);
+        assert_eq!(p.secret_key, None);
+        assert_eq!(p.read_key.as_deref(), Some("r"));
+        assert_eq!(p.default_ttl, 60);
+        assert!(p.signing_key.len() >= 43);
+    }
+
+    #[test]
+    fn updates_unset_with_empty_strings_but_not_the_secret() {
+        let p = PolicyChange::from_fields(fields(json!({"secret_key": "s", "read_key": "r"})))
+            .expect("valid")
+            .create(0);
+        let change = PolicyChange::from_fields(fields(json!({"read_key": ""}))).expect("valid");
+        change.check_update().expect("allowed");
+        assert_eq!(p.apply(change).read_key, None);
+        let unset = PolicyChange::from_fields(fields(json!({"secret_key": ""}))).expect("parses");
+        assert_eq!(
+            unset.check_update(),
+            Err(PolicyError::CannotUnset("secret_key"))
+        );
+    }
+
+    #[test]
+    fn bad_fields_are_refused() {
+        assert!(matches!(
+            PolicyChange::from_fields(fields(json!({"admin": "x"}))),
+            Err(PolicyError::UnknownField(_))
+        ));
+        assert_eq!(
+            PolicyChange::from_fields(fields(json!({"default_ttl": -1}))),
+            Err(PolicyError::BadTtl)
+        );
+        assert_eq!(
+            PolicyChange::from_fields(fields(json!({"read_key": 5}))),
+            Err(PolicyError::NotAString("read_key"))
+        );
+    }
+}

@@ -1,0 +1,595 @@
+//! Typed values: how bytes from a client become a typed value, how a value is
+//! stored (a kind tag and bytes), shown and changed by atomic operations.
+//!
+//! Pure logic: no storage, no HTTP.
+
+use serde_json::Value as Json;
+
+const KIND_RAW: u8 = 0;
+const KIND_INT: u8 = 1;
+const KIND_FLOAT: u8 = 2;
+const KIND_JSON: u8 = 3;
+/// Raw bytes with the media type they were sent with: `[len:u8][type][bytes]`.
+const KIND_RAW_TYPED: u8 = 4;
+
+/// Longest media type kept with a raw value (RFC 6838 caps the parts at 127
+/// characters each).
+const MAX_MEDIA_TYPE: usize = 255;
+
+/// A stored value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Bytes, with the media type they were sent with, if they came with one.
+    Raw {
+        bytes: Vec<u8>,
+        media_type: Option<String>,
+    },
+    Int(i64),
+    Float(f64),
+    /// Valid JSON text, kept as sent.
+    Json(Vec<u8>),
+}
+
+/// A number in an atomic operation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Number {
+    Int(i64),
+    Float(f64),
+}
+
+/// How a write's body is to be typed, from its `Content-Type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Typing {
+    /// No type given (or text/plain, or a form type): coerce.
+    Coerce,
+    /// `application/json`: must be valid JSON.
+    Json,
+    /// Any other media type: raw bytes that keep it.
+    Raw(String),
+}
+
+impl Typing {
+    /// The typing a `Content-Type` header asks for. Parameters such as
+    /// `charset` do not change it.
+    pub fn from_content_type(content_type: Option<&str>) -> Self {
+        let Some(ct) = content_type else {
+            return Self::Coerce;
+        };
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match essence.as_str() {
+            "" | "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data" => {
+                Self::Coerce
+            }
+            "application/json" => Self::Json,
+            _ => Self::Raw(ct.trim().chars().take(MAX_MEDIA_TYPE).collect()),
+        }
+    }
+}
+
+/// A value that can't be stored as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("the body is not valid JSON: {0}")]
+    InvalidJson(String),
+}
+
+/// An atomic operation that does not apply to the current value (409).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpConflict {
+    #[error("the current value is {0}, not a number")]
+    NotANumber(&'static str),
+    #[error("the result overflows a 64-bit integer")]
+    Overflow,
+    #[error("the result is not a finite number")]
+    NotFinite,
+    #[error("the current value is {0}, not JSON")]
+    NotJson(&'static str),
+    #[error("the current value is {0}; only raw values can be appended to")]
+    NotRaw(&'static str),
+    #[error("the JSON patch does not apply: {0}")]
+    Patch(String),
+}
+
+fn parse_number(text: &str) -> Option<Number> {
+    let t = text.trim();
+    if let Ok(i) = t.parse::<i64>() {
+        return Some(Number::Int(i));
+    }
+    // Only decimal notation: Rust would also accept "inf", "NaN", "infinity".
+    let numeric = !t.is_empty()
+        && t.bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'))
+        && t.bytes().any(|b| b.is_ascii_digit());
+    if numeric
+        && let Ok(f) = t.parse::<f64>()
+        && f.is_finite()
+    {
+        return Some(Number::Float(f));
+    }
+    None
+}
+
+impl Number {
+    /// Parses an operand such as `+1`, `-2.5`, `10`.
+    pub fn parse(text: &str) -> Option<Self> {
+        parse_number(text)
+    }
+
+    fn as_f64(self) -> f64 {
+        match self {
+            // Precision loss above 2^53 only affects the comparison of
+            // mixed int/float operands, as in any JSON client.
+            #[allow(clippy::cast_precision_loss)]
+            Number::Int(i) => i as f64,
+            Number::Float(f) => f,
+        }
+    }
+
+    fn into_value(self) -> Value {
+        match self {
+            Number::Int(i) => Value::Int(i),
+            Number::Float(f) => Value::Float(f),
+        }
+    }
+}
+
+impl Value {
+    /// Types a write's body as API.md says: an explicit type is obeyed;
+    /// otherwise an integer, else a float, else a JSON object or array, else raw.
+    ///
+    /// # Errors
+    /// `application/json` with a body that is not JSON.
+    pub fn from_body(body: &[u8], typing: &Typing) -> Result<Self, ValueError> {
+        match typing {
+            Typing::Raw(media_type) => Ok(Self::Raw {
+                bytes: body.to_vec(),
+                media_type: Some(media_type.clone()),
+            }),
+            Typing::Json => {
+                let parsed: Json = serde_json::from_slice(body)
+                    .map_err(|e| ValueError::InvalidJson(e.to_string()))?;
+                Ok(match parsed {
+                    // A JSON number is a number: it can be counted with PATCH.
+                    Json::Number(n) => match n.as_i64() {
+                        Some(i) => Self::Int(i),
+                        None => n
+                            .as_f64()
+                            .map_or_else(|| Self::Json(body.to_vec()), Self::Float),
+                    },
+                    _ => Self::Json(body.to_vec()),
+                })
+            }
+            Typing::Coerce => Ok(Self::coerce(body)),
+        }
+    }
+
+    fn coerce(body: &[u8]) -> Self {
+        if let Ok(text) = std::str::from_utf8(body) {
+            if let Some(n) = parse_number(text) {
+                return n.into_value();
+            }
+            let t = text.trim_start();
+            if (t.starts_with('{') || t.starts_with('['))
+                && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+            {
+                return Self::Json(body.to_vec());
+            }
+        }
+        Self::Raw {
+            bytes: body.to_vec(),
+            media_type: None,
+        }
+    }
+
+    /// A JSON document as a value.
+    pub fn from_json(json: &Json) -> Self {
+        match json {
+            Json::Number(n) => match n.as_i64() {
+                Some(i) => Self::Int(i),
+                None => n
+                    .as_f64()
+                    .map_or_else(|| Self::Json(json.to_string().into_bytes()), Self::Float),
+            },
+            _ => Self::Json(json.to_string().into_bytes()),
+        }
+    }
+
+    /// The storage form: a kind tag and bytes.
+    pub fn encode(&self) -> (u8, Vec<u8>) {
+        match self {
+            Value::Raw {
+                bytes,
+                media_type: None,
+            } => (KIND_RAW, bytes.clone()),
+            Value::Raw {
+                bytes,
+                media_type: Some(mt),
+            } => {
+                let mt = &mt.as_bytes()[..mt.len().min(MAX_MEDIA_TYPE)];
+                let mut out = Vec::with_capacity(1 + mt.len() + bytes.len());
+                // MAX_MEDIA_TYPE fits in a byte.
+                out.push(u8::try_from(mt.len()).unwrap_or(u8::MAX));
+                out.extend_from_slice(mt);
+                out.extend_from_slice(bytes);
+                (KIND_RAW_TYPED, out)
+            }
+            Value::Int(i) => (KIND_INT, i.to_string().into_bytes()),
+            Value::Float(f) => (KIND_FLOAT, f.to_string().into_bytes()),
+            Value::Json(j) => (KIND_JSON, j.clone()),
+        }
+    }
+
+    /// The value from its storage form. Unreadable data becomes raw bytes
+    /// rather than an error: the bytes are still the user's.
+    pub fn decode(kind: u8, bytes: Vec<u8>) -> Self {
+        let text = || std::str::from_utf8(&bytes).ok().map(str::to_owned);
+        match kind {
+            KIND_INT => {
+                if let Some(i) = text().and_then(|t| t.parse().ok()) {
+                    return Value::Int(i);
+                }
+            }
+            KIND_FLOAT => {
+                if let Some(f) = text().and_then(|t| t.parse().ok()) {
+                    return Value::Float(f);
+                }
+            }
+            KIND_JSON => return Value::Json(bytes),
+            KIND_RAW_TYPED => {
+                if let Some((&n, rest)) = bytes.split_first()
+                    && rest.len() >= usize::from(n)
+                {
+                    let (mt, body) = rest.split_at(usize::from(n));
+                    return Value::Raw {
+                        media_type: Some(String::from_utf8_lossy(mt).into_owned()),
+                        bytes: body.to_vec(),
+                    };
+                }
+            }
+            _ => {}
+        }
+        Value::Raw {
+            bytes,
+            media_type: None,
+        }
+    }
+
+    /// What the value is, in words, for error messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::Raw { .. } => "raw bytes",
+            Value::Int(_) => "an integer",
+            Value::Float(_) => "a float",
+            Value::Json(_) => "JSON",
+        }
+    }
+
+    /// The `Content-Type` a `GET` answers with.
+    pub fn content_type(&self) -> &str {
+        match self {
+            Value::Raw {
+                media_type: Some(mt),
+                ..
+            } => mt,
+            Value::Raw { bytes, .. } => {
+                if std::str::from_utf8(bytes).is_ok() {
+                    "text/plain; charset=utf-8"
+                } else {
+                    "application/octet-stream"
+                }
+            }
+            Value::Int(_) | Value::Float(_) => "text/plain; charset=utf-8",
+            Value::Json(_) => "application/json",
+        }
+    }
+
+    /// The bytes a `GET` answers with.
+    pub fn body(&self) -> Vec<u8> {
+        match self {
+            Value::Raw { bytes, .. } | Value::Json(bytes) => bytes.clone(),
+            Value::Int(i) => i.to_string().into_bytes(),
+            Value::Float(f) => f.to_string().into_bytes(),
+        }
+    }
+
+    /// The size limits apply to this many bytes.
+    pub fn size(&self) -> usize {
+        match self {
+            Value::Raw { bytes, .. } | Value::Json(bytes) => bytes.len(),
+            Value::Int(_) | Value::Float(_) => 8,
+        }
+    }
+
+    /// The value as JSON, for listings and scripts: numbers as numbers, JSON as
+    /// itself, UTF-8 raw values as strings; other bytes as `None`.
+    pub fn to_json(&self) -> Option<Json> {
+        match self {
+            Value::Int(i) => Some(Json::from(*i)),
+            Value::Float(f) => Some(Json::from(*f)),
+            Value::Json(bytes) => serde_json::from_slice(bytes).ok(),
+            Value::Raw { bytes, .. } => std::str::from_utf8(bytes)
+                .ok()
+                .map(|s| Json::String(s.to_owned())),
+        }
+    }
+
+    fn as_number(&self) -> Result<Number, OpConflict> {
+        match self {
+            Value::Int(i) => Ok(Number::Int(*i)),
+            Value::Float(f) => Ok(Number::Float(*f)),
+            other => Err(OpConflict::NotANumber(other.type_name())),
+        }
+    }
+
+    fn as_json(&self) -> Result<Json, OpConflict> {
+        match self {
+            Value::Json(bytes) => {
+                serde_json::from_slice(bytes).map_err(|_| OpConflict::NotJson("unreadable JSON"))
+            }
+            Value::Int(i) => Ok(Json::from(*i)),
+            Value::Float(f) => Ok(Json::from(*f)),
+            Value::Raw { .. } => Err(OpConflict::NotJson(self.type_name())),
+        }
+    }
+}
+
+/// An atomic operation on one value (`PATCH /:bucket/:key`).
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// `+N` / `-N`.
+    Add(Number),
+    /// RFC 7396.
+    MergePatch(Json),
+    /// RFC 6902.
+    JsonPatch(json_patch::Patch),
+    /// `?op=append`.
+    Append(Vec<u8>),
+    /// `?op=max`.
+    Max(Number),
+    /// `?op=min`.
+    Min(Number),
+}
+
+impl Op {
+    /// The new value from the current one (`None`: the key is absent).
+    ///
+    /// # Errors
+    /// The operation does not apply to the current value.
+    pub fn apply(&self, current: Option<Value>) -> Result<Value, OpConflict> {
+        match self {
+            Op::Add(n) => {
+                let cur = current.map_or(Ok(Number::Int(0)), |v| v.as_number())?;
+                add(cur, *n).map(Number::into_value)
+            }
+            Op::Max(n) | Op::Min(n) => {
+                let Some(cur) = current else {
+                    return Ok(n.into_value());
+                };
+                let cur = cur.as_number()?;
+                let take_new = if matches!(self, Op::Max(_)) {
+                    n.as_f64() > cur.as_f64()
+                } else {
+                    n.as_f64() < cur.as_f64()
+                };
+                Ok(if take_new { *n } else { cur }.into_value())
+            }
+            Op::Append(bytes) => match current {
+                None => Ok(Value::Raw {
+                    bytes: bytes.clone(),
+                    media_type: None,
+                }),
+                Some(Value::Raw {
+                    bytes: mut cur,
+                    media_type,
+                }) => {
+                    cur.extend_from_slice(bytes);
+                    Ok(Value::Raw {
+                        bytes: cur,
+                        media_type,
+                    })
+                }
+                Some(other) => Err(OpConflict::NotRaw(other.type_name())),
+            },
+            Op::MergePatch(patch) => {
+                let mut doc = current.map_or(Ok(Json::Null), |v| v.as_json())?;
+                json_patch::merge(&mut doc, patch);
+                Ok(Value::from_json(&doc))
+            }
+            Op::JsonPatch(patch) => {
+                let mut doc = current.map_or(Ok(Json::Null), |v| v.as_json())?;
+                json_patch::patch(&mut doc, patch).map_err(|e| OpConflict::Patch(e.to_string()))?;
+                Ok(Value::from_json(&doc))
+            }
+        }
+    }
+}
+
+fn add(a: Number, b: Number) -> Result<Number, OpConflict> {
+    match (a, b) {
+        (Number::Int(x), Number::Int(y)) => x
+            .checked_add(y)
+            .map(Number::Int)
+            .ok_or(OpConflict::Overflow),
+        (x, y) => {
+            let sum = x.as_f64() + y.as_f64();
+            if sum.is_finite() {
+                Ok(Number::Float(sum))
+            } else {
+                Err(OpConflict::NotFinite)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coerce(s: &str) -> Value {
+        Value::from_body(s.as_bytes(), &Typing::Coerce).expect("coerces")
+    }
+
+    #[test]
+    fn coercion_prefers_int_then_float_then_json_then_raw() {
+        assert_eq!(coerce("42"), Value::Int(42));
+        assert_eq!(coerce("-7"), Value::Int(-7));
+        assert_eq!(coerce("+1"), Value::Int(1));
+        assert_eq!(coerce("2.5"), Value::Float(2.5));
+        assert_eq!(coerce("1e3"), Value::Float(1000.0));
+        assert_eq!(coerce(r#"{"a":1}"#), Value::Json(br#"{"a":1}"#.to_vec()));
+        assert_eq!(coerce("[1,2]"), Value::Json(b"[1,2]".to_vec()));
+        for raw in ["hello", "inf", "NaN", "\"quoted\"", "{broken", "true", ""] {
+            assert!(
+                matches!(
+                    coerce(raw),
+                    Value::Raw {
+                        media_type: None,
+                        ..
+                    }
+                ),
+                "{raw}"
+            );
+        }
+        assert!(matches!(
+            Value::from_body(&[0xff, 0xfe], &Typing::Coerce).expect("raw"),
+            Value::Raw { .. }
+        ));
+    }
+
+    #[test]
+    fn content_type_decides_typing_and_parameters_do_not() {
+        assert_eq!(Typing::from_content_type(None), Typing::Coerce);
+        assert_eq!(
+            Typing::from_content_type(Some("text/plain; charset=utf-8")),
+            Typing::Coerce
+        );
+        assert_eq!(
+            Typing::from_content_type(Some("application/x-www-form-urlencoded")),
+            Typing::Coerce
+        );
+        assert_eq!(
+            Typing::from_content_type(Some("Application/JSON; charset=utf-8")),
+            Typing::Json
+        );
+        assert_eq!(
+            Typing::from_content_type(Some("image/png")),
+            Typing::Raw("image/png".into())
+        );
+        assert!(Value::from_body(b"{nope", &Typing::Json).is_err());
+        assert_eq!(
+            Value::from_body(b"5", &Typing::Json).expect("json"),
+            Value::Int(5)
+        );
+        assert_eq!(
+            Value::from_body(b"5", &Typing::Raw("application/octet-stream".into())).expect("raw"),
+            Value::Raw {
+                bytes: b"5".to_vec(),
+                media_type: Some("application/octet-stream".into())
+            }
+        );
+    }
+
+    #[test]
+    fn storage_form_round_trips() {
+        for v in [
+            Value::Int(i64::MIN),
+            Value::Float(-0.125),
+            Value::Json(b"{}".to_vec()),
+            Value::Raw {
+                bytes: vec![0, 1, 2],
+                media_type: None,
+            },
+            Value::Raw {
+                bytes: b"png".to_vec(),
+                media_type: Some("image/png".into()),
+            },
+        ] {
+            let (kind, bytes) = v.encode();
+            assert_eq!(Value::decode(kind, bytes), v);
+        }
+    }
+
+    #[test]
+    fn add_checks_overflow_and_types() {
+        let add = |cur: Option<Value>, n| Op::Add(n).apply(cur);
+        assert_eq!(add(None, Number::Int(1)), Ok(Value::Int(1)));
+        assert_eq!(
+            add(Some(Value::Int(2)), Number::Int(-5)),
+            Ok(Value::Int(-3))
+        );
+        assert_eq!(
+            add(Some(Value::Int(1)), Number::Float(0.5)),
+            Ok(Value::Float(1.5))
+        );
+        assert_eq!(
+            add(Some(Value::Int(i64::MAX)), Number::Int(1)),
+            Err(OpConflict::Overflow)
+        );
+        assert_eq!(
+            add(Some(Value::Json(b"{}".to_vec())), Number::Int(1)),
+            Err(OpConflict::NotANumber("JSON"))
+        );
+        assert_eq!(Number::parse("+3"), Some(Number::Int(3)));
+        assert_eq!(Number::parse("-2.5"), Some(Number::Float(-2.5)));
+        assert_eq!(Number::parse("abc"), None);
+    }
+
+    #[test]
+    fn max_min_append_and_patches() {
+        assert_eq!(
+            Op::Max(Number::Int(5)).apply(Some(Value::Int(3))),
+            Ok(Value::Int(5))
+        );
+        assert_eq!(
+            Op::Max(Number::Int(1)).apply(Some(Value::Int(3))),
+            Ok(Value::Int(3))
+        );
+        assert_eq!(
+            Op::Min(Number::Float(0.5)).apply(Some(Value::Int(3))),
+            Ok(Value::Float(0.5))
+        );
+        assert_eq!(Op::Min(Number::Int(9)).apply(None), Ok(Value::Int(9)));
+        assert_eq!(
+            Op::Append(b"def".to_vec()).apply(Some(Value::Raw {
+                bytes: b"abc".to_vec(),
+                media_type: None
+            })),
+            Ok(Value::Raw {
+                bytes: b"abcdef".to_vec(),
+                media_type: None
+            })
+        );
+        assert!(
+            Op::Append(b"x".to_vec())
+                .apply(Some(Value::Int(1)))
+                .is_err()
+        );
+        let merged = Op::MergePatch(serde_json::json!({"b": 2, "a": null}))
+            .apply(Some(Value::Json(br#"{"a":1,"c":3}"#.to_vec())))
+            .expect("merge");
+        assert_eq!(merged.to_json(), Some(serde_json::json!({"b": 2, "c": 3})));
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+            {"op": "test", "path": "/n", "value": 1},
+            {"op": "replace", "path": "/n", "value": 2}
+        ]))
+        .expect("patch");
+        let doc = Value::Json(br#"{"n":1}"#.to_vec());
+        assert_eq!(
+            Op::JsonPatch(patch.clone())
+                .apply(Some(doc))
+                .expect("applies")
+                .to_json(),
+            Some(serde_json::json!({"n": 2}))
+        );
+        let changed = Value::Json(br#"{"n":5}"#.to_vec());
+        assert!(matches!(
+            Op::JsonPatch(patch).apply(Some(changed)),
+            Err(OpConflict::Patch(_))
+        ));
+    }
+}

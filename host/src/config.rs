@@ -1,0 +1,99 @@
+//! The command line: `kvdb serve | backup | restore`, flags and environment.
+//!
+//! Only parsing lives here; `main.rs` acts on it.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Default largest value: 16 MiB, as API.md says.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvdb",
+    version,
+    about = "KVdb: a key-value database as a service"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Stream a backup from a running server (needs its --admin-token).
+    Backup(BackupArgs),
+    /// Load one backup, or a chain of backups in order, into an empty data directory.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Durable, on disk (default).
+    Redb,
+    /// In memory: fast, lost on exit.
+    Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityArg {
+    /// An acknowledged write is on disk (fsync before the answer, shared by
+    /// concurrent writers).
+    Strict,
+    /// Writes are synced every second: a crash loses at most the last second.
+    Relaxed,
+}
+
+#[derive(Debug, Parser)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the printed line names it).
+    #[arg(long, env = "KVDB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Data directory (created if missing).
+    #[arg(long, env = "KVDB_DATA", default_value = "./kvdb-data")]
+    pub data: PathBuf,
+    /// Storage backend.
+    #[arg(long, env = "KVDB_BACKEND", value_enum, default_value_t = BackendKind::Redb)]
+    pub backend: BackendKind,
+    /// When a write is acknowledged.
+    #[arg(long, env = "KVDB_DURABILITY", value_enum, default_value_t = DurabilityArg::Strict)]
+    pub durability: DurabilityArg,
+    /// Operator token for /_admin/ routes (backups). Without it they are disabled.
+    #[arg(long, env = "KVDB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Largest value in bytes (larger writes are answered 413).
+    #[arg(long, env = "KVDB_MAX_VALUE_BYTES", default_value_t = DEFAULT_MAX_VALUE_BYTES)]
+    pub max_value_bytes: usize,
+}
+
+#[derive(Debug, Parser)]
+pub struct BackupArgs {
+    /// The running server.
+    #[arg(long, env = "KVDB_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// The server's operator token (its --admin-token).
+    #[arg(long, env = "KVDB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+    /// Only changes after this version: the version a previous backup printed.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    /// Write the backup here (else to standard output).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Parser)]
+pub struct RestoreArgs {
+    /// Data directory to restore into: empty, or holding the earlier links of the chain.
+    #[arg(long, env = "KVDB_DATA", default_value = "./kvdb-data")]
+    pub data: PathBuf,
+    /// Storage backend of the data directory.
+    #[arg(long, env = "KVDB_BACKEND", value_enum, default_value_t = BackendKind::Redb)]
+    pub backend: BackendKind,
+    /// Backup files, the full one first, then increments in order.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}

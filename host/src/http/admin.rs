@@ -1,0 +1,94 @@
+//! `/_admin/…`: operator routes, guarded by the server's `--admin-token`
+//! (never by a bucket key). `_admin` can't be a bucket id, so these never
+//! shadow a bucket.
+
+use std::io::Write;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, AppState, query_pairs, query_param};
+
+/// Response header naming the version a backup reaches: pass it as `since`
+/// to the next incremental backup.
+pub const VERSION_HEADER: &str = "x-kvdb-backup-version";
+/// Response header naming the version a backup starts after.
+pub const SINCE_HEADER: &str = "x-kvdb-backup-since";
+
+fn check_operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.admin_token else {
+        return Err(ApiError::Forbidden(
+            "operator routes are disabled: start the server with --admin-token (or KVDB_ADMIN_TOKEN)".into(),
+        ));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        None => Err(ApiError::Unauthorized(
+            "this route needs the operator token as `Authorization: Bearer TOKEN`".into(),
+        )),
+        Some(t) if bool::from(t.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized("the operator token is wrong".into())),
+    }
+}
+
+/// Forwards what the backup writes to the response body, a chunk at a time.
+struct ChannelWriter(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>);
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `GET /_admin/backup?since=N`: a consistent backup stream of everything
+/// written after version `N` (0 or absent: everything).
+pub async fn get_backup(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_operator(&state, &headers)?;
+    let pairs = query_pairs(&uri);
+    let since = query_param(&pairs, "since").map_or(Ok(0), |s| {
+        s.trim().parse::<u64>().map_err(|_| {
+            ApiError::bad_request(format!("since must be a version number, not {s:?}"))
+        })
+    })?;
+    let backup = state.buckets.store().backup(since)?;
+    let info = backup.info();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::task::spawn_blocking(move || {
+        let mut writer = ChannelWriter(tx.clone());
+        if let Err(e) = backup.write_to(&mut writer) {
+            tracing::error!(error = %e, "backup stream failed");
+            // Ending the body with an error aborts the response, so the client
+            // sees a truncated (and so refused) backup, never a short one.
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut response = (StatusCode::OK, Body::from_stream(stream)).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/vnd.kvdb.backup"),
+    );
+    h.insert(VERSION_HEADER, HeaderValue::from(info.version));
+    h.insert(SINCE_HEADER, HeaderValue::from(info.since));
+    Ok(response)
+}

@@ -1,0 +1,172 @@
+//! `/` and `/:bucket`: creating, inspecting, changing and deleting buckets,
+//! and issuing access tokens.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{RawPathParams, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{Access, ApiError, AppState, body_fields, read_body};
+use crate::bucket::{BucketError, BucketId, Grant, Permissions, PolicyChange, check_key_text};
+
+/// Largest policy or token request body: a handful of short fields.
+const MAX_FORM_BYTES: usize = 64 * 1024;
+
+/// Token validity when the request names none, as kvdb.io.
+const DEFAULT_TOKEN_TTL_S: u64 = 3600;
+
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"))
+}
+
+/// `GET /`: what this server is.
+pub async fn get_root() -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "name": "kvdb",
+        "version": env!("CARGO_PKG_VERSION"),
+        "create_bucket": "POST / (optional fields: secret_key, read_key, write_key, signing_key, default_ttl, email)",
+    }))
+}
+
+/// `POST /`: create a bucket.
+pub async fn post_bucket(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(&headers, body, MAX_FORM_BYTES).await?;
+    let change =
+        PolicyChange::from_fields(body_fields(&headers, &body)?).map_err(BucketError::from)?;
+    let (id, policy) = state.buckets.create(change).await?;
+    let mut response = if wants_json(&headers) {
+        (StatusCode::CREATED, Json(policy.public_view(&id))).into_response()
+    } else {
+        (
+            StatusCode::CREATED,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            id.to_string(),
+        )
+            .into_response()
+    };
+    if let Ok(location) = HeaderValue::from_str(&format!("/{id}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// `HEAD /:bucket`: whether the bucket exists; needs no credential.
+pub async fn head_bucket(State(state): State<AppState>, params: RawPathParams) -> StatusCode {
+    let exists = params
+        .iter()
+        .find(|(name, _)| *name == "bucket")
+        .and_then(|(_, v)| v.parse::<BucketId>().ok())
+        .is_some_and(|id| state.buckets.open(id).is_ok());
+    if exists {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
+/// `GET /:bucket`: the policy (admin).
+pub async fn get_bucket(Access(bucket): Access) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(bucket.policy()?))
+}
+
+/// `PATCH /:bucket`: change policy fields (admin).
+pub async fn patch_bucket(
+    Access(bucket): Access,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = read_body(&headers, body, MAX_FORM_BYTES).await?;
+    let change =
+        PolicyChange::from_fields(body_fields(&headers, &body)?).map_err(BucketError::from)?;
+    Ok(Json(bucket.update_policy(change).await?))
+}
+
+/// `DELETE /:bucket` and `DELETE /:bucket/`: delete the bucket (admin).
+pub async fn delete_bucket(Access(bucket): Access) -> Result<StatusCode, ApiError> {
+    bucket.delete_bucket().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn token_grant(
+    fields: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> Result<(Grant, u64), ApiError> {
+    let mut prefix = String::new();
+    let mut permissions = Permissions::of(&[crate::bucket::Permission::Read]);
+    let mut ttl = DEFAULT_TOKEN_TTL_S;
+    for (name, value) in fields {
+        match (name.as_str(), value) {
+            ("prefix", serde_json::Value::String(p)) => prefix.clone_from(p),
+            ("permissions", serde_json::Value::String(list)) => {
+                permissions = Permissions::parse_list(list).map_err(ApiError::BadRequest)?;
+            }
+            ("permissions", serde_json::Value::Array(items)) => {
+                let names: Vec<&str> = items
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .ok_or_else(|| ApiError::bad_request("permissions must be strings"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                permissions =
+                    Permissions::parse_list(&names.join(",")).map_err(ApiError::BadRequest)?;
+            }
+            ("ttl", v) => {
+                ttl = match v {
+                    serde_json::Value::Number(n) => n.as_u64(),
+                    serde_json::Value::String(s) => s.trim().parse().ok(),
+                    _ => None,
+                }
+                .filter(|t| *t > 0)
+                .ok_or_else(|| {
+                    ApiError::bad_request("ttl must be a positive integer number of seconds")
+                })?;
+            }
+            ("prefix" | "permissions", _) => {
+                return Err(ApiError::bad_request(format!("{name} has the wrong type")));
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown token field {name:?}; known fields: prefix, permissions, ttl"
+                )));
+            }
+        }
+    }
+    check_key_text(&prefix).map_err(|e| ApiError::bad_request(format!("prefix: {e}")))?;
+    if permissions.is_empty() {
+        return Err(ApiError::bad_request(
+            "permissions must name at least one of read, write, delete, enumerate",
+        ));
+    }
+    Ok((
+        Grant {
+            prefix,
+            permissions,
+        },
+        ttl,
+    ))
+}
+
+/// `POST /:bucket/tokens/`: issue an access token (admin).
+pub async fn post_token(
+    Access(bucket): Access,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = read_body(&headers, body, MAX_FORM_BYTES).await?;
+    let (grant, ttl) = token_grant(&body_fields(&headers, &body)?)?;
+    let (token, expires_at) = bucket.issue_token(&grant, ttl)?;
+    Ok(Json(serde_json::json!({
+        "access_token": token,
+        "expires_at": expires_at,
+        "prefix": grant.prefix,
+        "permissions": grant.permissions.names(),
+    })))
+}

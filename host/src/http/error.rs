@@ -1,0 +1,152 @@
+//! [`ApiError`]: every error the HTTP API answers, mapped to a status once.
+//!
+//! Errors are problem documents (RFC 9457 shape: `type`, `title`, `status`,
+//! `detail`) with `Content-Type: application/problem+json`. Internal failures
+//! are logged with their details and answered with a generic detail.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::AuthError;
+use crate::bucket::{BucketError, InvalidKey};
+use crate::storage::StorageError;
+
+/// An error answered to an HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Bucket(#[from] BucketError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Key(#[from] InvalidKey),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::BadRequest(detail.into())
+    }
+
+    /// The one table from error to status, problem type and title.
+    fn classify(&self) -> (StatusCode, &'static str) {
+        use BucketError as B;
+        match self {
+            ApiError::Bucket(B::NotFound) => (StatusCode::NOT_FOUND, "bucket-not-found"),
+            ApiError::Bucket(B::KeyNotFound(_)) => (StatusCode::NOT_FOUND, "key-not-found"),
+            ApiError::Bucket(B::Unauthorized(_)) | ApiError::Unauthorized(_) => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
+            ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "invalid-credential"),
+            ApiError::Bucket(B::Forbidden(_)) | ApiError::Forbidden(_) => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
+            ApiError::Bucket(B::PreconditionFailed(_)) => {
+                (StatusCode::PRECONDITION_FAILED, "precondition-failed")
+            }
+            ApiError::Bucket(B::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Bucket(B::TooLarge { .. }) | ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too-large")
+            }
+            ApiError::Bucket(B::Policy(_) | B::Invalid(_))
+            | ApiError::Key(_)
+            | ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
+            ApiError::Bucket(B::Storage(_) | B::Token(_))
+            | ApiError::Storage(_)
+            | ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = self.classify();
+        let detail = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self, "internal error");
+            "the server failed to complete the request; nothing was changed. The failure is in the server log.".to_owned()
+        } else {
+            self.to_string()
+        };
+        problem(status, kind, &detail)
+    }
+}
+
+/// A problem document.
+pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
+    let body = serde_json::json!({
+        "type": format!("urn:kvdb:problem:{kind}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut response = (status, body.to_string()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"kvdb\", Bearer realm=\"kvdb\""),
+        );
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bucket::OpConflict;
+
+    #[test]
+    fn every_error_maps_to_its_status() {
+        let cases: Vec<(ApiError, u16)> = vec![
+            (BucketError::NotFound.into(), 404),
+            (BucketError::KeyNotFound("k".into()).into(), 404),
+            (BucketError::Unauthorized("x".into()).into(), 401),
+            (AuthError::WrongKey.into(), 401),
+            (BucketError::Forbidden("x".into()).into(), 403),
+            (BucketError::PreconditionFailed("x").into(), 412),
+            (BucketError::Conflict(OpConflict::Overflow).into(), 409),
+            (BucketError::TooLarge { size: 2, limit: 1 }.into(), 413),
+            (ApiError::PayloadTooLarge { limit: 1 }, 413),
+            (InvalidKey::Empty.into(), 400),
+            (ApiError::bad_request("x"), 400),
+            (ApiError::MethodNotAllowed("x".into()), 405),
+            (StorageError::Closed.into(), 500),
+        ];
+        for (error, status) in cases {
+            let text = error.to_string();
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status, "{text}");
+            assert_eq!(
+                response.headers()[header::CONTENT_TYPE],
+                "application/problem+json"
+            );
+        }
+    }
+
+    #[test]
+    fn unauthorized_answers_carry_www_authenticate() {
+        let response = ApiError::from(AuthError::WrongKey).into_response();
+        assert!(response.headers().contains_key(header::WWW_AUTHENTICATE));
+    }
+}

@@ -1,0 +1,167 @@
+//! `/:bucket/:key`: get, set, atomic operations, delete.
+
+use axum::body::Body;
+use axum::extract::{RawPathParams, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{
+    Access, ApiError, AppState, condition, content_type, query_pairs, query_param, read_body,
+    ttl_param,
+};
+use crate::bucket::{BucketError, Key, Number, Op, Stored, Typing, Value};
+
+/// The `{key}` path segment, percent-decoded and validated.
+fn key_param(params: &RawPathParams) -> Result<Key, ApiError> {
+    let raw = params
+        .iter()
+        .find(|(name, _)| *name == "key")
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    Ok(Key::new(raw)?)
+}
+
+fn with_etag(mut response: Response, stored_etag: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(stored_etag) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    response
+}
+
+fn value_response(status: StatusCode, stored: &Stored, content_type: &str) -> Response {
+    let mut response = (status, stored.value.body()).into_response();
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    with_etag(response, &stored.etag())
+}
+
+/// `GET` (and `HEAD`) `/:bucket/:key`.
+pub async fn get_key(
+    Access(bucket): Access,
+    params: RawPathParams,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = key_param(&params)?;
+    let stored = bucket
+        .get(&key)?
+        .ok_or_else(|| BucketError::KeyNotFound(key.to_string()))?;
+    let etag = stored.etag();
+    let unchanged = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == etag)
+        });
+    if unchanged {
+        return Ok(with_etag(StatusCode::NOT_MODIFIED.into_response(), &etag));
+    }
+    Ok(value_response(
+        StatusCode::OK,
+        &stored,
+        stored.value.content_type(),
+    ))
+}
+
+/// `PUT` / `POST` `/:bucket/:key`: set the value as sent, typed by its
+/// `Content-Type` (API.md "Values and types").
+pub async fn put_key(
+    State(state): State<AppState>,
+    Access(bucket): Access,
+    params: RawPathParams,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = key_param(&params)?;
+    let pairs = query_pairs(&uri);
+    let ttl = ttl_param(&pairs)?;
+    let condition = condition(&headers)?;
+    let limit = state.buckets.limits().max_value_bytes;
+    let body = read_body(&headers, body, limit).await?;
+    let value = Value::from_body(&body, &Typing::from_content_type(content_type(&headers)))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let version = bucket.set(&key, value, ttl, condition).await?;
+    Ok(with_etag(
+        StatusCode::NO_CONTENT.into_response(),
+        &crate::bucket::etag(version),
+    ))
+}
+
+fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, ApiError> {
+    let number = || {
+        std::str::from_utf8(body)
+            .ok()
+            .and_then(Number::parse)
+            .ok_or_else(|| ApiError::bad_request("the body must be a number"))
+    };
+    match op {
+        Some("append") => return Ok(Op::Append(body.to_vec())),
+        Some("max") => return Ok(Op::Max(number()?)),
+        Some("min") => return Ok(Op::Min(number()?)),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown op {other:?}: use append, max or min"
+            )));
+        }
+        None => {}
+    }
+    let essence = content_type(headers)
+        .and_then(|ct| ct.split(';').next())
+        .map(|e| e.trim().to_ascii_lowercase());
+    match essence.as_deref() {
+        Some("application/merge-patch+json") => serde_json::from_slice(body)
+            .map(Op::MergePatch)
+            .map_err(|e| ApiError::bad_request(format!("the merge patch is not JSON: {e}"))),
+        Some("application/json-patch+json") => serde_json::from_slice(body)
+            .map(Op::JsonPatch)
+            .map_err(|e| ApiError::bad_request(format!("the body is not a JSON patch: {e}"))),
+        _ => {
+            let text = std::str::from_utf8(body).unwrap_or("").trim();
+            match (text.chars().next(), Number::parse(text)) {
+                (Some('+' | '-'), Some(n)) => Ok(Op::Add(n)),
+                _ => Err(ApiError::bad_request(
+                    "PATCH needs a body of +N or -N to add, ?op=append|max|min, or a Content-Type of application/merge-patch+json or application/json-patch+json",
+                )),
+            }
+        }
+    }
+}
+
+/// `PATCH /:bucket/:key`: an atomic operation; answers the new value.
+pub async fn patch_key(
+    State(state): State<AppState>,
+    Access(bucket): Access,
+    params: RawPathParams,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = key_param(&params)?;
+    let pairs = query_pairs(&uri);
+    let ttl = ttl_param(&pairs)?;
+    let condition = condition(&headers)?;
+    let limit = state.buckets.limits().max_value_bytes;
+    let body = read_body(&headers, body, limit).await?;
+    let op = parse_op(&headers, query_param(&pairs, "op"), &body)?;
+    let is_add = matches!(op, Op::Add(_));
+    let stored = bucket.patch(&key, op, ttl, condition).await?;
+    let ct = if is_add {
+        "text/plain; charset=utf-8"
+    } else {
+        stored.value.content_type()
+    };
+    Ok(value_response(StatusCode::OK, &stored, ct))
+}
+
+/// `DELETE /:bucket/:key`.
+pub async fn delete_key(
+    Access(bucket): Access,
+    params: RawPathParams,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = key_param(&params)?;
+    bucket.delete(&key, condition(&headers)?).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

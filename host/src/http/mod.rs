@@ -1,0 +1,229 @@
+//! The HTTP API (axum): routes, extraction and answers.
+//!
+//! Handlers parse the request into typed values (`BucketId`, `Key`, `Value`,
+//! `Op`, `Condition`), turn the presented credential into a scope with
+//! [`Access`], and call [`Scoped`]. They never decide permissions: a handler
+//! that forgot a check would still be refused by `Scoped`.
+//! Every error leaves through [`ApiError`], so every answer is JSON.
+
+mod admin;
+mod buckets;
+pub mod error;
+mod keys;
+mod list;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, RawPathParams};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, Uri, header};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+
+use crate::auth;
+use crate::bucket::{BucketId, Buckets, Condition, Scoped};
+pub use admin::{SINCE_HEADER as BACKUP_SINCE_HEADER, VERSION_HEADER as BACKUP_VERSION_HEADER};
+pub use error::ApiError;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub buckets: Arc<Buckets>,
+    /// The operator token for `/_admin/…` (backups); `None` disables them.
+    pub admin_token: Option<Arc<str>>,
+}
+
+/// All routes of API.md except scripts.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(buckets::get_root).post(buckets::post_bucket))
+        .route("/_admin/backup", get(admin::get_backup))
+        .route(
+            "/{bucket}",
+            get(buckets::get_bucket)
+                .head(buckets::head_bucket)
+                .patch(buckets::patch_bucket)
+                .delete(buckets::delete_bucket),
+        )
+        .route(
+            "/{bucket}/",
+            get(list::get_keys).delete(buckets::delete_bucket),
+        )
+        .route("/{bucket}/tokens/", post(buckets::post_token))
+        .route(
+            "/{bucket}/{key}",
+            get(keys::get_key)
+                .put(keys::put_key)
+                .post(keys::put_key)
+                .patch(keys::patch_key)
+                .delete(keys::delete_key),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route for {}: see the API routes in the README",
+        uri.path()
+    ))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not supported on {}", uri.path()))
+}
+
+/// Query parameters as pairs, percent-decoded.
+pub(crate) fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
+    uri.query()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The last value of query parameter `name`.
+pub(crate) fn query_param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A bucket opened from the `{bucket}` path segment and bound to the scope of
+/// the credential the request presents.
+pub struct Access(pub Scoped);
+
+impl FromRequestParts<AppState> for Access {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let id: BucketId = params
+            .iter()
+            .find(|(name, _)| *name == "bucket")
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or(crate::bucket::BucketError::NotFound)?;
+        let bucket = state.buckets.open(id)?;
+        let pairs = query_pairs(&parts.uri);
+        let authorization = match parts.headers.get(header::AUTHORIZATION) {
+            Some(v) => Some(v.to_str().map_err(|_| {
+                ApiError::Auth(auth::AuthError::Malformed("the header is not ASCII"))
+            })?),
+            None => None,
+        };
+        let credential = auth::presented(
+            authorization,
+            query_param(&pairs, "access_token"),
+            query_param(&pairs, "key"),
+        )?;
+        let scope = bucket.authorize(credential.as_deref())?;
+        Ok(Access(bucket.scoped(scope)))
+    }
+}
+
+/// Reads a request body up to `limit` bytes (413 beyond, before reading it
+/// all when `Content-Length` says so).
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the request body could not be read: {e}"
+        ))),
+    }
+}
+
+pub(crate) fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Fields of a form or JSON object body (policy, tokens), as JSON values.
+///
+/// # Errors
+/// A JSON body that is not an object, or a form that can't be decoded.
+pub(crate) fn body_fields(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<BTreeMap<String, serde_json::Value>, ApiError> {
+    let is_json = content_type(headers).is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|e| e.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if is_json {
+        return serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!("the body must be a JSON object of fields: {e}"))
+        });
+    }
+    let mut fields = BTreeMap::new();
+    for (k, v) in form_urlencoded::parse(body) {
+        fields.insert(k.into_owned(), serde_json::Value::String(v.into_owned()));
+    }
+    Ok(fields)
+}
+
+/// The write precondition from `If-Match` / `If-None-Match`.
+///
+/// # Errors
+/// An `If-None-Match` other than `*` on a write.
+pub(crate) fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
+    let list = |name| {
+        headers.get(name).and_then(|v| v.to_str().ok()).map(|v| {
+            v.split(',')
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect::<Vec<_>>()
+        })
+    };
+    if let Some(tags) = list(header::IF_NONE_MATCH) {
+        if tags.iter().all(|t| t == "*") {
+            return Ok(Condition::IfAbsent);
+        }
+        return Err(ApiError::bad_request(
+            "on a write, If-None-Match supports only `*` (set only if absent)",
+        ));
+    }
+    Ok(list(header::IF_MATCH).map_or(Condition::Always, Condition::IfMatch))
+}
+
+/// `ttl` from the query: a non-negative integer of seconds.
+///
+/// # Errors
+/// Anything else.
+pub(crate) fn ttl_param(pairs: &[(String, String)]) -> Result<Option<u64>, ApiError> {
+    query_param(pairs, "ttl")
+        .map(|t| {
+            t.trim().parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "ttl must be a non-negative integer number of seconds, not {t:?}"
+                ))
+            })
+        })
+        .transpose()
+}

@@ -1,0 +1,276 @@
+//! The one end-to-end harness: starts the real `kvdb` binary on
+//! `127.0.0.1:0` with a temporary data directory and talks HTTP to it.
+//!
+//! Every server a test starts is stopped when its `TestServer` is dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running `kvdb serve`.
+pub struct TestServer {
+    child: Option<Child>,
+    base: String,
+    data: PathBuf,
+    /// Keeps the data directory alive as long as the server (and after a kill,
+    /// for a restart); `None` when the caller owns the directory.
+    _dir: Option<tempfile::TempDir>,
+    args: Vec<String>,
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: ureq::http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// Asserts a problem document with this status and returns its detail.
+    #[track_caller]
+    pub fn assert_problem(&self, status: u16) -> String {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        let ct = self.header("content-type").unwrap_or_default();
+        assert!(
+            ct.starts_with("application/problem+json"),
+            "content-type {ct}"
+        );
+        let doc = self.json();
+        for field in ["type", "title", "status", "detail"] {
+            assert!(doc.get(field).is_some(), "problem without {field}: {doc}");
+        }
+        assert_eq!(doc["status"], status);
+        doc["detail"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+impl TestServer {
+    /// A server on a fresh temporary data directory (redb backend).
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A server with extra `serve` arguments.
+    pub fn start_with(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        Self::spawn(
+            data,
+            Some(dir),
+            args.iter().map(|s| (*s).to_owned()).collect(),
+        )
+    }
+
+    /// A server on an existing data directory that the caller keeps.
+    pub fn start_on(data: &Path, args: &[&str]) -> Self {
+        Self::spawn(
+            data.to_owned(),
+            None,
+            args.iter().map(|s| (*s).to_owned()).collect(),
+        )
+    }
+
+    fn spawn(data: PathBuf, dir: Option<tempfile::TempDir>, args: Vec<String>) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvdb"))
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data")
+            .arg(&data)
+            .args(&args)
+            .env("KVDB_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start kvdb");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_owned();
+        Self {
+            child: Some(child),
+            base,
+            data,
+            _dir: dir,
+            args,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Any request: `headers` as pairs, `body` if any.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Resp {
+        let mut builder = ureq::http::Request::builder()
+            .method(method)
+            .uri(self.url(path));
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let result = match body {
+            Some(b) => agent().run(builder.body(b.to_vec()).expect("request")),
+            None => agent().run(builder.body(()).expect("request")),
+        };
+        let mut response = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = if method == "HEAD" {
+            Vec::new()
+        } else {
+            response
+                .body_mut()
+                .with_config()
+                .limit(64 * 1024 * 1024)
+                .read_to_vec()
+                .expect("read body")
+        };
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.request("GET", path, &[], None)
+    }
+
+    pub fn put(&self, path: &str, body: &str) -> Resp {
+        self.request("PUT", path, &[], Some(body.as_bytes()))
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> Resp {
+        self.request(
+            "POST",
+            path,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            Some(body.as_bytes()),
+        )
+    }
+
+    pub fn patch(&self, path: &str, body: &str) -> Resp {
+        self.request("PATCH", path, &[], Some(body.as_bytes()))
+    }
+
+    pub fn delete(&self, path: &str) -> Resp {
+        self.request("DELETE", path, &[], None)
+    }
+
+    /// Creates a bucket with these form fields (e.g. `secret_key=s`); returns its id.
+    pub fn create_bucket(&self, fields: &str) -> String {
+        let r = self.post("/", fields);
+        assert_eq!(r.status, 201, "create bucket: {}", r.text());
+        r.text()
+    }
+
+    /// Issues a token with the bucket's secret key; returns it.
+    pub fn token(&self, bucket: &str, secret: &str, fields: &str) -> String {
+        let r = self.request(
+            "POST",
+            &format!("/{bucket}/tokens/"),
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("authorization", &format!("Bearer {secret}")),
+            ],
+            Some(fields.as_bytes()),
+        );
+        assert_eq!(r.status, 200, "token: {}", r.text());
+        r.json()["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_owned()
+    }
+
+    /// SIGKILL: no chance to sync. Returns the data directory's owner so the
+    /// data survives for a restart.
+    pub fn kill9(mut self) -> Option<tempfile::TempDir> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self._dir.take()
+    }
+
+    /// Starts the same server again on the same data directory.
+    pub fn restart_after_kill(self) -> Self {
+        let data = self.data.clone();
+        let args = self.args.clone();
+        let dir = self.kill9();
+        Self::spawn(data, dir, args)
+    }
+
+    /// SIGTERM, and the exit status it ended with.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        child.wait().expect("wait")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `kvdb` binary, for tests of other subcommands.
+pub fn kvdb_command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvdb"));
+    c.env("KVDB_LOG", "warn");
+    c
+}
