@@ -51,7 +51,7 @@ pub enum StorageError {
 }
 
 /// A point-in-time, read-only view of a backend.
-pub trait RawRead: Send {
+pub trait RawRead: Send + Sync {
     /// The value stored under `key`.
     ///
     /// # Errors

@@ -192,7 +192,7 @@ impl Clock {
 
 /// A consistent read-only view: what was committed when it was taken.
 pub struct Snapshot {
-    raw: Box<dyn RawRead>,
+    raw: Arc<dyn RawRead>,
     now: u64,
 }
 
@@ -426,6 +426,57 @@ struct Inner {
     sender: RwLock<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     clock: Clock,
+    snapshots: SnapshotCache,
+}
+
+/// The latest snapshot, shared by readers until the next commit.
+///
+/// Opening a backend snapshot (a redb read transaction and its table) costs
+/// about as much as the point read itself; read-heavy traffic shares one.
+/// The writer bumps `generation` and drops the cached snapshot after every
+/// commit, before it answers the batch: a client that saw its write
+/// acknowledged never reads an older snapshot, and no stale snapshot stays
+/// open to pin pages that later commits freed.
+#[derive(Default)]
+struct SnapshotCache {
+    generation: AtomicU64,
+    latest: RwLock<Option<(u64, Arc<dyn RawRead>)>>,
+}
+
+impl SnapshotCache {
+    fn get(&self, backend: &dyn Backend) -> Result<Arc<dyn RawRead>, StorageError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some((g, raw)) = &*self
+            .latest
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            && *g == generation
+        {
+            return Ok(raw.clone());
+        }
+        let raw: Arc<dyn RawRead> = Arc::from(backend.snapshot()?);
+        let mut latest = self
+            .latest
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Only cache it if no commit happened since `generation` was read:
+        // the snapshot might predate that commit.
+        if self.generation.load(Ordering::Acquire) == generation {
+            *latest = Some((generation, raw.clone()));
+        }
+        Ok(raw)
+    }
+
+    /// Called by the writer after each commit.
+    fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let stale = self
+            .latest
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(stale);
+    }
 }
 
 /// The KVdb store over a backend. A cheap handle: clone it freely.
@@ -469,23 +520,28 @@ impl Store {
     ) -> Result<Self, StorageError> {
         let seq = backend.snapshot()?.get(META_SEQ)?.map_or(0, |v| be_u64(&v));
         let (tx, rx) = mpsc::channel();
-        let writer = Writer {
+        let inner = Arc::new(Inner {
             backend: backend.clone(),
+            sender: RwLock::new(Some(tx)),
+            writer: Mutex::new(None),
+            clock: clock.clone(),
+            snapshots: SnapshotCache::default(),
+        });
+        let writer = Writer {
+            backend,
             durability,
             seq,
-            clock: clock.clone(),
+            clock,
+            store: Arc::downgrade(&inner),
         };
         let handle = std::thread::Builder::new()
             .name("kvdb-writer".into())
             .spawn(move || writer.run(&rx))?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                backend,
-                sender: RwLock::new(Some(tx)),
-                writer: Mutex::new(Some(handle)),
-                clock,
-            }),
-        })
+        *inner
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
+        Ok(Self { inner })
     }
 
     /// A consistent view of everything committed so far.
@@ -494,7 +550,7 @@ impl Store {
     /// An engine failure.
     pub fn snapshot(&self) -> Result<Snapshot, StorageError> {
         Ok(Snapshot {
-            raw: self.inner.backend.snapshot()?,
+            raw: self.inner.snapshots.get(&*self.inner.backend)?,
             now: self.inner.clock.now_ms(),
         })
     }
@@ -963,6 +1019,9 @@ struct Writer {
     durability: Durability,
     seq: u64,
     clock: Clock,
+    /// To invalidate the shared snapshot after commits; weak, so that the
+    /// writer does not keep the store alive.
+    store: std::sync::Weak<Inner>,
 }
 
 impl Writer {
@@ -1040,6 +1099,9 @@ impl Writer {
             end_seq = ctx.seq;
             Ok(())
         });
+        if let Some(store) = self.store.upgrade() {
+            store.snapshots.invalidate();
+        }
         match &result {
             Ok(()) => self.seq = end_seq,
             Err(e) => tracing::error!(error = %e, "a write batch failed and was rolled back"),
