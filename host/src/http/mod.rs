@@ -227,3 +227,78 @@ pub(crate) fn ttl_param(pairs: &[(String, String)]) -> Result<Option<u64>, ApiEr
         })
         .transpose()
 }
+
+#[cfg(test)]
+mod tests {
+    //! Router tests: no socket, the memory backend, `oneshot` requests.
+
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::bucket::Limits;
+    use crate::storage::{Durability, Store, memory::MemoryBackend};
+
+    fn app() -> Router {
+        let store = Store::open(Arc::new(MemoryBackend::new()), Durability::Strict)
+            .expect("memory store");
+        router(AppState {
+            buckets: Buckets::new(
+                store,
+                Limits {
+                    max_value_bytes: 1024,
+                },
+            ),
+            admin_token: None,
+        })
+    }
+
+    async fn send(app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, String) {
+        let response = app
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .body(Body::from(body.to_owned()))
+                    .expect("request"),
+            )
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn keys_named_like_routes_are_ordinary_keys() {
+        let app = app();
+        let (status, bucket) = send(&app, "POST", "/", "").await;
+        assert_eq!(status, StatusCode::CREATED);
+        for key in ["tokens", "scripts", "_admin"] {
+            let uri = format!("/{bucket}/{key}");
+            assert_eq!(send(&app, "PUT", &uri, key).await.0, StatusCode::NO_CONTENT);
+            assert_eq!(send(&app, "GET", &uri, "").await, (StatusCode::OK, key.to_owned()));
+        }
+        let (status, _) = send(&app, "GET", &format!("/{bucket}/a%2Fb"), "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "an absent key, not an unknown route");
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods_answer_problem_json() {
+        let app = app();
+        let (status, body) = send(&app, "GET", "/a/b/c", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("\"status\":404"), "{body}");
+        let (status, body) = send(&app, "PUT", "/", "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(body.contains("\"status\":405"), "{body}");
+        let (status, _) = send(&app, "GET", "/_admin/backup", "").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "backups are off without --admin-token");
+    }
+}
