@@ -175,6 +175,13 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
 }
 
 fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
+    // Check every file whole before touching the data directory.
+    for path in &args.files {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        kvdb::storage::verify_backup(&mut std::io::BufReader::with_capacity(256 * 1024, file))
+            .with_context(|| format!("checking {}", path.display()))?;
+    }
     let store = Store::open(open_backend(args.backend, &args.data)?, Durability::Strict)?;
     for path in &args.files {
         let file =

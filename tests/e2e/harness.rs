@@ -274,3 +274,63 @@ pub fn kvdb_command() -> Command {
     c.env("KVDB_LOG", "warn");
     c
 }
+
+impl TestServer {
+    /// Like [`TestServer::start_on`], but a server that does not come up (it
+    /// exits, or its first line is not the listening line) is an `Err` with
+    /// what it printed and how it ended, instead of a panic.
+    pub fn try_start_on(data: &Path, args: &[&str]) -> Result<Self, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvdb"))
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data")
+            .arg(data)
+            .args(args)
+            .env("KVDB_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start kvdb");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        match line.trim().strip_prefix("listening on ") {
+            Some(base) => Ok(Self {
+                child: Some(child),
+                base: base.to_owned(),
+                data: data.to_owned(),
+                _dir: None,
+                args: args.iter().map(|s| (*s).to_owned()).collect(),
+            }),
+            None => {
+                let _ = child.kill();
+                let status = child.wait().expect("wait");
+                Err(format!("first line {line:?}, {status}"))
+            }
+        }
+    }
+}
+
+/// An `Authorization: Basic` value for this user name and password.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let input = format!("{user}:{password}").into_bytes();
+    let mut out = String::from("Basic ");
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -6,7 +6,8 @@
 //! allowed. HTTP handlers (and, later, script runtimes) build a scope with
 //! `auth` and call `Scoped`; they never check permissions themselves.
 //!
-//! Storage keys: `id(16) 'p'` holds the policy, `id(16) 'k' key` the values;
+//! Storage keys: `id(16) 'p'` holds the policy, `id(16) 'k' key` the values,
+//! `id(16) 's' name` the scripts;
 //! deleting a bucket purges the prefix `id(16)` in the background.
 //! Reads are snapshot reads on the calling thread (microseconds for one key);
 //! writes are jobs for the store's writer, which serialises them, so every
@@ -16,6 +17,7 @@ mod id;
 mod key;
 mod policy;
 mod scope;
+mod scripts;
 pub mod value;
 
 use std::collections::HashMap;
@@ -26,6 +28,7 @@ pub use id::{BucketId, InvalidBucketId};
 pub use key::{InvalidKey, Key, MAX_KEY_BYTES, check_key_text};
 pub use policy::{Policy, PolicyChange, PolicyError};
 pub use scope::{Grant, Permission, Permissions, Principal, Scope};
+pub use scripts::{MAX_SCRIPT_NAME, ScriptKind, ScriptName, StoredScript};
 pub use value::{Number, Op, OpConflict, Typing, Value, ValueError};
 
 use crate::auth::{self, TokenError};
@@ -41,6 +44,8 @@ pub enum BucketError {
     NotFound,
     #[error("there is no key {0:?} in this bucket")]
     KeyNotFound(String),
+    #[error("there is no script {0:?} in this bucket")]
+    ScriptNotFound(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -99,10 +104,8 @@ impl Condition {
                     ));
                 };
                 let mine = etag(cur.version);
-                if tags
-                    .iter()
-                    .any(|t| t == "*" || t.trim_start_matches("W/") == mine)
-                {
+                // If-Match compares strongly (RFC 9110): a weak tag never matches.
+                if tags.iter().any(|t| t == "*" || *t == mine) {
                     Ok(())
                 } else {
                     Err(BucketError::PreconditionFailed(
@@ -682,13 +685,35 @@ impl Scoped {
         Ok(())
     }
 
-    /// Issues an access token for `grant`, valid for `ttl_s` seconds; returns
-    /// the token and its expiry (Unix seconds). Needs the secret key.
+    /// The same bucket seen through another scope. For script runtimes only:
+    /// a script (uploaded by the admin) may set its own scope for the rest of
+    /// its run, and every later call is checked against that scope.
+    #[must_use]
+    pub fn rescoped(&self, scope: Scope) -> Scoped {
+        self.bucket.clone().scoped(scope)
+    }
+
+    /// Issues an access token for `grant`, if this scope holds all of it
+    /// (what scripts may hand out); returns the token and its expiry.
     ///
     /// # Errors
-    /// Not the admin.
-    pub fn issue_token(&self, grant: &Grant, ttl_s: u64) -> Result<(String, u64), BucketError> {
-        self.require_admin()?;
+    /// The grant reaches beyond this scope.
+    pub fn issue_delegated_token(
+        &self,
+        grant: &Grant,
+        ttl_s: u64,
+    ) -> Result<(String, u64), BucketError> {
+        if !self.scope.covers(grant) {
+            return Err(self.refuse(format!(
+                "issuing a token for {:?} on prefix {:?}",
+                grant.permissions.names(),
+                grant.prefix
+            )));
+        }
+        self.sign_token(grant, ttl_s)
+    }
+
+    fn sign_token(&self, grant: &Grant, ttl_s: u64) -> Result<(String, u64), BucketError> {
         let now = now_s(self.store().now_ms());
         let expires_at = now.saturating_add(ttl_s);
         let token = auth::token::issue(
@@ -699,5 +724,15 @@ impl Scoped {
             expires_at,
         )?;
         Ok((token, expires_at))
+    }
+
+    /// Issues an access token for `grant`, valid for `ttl_s` seconds; returns
+    /// the token and its expiry (Unix seconds). Needs the secret key.
+    ///
+    /// # Errors
+    /// Not the admin.
+    pub fn issue_token(&self, grant: &Grant, ttl_s: u64) -> Result<(String, u64), BucketError> {
+        self.require_admin()?;
+        self.sign_token(grant, ttl_s)
     }
 }

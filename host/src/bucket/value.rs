@@ -26,6 +26,13 @@ pub enum Value {
     },
     Int(i64),
     Float(f64),
+    /// A number sent as text that is not its canonical form (`007`, `1.0`,
+    /// `42\n`, an integer beyond 64 bits): it counts as the number, and reads
+    /// back byte for byte until an operation replaces it.
+    Number {
+        number: Number,
+        text: String,
+    },
     /// Valid JSON text, kept as sent.
     Json(Vec<u8>),
 }
@@ -136,6 +143,30 @@ impl Number {
             Number::Float(f) => Value::Float(f),
         }
     }
+
+    /// The number as sent in `text`: canonical text becomes a plain number,
+    /// anything else keeps its text.
+    fn with_text(self, text: &str) -> Value {
+        let canonical = match self {
+            Number::Int(i) => i.to_string(),
+            Number::Float(f) => f.to_string(),
+        };
+        if canonical == text {
+            self.into_value()
+        } else {
+            Value::Number {
+                number: self,
+                text: text.to_owned(),
+            }
+        }
+    }
+
+    fn to_json(self) -> Json {
+        match self {
+            Number::Int(i) => Json::from(i),
+            Number::Float(f) => Json::from(f),
+        }
+    }
 }
 
 impl Value {
@@ -155,12 +186,16 @@ impl Value {
                     .map_err(|e| ValueError::InvalidJson(e.to_string()))?;
                 Ok(match parsed {
                     // A JSON number is a number: it can be counted with PATCH.
-                    Json::Number(n) => match n.as_i64() {
-                        Some(i) => Self::Int(i),
-                        None => n
-                            .as_f64()
-                            .map_or_else(|| Self::Json(body.to_vec()), Self::Float),
-                    },
+                    Json::Number(n) => {
+                        let text = String::from_utf8_lossy(body);
+                        match n.as_i64() {
+                            Some(i) => Number::Int(i).with_text(&text),
+                            None => n.as_f64().map_or_else(
+                                || Self::Json(body.to_vec()),
+                                |f| Number::Float(f).with_text(&text),
+                            ),
+                        }
+                    }
                     _ => Self::Json(body.to_vec()),
                 })
             }
@@ -171,7 +206,7 @@ impl Value {
     fn coerce(body: &[u8]) -> Self {
         if let Ok(text) = std::str::from_utf8(body) {
             if let Some(n) = parse_number(text) {
-                return n.into_value();
+                return n.with_text(text);
             }
             let t = text.trim_start();
             if (t.starts_with('{') || t.starts_with('['))
@@ -220,6 +255,14 @@ impl Value {
             }
             Value::Int(i) => (KIND_INT, i.to_string().into_bytes()),
             Value::Float(f) => (KIND_FLOAT, f.to_string().into_bytes()),
+            Value::Number {
+                number: Number::Int(_),
+                text,
+            } => (KIND_INT, text.clone().into_bytes()),
+            Value::Number {
+                number: Number::Float(_),
+                text,
+            } => (KIND_FLOAT, text.clone().into_bytes()),
             Value::Json(j) => (KIND_JSON, j.clone()),
         }
     }
@@ -227,16 +270,20 @@ impl Value {
     /// The value from its storage form. Unreadable data becomes raw bytes
     /// rather than an error: the bytes are still the user's.
     pub fn decode(kind: u8, bytes: Vec<u8>) -> Self {
-        let text = || std::str::from_utf8(&bytes).ok().map(str::to_owned);
+        let text = std::str::from_utf8(&bytes).ok();
         match kind {
             KIND_INT => {
-                if let Some(i) = text().and_then(|t| t.parse().ok()) {
-                    return Value::Int(i);
+                if let Some(t) = text
+                    && let Ok(i) = t.trim().parse::<i64>()
+                {
+                    return Number::Int(i).with_text(t);
                 }
             }
             KIND_FLOAT => {
-                if let Some(f) = text().and_then(|t| t.parse().ok()) {
-                    return Value::Float(f);
+                if let Some(t) = text
+                    && let Some(n) = parse_number(t)
+                {
+                    return Number::Float(n.as_f64()).with_text(t);
                 }
             }
             KIND_JSON => return Value::Json(bytes),
@@ -263,8 +310,16 @@ impl Value {
     pub fn type_name(&self) -> &'static str {
         match self {
             Value::Raw { .. } => "raw bytes",
-            Value::Int(_) => "an integer",
-            Value::Float(_) => "a float",
+            Value::Int(_)
+            | Value::Number {
+                number: Number::Int(_),
+                ..
+            } => "an integer",
+            Value::Float(_)
+            | Value::Number {
+                number: Number::Float(_),
+                ..
+            } => "a float",
             Value::Json(_) => "JSON",
         }
     }
@@ -283,7 +338,7 @@ impl Value {
                     "application/octet-stream"
                 }
             }
-            Value::Int(_) | Value::Float(_) => "text/plain; charset=utf-8",
+            Value::Int(_) | Value::Float(_) | Value::Number { .. } => "text/plain; charset=utf-8",
             Value::Json(_) => "application/json",
         }
     }
@@ -294,6 +349,7 @@ impl Value {
             Value::Raw { bytes, .. } | Value::Json(bytes) => bytes.clone(),
             Value::Int(i) => i.to_string().into_bytes(),
             Value::Float(f) => f.to_string().into_bytes(),
+            Value::Number { text, .. } => text.clone().into_bytes(),
         }
     }
 
@@ -302,6 +358,7 @@ impl Value {
         match self {
             Value::Raw { bytes, .. } | Value::Json(bytes) => bytes.len(),
             Value::Int(_) | Value::Float(_) => 8,
+            Value::Number { text, .. } => text.len(),
         }
     }
 
@@ -311,6 +368,7 @@ impl Value {
         match self {
             Value::Int(i) => Some(Json::from(*i)),
             Value::Float(f) => Some(Json::from(*f)),
+            Value::Number { number, .. } => Some(number.to_json()),
             Value::Json(bytes) => serde_json::from_slice(bytes).ok(),
             Value::Raw { bytes, .. } => std::str::from_utf8(bytes)
                 .ok()
@@ -322,6 +380,7 @@ impl Value {
         match self {
             Value::Int(i) => Ok(Number::Int(*i)),
             Value::Float(f) => Ok(Number::Float(*f)),
+            Value::Number { number, .. } => Ok(*number),
             other => Err(OpConflict::NotANumber(other.type_name())),
         }
     }
@@ -333,6 +392,7 @@ impl Value {
             }
             Value::Int(i) => Ok(Json::from(*i)),
             Value::Float(f) => Ok(Json::from(*f)),
+            Value::Number { number, .. } => Ok(number.to_json()),
             Value::Raw { .. } => Err(OpConflict::NotJson(self.type_name())),
         }
     }
@@ -438,9 +498,29 @@ mod tests {
     fn coercion_prefers_int_then_float_then_json_then_raw() {
         assert_eq!(coerce("42"), Value::Int(42));
         assert_eq!(coerce("-7"), Value::Int(-7));
-        assert_eq!(coerce("+1"), Value::Int(1));
+        assert_eq!(
+            coerce("+1"),
+            Value::Number {
+                number: Number::Int(1),
+                text: "+1".into()
+            }
+        );
+        assert_eq!(
+            coerce("007").body(),
+            b"007",
+            "leading zeros read back as sent"
+        );
+        assert_eq!(coerce("42\n").body(), b"42\n");
+        assert_eq!(
+            Op::Add(Number::Int(1)).apply(Some(coerce("42\n"))),
+            Ok(Value::Int(43))
+        );
         assert_eq!(coerce("2.5"), Value::Float(2.5));
-        assert_eq!(coerce("1e3"), Value::Float(1000.0));
+        assert_eq!(coerce("1e3").to_json(), Some(serde_json::json!(1000.0)));
+        assert_eq!(
+            coerce("12345678901234567890").body(),
+            b"12345678901234567890"
+        );
         assert_eq!(coerce(r#"{"a":1}"#), Value::Json(br#"{"a":1}"#.to_vec()));
         assert_eq!(coerce("[1,2]"), Value::Json(b"[1,2]".to_vec()));
         for raw in ["hello", "inf", "NaN", "\"quoted\"", "{broken", "true", ""] {

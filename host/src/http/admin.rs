@@ -63,7 +63,7 @@ pub async fn get_backup(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_operator(&state, &headers)?;
-    let pairs = query_pairs(&uri);
+    let pairs = query_pairs(&uri)?;
     let since = query_param(&pairs, "since").map_or(Ok(0), |s| {
         s.trim().parse::<u64>().map_err(|_| {
             ApiError::bad_request(format!("since must be a version number, not {s:?}"))

@@ -49,6 +49,7 @@ impl ApiError {
         match self {
             ApiError::Bucket(B::NotFound) => (StatusCode::NOT_FOUND, "bucket-not-found"),
             ApiError::Bucket(B::KeyNotFound(_)) => (StatusCode::NOT_FOUND, "key-not-found"),
+            ApiError::Bucket(B::ScriptNotFound(_)) => (StatusCode::NOT_FOUND, "script-not-found"),
             ApiError::Bucket(B::Unauthorized(_)) | ApiError::Unauthorized(_) => {
                 (StatusCode::UNAUTHORIZED, "unauthorized")
             }

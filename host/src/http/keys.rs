@@ -75,7 +75,7 @@ pub async fn put_key(
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = key_param(&params)?;
-    let pairs = query_pairs(&uri);
+    let pairs = query_pairs(&uri)?;
     let ttl = ttl_param(&pairs)?;
     let condition = condition(&headers)?;
     let limit = state.buckets.limits().max_value_bytes;
@@ -139,7 +139,7 @@ pub async fn patch_key(
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = key_param(&params)?;
-    let pairs = query_pairs(&uri);
+    let pairs = query_pairs(&uri)?;
     let ttl = ttl_param(&pairs)?;
     let condition = condition(&headers)?;
     let limit = state.buckets.limits().max_value_bytes;

@@ -156,7 +156,7 @@ pub async fn get_keys(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let pairs = query_pairs(&uri);
+    let pairs = query_pairs(&uri)?;
     let (query, format) = parse(&pairs, &headers)?;
     let listing = tokio::task::spawn_blocking(move || bucket.list(&query))
         .await

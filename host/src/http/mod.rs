@@ -78,15 +78,32 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not supported on {}", uri.path()))
 }
 
-/// Query parameters as pairs, percent-decoded.
-pub(crate) fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
+/// Query parameters as pairs, percent-decoded (`+` is a space).
+///
+/// # Errors
+/// A parameter that is not UTF-8 once decoded: refused rather than
+/// silently replaced.
+pub(crate) fn query_pairs(uri: &Uri) -> Result<Vec<(String, String)>, ApiError> {
+    let decode = |s: &str| {
+        let spaced = s.replace('+', " ");
+        percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8()
+            .map(std::borrow::Cow::into_owned)
+            .map_err(|_| {
+                ApiError::bad_request(format!(
+                    "the query parameter {s:?} is not valid UTF-8 once percent-decoded"
+                ))
+            })
+    };
     uri.query()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode(k)?, decode(v)?))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// The last value of query parameter `name`.
@@ -115,7 +132,7 @@ impl FromRequestParts<AppState> for Access {
             .and_then(|(_, v)| v.parse().ok())
             .ok_or(crate::bucket::BucketError::NotFound)?;
         let bucket = state.buckets.open(id)?;
-        let pairs = query_pairs(&parts.uri);
+        let pairs = query_pairs(&parts.uri)?;
         let authorization = match parts.headers.get(header::AUTHORIZATION) {
             Some(v) => Some(v.to_str().map_err(|_| {
                 ApiError::Auth(auth::AuthError::Malformed("the header is not ASCII"))
@@ -240,8 +257,8 @@ mod tests {
     use crate::storage::{Durability, Store, memory::MemoryBackend};
 
     fn app() -> Router {
-        let store = Store::open(Arc::new(MemoryBackend::new()), Durability::Strict)
-            .expect("memory store");
+        let store =
+            Store::open(Arc::new(MemoryBackend::new()), Durability::Strict).expect("memory store");
         router(AppState {
             buckets: Buckets::new(
                 store,
@@ -283,10 +300,17 @@ mod tests {
         for key in ["tokens", "scripts", "_admin"] {
             let uri = format!("/{bucket}/{key}");
             assert_eq!(send(&app, "PUT", &uri, key).await.0, StatusCode::NO_CONTENT);
-            assert_eq!(send(&app, "GET", &uri, "").await, (StatusCode::OK, key.to_owned()));
+            assert_eq!(
+                send(&app, "GET", &uri, "").await,
+                (StatusCode::OK, key.to_owned())
+            );
         }
         let (status, _) = send(&app, "GET", &format!("/{bucket}/a%2Fb"), "").await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "an absent key, not an unknown route");
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "an absent key, not an unknown route"
+        );
     }
 
     #[tokio::test]
@@ -299,6 +323,10 @@ mod tests {
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
         assert!(body.contains("\"status\":405"), "{body}");
         let (status, _) = send(&app, "GET", "/_admin/backup", "").await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "backups are off without --admin-token");
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "backups are off without --admin-token"
+        );
     }
 }

@@ -288,6 +288,16 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Reads a whole stream and checks its footer, without applying anything.
+///
+/// # Errors
+/// The stream is not a backup, or is corrupt or truncated.
+pub fn verify(input: &mut dyn Read) -> Result<BackupInfo, StorageError> {
+    let mut reader = Reader::new(input)?;
+    while reader.next_record()?.is_some() {}
+    Ok(reader.info())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -342,3 +342,26 @@ fn writes_after_close_are_refused(f: Fixture) {
     assert!(matches!(r, Err(StorageError::Closed)));
     assert!(f.get("a").is_some(), "reads still work after close");
 }
+
+#[test]
+fn a_restore_cut_short_leaves_a_store_that_refuses_to_open() {
+    let source = memory();
+    for i in 0..2500 {
+        source.put(&format!("k{i:05}"), "v", 0);
+    }
+    let (bytes, _) = backup_bytes(&source, 0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let backend = Arc::new(RedbBackend::open(dir.path()).expect("open"));
+        let target = Store::open(backend, super::Durability::Strict).expect("store");
+        let cut = &bytes[..bytes.len() * 3 / 4];
+        assert!(target.restore(&mut &cut[..]).is_err());
+        target.close();
+    }
+    let backend = Arc::new(RedbBackend::open(dir.path()).expect("reopen"));
+    let reopened = Store::open(backend, super::Durability::Strict);
+    assert!(
+        matches!(reopened, Err(StorageError::Restore(_))),
+        "a half-restored directory must not be served"
+    );
+}

@@ -39,6 +39,8 @@ const NS_PURGE: u8 = b'r';
 const META_SEQ: &[u8] = b"mseq";
 const META_HORIZON: &[u8] = b"mhorizon";
 const META_RESTORED: &[u8] = b"mrestored";
+/// Set while a restore is being applied: a store that holds it is refused.
+const META_RESTORING: &[u8] = b"mrestoring";
 
 const RECORD_HEADER: usize = 17;
 const TOMBSTONE_KEY: u8 = 0;
@@ -518,7 +520,14 @@ impl Store {
         durability: Durability,
         clock: Clock,
     ) -> Result<Self, StorageError> {
-        let seq = backend.snapshot()?.get(META_SEQ)?.map_or(0, |v| be_u64(&v));
+        let snapshot = backend.snapshot()?;
+        if snapshot.get(META_RESTORING)?.is_some() {
+            return Err(StorageError::Restore(
+                "this data directory holds an incomplete restore: delete it and run the restore again".into(),
+            ));
+        }
+        let seq = snapshot.get(META_SEQ)?.map_or(0, |v| be_u64(&v));
+        drop(snapshot);
         let (tx, rx) = mpsc::channel();
         let inner = Arc::new(Inner {
             backend: backend.clone(),
@@ -746,6 +755,10 @@ impl Store {
                 info.since
             )));
         }
+        // Until the last record and the checksum are in, the directory is
+        // marked: a truncated or corrupt stream leaves a store that refuses to
+        // open rather than one that serves part of a backup.
+        self.write_blocking(move |ctx| ctx.raw.put(META_RESTORING, &[]))??;
         loop {
             let mut chunk = Vec::with_capacity(GC_CHUNK);
             while chunk.len() < GC_CHUNK {
@@ -768,6 +781,7 @@ impl Store {
         let version = info.version;
         self.write_blocking(move |ctx| -> Result<(), StorageError> {
             ctx.raw.put(META_RESTORED, &version.to_be_bytes())?;
+            ctx.raw.delete(META_RESTORING)?;
             ctx.seq = ctx.seq.max(version);
             Ok(())
         })??;

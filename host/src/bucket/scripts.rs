@@ -1,0 +1,268 @@
+//! Scripts as bucket data: stored under `id(16) 's' name`, so they survive
+//! restarts, belong to backups and go when the bucket goes.
+//!
+//! Managing scripts needs the admin; loading one to run it needs nothing (the
+//! run is then confined to the caller's scope by the runtime, through
+//! [`Scoped`]). Validation of the source is the script runtime's business.
+
+use std::fmt;
+
+use super::{Bucket, BucketError, BucketId, Scoped, ensure_bucket, now_s};
+
+const KIND_LUA: u8 = 0x20;
+const KIND_WASM: u8 = 0x21;
+
+/// The longest script name (API.md).
+pub const MAX_SCRIPT_NAME: usize = 64;
+
+/// A script's name: 1–64 characters of `A-Z a-z 0-9 _ - .`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScriptName(String);
+
+impl ScriptName {
+    /// # Errors
+    /// A name that breaks the rule above (400).
+    pub fn new(s: &str) -> Result<Self, BucketError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_SCRIPT_NAME
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(BucketError::Invalid(format!(
+                "a script name is 1 to {MAX_SCRIPT_NAME} characters of A-Z a-z 0-9 _ - . ({s:?} is not)"
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ScriptName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ScriptName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ScriptName({:?})", self.0)
+    }
+}
+
+/// Which runtime runs a script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScriptKind {
+    Lua,
+    Wasm,
+}
+
+impl ScriptKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScriptKind::Lua => "lua",
+            ScriptKind::Wasm => "wasm",
+        }
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            ScriptKind::Lua => KIND_LUA,
+            ScriptKind::Wasm => KIND_WASM,
+        }
+    }
+
+    fn from_tag(tag: u8) -> Option<Self> {
+        match tag {
+            KIND_LUA => Some(ScriptKind::Lua),
+            KIND_WASM => Some(ScriptKind::Wasm),
+            _ => None,
+        }
+    }
+}
+
+/// A stored script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredScript {
+    pub bucket: BucketId,
+    pub name: ScriptName,
+    pub kind: ScriptKind,
+    pub source: Vec<u8>,
+    /// Changes on every upload: with the bucket and name, a cache key.
+    pub version: u64,
+    /// Unix seconds.
+    pub updated_at: u64,
+}
+
+impl StoredScript {
+    /// The listing entry: name, kind, size, updated_at.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name.as_str(),
+            "kind": self.kind.name(),
+            "size": self.source.len(),
+            "updated_at": self.updated_at,
+        })
+    }
+}
+
+fn script_prefix(id: &BucketId) -> Vec<u8> {
+    let mut k = id.to_bytes().to_vec();
+    k.push(b's');
+    k
+}
+
+fn script_key(id: &BucketId, name: &ScriptName) -> Vec<u8> {
+    let mut k = script_prefix(id);
+    k.extend_from_slice(name.as_str().as_bytes());
+    k
+}
+
+fn decode(
+    bucket: BucketId,
+    name: ScriptName,
+    entry: crate::storage::Entry,
+) -> Option<StoredScript> {
+    let kind = ScriptKind::from_tag(entry.kind)?;
+    let (time, source) = entry.value.split_at_checked(8)?;
+    let mut t = [0u8; 8];
+    t.copy_from_slice(time);
+    Some(StoredScript {
+        bucket,
+        name,
+        kind,
+        source: source.to_vec(),
+        version: entry.version,
+        updated_at: u64::from_be_bytes(t),
+    })
+}
+
+impl Bucket {
+    /// Loads a script to run it. Running is open to anyone who knows the
+    /// bucket: what the run may do is the caller's scope.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn load_script(&self, name: &ScriptName) -> Result<Option<StoredScript>, BucketError> {
+        let entry = self
+            .buckets
+            .store
+            .snapshot()?
+            .get(&script_key(&self.id, name))?;
+        Ok(entry.and_then(|e| decode(self.id, name.clone(), e)))
+    }
+}
+
+impl Scoped {
+    /// Stores (or replaces) a script. The source must already be validated by
+    /// its runtime.
+    ///
+    /// # Errors
+    /// Not the admin, or a storage failure.
+    pub async fn put_script(
+        &self,
+        name: &ScriptName,
+        kind: ScriptKind,
+        source: Vec<u8>,
+    ) -> Result<StoredScript, BucketError> {
+        self.require_admin()?;
+        let id = self.bucket.id;
+        let key = script_key(&id, name);
+        let name = name.clone();
+        self.store()
+            .write(move |ctx| -> Result<StoredScript, BucketError> {
+                ensure_bucket(ctx, &id)?;
+                let updated_at = now_s(ctx.now_ms());
+                let mut value = Vec::with_capacity(8 + source.len());
+                value.extend_from_slice(&updated_at.to_be_bytes());
+                value.extend_from_slice(&source);
+                let version = ctx.put(&key, kind.tag(), &value, 0)?;
+                Ok(StoredScript {
+                    bucket: id,
+                    name,
+                    kind,
+                    source,
+                    version,
+                    updated_at,
+                })
+            })
+            .await?
+    }
+
+    /// A script with its source, for the admin (the editor).
+    ///
+    /// # Errors
+    /// Not the admin, or a storage failure.
+    pub fn script(&self, name: &ScriptName) -> Result<Option<StoredScript>, BucketError> {
+        self.require_admin()?;
+        self.bucket.load_script(name)
+    }
+
+    /// Deletes a script.
+    ///
+    /// # Errors
+    /// Not the admin, no such script, or a storage failure.
+    pub async fn delete_script(&self, name: &ScriptName) -> Result<(), BucketError> {
+        self.require_admin()?;
+        let id = self.bucket.id;
+        let key = script_key(&id, name);
+        let shown = name.to_string();
+        self.store()
+            .write(move |ctx| -> Result<(), BucketError> {
+                ensure_bucket(ctx, &id)?;
+                if ctx.get(&key)?.is_none() {
+                    return Err(BucketError::ScriptNotFound(shown));
+                }
+                ctx.delete(&key)?;
+                Ok(())
+            })
+            .await?
+    }
+
+    /// Every script of the bucket, by name.
+    ///
+    /// # Errors
+    /// Not the admin, or a storage failure.
+    pub fn list_scripts(&self) -> Result<Vec<StoredScript>, BucketError> {
+        self.require_admin()?;
+        let id = self.bucket.id;
+        let prefix = script_prefix(&id);
+        let end = crate::storage::prefix_end(&prefix);
+        let mut out = Vec::new();
+        self.store().snapshot()?.scan(
+            std::ops::Bound::Included(&prefix),
+            end.as_deref()
+                .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded),
+            false,
+            &mut |k, entry| {
+                if let Some(name) = std::str::from_utf8(&k[prefix.len()..])
+                    .ok()
+                    .and_then(|n| ScriptName::new(n).ok())
+                    && let Some(script) = decode(id, name, entry)
+                {
+                    out.push(script);
+                }
+                true
+            },
+        )?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_names_follow_the_rule() {
+        for ok in ["a", "hello-world_1.lua", &"x".repeat(64)] {
+            assert!(ScriptName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a/b", "a b", "ü", &"x".repeat(65), "edit?"] {
+            assert!(ScriptName::new(bad).is_err(), "{bad}");
+        }
+    }
+}

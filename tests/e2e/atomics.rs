@@ -1,0 +1,685 @@
+//! Atomic operations (`PATCH /:bucket/:key`) and conditional writes.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::harness::{Resp, TestServer};
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const MERGE: &str = "application/merge-patch+json";
+const JSON_PATCH: &str = "application/json-patch+json";
+
+fn patch_typed(s: &TestServer, path: &str, content_type: &str, body: &str) -> Resp {
+    s.request(
+        "PATCH",
+        path,
+        &[("content-type", content_type)],
+        Some(body.as_bytes()),
+    )
+}
+
+fn with_header(s: &TestServer, method: &str, path: &str, header: (&str, &str), body: &str) -> Resp {
+    let body = (method != "DELETE").then_some(body.as_bytes());
+    s.request(method, path, &[header], body)
+}
+
+#[track_caller]
+fn assert_text(r: &Resp, expected: &str) {
+    assert_eq!((r.status, r.text().as_str()), (200, expected));
+}
+
+/// The value now stored, or `None` when the key is absent.
+fn current(s: &TestServer, path: &str) -> Option<String> {
+    let r = s.get(path);
+    match r.status {
+        200 => Some(r.text()),
+        404 => None,
+        other => panic!("GET {path}: {other} {}", r.text()),
+    }
+}
+
+// ----- +N / -N ---------------------------------------------------------------
+
+#[test]
+fn add_on_a_missing_key_counts_from_zero() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let r = s.patch(&format!("/{b}/hits"), "+5");
+    assert_text(&r, "5");
+    assert_eq!(r.header("content-type").as_deref(), Some(TEXT));
+    assert_eq!(current(&s, &format!("/{b}/hits")).as_deref(), Some("5"));
+}
+
+#[test]
+fn subtract_on_a_missing_key_goes_negative() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    assert_text(&s.patch(&format!("/{b}/n"), "-3"), "-3");
+}
+
+#[test]
+fn add_and_subtract_integers_answer_the_new_value_as_text_plain() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    s.put(&path, "10");
+    assert_text(&s.patch(&path, "+5"), "15");
+    assert_text(&s.patch(&path, "-20"), "-5");
+    let r = s.patch(&path, "+0");
+    assert_text(&r, "-5");
+    assert_eq!(r.header("content-type").as_deref(), Some(TEXT));
+    assert_eq!(current(&s, &path).as_deref(), Some("-5"));
+}
+
+#[test]
+fn add_accepts_a_form_encoded_body_as_sent_by_curl_d() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let r = s.request(
+        "PATCH",
+        &format!("/{b}/n"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        Some(b"+1"),
+    );
+    assert_text(&r, "1");
+}
+
+#[test]
+fn add_floats() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/f");
+    s.put(&path, "1.5");
+    assert_text(&s.patch(&path, "+2.25"), "3.75");
+    let r = s.patch(&path, "-0.75");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text().parse::<f64>().expect("a number"), 3.0);
+    assert_eq!(s.get(&path).text().parse::<f64>().expect("a number"), 3.0);
+}
+
+#[test]
+fn adding_a_float_to_an_integer_gives_a_float() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    s.put(&path, "1");
+    assert_text(&s.patch(&path, "+0.5"), "1.5");
+    assert_eq!(current(&s, &path).as_deref(), Some("1.5"));
+}
+
+#[test]
+fn integer_overflow_is_409_and_keeps_the_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    s.put(&path, "9223372036854775807");
+    s.patch(&path, "+1").assert_problem(409);
+    assert_eq!(current(&s, &path).as_deref(), Some("9223372036854775807"));
+    // Still an integer that can go down.
+    assert_text(&s.patch(&path, "-7"), "9223372036854775800");
+}
+
+#[test]
+fn integer_underflow_is_409_and_keeps_the_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    s.put(&path, "-9223372036854775808");
+    s.patch(&path, "-1").assert_problem(409);
+    assert_eq!(current(&s, &path).as_deref(), Some("-9223372036854775808"));
+}
+
+#[test]
+fn add_to_raw_text_is_409_and_keeps_the_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/t");
+    s.put(&path, "hello");
+    s.patch(&path, "+1").assert_problem(409);
+    assert_eq!(current(&s, &path).as_deref(), Some("hello"));
+}
+
+#[test]
+fn add_to_a_json_value_is_409_and_keeps_the_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/j");
+    s.put(&path, r#"{"n":1}"#);
+    s.patch(&path, "+1").assert_problem(409);
+    assert_eq!(s.get(&path).json(), json!({"n": 1}));
+}
+
+// ----- merge patch (RFC 7396) -------------------------------------------------
+
+#[test]
+fn merge_patch_merges_into_a_json_object() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/doc");
+    s.put(&path, r#"{"a":1,"b":{"c":2,"keep":true},"list":[1,2]}"#);
+    let r = patch_typed(
+        &s,
+        &path,
+        MERGE,
+        r#"{"b":{"c":null,"d":3},"e":"x","list":[9]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let expected = json!({"a": 1, "b": {"keep": true, "d": 3}, "e": "x", "list": [9]});
+    assert_eq!(r.json(), expected);
+    assert_eq!(s.get(&path).json(), expected);
+}
+
+#[test]
+fn merge_patch_onto_raw_text_is_409_and_keeps_the_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/t");
+    s.put(&path, "plain text");
+    patch_typed(&s, &path, MERGE, r#"{"a":1}"#).assert_problem(409);
+    assert_eq!(current(&s, &path).as_deref(), Some("plain text"));
+}
+
+#[test]
+fn malformed_merge_patch_is_400_and_keeps_the_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/doc");
+    s.put(&path, r#"{"a":1}"#);
+    patch_typed(&s, &path, MERGE, r#"{"a":"#).assert_problem(400);
+    assert_eq!(s.get(&path).json(), json!({"a": 1}));
+}
+
+// ----- JSON patch (RFC 6902) --------------------------------------------------
+
+#[test]
+fn json_patch_applies_add_replace_remove() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/doc");
+    s.put(&path, r#"{"name":"a","tags":["x"],"old":1}"#);
+    let r = patch_typed(
+        &s,
+        &path,
+        JSON_PATCH,
+        r#"[{"op":"replace","path":"/name","value":"b"},
+            {"op":"add","path":"/tags/-","value":"y"},
+            {"op":"remove","path":"/old"}]"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let expected = json!({"name": "b", "tags": ["x", "y"]});
+    assert_eq!(r.json(), expected);
+    assert_eq!(s.get(&path).json(), expected);
+}
+
+#[test]
+fn json_patch_test_op_makes_compare_and_set_succeed_when_it_matches() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/acct");
+    s.put(&path, r#"{"owner":{"id":7},"balance":100}"#);
+    let r = patch_typed(
+        &s,
+        &path,
+        JSON_PATCH,
+        r#"[{"op":"test","path":"/owner/id","value":7},
+            {"op":"replace","path":"/balance","value":50}]"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.get(&path).json()["balance"], 50);
+}
+
+#[test]
+fn json_patch_test_op_mismatch_is_409_and_changes_nothing() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/acct");
+    s.put(&path, r#"{"owner":{"id":7},"balance":100}"#);
+    let etag = s.get(&path).header("etag");
+    patch_typed(
+        &s,
+        &path,
+        JSON_PATCH,
+        r#"[{"op":"replace","path":"/balance","value":0},
+            {"op":"test","path":"/owner/id","value":8}]"#,
+    )
+    .assert_problem(409);
+    let g = s.get(&path);
+    assert_eq!(g.json(), json!({"owner": {"id": 7}, "balance": 100}));
+    assert_eq!(
+        g.header("etag"),
+        etag,
+        "a rejected patch does not bump the ETag"
+    );
+}
+
+#[test]
+fn json_patch_on_a_missing_path_is_409_and_changes_nothing() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/doc");
+    s.put(&path, r#"{"a":1}"#);
+    patch_typed(
+        &s,
+        &path,
+        JSON_PATCH,
+        r#"[{"op":"remove","path":"/nope/deeper"}]"#,
+    )
+    .assert_problem(409);
+    assert_eq!(s.get(&path).json(), json!({"a": 1}));
+}
+
+#[test]
+fn json_patch_onto_raw_text_is_409() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/t");
+    s.put(&path, "text");
+    patch_typed(
+        &s,
+        &path,
+        JSON_PATCH,
+        r#"[{"op":"add","path":"/a","value":1}]"#,
+    )
+    .assert_problem(409);
+    assert_eq!(current(&s, &path).as_deref(), Some("text"));
+}
+
+#[test]
+fn malformed_json_patch_document_is_400() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/doc");
+    s.put(&path, r#"{"a":1}"#);
+    for bad in [
+        r#"[{"op":"add","path":"/b""#,           // not JSON
+        r#"{"op":"add","path":"/b","value":1}"#, // not an array
+        r#"[{"op":"frobnicate","path":"/a"}]"#,  // unknown op
+        r#"[{"op":"add","value":1}]"#,           // no path
+    ] {
+        patch_typed(&s, &path, JSON_PATCH, bad).assert_problem(400);
+    }
+    assert_eq!(s.get(&path).json(), json!({"a": 1}));
+}
+
+// ----- ?op=append / max / min -------------------------------------------------
+
+#[test]
+fn append_extends_a_raw_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/log");
+    s.put(&path, "abc");
+    let r = s.patch(&format!("{path}?op=append"), "def");
+    assert_text(&r, "abcdef");
+    assert_eq!(r.header("content-type").as_deref(), Some(TEXT));
+    s.patch(&format!("{path}?op=append"), "\nghi");
+    assert_eq!(current(&s, &path).as_deref(), Some("abcdef\nghi"));
+}
+
+#[test]
+fn append_to_a_missing_key_creates_it() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/log");
+    assert_text(&s.patch(&format!("{path}?op=append"), "first"), "first");
+    assert_eq!(current(&s, &path).as_deref(), Some("first"));
+}
+
+#[test]
+fn append_keeps_the_raw_values_media_type() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/bin");
+    s.request(
+        "PUT",
+        &path,
+        &[("content-type", "application/octet-stream")],
+        Some(&[0xff, 0x01]),
+    );
+    let r = s.request(
+        "PATCH",
+        &format!("{path}?op=append"),
+        &[],
+        Some(&[0x02, 0xfe]),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let g = s.get(&path);
+    assert_eq!(g.body, vec![0xff, 0x01, 0x02, 0xfe]);
+    assert_eq!(
+        g.header("content-type").as_deref(),
+        Some("application/octet-stream")
+    );
+}
+
+#[test]
+fn append_to_a_number_is_409_and_keeps_it() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    s.put(&path, "12");
+    s.patch(&format!("{path}?op=append"), "3")
+        .assert_problem(409);
+    assert_eq!(current(&s, &path).as_deref(), Some("12"));
+    assert_text(&s.patch(&path, "+1"), "13");
+}
+
+#[test]
+fn append_to_a_json_value_is_409() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/j");
+    s.put(&path, "[1]");
+    s.patch(&format!("{path}?op=append"), ",2")
+        .assert_problem(409);
+    assert_eq!(s.get(&path).json(), json!([1]));
+}
+
+#[test]
+fn max_keeps_the_larger_number() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/best");
+    s.put(&path, "5");
+    assert_text(&s.patch(&format!("{path}?op=max"), "3"), "5");
+    let r = s.patch(&format!("{path}?op=max"), "10");
+    assert_text(&r, "10");
+    assert_eq!(r.header("content-type").as_deref(), Some(TEXT));
+    assert_eq!(current(&s, &path).as_deref(), Some("10"));
+}
+
+#[test]
+fn min_keeps_the_smaller_number() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/low");
+    s.put(&path, "5");
+    assert_text(&s.patch(&format!("{path}?op=min"), "7"), "5");
+    assert_text(&s.patch(&format!("{path}?op=min"), "-2"), "-2");
+    assert_eq!(current(&s, &path).as_deref(), Some("-2"));
+}
+
+#[test]
+fn max_and_min_work_with_floats() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/t");
+    s.put(&path, "1.5");
+    assert_text(&s.patch(&format!("{path}?op=max"), "2.5"), "2.5");
+    assert_text(&s.patch(&format!("{path}?op=min"), "0.25"), "0.25");
+}
+
+#[test]
+fn max_and_min_on_a_missing_key_store_the_operand() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    assert_text(&s.patch(&format!("/{b}/hi?op=max"), "-4"), "-4");
+    assert_text(&s.patch(&format!("/{b}/lo?op=min"), "9"), "9");
+    assert_eq!(current(&s, &format!("/{b}/hi")).as_deref(), Some("-4"));
+    assert_eq!(current(&s, &format!("/{b}/lo")).as_deref(), Some("9"));
+}
+
+#[test]
+fn max_on_raw_text_is_409() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/t");
+    s.put(&path, "abc");
+    s.patch(&format!("{path}?op=max"), "1").assert_problem(409);
+    assert_eq!(current(&s, &path).as_deref(), Some("abc"));
+}
+
+#[test]
+fn max_with_a_non_numeric_operand_is_400() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    s.put(&path, "1");
+    s.patch(&format!("{path}?op=max"), "abc")
+        .assert_problem(400);
+    s.patch(&format!("{path}?op=min"), "").assert_problem(400);
+    assert_eq!(current(&s, &path).as_deref(), Some("1"));
+}
+
+// ----- conditional writes -----------------------------------------------------
+
+#[test]
+fn put_with_if_match_of_the_current_etag_succeeds() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    let etag = s.put(&path, "v1").header("etag").expect("etag");
+    let r = with_header(&s, "PUT", &path, ("if-match", &etag), "v2");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(current(&s, &path).as_deref(), Some("v2"));
+}
+
+#[test]
+fn put_with_if_match_of_a_stale_etag_is_412_and_keeps_the_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    let stale = s.put(&path, "v1").header("etag").expect("etag");
+    s.put(&path, "v2");
+    with_header(&s, "PUT", &path, ("if-match", &stale), "v3").assert_problem(412);
+    assert_eq!(current(&s, &path).as_deref(), Some("v2"));
+}
+
+#[test]
+fn put_with_if_match_on_an_absent_key_is_412_and_creates_nothing() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    with_header(&s, "PUT", &path, ("if-match", "\"whatever\""), "v").assert_problem(412);
+    assert_eq!(current(&s, &path), None);
+    with_header(&s, "PUT", &path, ("if-match", "*"), "v").assert_problem(412);
+    assert_eq!(current(&s, &path), None);
+}
+
+#[test]
+fn if_match_star_or_a_list_holding_the_current_etag_lets_the_write_through() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    s.put(&path, "v1");
+    let r = with_header(&s, "PUT", &path, ("if-match", "*"), "v2");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let etag = r.header("etag").expect("etag");
+    let list = format!("\"nope\", {etag}");
+    let r = with_header(&s, "PUT", &path, ("if-match", &list), "v3");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(current(&s, &path).as_deref(), Some("v3"));
+}
+
+#[test]
+fn if_match_compares_strongly_so_a_weak_etag_is_412() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    let etag = s.put(&path, "v1").header("etag").expect("etag");
+    with_header(&s, "PUT", &path, ("if-match", &format!("W/{etag}")), "v2").assert_problem(412);
+    assert_eq!(current(&s, &path).as_deref(), Some("v1"));
+}
+
+#[test]
+fn put_with_if_none_match_star_creates_only_when_absent() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/lock");
+    let r = with_header(&s, "PUT", &path, ("if-none-match", "*"), "first");
+    assert_eq!(r.status, 204, "{}", r.text());
+    with_header(&s, "PUT", &path, ("if-none-match", "*"), "second").assert_problem(412);
+    assert_eq!(current(&s, &path).as_deref(), Some("first"));
+}
+
+#[test]
+fn put_with_if_none_match_star_after_delete_succeeds() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/lock");
+    s.put(&path, "a");
+    s.delete(&path);
+    let r = with_header(&s, "PUT", &path, ("if-none-match", "*"), "b");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(current(&s, &path).as_deref(), Some("b"));
+}
+
+#[test]
+fn patch_with_if_match_of_the_current_etag_succeeds() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    let etag = s.put(&path, "1").header("etag").expect("etag");
+    let r = with_header(&s, "PATCH", &path, ("if-match", &etag), "+1");
+    assert_text(&r, "2");
+    // The ETag the PATCH answered is the one to use next.
+    let next = r.header("etag").expect("PATCH answers an ETag");
+    assert_text(
+        &with_header(&s, "PATCH", &path, ("if-match", &next), "+1"),
+        "3",
+    );
+}
+
+#[test]
+fn patch_with_if_match_of_a_stale_etag_is_412_and_keeps_the_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    let stale = s.put(&path, "1").header("etag").expect("etag");
+    s.patch(&path, "+1");
+    with_header(&s, "PATCH", &path, ("if-match", &stale), "+100").assert_problem(412);
+    assert_eq!(current(&s, &path).as_deref(), Some("2"));
+}
+
+#[test]
+fn patch_with_if_match_on_an_absent_key_is_412_and_creates_nothing() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    with_header(&s, "PATCH", &path, ("if-match", "\"x\""), "+1").assert_problem(412);
+    assert_eq!(current(&s, &path), None);
+}
+
+#[test]
+fn patch_with_if_none_match_star_on_an_existing_key_is_412() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    s.put(&path, "1");
+    with_header(&s, "PATCH", &path, ("if-none-match", "*"), "+1").assert_problem(412);
+    assert_eq!(current(&s, &path).as_deref(), Some("1"));
+    // On an absent key it applies.
+    let fresh = format!("/{b}/fresh");
+    assert_text(
+        &with_header(&s, "PATCH", &fresh, ("if-none-match", "*"), "+1"),
+        "1",
+    );
+}
+
+#[test]
+fn merge_patch_with_a_stale_if_match_is_412() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/doc");
+    let stale = s.put(&path, r#"{"v":1}"#).header("etag").expect("etag");
+    s.put(&path, r#"{"v":2}"#);
+    let r = s.request(
+        "PATCH",
+        &path,
+        &[("content-type", MERGE), ("if-match", &stale)],
+        Some(br#"{"v":3}"#),
+    );
+    r.assert_problem(412);
+    assert_eq!(s.get(&path).json(), json!({"v": 2}));
+}
+
+#[test]
+fn delete_with_if_match_of_a_stale_etag_is_412_and_keeps_the_key() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    let stale = s.put(&path, "v1").header("etag").expect("etag");
+    let now = s.put(&path, "v2").header("etag").expect("etag");
+    with_header(&s, "DELETE", &path, ("if-match", &stale), "").assert_problem(412);
+    assert_eq!(current(&s, &path).as_deref(), Some("v2"));
+    let r = with_header(&s, "DELETE", &path, ("if-match", &now), "");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(current(&s, &path), None);
+}
+
+#[test]
+fn delete_with_if_match_on_an_absent_key_is_412() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    with_header(&s, "DELETE", &format!("/{b}/k"), ("if-match", "\"x\""), "").assert_problem(412);
+}
+
+#[test]
+fn delete_with_if_none_match_star_on_an_existing_key_is_412() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    s.put(&path, "v");
+    with_header(&s, "DELETE", &path, ("if-none-match", "*"), "").assert_problem(412);
+    assert_eq!(current(&s, &path).as_deref(), Some("v"));
+}
+
+#[test]
+fn compare_and_set_with_if_match_lets_exactly_one_of_two_writers_win() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    let etag = s.put(&path, "base").header("etag").expect("etag");
+    let a = with_header(&s, "PUT", &path, ("if-match", &etag), "from-a");
+    let c = with_header(&s, "PUT", &path, ("if-match", &etag), "from-c");
+    assert_eq!((a.status, c.status), (204, 412));
+    assert_eq!(current(&s, &path).as_deref(), Some("from-a"));
+}
+
+// ----- concurrency -----------------------------------------------------------
+
+#[test]
+fn concurrent_increments_never_lose_an_update() {
+    const THREADS: usize = 50;
+    const EACH: usize = 40;
+    let s = Arc::new(TestServer::start());
+    let b = s.create_bucket("");
+    let path = Arc::new(format!("/{b}/counter"));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let s = Arc::clone(&s);
+            let path = Arc::clone(&path);
+            std::thread::spawn(move || {
+                (0..EACH)
+                    .map(|_| {
+                        let r = s.patch(&path, "+1");
+                        assert_eq!(r.status, 200, "{}", r.text());
+                        r.text().parse::<i64>().expect("an integer")
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut seen = BTreeSet::new();
+    for h in handles {
+        for v in h.join().expect("client thread") {
+            assert!(seen.insert(v), "two increments answered the same value {v}");
+        }
+    }
+    let total = i64::try_from(THREADS * EACH).expect("small");
+    assert_eq!(
+        current(&s, &path).as_deref(),
+        Some(total.to_string().as_str())
+    );
+    // Every increment saw its own new value: exactly 1..=2000.
+    assert_eq!(seen, (1..=total).collect::<BTreeSet<_>>());
+}

@@ -1,0 +1,803 @@
+//! Credentials, the permission model of bucket keys, and access tokens.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use crate::harness::{Resp, TestServer, basic_auth};
+
+/// A request with `Authorization: Bearer <credential>`.
+fn as_(s: &TestServer, method: &str, path: &str, credential: &str, body: Option<&str>) -> Resp {
+    let auth = format!("Bearer {credential}");
+    s.request(
+        method,
+        path,
+        &[("authorization", auth.as_str())],
+        body.map(str::as_bytes),
+    )
+}
+
+/// A request with no credentials at all.
+fn anon(s: &TestServer, method: &str, path: &str, body: Option<&str>) -> Resp {
+    s.request(method, path, &[], body.map(str::as_bytes))
+}
+
+#[track_caller]
+fn assert_unauthorized(r: &Resp) {
+    r.assert_problem(401);
+    assert!(
+        r.header("www-authenticate").is_some(),
+        "401 without WWW-Authenticate"
+    );
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// Changes one character in the middle of the given JWT segment (0 header,
+/// 1 payload, 2 signature).
+fn tamper(token: &str, segment: usize) -> String {
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    assert_eq!(parts.len(), 3, "a JWT has three segments: {token}");
+    let part = &mut parts[segment];
+    let mid = part.len() / 2;
+    let old = part.as_bytes()[mid];
+    let new = if old == b'A' { 'B' } else { 'A' };
+    part.replace_range(mid..=mid, &new.to_string());
+    parts.join(".")
+}
+
+/// A bucket with every key set, and one value in it.
+fn locked_bucket(s: &TestServer) -> String {
+    let b = s.create_bucket("secret_key=sk&read_key=rk&write_key=wk");
+    assert_eq!(
+        as_(s, "PUT", &format!("/{b}/k"), "sk", Some("v")).status,
+        204
+    );
+    b
+}
+
+#[test]
+fn every_credential_form_is_accepted_for_keys() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let path = format!("/{b}/k");
+    assert_unauthorized(&anon(&s, "GET", &path, None));
+
+    let forms: Vec<(String, Vec<(&str, String)>)> = vec![
+        (
+            path.clone(),
+            vec![("authorization", "Bearer rk".to_owned())],
+        ),
+        (path.clone(), vec![("authorization", basic_auth("rk", ""))]),
+        (path.clone(), vec![("authorization", basic_auth("", "rk"))]),
+        (format!("{path}?key=rk"), vec![]),
+    ];
+    for (p, headers) in &forms {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = s.request("GET", p, &headers, None);
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "v"),
+            "GET {p} {headers:?}"
+        );
+    }
+    // The same forms with the secret key list the bucket.
+    for (p, headers) in [
+        (
+            format!("/{b}/"),
+            vec![("authorization", basic_auth("sk", ""))],
+        ),
+        (
+            format!("/{b}/"),
+            vec![("authorization", basic_auth("", "sk"))],
+        ),
+        (format!("/{b}/?key=sk"), vec![]),
+    ] {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = s.request("GET", &p, &headers, None);
+        assert_eq!(
+            (r.status, r.text().trim()),
+            (200, "k"),
+            "list {p} {headers:?}"
+        );
+    }
+}
+
+#[test]
+fn every_credential_form_is_accepted_for_tokens() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let t = s.token(&b, "sk", "permissions=read");
+    let path = format!("/{b}/k");
+    for (p, headers) in [
+        (path.clone(), vec![("authorization", format!("Bearer {t}"))]),
+        (path.clone(), vec![("authorization", basic_auth(&t, ""))]),
+        (path.clone(), vec![("authorization", basic_auth("", &t))]),
+        (format!("{path}?access_token={t}"), vec![]),
+    ] {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = s.request("GET", &p, &headers, None);
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "v"),
+            "GET {p} {headers:?}"
+        );
+    }
+}
+
+#[test]
+fn anonymous_reading_is_open_when_read_key_is_unset() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=sk&write_key=wk");
+    assert_eq!(
+        as_(&s, "PUT", &format!("/{b}/k"), "wk", Some("v")).status,
+        204
+    );
+    let r = anon(&s, "GET", &format!("/{b}/k"), None);
+    assert_eq!((r.status, r.text().as_str()), (200, "v"));
+    assert_eq!(anon(&s, "HEAD", &format!("/{b}/k"), None).status, 200);
+    // Writing is not open.
+    assert_unauthorized(&anon(&s, "PUT", &format!("/{b}/k"), Some("other")));
+    assert_unauthorized(&anon(&s, "DELETE", &format!("/{b}/k"), None));
+    assert_eq!(anon(&s, "GET", &format!("/{b}/k"), None).text(), "v");
+}
+
+#[test]
+fn anonymous_writing_is_open_when_write_key_is_unset() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=sk&read_key=rk");
+    assert_eq!(anon(&s, "PUT", &format!("/{b}/k"), Some("v")).status, 204);
+    assert_eq!(
+        anon(&s, "PATCH", &format!("/{b}/n"), Some("+1")).status,
+        200
+    );
+    assert_unauthorized(&anon(&s, "GET", &format!("/{b}/k"), None));
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
+    assert_eq!(anon(&s, "DELETE", &format!("/{b}/k"), None).status, 204);
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).status, 404);
+}
+
+#[test]
+fn bucket_without_any_key_is_open_for_data_but_has_no_admin() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    assert_eq!(anon(&s, "PUT", &format!("/{b}/k"), Some("v")).status, 204);
+    assert_eq!(anon(&s, "GET", &format!("/{b}/k"), None).text(), "v");
+    let list = anon(&s, "GET", &format!("/{b}/"), None);
+    assert_eq!((list.status, list.text().trim()), (200, "k"));
+    assert_eq!(anon(&s, "DELETE", &format!("/{b}/k"), None).status, 204);
+    anon(&s, "GET", &format!("/{b}"), None).assert_problem(403);
+    anon(&s, "POST", &format!("/{b}/tokens/"), Some("")).assert_problem(403);
+}
+
+#[test]
+fn write_key_grants_reading_writing_and_deleting() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let r = as_(&s, "GET", &format!("/{b}/k"), "wk", None);
+    assert_eq!((r.status, r.text().as_str()), (200, "v"));
+    assert_eq!(
+        as_(&s, "PUT", &format!("/{b}/k"), "wk", Some("w")).status,
+        204
+    );
+    assert_eq!(
+        as_(&s, "PATCH", &format!("/{b}/n"), "wk", Some("+2")).text(),
+        "2"
+    );
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "w");
+    assert_eq!(
+        as_(&s, "DELETE", &format!("/{b}/k"), "wk", None).status,
+        204
+    );
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).status, 404);
+}
+
+#[test]
+fn read_key_cannot_write_or_delete() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    as_(&s, "PUT", &format!("/{b}/k"), "rk", Some("x")).assert_problem(403);
+    as_(&s, "PUT", &format!("/{b}/new"), "rk", Some("x")).assert_problem(403);
+    as_(&s, "PATCH", &format!("/{b}/n"), "rk", Some("+1")).assert_problem(403);
+    as_(&s, "DELETE", &format!("/{b}/k"), "rk", None).assert_problem(403);
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
+    assert_eq!(as_(&s, "GET", &format!("/{b}/new"), "rk", None).status, 404);
+    assert_eq!(as_(&s, "GET", &format!("/{b}/n"), "rk", None).status, 404);
+}
+
+#[test]
+fn missing_credentials_where_needed_are_401_with_www_authenticate() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    assert_unauthorized(&anon(&s, "GET", &format!("/{b}/k"), None));
+    assert_unauthorized(&anon(&s, "PUT", &format!("/{b}/k"), Some("x")));
+    assert_unauthorized(&anon(&s, "PATCH", &format!("/{b}/n"), Some("+1")));
+    assert_unauthorized(&anon(&s, "DELETE", &format!("/{b}/k"), None));
+    assert_unauthorized(&anon(&s, "GET", &format!("/{b}/"), None));
+    assert_unauthorized(&anon(&s, "GET", &format!("/{b}"), None));
+    assert_unauthorized(&anon(&s, "POST", &format!("/{b}/tokens/"), Some("")));
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
+}
+
+#[test]
+fn wrong_key_is_401_with_www_authenticate() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k"), "nope", None));
+    assert_unauthorized(&s.get(&format!("/{b}/k?key=nope")));
+    assert_unauthorized(&s.request(
+        "GET",
+        &format!("/{b}/k"),
+        &[("authorization", &basic_auth("nope", ""))],
+        None,
+    ));
+    assert_unauthorized(&as_(&s, "PUT", &format!("/{b}/k"), "nope", Some("x")));
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}"), "nope", None));
+    // Keys are compared exactly: no case folding, no prefix match.
+    for almost in ["RK", "rk%20", "r", "rkk"] {
+        assert_unauthorized(&s.get(&format!("/{b}/k?key={almost}")));
+    }
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
+}
+
+#[test]
+fn wrong_key_is_401_even_where_access_is_open() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=sk");
+    assert_eq!(anon(&s, "PUT", &format!("/{b}/k"), Some("v")).status, 204);
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k"), "nope", None));
+    assert_unauthorized(&as_(&s, "PUT", &format!("/{b}/k"), "nope", Some("x")));
+    assert_eq!(anon(&s, "GET", &format!("/{b}/k"), None).text(), "v");
+}
+
+#[test]
+fn listing_needs_the_secret_key_when_one_is_set() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let list = format!("/{b}/");
+    assert_unauthorized(&anon(&s, "GET", &list, None));
+    as_(&s, "GET", &list, "rk", None).assert_problem(403);
+    as_(&s, "GET", &list, "wk", None).assert_problem(403);
+    let r = as_(&s, "GET", &list, "sk", None);
+    assert_eq!((r.status, r.text().trim()), (200, "k"));
+
+    // Listing stays closed with only a secret key (reading and writing open).
+    let open = s.create_bucket("secret_key=sk2");
+    assert_eq!(
+        anon(&s, "PUT", &format!("/{open}/a"), Some("1")).status,
+        204
+    );
+    assert_unauthorized(&anon(&s, "GET", &format!("/{open}/"), None));
+    assert_eq!(
+        as_(&s, "GET", &format!("/{open}/"), "sk2", None)
+            .text()
+            .trim(),
+        "a"
+    );
+}
+
+#[test]
+fn secret_key_can_do_everything() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "sk", None).text(), "v");
+    assert_eq!(
+        as_(&s, "PUT", &format!("/{b}/k2"), "sk", Some("2")).status,
+        204
+    );
+    assert_eq!(
+        as_(&s, "DELETE", &format!("/{b}/k"), "sk", None).status,
+        204
+    );
+    assert_eq!(as_(&s, "GET", &format!("/{b}"), "sk", None).status, 200);
+    assert_eq!(
+        as_(&s, "POST", &format!("/{b}/tokens/"), "sk", Some("")).status,
+        200
+    );
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/"), "sk", None).text().trim(),
+        "k2"
+    );
+}
+
+#[test]
+fn issuing_tokens_needs_the_secret_key() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let path = format!("/{b}/tokens/");
+    assert_unauthorized(&anon(&s, "POST", &path, Some("")));
+    as_(&s, "POST", &path, "rk", Some("")).assert_problem(403);
+    as_(&s, "POST", &path, "wk", Some("")).assert_problem(403);
+    assert_unauthorized(&as_(&s, "POST", &path, "nope", Some("")));
+}
+
+#[test]
+fn prefixed_read_token_reads_only_under_its_prefix() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    for k in ["users:1:x", "users:2:x", "users:10:x"] {
+        assert_eq!(
+            as_(&s, "PUT", &format!("/{b}/{k}"), "sk", Some(k)).status,
+            204
+        );
+    }
+    let t = s.token(&b, "sk", "prefix=users:1:&permissions=read");
+    let r = as_(&s, "GET", &format!("/{b}/users:1:x"), &t, None);
+    assert_eq!((r.status, r.text().as_str()), (200, "users:1:x"));
+    assert_eq!(
+        as_(&s, "HEAD", &format!("/{b}/users:1:x"), &t, None).status,
+        200
+    );
+    as_(&s, "GET", &format!("/{b}/users:2:x"), &t, None).assert_problem(403);
+    as_(&s, "GET", &format!("/{b}/users:10:x"), &t, None).assert_problem(403);
+    as_(&s, "GET", &format!("/{b}/k"), &t, None).assert_problem(403);
+    // Reading does not grant writing, even under the prefix.
+    as_(&s, "PUT", &format!("/{b}/users:1:x"), &t, Some("w")).assert_problem(403);
+    as_(&s, "DELETE", &format!("/{b}/users:1:x"), &t, None).assert_problem(403);
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/users:1:x"), "rk", None).text(),
+        "users:1:x"
+    );
+}
+
+#[test]
+fn prefixed_write_token_writes_only_under_its_prefix() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let t = s.token(&b, "sk", "prefix=users:1:&permissions=read,write,delete");
+    assert_eq!(
+        as_(&s, "PUT", &format!("/{b}/users:1:a"), &t, Some("1")).status,
+        204
+    );
+    assert_eq!(
+        as_(&s, "PATCH", &format!("/{b}/users:1:a"), &t, Some("+1")).text(),
+        "2"
+    );
+    as_(&s, "PUT", &format!("/{b}/users:2:a"), &t, Some("1")).assert_problem(403);
+    as_(&s, "DELETE", &format!("/{b}/k"), &t, None).assert_problem(403);
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/users:2:a"), "rk", None).status,
+        404
+    );
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
+    assert_eq!(
+        as_(&s, "DELETE", &format!("/{b}/users:1:a"), &t, None).status,
+        204
+    );
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/users:1:a"), "rk", None).status,
+        404
+    );
+}
+
+#[test]
+fn token_listing_is_confined_to_its_prefix() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    for k in ["users:1:a", "users:1:b", "users:2:a", "users:3:a"] {
+        assert_eq!(
+            as_(&s, "PUT", &format!("/{b}/{k}"), "sk", Some("x")).status,
+            204
+        );
+    }
+    let t = s.token(&b, "sk", "prefix=users:1:&permissions=read,enumerate");
+    let r = as_(&s, "GET", &format!("/{b}/?format=json"), &t, None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!(["users:1:a", "users:1:b"]));
+    let r = as_(
+        &s,
+        "GET",
+        &format!("/{b}/?format=json&prefix=users:1:b"),
+        &t,
+        None,
+    );
+    assert_eq!(r.json(), json!(["users:1:b"]));
+    let r = as_(
+        &s,
+        "GET",
+        &format!("/{b}/?format=json&reverse=true"),
+        &t,
+        None,
+    );
+    assert_eq!(r.json(), json!(["users:1:b", "users:1:a"]));
+    let r = as_(
+        &s,
+        "GET",
+        &format!("/{b}/?values=true&format=json"),
+        &t,
+        None,
+    );
+    assert_eq!(r.json(), json!([["users:1:a", "x"], ["users:1:b", "x"]]));
+    // Cursors and bounds outside the prefix never widen the listing.
+    for query in [
+        "start=a",
+        "start=users:0",
+        "end=zzz",
+        "start=a&end=zzz",
+        "reverse=true&start=zzz",
+        "reverse=true&end=a",
+    ] {
+        let r = as_(&s, "GET", &format!("/{b}/?format=json&{query}"), &t, None);
+        if r.status == 200 {
+            let keys = r.json();
+            let keys = keys.as_array().expect("list");
+            assert!(
+                keys.iter()
+                    .all(|k| k.as_str().is_some_and(|k| k.starts_with("users:1:"))),
+                "{query}: {keys:?}"
+            );
+        } else {
+            r.assert_problem(403);
+        }
+    }
+}
+
+#[test]
+fn token_cannot_list_outside_its_prefix() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    for k in ["users:1:a", "users:2:a"] {
+        assert_eq!(
+            as_(&s, "PUT", &format!("/{b}/{k}"), "sk", Some("x")).status,
+            204
+        );
+    }
+    let t = s.token(&b, "sk", "prefix=users:1:&permissions=read,enumerate");
+    as_(&s, "GET", &format!("/{b}/?prefix=users:2:"), &t, None).assert_problem(403);
+    // A broader prefix either is refused or stays confined: never users:2:.
+    let r = as_(
+        &s,
+        "GET",
+        &format!("/{b}/?prefix=users:&format=json"),
+        &t,
+        None,
+    );
+    if r.status == 200 {
+        assert_eq!(r.json(), json!(["users:1:a"]));
+    } else {
+        r.assert_problem(403);
+    }
+}
+
+#[test]
+fn token_without_enumerate_cannot_list() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let t = s.token(&b, "sk", "permissions=read");
+    as_(&s, "GET", &format!("/{b}/"), &t, None).assert_problem(403);
+}
+
+#[test]
+fn write_only_token_cannot_read() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let t = s.token(&b, "sk", "permissions=write");
+    assert_eq!(
+        as_(&s, "PUT", &format!("/{b}/w"), &t, Some("1")).status,
+        204
+    );
+    as_(&s, "GET", &format!("/{b}/w"), &t, None).assert_problem(403);
+    as_(&s, "GET", &format!("/{b}/k"), &t, None).assert_problem(403);
+    // Nor delete: delete is its own permission.
+    as_(&s, "DELETE", &format!("/{b}/w"), &t, None).assert_problem(403);
+    assert_eq!(as_(&s, "GET", &format!("/{b}/w"), "rk", None).text(), "1");
+}
+
+#[test]
+fn delete_only_token_deletes_but_cannot_read_or_write() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let t = s.token(&b, "sk", "permissions=delete");
+    as_(&s, "GET", &format!("/{b}/k"), &t, None).assert_problem(403);
+    as_(&s, "PUT", &format!("/{b}/k"), &t, Some("x")).assert_problem(403);
+    assert_eq!(as_(&s, "DELETE", &format!("/{b}/k"), &t, None).status, 204);
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).status, 404);
+}
+
+#[test]
+fn write_only_token_reads_where_the_bucket_leaves_reading_open() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=sk&write_key=wk");
+    let t = s.token(&b, "sk", "permissions=write");
+    assert_eq!(
+        as_(&s, "PUT", &format!("/{b}/w"), &t, Some("1")).status,
+        204
+    );
+    let r = as_(&s, "GET", &format!("/{b}/w"), &t, None);
+    assert_eq!((r.status, r.text().as_str()), (200, "1"));
+}
+
+#[test]
+fn read_token_writes_where_the_bucket_leaves_writing_open() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=sk&read_key=rk");
+    let t = s.token(&b, "sk", "permissions=read");
+    assert_eq!(
+        as_(&s, "PUT", &format!("/{b}/w"), &t, Some("1")).status,
+        204
+    );
+    assert_eq!(as_(&s, "GET", &format!("/{b}/w"), &t, None).text(), "1");
+}
+
+#[test]
+fn tampered_tokens_are_401() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let t = s.token(&b, "sk", "permissions=read");
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), &t, None).status, 200);
+    for segment in [0, 1, 2] {
+        let bad = tamper(&t, segment);
+        assert_ne!(bad, t);
+        assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k"), &bad, None));
+        assert_unauthorized(&s.get(&format!("/{b}/k?access_token={bad}")));
+    }
+    // A token with its signature cut off, and one "signed" with alg none.
+    let unsigned = t.rsplit_once('.').expect("segments").0.to_owned() + ".";
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k"), &unsigned, None));
+    let payload = t.split('.').nth(1).expect("payload");
+    let alg_none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.");
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k"), &alg_none, None));
+}
+
+#[test]
+fn expired_token_is_401() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let short = s.token(&b, "sk", "permissions=read&ttl=1");
+    let long = s.token(&b, "sk", "permissions=read&ttl=3600");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k"), &short, None));
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), &long, None).status, 200);
+}
+
+#[test]
+fn token_of_another_bucket_is_401() {
+    let s = TestServer::start();
+    let a = locked_bucket(&s);
+    let b = locked_bucket(&s);
+    let ta = s.token(&a, "sk", "permissions=read,write,delete,enumerate");
+    assert_eq!(as_(&s, "GET", &format!("/{a}/k"), &ta, None).status, 200);
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k"), &ta, None));
+    assert_unauthorized(&as_(&s, "PUT", &format!("/{b}/k"), &ta, Some("x")));
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}/"), &ta, None));
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
+}
+
+#[test]
+fn changing_the_signing_key_revokes_earlier_tokens() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let before = s.token(&b, "sk", "permissions=read");
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/k"), &before, None).status,
+        200
+    );
+    let r = s.request(
+        "PATCH",
+        &format!("/{b}"),
+        &[
+            ("authorization", "Bearer sk"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        Some(b"signing_key=a-new-signing-key"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json().get("signing_key").is_none(), "{}", r.text());
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k"), &before, None));
+    let after = s.token(&b, "sk", "permissions=read");
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), &after, None).status, 200);
+}
+
+#[test]
+fn token_request_defaults_to_whole_bucket_read_for_an_hour() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let r = as_(&s, "POST", &format!("/{b}/tokens/"), "sk", Some(""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let doc = r.json();
+    assert_eq!(doc["prefix"], "");
+    assert_eq!(doc["permissions"], json!(["read"]));
+    let expires = doc["expires_at"]
+        .as_i64()
+        .expect("expires_at in Unix seconds");
+    assert!(
+        (expires - (now() + 3600)).abs() <= 60,
+        "expires_at {expires}, now {}",
+        now()
+    );
+    let t = doc["access_token"].as_str().expect("access_token");
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), t, None).text(), "v");
+    as_(&s, "PUT", &format!("/{b}/k"), t, Some("x")).assert_problem(403);
+}
+
+#[test]
+fn token_request_takes_a_json_body_with_a_permission_list() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let r = s.request(
+        "POST",
+        &format!("/{b}/tokens/"),
+        &[
+            ("authorization", "Bearer sk"),
+            ("content-type", "application/json"),
+        ],
+        Some(br#"{"prefix":"a:","permissions":["read","write"],"ttl":60}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let doc = r.json();
+    assert_eq!(doc["prefix"], "a:");
+    let mut perms: Vec<String> = doc["permissions"]
+        .as_array()
+        .expect("permissions list")
+        .iter()
+        .map(|p| p.as_str().expect("string").to_owned())
+        .collect();
+    perms.sort();
+    assert_eq!(perms, ["read", "write"]);
+    let expires = doc["expires_at"].as_i64().expect("expires_at");
+    assert!((expires - (now() + 60)).abs() <= 30, "expires_at {expires}");
+    let t = doc["access_token"].as_str().expect("access_token");
+    assert_eq!(
+        as_(&s, "PUT", &format!("/{b}/a:x"), t, Some("1")).status,
+        204
+    );
+    assert_eq!(as_(&s, "GET", &format!("/{b}/a:x"), t, None).text(), "1");
+    as_(&s, "PUT", &format!("/{b}/b:x"), t, Some("1")).assert_problem(403);
+}
+
+#[test]
+fn token_request_takes_a_comma_separated_permission_list() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let r = s.request(
+        "POST",
+        &format!("/{b}/tokens/"),
+        &[
+            ("authorization", "Bearer sk"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        Some(b"permissions=read,enumerate&prefix=p"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut perms: Vec<String> = r.json()["permissions"]
+        .as_array()
+        .expect("permissions list")
+        .iter()
+        .map(|p| p.as_str().expect("string").to_owned())
+        .collect();
+    perms.sort();
+    assert_eq!(perms, ["enumerate", "read"]);
+    assert_eq!(r.json()["prefix"], "p");
+}
+
+#[test]
+fn bad_token_requests_are_400() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let form = |body: &str| {
+        s.request(
+            "POST",
+            &format!("/{b}/tokens/"),
+            &[
+                ("authorization", "Bearer sk"),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            Some(body.as_bytes()),
+        )
+    };
+    for body in [
+        "permissions=read,fly",
+        "permissions=admin",
+        "colour=blue",
+        "ttl=0",
+        "ttl=abc",
+        "ttl=-5",
+    ] {
+        let r = form(body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        r.assert_problem(400);
+    }
+    for body in [
+        r#"{"permissions":["read","fly"]}"#,
+        r#"{"colour":"blue"}"#,
+        r#"{"ttl":0}"#,
+        r#"{"ttl":"abc"}"#,
+        "{not json",
+    ] {
+        let r = s.request(
+            "POST",
+            &format!("/{b}/tokens/"),
+            &[
+                ("authorization", "Bearer sk"),
+                ("content-type", "application/json"),
+            ],
+            Some(body.as_bytes()),
+        );
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        r.assert_problem(400);
+    }
+}
+
+#[test]
+fn token_cannot_do_admin_things() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let t = s.token(&b, "sk", "permissions=read,write,delete,enumerate");
+    as_(&s, "GET", &format!("/{b}"), &t, None).assert_problem(403);
+    as_(&s, "PATCH", &format!("/{b}"), &t, Some("read_key=")).assert_problem(403);
+    as_(&s, "POST", &format!("/{b}/tokens/"), &t, Some("")).assert_problem(403);
+    as_(&s, "DELETE", &format!("/{b}"), &t, None).assert_problem(403);
+    as_(&s, "DELETE", &format!("/{b}/"), &t, None).assert_problem(403);
+    // Nothing changed: the bucket is there, reading still needs a key.
+    assert_eq!(anon(&s, "HEAD", &format!("/{b}"), None).status, 200);
+    assert_unauthorized(&anon(&s, "GET", &format!("/{b}/k"), None));
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), &t, None).text(), "v");
+}
+
+#[test]
+fn unknown_bucket_is_404_whatever_the_credentials() {
+    let s = TestServer::start();
+    let real = locked_bucket(&s);
+    let token = s.token(&real, "sk", "permissions=read,write,enumerate");
+    for bucket in ["AAAAAAAAAAAAAAAAAAAAAA", "not-a-bucket-id"] {
+        for (method, path) in [
+            ("GET", format!("/{bucket}/k")),
+            ("HEAD", format!("/{bucket}/k")),
+            ("PUT", format!("/{bucket}/k")),
+            ("DELETE", format!("/{bucket}/k")),
+            ("GET", format!("/{bucket}/")),
+            ("GET", format!("/{bucket}")),
+            ("PATCH", format!("/{bucket}")),
+            ("DELETE", format!("/{bucket}")),
+            ("POST", format!("/{bucket}/tokens/")),
+        ] {
+            let body = if method == "PUT" || method == "PATCH" {
+                Some("x")
+            } else {
+                None
+            };
+            for cred in [None, Some("sk"), Some("nope"), Some(token.as_str())] {
+                let r = match cred {
+                    None => anon(&s, method, &path, body),
+                    Some(c) => as_(&s, method, &path, c, body),
+                };
+                assert_eq!(r.status, 404, "{method} {path} with {cred:?}: {}", r.text());
+                if method != "HEAD" {
+                    r.assert_problem(404);
+                }
+            }
+        }
+    }
+    assert_eq!(
+        anon(&s, "HEAD", "/AAAAAAAAAAAAAAAAAAAAAA", None).status,
+        404
+    );
+}
+
+#[test]
+fn token_request_takes_a_comma_separated_string_in_json_too() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let r = s.request(
+        "POST",
+        &format!("/{b}/tokens/"),
+        &[
+            ("authorization", "Bearer sk"),
+            ("content-type", "application/json"),
+        ],
+        Some(br#"{"permissions":"read,delete"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = r.json()["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_owned();
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), &t, None).text(), "v");
+    as_(&s, "PUT", &format!("/{b}/k"), &t, Some("x")).assert_problem(403);
+    assert_eq!(as_(&s, "DELETE", &format!("/{b}/k"), &t, None).status, 204);
+}

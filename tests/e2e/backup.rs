@@ -1,0 +1,651 @@
+//! Online backups (`kvdb backup`, full and incremental) and `kvdb restore`.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Resp, TestServer, kvdb_command};
+
+const OP: &str = "optoken";
+const PNG: &[u8] = &[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 1, 0xff];
+
+fn as_(s: &TestServer, method: &str, path: &str, credential: &str, body: Option<&[u8]>) -> Resp {
+    let auth = format!("Bearer {credential}");
+    s.request(method, path, &[("authorization", auth.as_str())], body)
+}
+
+fn form(s: &TestServer, method: &str, path: &str, credential: &str, body: &str) -> Resp {
+    let auth = format!("Bearer {credential}");
+    s.request(
+        method,
+        path,
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        Some(body.as_bytes()),
+    )
+}
+
+fn encode_key(key: &str) -> String {
+    let mut out = String::new();
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Runs `kvdb backup` against the server; returns the printed version.
+fn backup(s: &TestServer, since: u64, file: &Path) -> u64 {
+    let out = backup_cmd(s, OP, since, file);
+    assert!(
+        out.status.success(),
+        "kvdb backup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let version = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("version "))
+        .unwrap_or_else(|| panic!("no `version N` line in {stdout:?}"))
+        .parse()
+        .expect("version number");
+    assert!(file.exists(), "no backup file written");
+    version
+}
+
+fn backup_cmd(s: &TestServer, token: &str, since: u64, file: &Path) -> Output {
+    kvdb_command()
+        .env_remove("KVDB_ADMIN_TOKEN")
+        .env_remove("KVDB_SERVER")
+        .arg("backup")
+        .arg("--server")
+        .arg(s.base())
+        .arg("--admin-token")
+        .arg(token)
+        .arg("--since")
+        .arg(since.to_string())
+        .arg("-o")
+        .arg(file)
+        .output()
+        .expect("run kvdb backup")
+}
+
+fn restore(data: &Path, files: &[&Path]) -> Output {
+    kvdb_command()
+        .env_remove("KVDB_DATA")
+        .env_remove("KVDB_BACKEND")
+        .arg("restore")
+        .arg("--data")
+        .arg(data)
+        .args(files)
+        .output()
+        .expect("run kvdb restore")
+}
+
+#[track_caller]
+fn restore_ok(data: &Path, files: &[&Path]) {
+    let out = restore(data, files);
+    assert!(
+        out.status.success(),
+        "kvdb restore {files:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[track_caller]
+fn restore_fails(data: &Path, files: &[&Path]) -> String {
+    let out = restore(data, files);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "kvdb restore {files:?} should fail; stderr: {stderr}"
+    );
+    assert!(!stderr.trim().is_empty(), "a failed restore says why");
+    stderr
+}
+
+/// Everything a client can observe of these buckets, read with each one's
+/// credential (`None`: anonymous).
+fn snapshot(s: &TestServer, buckets: &[(&str, Option<&str>)]) -> Value {
+    let mut all = Vec::new();
+    for (b, cred) in buckets {
+        let call = |method: &str, path: &str| match cred {
+            Some(c) => as_(s, method, path, c, None),
+            None => s.request(method, path, &[], None),
+        };
+        let head = s.request("HEAD", &format!("/{b}"), &[], None).status;
+        let policy = call("GET", &format!("/{b}"));
+        let policy = if policy.status == 200 {
+            policy.json()
+        } else {
+            json!(policy.status)
+        };
+        let listing = call("GET", &format!("/{b}/?format=json&values=true"));
+        let listing = if listing.status == 200 {
+            listing.json()
+        } else {
+            json!(listing.status)
+        };
+        let text_listing = call("GET", &format!("/{b}/?values=true")).text();
+        let mut values = Vec::new();
+        if let Some(entries) = listing.as_array() {
+            for entry in entries {
+                let key = entry[0].as_str().expect("key");
+                let r = call("GET", &format!("/{b}/{}", encode_key(key)));
+                values.push(json!({
+                    "key": key,
+                    "status": r.status,
+                    "content_type": r.header("content-type"),
+                    "body": r.body,
+                }));
+            }
+        }
+        all.push(json!({
+            "bucket": b,
+            "head": head,
+            "policy": policy,
+            "listing": listing,
+            "text_listing": text_listing,
+            "values": values,
+        }));
+    }
+    Value::Array(all)
+}
+
+struct Fixture {
+    live: TestServer,
+    a: String,
+    b: String,
+    open: String,
+    token_a: String,
+    _dir: tempfile::TempDir,
+    files: PathBuf,
+}
+
+impl Fixture {
+    fn file(&self, name: &str) -> PathBuf {
+        self.files.join(name)
+    }
+
+    fn fresh_dir(&self, name: &str) -> PathBuf {
+        self.files.join(name)
+    }
+
+    fn buckets(&self) -> Vec<(&str, Option<&str>)> {
+        vec![
+            (self.a.as_str(), Some("sa")),
+            (self.b.as_str(), Some("sb")),
+            (self.open.as_str(), None),
+        ]
+    }
+}
+
+/// A server with `--admin-token` and two buckets with a bit of everything
+/// (plus one without a secret key).
+fn fixture() -> Fixture {
+    let live = TestServer::start_with(&["--admin-token", OP]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = live.create_bucket(
+        "secret_key=sa&read_key=ra&write_key=wa&email=a%40example.com&default_ttl=0",
+    );
+    let b = live.create_bucket("secret_key=sb&default_ttl=7200");
+    let open = live.create_bucket("");
+    let put = |b: &str, key: &str, ct: Option<&str>, body: &[u8]| {
+        let mut headers = vec![("authorization", "Bearer sa")];
+        if let Some(ct) = ct {
+            headers.push(("content-type", ct));
+        }
+        let r = live.request("PUT", &format!("/{b}/{key}"), &headers, Some(body));
+        assert_eq!(r.status, 204, "PUT {key}: {}", r.text());
+    };
+    put(&a, "int", None, b"42");
+    put(&a, "neg", None, b"-7");
+    put(&a, "float", None, b"1.5");
+    put(
+        &a,
+        "json",
+        Some("application/json"),
+        br#"{"a":[1,2,{"b":null}]}"#,
+    );
+    put(&a, "text", Some("text/plain"), b"hello\nworld");
+    put(&a, "image", Some("image/png"), PNG);
+    put(&a, "csv", Some("text/csv; charset=utf-8"), b"a,b\n1,2\n");
+    put(&a, "with%2Fslash", None, b"slashed");
+    put(&a, "cl%C3%A9", None, b"unicode key");
+    put(&a, "ttl?ttl=3600", None, b"expires later");
+    for _ in 0..5 {
+        let r = as_(&live, "PATCH", &format!("/{a}/counter"), "wa", Some(b"+1"));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = live.request(
+        "PATCH",
+        &format!("/{a}/json"),
+        &[
+            ("authorization", "Bearer wa"),
+            ("content-type", "application/merge-patch+json"),
+        ],
+        Some(br#"{"c":"merged"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Bucket b: open reading and writing, a default ttl.
+    assert_eq!(live.put(&format!("/{b}/x"), "1").status, 204);
+    assert_eq!(live.put(&format!("/{b}/y"), "[1,2,3]").status, 204);
+    assert_eq!(live.put(&format!("/{open}/o"), "open").status, 204);
+    let token_a = live.token(&a, "sa", "prefix=cou&permissions=read");
+    let files = dir.path().to_owned();
+    Fixture {
+        live,
+        a,
+        b,
+        open,
+        token_a,
+        _dir: dir,
+        files,
+    }
+}
+
+#[test]
+fn full_backup_restores_into_a_fresh_server_identically() {
+    let f = fixture();
+    let file = f.file("full.kvdb");
+    let version = backup(&f.live, 0, &file);
+    assert!(version > 0, "version {version}");
+    let before = snapshot(&f.live, &f.buckets());
+
+    let data = f.fresh_dir("restored");
+    restore_ok(&data, &[&file]);
+    let restored = TestServer::start_on(&data, &[]);
+    assert_eq!(snapshot(&restored, &f.buckets()), before);
+
+    // Spot checks of what the snapshot compares.
+    let a = &f.a;
+    let r = as_(&restored, "GET", &format!("/{a}/image"), "ra", None);
+    assert_eq!(r.header("content-type").as_deref(), Some("image/png"));
+    assert_eq!(r.body, PNG);
+    let r = as_(&restored, "GET", &format!("/{a}/json"), "ra", None);
+    assert_eq!(r.json(), json!({"a": [1, 2, {"b": null}], "c": "merged"}));
+    assert_eq!(
+        as_(&restored, "GET", &format!("/{a}/counter"), "ra", None).text(),
+        "5"
+    );
+    // Policies and keys hold on the restored server.
+    restored.get(&format!("/{a}/int")).assert_problem(401);
+    as_(&restored, "PUT", &format!("/{a}/int"), "ra", Some(b"1")).assert_problem(403);
+    assert_eq!(
+        as_(&restored, "PATCH", &format!("/{a}/int"), "wa", Some(b"+1")).text(),
+        "43"
+    );
+    let policy = as_(&restored, "GET", &format!("/{a}"), "sa", None).json();
+    assert_eq!(policy["email"], "a@example.com");
+    assert_eq!(policy["read_key"], "ra");
+    // A token issued by the live server works on the restored one (the
+    // signing key came along), within its prefix only.
+    let t = &f.token_a;
+    assert_eq!(
+        as_(&restored, "GET", &format!("/{a}/counter"), t, None).text(),
+        "5"
+    );
+    as_(&restored, "GET", &format!("/{a}/int"), t, None).assert_problem(403);
+    // The bucket's default ttl still applies to new writes.
+    assert_eq!(
+        as_(&restored, "GET", &format!("/{}", f.b), "sb", None).json()["default_ttl"],
+        7200
+    );
+}
+
+#[test]
+fn restored_keys_keep_their_expiry() {
+    let live = TestServer::start_with(&["--admin-token", OP]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let b = live.create_bucket("secret_key=sk");
+    let written = Instant::now();
+    assert_eq!(live.put(&format!("/{b}/brief?ttl=2"), "x").status, 204);
+    assert_eq!(live.put(&format!("/{b}/stays"), "y").status, 204);
+    let file = dir.path().join("full.kvdb");
+    backup(&live, 0, &file);
+    let data = dir.path().join("restored");
+    restore_ok(&data, &[&file]);
+    let restored = TestServer::start_on(&data, &[]);
+    let wait = Duration::from_millis(3500).saturating_sub(written.elapsed());
+    std::thread::sleep(wait);
+    assert_eq!(restored.get(&format!("/{b}/brief")).status, 404);
+    assert_eq!(restored.get(&format!("/{b}/stays")).text(), "y");
+}
+
+#[test]
+fn backup_streams_over_http_with_version_headers() {
+    let f = fixture();
+    let r = f.live.request(
+        "GET",
+        "/_admin/backup",
+        &[("authorization", "Bearer optoken")],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let version: u64 = r
+        .header("x-kvdb-backup-version")
+        .expect("version header")
+        .parse()
+        .expect("number");
+    assert_eq!(r.header("x-kvdb-backup-since").as_deref(), Some("0"));
+    assert!(version > 0);
+    assert!(!r.body.is_empty());
+    let r = f.live.request(
+        "GET",
+        &format!("/_admin/backup?since={version}"),
+        &[("authorization", "Bearer optoken")],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-kvdb-backup-since").as_deref(),
+        Some(version.to_string().as_str())
+    );
+}
+
+/// After the full backup: writes, a delete, a bucket deletion, a new bucket,
+/// a policy change.
+fn change_after_full_backup(f: &Fixture) -> String {
+    let (live, a) = (&f.live, &f.a);
+    assert_eq!(
+        as_(live, "PUT", &format!("/{a}/int"), "wa", Some(b"100")).status,
+        204
+    );
+    assert_eq!(
+        as_(live, "PUT", &format!("/{a}/added"), "wa", Some(b"new")).status,
+        204
+    );
+    assert_eq!(
+        as_(live, "PATCH", &format!("/{a}/counter"), "wa", Some(b"+10")).text(),
+        "15"
+    );
+    assert_eq!(
+        as_(live, "DELETE", &format!("/{a}/text"), "wa", None).status,
+        204
+    );
+    let r = form(live, "PATCH", &format!("/{a}"), "sa", "read_key=ra2");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        as_(live, "DELETE", &format!("/{}", f.b), "sb", None).status,
+        204
+    );
+    let c = live.create_bucket("secret_key=sc");
+    assert_eq!(live.put(&format!("/{c}/hello"), "world").status, 204);
+    c
+}
+
+#[test]
+fn incremental_backup_chain_restores_to_the_live_state() {
+    let f = fixture();
+    let full = f.file("full.kvdb");
+    let v1 = backup(&f.live, 0, &full);
+    let c = change_after_full_backup(&f);
+    let incr = f.file("incr.kvdb");
+    let v2 = backup(&f.live, v1, &incr);
+    assert!(v2 > v1, "{v2} > {v1}");
+
+    let mut buckets = f.buckets();
+    buckets.push((c.as_str(), Some("sc")));
+    let live = snapshot(&f.live, &buckets);
+
+    // One restore command with the whole chain.
+    let data = f.fresh_dir("chain");
+    restore_ok(&data, &[&full, &incr]);
+    let restored = TestServer::start_on(&data, &[]);
+    assert_eq!(snapshot(&restored, &buckets), live);
+    let a = &f.a;
+    assert_eq!(
+        as_(&restored, "GET", &format!("/{a}/text"), "sa", None).status,
+        404
+    );
+    assert_eq!(
+        restored
+            .request("HEAD", &format!("/{}", f.b), &[], None)
+            .status,
+        404
+    );
+    assert_eq!(restored.get(&format!("/{}/x", f.b)).status, 404);
+    assert_eq!(restored.get(&format!("/{c}/hello")).text(), "world");
+    as_(&restored, "GET", &format!("/{a}/int"), "ra", None).assert_problem(401);
+    assert_eq!(
+        as_(&restored, "GET", &format!("/{a}/int"), "ra2", None).text(),
+        "100"
+    );
+    drop(restored);
+
+    // The same chain, one link per command.
+    let data = f.fresh_dir("stepwise");
+    restore_ok(&data, &[&full]);
+    restore_ok(&data, &[&incr]);
+    let restored = TestServer::start_on(&data, &[]);
+    assert_eq!(snapshot(&restored, &buckets), live);
+}
+
+#[test]
+fn an_empty_increment_restores_too() {
+    let f = fixture();
+    let full = f.file("full.kvdb");
+    let v1 = backup(&f.live, 0, &full);
+    let incr = f.file("incr.kvdb");
+    let v2 = backup(&f.live, v1, &incr);
+    assert!(v2 >= v1);
+    let data = f.fresh_dir("restored");
+    restore_ok(&data, &[&full, &incr]);
+    let restored = TestServer::start_on(&data, &[]);
+    assert_eq!(
+        snapshot(&restored, &f.buckets()),
+        snapshot(&f.live, &f.buckets())
+    );
+}
+
+#[test]
+fn restoring_an_increment_out_of_order_fails() {
+    let f = fixture();
+    let full = f.file("full.kvdb");
+    let v1 = backup(&f.live, 0, &full);
+    assert_eq!(f.live.put(&format!("/{}/x", f.b), "2").status, 204);
+    let incr1 = f.file("incr1.kvdb");
+    let v2 = backup(&f.live, v1, &incr1);
+    assert_eq!(f.live.put(&format!("/{}/x", f.b), "3").status, 204);
+    let incr2 = f.file("incr2.kvdb");
+    backup(&f.live, v2, &incr2);
+
+    // An increment without its base.
+    restore_fails(&f.fresh_dir("no-base"), &[&incr1]);
+    // A gap in the chain.
+    restore_fails(&f.fresh_dir("gap"), &[&full, &incr2]);
+    // Links in the wrong order.
+    restore_fails(&f.fresh_dir("swapped"), &[&full, &incr2, &incr1]);
+    // The same increment twice.
+    let data = f.fresh_dir("twice");
+    restore_ok(&data, &[&full, &incr1]);
+    restore_fails(&data, &[&incr1]);
+    // What was restored before the refusal is intact and continues the chain.
+    restore_ok(&data, &[&incr2]);
+    let restored = TestServer::start_on(&data, &[]);
+    assert_eq!(restored.get(&format!("/{}/x", f.b)).text(), "3");
+    assert_eq!(
+        snapshot(&restored, &f.buckets()),
+        snapshot(&f.live, &f.buckets())
+    );
+}
+
+#[test]
+fn restoring_a_full_backup_into_a_non_empty_dir_fails() {
+    let f = fixture();
+    let full = f.file("full.kvdb");
+    backup(&f.live, 0, &full);
+
+    // A directory a server has used.
+    let used = f.fresh_dir("used");
+    let other = TestServer::start_on(&used, &[]);
+    let mine = other.create_bucket("secret_key=mine");
+    assert_eq!(other.put(&format!("/{mine}/k"), "mine").status, 204);
+    assert!(other.terminate().success());
+    restore_fails(&used, &[&full]);
+    let other = TestServer::start_on(&used, &[]);
+    assert_eq!(other.get(&format!("/{mine}/k")).text(), "mine");
+    assert_eq!(
+        other
+            .request("HEAD", &format!("/{}", f.a), &[], None)
+            .status,
+        404,
+        "nothing of the backup was mixed in"
+    );
+    drop(other);
+
+    // A directory a full backup was already restored into.
+    let data = f.fresh_dir("twice");
+    restore_ok(&data, &[&full]);
+    restore_fails(&data, &[&full]);
+}
+
+#[test]
+fn backup_needs_the_operator_token() {
+    let f = fixture();
+    f.live
+        .request("GET", "/_admin/backup", &[], None)
+        .assert_problem(401);
+    let r = f.live.request(
+        "GET",
+        "/_admin/backup",
+        &[("authorization", "Bearer wrong")],
+        None,
+    );
+    r.assert_problem(401);
+    // A bucket's secret key is not the operator token.
+    f.live
+        .request(
+            "GET",
+            "/_admin/backup",
+            &[("authorization", "Bearer sa")],
+            None,
+        )
+        .assert_problem(401);
+
+    let file = f.file("refused.kvdb");
+    let out = backup_cmd(&f.live, "wrong", 0, &file);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("401"), "stderr: {stderr}");
+    assert!(!file.exists(), "a refused backup leaves no file");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("version"),
+        "no version printed"
+    );
+
+    // No token at all: the command refuses to run.
+    let out = kvdb_command()
+        .env_remove("KVDB_ADMIN_TOKEN")
+        .arg("backup")
+        .arg("--server")
+        .arg(f.live.base())
+        .arg("-o")
+        .arg(&file)
+        .output()
+        .expect("run kvdb backup");
+    assert!(!out.status.success());
+    assert!(!out.stderr.is_empty());
+    assert!(!file.exists());
+}
+
+#[test]
+fn backup_is_forbidden_when_the_server_has_no_admin_token() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=sk");
+    assert_eq!(s.put(&format!("/{b}/k"), "v").status, 204);
+    for auth in ["Bearer optoken", "Bearer ", "Bearer sk"] {
+        s.request("GET", "/_admin/backup", &[("authorization", auth)], None)
+            .assert_problem(403);
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("b.kvdb");
+    let out = backup_cmd(&s, OP, 0, &file);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!file.exists());
+}
+
+#[test]
+fn truncated_backup_is_refused() {
+    // Enough buckets and keys that a restore has to work in several batches.
+    let live = TestServer::start_with(&["--admin-token", OP, "--durability", "relaxed"]);
+    let buckets: Vec<String> = (0..12)
+        .map(|_| live.create_bucket("secret_key=sk"))
+        .collect();
+    std::thread::scope(|scope| {
+        for chunk in buckets.chunks(2) {
+            let live = &live;
+            scope.spawn(move || {
+                for b in chunk {
+                    for i in 0..250 {
+                        let r = live.put(&format!("/{b}/k{i:04}"), &i.to_string());
+                        assert_eq!(r.status, 204);
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("full.kvdb");
+    let v1 = backup(&live, 0, &file);
+    assert_eq!(live.put(&format!("/{}/later", buckets[0]), "1").status, 204);
+    let incr = dir.path().join("incr.kvdb");
+    backup(&live, v1, &incr);
+    let bytes = std::fs::read(&file).expect("backup");
+    let incr_bytes = std::fs::read(&incr).expect("increment");
+
+    let mut partial = Vec::new();
+    for (name, cut) in [
+        ("header", 5),
+        ("half", bytes.len() / 2),
+        ("most", bytes.len() * 9 / 10),
+        ("last-byte", bytes.len() - 1),
+    ] {
+        let truncated = dir.path().join(format!("{name}.kvdb"));
+        std::fs::write(&truncated, &bytes[..cut]).expect("write");
+        let data = dir.path().join(format!("data-{name}"));
+        restore_fails(&data, &[&truncated]);
+        partial.extend(served_after_failed_restore(&data, &buckets, name));
+    }
+
+    // A truncated increment after a good full backup: the full one stays.
+    let truncated = dir.path().join("incr-cut.kvdb");
+    std::fs::write(&truncated, &incr_bytes[..incr_bytes.len() - 1]).expect("write");
+    let data = dir.path().join("data-incr");
+    restore_ok(&data, &[&file]);
+    restore_fails(&data, &[&truncated]);
+    let restored = TestServer::start_on(&data, &[]);
+    let last = buckets.last().expect("buckets");
+    assert_eq!(restored.get(&format!("/{last}/k0249")).text(), "249");
+    assert_eq!(restored.get(&format!("/{}/later", buckets[0])).status, 404);
+    assert!(partial.is_empty(), "{}", partial.join("; "));
+}
+
+/// After a failed restore the directory is either refused by the server or
+/// serves nothing of the backup, never a part of it as if it were whole: what
+/// it serves anyway, described.
+fn served_after_failed_restore(data: &Path, buckets: &[String], case: &str) -> Option<String> {
+    let s = TestServer::try_start_on(data, &[]).ok()?;
+    let served = buckets
+        .iter()
+        .filter(|b| s.request("HEAD", &format!("/{b}"), &[], None).status != 404)
+        .count();
+    (served > 0).then(|| {
+        format!(
+            "{case}: after the failed restore a server on the directory serves {served} of {} buckets",
+            buckets.len()
+        )
+    })
+}

@@ -1,0 +1,192 @@
+//! What is acknowledged stays: across `kill -9`, SIGTERM, and with the
+//! other backends and durability modes.
+
+use serde_json::json;
+
+use crate::harness::TestServer;
+
+const THREADS: usize = 8;
+const PER_THREAD: usize = 40;
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=sk");
+    for i in 0..200 {
+        let r = s.put(&format!("/{b}/seq-{i:03}"), &format!("value {i}"));
+        assert_eq!(r.status, 204, "PUT seq-{i}: {}", r.text());
+        let r = s.patch(&format!("/{b}/seq-counter"), "+1");
+        assert_eq!(r.status, 200, "PATCH: {}", r.text());
+    }
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let (s, b) = (&s, &b);
+            scope.spawn(move || {
+                for i in 0..PER_THREAD {
+                    let r = s.put(&format!("/{b}/t{t}-{i:03}"), &format!("{t}:{i}"));
+                    assert_eq!(r.status, 204, "{}", r.text());
+                    let r = s.patch(&format!("/{b}/shared-counter"), "+1");
+                    assert_eq!(r.status, 200, "{}", r.text());
+                }
+            });
+        }
+    });
+
+    assert!(s.data_dir().exists(), "the data directory is created");
+    let s = s.restart_after_kill();
+    for i in 0..200 {
+        let r = s.get(&format!("/{b}/seq-{i:03}"));
+        assert_eq!(
+            (r.status, r.text()),
+            (200, format!("value {i}")),
+            "seq-{i} after kill -9"
+        );
+    }
+    assert_eq!(s.get(&format!("/{b}/seq-counter")).text(), "200");
+    for t in 0..THREADS {
+        for i in 0..PER_THREAD {
+            let r = s.get(&format!("/{b}/t{t}-{i:03}"));
+            assert_eq!(
+                (r.status, r.text()),
+                (200, format!("{t}:{i}")),
+                "t{t}-{i} after kill -9"
+            );
+        }
+    }
+    assert_eq!(
+        s.get(&format!("/{b}/shared-counter")).text(),
+        (THREADS * PER_THREAD).to_string()
+    );
+    let list = s.request(
+        "GET",
+        &format!("/{b}/?format=json"),
+        &[("authorization", "Bearer sk")],
+        None,
+    );
+    let keys = list.json();
+    assert_eq!(
+        keys.as_array().expect("list").len(),
+        200 + 1 + THREADS * PER_THREAD + 1
+    );
+}
+
+#[test]
+fn acknowledged_deletes_and_policy_changes_survive_kill_9() {
+    let s = TestServer::start();
+    let a = s.create_bucket("secret_key=sa");
+    let gone = s.create_bucket("secret_key=sg");
+    assert_eq!(s.put(&format!("/{a}/kept"), "1").status, 204);
+    assert_eq!(s.put(&format!("/{a}/deleted"), "2").status, 204);
+    assert_eq!(s.put(&format!("/{gone}/k"), "3").status, 204);
+    let token = s.token(&a, "sa", "permissions=read,write");
+    assert_eq!(s.delete(&format!("/{a}/deleted")).status, 204);
+    let r = s.request(
+        "PATCH",
+        &format!("/{a}"),
+        &[
+            ("authorization", "Bearer sa"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        Some(b"read_key=rk&default_ttl=0"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.request(
+        "DELETE",
+        &format!("/{gone}"),
+        &[("authorization", "Bearer sg")],
+        None,
+    );
+    assert_eq!(r.status, 204);
+
+    let s = s.restart_after_kill();
+    assert_eq!(s.get(&format!("/{a}/kept")).status, 401, "read_key lost");
+    let auth = [("authorization", "Bearer rk")];
+    assert_eq!(
+        s.request("GET", &format!("/{a}/kept"), &auth, None).text(),
+        "1"
+    );
+    assert_eq!(
+        s.request("GET", &format!("/{a}/deleted"), &auth, None)
+            .status,
+        404
+    );
+    let with_token = format!("Bearer {token}");
+    assert_eq!(
+        s.request(
+            "GET",
+            &format!("/{a}/kept"),
+            &[("authorization", &with_token)],
+            None
+        )
+        .text(),
+        "1",
+        "a token issued before the crash still works"
+    );
+    assert_eq!(
+        s.request("HEAD", &format!("/{gone}"), &[], None).status,
+        404
+    );
+}
+
+#[test]
+fn sigterm_exits_zero_and_the_data_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let s = TestServer::start_on(&data, &[]);
+    let b = s.create_bucket("secret_key=sk");
+    for i in 0..50 {
+        assert_eq!(s.put(&format!("/{b}/k{i:02}"), &i.to_string()).status, 204);
+    }
+    assert_eq!(s.patch(&format!("/{b}/n"), "+7").text(), "7");
+    assert!(s.terminate().success(), "SIGTERM must exit 0");
+
+    let s = TestServer::start_on(&data, &[]);
+    for i in 0..50 {
+        assert_eq!(s.get(&format!("/{b}/k{i:02}")).text(), i.to_string());
+    }
+    assert_eq!(s.patch(&format!("/{b}/n"), "+1").text(), "8");
+    assert!(s.terminate().success());
+}
+
+#[test]
+fn memory_backend_sets_and_gets() {
+    let s = TestServer::start_with(&["--backend", "memory"]);
+    let b = s.create_bucket("secret_key=sk");
+    assert_eq!(s.put(&format!("/{b}/k"), "v").status, 204);
+    assert_eq!(s.get(&format!("/{b}/k")).text(), "v");
+    assert_eq!(s.patch(&format!("/{b}/n"), "+3").text(), "3");
+    let list = s.request(
+        "GET",
+        &format!("/{b}/?format=json"),
+        &[("authorization", "Bearer sk")],
+        None,
+    );
+    assert_eq!(list.json(), json!(["k", "n"]));
+    assert_eq!(s.delete(&format!("/{b}/k")).status, 204);
+    assert_eq!(s.get(&format!("/{b}/k")).status, 404);
+    assert!(s.terminate().success());
+}
+
+#[test]
+fn relaxed_durability_sets_gets_and_keeps_data_after_sigterm() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let args = ["--durability", "relaxed"];
+    let s = TestServer::start_on(&data, &args);
+    let b = s.create_bucket("secret_key=sk");
+    for i in 0..100 {
+        assert_eq!(
+            s.put(&format!("/{b}/k{i:03}"), &format!("v{i}")).status,
+            204
+        );
+    }
+    assert_eq!(s.get(&format!("/{b}/k042")).text(), "v42");
+    assert!(s.terminate().success(), "SIGTERM must exit 0");
+
+    let s = TestServer::start_on(&data, &args);
+    for i in 0..100 {
+        let r = s.get(&format!("/{b}/k{i:03}"));
+        assert_eq!((r.status, r.text()), (200, format!("v{i}")), "k{i}");
+    }
+    assert!(s.terminate().success());
+}

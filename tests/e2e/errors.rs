@@ -1,0 +1,468 @@
+//! Malformed input: every rejection is a 4xx problem document, and a
+//! rejected request changes nothing (each test reads the data afterwards).
+
+use serde_json::json;
+
+use crate::harness::{Resp, TestServer};
+
+const MERGE: &str = "application/merge-patch+json";
+const JSON_PATCH: &str = "application/json-patch+json";
+
+/// A server with an open bucket holding `k = original`.
+fn setup() -> (TestServer, String) {
+    setup_with(&[])
+}
+
+fn setup_with(args: &[&str]) -> (TestServer, String) {
+    let s = TestServer::start_with(args);
+    let b = s.create_bucket("");
+    assert_eq!(s.put(&format!("/{b}/k"), "original").status, 204);
+    (s, b)
+}
+
+#[track_caller]
+fn assert_unchanged(s: &TestServer, b: &str) {
+    let r = s.get(&format!("/{b}/k"));
+    assert_eq!((r.status, r.text().as_str()), (200, "original"));
+    assert_eq!(keys(s, b), ["k"], "no key was added");
+}
+
+fn keys(s: &TestServer, b: &str) -> Vec<String> {
+    let r = s.get(&format!("/{b}/?format=json"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    serde_json::from_value(r.json()).expect("keys")
+}
+
+fn send(s: &TestServer, method: &str, path: &str, ct: &str, body: &[u8]) -> Resp {
+    s.request(method, path, &[("content-type", ct)], Some(body))
+}
+
+// ----- bodies ------------------------------------------------------------------
+
+#[test]
+fn invalid_json_with_application_json_is_400_and_changes_nothing() {
+    let (s, b) = setup();
+    for bad in [&b"{\"a\":"[..], b"not json", b"", b"{'a':1}", b"[1,]"] {
+        send(&s, "PUT", &format!("/{b}/k"), "application/json", bad).assert_problem(400);
+        send(&s, "POST", &format!("/{b}/k"), "application/json", bad).assert_problem(400);
+        send(&s, "PUT", &format!("/{b}/new"), "application/json", bad).assert_problem(400);
+    }
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn invalid_utf8_with_application_json_is_400() {
+    let (s, b) = setup();
+    send(
+        &s,
+        "PUT",
+        &format!("/{b}/k"),
+        "application/json",
+        &[b'"', 0xff, b'"'],
+    )
+    .assert_problem(400);
+    assert_unchanged(&s, &b);
+}
+
+// ----- ttl -------------------------------------------------------------------
+
+#[test]
+fn bad_ttl_is_400_on_put_post_and_patch_and_changes_nothing() {
+    let (s, b) = setup();
+    s.put(&format!("/{b}/n"), "1");
+    for ttl in ["-1", "abc", "1.5", "", "1e3", "99999999999999999999999"] {
+        s.put(&format!("/{b}/k?ttl={ttl}"), "changed")
+            .assert_problem(400);
+        s.post(&format!("/{b}/k?ttl={ttl}"), "changed")
+            .assert_problem(400);
+        s.put(&format!("/{b}/new?ttl={ttl}"), "v")
+            .assert_problem(400);
+        s.patch(&format!("/{b}/n?ttl={ttl}"), "+1")
+            .assert_problem(400);
+    }
+    assert_eq!(s.get(&format!("/{b}/k")).text(), "original");
+    assert_eq!(s.get(&format!("/{b}/n")).text(), "1");
+    assert_eq!(keys(&s, &b), ["k", "n"]);
+}
+
+// ----- keys --------------------------------------------------------------------
+
+#[test]
+fn key_of_exactly_1024_bytes_is_accepted() {
+    let (s, b) = setup();
+    let key = "k".repeat(1024);
+    assert_eq!(s.put(&format!("/{b}/{key}"), "long").status, 204);
+    assert_eq!(s.get(&format!("/{b}/{key}")).text(), "long");
+    assert!(keys(&s, &b).contains(&key));
+}
+
+#[test]
+fn key_over_1024_bytes_is_400_and_not_stored() {
+    let (s, b) = setup();
+    let key = "k".repeat(1025);
+    s.put(&format!("/{b}/{key}"), "v").assert_problem(400);
+    s.patch(&format!("/{b}/{key}"), "+1").assert_problem(400);
+    s.get(&format!("/{b}/{key}")).assert_problem(400);
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn key_length_is_counted_in_utf8_bytes() {
+    let (s, b) = setup();
+    // "é" is two bytes: 512 of them are 1024 bytes, 513 are 1026.
+    let ok = "%C3%A9".repeat(512);
+    let too_long = "%C3%A9".repeat(513);
+    assert_eq!(s.put(&format!("/{b}/{ok}"), "v").status, 204);
+    s.put(&format!("/{b}/{too_long}"), "v").assert_problem(400);
+    let listed = keys(&s, &b);
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed.contains(&"é".repeat(512)));
+}
+
+#[test]
+fn control_characters_in_a_key_are_400_and_not_stored() {
+    let (s, b) = setup();
+    // C0 (NUL, TAB, LF, CR, ESC), DEL, and C1 (U+0085, U+009F).
+    for cc in ["%00", "%09", "%0A", "%0D", "%1B", "%7F", "%C2%85", "%C2%9F"] {
+        let path = format!("/{b}/bad{cc}key");
+        s.put(&path, "v").assert_problem(400);
+        s.patch(&path, "+1").assert_problem(400);
+        s.get(&path).assert_problem(400);
+    }
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn invalid_utf8_in_a_key_is_400() {
+    let (s, b) = setup();
+    s.put(&format!("/{b}/bad%FFkey"), "v").assert_problem(400);
+    s.put(&format!("/{b}/%C3"), "v").assert_problem(400);
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn printable_non_ascii_keys_are_accepted() {
+    let (s, b) = setup();
+    // U+00A0 (no-break space) and U+2028 are not category Cc.
+    for key in ["%C2%A0", "%E2%80%A8", "%F0%9F%98%80"] {
+        assert_eq!(s.put(&format!("/{b}/{key}"), "v").status, 204, "{key}");
+    }
+    assert_eq!(keys(&s, &b).len(), 4);
+}
+
+#[test]
+fn keys_named_scripts_and_tokens_are_ordinary_keys() {
+    let (s, b) = setup();
+    for key in ["scripts", "tokens"] {
+        assert_eq!(s.put(&format!("/{b}/{key}"), key).status, 204, "PUT {key}");
+        let r = s.get(&format!("/{b}/{key}"));
+        assert_eq!((r.status, r.text().as_str()), (200, key));
+        assert_eq!(
+            s.patch(&format!("/{b}/{key}?op=append"), "!").text(),
+            format!("{key}!")
+        );
+    }
+    assert_eq!(keys(&s, &b), ["k", "scripts", "tokens"]);
+    assert_eq!(s.delete(&format!("/{b}/scripts")).status, 204);
+    assert_eq!(s.delete(&format!("/{b}/tokens")).status, 204);
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn percent_encoded_slash_is_part_of_the_key() {
+    let (s, b) = setup();
+    assert_eq!(s.put(&format!("/{b}/a%2Fb"), "slashed").status, 204);
+    assert_eq!(s.get(&format!("/{b}/a%2Fb")).text(), "slashed");
+    assert_eq!(s.get(&format!("/{b}/a%2fb")).text(), "slashed", "hex case");
+    assert_eq!(keys(&s, &b), ["a/b", "k"]);
+    // A literal slash is another path, not this key.
+    assert_ne!(s.get(&format!("/{b}/a/b")).status, 200);
+    assert_eq!(s.delete(&format!("/{b}/a%2Fb")).status, 204);
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn key_that_is_only_a_percent_encoded_slash_works() {
+    let (s, b) = setup();
+    assert_eq!(s.put(&format!("/{b}/%2F"), "root").status, 204);
+    assert_eq!(s.get(&format!("/{b}/%2F")).text(), "root");
+    assert_eq!(keys(&s, &b), ["/", "k"]);
+}
+
+// ----- sizes -----------------------------------------------------------------
+
+#[test]
+fn value_at_the_limit_is_accepted() {
+    let (s, b) = setup_with(&["--max-value-bytes", "100"]);
+    let exact = "x".repeat(100);
+    assert_eq!(s.put(&format!("/{b}/big"), &exact).status, 204);
+    assert_eq!(s.get(&format!("/{b}/big")).text(), exact);
+}
+
+#[test]
+fn value_over_the_limit_is_413_and_changes_nothing() {
+    let (s, b) = setup_with(&["--max-value-bytes", "100"]);
+    let over = "x".repeat(101);
+    s.put(&format!("/{b}/k"), &over).assert_problem(413);
+    s.post(&format!("/{b}/k"), &over).assert_problem(413);
+    s.put(&format!("/{b}/new"), &over).assert_problem(413);
+    send(
+        &s,
+        "PUT",
+        &format!("/{b}/new"),
+        "application/octet-stream",
+        &[0u8; 5000],
+    )
+    .assert_problem(413);
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn value_over_the_limit_is_413_even_without_content_length() {
+    let (s, b) = setup_with(&["--max-value-bytes", "100"]);
+    // Chunked: the server must count what it reads.
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/k"),
+        &[("transfer-encoding", "chunked")],
+        Some(&[b'y'; 300]),
+    );
+    r.assert_problem(413);
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn append_that_would_exceed_the_limit_is_413_and_changes_nothing() {
+    let (s, b) = setup_with(&["--max-value-bytes", "100"]);
+    let ninety = "a".repeat(90);
+    s.put(&format!("/{b}/log"), &ninety);
+    s.patch(&format!("/{b}/log?op=append"), &"b".repeat(11))
+        .assert_problem(413);
+    assert_eq!(s.get(&format!("/{b}/log")).text(), ninety);
+    // Up to exactly the limit is fine.
+    let r = s.patch(&format!("/{b}/log?op=append"), &"b".repeat(10));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.get(&format!("/{b}/log")).body.len(), 100);
+}
+
+#[test]
+fn merge_patch_that_would_exceed_the_limit_is_413() {
+    let (s, b) = setup_with(&["--max-value-bytes", "100"]);
+    s.put(&format!("/{b}/doc"), r#"{"a":1}"#);
+    let body = format!(r#"{{"b":"{}"}}"#, "z".repeat(90));
+    send(&s, "PATCH", &format!("/{b}/doc"), MERGE, body.as_bytes()).assert_problem(413);
+    assert_eq!(s.get(&format!("/{b}/doc")).json(), json!({"a": 1}));
+}
+
+// ----- routes and methods -------------------------------------------------------
+
+#[test]
+fn unknown_route_is_a_404_problem() {
+    let (s, b) = setup();
+    s.get(&format!("/{b}/k/extra/segments")).assert_problem(404);
+    s.put(&format!("/{b}/a/b/c/d"), "v").assert_problem(404);
+    s.get("/favicon.ico/x/y").assert_problem(404);
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn wrong_method_is_a_405_problem_with_allow() {
+    let (s, b) = setup();
+    for (method, path) in [
+        ("PUT", format!("/{b}/")),
+        ("PATCH", format!("/{b}/")),
+        ("POST", format!("/{b}/")),
+        ("PUT", format!("/{b}")),
+        ("PUT", "/".to_owned()),
+        ("DELETE", "/".to_owned()),
+    ] {
+        let r = s.request(method, &path, &[], Some(b"v"));
+        r.assert_problem(405);
+        assert!(
+            r.header("allow").is_some(),
+            "{method} {path}: a 405 names the allowed methods"
+        );
+    }
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn bad_patch_body_is_400_and_changes_nothing() {
+    let (s, b) = setup();
+    s.put(&format!("/{b}/n"), "5");
+    for bad in [
+        "", "1", "5", "hello", "+", "-", "+abc", "++1", "+1 +1", "+0x10",
+    ] {
+        s.patch(&format!("/{b}/n"), bad).assert_problem(400);
+        s.patch(&format!("/{b}/fresh"), bad).assert_problem(400);
+    }
+    assert_eq!(s.get(&format!("/{b}/n")).text(), "5");
+    s.get(&format!("/{b}/fresh")).assert_problem(404);
+    assert_eq!(keys(&s, &b), ["k", "n"]);
+}
+
+#[test]
+fn unknown_patch_op_is_400_and_changes_nothing() {
+    let (s, b) = setup();
+    s.patch(&format!("/{b}/k?op=prepend"), "x")
+        .assert_problem(400);
+    s.patch(&format!("/{b}/k?op=APPEND"), "x")
+        .assert_problem(400);
+    s.patch(&format!("/{b}/new?op=increment"), "+1")
+        .assert_problem(400);
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn malformed_patch_documents_are_400_and_change_nothing() {
+    let (s, b) = setup();
+    s.put(&format!("/{b}/doc"), r#"{"a":1}"#);
+    send(&s, "PATCH", &format!("/{b}/doc"), MERGE, b"{nope").assert_problem(400);
+    send(
+        &s,
+        "PATCH",
+        &format!("/{b}/doc"),
+        JSON_PATCH,
+        b"{\"op\":\"add\"}",
+    )
+    .assert_problem(400);
+    send(
+        &s,
+        "PATCH",
+        &format!("/{b}/doc"),
+        JSON_PATCH,
+        b"[{\"op\":\"move\"}]",
+    )
+    .assert_problem(400);
+    send(&s, "PATCH", &format!("/{b}/new"), JSON_PATCH, b"[").assert_problem(400);
+    assert_eq!(s.get(&format!("/{b}/doc")).json(), json!({"a": 1}));
+    s.get(&format!("/{b}/new")).assert_problem(404);
+}
+
+#[test]
+fn if_none_match_other_than_star_on_a_write_is_rejected_without_writing() {
+    let (s, b) = setup();
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/k"),
+        &[("if-none-match", "\"abc\"")],
+        Some(b"changed"),
+    );
+    assert!(
+        r.status == 400 || r.status == 412,
+        "{}: {}",
+        r.status,
+        r.text()
+    );
+    r.assert_problem(r.status);
+    assert_unchanged(&s, &b);
+}
+
+// ----- listing parameters ----------------------------------------------------------
+
+#[test]
+fn bad_listing_parameters_are_400() {
+    let (s, b) = setup();
+    for query in [
+        "format=xml",
+        "format=JSON-ish",
+        "limit=abc",
+        "limit=-1",
+        "limit=1.5",
+        "skip=abc",
+        "skip=-2",
+        "reverse=maybe",
+        "values=perhaps",
+    ] {
+        s.get(&format!("/{b}/?{query}")).assert_problem(400);
+    }
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn non_utf8_listing_parameter_is_400() {
+    let (s, b) = setup();
+    for query in ["prefix=%FF", "start=a%FF", "end=%C3"] {
+        s.get(&format!("/{b}/?{query}")).assert_problem(400);
+    }
+}
+
+// ----- buckets -------------------------------------------------------------------
+
+#[test]
+fn invalid_bucket_id_is_404_for_every_route() {
+    let (s, b) = setup();
+    for bad in [
+        "not-a-bucket",
+        "x",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "%C3%A9",
+    ] {
+        s.get(&format!("/{bad}/k")).assert_problem(404);
+        s.put(&format!("/{bad}/k"), "v").assert_problem(404);
+        s.patch(&format!("/{bad}/k"), "+1").assert_problem(404);
+        s.delete(&format!("/{bad}/k")).assert_problem(404);
+        s.get(&format!("/{bad}/")).assert_problem(404);
+        s.get(&format!("/{bad}")).assert_problem(404);
+    }
+    assert_unchanged(&s, &b);
+}
+
+#[test]
+fn unknown_but_well_formed_bucket_is_404_even_with_credentials() {
+    let s = TestServer::start();
+    let real = s.create_bucket("secret_key=s");
+    let other = s.create_bucket("secret_key=s");
+    // Delete `other` so that its well-formed id is unknown.
+    let r = s.request(
+        "DELETE",
+        &format!("/{other}"),
+        &[("authorization", "Bearer s")],
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    for (method, path) in [
+        ("GET", format!("/{other}/k")),
+        ("PUT", format!("/{other}/k")),
+        ("GET", format!("/{other}/")),
+    ] {
+        s.request(
+            method,
+            &path,
+            &[("authorization", "Bearer s")],
+            (method == "PUT").then_some(&b"v"[..]),
+        )
+        .assert_problem(404);
+    }
+    s.request(
+        "PUT",
+        &format!("/{real}/k"),
+        &[("authorization", "Bearer s")],
+        Some(b"v"),
+    );
+    assert_eq!(
+        s.request(
+            "GET",
+            &format!("/{real}/k"),
+            &[("authorization", "Bearer s")],
+            None
+        )
+        .text(),
+        "v"
+    );
+}
+
+#[test]
+fn malformed_bucket_creation_is_400() {
+    let s = TestServer::start();
+    s.request(
+        "POST",
+        "/",
+        &[("content-type", "application/json")],
+        Some(b"{not json"),
+    )
+    .assert_problem(400);
+    s.post("/", "default_ttl=-5").assert_problem(400);
+    s.post("/", "default_ttl=soon").assert_problem(400);
+    s.post("/", "no_such_field=1").assert_problem(400);
+}
