@@ -67,6 +67,34 @@ pub struct ServeArgs {
     /// Largest value in bytes (larger writes are answered 413).
     #[arg(long, env = "KVDB_MAX_VALUE_BYTES", default_value_t = DEFAULT_MAX_VALUE_BYTES)]
     pub max_value_bytes: usize,
+    /// Wall-clock time a script run may take, in milliseconds (504 beyond).
+    #[arg(long, env = "KVDB_SCRIPT_TIME_MS", default_value_t = 1000)]
+    pub script_time_ms: u64,
+    /// Lua VM instructions a script run may execute.
+    #[arg(long, env = "KVDB_SCRIPT_INSTRUCTIONS", default_value_t = 50_000_000)]
+    pub script_instructions: u64,
+    /// Memory a script run may allocate, in bytes.
+    #[arg(long, env = "KVDB_SCRIPT_MEMORY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub script_memory_bytes: usize,
+    /// Response body a script run may produce, in bytes.
+    #[arg(long, env = "KVDB_SCRIPT_RESPONSE_BYTES", default_value_t = 1024 * 1024)]
+    pub script_response_bytes: usize,
+    /// Largest script source accepted on upload, in bytes.
+    #[arg(long, env = "KVDB_SCRIPT_SOURCE_BYTES", default_value_t = 256 * 1024)]
+    pub script_source_bytes: usize,
+}
+
+impl ServeArgs {
+    /// The script limits these flags set.
+    pub fn script_limits(&self) -> crate::script::Limits {
+        crate::script::Limits {
+            time: std::time::Duration::from_millis(self.script_time_ms),
+            instructions: self.script_instructions,
+            memory_bytes: self.script_memory_bytes,
+            response_bytes: self.script_response_bytes,
+            source_bytes: self.script_source_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Parser)]

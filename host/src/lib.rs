@@ -8,6 +8,8 @@
 //! - [`bucket`]: bucket ids, keys, typed values, policies, scopes, and
 //!   [`Scoped`](bucket::Scoped), the one place where permissions are checked.
 //! - [`auth`]: credentials (keys, JWT access tokens) to a scope.
+//! - [`script`]: scripts that run next to the data: the shared host API,
+//!   limits, and the Lua runtime.
 //! - [`http`]: the axum routes of API.md, mapping errors to problem documents.
 //! - [`config`]: the command line.
 //!
@@ -18,6 +20,7 @@ pub mod auth;
 pub mod bucket;
 pub mod config;
 pub mod http;
+pub mod script;
 pub mod storage;
 
 use std::future::Future;
@@ -63,9 +66,12 @@ pub async fn run(
     let buckets = state.buckets.clone();
     let gc = tokio::spawn(gc_loop(buckets.clone()));
     let app = http::router(state);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
     gc.abort();
     let store = buckets.store().clone();
     // Closing joins the writer thread (it drains and syncs): off the runtime.

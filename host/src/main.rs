@@ -48,6 +48,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     let state = kvdb::http::AppState {
+        scripts: Arc::new(kvdb::script::Runtimes::new(args.script_limits())),
         buckets,
         admin_token: args.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
     };

@@ -441,6 +441,15 @@ impl Scoped {
         Err(self.refuse("this operation (it needs the bucket's secret key)".into()))
     }
 
+    /// Fails unless this scope is the bucket's admin: lets a handler refuse
+    /// early, before expensive work (compiling an upload).
+    ///
+    /// # Errors
+    /// Not the admin.
+    pub fn ensure_admin(&self) -> Result<(), BucketError> {
+        self.require_admin()
+    }
+
     fn check_size(&self, value: &Value) -> Result<(), BucketError> {
         let limit = self.bucket.buckets.limits.max_value_bytes;
         let size = value.size();

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::auth::AuthError;
 use crate::bucket::{BucketError, InvalidKey};
+use crate::script::{Limit, ScriptError};
 use crate::storage::StorageError;
 
 /// An error answered to an HTTP client.
@@ -22,6 +23,8 @@ pub enum ApiError {
     Key(#[from] InvalidKey),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Script(#[from] ScriptError),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -69,17 +72,45 @@ impl ApiError {
             | ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
+            ApiError::Script(ScriptError::Invalid(_)) => {
+                (StatusCode::BAD_REQUEST, "script-invalid")
+            }
+            ApiError::Script(ScriptError::Failed(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "script-error")
+            }
+            ApiError::Script(ScriptError::Limit { limit, .. }) => match limit {
+                Limit::Time => (StatusCode::GATEWAY_TIMEOUT, "script-time-limit"),
+                Limit::Instructions => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "script-instruction-limit",
+                ),
+                Limit::Memory => (StatusCode::INTERNAL_SERVER_ERROR, "script-memory-limit"),
+                Limit::Stack => (StatusCode::INTERNAL_SERVER_ERROR, "script-stack-limit"),
+                Limit::Response => (StatusCode::INTERNAL_SERVER_ERROR, "script-response-limit"),
+            },
             ApiError::Bucket(B::Storage(_) | B::Token(_))
             | ApiError::Storage(_)
+            | ApiError::Script(ScriptError::Internal(_))
             | ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
+    }
+
+    /// Failures of the server itself: logged in full, answered generically.
+    fn is_internal(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Bucket(BucketError::Storage(_) | BucketError::Token(_))
+                | ApiError::Storage(_)
+                | ApiError::Script(ScriptError::Internal(_))
+                | ApiError::Internal(_)
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind) = self.classify();
-        let detail = if status == StatusCode::INTERNAL_SERVER_ERROR {
+        let detail = if self.is_internal() {
             tracing::error!(error = %self, "internal error");
             "the server failed to complete the request; nothing was changed. The failure is in the server log.".to_owned()
         } else {
@@ -133,6 +164,24 @@ mod tests {
             (ApiError::bad_request("x"), 400),
             (ApiError::MethodNotAllowed("x".into()), 405),
             (StorageError::Closed.into(), 500),
+            (ScriptError::Invalid("x".into()).into(), 400),
+            (ScriptError::Failed("x".into()).into(), 500),
+            (
+                ScriptError::Limit {
+                    limit: Limit::Time,
+                    detail: "x".into(),
+                }
+                .into(),
+                504,
+            ),
+            (
+                ScriptError::Limit {
+                    limit: Limit::Memory,
+                    detail: "x".into(),
+                }
+                .into(),
+                500,
+            ),
         ];
         for (error, status) in cases {
             let text = error.to_string();

@@ -11,6 +11,7 @@ mod buckets;
 pub mod error;
 mod keys;
 mod list;
+mod scripts;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,11 +34,12 @@ pub use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub buckets: Arc<Buckets>,
+    pub scripts: Arc<crate::script::Runtimes>,
     /// The operator token for `/_admin/…` (backups); `None` disables them.
     pub admin_token: Option<Arc<str>>,
 }
 
-/// All routes of API.md except scripts.
+/// All routes of API.md.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(buckets::get_root).post(buckets::post_bucket))
@@ -54,6 +56,15 @@ pub fn router(state: AppState) -> Router {
             get(list::get_keys).delete(buckets::delete_bucket),
         )
         .route("/{bucket}/tokens/", post(buckets::post_token))
+        .route("/{bucket}/scripts/", get(scripts::get_scripts))
+        .route(
+            "/{bucket}/scripts/{script}",
+            get(scripts::run_script)
+                .post(scripts::run_script)
+                .put(scripts::put_script)
+                .delete(scripts::delete_script),
+        )
+        .route("/{bucket}/scripts/{script}/edit", get(scripts::get_editor))
         .route(
             "/{bucket}/{key}",
             get(keys::get_key)
@@ -267,6 +278,9 @@ mod tests {
                 },
             ),
             admin_token: None,
+            scripts: Arc::new(crate::script::Runtimes::new(
+                crate::script::Limits::default(),
+            )),
         })
     }
 

@@ -1,0 +1,236 @@
+//! `/:bucket/scripts/…`: uploading, listing, editing, deleting and running
+//! scripts.
+//!
+//! Managing scripts needs the admin (checked by `Scoped`); running one needs
+//! nothing: the run gets the caller's scope, and every data call it makes is
+//! checked against that scope (or the one the script sets).
+
+use std::net::SocketAddr;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::connect_info::ConnectInfo;
+use axum::extract::{RawPathParams, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{Html, IntoResponse, Response};
+
+use super::{Access, ApiError, AppState, content_type, query_pairs, read_body};
+use crate::bucket::{BucketError, ScriptKind, ScriptName};
+use crate::script::api::Host;
+use crate::script::{Request, ScriptError};
+
+const EDITOR_HTML: &str = include_str!("editor.html");
+
+fn script_name(params: &RawPathParams) -> Result<ScriptName, ApiError> {
+    let raw = params
+        .iter()
+        .find(|(name, _)| *name == "script")
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    Ok(ScriptName::new(raw)?)
+}
+
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"))
+}
+
+fn escape(s: &str) -> String {
+    html_escape::encode_safe(s).into_owned()
+}
+
+/// `GET /:bucket/scripts/`: JSON, or an HTML page for a browser.
+pub async fn get_scripts(Access(bucket): Access, headers: HeaderMap) -> Result<Response, ApiError> {
+    let scripts = bucket.list_scripts()?;
+    if !wants_html(&headers) {
+        let list: Vec<_> = scripts
+            .iter()
+            .map(crate::bucket::StoredScript::summary)
+            .collect();
+        return Ok(Json(list).into_response());
+    }
+    let mut rows = String::new();
+    for s in &scripts {
+        let name = escape(s.name.as_str());
+        rows.push_str(&format!(
+            "<tr><td><a href=\"{name}/edit\">{name}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            s.kind.name(),
+            s.source.len(),
+            s.updated_at
+        ));
+    }
+    Ok(Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Scripts</title>\
+         <style>body{{font-family:system-ui,sans-serif;margin:2em}}td,th{{padding:.2em 1em;text-align:left}}</style></head>\
+         <body><h1>Scripts of bucket {}</h1><table><tr><th>name</th><th>kind</th><th>bytes</th><th>updated (Unix s)</th></tr>\n{rows}</table>\
+         <p>New script: open <code>scripts/NAME/edit</code>.</p></body></html>",
+        escape(&bucket.bucket().id().to_string())
+    ))
+    .into_response())
+}
+
+/// `PUT /:bucket/scripts/:script`: upload (or replace) a script.
+pub async fn put_script(
+    State(state): State<AppState>,
+    Access(bucket): Access,
+    params: RawPathParams,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let name = script_name(&params)?;
+    // Refuse before reading and compiling anything.
+    bucket.ensure_admin()?;
+    let limit = state.scripts.limits.source_bytes;
+    let source = read_body(&headers, body, limit).await?;
+    let wasm = content_type(&headers).is_some_and(|ct| ct.starts_with("application/wasm"))
+        || source.starts_with(b"\0asm");
+    if wasm {
+        return Err(ScriptError::Invalid(
+            "WebAssembly components are not supported by this server yet: upload a Lua script"
+                .into(),
+        )
+        .into());
+    }
+    let runtimes = state.scripts.clone();
+    let checked = source.clone();
+    let shown = name.to_string();
+    tokio::task::spawn_blocking(move || runtimes.lua.validate(&shown, &checked))
+        .await
+        .map_err(|e| ApiError::Internal(format!("validation task: {e}")))??;
+    let stored = bucket
+        .put_script(&name, ScriptKind::Lua, source.to_vec())
+        .await?;
+    Ok(Json(stored.summary()).into_response())
+}
+
+/// `DELETE /:bucket/scripts/:script`.
+pub async fn delete_script(
+    Access(bucket): Access,
+    params: RawPathParams,
+) -> Result<StatusCode, ApiError> {
+    bucket.delete_script(&script_name(&params)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /:bucket/scripts/:script/edit`: the editor page, with the current
+/// source in the page (empty for a new script).
+pub async fn get_editor(
+    Access(bucket): Access,
+    params: RawPathParams,
+) -> Result<Response, ApiError> {
+    let name = script_name(&params)?;
+    let source = bucket
+        .script(&name)?
+        .map(|s| String::from_utf8_lossy(&s.source).into_owned())
+        .unwrap_or_default();
+    let page = EDITOR_HTML
+        .replace("{{BUCKET}}", &escape(&bucket.bucket().id().to_string()))
+        .replace("{{NAME}}", &escape(name.as_str()))
+        .replace("{{SOURCE}}", &escape(&source));
+    let mut response = Html(page).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// Query parameters and form (or JSON object) body fields, the body winning.
+fn request_vars(
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    remote: Option<SocketAddr>,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let mut vars = query_pairs(uri)?;
+    let essence = content_type(headers)
+        .and_then(|ct| ct.split(';').next())
+        .map(|e| e.trim().to_ascii_lowercase());
+    match essence.as_deref() {
+        Some("application/json") => {
+            if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) {
+                for (k, v) in fields {
+                    let text = match v {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    vars.push((k, text));
+                }
+            }
+        }
+        Some("application/x-www-form-urlencoded") | None if !body.is_empty() => {
+            vars.extend(
+                form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())),
+            );
+        }
+        _ => {}
+    }
+    if let Some(addr) = remote {
+        vars.push(("remote_addr".into(), addr.ip().to_string()));
+    }
+    Ok(vars)
+}
+
+/// `GET`/`POST /:bucket/scripts/:script`: run the script in the caller's scope.
+pub async fn run_script(
+    State(state): State<AppState>,
+    Access(bucket): Access,
+    params: RawPathParams,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    request: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let name = script_name(&params)?;
+    let remote = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let limit = state.buckets.limits().max_value_bytes;
+    let body = read_body(&headers, request.into_body(), limit).await?;
+    let script = bucket
+        .bucket()
+        .load_script(&name)?
+        .ok_or_else(|| BucketError::ScriptNotFound(name.to_string()))?;
+    let vars = request_vars(&uri, &headers, &body, remote)?;
+    let run_request = Request {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        vars,
+        // The caller's credential is not the script's business.
+        headers: headers
+            .iter()
+            .filter(|(k, _)| *k != header::AUTHORIZATION)
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: body.to_vec(),
+    };
+    let runtimes = state.scripts.clone();
+    let host = Host::new(bucket, tokio::runtime::Handle::current());
+    let response = tokio::task::spawn_blocking(move || match script.kind {
+        ScriptKind::Lua => runtimes.lua.run(&script, host, &run_request),
+        ScriptKind::Wasm => Err(ScriptError::Internal(
+            "this server can't run WebAssembly scripts".into(),
+        )),
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("script task: {e}")))??;
+    let status = StatusCode::from_u16(response.status)
+        .map_err(|e| ApiError::Internal(format!("script status: {e}")))?;
+    let mut out = (status, response.body).into_response();
+    for (k, v) in response.headers {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
+            out.headers_mut().insert(k, v);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,256 @@
+//! The host API that every script runtime calls: one Rust function per data
+//! operation, so Lua and WebAssembly cannot drift apart.
+//!
+//! Every call goes through the run's [`Scoped`] bucket, the one authorization
+//! point. Errors come back as [`CallError`], a value the script receives and
+//! can act on; a denied call never aborts the run by itself.
+
+use crate::bucket::{
+    BucketError, Condition, Grant, Key, ListQuery, Number, Op, Permission, Permissions, Principal,
+    Scope, Scoped, Value,
+};
+
+/// An error a script receives from a data call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("not found")]
+    NotFound,
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("type mismatch: {0}")]
+    TypeMismatch(String),
+    #[error("limit exceeded: {0}")]
+    Limit(String),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<BucketError> for CallError {
+    fn from(e: BucketError) -> Self {
+        match e {
+            BucketError::NotFound
+            | BucketError::KeyNotFound(_)
+            | BucketError::ScriptNotFound(_) => CallError::NotFound,
+            BucketError::Unauthorized(m) | BucketError::Forbidden(m) => {
+                CallError::PermissionDenied(m)
+            }
+            BucketError::Conflict(c) => CallError::TypeMismatch(c.to_string()),
+            BucketError::PreconditionFailed(m) => CallError::TypeMismatch(m.to_owned()),
+            BucketError::TooLarge { .. } => CallError::Limit(e.to_string()),
+            BucketError::Policy(_) | BucketError::Invalid(_) => CallError::Invalid(e.to_string()),
+            BucketError::Token(_) | BucketError::Storage(_) => {
+                tracing::error!(error = %e, "script data call failed");
+                CallError::Internal("the server failed to complete the call".into())
+            }
+        }
+    }
+}
+
+/// Options of a listing from a script.
+#[derive(Debug, Clone, Default)]
+pub struct ListOptions {
+    pub limit: Option<usize>,
+    pub start: Option<String>,
+    pub end: Option<String>,
+    pub reverse: bool,
+    pub values: bool,
+}
+
+/// Most keys one script listing returns: scripts page with `start`.
+pub const MAX_LIST: usize = 10_000;
+
+/// The scoped bucket of one run, with the calls a script can make.
+pub struct Host {
+    scoped: Scoped,
+    runtime: tokio::runtime::Handle,
+}
+
+fn key(k: &str) -> Result<Key, CallError> {
+    Key::new(k).map_err(|e| CallError::Invalid(e.to_string()))
+}
+
+impl Host {
+    /// `runtime` drives the store's async writes; the run itself is on a
+    /// blocking thread.
+    pub fn new(scoped: Scoped, runtime: tokio::runtime::Handle) -> Self {
+        Self { scoped, runtime }
+    }
+
+    /// The value under `key`, if any.
+    ///
+    /// # Errors
+    /// Permission denied, an invalid key, or an internal failure.
+    pub fn get(&self, k: &str) -> Result<Option<Value>, CallError> {
+        Ok(self.scoped.get(&key(k)?)?.map(|s| s.value))
+    }
+
+    /// Whether `key` holds a value (needs `read`).
+    ///
+    /// # Errors
+    /// As [`Host::get`].
+    pub fn exists(&self, k: &str) -> Result<bool, CallError> {
+        Ok(self.scoped.get(&key(k)?)?.is_some())
+    }
+
+    /// Sets `key`; `ttl` in seconds (0: never), else the bucket's default.
+    ///
+    /// # Errors
+    /// Permission denied, an invalid key, a value over the size limit.
+    pub fn set(&self, k: &str, value: Value, ttl: Option<u64>) -> Result<(), CallError> {
+        let k = key(k)?;
+        self.runtime
+            .block_on(self.scoped.set(&k, value, ttl, Condition::Always))?;
+        Ok(())
+    }
+
+    /// Deletes `key`; `false` if it was absent.
+    ///
+    /// # Errors
+    /// Permission denied, an invalid key.
+    pub fn delete(&self, k: &str) -> Result<bool, CallError> {
+        let k = key(k)?;
+        match self
+            .runtime
+            .block_on(self.scoped.delete(&k, Condition::Always))
+        {
+            Ok(()) => Ok(true),
+            Err(BucketError::KeyNotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn op(&self, k: &str, op: Op) -> Result<Value, CallError> {
+        let k = key(k)?;
+        Ok(self
+            .runtime
+            .block_on(self.scoped.patch(&k, op, None, Condition::Always))?
+            .value)
+    }
+
+    /// Adds `n` atomically (a missing key counts as 0); the new value.
+    ///
+    /// # Errors
+    /// Permission denied, a non-numeric value, overflow.
+    pub fn incr(&self, k: &str, n: Number) -> Result<Value, CallError> {
+        self.op(k, Op::Add(n))
+    }
+
+    /// RFC 7396 merge into a JSON value; the new value.
+    ///
+    /// # Errors
+    /// Permission denied, a non-JSON value.
+    pub fn merge(&self, k: &str, patch: serde_json::Value) -> Result<Value, CallError> {
+        self.op(k, Op::MergePatch(patch))
+    }
+
+    /// RFC 6902 patch of a JSON value; the new value.
+    ///
+    /// # Errors
+    /// Permission denied, a malformed patch, a failed `test`.
+    pub fn patch(&self, k: &str, patch: serde_json::Value) -> Result<Value, CallError> {
+        let patch = serde_json::from_value(patch)
+            .map_err(|e| CallError::Invalid(format!("not a JSON patch: {e}")))?;
+        self.op(k, Op::JsonPatch(patch))
+    }
+
+    /// Appends bytes to a raw value; the new value.
+    ///
+    /// # Errors
+    /// Permission denied, a non-raw value, the size limit.
+    pub fn append(&self, k: &str, bytes: Vec<u8>) -> Result<Value, CallError> {
+        self.op(k, Op::Append(bytes))
+    }
+
+    /// Keys (and values) under `prefix`, in byte order.
+    ///
+    /// # Errors
+    /// Permission denied (`enumerate`; `read` too with values).
+    pub fn list(
+        &self,
+        prefix: &str,
+        opts: ListOptions,
+    ) -> Result<Vec<(String, Option<Value>)>, CallError> {
+        let query = ListQuery {
+            prefix: prefix.to_owned(),
+            start: opts.start,
+            end: opts.end,
+            reverse: opts.reverse,
+            limit: opts.limit.unwrap_or(MAX_LIST).min(MAX_LIST),
+            skip: 0,
+            values: opts.values,
+        };
+        Ok(self.scoped.list(&query)?.entries)
+    }
+
+    /// A token for `prefix` and `permissions`, valid `ttl` seconds, within
+    /// what the current scope holds; the token and its expiry.
+    ///
+    /// # Errors
+    /// The grant reaches beyond the current scope, or invalid input.
+    pub fn access_token(
+        &self,
+        prefix: &str,
+        permissions: Permissions,
+        ttl: u64,
+    ) -> Result<(String, u64), CallError> {
+        crate::bucket::check_key_text(prefix).map_err(|e| CallError::Invalid(e.to_string()))?;
+        if permissions.is_empty() || ttl == 0 {
+            return Err(CallError::Invalid(
+                "a token needs at least one permission and a ttl of at least 1 second".into(),
+            ));
+        }
+        let grant = Grant {
+            prefix: prefix.to_owned(),
+            permissions,
+        };
+        Ok(self.scoped.issue_delegated_token(&grant, ttl)?)
+    }
+
+    /// The scope as a script sees it: a prefix and the permissions on it.
+    pub fn scope(&self) -> (String, Permissions) {
+        let scope = self.scoped.scope();
+        let prefix = scope
+            .grants
+            .iter()
+            .map(|g| g.prefix.as_str())
+            .min_by_key(|p| p.len())
+            .unwrap_or("")
+            .to_owned();
+        let permissions = scope.grants.iter().fold(Permissions::NONE, |acc, g| {
+            g.permissions.iter().fold(acc, Permissions::with)
+        });
+        (prefix, permissions)
+    }
+
+    /// Replaces the scope for the rest of the run: every later call is
+    /// checked against `prefix` and `permissions` alone.
+    ///
+    /// # Errors
+    /// A prefix that no key could have.
+    pub fn set_scope(&mut self, prefix: &str, permissions: Permissions) -> Result<(), CallError> {
+        crate::bucket::check_key_text(prefix).map_err(|e| CallError::Invalid(e.to_string()))?;
+        self.scoped = self.scoped.rescoped(Scope {
+            admin: false,
+            grants: vec![Grant {
+                prefix: prefix.to_owned(),
+                permissions,
+            }],
+            principal: Principal::Credential,
+        });
+        Ok(())
+    }
+}
+
+/// Parses permission names as scripts give them.
+///
+/// # Errors
+/// An unknown name.
+pub fn permissions<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Permissions, CallError> {
+    names.into_iter().try_fold(Permissions::NONE, |acc, n| {
+        n.parse::<Permission>()
+            .map(|p| acc.with(p))
+            .map_err(CallError::Invalid)
+    })
+}

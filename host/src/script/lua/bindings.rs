@@ -1,0 +1,526 @@
+//! The `kvdb` table: Lua bindings over [`Host`](crate::script::api::Host)
+//! (data), the request, and the response being built.
+//!
+//! The functions are created once per state and find the current run in the
+//! state's app data. Data calls return their error as a value (`nil, err` or
+//! `err`); they never raise for a denied or failed operation. Values convert
+//! as API.md says: integers and floats as Lua numbers, JSON as tables, raw
+//! bytes as strings; a Lua string is typed like an untyped HTTP body.
+
+use mlua::{Function, Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
+
+use super::{Run, RunCell};
+use crate::bucket::{Number, Typing, Value as KvValue};
+use crate::script::Limit;
+use crate::script::api::{CallError, ListOptions, permissions};
+
+/// Token validity when a script names none (as over HTTP).
+const DEFAULT_TOKEN_TTL_S: u64 = 3600;
+
+fn with_run<R>(lua: &Lua, f: impl FnOnce(&mut Run) -> mlua::Result<R>) -> mlua::Result<R> {
+    let cell = lua
+        .app_data_ref::<RunCell>()
+        .ok_or_else(|| mlua::Error::runtime("kvdb functions only work while a script runs"))?;
+    let mut run = cell
+        .try_borrow_mut()
+        .map_err(|_| mlua::Error::runtime("kvdb functions can't be called re-entrantly"))?;
+    f(&mut run)
+}
+
+/// `value` on success, `nil, message` on a call error.
+fn returned(lua: &Lua, r: Result<Value, CallError>) -> mlua::Result<MultiValue> {
+    match r {
+        Ok(v) => Ok(MultiValue::from_iter([v])),
+        Err(e) => Ok(MultiValue::from_iter([
+            Value::Nil,
+            Value::String(lua.create_string(e.to_string())?),
+        ])),
+    }
+}
+
+/// `nil` on success, the message on a call error.
+fn status_of(lua: &Lua, r: Result<(), CallError>) -> mlua::Result<Value> {
+    match r {
+        Ok(()) => Ok(Value::Nil),
+        Err(e) => Ok(Value::String(lua.create_string(e.to_string())?)),
+    }
+}
+
+/// A stored value as a Lua value.
+pub(super) fn to_lua(lua: &Lua, v: KvValue) -> mlua::Result<Value> {
+    Ok(match v {
+        KvValue::Int(i)
+        | KvValue::Number {
+            number: Number::Int(i),
+            ..
+        } => Value::Integer(i),
+        KvValue::Float(f)
+        | KvValue::Number {
+            number: Number::Float(f),
+            ..
+        } => Value::Number(f),
+        KvValue::Json(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(json) => lua.to_value(&json)?,
+            Err(_) => Value::String(lua.create_string(&bytes)?),
+        },
+        KvValue::Raw { bytes, .. } => Value::String(lua.create_string(&bytes)?),
+    })
+}
+
+/// A Lua value to store.
+fn from_lua(lua: &Lua, v: Value) -> Result<KvValue, CallError> {
+    match v {
+        Value::Integer(i) => Ok(KvValue::Int(i)),
+        Value::Number(f) if f.is_finite() => Ok(KvValue::Float(f)),
+        Value::String(s) => KvValue::from_body(&s.as_bytes(), &Typing::Coerce)
+            .map_err(|e| CallError::Invalid(e.to_string())),
+        Value::Boolean(b) => Ok(KvValue::Json(b.to_string().into_bytes())),
+        Value::Table(_) => {
+            let json: serde_json::Value = lua
+                .from_value(v)
+                .map_err(|e| CallError::Invalid(format!("the table is not JSON: {e}")))?;
+            Ok(KvValue::from_json(&json))
+        }
+        Value::Nil => Err(CallError::Invalid(
+            "can't store nil: use kvdb.delete to remove a key".into(),
+        )),
+        other => Err(CallError::Invalid(format!(
+            "can't store a {}",
+            other.type_name()
+        ))),
+    }
+}
+
+fn number(v: Option<Value>) -> Result<Number, CallError> {
+    match v {
+        None | Some(Value::Nil) => Ok(Number::Int(1)),
+        Some(Value::Integer(i)) => Ok(Number::Int(i)),
+        Some(Value::Number(f)) if f.is_finite() => Ok(Number::Float(f)),
+        Some(Value::String(s)) => s
+            .to_str()
+            .ok()
+            .and_then(|t| Number::parse(&t))
+            .ok_or_else(|| CallError::Invalid("the amount must be a number".into())),
+        Some(_) => Err(CallError::Invalid("the amount must be a number".into())),
+    }
+}
+
+fn json_arg(lua: &Lua, v: Value) -> Result<serde_json::Value, CallError> {
+    lua.from_value(v)
+        .map_err(|e| CallError::Invalid(format!("not JSON: {e}")))
+}
+
+fn tostring_bytes(tostring: &Function, v: Value) -> mlua::Result<Vec<u8>> {
+    match v {
+        Value::String(s) => Ok(s.as_bytes().to_vec()),
+        other => Ok(tostring.call::<mlua::LuaString>(other)?.as_bytes().to_vec()),
+    }
+}
+
+fn write_body(run: &mut Run, bytes: &[u8]) -> mlua::Result<()> {
+    if run.body.len().saturating_add(bytes.len()) > run.limits.response_bytes {
+        run.exceeded.get_or_insert((
+            Limit::Response,
+            format!(
+                "the response grew beyond {} bytes",
+                run.limits.response_bytes
+            ),
+        ));
+        return Err(mlua::Error::runtime("the response size limit was exceeded"));
+    }
+    run.body.extend_from_slice(bytes);
+    Ok(())
+}
+
+fn output(lua: &Lua, newline: bool) -> mlua::Result<Function> {
+    let tostring: Function = lua.globals().raw_get("tostring")?;
+    lua.create_function(move |lua, args: Variadic<Value>| {
+        let mut out = Vec::new();
+        for a in args {
+            out.extend(tostring_bytes(&tostring, a)?);
+        }
+        if newline {
+            out.push(b'\n');
+        }
+        with_run(lua, |run| write_body(run, &out))
+    })
+}
+
+/// The global `print`: writes a line to the server log, tagged with the
+/// bucket and script (the response is `kvdb.say` / `kvdb.print`).
+pub(super) fn log_function(lua: &Lua) -> mlua::Result<Function> {
+    let tostring: Function = lua.globals().raw_get("tostring")?;
+    lua.create_function(move |lua, args: Variadic<Value>| {
+        let parts = args
+            .into_iter()
+            .map(|a| tostring_bytes(&tostring, a).map(|b| String::from_utf8_lossy(&b).into_owned()))
+            .collect::<mlua::Result<Vec<_>>>()?;
+        with_run(lua, |run| {
+            tracing::info!(script = %run.label, "{}", parts.join("\t"));
+            Ok(())
+        })
+    })
+}
+
+fn exit_now(run: &mut Run) -> mlua::Error {
+    run.exited = true;
+    mlua::Error::runtime("kvdb.exit")
+}
+
+/// Response headers a script may not set: the server frames the response.
+const RESERVED_HEADERS: &[&str] = &["content-length", "transfer-encoding", "connection"];
+
+/// The `kvdb` functions shared by every run of a state.
+#[allow(clippy::too_many_lines)]
+pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.raw_set(
+        "get",
+        lua.create_function(|lua, key: String| {
+            let r = with_run(lua, |run| Ok(run.host.get(&key)))?;
+            let r = match r {
+                Ok(Some(v)) => Ok(to_lua(lua, v)?),
+                Ok(None) => Err(CallError::NotFound),
+                Err(e) => Err(e),
+            };
+            returned(lua, r)
+        })?,
+    )?;
+    t.raw_set(
+        "exists",
+        lua.create_function(|lua, key: String| {
+            let r = with_run(lua, |run| Ok(run.host.exists(&key)))?;
+            returned(lua, r.map(Value::Boolean))
+        })?,
+    )?;
+    t.raw_set(
+        "set",
+        lua.create_function(|lua, (key, value, ttl): (String, Value, Option<u64>)| {
+            let r = from_lua(lua, value).and_then(|v| {
+                with_run(lua, |run| Ok(run.host.set(&key, v, ttl)))
+                    .map_err(|e| CallError::Internal(e.to_string()))?
+            });
+            status_of(lua, r)
+        })?,
+    )?;
+    t.raw_set(
+        "delete",
+        lua.create_function(|lua, key: String| {
+            let r = with_run(lua, |run| Ok(run.host.delete(&key)))?;
+            status_of(lua, r.map(drop))
+        })?,
+    )?;
+    t.raw_set(
+        "incr",
+        lua.create_function(|lua, (key, n): (String, Option<Value>)| {
+            let r = match number(n) {
+                Ok(n) => with_run(lua, |run| Ok(run.host.incr(&key, n)))?,
+                Err(e) => Err(e),
+            };
+            status_of(lua, r.map(drop))
+        })?,
+    )?;
+    t.raw_set(
+        "merge",
+        lua.create_function(|lua, (key, patch): (String, Value)| {
+            let r = match json_arg(lua, patch) {
+                Ok(p) => with_run(lua, |run| Ok(run.host.merge(&key, p)))?,
+                Err(e) => Err(e),
+            };
+            status_of(lua, r.map(drop))
+        })?,
+    )?;
+    t.raw_set(
+        "patch",
+        lua.create_function(|lua, (key, patch): (String, Value)| {
+            let r = match json_arg(lua, patch) {
+                Ok(p) => with_run(lua, |run| Ok(run.host.patch(&key, p)))?,
+                Err(e) => Err(e),
+            };
+            status_of(lua, r.map(drop))
+        })?,
+    )?;
+    t.raw_set(
+        "append",
+        lua.create_function(|lua, (key, bytes): (String, mlua::LuaString)| {
+            let bytes = bytes.as_bytes().to_vec();
+            let r = with_run(lua, |run| Ok(run.host.append(&key, bytes)))?;
+            status_of(lua, r.map(drop))
+        })?,
+    )?;
+    t.raw_set(
+        "list",
+        lua.create_function(|lua, (prefix, opts): (Option<String>, Option<Table>)| {
+            let mut o = ListOptions::default();
+            if let Some(opts) = &opts {
+                o.limit = opts.get("limit")?;
+                o.start = opts.get("start")?;
+                o.end = opts.get("end")?;
+                o.reverse = opts.get::<Option<bool>>("reverse")?.unwrap_or(false);
+                o.values = opts.get::<Option<bool>>("values")?.unwrap_or(false);
+            }
+            let values = o.values;
+            let r = with_run(lua, |run| {
+                Ok(run.host.list(prefix.as_deref().unwrap_or(""), o))
+            })?;
+            let r = match r {
+                Ok(entries) => {
+                    let list = lua.create_table_with_capacity(entries.len(), 0)?;
+                    for (key, value) in entries {
+                        if values {
+                            let item = lua.create_table()?;
+                            item.raw_set("key", key)?;
+                            if let Some(v) = value {
+                                item.raw_set("value", to_lua(lua, v)?)?;
+                            }
+                            list.raw_push(item)?;
+                        } else {
+                            list.raw_push(key)?;
+                        }
+                    }
+                    Ok(Value::Table(list))
+                }
+                Err(e) => Err(e),
+            };
+            returned(lua, r)
+        })?,
+    )?;
+    t.raw_set(
+        "access_token",
+        lua.create_function(|lua, opts: Option<Table>| {
+            let prefix: String = match &opts {
+                Some(o) => o.get::<Option<String>>("prefix")?.unwrap_or_default(),
+                None => String::new(),
+            };
+            let ttl: u64 = match &opts {
+                Some(o) => o.get::<Option<u64>>("ttl")?.unwrap_or(DEFAULT_TOKEN_TTL_S),
+                None => DEFAULT_TOKEN_TTL_S,
+            };
+            let names: Vec<String> = match opts
+                .as_ref()
+                .map(|o| o.get::<Value>("permissions"))
+                .transpose()?
+            {
+                None | Some(Value::Nil) => vec!["read".into()],
+                Some(Value::String(s)) => s
+                    .to_str()?
+                    .split(',')
+                    .map(|p| p.trim().to_owned())
+                    .collect(),
+                Some(v @ Value::Table(_)) => lua.from_value(v)?,
+                Some(_) => return Err(mlua::Error::runtime("permissions must be a list of names")),
+            };
+            let r = permissions(names.iter().map(String::as_str)).and_then(|p| {
+                with_run(lua, |run| Ok(run.host.access_token(&prefix, p, ttl)))
+                    .map_err(|e| CallError::Internal(e.to_string()))?
+            });
+            match r {
+                Ok((token, expires_at)) => Ok(MultiValue::from_iter([
+                    Value::String(lua.create_string(token)?),
+                    Value::Integer(i64::try_from(expires_at).unwrap_or(i64::MAX)),
+                ])),
+                Err(e) => returned(lua, Err(e)),
+            }
+        })?,
+    )?;
+    t.raw_set("say", output(lua, true)?)?;
+    t.raw_set("print", output(lua, false)?)?;
+    t.raw_set(
+        "header",
+        lua.create_function(|lua, (name, value): (String, String)| {
+            let lower = name.to_ascii_lowercase();
+            if axum::http::HeaderName::from_bytes(lower.as_bytes()).is_err()
+                || axum::http::HeaderValue::from_str(&value).is_err()
+            {
+                return Err(mlua::Error::runtime(format!("invalid header {name:?}")));
+            }
+            if RESERVED_HEADERS.contains(&lower.as_str()) {
+                return Err(mlua::Error::runtime(format!(
+                    "the header {name:?} is set by the server"
+                )));
+            }
+            with_run(lua, |run| {
+                run.headers.retain(|(k, _)| *k != lower);
+                run.headers.push((lower, value));
+                Ok(())
+            })
+        })?,
+    )?;
+    t.raw_set(
+        "status",
+        lua.create_function(|lua, code: u16| {
+            if !(100..=599).contains(&code) {
+                return Err(mlua::Error::runtime(format!("invalid HTTP status {code}")));
+            }
+            with_run(lua, |run| {
+                run.status = code;
+                Ok(())
+            })
+        })?,
+    )?;
+    t.raw_set(
+        "exit",
+        lua.create_function(|lua, code: Option<u16>| -> mlua::Result<()> {
+            with_run(lua, |run| {
+                if let Some(code) = code {
+                    if !(100..=599).contains(&code) {
+                        return Err(mlua::Error::runtime(format!("invalid HTTP status {code}")));
+                    }
+                    run.status = code;
+                }
+                Err(exit_now(run))
+            })
+        })?,
+    )?;
+    t.raw_set(
+        "redirect",
+        lua.create_function(
+            |lua, (url, code): (String, Option<u16>)| -> mlua::Result<()> {
+                let code = code.unwrap_or(302);
+                if ![301, 302, 303, 307, 308].contains(&code) {
+                    return Err(mlua::Error::runtime(format!(
+                        "invalid redirect status {code}"
+                    )));
+                }
+                if axum::http::HeaderValue::from_str(&url).is_err() {
+                    return Err(mlua::Error::runtime("invalid redirect URL"));
+                }
+                with_run(lua, |run| {
+                    run.status = code;
+                    run.headers.retain(|(k, _)| k != "location");
+                    run.headers.push(("location".into(), url));
+                    Err(exit_now(run))
+                })
+            },
+        )?,
+    )?;
+    t.raw_set(
+        "escape_html",
+        lua.create_function(|_, s: Option<mlua::LuaString>| {
+            let s = s.map(|s| s.to_string_lossy()).unwrap_or_default();
+            Ok(html_escape::encode_safe(&s).into_owned())
+        })?,
+    )?;
+    Ok(t)
+}
+
+/// `kvdb.json`: `encode(value)` and `decode(text)`; both raise on bad input.
+pub(super) fn json(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.raw_set(
+        "encode",
+        lua.create_function(|_, v: Value| {
+            serde_json::to_string(&v).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))
+        })?,
+    )?;
+    t.raw_set(
+        "decode",
+        lua.create_function(|lua, s: mlua::LuaString| {
+            let json: serde_json::Value = serde_json::from_slice(&s.as_bytes())
+                .map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))?;
+            lua.to_value(&json)
+        })?,
+    )?;
+    Ok(t)
+}
+
+fn scope_permissions(lua: &Lua, v: Value) -> mlua::Result<crate::bucket::Permissions> {
+    let names: Vec<String> = match v {
+        Value::String(s) => s
+            .to_str()?
+            .split(',')
+            .map(|p| p.trim().to_owned())
+            .collect(),
+        v @ Value::Table(_) => lua.from_value(v)?,
+        _ => {
+            return Err(mlua::Error::runtime(
+                "kvdb.scope.permissions must be a list of names",
+            ));
+        }
+    };
+    permissions(names.iter().map(String::as_str)).map_err(|e| mlua::Error::runtime(e.to_string()))
+}
+
+/// The metatable of `kvdb.scope`: reading gives the current prefix and
+/// permissions; assigning either replaces the run's scope from then on.
+pub(super) fn scope_metatable(lua: &Lua) -> mlua::Result<Table> {
+    let mt = lua.create_table()?;
+    mt.raw_set(
+        "__index",
+        lua.create_function(|lua, (_t, k): (Value, String)| {
+            with_run(lua, |run| {
+                let (prefix, perms) = run.script_scope.clone().unwrap_or_else(|| run.host.scope());
+                match k.as_str() {
+                    "prefix" => Ok(Value::String(lua.create_string(prefix)?)),
+                    "permissions" => Ok(Value::Table(lua.create_sequence_from(perms.names())?)),
+                    _ => Ok(Value::Nil),
+                }
+            })
+        })?,
+    )?;
+    mt.raw_set(
+        "__newindex",
+        lua.create_function(|lua, (_t, k, v): (Value, String, Value)| {
+            let perms = if k == "permissions" {
+                Some(scope_permissions(lua, v.clone())?)
+            } else {
+                None
+            };
+            with_run(lua, |run| {
+                let (mut prefix, mut permissions) =
+                    run.script_scope.clone().unwrap_or_else(|| run.host.scope());
+                match k.as_str() {
+                    "prefix" => {
+                        prefix = match v {
+                            Value::String(s) => s.to_str()?.to_owned(),
+                            _ => {
+                                return Err(mlua::Error::runtime(
+                                    "kvdb.scope.prefix must be a string",
+                                ));
+                            }
+                        };
+                    }
+                    "permissions" => permissions = perms.unwrap_or_default(),
+                    other => {
+                        return Err(mlua::Error::runtime(format!(
+                            "kvdb.scope has only prefix and permissions, not {other:?}"
+                        )));
+                    }
+                }
+                run.host
+                    .set_scope(&prefix, permissions)
+                    .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+                run.script_scope = Some((prefix, permissions));
+                Ok(())
+            })
+        })?,
+    )?;
+    mt.raw_set("__metatable", false)?;
+    Ok(mt)
+}
+
+/// `kvdb.var`, `method`, `path`, `headers`, `body` for one run.
+pub(super) fn set_request(
+    lua: &Lua,
+    kvdb: &Table,
+    request: &crate::script::Request,
+) -> mlua::Result<()> {
+    let var = lua.create_table()?;
+    for (k, v) in &request.vars {
+        var.raw_set(k.as_str(), v.as_str())?;
+    }
+    kvdb.raw_set("var", var)?;
+    kvdb.raw_set("method", request.method.as_str())?;
+    kvdb.raw_set("path", request.path.as_str())?;
+    let headers = lua.create_table()?;
+    for (k, v) in &request.headers {
+        let joined = match headers.raw_get::<Option<String>>(k.as_str())? {
+            Some(prev) => format!("{prev}, {v}"),
+            None => v.clone(),
+        };
+        headers.raw_set(k.as_str(), joined)?;
+    }
+    kvdb.raw_set("headers", headers)?;
+    kvdb.raw_set("body", lua.create_string(&request.body)?)?;
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The Lua sandbox: which globals exist, and how a run's environment is built.
+//!
+//! - Only `string`, `table`, `math`, `utf8` and `os.date/time/clock` are
+//!   loaded, plus basic functions from a whitelist; no `io`, `require`,
+//!   `load`, `dofile`, `loadfile`, `collectgarbage`, `rawset`, `debug`,
+//!   `coroutine`, `string.dump`. Chunks are loaded as text, never bytecode.
+//! - Library tables are read-only proxies (writes raise, their metatables are
+//!   locked) and the string metatable is locked, so a run can't change what
+//!   the next run sees.
+//! - Each run gets a new global table whose metatable (locked) reads through
+//!   to the shared base; globals a run defines die with it.
+//! - An instruction hook, set once per state, enforces the instruction and
+//!   wall-time limits of the current run.
+
+use mlua::chunk::ChunkMode;
+use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
+
+use super::{Run, RunCell, bindings};
+use crate::script::{Limit, Request};
+
+/// How often (in VM instructions) the hook checks the limits: rare enough to
+/// cost little, often enough to stop a run within microseconds of a limit.
+const HOOK_EVERY: u32 = 1000;
+
+/// The basic functions a script may use.
+const BASIC: &[&str] = &[
+    "assert",
+    "error",
+    "getmetatable",
+    "ipairs",
+    "next",
+    "pairs",
+    "pcall",
+    "rawequal",
+    "rawget",
+    "rawlen",
+    "select",
+    "setmetatable",
+    "tonumber",
+    "tostring",
+    "type",
+    "xpcall",
+    "_VERSION",
+];
+
+/// A Lua state with only the whitelisted libraries, the string metatable
+/// locked, and the limit hook installed.
+pub(super) fn new_lua() -> mlua::Result<Lua> {
+    let lua = Lua::new_with(
+        StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::OS,
+        LuaOptions::default(),
+    )?;
+    lua.load(
+        r#"
+        local mt = getmetatable("")
+        mt.__metatable = false
+        string.dump = nil
+        "#,
+    )
+    .set_mode(ChunkMode::Text)
+    .exec()?;
+    lua.set_hook(
+        HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+        |lua, _| {
+            let Some(cell) = lua.app_data_ref::<RunCell>() else {
+                return Ok(VmState::Continue);
+            };
+            let Ok(mut run) = cell.try_borrow_mut() else {
+                return Ok(VmState::Continue);
+            };
+            check_limits(&mut run);
+            if run.exceeded.is_some() || run.exited {
+                return Err(mlua::Error::runtime(match &run.exceeded {
+                    Some((limit, _)) => format!("the script hit its {} limit", limit.name()),
+                    None => "the script has exited".to_owned(),
+                }));
+            }
+            Ok(VmState::Continue)
+        },
+    )?;
+    Ok(lua)
+}
+
+fn check_limits(run: &mut Run) {
+    run.instructions += u64::from(HOOK_EVERY);
+    if run.exceeded.is_some() {
+        return;
+    }
+    if run.instructions > run.limits.instructions {
+        run.exceeded = Some((
+            Limit::Instructions,
+            format!(
+                "the script ran more than {} Lua instructions",
+                run.limits.instructions
+            ),
+        ));
+    } else if std::time::Instant::now() >= run.deadline {
+        run.exceeded = Some((
+            Limit::Time,
+            format!(
+                "the script ran longer than {} ms",
+                run.limits.time.as_millis()
+            ),
+        ));
+    }
+}
+
+/// Compiles a script as text. The chunk takes its environment as argument, so
+/// one compiled chunk serves every run with a fresh environment; the prefix is
+/// on the first line, so error lines match the source.
+pub(super) fn compile(lua: &Lua, name: &str, source: &[u8]) -> mlua::Result<Function> {
+    let mut chunk = Vec::with_capacity(source.len() + 24);
+    chunk.extend_from_slice(b"local _ENV = ...; ");
+    chunk.extend_from_slice(source);
+    lua.load(chunk)
+        .set_name(format!("={name}"))
+        .set_mode(ChunkMode::Text)
+        .into_function()
+}
+
+/// A read-only view of `table`: reads go through, writes raise (at the
+/// writer's line), and the metatable can't be read or replaced.
+fn read_only(lua: &Lua, table: Table) -> mlua::Result<Table> {
+    lua.load(
+        r#"
+        local t = ...
+        return setmetatable({}, {
+          __index = t,
+          __newindex = function(_, k)
+            error("attempt to modify a read-only library table (field " .. tostring(k) .. ")", 2)
+          end,
+          __metatable = false,
+        })
+        "#,
+    )
+    .set_name("=sandbox")
+    .set_mode(ChunkMode::Text)
+    .call(table)
+}
+
+/// What every run of a state shares, built once per state.
+pub(super) struct Base {
+    /// Metatable of each run's globals: reads through to the base, locked.
+    env_mt: Table,
+    /// The `kvdb` functions, copied into each run's `kvdb` table.
+    kvdb: Table,
+    /// Metatable of each run's `kvdb.scope`.
+    scope_mt: Table,
+}
+
+impl Base {
+    pub(super) fn new(lua: &Lua) -> mlua::Result<Self> {
+        let globals = lua.globals();
+        let base = lua.create_table()?;
+        for name in BASIC {
+            base.raw_set(*name, globals.raw_get::<Value>(*name)?)?;
+        }
+        for lib in ["string", "table", "math", "utf8"] {
+            base.raw_set(lib, read_only(lua, globals.raw_get::<Table>(lib)?)?)?;
+        }
+        let os_full: Table = globals.raw_get("os")?;
+        let os = lua.create_table()?;
+        for f in ["date", "time", "clock"] {
+            os.raw_set(f, os_full.raw_get::<Value>(f)?)?;
+        }
+        base.raw_set("os", read_only(lua, os)?)?;
+        base.raw_set("print", bindings::log_function(lua)?)?;
+        let env_mt = lua.create_table()?;
+        env_mt.raw_set("__index", base)?;
+        env_mt.raw_set("__metatable", false)?;
+        let kvdb = bindings::functions(lua)?;
+        kvdb.raw_set("json", read_only(lua, bindings::json(lua)?)?)?;
+        let scope_mt = bindings::scope_metatable(lua)?;
+        Ok(Self {
+            env_mt,
+            kvdb,
+            scope_mt,
+        })
+    }
+
+    /// A fresh global table for one run, with its own `kvdb` table.
+    pub(super) fn environment(&self, lua: &Lua, request: &Request) -> mlua::Result<Table> {
+        let env = lua.create_table()?;
+        env.set_metatable(Some(self.env_mt.clone()))?;
+        env.raw_set("_G", env.clone())?;
+        let kvdb = lua.create_table()?;
+        for pair in self.kvdb.pairs::<Value, Value>() {
+            let (k, v) = pair?;
+            kvdb.raw_set(k, v)?;
+        }
+        let scope = lua.create_table()?;
+        scope.set_metatable(Some(self.scope_mt.clone()))?;
+        kvdb.raw_set("scope", scope)?;
+        bindings::set_request(lua, &kvdb, request)?;
+        env.raw_set("kvdb", kvdb)?;
+        Ok(env)
+    }
+}

@@ -1,0 +1,113 @@
+//! Scripts: what a run gets (a [`Request`]), what it gives back (a
+//! [`Response`]), its [`Limits`], how it fails ([`ScriptError`]), and the
+//! [`api::Host`] that every runtime calls for every data operation.
+//!
+//! Runtimes (`lua`, later `wasm`) own their interpreters and sandboxes and
+//! translate values; they never touch storage or decide permissions: all data
+//! calls go through [`api::Host`], which goes through the run's
+//! [`Scoped`](crate::bucket::Scoped) bucket. Runs are blocking: callers run
+//! them off the async threads (`spawn_blocking`).
+
+pub mod api;
+pub mod lua;
+
+use std::time::Duration;
+
+/// The script runtimes of a server and the limits they enforce.
+pub struct Runtimes {
+    pub limits: Limits,
+    pub lua: lua::LuaRuntime,
+}
+
+impl Runtimes {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            lua: lua::LuaRuntime::new(limits),
+        }
+    }
+}
+
+/// The limits of one run. Each stops only the offending run, with a
+/// [`ScriptError::Limit`] that names it.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Wall-clock time of a run.
+    pub time: Duration,
+    /// Lua VM instructions of a run.
+    pub instructions: u64,
+    /// Memory a run may allocate beyond what its runtime already holds.
+    pub memory_bytes: usize,
+    /// Bytes of response body a run may produce.
+    pub response_bytes: usize,
+    /// Largest script source accepted on upload.
+    pub source_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            time: Duration::from_secs(1),
+            instructions: 50_000_000,
+            memory_bytes: 32 * 1024 * 1024,
+            response_bytes: 1024 * 1024,
+            source_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Which limit a run hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Time,
+    Instructions,
+    Memory,
+    Stack,
+    Response,
+}
+
+impl Limit {
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Time => "time",
+            Limit::Instructions => "instructions",
+            Limit::Memory => "memory",
+            Limit::Stack => "stack",
+            Limit::Response => "response-size",
+        }
+    }
+}
+
+/// The HTTP request a script runs for.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// Query and form (or JSON object) body parameters, the body winning on a
+    /// clash, plus `remote_addr`.
+    pub vars: Vec<(String, String)>,
+    /// Lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What a script answers.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// How a run or an upload fails.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    #[error("the script is invalid: {0}")]
+    Invalid(String),
+    #[error("the script failed: {0}")]
+    Failed(String),
+    #[error("the script exceeded its {} limit: {detail}", limit.name())]
+    Limit { limit: Limit, detail: String },
+    #[error("the script runtime failed: {0}")]
+    Internal(String),
+}
