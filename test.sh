@@ -13,11 +13,34 @@ for component in rustfmt clippy; do
   fi
 done
 
+# The example guests (examples/) build for WebAssembly components.
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+  rustup target add wasm32-wasip2
+fi
+
+# The browser test (tests/browser, run by tests/e2e/editor.rs) drives Debian's
+# Chromium through playwright-core, which never downloads a browser itself.
+say "browser test dependencies"
+if [ ! -x /usr/bin/chromium ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  apt-get install -y chromium
+fi
+# npm ci only when node_modules is missing or older than the lock file.
+if [ ! tests/browser/node_modules/.package-lock.json -nt tests/browser/package-lock.json ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund)
+fi
+
 say "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
 say "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Before the tests: they upload these components (target/wasm32-wasip2/release).
+say "example guests for wasm32-wasip2 (release)"
+cargo build --locked --target wasm32-wasip2 --release \
+  -p kvdb-example-visitors -p kvdb-example-hello -p kvdb-example-scope -p kvdb-example-guestbook
 
 say "cargo test --workspace"
 cargo test --workspace --locked

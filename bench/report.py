@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Turn the wrk runs of bench/run.sh into a Markdown table (stdlib only).
+"""Turn the wrk and redis-benchmark runs of bench/run.sh into a Markdown table
+(stdlib only).
 
-Input: runs.tsv, one line per wrk run:
-    workload, connections, contender, round, wrk log file, server CPU ticks, note
-(note is non-empty when something went wrong outside wrk, e.g. a server died).
+Input: runs.tsv, one line per wrk or redis-benchmark run:
+    workload, connections, contender, round, log file, server CPU ticks, note
+(note is non-empty when something went wrong outside the load generator, e.g.
+a server died).
 
 Output: the table on stdout and in OUT_MD. Exit status 1 if any run had an
 error, so the benchmark fails loudly while still showing everything it measured.
@@ -29,7 +31,17 @@ RATIOS = [
     (("PATCH hot", None, "kvdb strict"), ("PATCH hot", None, "webdis INCR"), None),
     (("PATCH many", None, "kvdb relaxed"), ("PATCH many", None, "webdis INCR"), 1.0),
     (("PATCH many", None, "kvdb strict"), ("PATCH many", None, "webdis INCR"), None),
+    (("script-get", None, "kvdb strict script"), ("script-get", None, "kvdb strict GET"), 0.6),
+    (("script-counter", None, "kvdb strict script"), ("script-counter", None, "kvdb strict PATCH"), None),
+    (("script-counter", None, "kvdb relaxed script"), ("script-counter", None, "kvdb relaxed PATCH"), None),
+    # What a script costs redis, for scale (same protocol on both sides).
+    (("script-counter", None, "redis EVAL (RESP)"), ("script-counter", None, "redis INCR (RESP)"), None),
 ]
+
+# The script counter beside redis: different protocols (HTTP vs RESP), so
+# indicative only. Columns of the side-by-side table.
+SIDE_BY_SIDE = ("script-counter", ["kvdb strict script", "kvdb relaxed script",
+                                   "kvdb relaxed PATCH", "redis EVAL (RESP)", "redis INCR (RESP)"])
 
 UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6}
 DURATION = r"([\d.]+)(us|ms|s|m)\b"
@@ -39,8 +51,38 @@ def to_us(value, unit):
     return float(value) * UNIT_US[unit]
 
 
+def parse_redis_benchmark(text):
+    """What one redis-benchmark --csv run reports (plus the request count and
+    elapsed time bench/run.sh appends); missing fields stay absent."""
+    run = {"errors": {}}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith('"test","rps"') and i + 1 < len(lines):
+            header = [f.strip('"') for f in line.split('","')]
+            values = [f.strip('"') for f in lines[i + 1].split('","')]
+            row = dict(zip(header, values))
+            try:
+                run["rps"] = float(row["rps"])
+                run["p50"] = float(row["p50_latency_ms"]) * 1e3
+                run["p99"] = float(row["p99_latency_ms"]) * 1e3
+            except (KeyError, ValueError):
+                pass
+    if m := re.search(r"^redis-benchmark requests: (\d+)", text, re.M):
+        run["requests"] = int(m[1])
+    if m := re.search(r"^(redis-benchmark exited with status \d+)", text, re.M):
+        run["errors"][m[1]] = 1
+    errors = len(re.findall(r"^.*\berror\b", text, re.M | re.I))
+    if errors:
+        run["errors"]["error lines"] = errors
+    if "rps" not in run or not run.get("requests"):
+        run["errors"]["no result from redis-benchmark"] = 1
+    return run
+
+
 def parse_wrk(text):
     """What one wrk --latency run reports; missing fields stay absent."""
+    if '"test","rps"' in text:
+        return parse_redis_benchmark(text)
     run = {"errors": {}}
     if m := re.search(r"(\d+) requests in " + DURATION, text):
         run["requests"] = int(m[1])
@@ -87,23 +129,25 @@ def median_of(runs, field):
 
 
 def check_counters(counters, groups):
-    """The hot key got one increment per answered PATCH hot request, plus at most
-    one per connection per run for requests still in flight when wrk stopped."""
+    """A counter got one increment per answered request of its workload and
+    contender, plus at most one per connection per run for requests still in
+    flight when wrk stopped. COUNTER is "WORKLOAD|CONTENDER=VALUE"."""
     checks = []
     for item in counters:
-        contender, _, value = item.partition("=")
+        name, _, value = item.partition("=")
+        workload, _, contender = name.partition("|")
         runs = [(k[1], r) for k, rs in groups.items()
-                if k[0] == "PATCH hot" and k[2] == contender for r in rs]
+                if k[0] == workload and k[2] == contender for r in rs]
         counted = sum(r.get("requests", 0) for _, r in runs)
         in_flight = sum(conns for conns, _ in runs)
         errors = sum(sum(r["errors"].values()) for _, r in runs)
         try:
             n = int(value.strip())
         except ValueError:
-            checks.append((False, f"{contender}: counter unreadable ({value.strip()!r})"))
+            checks.append((False, f"{workload}, {contender}: counter unreadable ({value.strip()!r})"))
             continue
         ok = counted <= n <= counted + in_flight + errors
-        checks.append((ok, f"{contender}: counter {n:,}, answered {counted:,} "
+        checks.append((ok, f"{workload}, {contender}: counter {n:,}, answered {counted:,} "
                            f"(+ up to {in_flight} in flight)"))
     return checks
 
@@ -149,7 +193,7 @@ def main():
     ap.add_argument("--clk-tck", type=int, default=100)
     ap.add_argument("--note", action="append", default=[])
     ap.add_argument("--counter", action="append", default=[],
-                    help="CONTENDER=VALUE: the hot counter read back after the runs")
+                    help="WORKLOAD|CONTENDER=VALUE: a counter read back after the runs")
     args = ap.parse_args()
 
     order, groups = load(args.runs_tsv, args.clk_tck)
@@ -172,7 +216,10 @@ def main():
         "# KVdb benchmark",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}: {args.rounds} round(s) of {args.duration} s per "
-        "contender, contenders interleaved (A B C A B C …); wrk -t2 -c64 and -t1 -c1.",
+        "contender, contenders interleaved (A B C A B C …); wrk -t2 -c64 and -t1 -c1"
+        + ("; redis-benchmark -c 64 and -c 1 for the (RESP) rows (a different protocol "
+           "from HTTP: indicative only)" if any("(RESP)" in k[2] for k in order) else "")
+        + ".",
         "",
         *(f"- {n}" for n in args.note),
         "",
@@ -203,6 +250,8 @@ def main():
         else:
             pairs = [(f"{num[1]} / {den[1]}", num, den)]
         for conns, nk, dk in pairs:
+            if nk not in stats and dk not in stats:
+                continue  # a workload group that did not run
             n, d = stats.get(nk, {}).get("rps"), stats.get(dk, {}).get("rps")
             value = n / d if n and d else None
             met = "–" if target is None or value is None else ("✅" if value >= target else "❌")
@@ -213,8 +262,24 @@ def main():
                 f"{'–' if value is None else f'{value:.2f}×'} | "
                 f"{'–' if target is None else f'≥ {target:g}×'} | {met} |"
             )
-    out += ["", "Lost-update check (PATCH hot: counter read back vs. increments wrk counted):", ""]
-    out += [f"- {'ok' if ok else '**FAILED**'}: {msg}" for ok, msg in checks]
+    workload, columns = SIDE_BY_SIDE
+    columns = [c for c in columns if any(k == (workload, c2, c) for k in order for c2 in conn_counts)]
+    if any("(RESP)" in c for c in columns) and any("(RESP)" not in c for c in columns):
+        out += [
+            "",
+            f"{workload}, median req/s side by side. **kvdb is HTTP (wrk), redis is RESP "
+            "(redis-benchmark): different protocols and clients, so this comparison is "
+            "indicative only.**",
+            "",
+            "| Conns | " + " | ".join(columns) + " |",
+            "| ---: | " + " | ".join("---:" for _ in columns) + " |",
+        ]
+        for conns in conn_counts:
+            cells = [fmt_rps(stats.get((workload, conns, c), {}).get("rps")) for c in columns]
+            out.append(f"| {conns} | " + " | ".join(cells) + " |")
+    if checks:
+        out += ["", "Lost-update check (counter read back vs. increments answered):", ""]
+        out += [f"- {'ok' if ok else '**FAILED**'}: {msg}" for ok, msg in checks]
     out += [
         "",
         "Errors: " + ("**some runs had errors (see the Errors column and the wrk logs in "

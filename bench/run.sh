@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # KVdb benchmark: kvdb (strict and relaxed durability) against a trivial axum
 # server (the ceiling: what the HTTP stack alone costs) and against webdis in
-# front of redis (a well-known HTTP key-value service), all driven by wrk.
+# front of redis (a well-known HTTP key-value service), all driven by wrk; and
+# kvdb's Lua scripts against plain requests, with redis EVAL / INCR (driven by
+# redis-benchmark over RESP) beside them.
 #
 #   bench/run.sh                      # 3 rounds of 5 s per contender and case
 #   DURATION=1 ROUNDS=1 bench/run.sh  # quick smoke run
+#   WORKLOADS=scripts bench/run.sh    # only some groups: core, scripts, all (default)
+#   BUILD=0 bench/run.sh              # use the release binaries already in target/
 #
 # Prints a Markdown table and writes it to bench/results/latest.md (raw wrk
 # output and server logs go to bench/results/logs/). Exits non-zero if any run
-# saw an error (non-2xx answer, socket error, wrk failure, server death).
+# saw an error (non-2xx answer, socket error, wrk or redis-benchmark failure,
+# server death, lost update).
 # See bench/README.md for what is measured and the targets.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 PATCH_KEYS=${PATCH_KEYS:-10000}   # key space of the "PATCH many" workload
+WORKLOADS=${WORKLOADS:-all}       # groups to run, comma or space separated
+SCRIPT_SECRET=s3                  # secret key of the buckets that hold the scripts
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH=$ROOT/bench
@@ -24,22 +31,41 @@ CLK_TCK=$(getconf CLK_TCK)
 log() { echo "[bench] $*" >&2; }
 die() { log "error: $*"; exit 2; }
 
+# core: GET, PUT, PATCH hot, PATCH many (kvdb vs ceiling vs webdis).
+# scripts: script-get, script-counter (kvdb scripts vs plain requests, redis EVAL).
+RUN_CORE="" RUN_SCRIPTS=""
+for group in ${WORKLOADS//,/ }; do
+    case $group in
+        all) RUN_CORE=1 RUN_SCRIPTS=1 ;;
+        core) RUN_CORE=1 ;;
+        scripts) RUN_SCRIPTS=1 ;;
+        *) die "unknown workload group '$group' in WORKLOADS (core, scripts, all)" ;;
+    esac
+done
+[[ -n $RUN_CORE$RUN_SCRIPTS ]] || die "WORKLOADS names no group (core, scripts, all)"
+
 # --- setup -------------------------------------------------------------------
 
 install_deps() {
     local missing=() tool
-    for tool in wrk redis-server webdis; do
+    for tool in wrk redis-server redis-cli redis-benchmark webdis; do
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
     if ((${#missing[@]})); then
         log "installing ${missing[*]} from Debian"
         apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk redis-server webdis >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk redis-server redis-tools webdis >&2
     fi
     command -v python3 >/dev/null || die "python3 is needed for the report"
 }
 
 build() {
+    if [[ ${BUILD:-1} == 0 ]]; then
+        log "BUILD=0: using the existing binaries ($(stat -c %y "$ROOT/target/release/kvdb" 2>/dev/null || echo 'missing'))"
+        [[ -x $ROOT/target/release/kvdb && -x $ROOT/target/release/kvdb-bench-ceiling ]] ||
+            die "BUILD=0 but target/release/kvdb or kvdb-bench-ceiling is missing"
+        return
+    fi
     log "building release binaries"
     (cd "$ROOT" && cargo build --release -q -p kvdb -p kvdb-bench-ceiling) >&2
 }
@@ -114,7 +140,7 @@ start_ceiling() {
 # neither side gets to skip the disk entirely. No RDB snapshots (--save ''),
 # whose fork would land at random in some runs. REDIS_AOF=no turns persistence
 # off (pure in-memory redis) for comparison.
-start_redis_webdis() {
+start_redis() {
     REDIS_PORT=$(free_port)
     mkdir -p "$TMP/redis"
     local persist=(--appendonly yes --appendfsync everysec)
@@ -125,7 +151,17 @@ start_redis_webdis() {
         >"$TMP/redis.out" 2>"$TMP/redis.err" &
     REDIS_PID=$!
     PIDS+=("$REDIS_PID")
+    local _
+    for _ in $(seq 300); do
+        [[ $(redis-cli -p "$REDIS_PORT" PING 2>/dev/null) == PONG ]] && break
+        kill -0 "$REDIS_PID" 2>/dev/null || { cat "$TMP/redis.out" "$TMP/redis.err" >&2; die "redis exited"; }
+        sleep 0.1
+    done
+    [[ $(redis-cli -p "$REDIS_PORT" PING 2>/dev/null) == PONG ]] || die "redis never answered PING"
+    log "redis: pid $REDIS_PID port $REDIS_PORT ($REDIS_DESC)"
+}
 
+start_webdis() {
     WEBDIS_PORT=$(free_port)
     # Same keys as /etc/webdis/webdis.json, minus the daemon, pidfile and ACLs.
     cat >"$TMP/webdis.json" <<EOF
@@ -149,7 +185,41 @@ EOF
     # PING goes through webdis to redis, so both are up once it answers.
     wait_http "http://127.0.0.1:$WEBDIS_PORT/PING" PONG
     curl -fsS -o /dev/null "http://127.0.0.1:$WEBDIS_PORT/SET/small/hello"
-    log "redis: pid $REDIS_PID port $REDIS_PORT; webdis: pid $WEBDIS_PID port $WEBDIS_PORT"
+    log "webdis: pid $WEBDIS_PID port $WEBDIS_PORT"
+}
+
+# setup_scripts NAME: on the kvdb started as NAME, a bucket with a secret key
+# (only those can have scripts) holding the key "k" = "hello" and the scripts
+# of bench/scripts/ (get.lua as "get", visitors.lua as "visitors"). Runs each
+# script once to check it answers. Sets NAME_SBUCKET and NAME_VISITORS_BASE
+# (the visitors count after that check, subtracted in the lost-update check).
+setup_scripts() {
+    local name=$1 port_var=${1}_PORT
+    local base="http://127.0.0.1:${!port_var}"
+    local bucket; bucket=$(curl -fsS -d "secret_key=$SCRIPT_SECRET" "$base/")
+    [[ $bucket =~ ^[A-Za-z0-9_-]+$ ]] || die "$name: POST / with a secret key answered '$bucket'"
+    curl -fsS -o /dev/null -X PUT --data-binary hello "$base/$bucket/k"
+    local script out code
+    for script in get visitors; do
+        out=$(curl -sS -u "$SCRIPT_SECRET:" -T "$BENCH/scripts/$script.lua" \
+            -w '\n%{http_code}' "$base/$bucket/scripts/$script") || die "$name: upload of $script failed"
+        code=${out##*$'\n'}
+        [[ $code == 2?? ]] || die "$name: curl -u $SCRIPT_SECRET: -T bench/scripts/$script.lua $base/$bucket/scripts/$script answered $code: ${out%$'\n'*}"
+        out=$(curl -sS -w '\n%{http_code}' "$base/$bucket/scripts/$script") || die "$name: running $script failed"
+        code=${out##*$'\n'}
+        [[ $code == 200 ]] || die "$name: GET $base/$bucket/scripts/$script answered $code: ${out%$'\n'*}"
+    done
+    printf -v "${name}_SBUCKET" %s "$bucket"
+    printf -v "${name}_VISITORS_BASE" %s "$(visitors_count "$base/$bucket")"
+    log "$name: script bucket $bucket (scripts get, visitors)"
+}
+
+# visitors_count BUCKET_URL: the sum of every visitors:DATE counter (a run
+# that crosses midnight counts into two keys).
+visitors_count() {
+    local listing
+    listing=$(curl -fsS -u "$SCRIPT_SECRET:" "$1/?prefix=visitors:&values=true&format=text") || return 1
+    awk -F= '{ n += $NF } END { print n + 0 }' <<<"$listing"
 }
 
 # --- measuring ---------------------------------------------------------------
@@ -167,36 +237,101 @@ cpu_ticks() {
     echo "$total"
 }
 
-# measure WORKLOAD CONNS ROUND SPEC: one wrk run, appended to runs.tsv.
-# SPEC is "CONTENDER|SERVER PIDS|URL|LUA SCRIPT|SCRIPT ARGS" (args without
-# spaces; @TAG@ becomes a tag unique to this connection count and round).
+# redis_command NAME: the redis-benchmark command line of a RESP workload.
+redis_command() {
+    case $1 in
+        eval) RCMD=(EVAL "return redis.call('incr', KEYS[1])" 1 k) ;;
+        incr) RCMD=(INCR k) ;;
+        *) die "unknown redis command '$1'" ;;
+    esac
+}
+
+# rb_rps FILE: the req/s of a redis-benchmark --csv output (empty if none).
+rb_rps() {
+    # The test name may hold commas (EVAL ... 'incr', KEYS[1] ...): split on ",".
+    grep -A1 '^"test","rps"' "$1" | sed -n 2p | awk -F'","' '{ print $2 }' || true
+}
+
+# redis-benchmark runs a number of requests, not a duration: RB_N[CMD-cCONNS]
+# is the request count that should last about DURATION s, first from a short
+# calibration run, then from the previous measured run (following drift).
+declare -A RB_N=()
+rb_requests() {
+    local cmd=$1 conns=$2 port=$3 key="$1-c$2"
+    if [[ -z ${RB_N[$key]:-} ]]; then
+        local n0=3000; ((conns > 1)) && n0=20000
+        redis_command "$cmd"
+        local cal="$TMP/logs/calibration-redis-$key.txt"
+        redis-benchmark -p "$port" -c "$conns" -n "$n0" --csv "${RCMD[@]}" >"$cal" 2>&1 || true
+        rb_update "$key" "$(rb_rps "$cal")" "$n0"
+    fi
+    echo "${RB_N[$key]}"
+}
+rb_update() {
+    local key=$1 rps=${2:-} fallback=$3
+    if [[ $rps =~ ^[0-9.]+$ ]]; then
+        RB_N[$key]=$(awk -v r="$rps" -v d="$DURATION" 'BEGIN { n = int(r * d); print (n < 1000 ? 1000 : n) }')
+    else
+        RB_N[$key]=$fallback
+    fi
+}
+
+# measure WORKLOAD CONNS ROUND SPEC: one wrk or redis-benchmark run, appended
+# to runs.tsv. SPEC is "CONTENDER|SERVER PIDS|URL|LUA SCRIPT|SCRIPT ARGS" (args
+# without spaces; @TAG@ becomes a tag unique to this connection count and
+# round). A URL resp://127.0.0.1:PORT means redis-benchmark on that port, with
+# the LUA SCRIPT field naming the command (see redis_command).
 measure() {
     local workload=$1 conns=$2 round=$3 spec=$4
     local name pids url script args
     IFS='|' read -r name pids url script args <<<"$spec"
     args=${args//@TAG@/c${conns}r${round}}
-    # wrk needs at least one connection per thread.
-    local threads=2; ((conns < 2)) && threads=1
-    local cmd=(wrk -t"$threads" -c"$conns" -d"${DURATION}s" --latency)
-    [[ -n $script ]] && cmd+=(-s "$BENCH/wrk/$script")
-    cmd+=("$url")
-    # shellcheck disable=SC2206 # args are space-separated words on purpose
-    [[ -n $script ]] && cmd+=(-- $args)
+    local cmd tool requests=""
+    if [[ $url == resp://* ]]; then
+        tool=redis-benchmark
+        [[ -n ${RB_N[$script-c$conns]:-} ]] || rb_requests "$script" "$conns" "${url##*:}" >/dev/null
+        requests=${RB_N[$script-c$conns]}
+        redis_command "$script"
+        cmd=(redis-benchmark -p "${url##*:}" -c "$conns" -n "$requests" --csv "${RCMD[@]}")
+    else
+        tool=wrk
+        # wrk needs at least one connection per thread.
+        local threads=2; ((conns < 2)) && threads=1
+        cmd=(wrk -t"$threads" -c"$conns" -d"${DURATION}s" --latency)
+        [[ -n $script ]] && cmd+=(-s "$BENCH/wrk/$script")
+        cmd+=("$url")
+        # shellcheck disable=SC2206 # args are space-separated words on purpose
+        if [[ -n $script ]]; then cmd+=(-- $args); fi
+    fi
 
     local logfile; logfile="$TMP/logs/$(tr -c 'A-Za-z0-9\n' _ <<<"$workload-c$conns-$name-r$round").txt"
-    local before after note=""
+    local before after note="" start end
     # shellcheck disable=SC2086 # pids is a list
     before=$(cpu_ticks $pids)
-    { echo "\$ ${cmd[*]}"; "${cmd[@]}" 2>&1 || echo "wrk exited with status $?"; } >"$logfile"
+    start=$(date +%s.%N)
+    { printf '$'; printf ' %q' "${cmd[@]}"; echo
+      "${cmd[@]}" 2>&1 || echo "$tool exited with status $?"; } >"$logfile"
+    end=$(date +%s.%N)
     # shellcheck disable=SC2086
     after=$(cpu_ticks $pids)
+    if [[ $tool == redis-benchmark ]]; then
+        # What report.py needs and the CSV lacks: the request count and the time.
+        printf 'redis-benchmark requests: %s\nelapsed: %s s\n' "$requests" \
+            "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" >>"$logfile"
+        rb_update "$script-c$conns" "$(rb_rps "$logfile")" "$requests"
+    fi
     local pid
     for pid in $pids; do
         kill -0 "$pid" 2>/dev/null || note="server pid $pid died"
     done
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$workload" "$conns" "$name" "$round" \
         "$logfile" "$((after - before))" "$note" >>"$TMP/runs.tsv"
-    log "$workload c$conns r$round $name: $(grep -o 'Requests/sec:.*' "$logfile" || echo 'no result') ${note}"
+    local result; result=$(grep -o 'Requests/sec:.*' "$logfile" || true)
+    if [[ $tool == redis-benchmark ]]; then
+        result=$(rb_rps "$logfile")
+        result=${result:+"Requests/sec: $result (-n $requests)"}
+    fi
+    log "$workload c$conns r$round $name: ${result:-no result} ${note}"
 }
 
 # workload NAME SPEC...: for each connection count, ROUNDS rounds of all
@@ -227,41 +362,95 @@ mkdir -p "$TMP/logs"
 
 start_kvdb strict                           # the default durability
 start_kvdb relaxed --durability relaxed
-start_ceiling
-start_redis_webdis
+start_redis
+if [[ -n $RUN_CORE ]]; then
+    start_ceiling
+    start_webdis
+fi
+if [[ -n $RUN_SCRIPTS ]]; then
+    setup_scripts strict
+    setup_scripts relaxed
+fi
 
 KS="http://127.0.0.1:$strict_PORT"
 KR="http://127.0.0.1:$relaxed_PORT"
-WD="http://127.0.0.1:$WEBDIS_PORT"
-WD_PIDS="$WEBDIS_PID $REDIS_PID"   # webdis's cost includes the redis behind it
+NOTES=("kvdb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')")
+[[ ${BUILD:-1} == 0 ]] && NOTES[0]+=", not rebuilt (BUILD=0): binary of $(stat -c %y "$ROOT/target/release/kvdb" | cut -d. -f1)"
+COUNTERS=()
 
-workload "GET" \
-    "kvdb strict|$strict_PID|$KS/$strict_BUCKET/small||" \
-    "ceiling|$CEIL_PID|http://127.0.0.1:$CEIL_PORT/||" \
-    "webdis GET|$WD_PIDS|$WD/GET/small||"
+if [[ -n $RUN_CORE ]]; then
+    WD="http://127.0.0.1:$WEBDIS_PORT"
+    WD_PIDS="$WEBDIS_PID $REDIS_PID"   # webdis's cost includes the redis behind it
 
-workload "PUT" \
-    "kvdb strict|$strict_PID|$KS|put.lua|kvdb /$strict_BUCKET @TAG@" \
-    "kvdb relaxed|$relaxed_PID|$KR|put.lua|kvdb /$relaxed_BUCKET @TAG@" \
-    "webdis SET|$WD_PIDS|$WD|put.lua|webdis - @TAG@"
+    workload "GET" \
+        "kvdb strict|$strict_PID|$KS/$strict_BUCKET/small||" \
+        "ceiling|$CEIL_PID|http://127.0.0.1:$CEIL_PORT/||" \
+        "webdis GET|$WD_PIDS|$WD/GET/small||"
 
-workload "PATCH hot" \
-    "kvdb strict|$strict_PID|$KS|patch.lua|kvdb /$strict_BUCKET 1" \
-    "kvdb relaxed|$relaxed_PID|$KR|patch.lua|kvdb /$relaxed_BUCKET 1" \
-    "webdis INCR|$WD_PIDS|$WD|patch.lua|webdis - 1"
+    workload "PUT" \
+        "kvdb strict|$strict_PID|$KS|put.lua|kvdb /$strict_BUCKET @TAG@" \
+        "kvdb relaxed|$relaxed_PID|$KR|put.lua|kvdb /$relaxed_BUCKET @TAG@" \
+        "webdis SET|$WD_PIDS|$WD|put.lua|webdis - @TAG@"
 
-workload "PATCH many" \
-    "kvdb strict|$strict_PID|$KS|patch.lua|kvdb /$strict_BUCKET $PATCH_KEYS" \
-    "kvdb relaxed|$relaxed_PID|$KR|patch.lua|kvdb /$relaxed_BUCKET $PATCH_KEYS" \
-    "webdis INCR|$WD_PIDS|$WD|patch.lua|webdis - $PATCH_KEYS"
+    workload "PATCH hot" \
+        "kvdb strict|$strict_PID|$KS|patch.lua|kvdb /$strict_BUCKET 1" \
+        "kvdb relaxed|$relaxed_PID|$KR|patch.lua|kvdb /$relaxed_BUCKET 1" \
+        "webdis INCR|$WD_PIDS|$WD|patch.lua|webdis - 1"
 
-# Lost-update check: the hot counter must equal the increments wrk counted
-# (plus at most the requests still in flight when each run stopped).
-COUNTERS=(
-    --counter "kvdb strict=$(curl -fsS "$KS/$strict_BUCKET/ctr-0" || echo unreadable)"
-    --counter "kvdb relaxed=$(curl -fsS "$KR/$relaxed_BUCKET/ctr-0" || echo unreadable)"
-    --counter "webdis INCR=$(curl -fsS "$WD/GET/ctr-0.txt" || echo unreadable)"
-)
+    workload "PATCH many" \
+        "kvdb strict|$strict_PID|$KS|patch.lua|kvdb /$strict_BUCKET $PATCH_KEYS" \
+        "kvdb relaxed|$relaxed_PID|$KR|patch.lua|kvdb /$relaxed_BUCKET $PATCH_KEYS" \
+        "webdis INCR|$WD_PIDS|$WD|patch.lua|webdis - $PATCH_KEYS"
+
+    # Lost-update check: the hot counter must equal the increments wrk counted
+    # (plus at most the requests still in flight when each run stopped).
+    COUNTERS+=(
+        --counter "PATCH hot|kvdb strict=$(curl -fsS "$KS/$strict_BUCKET/ctr-0" || echo unreadable)"
+        --counter "PATCH hot|kvdb relaxed=$(curl -fsS "$KR/$relaxed_BUCKET/ctr-0" || echo unreadable)"
+        --counter "PATCH hot|webdis INCR=$(curl -fsS "$WD/GET/ctr-0.txt" || echo unreadable)"
+    )
+    NOTES+=(
+        "redis: $REDIS_DESC; webdis threads 2, pool_size 20; webdis CPU counts webdis + redis"
+        "PATCH many: key drawn at random from $PATCH_KEYS"
+    )
+fi
+
+if [[ -n $RUN_SCRIPTS ]]; then
+    SS="$KS/$strict_SBUCKET"
+    SR="$KR/$relaxed_SBUCKET"
+    RESP="resp://127.0.0.1:$REDIS_PORT"
+
+    # A script that reads one small key and says it, vs GET of that key.
+    workload "script-get" \
+        "kvdb strict script|$strict_PID|$SS/scripts/get||" \
+        "kvdb strict GET|$strict_PID|$SS/k||"
+
+    # The visitors counter of API.md (incr, then get, then say), vs PATCH +1 on
+    # one hot key; redis EVAL of an incr script and plain INCR beside them.
+    workload "script-counter" \
+        "kvdb strict script|$strict_PID|$SS/scripts/visitors||" \
+        "kvdb strict PATCH|$strict_PID|$KS|patch.lua|kvdb /$strict_SBUCKET 1" \
+        "kvdb relaxed script|$relaxed_PID|$SR/scripts/visitors||" \
+        "kvdb relaxed PATCH|$relaxed_PID|$KR|patch.lua|kvdb /$relaxed_SBUCKET 1" \
+        "redis EVAL (RESP)|$REDIS_PID|$RESP|eval|" \
+        "redis INCR (RESP)|$REDIS_PID|$RESP|incr|"
+
+    # Lost-update check: every answered script run counted one visitor.
+    vs=$(visitors_count "$SS") || vs=unreadable
+    vr=$(visitors_count "$SR") || vr=unreadable
+    [[ $vs =~ ^[0-9]+$ ]] && vs=$((vs - strict_VISITORS_BASE))
+    [[ $vr =~ ^[0-9]+$ ]] && vr=$((vr - relaxed_VISITORS_BASE))
+    COUNTERS+=(
+        --counter "script-counter|kvdb strict script=$vs"
+        --counter "script-counter|kvdb relaxed script=$vr"
+        --counter "script-counter|kvdb strict PATCH=$(curl -fsS "$SS/ctr-0" || echo unreadable)"
+        --counter "script-counter|kvdb relaxed PATCH=$(curl -fsS "$SR/ctr-0" || echo unreadable)"
+    )
+    NOTES+=(
+        "scripts: Lua, uploaded to a bucket with a secret key, run anonymously with GET /BUCKET/scripts/NAME; script-get is bench/scripts/get.lua, script-counter is bench/scripts/visitors.lua (the visitors counter of API.md)"
+        "redis rows: redis-benchmark -c 64 / -c 1 -n N (N from the previous run's rate, for about $DURATION s) against $REDIS_DESC; EVAL is \`EVAL \"return redis.call('incr', KEYS[1])\" 1 k\`; server CPU counts redis only"
+    )
+fi
 
 # Keep the raw evidence next to the table.
 mkdir -p "$RESULTS"
@@ -270,12 +459,13 @@ cp -r "$TMP/logs" "$RESULTS/logs"
 cp "$TMP"/*.out "$TMP"/*.err "$TMP/webdis.log" "$RESULTS/logs/" 2>/dev/null || true
 sed "s|$TMP/logs/|$RESULTS/logs/|" "$TMP/runs.tsv" >"$RESULTS/logs/runs.tsv"
 
+NOTES+=("machine: $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)")
+NOTE_ARGS=()
+for note in "${NOTES[@]}"; do NOTE_ARGS+=(--note "$note"); done
+
 status=0
 python3 "$BENCH/report.py" "$RESULTS/logs/runs.tsv" "$RESULTS/latest.md" \
-    "${COUNTERS[@]}" --rounds "$ROUNDS" --duration "$DURATION" --clk-tck "$CLK_TCK" \
-    --note "kvdb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')" \
-    --note "redis: $REDIS_DESC; webdis threads 2, pool_size 20; webdis CPU counts webdis + redis" \
-    --note "PATCH many: key drawn at random from $PATCH_KEYS" \
-    --note "machine: $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)" \
+    "${COUNTERS[@]}" "${NOTE_ARGS[@]}" \
+    --rounds "$ROUNDS" --duration "$DURATION" --clk-tck "$CLK_TCK" \
     || status=$?
 exit "$status"

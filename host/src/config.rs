@@ -73,15 +73,21 @@ pub struct ServeArgs {
     /// Lua VM instructions a script run may execute.
     #[arg(long, env = "KVDB_SCRIPT_INSTRUCTIONS", default_value_t = 50_000_000)]
     pub script_instructions: u64,
+    /// WebAssembly fuel a script run may use (about one unit per instruction).
+    #[arg(long, env = "KVDB_SCRIPT_FUEL", default_value_t = 500_000_000)]
+    pub script_fuel: u64,
     /// Memory a script run may allocate, in bytes.
     #[arg(long, env = "KVDB_SCRIPT_MEMORY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub script_memory_bytes: usize,
     /// Response body a script run may produce, in bytes.
     #[arg(long, env = "KVDB_SCRIPT_RESPONSE_BYTES", default_value_t = 1024 * 1024)]
     pub script_response_bytes: usize,
-    /// Largest script source accepted on upload, in bytes.
+    /// Largest Lua script accepted on upload, in bytes.
     #[arg(long, env = "KVDB_SCRIPT_SOURCE_BYTES", default_value_t = 256 * 1024)]
     pub script_source_bytes: usize,
+    /// Largest WebAssembly component accepted on upload, in bytes.
+    #[arg(long, env = "KVDB_SCRIPT_COMPONENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub script_component_bytes: usize,
 }
 
 impl ServeArgs {
@@ -90,9 +96,11 @@ impl ServeArgs {
         crate::script::Limits {
             time: std::time::Duration::from_millis(self.script_time_ms),
             instructions: self.script_instructions,
+            fuel: self.script_fuel,
             memory_bytes: self.script_memory_bytes,
             response_bytes: self.script_response_bytes,
             source_bytes: self.script_source_bytes,
+            component_bytes: self.script_component_bytes,
         }
     }
 }

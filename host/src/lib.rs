@@ -23,7 +23,7 @@ pub mod http;
 pub mod script;
 pub mod storage;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +33,10 @@ use bucket::Buckets;
 /// asks sooner: expired entries are invisible at once, so this only bounds
 /// how long their space stays taken.
 pub const GC_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a shutdown waits for requests in flight before it stops anyway
+/// (a backup being streamed, a script stuck in a C call).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Reclaims space in the background: on a timer, and at once when a bucket is
 /// deleted. Each step is a small write batch, so requests never stall on it.
@@ -66,12 +70,28 @@ pub async fn run(
     let buckets = state.buckets.clone();
     let gc = tokio::spawn(gc_loop(buckets.clone()));
     let app = http::router(state);
-    let served = axum::serve(
+    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    };
+    let serve = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    .with_graceful_shutdown(signal)
+    .into_future();
+    let grace = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let served = tokio::select! {
+        served = serve => served,
+        () = grace => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "requests still running after the grace period: stopping anyway");
+            Ok(())
+        }
+    };
     gc.abort();
     let store = buckets.store().clone();
     // Closing joins the writer thread (it drains and syncs): off the runtime.

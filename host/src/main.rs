@@ -48,14 +48,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     let state = kvdb::http::AppState {
-        scripts: Arc::new(kvdb::script::Runtimes::new(args.script_limits())),
+        scripts: Arc::new(
+            kvdb::script::Runtimes::new(args.script_limits())
+                .context("setting up the script runtimes")?,
+        ),
         buckets,
         admin_token: args.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
@@ -66,7 +69,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         kvdb::run(listener, state, shutdown_signal()).await?;
         tracing::info!("stopped cleanly");
         Ok(())
-    })
+    });
+    // Don't wait for a blocking thread that can't be stopped (a script stuck
+    // in a C call): the store is already closed and synced.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 async fn shutdown_signal() {

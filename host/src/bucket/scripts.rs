@@ -1,5 +1,8 @@
-//! Scripts as bucket data: stored under `id(16) 's' name`, so they survive
-//! restarts, belong to backups and go when the bucket goes.
+//! Scripts as bucket data, so they survive restarts, belong to backups and go
+//! when the bucket goes: `id(16) 's' name` holds the script's metadata (kind,
+//! time, size), `id(16) 'c' name` its source (tagged with the metadata's
+//! version). A run reads the small metadata and loads the source only when
+//! its runtime has not compiled that version yet.
 //!
 //! Managing scripts needs the admin; loading one to run it needs nothing (the
 //! run is then confined to the caller's scope by the runtime, through
@@ -11,6 +14,7 @@ use super::{Bucket, BucketError, BucketId, Scoped, ensure_bucket, now_s};
 
 const KIND_LUA: u8 = 0x20;
 const KIND_WASM: u8 = 0x21;
+const KIND_SOURCE: u8 = 0x22;
 
 /// The longest script name (API.md).
 pub const MAX_SCRIPT_NAME: usize = 64;
@@ -84,14 +88,16 @@ impl ScriptKind {
     }
 }
 
-/// A stored script.
+/// A stored script's metadata (its source is loaded on demand).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredScript {
     pub bucket: BucketId,
     pub name: ScriptName,
     pub kind: ScriptKind,
-    pub source: Vec<u8>,
-    /// Changes on every upload: with the bucket and name, a cache key.
+    /// Bytes of source.
+    pub size: u64,
+    /// The store-wide version of the upload: unique to this source, so it is
+    /// the key of compiled-code caches.
     pub version: u64,
     /// Unix seconds.
     pub updated_at: u64,
@@ -103,7 +109,7 @@ impl StoredScript {
         serde_json::json!({
             "name": self.name.as_str(),
             "kind": self.kind.name(),
-            "size": self.source.len(),
+            "size": self.size,
             "updated_at": self.updated_at,
         })
     }
@@ -121,22 +127,32 @@ fn script_key(id: &BucketId, name: &ScriptName) -> Vec<u8> {
     k
 }
 
+fn source_key(id: &BucketId, name: &ScriptName) -> Vec<u8> {
+    let mut k = id.to_bytes().to_vec();
+    k.push(b'c');
+    k.extend_from_slice(name.as_str().as_bytes());
+    k
+}
+
+fn be_u64(b: &[u8]) -> Option<u64> {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b.get(..8)?);
+    Some(u64::from_be_bytes(a))
+}
+
 fn decode(
     bucket: BucketId,
     name: ScriptName,
     entry: crate::storage::Entry,
 ) -> Option<StoredScript> {
     let kind = ScriptKind::from_tag(entry.kind)?;
-    let (time, source) = entry.value.split_at_checked(8)?;
-    let mut t = [0u8; 8];
-    t.copy_from_slice(time);
     Some(StoredScript {
         bucket,
         name,
         kind,
-        source: source.to_vec(),
+        updated_at: be_u64(entry.value.get(..8)?)?,
+        size: be_u64(entry.value.get(8..16)?)?,
         version: entry.version,
-        updated_at: u64::from_be_bytes(t),
     })
 }
 
@@ -153,6 +169,23 @@ impl Bucket {
             .snapshot()?
             .get(&script_key(&self.id, name))?;
         Ok(entry.and_then(|e| decode(self.id, name.clone(), e)))
+    }
+
+    /// The source of `script`, as uploaded with that version.
+    ///
+    /// # Errors
+    /// The script was replaced or deleted since its metadata was read
+    /// ([`BucketError::ScriptNotFound`]), or a storage failure.
+    pub fn script_source(&self, script: &StoredScript) -> Result<Vec<u8>, BucketError> {
+        let entry = self
+            .buckets
+            .store
+            .snapshot()?
+            .get(&source_key(&self.id, &script.name))?;
+        match entry {
+            Some(e) if be_u64(&e.value) == Some(script.version) => Ok(e.value[8..].to_vec()),
+            _ => Err(BucketError::ScriptNotFound(script.name.to_string())),
+        }
     }
 }
 
@@ -171,20 +204,26 @@ impl Scoped {
         self.require_admin()?;
         let id = self.bucket.id;
         let key = script_key(&id, name);
+        let source_key = source_key(&id, name);
         let name = name.clone();
         self.store()
             .write(move |ctx| -> Result<StoredScript, BucketError> {
                 ensure_bucket(ctx, &id)?;
                 let updated_at = now_s(ctx.now_ms());
-                let mut value = Vec::with_capacity(8 + source.len());
-                value.extend_from_slice(&updated_at.to_be_bytes());
-                value.extend_from_slice(&source);
-                let version = ctx.put(&key, kind.tag(), &value, 0)?;
+                let size = source.len() as u64;
+                let mut meta = Vec::with_capacity(16);
+                meta.extend_from_slice(&updated_at.to_be_bytes());
+                meta.extend_from_slice(&size.to_be_bytes());
+                let version = ctx.put(&key, kind.tag(), &meta, 0)?;
+                let mut tagged = Vec::with_capacity(8 + source.len());
+                tagged.extend_from_slice(&version.to_be_bytes());
+                tagged.extend_from_slice(&source);
+                ctx.put(&source_key, KIND_SOURCE, &tagged, 0)?;
                 Ok(StoredScript {
                     bucket: id,
                     name,
                     kind,
-                    source,
+                    size,
                     version,
                     updated_at,
                 })
@@ -192,13 +231,16 @@ impl Scoped {
             .await?
     }
 
-    /// A script with its source, for the admin (the editor).
+    /// A script's source, for the admin (the editor).
     ///
     /// # Errors
     /// Not the admin, or a storage failure.
-    pub fn script(&self, name: &ScriptName) -> Result<Option<StoredScript>, BucketError> {
+    pub fn script_source(&self, name: &ScriptName) -> Result<Option<Vec<u8>>, BucketError> {
         self.require_admin()?;
-        self.bucket.load_script(name)
+        match self.bucket.load_script(name)? {
+            Some(script) => self.bucket.script_source(&script).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Deletes a script.
@@ -209,6 +251,7 @@ impl Scoped {
         self.require_admin()?;
         let id = self.bucket.id;
         let key = script_key(&id, name);
+        let source_key = source_key(&id, name);
         let shown = name.to_string();
         self.store()
             .write(move |ctx| -> Result<(), BucketError> {
@@ -217,6 +260,7 @@ impl Scoped {
                     return Err(BucketError::ScriptNotFound(shown));
                 }
                 ctx.delete(&key)?;
+                ctx.delete(&source_key)?;
                 Ok(())
             })
             .await?

@@ -84,6 +84,7 @@ impl ApiError {
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "script-instruction-limit",
                 ),
+                Limit::Fuel => (StatusCode::INTERNAL_SERVER_ERROR, "script-fuel-limit"),
                 Limit::Memory => (StatusCode::INTERNAL_SERVER_ERROR, "script-memory-limit"),
                 Limit::Stack => (StatusCode::INTERNAL_SERVER_ERROR, "script-stack-limit"),
                 Limit::Response => (StatusCode::INTERNAL_SERVER_ERROR, "script-response-limit"),

@@ -278,9 +278,10 @@ mod tests {
                 },
             ),
             admin_token: None,
-            scripts: Arc::new(crate::script::Runtimes::new(
-                crate::script::Limits::default(),
-            )),
+            scripts: Arc::new(
+                crate::script::Runtimes::new(crate::script::Limits::default())
+                    .expect("script runtimes"),
+            ),
         })
     }
 

@@ -16,8 +16,8 @@ use axum::response::{Html, IntoResponse, Response};
 
 use super::{Access, ApiError, AppState, content_type, query_pairs, read_body};
 use crate::bucket::{BucketError, ScriptKind, ScriptName};
+use crate::script::Request;
 use crate::script::api::Host;
-use crate::script::{Request, ScriptError};
 
 const EDITOR_HTML: &str = include_str!("editor.html");
 
@@ -57,7 +57,7 @@ pub async fn get_scripts(Access(bucket): Access, headers: HeaderMap) -> Result<R
         rows.push_str(&format!(
             "<tr><td><a href=\"{name}/edit\">{name}</a></td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             s.kind.name(),
-            s.source.len(),
+            s.size,
             s.updated_at
         ));
     }
@@ -82,26 +82,38 @@ pub async fn put_script(
     let name = script_name(&params)?;
     // Refuse before reading and compiling anything.
     bucket.ensure_admin()?;
-    let limit = state.scripts.limits.source_bytes;
-    let source = read_body(&headers, body, limit).await?;
-    let wasm = content_type(&headers).is_some_and(|ct| ct.starts_with("application/wasm"))
-        || source.starts_with(b"\0asm");
-    if wasm {
-        return Err(ScriptError::Invalid(
-            "WebAssembly components are not supported by this server yet: upload a Lua script"
-                .into(),
-        )
-        .into());
+    let limits = state.scripts.limits;
+    let declared_wasm = content_type(&headers).is_some_and(|ct| ct.starts_with("application/wasm"));
+    let ceiling = if declared_wasm {
+        limits.component_bytes
+    } else {
+        limits.source_bytes.max(limits.component_bytes)
+    };
+    let source = read_body(&headers, body, ceiling).await?;
+    let kind = if declared_wasm || source.starts_with(b"\0asm") {
+        ScriptKind::Wasm
+    } else {
+        ScriptKind::Lua
+    };
+    if kind == ScriptKind::Lua && source.len() > limits.source_bytes {
+        return Err(ApiError::PayloadTooLarge {
+            limit: limits.source_bytes,
+        });
     }
+    // Compile once, at upload, off the async threads.
     let runtimes = state.scripts.clone();
     let checked = source.clone();
     let shown = name.to_string();
-    tokio::task::spawn_blocking(move || runtimes.lua.validate(&shown, &checked))
-        .await
-        .map_err(|e| ApiError::Internal(format!("validation task: {e}")))??;
-    let stored = bucket
-        .put_script(&name, ScriptKind::Lua, source.to_vec())
-        .await?;
+    let compiled = tokio::task::spawn_blocking(move || match kind {
+        ScriptKind::Lua => runtimes.lua.validate(&shown, &checked).map(|()| None),
+        ScriptKind::Wasm => runtimes.wasm.compile(&checked).map(Some),
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("validation task: {e}")))??;
+    let stored = bucket.put_script(&name, kind, source.to_vec()).await?;
+    if let Some(prepared) = compiled {
+        state.scripts.wasm.remember(&stored, prepared);
+    }
     Ok(Json(stored.summary()).into_response())
 }
 
@@ -122,8 +134,8 @@ pub async fn get_editor(
 ) -> Result<Response, ApiError> {
     let name = script_name(&params)?;
     let source = bucket
-        .script(&name)?
-        .map(|s| String::from_utf8_lossy(&s.source).into_owned())
+        .script_source(&name)?
+        .map(|s| String::from_utf8_lossy(&s).into_owned())
         .unwrap_or_default();
     let page = EDITOR_HTML
         .replace("{{BUCKET}}", &escape(&bucket.bucket().id().to_string()))
@@ -134,6 +146,12 @@ pub async fn get_editor(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+fn script_load_error(e: BucketError) -> crate::script::ScriptError {
+    crate::script::ScriptError::Failed(format!(
+        "the script could not be loaded ({e}); it may have just been replaced: try again"
+    ))
 }
 
 /// Query parameters and form (or JSON object) body fields, the body winning.
@@ -212,12 +230,15 @@ pub async fn run_script(
         body: body.to_vec(),
     };
     let runtimes = state.scripts.clone();
+    let owner = bucket.bucket().clone();
     let host = Host::new(bucket, tokio::runtime::Handle::current());
-    let response = tokio::task::spawn_blocking(move || match script.kind {
-        ScriptKind::Lua => runtimes.lua.run(&script, host, &run_request),
-        ScriptKind::Wasm => Err(ScriptError::Internal(
-            "this server can't run WebAssembly scripts".into(),
-        )),
+    let response = tokio::task::spawn_blocking(move || {
+        // Read only when the runtime has not compiled this version yet.
+        let source = || owner.script_source(&script).map_err(script_load_error);
+        match script.kind {
+            ScriptKind::Lua => runtimes.lua.run(&script, &source, host, &run_request),
+            ScriptKind::Wasm => runtimes.wasm.run(&script, &source, host, &run_request),
+        }
     })
     .await
     .map_err(|e| ApiError::Internal(format!("script task: {e}")))??;

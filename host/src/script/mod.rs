@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod lua;
+pub mod wasm;
 
 use std::time::Duration;
 
@@ -17,14 +18,18 @@ use std::time::Duration;
 pub struct Runtimes {
     pub limits: Limits,
     pub lua: lua::LuaRuntime,
+    pub wasm: wasm::WasmRuntime,
 }
 
 impl Runtimes {
-    pub fn new(limits: Limits) -> Self {
-        Self {
+    /// # Errors
+    /// The WebAssembly engine can't be set up.
+    pub fn new(limits: Limits) -> Result<Self, ScriptError> {
+        Ok(Self {
             limits,
             lua: lua::LuaRuntime::new(limits),
-        }
+            wasm: wasm::WasmRuntime::new(limits)?,
+        })
     }
 }
 
@@ -36,12 +41,17 @@ pub struct Limits {
     pub time: Duration,
     /// Lua VM instructions of a run.
     pub instructions: u64,
+    /// WebAssembly fuel of a run (about one unit per instruction).
+    pub fuel: u64,
     /// Memory a run may allocate beyond what its runtime already holds.
     pub memory_bytes: usize,
     /// Bytes of response body a run may produce.
     pub response_bytes: usize,
-    /// Largest script source accepted on upload.
+    /// Largest Lua source accepted on upload.
     pub source_bytes: usize,
+    /// Largest WebAssembly component accepted on upload (a Python guest
+    /// carries its interpreter: ~18 MB).
+    pub component_bytes: usize,
 }
 
 impl Default for Limits {
@@ -49,9 +59,11 @@ impl Default for Limits {
         Self {
             time: Duration::from_secs(1),
             instructions: 50_000_000,
+            fuel: 500_000_000,
             memory_bytes: 32 * 1024 * 1024,
             response_bytes: 1024 * 1024,
             source_bytes: 256 * 1024,
+            component_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -61,6 +73,7 @@ impl Default for Limits {
 pub enum Limit {
     Time,
     Instructions,
+    Fuel,
     Memory,
     Stack,
     Response,
@@ -71,6 +84,7 @@ impl Limit {
         match self {
             Limit::Time => "time",
             Limit::Instructions => "instructions",
+            Limit::Fuel => "fuel",
             Limit::Memory => "memory",
             Limit::Stack => "stack",
             Limit::Response => "response-size",

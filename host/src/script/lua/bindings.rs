@@ -24,7 +24,27 @@ fn with_run<R>(lua: &Lua, f: impl FnOnce(&mut Run) -> mlua::Result<R>) -> mlua::
     let mut run = cell
         .try_borrow_mut()
         .map_err(|_| mlua::Error::runtime("kvdb functions can't be called re-entrantly"))?;
+    // A stopped run (a limit, or kvdb.exit) does nothing more, even if the
+    // script caught the error that stopped it.
+    if run.exceeded.is_some() || run.exited {
+        return Err(mlua::Error::runtime("the script was stopped"));
+    }
     f(&mut run)
+}
+
+/// `stopped()`: whether the current run hit a limit or exited (for the
+/// `pcall`/`xpcall` guards).
+pub(super) fn stopped_function(lua: &Lua) -> mlua::Result<Function> {
+    lua.create_function(|lua, ()| {
+        Ok(lua
+            .app_data_ref::<RunCell>()
+            .and_then(|cell| {
+                cell.try_borrow()
+                    .ok()
+                    .map(|r| r.exceeded.is_some() || r.exited)
+            })
+            .unwrap_or(false))
+    })
 }
 
 /// `value` on success, `nil, message` on a call error.

@@ -22,7 +22,10 @@ use mlua::{Function, Lua};
 
 use super::api::Host;
 use super::{Limit, Limits, Request, Response, ScriptError};
-use crate::bucket::{BucketId, StoredScript};
+use crate::bucket::StoredScript;
+
+/// Loads a script's source when a runtime has not compiled that version.
+pub type SourceLoader<'a> = &'a dyn Fn() -> Result<Vec<u8>, ScriptError>;
 
 /// Idle states kept for reuse: enough for the blocking threads that run
 /// scripts concurrently on this class of machine; more are built on demand.
@@ -41,9 +44,8 @@ pub struct LuaRuntime {
 struct State {
     lua: Lua,
     base: sandbox::Base,
-    /// Compiled chunks by (bucket, script name): the version tells whether the
-    /// cached chunk is still the stored script.
-    chunks: HashMap<(BucketId, String), (u64, Function)>,
+    /// Compiled chunks by script version (unique to each upload's source).
+    chunks: HashMap<u64, Function>,
 }
 
 /// What a run accumulates; lives in the state's app data during the run.
@@ -144,11 +146,12 @@ impl LuaRuntime {
     pub fn run(
         &self,
         script: &StoredScript,
+        source: SourceLoader<'_>,
         host: Host,
         request: &Request,
     ) -> Result<Response, ScriptError> {
         let mut state = self.take()?;
-        let result = state.run(script, host, request, self.limits);
+        let result = state.run(script, source, host, request, self.limits);
         match &result {
             Ok(_) | Err(ScriptError::Failed(_)) => self.give_back(state),
             // A state that hit a limit or failed inside is not trusted again.
@@ -169,31 +172,33 @@ impl State {
         })
     }
 
-    fn chunk(&mut self, script: &StoredScript) -> Result<Function, ScriptError> {
-        let key = (script.bucket, script.name.as_str().to_owned());
-        if let Some((version, f)) = self.chunks.get(&key)
-            && *version == script.version
-        {
+    fn chunk(
+        &mut self,
+        script: &StoredScript,
+        source: SourceLoader<'_>,
+    ) -> Result<Function, ScriptError> {
+        if let Some(f) = self.chunks.get(&script.version) {
             return Ok(f.clone());
         }
-        let f = sandbox::compile(&self.lua, script.name.as_str(), &script.source)
+        let f = sandbox::compile(&self.lua, script.name.as_str(), &source()?)
             .map_err(|e| ScriptError::Failed(lua_error(&e)))?;
         if self.chunks.len() >= MAX_CACHED_CHUNKS {
             self.chunks.clear();
         }
-        self.chunks.insert(key, (script.version, f.clone()));
+        self.chunks.insert(script.version, f.clone());
         Ok(f)
     }
 
     fn run(
         &mut self,
         script: &StoredScript,
+        source: SourceLoader<'_>,
         host: Host,
         request: &Request,
         limits: Limits,
     ) -> Result<Response, ScriptError> {
         let internal = |e: mlua::Error| ScriptError::Internal(e.to_string());
-        let f = self.chunk(script)?;
+        let f = self.chunk(script, source)?;
         let env = self
             .base
             .environment(&self.lua, request)

@@ -10,7 +10,13 @@
 //! - Each run gets a new global table whose metatable (locked) reads through
 //!   to the shared base; globals a run defines die with it.
 //! - An instruction hook, set once per state, enforces the instruction and
-//!   wall-time limits of the current run.
+//!   wall-time limits of the current run. Once a run is stopped (a limit, or
+//!   `kvdb.exit`) it stays stopped: `pcall`/`xpcall` are wrapped to re-raise,
+//!   an `xpcall` handler is not run, and every `kvdb` call raises.
+//! - `setmetatable` refuses `__gc`: a finalizer would run during a later run
+//!   of the pooled state, possibly another bucket's, outside any limit.
+//! - Known limit: a pathological pattern in `string.find`/`match`/`gsub` runs
+//!   inside one C call, where no hook fires; the time limit can't stop it.
 
 use mlua::chunk::ChunkMode;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
@@ -42,6 +48,34 @@ const BASIC: &[&str] = &[
     "xpcall",
     "_VERSION",
 ];
+
+/// Wrappers of `pcall`, `xpcall` and `setmetatable` (see the module doc).
+/// Takes the `stopped()` function; returns the three wrappers.
+const GUARDS: &str = r#"
+local stopped = ...
+local pcall, xpcall, setmetatable, rawget, type, error =
+  pcall, xpcall, setmetatable, rawget, type, error
+local function check(...)
+  if stopped() then error("the script was stopped", 0) end
+  return ...
+end
+local function safe_pcall(f, ...)
+  return check(pcall(f, ...))
+end
+local function safe_xpcall(f, handler, ...)
+  return check(xpcall(f, function(e)
+    if stopped() then return e end
+    return handler(e)
+  end, ...))
+end
+local function safe_setmetatable(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("__gc metamethods (finalizers) are not allowed in scripts", 2)
+  end
+  return setmetatable(t, mt)
+end
+return safe_pcall, safe_xpcall, safe_setmetatable
+"#;
 
 /// A Lua state with only the whitelisted libraries, the string metatable
 /// locked, and the limit hook installed.
@@ -142,8 +176,9 @@ fn read_only(lua: &Lua, table: Table) -> mlua::Result<Table> {
 pub(super) struct Base {
     /// Metatable of each run's globals: reads through to the base, locked.
     env_mt: Table,
-    /// The `kvdb` functions, copied into each run's `kvdb` table.
-    kvdb: Table,
+    /// Metatable of each run's `kvdb` table: reads through to the shared
+    /// functions (so a run needs no copy of them), locked.
+    kvdb_mt: Table,
     /// Metatable of each run's `kvdb.scope`.
     scope_mt: Table,
 }
@@ -165,15 +200,26 @@ impl Base {
         }
         base.raw_set("os", read_only(lua, os)?)?;
         base.raw_set("print", bindings::log_function(lua)?)?;
+        let (pcall, xpcall, setmetatable): (Function, Function, Function) = lua
+            .load(GUARDS)
+            .set_name("=sandbox")
+            .set_mode(ChunkMode::Text)
+            .call(bindings::stopped_function(lua)?)?;
+        base.raw_set("pcall", pcall)?;
+        base.raw_set("xpcall", xpcall)?;
+        base.raw_set("setmetatable", setmetatable)?;
         let env_mt = lua.create_table()?;
         env_mt.raw_set("__index", base)?;
         env_mt.raw_set("__metatable", false)?;
         let kvdb = bindings::functions(lua)?;
         kvdb.raw_set("json", read_only(lua, bindings::json(lua)?)?)?;
+        let kvdb_mt = lua.create_table()?;
+        kvdb_mt.raw_set("__index", kvdb)?;
+        kvdb_mt.raw_set("__metatable", false)?;
         let scope_mt = bindings::scope_metatable(lua)?;
         Ok(Self {
             env_mt,
-            kvdb,
+            kvdb_mt,
             scope_mt,
         })
     }
@@ -184,10 +230,7 @@ impl Base {
         env.set_metatable(Some(self.env_mt.clone()))?;
         env.raw_set("_G", env.clone())?;
         let kvdb = lua.create_table()?;
-        for pair in self.kvdb.pairs::<Value, Value>() {
-            let (k, v) = pair?;
-            kvdb.raw_set(k, v)?;
-        }
+        kvdb.set_metatable(Some(self.kvdb_mt.clone()))?;
         let scope = lua.create_table()?;
         scope.set_metatable(Some(self.scope_mt.clone()))?;
         kvdb.raw_set("scope", scope)?;

@@ -1,0 +1,1 @@
+kvdb.say(kvdb.get("k"))

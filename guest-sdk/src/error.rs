@@ -1,0 +1,88 @@
+//! The error a data call returns.
+
+use crate::wit::kvdb::script::types as wit;
+
+/// Why a call failed. A failed call never ends the run by itself.
+///
+/// `Display` writes the same text as the Lua API's error strings
+/// (`not found`, `permission denied: ...`), so a Rust script and its Lua
+/// twin can say the same thing.
+///
+/// # Example
+///
+/// ```no_run
+/// match kvdb_guest::set("users:2:name", "kim") {
+///     Ok(()) => {}
+///     Err(kvdb_guest::Error::PermissionDenied(why)) => kvdb_guest::log::warn(&why),
+///     Err(e) => kvdb_guest::log::error(&format!("set failed: {e}")),
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The key (or bucket) does not exist.
+    NotFound,
+    /// The run's scope does not allow this call on this key.
+    PermissionDenied(String),
+    /// The operation does not apply to the stored value (adding to text,
+    /// integer overflow, a failed JSON-patch `test`).
+    TypeMismatch(String),
+    /// A size limit: the value would be too large.
+    Limit(String),
+    /// Bad input: an invalid key, a malformed patch, a value that is not
+    /// the JSON [`get_json`](crate::get_json) expected.
+    InvalidInput(String),
+    /// The server failed; nothing was changed.
+    Internal(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::NotFound => f.write_str("not found"),
+            Error::PermissionDenied(m) => write!(f, "permission denied: {m}"),
+            Error::TypeMismatch(m) => write!(f, "type mismatch: {m}"),
+            Error::Limit(m) => write!(f, "limit exceeded: {m}"),
+            Error::InvalidInput(m) => write!(f, "invalid input: {m}"),
+            Error::Internal(m) => write!(f, "internal error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<wit::Error> for Error {
+    fn from(e: wit::Error) -> Self {
+        match e {
+            wit::Error::NotFound => Error::NotFound,
+            wit::Error::PermissionDenied(m) => Error::PermissionDenied(m),
+            wit::Error::TypeMismatch(m) => Error::TypeMismatch(m),
+            wit::Error::Limit(m) => Error::Limit(m),
+            wit::Error::InvalidInput(m) => Error::InvalidInput(m),
+            wit::Error::Internal(m) => Error::Internal(m),
+        }
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::InvalidInput(format!("not JSON: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn display_matches_the_lua_error_strings() {
+        assert_eq!(Error::NotFound.to_string(), "not found");
+        assert_eq!(
+            Error::PermissionDenied("no write".into()).to_string(),
+            "permission denied: no write"
+        );
+        assert_eq!(
+            Error::Limit("too big".into()).to_string(),
+            "limit exceeded: too big"
+        );
+    }
+}

@@ -1,0 +1,534 @@
+//! The scoped bucket: the same operations as the Lua `kvdb` table.
+//!
+//! Every call is checked against the run's scope (see [`scope`]) and only
+//! works inside a running script; natively these functions panic.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::wit::kvdb::script::{kv, scope as wit_scope, types as wit};
+use crate::{Error, Number, Value};
+
+/// The value under `key`, or `None` if there is none. Needs `read`.
+///
+/// (The Lua `kvdb.get` answers a missing key with `nil, "not found"`; here
+/// it is `Ok(None)`.)
+///
+/// # Errors
+///
+/// [`Error::PermissionDenied`] without `read` on `key`;
+/// [`Error::InvalidInput`] for an invalid key.
+///
+/// # Example
+///
+/// ```no_run
+/// let visits = kvdb_guest::get("visits")?.and_then(|v| v.as_i64()).unwrap_or(0);
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn get(key: &str) -> Result<Option<Value>, Error> {
+    Ok(kv::get(key)?.map(Value::from))
+}
+
+/// The value under `key` deserialized from JSON, or `None` if there is none.
+/// Needs `read`.
+///
+/// # Errors
+///
+/// As [`get`]; [`Error::InvalidInput`] if the value is not the JSON `T`
+/// expects.
+///
+/// # Example
+///
+/// ```no_run
+/// #[derive(serde::Deserialize)]
+/// struct User {
+///     name: String,
+/// }
+///
+/// if let Some(user) = kvdb_guest::get_json::<User>("users:1")? {
+///     kvdb_guest::log::info(&user.name);
+/// }
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn get_json<T: DeserializeOwned>(key: &str) -> Result<Option<T>, Error> {
+    get(key)?.map(|v| v.parse_json()).transpose()
+}
+
+/// Whether `key` holds a value. Needs `read`.
+///
+/// # Errors
+///
+/// [`Error::PermissionDenied`] without `read` on `key`.
+///
+/// # Example
+///
+/// ```no_run
+/// if !kvdb_guest::exists("config")? {
+///     kvdb_guest::set("config", kvdb_guest::Value::Json("{}".into()))?;
+/// }
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn exists(key: &str) -> Result<bool, Error> {
+    Ok(kv::exists(key)?)
+}
+
+/// Sets `key` to `value` with the bucket's default expiry. Needs `write`.
+///
+/// # Errors
+///
+/// [`Error::PermissionDenied`] without `write` on `key`; [`Error::Limit`]
+/// if the value is too large; [`Error::InvalidInput`] for an invalid key.
+///
+/// # Example
+///
+/// ```no_run
+/// kvdb_guest::set("users:1:name", "bob")?;
+/// kvdb_guest::set("users:1:age", 42)?;
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn set(key: &str, value: impl Into<Value>) -> Result<(), Error> {
+    Ok(kv::set(key, &value.into().into(), None)?)
+}
+
+/// Sets `key` to `value`, expiring after `ttl` seconds (0: never). Needs
+/// `write`.
+///
+/// # Errors
+///
+/// As [`set`].
+///
+/// # Example
+///
+/// ```no_run
+/// kvdb_guest::set_with_ttl("session:abc", "bob", 3600)?;
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn set_with_ttl(key: &str, value: impl Into<Value>, ttl: u64) -> Result<(), Error> {
+    Ok(kv::set(key, &value.into().into(), Some(ttl))?)
+}
+
+/// Sets `key` to `value` serialized as a JSON value. Needs `write`.
+///
+/// # Errors
+///
+/// As [`set`]; [`Error::InvalidInput`] if `value` can't be written as JSON.
+///
+/// # Example
+///
+/// ```no_run
+/// kvdb_guest::set_json("tags", &["a", "b"])?;
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn set_json<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<(), Error> {
+    set(key, Value::json(value)?)
+}
+
+/// Deletes `key`; `false` if it was absent. Needs `delete`.
+///
+/// # Errors
+///
+/// [`Error::PermissionDenied`] without `delete` on `key`.
+///
+/// # Example
+///
+/// ```no_run
+/// let existed = kvdb_guest::delete("session:abc")?;
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn delete(key: &str) -> Result<bool, Error> {
+    Ok(kv::delete(key)?)
+}
+
+/// Adds `by` to the number under `key` atomically (a missing key counts as
+/// 0) and answers the new value. Needs `write`.
+///
+/// # Errors
+///
+/// [`Error::PermissionDenied`] without `write`; [`Error::TypeMismatch`] if
+/// the value is not a number or the sum overflows.
+///
+/// # Example
+///
+/// ```no_run
+/// let n = kvdb_guest::incr("hits", 1)?;
+/// let total = kvdb_guest::incr("total", 2.5)?;
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn incr(key: &str, by: impl Into<Number>) -> Result<Value, Error> {
+    Ok(kv::incr(key, by.into().into())?.into())
+}
+
+/// Merges `patch` (JSON text, RFC 7396) into the JSON value under `key`
+/// atomically and answers the new value. Needs `write`.
+///
+/// # Errors
+///
+/// [`Error::InvalidInput`] if `patch` is not JSON; [`Error::TypeMismatch`]
+/// if the stored value is not JSON; [`Error::PermissionDenied`].
+///
+/// # Example
+///
+/// ```no_run
+/// kvdb_guest::merge("users:1", r#"{"name": "bob", "email": null}"#)?;
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn merge(key: &str, patch: &str) -> Result<Value, Error> {
+    Ok(kv::merge(key, patch)?.into())
+}
+
+/// Applies `patch` (JSON text, RFC 6902) to the JSON value under `key`
+/// atomically and answers the new value. Needs `write`.
+///
+/// # Errors
+///
+/// [`Error::TypeMismatch`] when a `test` operation fails (compare-and-set);
+/// [`Error::InvalidInput`] for a malformed patch; [`Error::PermissionDenied`].
+///
+/// # Example
+///
+/// ```no_run
+/// let cas = r#"[{"op": "test", "path": "/v", "value": 1},
+///               {"op": "replace", "path": "/v", "value": 2}]"#;
+/// match kvdb_guest::patch("doc", cas) {
+///     Ok(_) => {}
+///     Err(kvdb_guest::Error::TypeMismatch(_)) => { /* someone else won */ }
+///     Err(e) => return Err(e),
+/// }
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn patch(key: &str, patch: &str) -> Result<Value, Error> {
+    Ok(kv::patch(key, patch)?.into())
+}
+
+/// Appends `bytes` to the raw value under `key` (creating it) and answers
+/// the new value. Needs `write`.
+///
+/// # Errors
+///
+/// [`Error::TypeMismatch`] if the value is not raw; [`Error::Limit`] if it
+/// would grow too large; [`Error::PermissionDenied`].
+///
+/// # Example
+///
+/// ```no_run
+/// kvdb_guest::append("log", "one more line\n")?;
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn append(key: &str, bytes: impl AsRef<[u8]>) -> Result<Value, Error> {
+    Ok(kv::append(key, bytes.as_ref())?.into())
+}
+
+/// Options of [`list`]: build them from [`ListOptions::default`] (all keys
+/// under the prefix, without values, in byte order).
+///
+/// # Example
+///
+/// ```
+/// let newest_ten = kvdb_guest::ListOptions::default().with_values().with_limit(10).reversed();
+/// assert!(newest_ten.values && newest_ten.reverse);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListOptions {
+    /// At most this many keys (the server caps it at 10000).
+    pub limit: Option<u32>,
+    /// Start after this key (exclusive, in the direction of travel).
+    pub start: Option<String>,
+    /// Stop before this key (exclusive, in the direction of travel).
+    pub end: Option<String>,
+    /// Walk the keys in reverse byte order.
+    pub reverse: bool,
+    /// Also return each value (needs `read`).
+    pub values: bool,
+}
+
+impl ListOptions {
+    /// Also returns each key's value.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// assert!(kvdb_guest::ListOptions::default().with_values().values);
+    /// ```
+    #[must_use]
+    pub fn with_values(mut self) -> Self {
+        self.values = true;
+        self
+    }
+
+    /// Returns at most `limit` keys.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// assert_eq!(kvdb_guest::ListOptions::default().with_limit(5).limit, Some(5));
+    /// ```
+    #[must_use]
+    pub fn with_limit(mut self, limit: u32) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// Starts after `key` (a cursor: the last key of the previous page).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let next = kvdb_guest::ListOptions::default().with_start("log:0042");
+    /// assert_eq!(next.start.as_deref(), Some("log:0042"));
+    /// ```
+    #[must_use]
+    pub fn with_start(mut self, key: impl Into<String>) -> Self {
+        self.start = Some(key.into());
+        self
+    }
+
+    /// Stops before `key`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let o = kvdb_guest::ListOptions::default().with_end("log:0100");
+    /// assert_eq!(o.end.as_deref(), Some("log:0100"));
+    /// ```
+    #[must_use]
+    pub fn with_end(mut self, key: impl Into<String>) -> Self {
+        self.end = Some(key.into());
+        self
+    }
+
+    /// Walks the keys in reverse byte order.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// assert!(kvdb_guest::ListOptions::default().reversed().reverse);
+    /// ```
+    #[must_use]
+    pub fn reversed(mut self) -> Self {
+        self.reverse = true;
+        self
+    }
+}
+
+/// One key of a listing, with its value when [`ListOptions::values`] asked
+/// for it.
+///
+/// # Example
+///
+/// ```no_run
+/// for entry in kvdb_guest::list("users:", kvdb_guest::ListOptions::default().with_values())? {
+///     if let Some(value) = entry.value {
+///         kvdb_guest::log::info(&format!("{} = {value}", entry.key));
+///     }
+/// }
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The key.
+    pub key: String,
+    /// Its value, when asked for.
+    pub value: Option<Value>,
+}
+
+/// The keys (and values) under `prefix`, in byte order. Needs `enumerate`
+/// (and `read` with values).
+///
+/// # Errors
+///
+/// [`Error::PermissionDenied`] without the permissions.
+///
+/// # Example
+///
+/// ```no_run
+/// let keys: Vec<String> = kvdb_guest::list("users:", Default::default())?
+///     .into_iter()
+///     .map(|e| e.key)
+///     .collect();
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn list(prefix: &str, options: ListOptions) -> Result<Vec<Entry>, Error> {
+    let options = wit::ListOptions {
+        limit: options.limit,
+        start: options.start,
+        end: options.end,
+        reverse: options.reverse,
+        values: options.values,
+    };
+    Ok(kv::list(prefix, &options)?
+        .into_iter()
+        .map(|e| Entry {
+            key: e.key,
+            value: e.value.map(Value::from),
+        })
+        .collect())
+}
+
+/// A permission on keys.
+///
+/// # Example
+///
+/// ```
+/// assert_eq!(kvdb_guest::Permission::Enumerate.to_string(), "enumerate");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Permission {
+    /// Get values.
+    Read,
+    /// Set and change values.
+    Write,
+    /// Delete keys.
+    Delete,
+    /// List keys.
+    Enumerate,
+}
+
+impl Permission {
+    /// The permission's name, as in API.md and Lua (`"read"`, ...).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// assert_eq!(kvdb_guest::Permission::Write.as_str(), "write");
+    /// ```
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Read => "read",
+            Permission::Write => "write",
+            Permission::Delete => "delete",
+            Permission::Enumerate => "enumerate",
+        }
+    }
+}
+
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Permission> for wit::Permission {
+    fn from(p: Permission) -> Self {
+        match p {
+            Permission::Read => wit::Permission::Read,
+            Permission::Write => wit::Permission::Write,
+            Permission::Delete => wit::Permission::Delete,
+            Permission::Enumerate => wit::Permission::Enumerate,
+        }
+    }
+}
+
+impl From<wit::Permission> for Permission {
+    fn from(p: wit::Permission) -> Self {
+        match p {
+            wit::Permission::Read => Permission::Read,
+            wit::Permission::Write => Permission::Write,
+            wit::Permission::Delete => Permission::Delete,
+            wit::Permission::Enumerate => Permission::Enumerate,
+        }
+    }
+}
+
+fn to_wit(permissions: &[Permission]) -> Vec<wit::Permission> {
+    permissions.iter().copied().map(Into::into).collect()
+}
+
+/// An access token and its expiry, from [`access_token`].
+///
+/// # Example
+///
+/// ```no_run
+/// use kvdb_guest::{Permission, Response};
+///
+/// let t = kvdb_guest::access_token("users:1:", &[Permission::Read], 600)?;
+/// let body = format!(r#"{{"access_token":"{}","expires_at":{}}}"#, t.token, t.expires_at);
+/// let _ = Response::text(body);
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The token, for `Authorization: Bearer` or `?access_token=`.
+    pub token: String,
+    /// When it expires, in Unix seconds.
+    pub expires_at: u64,
+}
+
+/// An access token for the keys under `prefix` with `permissions`, valid
+/// `ttl` seconds. The current scope must hold what it grants.
+///
+/// # Errors
+///
+/// [`Error::PermissionDenied`] if the scope does not cover `prefix` and
+/// `permissions`.
+///
+/// # Example
+///
+/// ```no_run
+/// use kvdb_guest::Permission;
+///
+/// let t = kvdb_guest::access_token("users:1:", &[Permission::Read, Permission::Enumerate], 600)?;
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn access_token(prefix: &str, permissions: &[Permission], ttl: u64) -> Result<Token, Error> {
+    let t = kv::access_token(prefix, &to_wit(permissions), ttl)?;
+    Ok(Token {
+        token: t.token,
+        expires_at: t.expires_at,
+    })
+}
+
+/// What the run may do: permissions on the keys under a prefix.
+///
+/// # Example
+///
+/// ```no_run
+/// let s = kvdb_guest::scope();
+/// if !s.permissions.contains(&kvdb_guest::Permission::Write) {
+///     kvdb_guest::log::warn(&format!("read-only under {:?}", s.prefix));
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// The keys the run may touch start with this.
+    pub prefix: String,
+    /// What it may do with them.
+    pub permissions: Vec<Permission>,
+}
+
+/// The run's current scope: the caller's authorization, until
+/// [`set_scope`] replaces it.
+///
+/// # Example
+///
+/// ```no_run
+/// let prefix = kvdb_guest::scope().prefix;
+/// ```
+#[must_use]
+pub fn scope() -> Scope {
+    let s = wit_scope::get();
+    Scope {
+        prefix: s.prefix,
+        permissions: s.permissions.into_iter().map(Into::into).collect(),
+    }
+}
+
+/// Replaces the run's scope: every later call is checked against `prefix`
+/// and `permissions` alone (as assigning `kvdb.scope` in Lua).
+///
+/// # Errors
+///
+/// [`Error::InvalidInput`] for an invalid prefix.
+///
+/// # Example
+///
+/// ```no_run
+/// use kvdb_guest::Permission;
+///
+/// kvdb_guest::set_scope("users:1:", &[Permission::Write])?;
+/// assert!(kvdb_guest::set("users:2:name", "kim").is_err());
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+pub fn set_scope(prefix: &str, permissions: &[Permission]) -> Result<(), Error> {
+    Ok(wit_scope::set(prefix, &to_wit(permissions))?)
+}

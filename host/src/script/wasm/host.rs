@@ -1,0 +1,195 @@
+//! The host side of the `kvdb:script` imports (`kv`, `scope`, `log`): each
+//! call converts its arguments and calls the shared [`Host`](crate::script::api::Host),
+//! so WebAssembly and Lua run the same code for every data operation.
+//!
+//! Errors the guest should see come back as the WIT `error` variant; nothing
+//! here traps.
+
+use super::WasmState;
+use super::bindings::kvdb::script::{kv, log, scope, types};
+use crate::bucket::{Number, Permission, Permissions, Value};
+use crate::script::api::{CallError, ListOptions};
+
+impl From<CallError> for types::Error {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::NotFound => types::Error::NotFound,
+            CallError::PermissionDenied(m) => types::Error::PermissionDenied(m),
+            CallError::TypeMismatch(m) => types::Error::TypeMismatch(m),
+            CallError::Limit(m) => types::Error::Limit(m),
+            CallError::Invalid(m) => types::Error::InvalidInput(m),
+            CallError::Internal(m) => types::Error::Internal(m),
+        }
+    }
+}
+
+pub(super) fn to_wit(v: Value) -> types::Value {
+    match v {
+        Value::Int(i)
+        | Value::Number {
+            number: Number::Int(i),
+            ..
+        } => types::Value::Integer(i),
+        Value::Float(f)
+        | Value::Number {
+            number: Number::Float(f),
+            ..
+        } => types::Value::Float(f),
+        Value::Json(bytes) => types::Value::Json(String::from_utf8_lossy(&bytes).into_owned()),
+        Value::Raw { bytes, .. } => types::Value::Raw(bytes),
+    }
+}
+
+fn from_wit(v: types::Value) -> Result<Value, CallError> {
+    match v {
+        types::Value::Raw(bytes) => Ok(Value::Raw {
+            bytes,
+            media_type: None,
+        }),
+        types::Value::Integer(i) => Ok(Value::Int(i)),
+        types::Value::Float(f) if f.is_finite() => Ok(Value::Float(f)),
+        types::Value::Float(_) => Err(CallError::Invalid("a float must be finite".into())),
+        types::Value::Json(text) => {
+            serde_json::from_str::<serde::de::IgnoredAny>(&text)
+                .map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?;
+            Ok(Value::Json(text.into_bytes()))
+        }
+    }
+}
+
+fn permission(p: types::Permission) -> Permission {
+    match p {
+        types::Permission::Read => Permission::Read,
+        types::Permission::Write => Permission::Write,
+        types::Permission::Delete => Permission::Delete,
+        types::Permission::Enumerate => Permission::Enumerate,
+    }
+}
+
+fn permissions(list: &[types::Permission]) -> Permissions {
+    list.iter()
+        .fold(Permissions::NONE, |acc, p| acc.with(permission(*p)))
+}
+
+fn wit_permissions(p: Permissions) -> Vec<types::Permission> {
+    p.iter()
+        .map(|p| match p {
+            Permission::Read => types::Permission::Read,
+            Permission::Write => types::Permission::Write,
+            Permission::Delete => types::Permission::Delete,
+            Permission::Enumerate => types::Permission::Enumerate,
+        })
+        .collect()
+}
+
+fn json(text: &str) -> Result<serde_json::Value, CallError> {
+    serde_json::from_str(text).map_err(|e| CallError::Invalid(format!("not JSON: {e}")))
+}
+
+impl types::Host for WasmState {}
+
+impl kv::Host for WasmState {
+    fn get(&mut self, key: String) -> Result<Option<types::Value>, types::Error> {
+        Ok(self.host.get(&key)?.map(to_wit))
+    }
+
+    fn exists(&mut self, key: String) -> Result<bool, types::Error> {
+        Ok(self.host.exists(&key)?)
+    }
+
+    fn set(
+        &mut self,
+        key: String,
+        value: types::Value,
+        ttl: Option<u64>,
+    ) -> Result<(), types::Error> {
+        let value = from_wit(value)?;
+        Ok(self.host.set(&key, value, ttl)?)
+    }
+
+    fn delete(&mut self, key: String) -> Result<bool, types::Error> {
+        Ok(self.host.delete(&key)?)
+    }
+
+    fn incr(&mut self, key: String, by: types::Number) -> Result<types::Value, types::Error> {
+        let n = match by {
+            types::Number::Integer(i) => Number::Int(i),
+            types::Number::Float(f) if f.is_finite() => Number::Float(f),
+            types::Number::Float(_) => {
+                return Err(CallError::Invalid("the amount must be finite".into()).into());
+            }
+        };
+        Ok(to_wit(self.host.incr(&key, n)?))
+    }
+
+    fn merge(&mut self, key: String, patch: String) -> Result<types::Value, types::Error> {
+        Ok(to_wit(self.host.merge(&key, json(&patch)?)?))
+    }
+
+    fn patch(&mut self, key: String, patch: String) -> Result<types::Value, types::Error> {
+        Ok(to_wit(self.host.patch(&key, json(&patch)?)?))
+    }
+
+    fn append(&mut self, key: String, bytes: Vec<u8>) -> Result<types::Value, types::Error> {
+        Ok(to_wit(self.host.append(&key, bytes)?))
+    }
+
+    fn list(
+        &mut self,
+        prefix: String,
+        options: types::ListOptions,
+    ) -> Result<Vec<types::Entry>, types::Error> {
+        let opts = ListOptions {
+            limit: options.limit.map(|l| l as usize),
+            start: options.start,
+            end: options.end,
+            reverse: options.reverse,
+            values: options.values,
+        };
+        Ok(self
+            .host
+            .list(&prefix, opts)?
+            .into_iter()
+            .map(|(key, value)| types::Entry {
+                key,
+                value: value.map(to_wit),
+            })
+            .collect())
+    }
+
+    fn access_token(
+        &mut self,
+        prefix: String,
+        perms: Vec<types::Permission>,
+        ttl: u64,
+    ) -> Result<types::Token, types::Error> {
+        let (token, expires_at) = self.host.access_token(&prefix, permissions(&perms), ttl)?;
+        Ok(types::Token { token, expires_at })
+    }
+}
+
+impl scope::Host for WasmState {
+    fn get(&mut self) -> types::ScopeInfo {
+        let (prefix, perms) = self.host.scope();
+        types::ScopeInfo {
+            prefix,
+            permissions: wit_permissions(perms),
+        }
+    }
+
+    fn set(&mut self, prefix: String, perms: Vec<types::Permission>) -> Result<(), types::Error> {
+        Ok(self.host.set_scope(&prefix, permissions(&perms))?)
+    }
+}
+
+impl log::Host for WasmState {
+    fn log(&mut self, level: log::Level, message: String) {
+        let script = &self.label;
+        match level {
+            log::Level::Debug => tracing::debug!(%script, "{message}"),
+            log::Level::Info => tracing::info!(%script, "{message}"),
+            log::Level::Warn => tracing::warn!(%script, "{message}"),
+            log::Level::Error => tracing::error!(%script, "{message}"),
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! The WebAssembly runtime (wasmtime, component model): components of the
+//! `kvdb:script` world, compiled once and run in a fresh instance per request.
+//!
+//! - Upload validates: not WebAssembly, a core module, or a component for
+//!   another world are each refused with a message saying which. The compiled,
+//!   pre-linked component ([`ScriptPre`]) is cached by (bucket, name, version).
+//! - Each run gets a new store from the pooling allocator with fuel, a memory
+//!   limit ([`StoreLimits`]) and an epoch deadline (a 10 ms ticker thread), and
+//!   WASI with nothing granted: no files, sockets or environment; clocks and
+//!   random only. Guest stdout/stderr go to the log, tagged with the script.
+//! - Data calls go through [`Host`](crate::script::api::Host) (see [`host`]).
+//!
+//! Blocking: run it off the async threads.
+
+mod bindings;
+mod host;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, Trap,
+};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::api::Host;
+use super::lua::SourceLoader;
+use super::{Limit, Limits, Request, Response, ScriptError};
+use crate::bucket::StoredScript;
+use bindings::{Script, ScriptPre};
+
+/// Epoch tick: the granularity of the wall-clock deadline.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Guest output kept per run for the log (and for a panic's message).
+const CAPTURED_OUTPUT: usize = 64 * 1024;
+
+/// Concurrent instances the pool holds: above the number of threads that run
+/// scripts at once on this class of machine; a run beyond it is refused.
+const POOLED_INSTANCES: u32 = 256;
+
+/// Compiled components kept in memory; past it the cache starts over.
+const MAX_CACHED: usize = 256;
+
+/// What a run's store holds.
+pub struct WasmState {
+    host: Host,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    label: String,
+}
+
+impl WasiView for WasmState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// A compiled script ready to instantiate.
+#[derive(Clone)]
+pub struct Prepared(ScriptPre<WasmState>);
+
+/// The WebAssembly runtime.
+pub struct WasmRuntime {
+    engine: Engine,
+    linker: Linker<WasmState>,
+    limits: Limits,
+    /// Compiled scripts by version (unique to each upload's source).
+    cache: Mutex<HashMap<u64, Prepared>>,
+}
+
+fn internal(e: impl std::fmt::Display) -> ScriptError {
+    ScriptError::Internal(e.to_string())
+}
+
+impl WasmRuntime {
+    /// # Errors
+    /// The engine can't be configured (e.g. the pool can't be reserved).
+    pub fn new(limits: Limits) -> Result<Self, ScriptError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.consume_fuel(true);
+        config.epoch_interruption(true);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(POOLED_INSTANCES)
+            .total_core_instances(POOLED_INSTANCES * 8)
+            .total_memories(POOLED_INSTANCES * 2)
+            .total_tables(POOLED_INSTANCES * 4)
+            .max_memory_size(limits.memory_bytes)
+            .linear_memory_keep_resident(4 * 1024 * 1024);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(internal)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
+        Script::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(internal)?;
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("kvdb-wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(internal)?;
+        Ok(Self {
+            engine,
+            linker,
+            limits,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Compiles and links an upload; the message says what is wrong with it.
+    ///
+    /// # Errors
+    /// [`ScriptError::Invalid`]: not WebAssembly, a core module, not a
+    /// component of the `kvdb:script` world.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Prepared, ScriptError> {
+        if !bytes.starts_with(b"\0asm") || bytes.len() < 8 {
+            return Err(ScriptError::Invalid(
+                "this is not WebAssembly (it does not start with \\0asm)".into(),
+            ));
+        }
+        if bytes[4..8] == [1, 0, 0, 0] {
+            return Err(ScriptError::Invalid(
+                "this is a core WebAssembly module, not a component: build with `cargo build --target wasm32-wasip2` (or wrap it with `wasm-tools component new`)".into(),
+            ));
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| {
+            ScriptError::Invalid(format!("this is not a valid WebAssembly component: {e:#}"))
+        })?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            ScriptError::Invalid(format!(
+                "the component does not fit the kvdb:script world (see wit/kvdb.wit): {e:#}"
+            ))
+        })?;
+        let pre = ScriptPre::new(pre).map_err(|e| {
+            ScriptError::Invalid(format!(
+                "the component does not export the kvdb:script `handle` function: {e:#}"
+            ))
+        })?;
+        Ok(Prepared(pre))
+    }
+
+    /// Keeps a compiled script for the runs of this version.
+    pub fn remember(&self, script: &StoredScript, prepared: Prepared) {
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        cache.insert(script.version, prepared);
+    }
+
+    fn prepared(
+        &self,
+        script: &StoredScript,
+        source: SourceLoader<'_>,
+    ) -> Result<Prepared, ScriptError> {
+        if let Some(prepared) = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&script.version)
+        {
+            return Ok(prepared.clone());
+        }
+        // Not compiled in this process yet (a restart): compile once.
+        let prepared = self.compile(&source()?).map_err(|e| match e {
+            ScriptError::Invalid(m) => ScriptError::Failed(m),
+            other => other,
+        })?;
+        self.remember(script, prepared.clone());
+        Ok(prepared)
+    }
+
+    /// Runs `script` for `request` in a fresh instance.
+    ///
+    /// # Errors
+    /// A trap (with the guest's panic message when there is one), or a limit.
+    pub fn run(
+        &self,
+        script: &StoredScript,
+        source: SourceLoader<'_>,
+        host: Host,
+        request: &Request,
+    ) -> Result<Response, ScriptError> {
+        let prepared = self.prepared(script, source)?;
+        let label = format!("{}/{}", script.bucket, script.name);
+        let stdout = MemoryOutputPipe::new(CAPTURED_OUTPUT);
+        let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT);
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory_bytes)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(
+            &self.engine,
+            WasmState {
+                host,
+                wasi,
+                table: ResourceTable::new(),
+                limits,
+                label: label.clone(),
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        store.set_fuel(self.limits.fuel).map_err(internal)?;
+        let ticks = self
+            .limits
+            .time
+            .as_millis()
+            .div_ceil(EPOCH_TICK.as_millis())
+            .max(1);
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        store.epoch_deadline_trap();
+        let wit_request = bindings::kvdb::script::types::Request {
+            method: request.method.clone(),
+            path: request.path.clone(),
+            vars: request.vars.clone(),
+            headers: request.headers.clone(),
+            body: request.body.clone(),
+        };
+        let result = prepared
+            .0
+            .instantiate(&mut store)
+            .and_then(|instance| instance.call_handle(&mut store, &wit_request));
+        log_output(&label, "stdout", &stdout);
+        log_output(&label, "stderr", &stderr);
+        let response = result.map_err(|e| self.classify(&e, &stderr))?;
+        if response.body.len() > self.limits.response_bytes {
+            return Err(ScriptError::Limit {
+                limit: Limit::Response,
+                detail: format!(
+                    "the response is {} bytes; the limit is {}",
+                    response.body.len(),
+                    self.limits.response_bytes
+                ),
+            });
+        }
+        if !(100..=599).contains(&response.status) {
+            return Err(ScriptError::Failed(format!(
+                "the script answered the invalid HTTP status {}",
+                response.status
+            )));
+        }
+        let mut headers: Vec<(String, String)> = response
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "content-length" | "transfer-encoding" | "connection"
+                )
+            })
+            .collect();
+        if !headers.iter().any(|(k, _)| k == "content-type") {
+            headers.push(("content-type".into(), "text/plain; charset=utf-8".into()));
+        }
+        Ok(Response {
+            status: response.status,
+            headers,
+            body: response.body,
+        })
+    }
+
+    fn classify(&self, e: &wasmtime::Error, stderr: &MemoryOutputPipe) -> ScriptError {
+        let limit = |limit, detail: String| ScriptError::Limit { limit, detail };
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => {
+                return limit(
+                    Limit::Fuel,
+                    format!("the script used more than {} fuel", self.limits.fuel),
+                );
+            }
+            Some(Trap::Interrupt) => {
+                return limit(
+                    Limit::Time,
+                    format!(
+                        "the script ran longer than {} ms",
+                        self.limits.time.as_millis()
+                    ),
+                );
+            }
+            Some(Trap::StackOverflow) => {
+                return limit(Limit::Stack, "the script overflowed its stack".into());
+            }
+            _ => {}
+        }
+        let text = format!("{e:#}");
+        if text.contains("memory") && (text.contains("grow") || text.contains("limit")) {
+            return limit(
+                Limit::Memory,
+                format!(
+                    "the script tried to use more than {} bytes of memory",
+                    self.limits.memory_bytes
+                ),
+            );
+        }
+        let output = String::from_utf8_lossy(&stderr.contents()).into_owned();
+        if let Some(panic) = output.lines().find(|l| l.contains("panicked")) {
+            let mut message = panic.trim().to_owned();
+            // Rust's panic message follows on the next line.
+            if let Some(next) = output
+                .lines()
+                .skip_while(|l| !l.contains("panicked"))
+                .nth(1)
+            {
+                message.push(' ');
+                message.push_str(next.trim());
+            }
+            return ScriptError::Failed(message);
+        }
+        ScriptError::Failed(
+            text.lines()
+                .next()
+                .unwrap_or("the script trapped")
+                .to_owned(),
+        )
+    }
+}
+
+fn log_output(label: &str, stream: &str, pipe: &MemoryOutputPipe) {
+    let bytes = pipe.contents();
+    if bytes.is_empty() {
+        return;
+    }
+    for line in String::from_utf8_lossy(&bytes).lines() {
+        tracing::info!(script = %label, stream, "{line}");
+    }
+}

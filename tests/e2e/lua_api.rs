@@ -1,0 +1,1305 @@
+//! Lua scripts over HTTP: uploading, listing, deleting, the `kvdb` API a run
+//! sees (data, request, response, tokens), and the authorization context a
+//! run gets (the caller's scope, narrowed or widened by `kvdb.scope`).
+//!
+//! The sandbox and the limits are in `lua_sandbox.rs`; the helpers here are
+//! shared with it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use crate::harness::{Resp, TestServer};
+
+/// The secret key of every bucket these suites create for scripts.
+pub const SK: &str = "sk";
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// Uploads `source` as script `name` with the secret key.
+pub fn upload(s: &TestServer, b: &str, name: &str, source: &[u8]) -> Resp {
+    s.request(
+        "PUT",
+        &format!("/{b}/scripts/{name}"),
+        &[
+            ("authorization", "Bearer sk"),
+            ("content-type", "text/plain"),
+        ],
+        Some(source),
+    )
+}
+
+/// Uploads `source` as script `name`, asserting success.
+#[track_caller]
+pub fn install(s: &TestServer, b: &str, name: &str, source: &str) {
+    let r = upload(s, b, name, source.as_bytes());
+    assert_eq!(r.status, 200, "upload {name}: {}", r.text());
+}
+
+/// Runs script `name` (with an optional query) anonymously with `GET`.
+pub fn run(s: &TestServer, b: &str, name_and_query: &str) -> Resp {
+    s.get(&format!("/{b}/scripts/{name_and_query}"))
+}
+
+/// Runs script `name` with `GET` and `Authorization: Bearer <credential>`.
+pub fn run_as(s: &TestServer, b: &str, name: &str, credential: &str) -> Resp {
+    let auth = format!("Bearer {credential}");
+    s.request(
+        "GET",
+        &format!("/{b}/scripts/{name}"),
+        &[("authorization", auth.as_str())],
+        None,
+    )
+}
+
+/// A fresh script name, so no test depends on replacing a script.
+pub fn fresh_name() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Uploads `source` under a fresh name and runs it anonymously.
+pub fn eval(s: &TestServer, b: &str, source: &str) -> Resp {
+    let name = fresh_name();
+    install(s, b, &name, source);
+    run(s, b, &name)
+}
+
+/// Uploads `source` under a fresh name and runs it with `credential`.
+pub fn eval_as(s: &TestServer, b: &str, source: &str, credential: &str) -> Resp {
+    let name = fresh_name();
+    install(s, b, &name, source);
+    run_as(s, b, &name, credential)
+}
+
+/// A bucket with the secret key [`SK`] and these extra policy fields.
+pub fn script_bucket(s: &TestServer, extra: &str) -> String {
+    if extra.is_empty() {
+        s.create_bucket("secret_key=sk")
+    } else {
+        s.create_bucket(&format!("secret_key=sk&{extra}"))
+    }
+}
+
+/// Asserts a 200 answer with this body.
+#[track_caller]
+pub fn assert_body(r: &Resp, body: &str) {
+    assert_eq!(r.status, 200, "body: {}", r.text());
+    assert_eq!(r.text(), body);
+}
+
+/// Asserts a problem of this status and type (`urn:kvdb:problem:<kind>`);
+/// returns its detail.
+#[track_caller]
+pub fn assert_problem_type(r: &Resp, status: u16, kind: &str) -> String {
+    let detail = r.assert_problem(status);
+    assert_eq!(
+        r.json()["type"],
+        format!("urn:kvdb:problem:{kind}"),
+        "{}",
+        r.text()
+    );
+    detail
+}
+
+/// An answer received within a bound, with how long it took.
+pub struct Timed {
+    pub status: u16,
+    pub body: String,
+    pub elapsed: Duration,
+}
+
+impl Timed {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// `GET path`, failing the test if no answer arrives within `bound` (a run
+/// that never ends must not hang the suite).
+#[track_caller]
+pub fn get_within(s: &TestServer, path: &str, bound: Duration) -> Timed {
+    try_get_within(s, path, bound)
+        .unwrap_or_else(|| panic!("GET {path}: no answer within {bound:?}"))
+}
+
+/// `GET path`, or `None` if no answer arrives within `bound`.
+pub fn try_get_within(s: &TestServer, path: &str, bound: Duration) -> Option<Timed> {
+    let url = s.url(path);
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        let result = agent.get(&url).call().map(|mut r| {
+            let status = r.status().as_u16();
+            let body = r.body_mut().read_to_string().unwrap_or_default();
+            (status, body)
+        });
+        let _ = tx.send(result);
+    });
+    match rx.recv_timeout(bound) {
+        Ok(Ok((status, body))) => Some(Timed {
+            status,
+            body,
+            elapsed: started.elapsed(),
+        }),
+        Ok(Err(e)) => panic!("GET {path}: {e}"),
+        Err(_) => None,
+    }
+}
+
+/// A raw HTTP/1.1 exchange (no redirect following): status, lower-cased
+/// header lines, body.
+pub fn raw(s: &TestServer, method: &str, path: &str) -> (u16, Vec<(String, String)>, String) {
+    let host = s.base().trim_start_matches("http://").to_owned();
+    let mut stream = TcpStream::connect(&host).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("head and body");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn put_as(s: &TestServer, path: &str, body: &str, content_type: Option<&str>) -> Resp {
+    let mut headers = vec![("authorization", "Bearer sk")];
+    if let Some(ct) = content_type {
+        headers.push(("content-type", ct));
+    }
+    s.request("PUT", path, &headers, Some(body.as_bytes()))
+}
+
+fn get_as(s: &TestServer, path: &str, credential: &str) -> Resp {
+    let auth = format!("Bearer {credential}");
+    s.request("GET", path, &[("authorization", auth.as_str())], None)
+}
+
+// ---------------------------------------------------------------------------
+// The two scripts of API.md
+
+const COUNTER: &str = r#"local key = os.date("visitors:%Y-%m-%d")
+local err = kvdb.incr(key, 1)
+if err then
+  kvdb.say("error incrementing: " .. err)
+  kvdb.exit(500)
+end
+local value = kvdb.get(key)
+kvdb.say(value)
+"#;
+
+#[test]
+fn api_md_counter_script_counts_across_calls() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(&s, &b, "counter", COUNTER);
+    assert_body(&run(&s, &b, "counter"), "1\n");
+    assert_body(&run(&s, &b, "counter"), "2\n");
+    assert_body(&run(&s, &b, "counter"), "3\n");
+    // The count is an ordinary integer key of the bucket.
+    let keys = get_as(&s, &format!("/{b}/?prefix=visitors:&format=json"), SK).json();
+    let keys = keys.as_array().expect("key list").clone();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let key = keys[0].as_str().expect("key").to_owned();
+    let r = s.get(&format!("/{b}/{key}"));
+    assert_eq!((r.status, r.text().as_str()), (200, "3"));
+    assert_eq!(r.header("content-type").as_deref(), Some(TEXT));
+}
+
+#[test]
+fn api_md_counter_script_reports_a_denied_increment_with_500() {
+    let s = TestServer::start();
+    // Writing needs the write key: the anonymous run's incr is refused.
+    let b = script_bucket(&s, "write_key=wk");
+    install(&s, &b, "counter", COUNTER);
+    let r = run(&s, &b, "counter");
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(
+        r.text()
+            .starts_with("error incrementing: permission denied"),
+        "{}",
+        r.text()
+    );
+    // With the write key the same script counts.
+    assert_body(&run_as(&s, &b, "counter", "wk"), "1\n");
+}
+
+#[test]
+fn api_md_hello_script_escapes_the_name() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &b,
+        "hello",
+        r#"kvdb.say("Hello " .. kvdb.escape_html(kvdb.var.name))"#,
+    );
+    let r = run(&s, &b, "hello?name=%3Cb%3E%26amp%3B%22x%22");
+    assert_body(&r, "Hello &lt;b&gt;&amp;amp;&quot;x&quot;\n");
+    assert_eq!(r.header("content-type").as_deref(), Some(TEXT));
+    assert_body(&run(&s, &b, "hello?name=World"), "Hello World\n");
+}
+
+// ---------------------------------------------------------------------------
+// Uploading, listing, deleting
+
+#[test]
+fn upload_answers_a_json_summary() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let source = "kvdb.say('hi')\n";
+    let r = upload(&s, &b, "hi", source.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("content-type")
+            .unwrap_or_default()
+            .starts_with("application/json")
+    );
+    let doc = r.json();
+    assert_eq!(doc["name"], "hi");
+    assert_eq!(doc["kind"], "lua");
+    assert_eq!(doc["size"], source.len());
+    let updated = doc["updated_at"].as_u64().expect("updated_at in seconds");
+    assert!(updated.abs_diff(now()) < 60, "updated_at {updated}");
+    assert_body(&run(&s, &b, "hi"), "hi\n");
+}
+
+#[test]
+fn upload_with_a_syntax_error_is_400_naming_the_line() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = upload(&s, &b, "broken", b"kvdb.say('ok')\nthis is not lua\n");
+    let detail = assert_problem_type(&r, 400, "script-invalid");
+    assert!(detail.contains("broken:2:"), "{detail}");
+    // Nothing was stored.
+    assert_problem_type(&run(&s, &b, "broken"), 404, "script-not-found");
+    let r = upload(&s, &b, "unclosed", b"if true then\n  kvdb.say('x')\n");
+    let detail = assert_problem_type(&r, 400, "script-invalid");
+    assert!(detail.contains("unclosed:"), "{detail}");
+}
+
+#[test]
+fn upload_of_an_empty_script_is_400() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    for body in [&b""[..], b"  \n\t\n"] {
+        upload(&s, &b, "empty", body).assert_problem(400);
+    }
+    assert_problem_type(&run(&s, &b, "empty"), 404, "script-not-found");
+}
+
+#[test]
+fn upload_beyond_the_source_limit_is_413() {
+    let s = TestServer::start_with(&["--script-source-bytes", "100"]);
+    let b = script_bucket(&s, "");
+    let at_limit = format!("kvdb.say('a')\n--{}", "x".repeat(100 - 16));
+    assert_eq!(at_limit.len(), 100);
+    let r = upload(&s, &b, "fits", at_limit.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let over = format!("{at_limit}x");
+    upload(&s, &b, "big", over.as_bytes()).assert_problem(413);
+    assert_problem_type(&run(&s, &b, "big"), 404, "script-not-found");
+    assert_body(&run(&s, &b, "fits"), "a\n");
+}
+
+#[test]
+fn upload_with_a_bad_name_is_400() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let long = "a".repeat(65);
+    for name in ["a%20b", long.as_str(), "a%2Fb", "caf%C3%A9", "a:b"] {
+        upload(&s, &b, name, b"kvdb.say(1)").assert_problem(400);
+    }
+    let longest = "a".repeat(64);
+    for name in ["A-z_0.9", longest.as_str()] {
+        let r = upload(&s, &b, name, b"kvdb.say(1)");
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+    }
+    let listed = get_as(&s, &format!("/{b}/scripts/"), SK).json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+}
+
+#[test]
+fn upload_needs_the_secret_key_and_stores_nothing_without_it() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk&write_key=wk");
+    let path = format!("/{b}/scripts/x");
+    let body = Some(&b"kvdb.say('x')"[..]);
+    assert_eq!(s.request("PUT", &path, &[], body).status, 401);
+    for key in ["rk", "wk"] {
+        let auth = format!("Bearer {key}");
+        let r = s.request("PUT", &path, &[("authorization", auth.as_str())], body);
+        r.assert_problem(403);
+    }
+    let t = s.token(&b, SK, "permissions=read,write,delete,enumerate");
+    let auth = format!("Bearer {t}");
+    let r = s.request("PUT", &path, &[("authorization", auth.as_str())], body);
+    r.assert_problem(403);
+    let r = s.request("PUT", &path, &[("authorization", "Bearer wrong")], body);
+    r.assert_problem(401);
+    assert_eq!(get_as(&s, &format!("/{b}/scripts/"), SK).json(), json!([]));
+    assert_problem_type(&run(&s, &b, "x"), 404, "script-not-found");
+}
+
+#[test]
+fn a_bucket_without_a_secret_key_cannot_have_scripts() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/scripts/x"),
+        &[],
+        Some(b"kvdb.say('x')"),
+    );
+    assert!(r.status == 401 || r.status == 403, "{}", r.text());
+    r.assert_problem(r.status);
+    assert_eq!(s.get(&format!("/{b}/scripts/x")).status, 404);
+}
+
+#[test]
+fn webassembly_upload_is_400_for_now() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let magic = b"\0asm\x01\0\0\0";
+    upload(&s, &b, "w", magic).assert_problem(400);
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/scripts/w"),
+        &[
+            ("authorization", "Bearer sk"),
+            ("content-type", "application/wasm"),
+        ],
+        Some(b"kvdb.say('not wasm')"),
+    );
+    r.assert_problem(400);
+    assert_eq!(get_as(&s, &format!("/{b}/scripts/"), SK).json(), json!([]));
+}
+
+#[test]
+fn listing_scripts_answers_json_summaries() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(&s, &b, "beta", "kvdb.say('b')");
+    install(&s, &b, "alpha", "kvdb.say('alpha')");
+    let r = get_as(&s, &format!("/{b}/scripts/"), SK);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("content-type")
+            .unwrap_or_default()
+            .starts_with("application/json")
+    );
+    let list = r.json();
+    let list = list.as_array().expect("array");
+    let mut names: Vec<&str> = list.iter().filter_map(|e| e["name"].as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["alpha", "beta"]);
+    for entry in list {
+        assert_eq!(entry["kind"], "lua", "{entry}");
+        let expected = if entry["name"] == "alpha" {
+            "kvdb.say('alpha')".len()
+        } else {
+            "kvdb.say('b')".len()
+        };
+        assert_eq!(entry["size"], expected, "{entry}");
+        let updated = entry["updated_at"].as_u64().expect("updated_at");
+        assert!(updated.abs_diff(now()) < 60, "{entry}");
+    }
+    // The listing is for the admin.
+    assert_eq!(s.get(&format!("/{b}/scripts/")).status, 401);
+}
+
+#[test]
+fn listing_scripts_for_a_browser_is_an_html_page_naming_them() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(&s, &b, "first-script", "kvdb.say(1)");
+    install(&s, &b, "second.script", "kvdb.say(2)");
+    let r = s.request(
+        "GET",
+        &format!("/{b}/scripts/"),
+        &[
+            ("authorization", "Bearer sk"),
+            ("accept", "text/html,application/xhtml+xml"),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("content-type")
+            .unwrap_or_default()
+            .starts_with("text/html"),
+        "{:?}",
+        r.header("content-type")
+    );
+    let page = r.text();
+    assert!(page.contains("first-script"), "{page}");
+    assert!(page.contains("second.script"), "{page}");
+}
+
+#[test]
+fn editor_page_carries_the_current_source_escaped() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(&s, &b, "ed", "kvdb.say('<b>tag</b>')");
+    let r = get_as(&s, &format!("/{b}/scripts/ed/edit"), SK);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let page = r.text();
+    assert!(page.contains("&lt;b&gt;tag"), "source not in the page");
+    assert!(!page.contains("<b>tag</b>"), "source not escaped");
+    assert_eq!(s.get(&format!("/{b}/scripts/ed/edit")).status, 401);
+}
+
+#[test]
+fn deleting_a_script_answers_204_and_running_it_is_404() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(&s, &b, "gone", "kvdb.say('here')");
+    install(&s, &b, "kept", "kvdb.say('kept')");
+    assert_body(&run(&s, &b, "gone"), "here\n");
+    // Only the admin deletes.
+    assert_eq!(s.delete(&format!("/{b}/scripts/gone")).status, 401);
+    assert_body(&run(&s, &b, "gone"), "here\n");
+    let r = s.request(
+        "DELETE",
+        &format!("/{b}/scripts/gone"),
+        &[("authorization", "Bearer sk")],
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_problem_type(&run(&s, &b, "gone"), 404, "script-not-found");
+    let r = s.request(
+        "DELETE",
+        &format!("/{b}/scripts/gone"),
+        &[("authorization", "Bearer sk")],
+        None,
+    );
+    r.assert_problem(404);
+    let listed = get_as(&s, &format!("/{b}/scripts/"), SK).json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_body(&run(&s, &b, "kept"), "kept\n");
+}
+
+#[test]
+fn deleting_the_bucket_removes_its_scripts() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let other = script_bucket(&s, "");
+    install(&s, &b, "x", "kvdb.say('x')");
+    install(&s, &other, "x", "kvdb.say('other')");
+    let r = s.request(
+        "DELETE",
+        &format!("/{b}"),
+        &[("authorization", "Bearer sk")],
+        None,
+    );
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    run(&s, &b, "x").assert_problem(404);
+    get_as(&s, &format!("/{b}/scripts/"), SK).assert_problem(404);
+    assert_body(&run(&s, &other, "x"), "other\n");
+}
+
+#[test]
+fn reuploading_a_script_runs_the_new_code() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(&s, &b, "v", "kvdb.say('one')");
+    for _ in 0..3 {
+        assert_body(&run(&s, &b, "v"), "one\n");
+    }
+    install(&s, &b, "v", "kvdb.say('two')");
+    for _ in 0..3 {
+        assert_body(&run(&s, &b, "v"), "two\n");
+    }
+    let listed = get_as(&s, &format!("/{b}/scripts/"), SK).json();
+    assert_eq!(listed[0]["size"], "kvdb.say('two')".len(), "{listed}");
+    // Deleted and uploaded again: still the newest code.
+    let r = s.request(
+        "DELETE",
+        &format!("/{b}/scripts/v"),
+        &[("authorization", "Bearer sk")],
+        None,
+    );
+    assert_eq!(r.status, 204);
+    install(&s, &b, "v", "kvdb.say('three')");
+    assert_body(&run(&s, &b, "v"), "three\n");
+    // A rejected upload leaves the old code in place.
+    upload(&s, &b, "v", b"this is not lua").assert_problem(400);
+    assert_body(&run(&s, &b, "v"), "three\n");
+}
+
+#[test]
+fn running_a_missing_script_or_in_a_missing_bucket_is_404() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    assert_problem_type(&run(&s, &b, "nope"), 404, "script-not-found");
+    s.get("/0bHPZl72FHvOYlSRPGr7iA/scripts/nope")
+        .assert_problem(404);
+    run(&s, &b, "bad%20name").assert_problem(400);
+    // A wrong credential is refused before the script runs.
+    install(&s, &b, "x", "kvdb.set('ran', 1)");
+    run_as(&s, &b, "x", "wrong").assert_problem(401);
+    s.get(&format!("/{b}/ran")).assert_problem(404);
+}
+
+#[test]
+fn a_runtime_error_is_a_500_script_error_with_message_and_line() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &b,
+        "oops",
+        "local t = nil\nkvdb.say('before')\nlocal x = t.field\n",
+    );
+    let detail = assert_problem_type(&run(&s, &b, "oops"), 500, "script-error");
+    assert!(detail.contains("oops:3:"), "{detail}");
+    assert!(detail.contains("attempt to index"), "{detail}");
+    install(&s, &b, "boom", "\n\nerror('kaboom')\n");
+    let detail = assert_problem_type(&run(&s, &b, "boom"), 500, "script-error");
+    assert!(detail.contains("boom:3:"), "{detail}");
+    assert!(detail.contains("kaboom"), "{detail}");
+    // The server goes on.
+    assert_body(&eval(&s, &b, "kvdb.say('fine')"), "fine\n");
+}
+
+// ---------------------------------------------------------------------------
+// The response
+
+#[test]
+fn status_header_and_exit_shape_the_response() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.status(201)
+kvdb.header("X-Thing", "yes")
+kvdb.say("before")
+kvdb.exit()
+kvdb.say("after")"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.text(), "before\n");
+    assert_eq!(r.header("x-thing").as_deref(), Some("yes"));
+    assert_eq!(r.header("content-type").as_deref(), Some(TEXT));
+
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.header("Content-Type", "application/json")
+kvdb.print('{"a":1}')
+kvdb.exit(418)
+kvdb.status(200)"#,
+    );
+    assert_eq!(r.status, 418);
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(r.json(), json!({"a": 1}));
+
+    // A later header of the same name replaces the earlier one.
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.header("x-n", "1") kvdb.header("X-N", "2") kvdb.say("ok")"#,
+    );
+    assert_eq!(r.header("x-n").as_deref(), Some("2"));
+
+    // Bad statuses and headers are script errors, not broken answers.
+    for bad in [
+        "kvdb.status(1000)",
+        "kvdb.exit(42)",
+        r#"kvdb.header("bad name", "v")"#,
+        r#"kvdb.header("x", "line\nbreak")"#,
+        r#"kvdb.header("Content-Length", "5")"#,
+    ] {
+        let r = eval(&s, &b, bad);
+        assert_problem_type(&r, 500, "script-error");
+    }
+}
+
+#[test]
+fn exit_inside_pcall_still_ends_the_script() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say("before")
+pcall(kvdb.exit, 201)
+kvdb.say("after")
+kvdb.set("after_exit", 1)"#,
+    );
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (201, "before\n"),
+        "kvdb.exit must end the run even under pcall"
+    );
+    s.get(&format!("/{b}/after_exit")).assert_problem(404);
+}
+
+#[test]
+fn redirect_answers_302_with_location_and_stops() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &b,
+        "go",
+        r#"kvdb.redirect("https://example.com/next?a=1") kvdb.set("after_redirect", 1)"#,
+    );
+    let (status, headers, _) = raw(&s, "GET", &format!("/{b}/scripts/go"));
+    assert_eq!(status, 302);
+    let location = headers.iter().find(|(k, _)| k == "location");
+    assert_eq!(
+        location.map(|(_, v)| v.as_str()),
+        Some("https://example.com/next?a=1")
+    );
+    s.get(&format!("/{b}/after_redirect")).assert_problem(404);
+
+    install(&s, &b, "moved", r#"kvdb.redirect("/elsewhere", 301)"#);
+    let (status, headers, _) = raw(&s, "GET", &format!("/{b}/scripts/moved"));
+    assert_eq!(status, 301);
+    assert!(headers.contains(&("location".into(), "/elsewhere".into())));
+
+    install(&s, &b, "badcode", r#"kvdb.redirect("/x", 200)"#);
+    let (status, _, _) = raw(&s, "GET", &format!("/{b}/scripts/badcode"));
+    assert_eq!(status, 500);
+}
+
+#[test]
+fn say_joins_with_a_newline_print_without_and_global_print_logs() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say("a", 1, " ", 2.5, true)
+kvdb.print("x", "y")
+print("to the log, not the response")
+kvdb.print("z")
+kvdb.say()"#,
+    );
+    assert_body(&r, "a1 2.5true\nxyz\n");
+}
+
+#[test]
+fn escape_html_escapes_markup_and_quotes() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.print(kvdb.escape_html([[<script>alert("x" & 'y')</script>]]))"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = r.text();
+    for raw in ['<', '>', '"', '\''] {
+        assert!(!out.contains(raw), "{raw} survived: {out}");
+    }
+    assert!(
+        out.starts_with("&lt;script&gt;alert(&quot;x&quot; &amp; "),
+        "{out}"
+    );
+    assert_body(
+        &eval(&s, &b, "kvdb.say(kvdb.escape_html('plain'))"),
+        "plain\n",
+    );
+}
+
+#[test]
+fn os_date_time_and_clock_work() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(os.time())
+kvdb.say(os.date("!%Y-%m-%d %H:%M:%S", 0))
+kvdb.say(os.date("*t").year >= 2024)
+kvdb.say(math.type(os.time{year=2000, month=1, day=1, hour=12}))
+local c = os.clock()
+kvdb.say(type(c), " ", c >= 0)"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    let t: u64 = lines[0].parse().expect("os.time() is an integer");
+    assert!(t.abs_diff(now()) < 60, "os.time() {t}");
+    assert_eq!(
+        &lines[1..],
+        ["1970-01-01 00:00:00", "true", "integer", "number true"]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The request
+
+#[test]
+fn method_path_headers_and_body_reach_the_script() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &b,
+        "req",
+        r#"kvdb.say(kvdb.method)
+kvdb.say(kvdb.path)
+kvdb.say(tostring(kvdb.headers["x-custom-thing"]))
+kvdb.say(tostring(kvdb.headers["X-Custom-Thing"]))
+kvdb.say(tostring(kvdb.headers["authorization"]))
+kvdb.say(#kvdb.body, ":", kvdb.body)"#,
+    );
+    let r = s.request(
+        "POST",
+        &format!("/{b}/scripts/req?q=1"),
+        &[
+            ("X-Custom-Thing", "Yes"),
+            ("authorization", "Bearer sk"),
+            ("content-type", "application/octet-stream"),
+        ],
+        Some(b"raw \x01 body"),
+    );
+    assert_body(
+        &r,
+        &format!("POST\n/{b}/scripts/req\nYes\nnil\nnil\n10:raw \x01 body\n"),
+    );
+    let r = run(&s, &b, "req");
+    assert_body(&r, &format!("GET\n/{b}/scripts/req\nnil\nnil\nnil\n0:\n"));
+}
+
+const VARS: &str = r#"for _, k in ipairs({"a", "b", "c", "n", "remote_addr"}) do
+  kvdb.say(k, "=", tostring(kvdb.var[k]))
+end"#;
+
+#[test]
+fn var_merges_query_and_form_body_with_the_body_winning() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(&s, &b, "vars", VARS);
+    let r = s.post(
+        &format!("/{b}/scripts/vars?a=query&b=query"),
+        "b=body&c=form+field%21",
+    );
+    assert_body(
+        &r,
+        "a=query\nb=body\nc=form field!\nn=nil\nremote_addr=127.0.0.1\n",
+    );
+    let r = run(&s, &b, "vars?a=x%20y&c=3");
+    assert_body(&r, "a=x y\nb=nil\nc=3\nn=nil\nremote_addr=127.0.0.1\n");
+}
+
+#[test]
+fn var_takes_fields_of_a_json_object_body() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(&s, &b, "vars", VARS);
+    let r = s.request(
+        "POST",
+        &format!("/{b}/scripts/vars?a=query&b=query"),
+        &[("content-type", "application/json")],
+        Some(br#"{"b": "json", "c": "x", "n": 5}"#),
+    );
+    assert_body(&r, "a=query\nb=json\nc=x\nn=5\nremote_addr=127.0.0.1\n");
+}
+
+// ---------------------------------------------------------------------------
+// Data
+
+#[test]
+fn get_returns_typed_values_and_nil_not_found_for_a_missing_key() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    for (k, v, ct) in [
+        ("int", "42", None),
+        ("neg", "-7", None),
+        ("float", "2.5", None),
+        ("json", r#"{"a":[1,2],"s":"t"}"#, Some("application/json")),
+        ("str", "hello world", None),
+    ] {
+        assert_eq!(put_as(&s, &format!("/{b}/{k}"), v, ct).status, 204);
+    }
+    let r = eval(
+        &s,
+        &b,
+        r#"local i = kvdb.get("int") kvdb.say(math.type(i), " ", i + 1)
+local n = kvdb.get("neg") kvdb.say(math.type(n), " ", n)
+local f = kvdb.get("float") kvdb.say(math.type(f), " ", f * 2)
+local j = kvdb.get("json") kvdb.say(type(j), " ", j.a[2], " ", j.s)
+local s = kvdb.get("str") kvdb.say(type(s), " ", s)
+local m, err = kvdb.get("missing") kvdb.say(tostring(m), " ", err)
+local e, err2 = kvdb.get("") kvdb.say(tostring(e), " ", type(err2))"#,
+    );
+    assert_body(
+        &r,
+        "integer 43\ninteger -7\nfloat 5.0\ntable 2 t\nstring hello world\nnil not found\nnil string\n",
+    );
+}
+
+#[test]
+fn set_stores_typed_values_that_read_back_over_http() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    // The same text written over HTTP, for the raw value's content type.
+    assert_eq!(s.put(&format!("/{b}/ref"), "plain text").status, 204);
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(tostring(kvdb.set("i", 7)))
+kvdb.say(tostring(kvdb.set("f", 1.5)))
+kvdb.say(tostring(kvdb.set("t", {x = 1, list = {1, 2, 3}})))
+kvdb.say(tostring(kvdb.set("s", "plain text")))
+kvdb.say(type(kvdb.set("bad", nil)))
+kvdb.say(type(kvdb.set("fn", print)))"#,
+    );
+    assert_body(&r, "nil\nnil\nnil\nnil\nstring\nstring\n");
+    let i = s.get(&format!("/{b}/i"));
+    assert_eq!((i.status, i.text().as_str()), (200, "7"));
+    assert_eq!(i.header("content-type").as_deref(), Some(TEXT));
+    // Stored as an integer: adding to it works.
+    assert_eq!(s.patch(&format!("/{b}/i"), "+1").text(), "8");
+    let f = s.get(&format!("/{b}/f"));
+    assert_eq!((f.status, f.text().as_str()), (200, "1.5"));
+    assert_eq!(f.header("content-type").as_deref(), Some(TEXT));
+    let t = s.get(&format!("/{b}/t"));
+    assert_eq!(t.status, 200);
+    assert!(
+        t.header("content-type")
+            .unwrap_or_default()
+            .starts_with("application/json")
+    );
+    assert_eq!(t.json(), json!({"x": 1, "list": [1, 2, 3]}));
+    let text = s.get(&format!("/{b}/s"));
+    assert_eq!((text.status, text.text().as_str()), (200, "plain text"));
+    assert_eq!(
+        text.header("content-type"),
+        s.get(&format!("/{b}/ref")).header("content-type")
+    );
+    s.get(&format!("/{b}/bad")).assert_problem(404);
+    s.get(&format!("/{b}/fn")).assert_problem(404);
+}
+
+#[test]
+fn set_with_a_ttl_expires_and_without_one_stays() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(tostring(kvdb.set("short", "v", 1)))
+kvdb.say(tostring(kvdb.set("long", "v")))
+kvdb.say(tostring(kvdb.set("zero", "v", 0)))"#,
+    );
+    assert_body(&r, "nil\nnil\nnil\n");
+    assert_eq!(s.get(&format!("/{b}/short")).status, 200);
+    std::thread::sleep(Duration::from_millis(2200));
+    s.get(&format!("/{b}/short")).assert_problem(404);
+    assert_eq!(s.get(&format!("/{b}/long")).status, 200);
+    assert_eq!(s.get(&format!("/{b}/zero")).status, 200);
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(tostring(kvdb.exists("short")), " ", tostring(kvdb.exists("long")))"#,
+    );
+    assert_body(&r, "false true\n");
+}
+
+#[test]
+fn delete_exists_and_incr_work_on_keys() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    assert_eq!(s.put(&format!("/{b}/gone"), "x").status, 204);
+    assert_eq!(s.put(&format!("/{b}/fl"), "1.5").status, 204);
+    assert_eq!(s.put(&format!("/{b}/word"), "hello").status, 204);
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(tostring(kvdb.exists("gone")))
+kvdb.say(tostring(kvdb.delete("gone")))
+kvdb.say(tostring(kvdb.exists("gone")))
+kvdb.say(tostring(kvdb.delete("never-was")))
+kvdb.say(tostring(kvdb.incr("c", 5)))
+kvdb.say(tostring(kvdb.incr("c")))
+kvdb.say(tostring(kvdb.incr("c", -2)))
+kvdb.say(math.type(kvdb.get("c")), " ", kvdb.get("c"))
+kvdb.say(tostring(kvdb.incr("fl", 0.25)))
+kvdb.say(kvdb.get("fl"))
+local err = kvdb.incr("word", 1)
+kvdb.say(type(err), " ", kvdb.get("word"))
+kvdb.say(type(kvdb.incr("c", "lots")))
+kvdb.say("still running")"#,
+    );
+    assert_body(
+        &r,
+        "true\nnil\nfalse\nnil\nnil\nnil\nnil\ninteger 4\nnil\n1.75\nstring hello\nstring\nstill running\n",
+    );
+    s.get(&format!("/{b}/gone")).assert_problem(404);
+    assert_eq!(s.get(&format!("/{b}/c")).text(), "4");
+    assert_eq!(s.get(&format!("/{b}/fl")).text(), "1.75");
+}
+
+#[test]
+fn list_honours_prefix_limit_start_end_reverse_and_values() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    for (k, v) in [("a:1", "1"), ("a:2", "two"), ("a:3", "3.5"), ("b:1", "x")] {
+        assert_eq!(s.put(&format!("/{b}/{k}"), v).status, 204);
+    }
+    let r = eval_as(
+        &s,
+        &b,
+        r#"local function show(l, err)
+  if not l then return kvdb.say("error ", err) end
+  kvdb.say(table.concat(l, ","))
+end
+show(kvdb.list("a:"))
+show(kvdb.list(""))
+show(kvdb.list())
+show(kvdb.list("a:", {limit = 2}))
+show(kvdb.list("a:", {start = "a:1"}))
+show(kvdb.list("a:", {["end"] = "a:3"}))
+show(kvdb.list("a:", {reverse = true}))
+show(kvdb.list("a:", {reverse = true, start = "a:3", limit = 1}))
+show(kvdb.list("zzz"))
+for _, e in ipairs(kvdb.list("a:", {values = true})) do
+  kvdb.say(e.key, "=", tostring(e.value), " ", math.type(e.value) or type(e.value))
+end"#,
+        SK,
+    );
+    assert_body(
+        &r,
+        "a:1,a:2,a:3\na:1,a:2,a:3,b:1\na:1,a:2,a:3,b:1\na:1,a:2\na:2,a:3\na:1,a:2\na:3,a:2,a:1\na:2\n\n\
+         a:1=1 integer\na:2=two string\na:3=3.5 float\n",
+    );
+}
+
+#[test]
+fn merge_patch_and_append_change_values_atomically() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let put = put_as(
+        &s,
+        &format!("/{b}/j"),
+        r#"{"a":1,"b":{"c":2}}"#,
+        Some("application/json"),
+    );
+    assert_eq!(put.status, 204);
+    assert_eq!(s.put(&format!("/{b}/r"), "ab").status, 204);
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(tostring(kvdb.merge("j", {b = {d = 3}, z = "new"})))
+kvdb.say(tostring(kvdb.patch("j", {{op = "replace", path = "/a", value = 10}})))
+kvdb.say(type(kvdb.patch("j", {{op = "test", path = "/a", value = 11}})))
+kvdb.say(type(kvdb.merge("r", {x = 1})))
+kvdb.say(tostring(kvdb.append("r", "cd")))
+kvdb.say(type(kvdb.append("j", "x")))
+local j = kvdb.get("j")
+kvdb.say(j.a, " ", j.b.c, " ", j.b.d, " ", j.z)"#,
+    );
+    assert_body(&r, "nil\nnil\nstring\nstring\nnil\nstring\n10 2 3 new\n");
+    assert_eq!(
+        s.get(&format!("/{b}/j")).json(),
+        json!({"a": 10, "b": {"c": 2, "d": 3}, "z": "new"})
+    );
+    assert_eq!(s.get(&format!("/{b}/r")).text(), "abcd");
+}
+
+#[test]
+fn json_encode_and_decode_round_trip() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(kvdb.json.encode({a = {1, 2}}))
+kvdb.say(kvdb.json.encode("q\"uote"))
+local d = kvdb.json.decode('{"x":[1,2,{"y":"z"}],"n":null,"f":1.5}')
+kvdb.say(d.x[3].y, " ", #d.x, " ", d.f)
+kvdb.say(tostring(pcall(kvdb.json.decode, "{not json")))
+kvdb.say(tostring(pcall(kvdb.json.encode, print)))"#,
+    );
+    assert_body(&r, "{\"a\":[1,2]}\n\"q\\\"uote\"\nz 3 1.5\nfalse\nfalse\n");
+}
+
+// ---------------------------------------------------------------------------
+// Tokens
+
+#[test]
+fn access_token_from_a_script_works_over_http() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk&write_key=wk");
+    assert_eq!(put_as(&s, &format!("/{b}/p:k"), "v", None).status, 204);
+    assert_eq!(put_as(&s, &format!("/{b}/q:k"), "w", None).status, 204);
+    let r = eval_as(
+        &s,
+        &b,
+        r#"local t, exp = kvdb.access_token{prefix = "p:", permissions = {"read"}, ttl = 60}
+kvdb.say(t)
+kvdb.say(exp)"#,
+        SK,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let (token, expiry) = text.trim().split_once('\n').expect("two lines");
+    let expiry: u64 = expiry.parse().expect("expiry in seconds");
+    assert!(expiry.abs_diff(now() + 60) < 30, "expiry {expiry}");
+    let r = get_as(&s, &format!("/{b}/p:k"), token);
+    assert_eq!((r.status, r.text().as_str()), (200, "v"));
+    get_as(&s, &format!("/{b}/q:k"), token).assert_problem(403);
+    let auth = format!("Bearer {token}");
+    let w = s.request(
+        "PUT",
+        &format!("/{b}/p:k"),
+        &[("authorization", auth.as_str())],
+        Some(b"x"),
+    );
+    w.assert_problem(403);
+    // Defaults: read on the whole bucket.
+    let r = eval_as(&s, &b, "kvdb.print((kvdb.access_token()))", SK);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(get_as(&s, &format!("/{b}/q:k"), &r.text()).text(), "w");
+}
+
+#[test]
+fn access_token_wider_than_the_scope_is_refused_with_an_error_string() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk&write_key=wk");
+    let t = s.token(&b, SK, "prefix=p:&permissions=read");
+    let source = r#"local function try(opts)
+  local tok, err = kvdb.access_token(opts)
+  if tok then kvdb.say("token") else kvdb.say("refused: ", err) end
+end
+try{prefix = "", permissions = {"read"}}
+try{prefix = "p:", permissions = {"write"}}
+try{prefix = "p:", permissions = {"read", "write"}}
+try{prefix = "p:x", permissions = {"read"}}
+kvdb.say("done")"#;
+    let r = eval_as(&s, &b, source, &t);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let lines: Vec<String> = r.text().lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    for refused in &lines[..3] {
+        assert!(
+            refused.starts_with("refused: permission denied"),
+            "{lines:?}"
+        );
+    }
+    assert_eq!(lines[3..], ["token", "done"]);
+
+    // The read key can't hand out writing; the script's own narrowing counts.
+    let r = eval_as(
+        &s,
+        &b,
+        r#"kvdb.say(select(2, kvdb.access_token{permissions = {"write"}}))
+kvdb.scope.prefix = "users:1:"
+kvdb.say(select(2, kvdb.access_token{prefix = "", permissions = {"read"}}))
+kvdb.say((kvdb.access_token{prefix = "users:1:a", permissions = {"read"}}) ~= nil)
+kvdb.say(select(2, kvdb.access_token{permissions = {"admin"}}))"#,
+        "rk",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("permission denied"), "{lines:?}");
+    assert!(lines[1].starts_with("permission denied"), "{lines:?}");
+    assert_eq!(lines[2], "true");
+    assert!(lines[3].starts_with("invalid input"), "{lines:?}");
+}
+
+// ---------------------------------------------------------------------------
+// The authorization context of a run
+
+const WHOAMI: &str = r#"local perms = table.concat(kvdb.scope.permissions, ",")
+kvdb.say("prefix=", kvdb.scope.prefix, " perms=", perms)
+local v, gerr = kvdb.get("p:k")
+kvdb.say("get=", tostring(v))
+local q = kvdb.get("q:k")
+kvdb.say("get q=", tostring(q))
+kvdb.say("set=", tostring(kvdb.set("p:new", "x") == nil))
+kvdb.say("delete=", tostring(kvdb.delete("p:del") == nil))
+local l = kvdb.list("")
+kvdb.say("list=", l and table.concat(l, ",") or "refused")
+kvdb.say("end")"#;
+
+#[test]
+fn a_run_gets_exactly_the_callers_scope() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk&write_key=wk");
+    for k in ["p:k", "q:k"] {
+        assert_eq!(put_as(&s, &format!("/{b}/{k}"), k, None).status, 204);
+    }
+    install(&s, &b, "whoami", WHOAMI);
+    let cases: Vec<(Option<String>, &str)> = vec![
+        (
+            None,
+            "prefix= perms=\nget=nil\nget q=nil\nset=false\ndelete=false\nlist=refused\nend\n",
+        ),
+        (
+            Some("rk".into()),
+            "prefix= perms=read\nget=p:k\nget q=q:k\nset=false\ndelete=false\nlist=refused\nend\n",
+        ),
+        (
+            Some("wk".into()),
+            "prefix= perms=read,write,delete\nget=p:k\nget q=q:k\nset=true\ndelete=true\nlist=refused\nend\n",
+        ),
+        (
+            Some(SK.into()),
+            "prefix= perms=read,write,delete,enumerate\nget=p:k\nget q=q:k\nset=true\ndelete=true\nlist=p:k,p:new,q:k\nend\n",
+        ),
+        (
+            Some(s.token(&b, SK, "prefix=p:&permissions=read,enumerate")),
+            "prefix=p: perms=read,enumerate\nget=p:k\nget q=nil\nset=false\ndelete=false\nlist=p:k,p:new\nend\n",
+        ),
+    ];
+    for (credential, expected) in cases {
+        let r = match &credential {
+            None => run(&s, &b, "whoami"),
+            Some(c) => run_as(&s, &b, "whoami", c),
+        };
+        assert_eq!(r.status, 200, "{credential:?}: {}", r.text());
+        assert_eq!(r.text(), expected, "{credential:?}");
+    }
+}
+
+#[test]
+fn an_anonymous_run_gets_the_buckets_open_permissions() {
+    let s = TestServer::start();
+    // Reading and writing open, listing needs the secret key.
+    let b = script_bucket(&s, "");
+    assert_eq!(put_as(&s, &format!("/{b}/p:k"), "v", None).status, 204);
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(table.concat(kvdb.scope.permissions, ","))
+kvdb.say(kvdb.get("p:k"))
+kvdb.say(tostring(kvdb.set("anon", 1)))
+kvdb.say(type(select(2, kvdb.list(""))))"#,
+    );
+    assert_body(&r, "read,write,delete\nv\nnil\nstring\n");
+    assert_eq!(s.get(&format!("/{b}/anon")).text(), "1");
+}
+
+#[test]
+fn scope_prefix_narrows_writes_and_the_script_completes() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval_as(
+        &s,
+        &b,
+        r#"kvdb.scope.prefix = "users:1:"
+kvdb.say(kvdb.scope.prefix)
+kvdb.say(tostring(kvdb.set("users:1:name", "alice")))
+local err = kvdb.set("users:2:name", "bob")
+kvdb.say(err)
+local v, gerr = kvdb.get("users:2:other")
+kvdb.say(tostring(v), " ", gerr)
+kvdb.say(kvdb.get("users:1:name"))
+kvdb.say("completed")"#,
+        SK,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "users:1:");
+    assert_eq!(lines[1], "nil");
+    assert!(lines[2].starts_with("permission denied"), "{lines:?}");
+    assert!(lines[3].starts_with("nil permission denied"), "{lines:?}");
+    assert_eq!(lines[4..], ["alice", "completed"]);
+    assert_eq!(s.get(&format!("/{b}/users:1:name")).text(), "alice");
+    s.get(&format!("/{b}/users:2:name")).assert_problem(404);
+}
+
+#[test]
+fn scope_permissions_narrow_what_the_run_may_do() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    assert_eq!(put_as(&s, &format!("/{b}/k"), "v", None).status, 204);
+    let r = eval_as(
+        &s,
+        &b,
+        r#"kvdb.scope.permissions = {"read"}
+kvdb.say(table.concat(kvdb.scope.permissions, ","), " ", kvdb.scope.prefix)
+kvdb.say(kvdb.get("k"))
+kvdb.say(type(kvdb.set("k", "changed")))
+kvdb.say(type(kvdb.delete("k")))
+kvdb.say(type(select(2, kvdb.list(""))))
+kvdb.scope.permissions = "write, delete"
+kvdb.say(table.concat(kvdb.scope.permissions, ","))
+kvdb.say(type(select(2, kvdb.get("k"))))
+kvdb.say(tostring(pcall(function() kvdb.scope.permissions = {"admin"} end)))
+kvdb.say(tostring(pcall(function() kvdb.scope.other = 1 end)))
+kvdb.say(tostring(pcall(function() kvdb.scope.prefix = 5 end)))"#,
+        SK,
+    );
+    assert_body(
+        &r,
+        "read \nv\nstring\nstring\nstring\nwrite,delete\nstring\nfalse\nfalse\nfalse\n",
+    );
+    assert_eq!(s.get(&format!("/{b}/k")).text(), "v");
+}
+
+#[test]
+fn an_anonymous_run_on_a_read_key_bucket_reads_only_once_the_script_widens_its_scope() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk");
+    assert_eq!(put_as(&s, &format!("/{b}/k"), "secret", None).status, 204);
+    install(
+        &s,
+        &b,
+        "plain",
+        r#"local v, err = kvdb.get("k") kvdb.say(tostring(v), " ", tostring(err))"#,
+    );
+    let r = run(&s, &b, "plain");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().starts_with("nil permission denied"),
+        "{}",
+        r.text()
+    );
+    // The same script with the read key reads.
+    assert_body(&run_as(&s, &b, "plain", "rk"), "secret nil\n");
+    install(
+        &s,
+        &b,
+        "widened",
+        r#"kvdb.scope.permissions = {"read"}
+local v, err = kvdb.get("k") kvdb.say(tostring(v), " ", tostring(err))"#,
+    );
+    assert_body(&run(&s, &b, "widened"), "secret nil\n");
+    // Over HTTP the key stays closed to anonymous readers.
+    s.get(&format!("/{b}/k")).assert_problem(401);
+}
