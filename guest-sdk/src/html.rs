@@ -16,19 +16,8 @@
 /// ```
 #[must_use]
 pub fn escape_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#x27;"),
-            '/' => out.push_str("&#x2F;"),
-            c => out.push(c),
-        }
-    }
-    out
+    // The same crate and function as the host: the same bytes by construction.
+    html_escape::encode_safe(s).into_owned()
 }
 
 #[cfg(test)]
