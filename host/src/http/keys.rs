@@ -64,6 +64,40 @@ pub async fn get_key(
     ))
 }
 
+/// What every key write takes from its request, parsed (and the body read,
+/// up to the value limit) before anything is changed.
+struct Write {
+    key: Key,
+    pairs: Vec<(String, String)>,
+    ttl: Option<u64>,
+    condition: crate::bucket::Condition,
+    body: bytes::Bytes,
+}
+
+impl Write {
+    async fn parse(
+        state: &AppState,
+        params: &RawPathParams,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<Self, ApiError> {
+        let key = key_param(params)?;
+        let pairs = query_pairs(uri)?;
+        let ttl = ttl_param(&pairs)?;
+        let condition = condition(headers)?;
+        let limit = state.buckets.limits().max_value_bytes;
+        let body = read_body(headers, body, limit).await?;
+        Ok(Self {
+            key,
+            pairs,
+            ttl,
+            condition,
+            body,
+        })
+    }
+}
+
 /// `PUT` / `POST` `/:bucket/:key`: set the value as sent, typed by its
 /// `Content-Type` (API.md "Values and types").
 pub async fn put_key(
@@ -74,12 +108,13 @@ pub async fn put_key(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = key_param(&params)?;
-    let pairs = query_pairs(&uri)?;
-    let ttl = ttl_param(&pairs)?;
-    let condition = condition(&headers)?;
-    let limit = state.buckets.limits().max_value_bytes;
-    let body = read_body(&headers, body, limit).await?;
+    let Write {
+        key,
+        ttl,
+        condition,
+        body,
+        ..
+    } = Write::parse(&state, &params, &uri, &headers, body).await?;
     let value = Value::from_body(&body, &Typing::from_content_type(content_type(&headers)))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let version = bucket.set(&key, value, ttl, condition).await?;
@@ -138,12 +173,13 @@ pub async fn patch_key(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = key_param(&params)?;
-    let pairs = query_pairs(&uri)?;
-    let ttl = ttl_param(&pairs)?;
-    let condition = condition(&headers)?;
-    let limit = state.buckets.limits().max_value_bytes;
-    let body = read_body(&headers, body, limit).await?;
+    let Write {
+        key,
+        pairs,
+        ttl,
+        condition,
+        body,
+    } = Write::parse(&state, &params, &uri, &headers, body).await?;
     let op = parse_op(&headers, query_param(&pairs, "op"), &body)?;
     let is_add = matches!(op, Op::Add(_));
     let stored = bucket.patch(&key, op, ttl, condition).await?;
