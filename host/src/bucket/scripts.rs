@@ -1,7 +1,7 @@
 //! Scripts as bucket data, so they survive restarts, belong to backups and go
 //! when the bucket goes: `id(16) 's' name` holds the script's metadata (kind,
-//! time, size), `id(16) 'c' name` its source (tagged with the metadata's
-//! version). A run reads the small metadata and loads the source only when
+//! time, size, SHA-256 of the source), `id(16) 'c' name` its source (tagged
+//! with the metadata's version). A run reads the small metadata and loads the source only when
 //! its runtime has not compiled that version yet.
 //!
 //! Managing scripts needs the admin; loading one to run it needs nothing (the
@@ -9,6 +9,8 @@
 //! [`Scoped`]). Validation of the source is the script runtime's business.
 
 use std::fmt;
+
+use sha2::Digest;
 
 use super::{Bucket, BucketError, BucketId, Scoped, ensure_bucket, now_s};
 
@@ -96,9 +98,11 @@ pub struct StoredScript {
     pub kind: ScriptKind,
     /// Bytes of source.
     pub size: u64,
-    /// The store-wide version of the upload: unique to this source, so it is
-    /// the key of compiled-code caches.
+    /// The store-wide version of the upload.
     pub version: u64,
+    /// SHA-256 of the source: the key of compiled-code caches, so the same
+    /// code uploaded twice (or to two buckets) is compiled once.
+    pub digest: [u8; 32],
     /// Unix seconds.
     pub updated_at: u64,
 }
@@ -152,6 +156,7 @@ fn decode(
         kind,
         updated_at: be_u64(entry.value.get(..8)?)?,
         size: be_u64(entry.value.get(8..16)?)?,
+        digest: entry.value.get(16..48)?.try_into().ok()?,
         version: entry.version,
     })
 }
@@ -211,9 +216,11 @@ impl Scoped {
                 ensure_bucket(ctx, &id)?;
                 let updated_at = now_s(ctx.now_ms());
                 let size = source.len() as u64;
-                let mut meta = Vec::with_capacity(16);
+                let digest: [u8; 32] = sha2::Sha256::digest(&source).into();
+                let mut meta = Vec::with_capacity(48);
                 meta.extend_from_slice(&updated_at.to_be_bytes());
                 meta.extend_from_slice(&size.to_be_bytes());
+                meta.extend_from_slice(&digest);
                 let version = ctx.put(&key, kind.tag(), &meta, 0)?;
                 let mut tagged = Vec::with_capacity(8 + source.len());
                 tagged.extend_from_slice(&version.to_be_bytes());
@@ -225,6 +232,7 @@ impl Scoped {
                     kind,
                     size,
                     version,
+                    digest,
                     updated_at,
                 })
             })

@@ -104,16 +104,13 @@ pub async fn put_script(
     let runtimes = state.scripts.clone();
     let checked = source.clone();
     let shown = name.to_string();
-    let compiled = tokio::task::spawn_blocking(move || match kind {
-        ScriptKind::Lua => runtimes.lua.validate(&shown, &checked).map(|()| None),
-        ScriptKind::Wasm => runtimes.wasm.compile(&checked).map(Some),
+    tokio::task::spawn_blocking(move || match kind {
+        ScriptKind::Lua => runtimes.lua.validate(&shown, &checked),
+        ScriptKind::Wasm => runtimes.wasm.compile_cached(&checked).map(drop),
     })
     .await
     .map_err(|e| ApiError::Internal(format!("validation task: {e}")))??;
     let stored = bucket.put_script(&name, kind, source.to_vec()).await?;
-    if let Some(prepared) = compiled {
-        state.scripts.wasm.remember(&stored, prepared);
-    }
     Ok(Json(stored.summary()).into_response())
 }
 

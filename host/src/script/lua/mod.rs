@@ -44,8 +44,8 @@ pub struct LuaRuntime {
 struct State {
     lua: Lua,
     base: sandbox::Base,
-    /// Compiled chunks by script version (unique to each upload's source).
-    chunks: HashMap<u64, Function>,
+    /// Compiled chunks by the SHA-256 of their source.
+    chunks: HashMap<[u8; 32], Function>,
 }
 
 /// What a run accumulates; lives in the state's app data during the run.
@@ -177,7 +177,7 @@ impl State {
         script: &StoredScript,
         source: SourceLoader<'_>,
     ) -> Result<Function, ScriptError> {
-        if let Some(f) = self.chunks.get(&script.version) {
+        if let Some(f) = self.chunks.get(&script.digest) {
             return Ok(f.clone());
         }
         let f = sandbox::compile(&self.lua, script.name.as_str(), &source()?)
@@ -185,7 +185,7 @@ impl State {
         if self.chunks.len() >= MAX_CACHED_CHUNKS {
             self.chunks.clear();
         }
-        self.chunks.insert(script.version, f.clone());
+        self.chunks.insert(script.digest, f.clone());
         Ok(f)
     }
 

@@ -3,7 +3,8 @@
 //!
 //! - Upload validates: not WebAssembly, a core module, or a component for
 //!   another world are each refused with a message saying which. The compiled,
-//!   pre-linked component ([`ScriptPre`]) is cached by (bucket, name, version).
+//!   pre-linked component ([`ScriptPre`]) is cached by the SHA-256 of its
+//!   bytes: the same component in two buckets is compiled once.
 //! - Each run gets a new store from the pooling allocator with fuel, a memory
 //!   limit ([`StoreLimits`]) and an epoch deadline (a 10 ms ticker thread), and
 //!   WASI with nothing granted: no files, sockets or environment; clocks and
@@ -73,8 +74,8 @@ pub struct WasmRuntime {
     engine: Engine,
     linker: Linker<WasmState>,
     limits: Limits,
-    /// Compiled scripts by version (unique to each upload's source).
-    cache: Mutex<HashMap<u64, Prepared>>,
+    /// Compiled scripts by the SHA-256 of their bytes.
+    cache: Mutex<HashMap<[u8; 32], Prepared>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ScriptError {
@@ -152,8 +153,18 @@ impl WasmRuntime {
         Ok(Prepared(pre))
     }
 
-    /// Keeps a compiled script for the runs of this version.
-    pub fn remember(&self, script: &StoredScript, prepared: Prepared) {
+    /// [`WasmRuntime::compile`], through the cache: bytes compiled before
+    /// (in any bucket) are not compiled again.
+    ///
+    /// # Errors
+    /// As [`WasmRuntime::compile`].
+    pub fn compile_cached(&self, bytes: &[u8]) -> Result<Prepared, ScriptError> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(bytes).into();
+        if let Some(prepared) = self.cached(&digest) {
+            return Ok(prepared);
+        }
+        let prepared = self.compile(bytes)?;
         let mut cache = self
             .cache
             .lock()
@@ -161,7 +172,16 @@ impl WasmRuntime {
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
-        cache.insert(script.version, prepared);
+        cache.insert(digest, prepared.clone());
+        Ok(prepared)
+    }
+
+    fn cached(&self, digest: &[u8; 32]) -> Option<Prepared> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(digest)
+            .cloned()
     }
 
     fn prepared(
@@ -169,21 +189,14 @@ impl WasmRuntime {
         script: &StoredScript,
         source: SourceLoader<'_>,
     ) -> Result<Prepared, ScriptError> {
-        if let Some(prepared) = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&script.version)
-        {
-            return Ok(prepared.clone());
+        if let Some(prepared) = self.cached(&script.digest) {
+            return Ok(prepared);
         }
         // Not compiled in this process yet (a restart): compile once.
-        let prepared = self.compile(&source()?).map_err(|e| match e {
+        self.compile_cached(&source()?).map_err(|e| match e {
             ScriptError::Invalid(m) => ScriptError::Failed(m),
             other => other,
-        })?;
-        self.remember(script, prepared.clone());
-        Ok(prepared)
+        })
     }
 
     /// Runs `script` for `request` in a fresh instance.
