@@ -22,7 +22,7 @@ use mlua::{Function, Lua};
 
 use super::api::Host;
 use super::{Limit, Limits, Request, Response, ScriptError};
-use crate::bucket::StoredScript;
+use crate::bucket::{ScriptName, StoredScript};
 
 /// Loads a script's source when a runtime has not compiled that version.
 pub type SourceLoader<'a> = &'a dyn Fn() -> Result<Vec<u8>, ScriptError>;
@@ -44,8 +44,9 @@ pub struct LuaRuntime {
 struct State {
     lua: Lua,
     base: sandbox::Base,
-    /// Compiled chunks by the SHA-256 of their source.
-    chunks: HashMap<[u8; 32], Function>,
+    /// Compiled chunks by the SHA-256 of their source and the script name
+    /// (the name is in error messages).
+    chunks: HashMap<([u8; 32], ScriptName), Function>,
 }
 
 /// What a run accumulates; lives in the state's app data during the run.
@@ -177,7 +178,8 @@ impl State {
         script: &StoredScript,
         source: SourceLoader<'_>,
     ) -> Result<Function, ScriptError> {
-        if let Some(f) = self.chunks.get(&script.digest) {
+        let key = (script.digest, script.name.clone());
+        if let Some(f) = self.chunks.get(&key) {
             return Ok(f.clone());
         }
         let f = sandbox::compile(&self.lua, script.name.as_str(), &source()?)
@@ -185,7 +187,7 @@ impl State {
         if self.chunks.len() >= MAX_CACHED_CHUNKS {
             self.chunks.clear();
         }
-        self.chunks.insert(script.digest, f.clone());
+        self.chunks.insert(key, f.clone());
         Ok(f)
     }
 
