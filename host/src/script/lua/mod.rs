@@ -2,7 +2,8 @@
 //! compiled-chunk cache per state, and runs confined by [`Limits`].
 //!
 //! Building a sandboxed state costs far more than a plain GET, so states are
-//! pooled: each run gets a fresh global environment (its globals never outlive
+//! reused: each thread that runs scripts keeps one (a thread-local, so runs
+//! never contend for a shared pool), and each run gets a fresh global environment (its globals never outlive
 //! it) over a read-only base, and library tables are read-only proxies, so
 //! nothing a run does is visible to the next one (see [`sandbox`]). A state
 //! whose run hit a limit is dropped, not reused.
@@ -15,7 +16,6 @@ mod sandbox;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use mlua::{Function, Lua};
@@ -27,17 +27,17 @@ use crate::bucket::{ScriptName, StoredScript};
 /// Loads a script's source when a runtime has not compiled that version.
 pub type SourceLoader<'a> = &'a dyn Fn() -> Result<Vec<u8>, ScriptError>;
 
-/// Idle states kept for reuse: enough for the blocking threads that run
-/// scripts concurrently on this class of machine; more are built on demand.
-const MAX_IDLE_STATES: usize = 64;
-
 /// Compiled scripts cached per state; past it the cache starts over.
 const MAX_CACHED_CHUNKS: usize = 256;
 
-/// The Lua runtime: pooled sandboxed states.
+/// The Lua runtime: sandboxed states, one per thread that runs scripts.
 pub struct LuaRuntime {
     limits: Limits,
-    idle: Mutex<Vec<State>>,
+}
+
+thread_local! {
+    /// This thread's idle state (taken during a run, put back after it).
+    static IDLE: RefCell<Option<State>> = const { RefCell::new(None) };
 }
 
 /// One sandboxed Lua state with what it needs to start runs quickly.
@@ -98,30 +98,18 @@ impl LuaRuntime {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
-            idle: Mutex::new(Vec::new()),
         }
     }
 
     fn take(&self) -> Result<State, ScriptError> {
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop();
-        match idle {
+        match IDLE.with(RefCell::take) {
             Some(state) => Ok(state),
             None => State::new().map_err(|e| ScriptError::Internal(e.to_string())),
         }
     }
 
     fn give_back(&self, state: State) {
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if idle.len() < MAX_IDLE_STATES {
-            idle.push(state);
-        }
+        IDLE.with(|idle| *idle.borrow_mut() = Some(state));
     }
 
     /// Checks that `source` compiles (uploads); the message names the line.
