@@ -4,7 +4,7 @@
 //!
 //! - [`Backend`] is an ordered byte-to-byte map with snapshot reads and
 //!   all-or-nothing write transactions. It is all an engine has to provide;
-//!   [`redb`](self::redb) (durable, the default) and [`memory`] implement it.
+//!   [`redb`] (durable, the default) and [`memory`] implement it.
 //! - [`Store`] builds the KVdb semantics on top of any backend, once: entries
 //!   with a type tag, an expiry and a version; expiry that hides an entry at
 //!   once and reclaims it in the background ([`Store::gc`]); tombstones for
@@ -13,7 +13,7 @@
 //!
 //! This module knows nothing of buckets, keys, permissions or HTTP: its keys
 //! and values are bytes. All writes go through one writer thread (see
-//! [`store`]); reads are snapshot reads that never wait for a writer.
+//! the `store` module); reads are snapshot reads that never wait for a writer.
 
 mod backup;
 pub mod memory;
@@ -27,7 +27,7 @@ use std::ops::Bound;
 
 pub use backup::{BackupInfo, verify as verify_backup};
 pub(crate) use store::prefix_end;
-pub use store::{Durability, Entry, GcStats, Snapshot, Store, WriteCtx};
+pub use store::{Backup, Durability, Entry, GcStats, Snapshot, Store, WriteCtx};
 
 /// A failure of the storage engine or of the data it holds.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 //! reused: each thread that runs scripts keeps one (a thread-local, so runs
 //! never contend for a shared pool), and each run gets a fresh global environment (its globals never outlive
 //! it) over a read-only base, and library tables are read-only proxies, so
-//! nothing a run does is visible to the next one (see [`sandbox`]). A state
+//! nothing a run does is visible to the next one (see the `sandbox` module). A state
 //! whose run hit a limit is dropped, not reused.
 //!
 //! Blocking: call [`LuaRuntime::run`] off the async threads. Data calls go
@@ -96,9 +96,7 @@ fn is_memory_error(e: &mlua::Error) -> bool {
 
 impl LuaRuntime {
     pub fn new(limits: Limits) -> Self {
-        Self {
-            limits,
-        }
+        Self { limits }
     }
 
     fn take(&self) -> Result<State, ScriptError> {

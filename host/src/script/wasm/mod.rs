@@ -3,13 +3,13 @@
 //!
 //! - Upload validates: not WebAssembly, a core module, or a component for
 //!   another world are each refused with a message saying which. The compiled,
-//!   pre-linked component ([`ScriptPre`]) is cached by the SHA-256 of its
+//!   pre-linked component (`ScriptPre`) is cached by the SHA-256 of its
 //!   bytes: the same component in two buckets is compiled once.
 //! - Each run gets a new store from the pooling allocator with fuel, a memory
 //!   limit ([`StoreLimits`]) and an epoch deadline (a 10 ms ticker thread), and
 //!   WASI with nothing granted: no files, sockets or environment; clocks and
 //!   random only. Guest stdout/stderr go to the log, tagged with the script.
-//! - Data calls go through [`Host`](crate::script::api::Host) (see [`host`]).
+//! - Data calls go through [`crate::script::api::Host`] (see the `host` module).
 //!
 //! Blocking: run it off the async threads.
 
