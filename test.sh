@@ -40,7 +40,28 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # Before the tests: they upload these components (target/wasm32-wasip2/release).
 say "example guests for wasm32-wasip2 (release)"
 cargo build --locked --target wasm32-wasip2 --release \
-  -p kvdb-example-visitors -p kvdb-example-hello -p kvdb-example-scope -p kvdb-example-guestbook
+  -p kvdb-example-visitors -p kvdb-example-hello -p kvdb-example-scope -p kvdb-example-guestbook \
+  -p kvdb-test-hostile -p kvdb-test-otherworld
+
+# The Python guests (target/python-guests), which tests/e2e/parity.rs runs
+# against the Lua and Rust ones. build.sh installs componentize-py into a venv
+# there; it takes ~25 s, so it runs only when a source is newer than a guest.
+say "Python guests (componentize-py)"
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  apt-get install -y python3-venv
+fi
+for guest in hello visitors; do
+  built="target/python-guests/$guest.wasm"
+  if [ ! -f "$built" ] || [ -n "$(find examples/python/build.sh "examples/python/$guest" wit \
+    -newer "$built" -print -quit)" ]; then
+    examples/python/build.sh "$guest"
+  fi
+done
+
+say "cargo doc -p kvdb-guest (the SDK's docs build without a warning)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps -p kvdb-guest
 
 say "cargo test --workspace"
 cargo test --workspace --locked

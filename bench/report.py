@@ -36,6 +36,11 @@ RATIOS = [
     (("script-counter", None, "kvdb relaxed script"), ("script-counter", None, "kvdb relaxed PATCH"), None),
     # What a script costs redis, for scale (same protocol on both sides).
     (("script-counter", None, "redis EVAL (RESP)"), ("script-counter", None, "redis INCR (RESP)"), None),
+    # WebAssembly guests against plain requests and their Lua twins.
+    (("wasm-hello", None, "kvdb strict WASM hello"), ("wasm-hello", None, "kvdb strict GET"), 0.5),
+    (("wasm-hello", None, "kvdb strict WASM hello"), ("wasm-hello", None, "kvdb strict Lua hello"), None),
+    (("wasm-counter", None, "kvdb strict WASM counter"), ("wasm-counter", None, "kvdb strict Lua counter"), None),
+    (("wasm-counter", None, "kvdb strict WASM counter"), ("wasm-counter", None, "kvdb strict PATCH"), None),
 ]
 
 # The script counter beside redis: different protocols (HTTP vs RESP), so
@@ -194,6 +199,11 @@ def main():
     ap.add_argument("--note", action="append", default=[])
     ap.add_argument("--counter", action="append", default=[],
                     help="WORKLOAD|CONTENDER=VALUE: a counter read back after the runs")
+    ap.add_argument("--section", action="append", default=[],
+                    help="a Markdown file to include after the tables (e.g. the in-process "
+                         "instantiation benchmark); a missing file counts as an error")
+    ap.add_argument("--failed", action="append", default=[],
+                    help="a failure outside wrk to report (makes the exit status 1)")
     args = ap.parse_args()
 
     order, groups = load(args.runs_tsv, args.clk_tck)
@@ -280,6 +290,15 @@ def main():
     if checks:
         out += ["", "Lost-update check (counter read back vs. increments answered):", ""]
         out += [f"- {'ok' if ok else '**FAILED**'}: {msg}" for ok, msg in checks]
+    failures = list(args.failed)
+    for section in args.section:
+        try:
+            out += ["", Path(section).read_text().rstrip()]
+        except OSError as e:
+            failures.append(f"{section}: {e.strerror}")
+    if failures:
+        any_error = True
+        out += [""] + [f"- **FAILED**: {f}" for f in failures]
     out += [
         "",
         "Errors: " + ("**some runs had errors (see the Errors column and the wrk logs in "

@@ -7,7 +7,7 @@
 #
 #   bench/run.sh                      # 3 rounds of 5 s per contender and case
 #   DURATION=1 ROUNDS=1 bench/run.sh  # quick smoke run
-#   WORKLOADS=scripts bench/run.sh    # only some groups: core, scripts, all (default)
+#   WORKLOADS=scripts bench/run.sh    # only some groups: core, scripts, wasm, all (default)
 #   BUILD=0 bench/run.sh              # use the release binaries already in target/
 #
 # Prints a Markdown table and writes it to bench/results/latest.md (raw wrk
@@ -33,16 +33,23 @@ die() { log "error: $*"; exit 2; }
 
 # core: GET, PUT, PATCH hot, PATCH many (kvdb vs ceiling vs webdis).
 # scripts: script-get, script-counter (kvdb scripts vs plain requests, redis EVAL).
-RUN_CORE="" RUN_SCRIPTS=""
+# wasm: wasm-hello, wasm-counter (WebAssembly guests vs their Lua twins vs plain
+#   requests), and the in-process instantiation benchmark (bench/instantiate/).
+RUN_CORE="" RUN_SCRIPTS="" RUN_WASM=""
 for group in ${WORKLOADS//,/ }; do
     case $group in
-        all) RUN_CORE=1 RUN_SCRIPTS=1 ;;
+        all) RUN_CORE=1 RUN_SCRIPTS=1 RUN_WASM=1 ;;
         core) RUN_CORE=1 ;;
         scripts) RUN_SCRIPTS=1 ;;
-        *) die "unknown workload group '$group' in WORKLOADS (core, scripts, all)" ;;
+        wasm) RUN_WASM=1 ;;
+        *) die "unknown workload group '$group' in WORKLOADS (core, scripts, wasm, all)" ;;
     esac
 done
-[[ -n $RUN_CORE$RUN_SCRIPTS ]] || die "WORKLOADS names no group (core, scripts, all)"
+[[ -n $RUN_CORE$RUN_SCRIPTS$RUN_WASM ]] || die "WORKLOADS names no group (core, scripts, wasm, all)"
+
+WASM_TARGET=wasm32-wasip2
+GUESTS=$ROOT/target/$WASM_TARGET/release   # the built guests
+INSTANTIATE_ITERS=${INSTANTIATE_ITERS:-10000}   # per variant, in-process benchmark
 
 # --- setup -------------------------------------------------------------------
 
@@ -64,10 +71,28 @@ build() {
         log "BUILD=0: using the existing binaries ($(stat -c %y "$ROOT/target/release/kvdb" 2>/dev/null || echo 'missing'))"
         [[ -x $ROOT/target/release/kvdb && -x $ROOT/target/release/kvdb-bench-ceiling ]] ||
             die "BUILD=0 but target/release/kvdb or kvdb-bench-ceiling is missing"
+        if [[ -n $RUN_WASM ]]; then
+            local f
+            for f in "$ROOT/target/release/kvdb-bench-instantiate" \
+                "$GUESTS/kvdb_example_hello.wasm" "$GUESTS/kvdb_example_visitors.wasm"; do
+                [[ -e $f ]] || die "BUILD=0 but $f is missing"
+            done
+        fi
         return
     fi
     log "building release binaries"
-    (cd "$ROOT" && cargo build --release -q -p kvdb -p kvdb-bench-ceiling) >&2
+    local packages=(-p kvdb -p kvdb-bench-ceiling)
+    [[ -n $RUN_WASM ]] && packages+=(-p kvdb-bench-instantiate)
+    (cd "$ROOT" && cargo build --release -q "${packages[@]}") >&2
+    if [[ -n $RUN_WASM ]]; then
+        if ! rustup target list --installed 2>/dev/null | grep -qx "$WASM_TARGET"; then
+            log "adding the $WASM_TARGET target"
+            rustup target add "$WASM_TARGET" >&2
+        fi
+        log "building the WebAssembly guests (hello, visitors)"
+        (cd "$ROOT" && cargo build --target "$WASM_TARGET" --release -q \
+            -p kvdb-example-visitors -p kvdb-example-hello) >&2
+    fi
 }
 
 # A free TCP port on 127.0.0.1 (for servers that cannot take port 0 and tell
@@ -212,6 +237,61 @@ setup_scripts() {
     printf -v "${name}_SBUCKET" %s "$bucket"
     printf -v "${name}_VISITORS_BASE" %s "$(visitors_count "$base/$bucket")"
     log "$name: script bucket $bucket (scripts get, visitors)"
+}
+
+# upload_script NAME BUCKET_URL SCRIPT FILE [CONTENT TYPE]: uploads FILE as
+# the script SCRIPT, dies with the server's answer if it is refused.
+upload_script() {
+    local name=$1 url=$2 script=$3 file=$4 type=${5:-} out code
+    local headers=()
+    [[ -n $type ]] && headers=(-H "Content-Type: $type")
+    out=$(curl -sS -u "$SCRIPT_SECRET:" -T "$file" "${headers[@]}" \
+        -w '\n%{http_code}' "$url/scripts/$script") || die "$name: upload of $file failed"
+    code=${out##*$'\n'}
+    [[ $code == 2?? ]] || die "$name: curl -u $SCRIPT_SECRET: -T $file ${headers[*]} $url/scripts/$script answered $code: ${out%$'\n'*}"
+}
+
+# check_script NAME URL EXPECTED: GET URL must answer 200 with EXPECTED as the
+# whole body (EXPECTED empty: any body).
+check_script() {
+    local name=$1 url=$2 expected=$3 out code body
+    out=$(curl -sS -w '\n%{http_code}' "$url") || die "$name: GET $url failed"
+    code=${out##*$'\n'} body=${out%$'\n'*}
+    body=${body%$'\n'}   # the scripts end their answer with a newline
+    [[ $code == 200 ]] || die "$name: GET $url answered $code: $body"
+    [[ -z $expected || $body == "$expected" ]] || die "$name: GET $url answered '$body', expected '$expected'"
+}
+
+# setup_wasm NAME: on the kvdb started as NAME, two buckets with a secret key:
+# NAME_WBUCKET holds the WebAssembly guests (examples/hello and
+# examples/visitors, built for wasm32-wasip2) as "hello" and "visitors", the
+# key "k" = "hello" (the plain GET) and "ctr-0" (the plain PATCH);
+# NAME_LBUCKET holds their Lua twins (examples/*/hello.lua, visitors.lua)
+# under the same names. Separate buckets, so each visitors counter counts one
+# contender. Runs each script once to check it answers; sets
+# NAME_WVISITORS_BASE and NAME_LVISITORS_BASE (the counts after that check).
+setup_wasm() {
+    local name=$1 port_var=${1}_PORT
+    local base="http://127.0.0.1:${!port_var}" wb lb
+    wb=$(curl -fsS -d "secret_key=$SCRIPT_SECRET" "$base/")
+    lb=$(curl -fsS -d "secret_key=$SCRIPT_SECRET" "$base/")
+    [[ $wb =~ ^[A-Za-z0-9_-]+$ && $lb =~ ^[A-Za-z0-9_-]+$ ]] ||
+        die "$name: POST / with a secret key answered '$wb' / '$lb'"
+    curl -fsS -o /dev/null -X PUT --data-binary hello "$base/$wb/k"
+    upload_script "$name" "$base/$wb" hello "$GUESTS/kvdb_example_hello.wasm" application/wasm
+    upload_script "$name" "$base/$wb" visitors "$GUESTS/kvdb_example_visitors.wasm" application/wasm
+    upload_script "$name" "$base/$lb" hello "$ROOT/examples/hello/hello.lua"
+    upload_script "$name" "$base/$lb" visitors "$ROOT/examples/visitors/visitors.lua"
+    local b
+    for b in "$wb" "$lb"; do
+        check_script "$name" "$base/$b/scripts/hello?name=World" $'Hello World'
+        check_script "$name" "$base/$b/scripts/visitors" ""
+    done
+    printf -v "${name}_WBUCKET" %s "$wb"
+    printf -v "${name}_LBUCKET" %s "$lb"
+    printf -v "${name}_WVISITORS_BASE" %s "$(visitors_count "$base/$wb")"
+    printf -v "${name}_LVISITORS_BASE" %s "$(visitors_count "$base/$lb")"
+    log "$name: WebAssembly bucket $wb, Lua bucket $lb (scripts hello, visitors)"
 }
 
 # visitors_count BUCKET_URL: the sum of every visitors:DATE counter (a run
@@ -371,12 +451,14 @@ if [[ -n $RUN_SCRIPTS ]]; then
     setup_scripts strict
     setup_scripts relaxed
 fi
+[[ -n $RUN_WASM ]] && setup_wasm strict
 
 KS="http://127.0.0.1:$strict_PORT"
 KR="http://127.0.0.1:$relaxed_PORT"
 NOTES=("kvdb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')")
 [[ ${BUILD:-1} == 0 ]] && NOTES[0]+=", not rebuilt (BUILD=0): binary of $(stat -c %y "$ROOT/target/release/kvdb" | cut -d. -f1)"
 COUNTERS=()
+INSTANTIATE_ARGS=()   # report.py arguments of the in-process benchmark
 
 if [[ -n $RUN_CORE ]]; then
     WD="http://127.0.0.1:$WEBDIS_PORT"
@@ -452,6 +534,47 @@ if [[ -n $RUN_SCRIPTS ]]; then
     )
 fi
 
+if [[ -n $RUN_WASM ]]; then
+    SW="$KS/$strict_WBUCKET"
+    SL="$KS/$strict_LBUCKET"
+
+    # Hello (greets ?name=World): the WebAssembly guest vs its Lua twin vs a
+    # plain GET of a 5-byte key, in the same bucket as the guest.
+    workload "wasm-hello" \
+        "kvdb strict WASM hello|$strict_PID|$SW/scripts/hello?name=World||" \
+        "kvdb strict Lua hello|$strict_PID|$SL/scripts/hello?name=World||" \
+        "kvdb strict GET|$strict_PID|$SW/k||"
+
+    # The visitors counter (incr, get, answer): WebAssembly vs Lua vs PATCH +1.
+    workload "wasm-counter" \
+        "kvdb strict WASM counter|$strict_PID|$SW/scripts/visitors||" \
+        "kvdb strict Lua counter|$strict_PID|$SL/scripts/visitors||" \
+        "kvdb strict PATCH|$strict_PID|$KS|patch.lua|kvdb /$strict_WBUCKET 1"
+
+    vw=$(visitors_count "$SW") || vw=unreadable
+    vl=$(visitors_count "$SL") || vl=unreadable
+    [[ $vw =~ ^[0-9]+$ ]] && vw=$((vw - strict_WVISITORS_BASE))
+    [[ $vl =~ ^[0-9]+$ ]] && vl=$((vl - strict_LVISITORS_BASE))
+    COUNTERS+=(
+        --counter "wasm-counter|kvdb strict WASM counter=$vw"
+        --counter "wasm-counter|kvdb strict Lua counter=$vl"
+        --counter "wasm-counter|kvdb strict PATCH=$(curl -fsS "$SW/ctr-0" || echo unreadable)"
+    )
+
+    # In-process: fresh store + instantiate + call, pooled vs on-demand.
+    log "in-process instantiation benchmark ($INSTANTIATE_ITERS iterations per variant)"
+    INSTANTIATE_ARGS=(--section "$RESULTS/logs/instantiate.md")   # copied there below
+    if ! ITERS=$INSTANTIATE_ITERS "$ROOT/target/release/kvdb-bench-instantiate" \
+        "$GUESTS/kvdb_example_hello.wasm" "$TMP/logs/instantiate.md" \
+        >"$TMP/logs/instantiate.txt" 2>&1; then
+        cat "$TMP/logs/instantiate.txt" >&2
+        INSTANTIATE_ARGS+=(--failed "kvdb-bench-instantiate failed: see bench/results/logs/instantiate.txt")
+    fi
+    NOTES+=(
+        "wasm: examples/hello and examples/visitors built for wasm32-wasip2 (64 KiB guest stack, .cargo/config.toml), uploaded with Content-Type application/wasm to one bucket with a secret key, their Lua twins (examples/*/hello.lua, visitors.lua) to another; run anonymously with GET /BUCKET/scripts/NAME (hello with ?name=World); GET and PATCH on the WebAssembly bucket; guests of $(stat -c %y "$GUESTS/kvdb_example_hello.wasm" | cut -d. -f1)"
+    )
+fi
+
 # Keep the raw evidence next to the table.
 mkdir -p "$RESULTS"
 rm -rf "$RESULTS/logs"
@@ -465,7 +588,7 @@ for note in "${NOTES[@]}"; do NOTE_ARGS+=(--note "$note"); done
 
 status=0
 python3 "$BENCH/report.py" "$RESULTS/logs/runs.tsv" "$RESULTS/latest.md" \
-    "${COUNTERS[@]}" "${NOTE_ARGS[@]}" \
+    "${COUNTERS[@]}" "${NOTE_ARGS[@]}" "${INSTANTIATE_ARGS[@]}" \
     --rounds "$ROUNDS" --duration "$DURATION" --clk-tck "$CLK_TCK" \
     || status=$?
 exit "$status"

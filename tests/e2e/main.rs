@@ -13,5 +13,7 @@ mod harness;
 mod listing;
 mod lua_api;
 mod lua_sandbox;
+mod parity;
 mod smoke;
 mod values;
+mod wasm;

@@ -1,0 +1,847 @@
+//! WebAssembly components over HTTP: uploading (what is refused and why),
+//! running the example guests, the authorization context of a run (the
+//! caller's scope, narrowed or widened by `scope.set`, as in the Lua tests),
+//! hostile guests that each end only their own run with their own error,
+//! replacing, restarting and deleting.
+//!
+//! The components are built by `./test.sh` (`cargo build --target
+//! wasm32-wasip2 --release`): the example guests of `examples/` and the test
+//! guests of `tests/guests/` (`hostile`: misbehaves or probes its scope on
+//! request; `otherworld`: a component of another world).
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{Resp, TestServer};
+use crate::lua_api::{
+    SK, Timed, assert_body, assert_problem_type, get_within, install, raw, run, run_as,
+    script_bucket, try_get_within,
+};
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// Generous bound for a limit's error to arrive (the limits are far smaller).
+const BOUND: Duration = Duration::from_secs(10);
+
+/// What `do=panic` of the hostile guest panics with
+/// (`tests/guests/hostile/src/lib.rs`).
+const PANIC_MESSAGE: &str = "hostile guest panics on purpose (4f2a)";
+
+/// The component `name` (a crate name with `_`) built for wasm32-wasip2.
+/// Missing is a failure, never a skip: `./test.sh` builds them.
+pub fn component(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../target/wasm32-wasip2/release/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{path}: {e}. The WebAssembly guests are built by ./test.sh \
+             (cargo build --target wasm32-wasip2 --release -p ...); run it first"
+        )
+    })
+}
+
+pub fn hello() -> Vec<u8> {
+    component("kvdb_example_hello")
+}
+
+fn hostile() -> Vec<u8> {
+    component("kvdb_test_hostile")
+}
+
+/// Uploads `bytes` as script `name` with the secret key, declared as
+/// `application/wasm` when `content_type` says so.
+pub fn upload_bytes(
+    s: &TestServer,
+    b: &str,
+    name: &str,
+    bytes: &[u8],
+    content_type: Option<&str>,
+) -> Resp {
+    let mut headers = vec![("authorization", "Bearer sk")];
+    if let Some(ct) = content_type {
+        headers.push(("content-type", ct));
+    }
+    s.request(
+        "PUT",
+        &format!("/{b}/scripts/{name}"),
+        &headers,
+        Some(bytes),
+    )
+}
+
+/// Uploads a component as script `name`, asserting success.
+#[track_caller]
+pub fn install_wasm(s: &TestServer, b: &str, name: &str, bytes: &[u8]) {
+    let r = upload_bytes(s, b, name, bytes, Some("application/wasm"));
+    assert_eq!(r.status, 200, "upload {name}: {}", r.text());
+}
+
+fn as_sk(s: &TestServer, method: &str, path: &str) -> Resp {
+    s.request(method, path, &[("authorization", "Bearer sk")], None)
+}
+
+fn put_sk(s: &TestServer, b: &str, key: &str, value: &str) {
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/{key}"),
+        &[("authorization", "Bearer sk")],
+        Some(value.as_bytes()),
+    );
+    assert_eq!(r.status, 204, "PUT {key}: {}", r.text());
+}
+
+/// `POST` of a form to script `name`, with a credential if any.
+fn post_form(s: &TestServer, b: &str, name: &str, form: &str, credential: Option<&str>) -> Resp {
+    let auth = credential.map(|c| format!("Bearer {c}"));
+    let mut headers = vec![("content-type", "application/x-www-form-urlencoded")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    s.request(
+        "POST",
+        &format!("/{b}/scripts/{name}"),
+        &headers,
+        Some(form.as_bytes()),
+    )
+}
+
+fn scripts_of(s: &TestServer, b: &str) -> serde_json::Value {
+    let r = as_sk(s, "GET", &format!("/{b}/scripts/"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// Today's key of the visitors counter (UTC).
+pub fn visitors_key() -> String {
+    let secs = crate::lua_api::now();
+    let z = i64::try_from(secs / 86_400).expect("days") + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("visitors:{y:04}-{m:02}-{d:02}")
+}
+
+// ---------------------------------------------------------------------------
+// Uploading
+
+#[test]
+fn garbage_declared_as_wasm_is_400_saying_it_is_not_webassembly() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = upload_bytes(
+        &s,
+        &b,
+        "g",
+        b"kvdb.say('not wasm')",
+        Some("application/wasm"),
+    );
+    let detail = r.assert_problem(400);
+    assert!(detail.contains("not WebAssembly"), "{detail}");
+    // The magic and then garbage: WebAssembly, but not a valid component.
+    let mut broken = b"\0asm\x0d\0\x01\0".to_vec();
+    broken.extend_from_slice(&[0xff; 64]);
+    let detail = upload_bytes(&s, &b, "g", &broken, None).assert_problem(400);
+    assert!(
+        detail.contains("not a valid WebAssembly component"),
+        "{detail}"
+    );
+    // A truncated component: its first half.
+    let bytes = hello();
+    let detail = upload_bytes(
+        &s,
+        &b,
+        "g",
+        &bytes[..bytes.len() / 2],
+        Some("application/wasm"),
+    )
+    .assert_problem(400);
+    assert!(!detail.is_empty());
+    assert_eq!(scripts_of(&s, &b), json!([]));
+    assert_problem_type(&run(&s, &b, "g"), 404, "script-not-found");
+}
+
+#[test]
+fn a_core_module_is_400_saying_it_is_a_core_module_not_a_component() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let module = b"\0asm\x01\0\0\0";
+    // Recognised by its magic, or declared.
+    for content_type in [None, Some("application/wasm")] {
+        let detail = upload_bytes(&s, &b, "core", module, content_type).assert_problem(400);
+        assert!(
+            detail.contains("core WebAssembly module") && detail.contains("component"),
+            "{content_type:?}: {detail}"
+        );
+    }
+    assert_eq!(scripts_of(&s, &b), json!([]));
+}
+
+#[test]
+fn a_component_of_another_world_is_400_saying_it_does_not_fit_kvdb_script() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let other = component("kvdb_test_otherworld");
+    let detail =
+        upload_bytes(&s, &b, "other", &other, Some("application/wasm")).assert_problem(400);
+    assert!(detail.contains("kvdb:script"), "{detail}");
+    assert!(
+        detail.contains("does not fit") || detail.contains("does not export"),
+        "{detail}"
+    );
+    assert_eq!(scripts_of(&s, &b), json!([]));
+}
+
+#[test]
+fn uploading_a_component_needs_the_secret_key_and_stores_nothing_without_it() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "write_key=wk");
+    let bytes = hello();
+    let anonymous = s.request(
+        "PUT",
+        &format!("/{b}/scripts/h"),
+        &[("content-type", "application/wasm")],
+        Some(&bytes),
+    );
+    anonymous.assert_problem(401);
+    let write_key = s.request(
+        "PUT",
+        &format!("/{b}/scripts/h"),
+        &[
+            ("content-type", "application/wasm"),
+            ("authorization", "Bearer wk"),
+        ],
+        Some(&bytes),
+    );
+    write_key.assert_problem(403);
+    let wrong = s.request(
+        "PUT",
+        &format!("/{b}/scripts/h"),
+        &[
+            ("content-type", "application/wasm"),
+            ("authorization", "Bearer nope"),
+        ],
+        Some(&bytes),
+    );
+    wrong.assert_problem(401);
+    assert_problem_type(&run(&s, &b, "h"), 404, "script-not-found");
+    assert_eq!(scripts_of(&s, &b), json!([]));
+}
+
+#[test]
+fn a_component_upload_answers_a_summary_of_kind_wasm_and_is_listed() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let bytes = hello();
+    // Recognised by its magic without a content type, too.
+    for (name, content_type) in [("declared", Some("application/wasm")), ("sniffed", None)] {
+        let r = upload_bytes(&s, &b, name, &bytes, content_type);
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        let doc = r.json();
+        assert_eq!(doc["name"], name);
+        assert_eq!(doc["kind"], "wasm", "{doc}");
+        assert_eq!(doc["size"], bytes.len(), "{doc}");
+        assert_body(&run(&s, &b, &format!("{name}?name=x")), "Hello x\n");
+    }
+    let listed = scripts_of(&s, &b);
+    let kinds: Vec<_> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| (e["name"].clone(), e["kind"].clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (json!("declared"), json!("wasm")),
+            (json!("sniffed"), json!("wasm"))
+        ]
+    );
+}
+
+#[test]
+fn a_component_beyond_the_component_size_limit_is_413_and_stores_nothing() {
+    let hello = hello();
+    let visitors = component("kvdb_example_visitors");
+    assert!(hello.len() < 100_000 && visitors.len() > 100_000);
+    let s = TestServer::start_with(&["--script-component-bytes", "100000"]);
+    let b = script_bucket(&s, "");
+    let r = upload_bytes(&s, &b, "big", &visitors, Some("application/wasm"));
+    r.assert_problem(413);
+    assert_problem_type(&run(&s, &b, "big"), 404, "script-not-found");
+    install_wasm(&s, &b, "small", &hello);
+    assert_body(&run(&s, &b, "small?name=s"), "Hello s\n");
+}
+
+// ---------------------------------------------------------------------------
+// The examples, by GET and POST
+
+#[test]
+fn hello_greets_by_get_and_post_with_the_name_escaped() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install_wasm(&s, &b, "hello", &hello());
+    let r = run(&s, &b, "hello?name=%3Cb%3E%26%22x%22");
+    assert_body(&r, "Hello &lt;b&gt;&amp;&quot;x&quot;\n");
+    assert_eq!(r.header("content-type").as_deref(), Some(TEXT));
+    assert_body(
+        &post_form(&s, &b, "hello", "name=Form", None),
+        "Hello Form\n",
+    );
+    assert_body(
+        &post_form(&s, &b, "hello?name=query", "name=body", None),
+        "Hello body\n",
+    );
+    assert_body(&run(&s, &b, "hello"), "Hello \n");
+}
+
+#[test]
+fn visitors_counts_by_get_and_post_into_todays_key() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install_wasm(&s, &b, "visitors", &component("kvdb_example_visitors"));
+    assert_body(&run(&s, &b, "visitors"), "1\n");
+    assert_body(&post_form(&s, &b, "visitors", "x=1", None), "2\n");
+    assert_body(&run(&s, &b, "visitors"), "3\n");
+    let r = s.get(&format!("/{b}/{}", visitors_key()));
+    assert_eq!((r.status, r.text().as_str()), (200, "3"));
+    let keys = as_sk(&s, "GET", &format!("/{b}/?format=json")).json();
+    assert_eq!(keys, json!([visitors_key()]));
+}
+
+#[test]
+fn visitors_reports_a_denied_increment_with_500_and_counts_with_the_write_key() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "write_key=wk");
+    install_wasm(&s, &b, "visitors", &component("kvdb_example_visitors"));
+    let r = run(&s, &b, "visitors");
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(
+        r.text()
+            .starts_with("error incrementing: permission denied"),
+        "{}",
+        r.text()
+    );
+    assert_body(&run_as(&s, &b, "visitors", "wk"), "1\n");
+}
+
+#[test]
+fn the_scope_example_writes_only_under_its_own_prefix_whoever_calls() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk&write_key=wk");
+    install_wasm(&s, &b, "scope", &component("kvdb_example_scope"));
+    let token = s.token(&b, SK, "prefix=x:&permissions=read");
+    for credential in [None, Some("rk"), Some("wk"), Some(SK), Some(token.as_str())] {
+        for post in [false, true] {
+            let r = match (credential, post) {
+                (None, false) => run(&s, &b, "scope"),
+                (Some(c), false) => run_as(&s, &b, "scope", c),
+                (c, true) => post_form(&s, &b, "scope", "a=1", c),
+            };
+            assert_eq!(r.status, 200, "{credential:?} post={post}: {}", r.text());
+            let text = r.text();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 2, "{text}");
+            assert_eq!(lines[0], "users:1:name: ok", "{credential:?}");
+            assert!(
+                lines[1].starts_with("users:2:name: permission denied"),
+                "{credential:?}: {text}"
+            );
+        }
+    }
+    let r = as_sk(&s, "GET", &format!("/{b}/users:1:name"));
+    assert_eq!((r.status, r.text().as_str()), (200, "bob"));
+    as_sk(&s, "GET", &format!("/{b}/users:2:name")).assert_problem(404);
+}
+
+#[test]
+fn guestbook_stores_posts_and_lists_them_by_get() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install_wasm(&s, &b, "guestbook", &component("kvdb_example_guestbook"));
+    let r = post_form(&s, &b, "guestbook", "name=ann&message=hi", None);
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.text(), r#"{"id":1,"name":"ann","message":"hi"}"#);
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let r = post_form(&s, &b, "guestbook", "name=bob", None);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.text(), r#"{"error":"name and message are required"}"#);
+    // Listing needs the secret key: anonymous is a 500 naming the refusal.
+    let r = run(&s, &b, "guestbook");
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("permission denied"), "{}", r.text());
+    let r = run_as(&s, &b, "guestbook", SK);
+    assert_body(&r, r#"[{"id":1,"name":"ann","message":"hi"}]"#);
+    let stored = s.get(&format!("/{b}/guestbook:00000001"));
+    assert_eq!(stored.status, 200, "{}", stored.text());
+    assert_eq!(
+        stored.json(),
+        json!({"id": 1, "name": "ann", "message": "hi"})
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The authorization context of a run (the Lua tests' scenarios)
+
+#[test]
+fn a_run_gets_exactly_the_callers_scope() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk&write_key=wk");
+    for k in ["p:k", "q:k"] {
+        put_sk(&s, &b, k, k);
+    }
+    install_wasm(&s, &b, "probe", &hostile());
+    let cases: Vec<(Option<String>, &str)> = vec![
+        (
+            None,
+            "prefix= perms=\nget=nil\nget q=nil\nset=false\ndelete=false\nlist=refused\nend\n",
+        ),
+        (
+            Some("rk".into()),
+            "prefix= perms=read\nget=p:k\nget q=q:k\nset=false\ndelete=false\nlist=refused\nend\n",
+        ),
+        (
+            Some("wk".into()),
+            "prefix= perms=read,write,delete\nget=p:k\nget q=q:k\nset=true\ndelete=true\nlist=refused\nend\n",
+        ),
+        (
+            Some(SK.into()),
+            "prefix= perms=read,write,delete,enumerate\nget=p:k\nget q=q:k\nset=true\ndelete=true\nlist=p:k,p:new,q:k\nend\n",
+        ),
+        (
+            Some(s.token(&b, SK, "prefix=p:&permissions=read,enumerate")),
+            "prefix=p: perms=read,enumerate\nget=p:k\nget q=nil\nset=false\ndelete=false\nlist=p:k,p:new\nend\n",
+        ),
+    ];
+    for (credential, expected) in cases {
+        let r = match &credential {
+            None => run(&s, &b, "probe?do=whoami"),
+            Some(c) => run_as(&s, &b, "probe?do=whoami", c),
+        };
+        assert_eq!(r.status, 200, "{credential:?}: {}", r.text());
+        assert_eq!(r.text(), expected, "{credential:?}");
+    }
+}
+
+#[test]
+fn an_anonymous_run_gets_the_buckets_open_permissions() {
+    let s = TestServer::start();
+    // Reading and writing open, listing needs the secret key.
+    let b = script_bucket(&s, "");
+    put_sk(&s, &b, "p:k", "v");
+    install_wasm(&s, &b, "probe", &hostile());
+    assert_body(
+        &run(&s, &b, "probe?do=anon"),
+        "read,write,delete\nv\nnil\nstring\n",
+    );
+    assert_eq!(s.get(&format!("/{b}/anon")).text(), "1");
+}
+
+#[test]
+fn scope_set_prefix_narrows_writes_and_the_guest_completes() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install_wasm(&s, &b, "probe", &hostile());
+    let r = run_as(&s, &b, "probe?do=narrow-prefix", SK);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    assert_eq!(lines[0], "users:1:");
+    assert_eq!(lines[1], "nil");
+    assert!(lines[2].starts_with("permission denied"), "{lines:?}");
+    assert!(lines[3].starts_with("nil permission denied"), "{lines:?}");
+    assert_eq!(lines[4..], ["alice", "completed"]);
+    assert_eq!(s.get(&format!("/{b}/users:1:name")).text(), "alice");
+    s.get(&format!("/{b}/users:2:name")).assert_problem(404);
+}
+
+#[test]
+fn scope_set_permissions_narrow_what_the_run_may_do() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    put_sk(&s, &b, "k", "v");
+    install_wasm(&s, &b, "probe", &hostile());
+    assert_body(
+        &run_as(&s, &b, "probe?do=narrow-perms", SK),
+        "read \nv\nstring\nstring\nstring\nwrite,delete\nstring\n",
+    );
+    assert_eq!(s.get(&format!("/{b}/k")).text(), "v");
+}
+
+#[test]
+fn an_anonymous_run_on_a_read_key_bucket_reads_only_once_the_guest_widens_its_scope() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk");
+    put_sk(&s, &b, "k", "secret");
+    install_wasm(&s, &b, "probe", &hostile());
+    let r = run(&s, &b, "probe?do=plain-get");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().starts_with("nil permission denied"),
+        "{}",
+        r.text()
+    );
+    // The same guest with the read key reads.
+    assert_body(&run_as(&s, &b, "probe?do=plain-get", "rk"), "secret nil\n");
+    assert_body(&run(&s, &b, "probe?do=widen"), "secret nil\n");
+    // Over HTTP the key stays closed to anonymous readers.
+    s.get(&format!("/{b}/k")).assert_problem(401);
+}
+
+// ---------------------------------------------------------------------------
+// Hostile guests
+
+/// A server with small limits, each far below what a hostile guest asks for.
+fn limited(time_ms: &str, fuel: &str) -> TestServer {
+    TestServer::start_with(&[
+        "--script-time-ms",
+        time_ms,
+        "--script-fuel",
+        fuel,
+        "--script-memory-bytes",
+        "16777216",
+        "--script-response-bytes",
+        "10000",
+    ])
+}
+
+/// A bucket with the hostile guest as `h` and a plain value.
+fn hostile_bucket(s: &TestServer) -> String {
+    let b = script_bucket(s, "");
+    put_sk(s, &b, "plain", "value");
+    install_wasm(s, &b, "h", &hostile());
+    b
+}
+
+/// Runs the hostile guest with `do=what`, failing if no answer comes within
+/// [`BOUND`].
+#[track_caller]
+fn misbehave(s: &TestServer, b: &str, what: &str) -> Timed {
+    get_within(s, &format!("/{b}/scripts/h?do={what}"), BOUND)
+}
+
+/// Asserts a limit's problem document of one of these types; returns its
+/// detail.
+#[track_caller]
+fn assert_limit(t: &Timed, kinds: &[(u16, &str)]) -> String {
+    let doc = t.json();
+    let kind = doc["type"].as_str().unwrap_or_default();
+    assert!(
+        kinds
+            .iter()
+            .any(|(status, k)| t.status == *status && kind == format!("urn:kvdb:problem:{k}")),
+        "{} {kind}, expected one of {kinds:?}: {doc}",
+        t.status
+    );
+    assert_eq!(doc["status"], t.status);
+    assert!(
+        doc["title"].as_str().is_some_and(|d| !d.is_empty()),
+        "{doc}"
+    );
+    let detail = doc["detail"].as_str().unwrap_or_default().to_owned();
+    assert!(!detail.is_empty(), "{doc}");
+    assert!(t.elapsed < BOUND, "took {:?}", t.elapsed);
+    detail
+}
+
+/// After a run hit a limit: the same guest, a plain GET, a Lua script and
+/// another bucket's component all still work.
+#[track_caller]
+fn assert_server_still_answers(s: &TestServer, b: &str) {
+    let t = misbehave(s, b, "ok");
+    assert_eq!((t.status, t.body.as_str()), (200, "ok\n"));
+    let t = get_within(s, &format!("/{b}/plain"), BOUND);
+    assert_eq!((t.status, t.body.as_str()), (200, "value"));
+    install(s, b, "lua", "kvdb.say('still here')");
+    let t = get_within(s, &format!("/{b}/scripts/lua"), BOUND);
+    assert_eq!((t.status, t.body.as_str()), (200, "still here\n"));
+    let other = script_bucket(s, "");
+    install_wasm(s, &other, "hello", &hello());
+    let t = get_within(s, &format!("/{other}/scripts/hello?name=b"), BOUND);
+    assert_eq!((t.status, t.body.as_str()), (200, "Hello b\n"));
+}
+
+#[test]
+fn an_endless_loop_ends_with_the_fuel_or_time_limit() {
+    let s = limited("500", "50000000");
+    let b = hostile_bucket(&s);
+    let t = misbehave(&s, &b, "loop");
+    assert_limit(
+        &t,
+        &[(500, "script-fuel-limit"), (504, "script-time-limit")],
+    );
+    assert_server_still_answers(&s, &b);
+}
+
+#[test]
+fn an_endless_loop_with_little_fuel_ends_with_the_fuel_limit() {
+    let s = limited("10000", "5000000");
+    let b = hostile_bucket(&s);
+    let t = misbehave(&s, &b, "loop");
+    let detail = assert_limit(&t, &[(500, "script-fuel-limit")]);
+    assert!(detail.contains("5000000"), "{detail}");
+    assert!(t.elapsed < Duration::from_secs(5), "took {:?}", t.elapsed);
+    assert_server_still_answers(&s, &b);
+}
+
+#[test]
+fn an_endless_loop_with_plenty_of_fuel_ends_with_the_time_limit() {
+    let s = limited("300", "1000000000000000");
+    let b = hostile_bucket(&s);
+    let t = misbehave(&s, &b, "loop");
+    let detail = assert_limit(&t, &[(504, "script-time-limit")]);
+    assert!(detail.contains("300"), "{detail}");
+    assert!(t.elapsed >= Duration::from_millis(300), "{:?}", t.elapsed);
+    assert!(t.elapsed < Duration::from_secs(5), "took {:?}", t.elapsed);
+    assert_server_still_answers(&s, &b);
+}
+
+#[test]
+fn endless_allocation_ends_with_the_memory_limit() {
+    let s = limited("5000", "1000000000");
+    let b = hostile_bucket(&s);
+    let t = misbehave(&s, &b, "grow");
+    assert_limit(&t, &[(500, "script-memory-limit")]);
+    assert_server_still_answers(&s, &b);
+}
+
+#[test]
+fn unbounded_recursion_ends_with_the_stack_limit() {
+    let s = limited("5000", "1000000000");
+    let b = hostile_bucket(&s);
+    let t = misbehave(&s, &b, "recurse");
+    assert_limit(&t, &[(500, "script-stack-limit")]);
+    assert_server_still_answers(&s, &b);
+}
+
+#[test]
+fn a_panic_is_a_script_error_carrying_the_panic_message() {
+    let s = limited("5000", "1000000000");
+    let b = hostile_bucket(&s);
+    let t = misbehave(&s, &b, "panic");
+    let detail = assert_limit(&t, &[(500, "script-error")]);
+    assert!(detail.contains(PANIC_MESSAGE), "{detail}");
+    assert_server_still_answers(&s, &b);
+}
+
+#[test]
+fn a_huge_response_ends_with_the_response_limit_and_one_at_the_limit_is_sent() {
+    let s = limited("5000", "1000000000");
+    let b = hostile_bucket(&s);
+    let t = misbehave(&s, &b, "huge");
+    let detail = assert_limit(&t, &[(500, "script-response-limit")]);
+    assert!(detail.contains("10000"), "{detail}");
+    assert!(!t.body.contains("xxxx"), "a partial body was sent");
+    let t = misbehave(&s, &b, "huge&bytes=10001");
+    assert_limit(&t, &[(500, "script-response-limit")]);
+    let t = misbehave(&s, &b, "huge&bytes=10000");
+    assert_eq!(t.status, 200, "{}", &t.body[..t.body.len().min(200)]);
+    assert_eq!(t.body, "x".repeat(10_000));
+    assert_server_still_answers(&s, &b);
+}
+
+#[test]
+fn many_limit_hits_in_a_row_leave_the_server_serving() {
+    // Every pooled instance a hostile run used must come back: more runs
+    // than the pool would survive if they leaked.
+    let s = limited("200", "20000000");
+    let b = hostile_bucket(&s);
+    for round in 0..6 {
+        for (what, kinds) in [
+            (
+                "loop",
+                &[(500, "script-fuel-limit"), (504, "script-time-limit")][..],
+            ),
+            ("grow", &[(500, "script-memory-limit")][..]),
+            ("recurse", &[(500, "script-stack-limit")][..]),
+            ("panic", &[(500, "script-error")][..]),
+        ] {
+            let t = misbehave(&s, &b, what);
+            assert_limit(&t, kinds);
+            let ok = misbehave(&s, &b, "ok");
+            assert_eq!(
+                (ok.status, ok.body.as_str()),
+                (200, "ok\n"),
+                "round {round} after {what}"
+            );
+        }
+    }
+    assert_server_still_answers(&s, &b);
+}
+
+#[test]
+fn a_hostile_run_does_not_hold_up_other_requests() {
+    let s = limited("6000", "1000000000000000");
+    let b = hostile_bucket(&s);
+    let other = script_bucket(&s, "");
+    install_wasm(&s, &other, "hello", &hello());
+    let path = format!("/{b}/scripts/h?do=loop");
+    let url = s.url(&path);
+    let spinning = std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        agent.get(&url).call().map(|r| r.status().as_u16())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // While it spins: a plain read and another bucket's component answer.
+    // Far below the hostile run's 6 s, with room for a loaded machine.
+    let quick = Duration::from_millis(4000);
+    let t = try_get_within(&s, &format!("/{b}/plain"), quick)
+        .expect("a plain GET waited for the hostile run");
+    assert_eq!((t.status, t.body.as_str()), (200, "value"));
+    let t = try_get_within(&s, &format!("/{other}/scripts/hello?name=o"), quick)
+        .expect("another bucket's component waited for the hostile run");
+    assert_eq!((t.status, t.body.as_str()), (200, "Hello o\n"));
+    let status = spinning.join().expect("thread").expect("the hostile run");
+    assert_eq!(status, 504);
+}
+
+#[test]
+fn a_guest_answering_an_invalid_status_is_a_script_error() {
+    let s = limited("5000", "1000000000");
+    let b = hostile_bucket(&s);
+    for code in ["600", "99", "0"] {
+        let t = misbehave(&s, &b, &format!("status&code={code}"));
+        let detail = assert_limit(&t, &[(500, "script-error")]);
+        assert!(detail.contains(code), "{code}: {detail}");
+    }
+    let t = misbehave(&s, &b, "status&code=418");
+    assert_eq!((t.status, t.body.as_str()), (418, "status\n"));
+    assert_server_still_answers(&s, &b);
+}
+
+#[test]
+fn guest_headers_cannot_lie_about_the_length_or_inject_lines() {
+    let s = TestServer::start();
+    let b = hostile_bucket(&s);
+    let (status, headers, body) = raw(&s, "GET", &format!("/{b}/scripts/h?do=headers"));
+    assert_eq!((status, body.as_str()), (200, "hi"), "{headers:?}");
+    let values = |name: &str| -> Vec<&str> {
+        headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(values("x-test"), ["1"], "{headers:?}");
+    assert_eq!(values("content-length"), ["2"], "{headers:?}");
+    assert!(values("injected").is_empty(), "{headers:?}");
+    assert_eq!(values("content-type"), [TEXT], "{headers:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Replacing, restarting, deleting
+
+#[test]
+fn reuploading_a_different_component_under_the_same_name_runs_the_new_code() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install_wasm(&s, &b, "v", &hello());
+    assert_body(&run(&s, &b, "v?name=one"), "Hello one\n");
+    install_wasm(&s, &b, "v", &hostile());
+    for _ in 0..2 {
+        assert_body(&run(&s, &b, "v?name=one"), "ok\n");
+    }
+    let listed = scripts_of(&s, &b);
+    assert_eq!(listed[0]["size"], hostile().len(), "{listed}");
+    // Back to the first component (compiled before, still cached).
+    install_wasm(&s, &b, "v", &hello());
+    assert_body(&run(&s, &b, "v?name=two"), "Hello two\n");
+    // Lua replaces WebAssembly and the other way round.
+    install(&s, &b, "v", "kvdb.say('lua')");
+    assert_body(&run(&s, &b, "v"), "lua\n");
+    assert_eq!(scripts_of(&s, &b)[0]["kind"], "lua");
+    install_wasm(&s, &b, "v", &hostile());
+    assert_body(&run(&s, &b, "v"), "ok\n");
+    assert_eq!(scripts_of(&s, &b)[0]["kind"], "wasm");
+    // A rejected upload leaves the old code in place.
+    upload_bytes(&s, &b, "v", b"\0asm\x01\0\0\0", None).assert_problem(400);
+    upload_bytes(&s, &b, "v", b"garbage", Some("application/wasm")).assert_problem(400);
+    assert_body(&run(&s, &b, "v"), "ok\n");
+}
+
+#[test]
+fn the_same_component_in_two_buckets_keeps_each_buckets_data() {
+    let s = TestServer::start();
+    let visitors = component("kvdb_example_visitors");
+    let first = script_bucket(&s, "");
+    let second = script_bucket(&s, "");
+    install_wasm(&s, &first, "count", &visitors);
+    install_wasm(&s, &second, "count", &visitors);
+    assert_body(&run(&s, &first, "count"), "1\n");
+    assert_body(&run(&s, &first, "count"), "2\n");
+    assert_body(&run(&s, &second, "count"), "1\n");
+    let key = visitors_key();
+    assert_eq!(s.get(&format!("/{first}/{key}")).text(), "2");
+    assert_eq!(s.get(&format!("/{second}/{key}")).text(), "1");
+}
+
+#[test]
+fn uploaded_components_still_run_after_a_restart() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install_wasm(&s, &b, "hello", &hello());
+    install_wasm(&s, &b, "visitors", &component("kvdb_example_visitors"));
+    assert_body(&run(&s, &b, "visitors"), "1\n");
+    let s = s.restart_after_kill();
+    // Compiled again on first use.
+    assert_body(&run(&s, &b, "hello?name=again"), "Hello again\n");
+    assert_body(&run(&s, &b, "visitors"), "2\n");
+    assert_body(&run(&s, &b, "hello?name=twice"), "Hello twice\n");
+    let listed = scripts_of(&s, &b);
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    assert!(
+        listed
+            .as_array()
+            .expect("array")
+            .iter()
+            .all(|e| e["kind"] == "wasm"),
+        "{listed}"
+    );
+}
+
+#[test]
+fn deleting_a_component_answers_204_and_running_it_is_404() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install_wasm(&s, &b, "hello", &hello());
+    install_wasm(&s, &b, "kept", &hostile());
+    let r = as_sk(&s, "DELETE", &format!("/{b}/scripts/hello"));
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_problem_type(&run(&s, &b, "hello"), 404, "script-not-found");
+    assert_body(&run(&s, &b, "kept"), "ok\n");
+    // Uploaded again: runs again.
+    install_wasm(&s, &b, "hello", &hello());
+    assert_body(&run(&s, &b, "hello?name=back"), "Hello back\n");
+}
+
+#[test]
+fn deleting_the_bucket_removes_its_components() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let other = script_bucket(&s, "");
+    install_wasm(&s, &b, "hello", &hello());
+    install_wasm(&s, &other, "hello", &hello());
+    let r = as_sk(&s, "DELETE", &format!("/{b}"));
+    assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    run(&s, &b, "hello").assert_problem(404);
+    as_sk(&s, "GET", &format!("/{b}/scripts/")).assert_problem(404);
+    assert_body(&run(&s, &other, "hello?name=o"), "Hello o\n");
+    // Still gone after a restart.
+    let s = s.restart_after_kill();
+    run(&s, &b, "hello").assert_problem(404);
+    assert_body(&run(&s, &other, "hello?name=o"), "Hello o\n");
+}

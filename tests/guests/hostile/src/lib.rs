@@ -1,0 +1,201 @@
+//! A test guest for tests/e2e/wasm.rs. The request variable `do` picks what
+//! it does:
+//!
+//! - misbehaviour, each of which must end only this run with its own error:
+//!   `loop` (never ends), `grow` (allocates without end), `recurse`
+//!   (unbounded recursion), `panic` (panics with [`PANIC_MESSAGE`]), `huge`
+//!   (a body of `bytes` bytes, default 1 MB), `status` (answers the status
+//!   `code`), `headers` (sets a lying `content-length`, a header value with a
+//!   line break and an invalid header name besides `x-test: 1`);
+//! - `ok` (or nothing): answers `ok\n`;
+//! - the WebAssembly twins of the Lua scope tests (tests/e2e/lua_api.rs),
+//!   printing the same lines as those Lua scripts: `whoami`, `anon`,
+//!   `narrow-prefix`, `narrow-perms`, `plain-get`, `widen`.
+
+use std::hint::black_box;
+
+use kvdb_guest::{Error, Handler, ListOptions, Permission, Request, Response};
+
+/// What `do=panic` panics with.
+pub const PANIC_MESSAGE: &str = "hostile guest panics on purpose (4f2a)";
+
+struct Hostile;
+
+impl Handler for Hostile {
+    fn handle(req: Request) -> Response {
+        match req.var("do").unwrap_or("ok") {
+            "ok" => Response::text("ok\n"),
+            "loop" => endless_loop(),
+            "grow" => grow(),
+            "recurse" => {
+                let depth = recurse(black_box(u32::MAX));
+                Response::text(format!("{depth}\n"))
+            }
+            "panic" => panic!("{PANIC_MESSAGE}"),
+            "huge" => {
+                let bytes = req
+                    .var("bytes")
+                    .and_then(|b| b.parse().ok())
+                    .unwrap_or(1_000_000);
+                Response::text("x".repeat(bytes))
+            }
+            "status" => {
+                let code = req.var("code").and_then(|c| c.parse().ok()).unwrap_or(200);
+                Response::text("status\n").with_status(code)
+            }
+            "headers" => Response::text("hi")
+                .with_header("X-Test", "1")
+                .with_header("content-length", "5")
+                .with_header("x-injected", "bad\r\nInjected: 1")
+                .with_header("bad name", "x"),
+            "whoami" => Response::text(whoami()),
+            "anon" => Response::text(anon()),
+            "narrow-prefix" => Response::text(narrow_prefix()),
+            "narrow-perms" => Response::text(narrow_perms()),
+            "plain-get" => Response::text(plain_get()),
+            "widen" => match kvdb_guest::set_scope("", &[Permission::Read]) {
+                Ok(()) => Response::text(plain_get()),
+                Err(e) => Response::text(format!("set_scope: {e}\n")),
+            },
+            other => Response::text(format!("unknown do={other}\n")).with_status(400),
+        }
+    }
+}
+
+kvdb_guest::export!(Hostile);
+
+fn endless_loop() -> Response {
+    let mut n: u64 = 0;
+    loop {
+        n = black_box(n.wrapping_add(1));
+    }
+}
+
+fn grow() -> Response {
+    let mut total: usize = 0;
+    loop {
+        // 1 MiB at a time, written to and never freed.
+        let block = black_box(vec![0xA5_u8; 1 << 20]);
+        total += block.len();
+        black_box(block.leak());
+        black_box(total);
+    }
+}
+
+/// Recursion that is not a tail call and has no closed form: every level
+/// needs the result of the next one.
+fn recurse(n: u32) -> u32 {
+    if n == 0 {
+        return 1;
+    }
+    recurse(n - 1).rotate_left(3) ^ n
+}
+
+/// `nil` for success, else the error's text: what a Lua data call returns.
+fn lua_err<T>(r: Result<T, Error>) -> String {
+    match r {
+        Ok(_) => "nil".to_owned(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Lua's `type(err)` of a data call's error: `nil` or `string`.
+fn lua_type<T>(r: Result<T, Error>) -> &'static str {
+    if r.is_ok() { "nil" } else { "string" }
+}
+
+/// `kvdb.get(key)` as Lua's `tostring(v), tostring(err)`.
+fn lua_get(key: &str) -> (String, String) {
+    match kvdb_guest::get(key) {
+        Ok(Some(v)) => (v.to_string(), "nil".to_owned()),
+        Ok(None) => ("nil".to_owned(), "not found".to_owned()),
+        Err(e) => ("nil".to_owned(), e.to_string()),
+    }
+}
+
+fn permissions() -> String {
+    kvdb_guest::scope()
+        .permissions
+        .iter()
+        .map(|p| p.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The Lua test's `WHOAMI`, line for line.
+fn whoami() -> String {
+    let mut out = format!(
+        "prefix={} perms={}\n",
+        kvdb_guest::scope().prefix,
+        permissions()
+    );
+    out += &format!("get={}\n", lua_get("p:k").0);
+    out += &format!("get q={}\n", lua_get("q:k").0);
+    out += &format!("set={}\n", kvdb_guest::set("p:new", "x").is_ok());
+    out += &format!("delete={}\n", kvdb_guest::delete("p:del").is_ok());
+    let listed = kvdb_guest::list("", ListOptions::default()).map_or_else(
+        |_| "refused".to_owned(),
+        |entries| {
+            entries
+                .into_iter()
+                .map(|e| e.key)
+                .collect::<Vec<_>>()
+                .join(",")
+        },
+    );
+    out += &format!("list={listed}\nend\n");
+    out
+}
+
+/// An anonymous run: the bucket's open permissions.
+fn anon() -> String {
+    format!(
+        "{}\n{}\n{}\n{}\n",
+        permissions(),
+        lua_get("p:k").0,
+        lua_err(kvdb_guest::set("anon", 1_i64)),
+        lua_type(kvdb_guest::list("", ListOptions::default())),
+    )
+}
+
+fn narrow_prefix() -> String {
+    let permissions = kvdb_guest::scope().permissions;
+    if let Err(e) = kvdb_guest::set_scope("users:1:", &permissions) {
+        return format!("set_scope: {e}\n");
+    }
+    let mut out = format!("{}\n", kvdb_guest::scope().prefix);
+    out += &format!("{}\n", lua_err(kvdb_guest::set("users:1:name", "alice")));
+    out += &format!("{}\n", lua_err(kvdb_guest::set("users:2:name", "bob")));
+    let (v, e) = lua_get("users:2:other");
+    out += &format!("{v} {e}\n");
+    out += &format!("{}\n", lua_get("users:1:name").0);
+    out += "completed\n";
+    out
+}
+
+fn narrow_perms() -> String {
+    let prefix = kvdb_guest::scope().prefix;
+    let mut out = String::new();
+    if let Err(e) = kvdb_guest::set_scope(&prefix, &[Permission::Read]) {
+        return format!("set_scope: {e}\n");
+    }
+    out += &format!("{} {}\n", permissions(), kvdb_guest::scope().prefix);
+    out += &format!("{}\n", lua_get("k").0);
+    out += &format!("{}\n", lua_type(kvdb_guest::set("k", "changed")));
+    out += &format!("{}\n", lua_type(kvdb_guest::delete("k")));
+    out += &format!(
+        "{}\n",
+        lua_type(kvdb_guest::list("", ListOptions::default()))
+    );
+    if let Err(e) = kvdb_guest::set_scope(&prefix, &[Permission::Write, Permission::Delete]) {
+        return format!("{out}set_scope: {e}\n");
+    }
+    out += &format!("{}\n", permissions());
+    out += &format!("{}\n", lua_type(kvdb_guest::get("k")));
+    out
+}
+
+fn plain_get() -> String {
+    let (v, e) = lua_get("k");
+    format!("{v} {e}\n")
+}
