@@ -365,3 +365,39 @@ fn a_restore_cut_short_leaves_a_store_that_refuses_to_open() {
         "a half-restored directory must not be served"
     );
 }
+
+/// Relaxed durability commits on the caller's thread when the writer is
+/// idle, and through the writer otherwise: both paths are serialised.
+#[test]
+fn relaxed_writers_inline_or_queued_never_lose_an_increment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backends: Vec<Arc<dyn Backend>> = vec![
+        Arc::new(MemoryBackend::new()),
+        Arc::new(RedbBackend::open(dir.path()).expect("open redb")),
+    ];
+    for backend in backends {
+        let store = Store::open(backend, super::Durability::Relaxed).expect("store");
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        store
+                            .write_blocking(|ctx| {
+                                let n = ctx.get(b"n")?.map_or(0, |e| e.value.len());
+                                ctx.put(b"n", 0, &vec![b'x'; n + 1], 0)
+                            })
+                            .expect("commit")
+                            .expect("put");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        let n = store.snapshot().expect("snapshot").get(b"n").expect("get");
+        assert_eq!(n.map(|e| e.value.len()), Some(800));
+        store.close();
+    }
+}

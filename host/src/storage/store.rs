@@ -15,7 +15,10 @@
 //! Every write is a job for the one writer thread. The writer takes all jobs
 //! that are waiting (up to [`MAX_BATCH`]), runs them one after another in one
 //! transaction and commits once: concurrent writers share one fsync (group
-//! commit), and jobs are serialised, so a read-modify-write job is atomic. A
+//! commit), and jobs are serialised, so a read-modify-write job is atomic.
+//! With [`Durability::Relaxed`] (a commit waits for no fsync), a job that
+//! finds the writer idle runs at once on the caller's thread, under the same
+//! lock, sparing two thread hand-offs. A
 //! job must make all its checks before its first write: when it returns, what
 //! it wrote is kept. Reads are snapshots and never wait for the writer.
 
@@ -60,6 +63,10 @@ const TOMBSTONE_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// With [`Durability::Relaxed`], the longest a commit stays unsynced.
 const RELAXED_SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// With [`Durability::Relaxed`], how often the writer thread checks whether a
+/// sync is due (commits made on callers' threads don't wake it).
+const RELAXED_POLL: Duration = Duration::from_millis(100);
 
 /// When a write is on stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -428,7 +435,11 @@ struct Inner {
     sender: RwLock<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     clock: Clock,
-    snapshots: SnapshotCache,
+    snapshots: Arc<SnapshotCache>,
+    /// The writer's state: held by whoever commits (the writer thread, or a
+    /// caller running a relaxed job inline).
+    core: Arc<Mutex<Writer>>,
+    durability: Durability,
 }
 
 /// The latest snapshot, shared by readers until the next commit.
@@ -529,23 +540,26 @@ impl Store {
         let seq = snapshot.get(META_SEQ)?.map_or(0, |v| be_u64(&v));
         drop(snapshot);
         let (tx, rx) = mpsc::channel();
-        let inner = Arc::new(Inner {
+        let snapshots = Arc::new(SnapshotCache::default());
+        let core = Arc::new(Mutex::new(Writer {
             backend: backend.clone(),
+            seq,
+            clock: clock.clone(),
+            snapshots: snapshots.clone(),
+            unsynced_since: None,
+        }));
+        let inner = Arc::new(Inner {
+            backend,
             sender: RwLock::new(Some(tx)),
             writer: Mutex::new(None),
-            clock: clock.clone(),
-            snapshots: SnapshotCache::default(),
-        });
-        let writer = Writer {
-            backend,
-            durability,
-            seq,
             clock,
-            store: Arc::downgrade(&inner),
-        };
+            snapshots,
+            core: core.clone(),
+            durability,
+        });
         let handle = std::thread::Builder::new()
             .name("kvdb-writer".into())
-            .spawn(move || writer.run(&rx))?;
+            .spawn(move || writer_loop(&core, &rx, durability))?;
         *inner
             .writer
             .lock()
@@ -593,9 +607,17 @@ impl Store {
             .sender
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sender = sender.as_ref().ok_or(StorageError::Closed)?;
+        if self.inner.durability == Durability::Relaxed
+            && let Ok(mut writer) = self.inner.core.try_lock()
+        {
+            // Nobody is committing: commit this job now, on this thread.
+            writer.run_batch(vec![Job { durable, run }], false);
+            writer.mark_unsynced();
+            writer.sync_if_due();
+            return Ok(rx);
+        }
         sender
-            .as_ref()
-            .ok_or(StorageError::Closed)?
             .send(Job { durable, run })
             .map_err(|_| StorageError::Closed)?;
         Ok(rx)
@@ -1030,33 +1052,39 @@ impl Backup {
 
 struct Writer {
     backend: Arc<dyn Backend>,
-    durability: Durability,
     seq: u64,
     clock: Clock,
-    /// To invalidate the shared snapshot after commits; weak, so that the
-    /// writer does not keep the store alive.
-    store: std::sync::Weak<Inner>,
+    /// Invalidated after every commit.
+    snapshots: Arc<SnapshotCache>,
+    /// The first commit not yet synced (non-durable commits only).
+    unsynced_since: Option<Instant>,
 }
 
-impl Writer {
-    fn run(mut self, rx: &mpsc::Receiver<Job>) {
-        let mut unsynced_since: Option<Instant> = None;
-        loop {
-            let first = match unsynced_since {
-                Some(t) => match rx.recv_timeout(RELAXED_SYNC_EVERY.saturating_sub(t.elapsed())) {
-                    Ok(job) => job,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.sync();
-                        unsynced_since = None;
-                        continue;
-                    }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                },
-                None => match rx.recv() {
-                    Ok(job) => job,
-                    Err(_) => break,
-                },
-            };
+fn lock(core: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
+    // A panicking job is caught inside the batch; the state stays whole.
+    core.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The writer thread: batches queued jobs until every sender is gone, then
+/// syncs. With relaxed durability it also wakes regularly to sync commits
+/// that callers made inline.
+fn writer_loop(core: &Mutex<Writer>, rx: &mpsc::Receiver<Job>, durability: Durability) {
+    loop {
+        let first = if durability == Durability::Relaxed {
+            match rx.recv_timeout(RELAXED_POLL) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            }
+        };
+        let mut writer = lock(core);
+        if let Some(first) = first {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -1064,22 +1092,35 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let durable = self.durability == Durability::Strict && batch.iter().any(|j| j.durable);
-            self.run_batch(batch, durable);
+            let durable = durability == Durability::Strict && batch.iter().any(|j| j.durable);
+            writer.run_batch(batch, durable);
             if !durable {
-                let since = *unsynced_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= RELAXED_SYNC_EVERY {
-                    self.sync();
-                    unsynced_since = None;
-                }
+                writer.mark_unsynced();
             }
         }
-        self.sync();
+        writer.sync_if_due();
+    }
+    lock(core).sync();
+}
+
+impl Writer {
+    fn mark_unsynced(&mut self) {
+        self.unsynced_since.get_or_insert_with(Instant::now);
     }
 
-    fn sync(&self) {
-        if let Err(e) = self.backend.sync() {
-            tracing::error!(error = %e, "syncing the store failed");
+    fn sync_if_due(&mut self) {
+        if self
+            .unsynced_since
+            .is_some_and(|t| t.elapsed() >= RELAXED_SYNC_EVERY)
+        {
+            self.sync();
+        }
+    }
+
+    fn sync(&mut self) {
+        match self.backend.sync() {
+            Ok(()) => self.unsynced_since = None,
+            Err(e) => tracing::error!(error = %e, "syncing the store failed"),
         }
     }
 
@@ -1113,9 +1154,7 @@ impl Writer {
             end_seq = ctx.seq;
             Ok(())
         });
-        if let Some(store) = self.store.upgrade() {
-            store.snapshots.invalidate();
-        }
+        self.snapshots.invalidate();
         match &result {
             Ok(()) => self.seq = end_seq,
             Err(e) => tracing::error!(error = %e, "a write batch failed and was rolled back"),
