@@ -16,15 +16,15 @@
 //! that are waiting (up to [`MAX_BATCH`]), runs them one after another in one
 //! transaction and commits once: concurrent writers share one fsync (group
 //! commit), and jobs are serialised, so a read-modify-write job is atomic.
-//! With [`Durability::Relaxed`] (a commit waits for no fsync), a job that
-//! finds the writer idle runs at once on the caller's thread, under the same
-//! lock, sparing two thread hand-offs. A
+//! With [`Durability::Relaxed`] (a commit waits for no fsync), a job that is
+//! the only write in flight and finds the writer idle runs at once on the
+//! caller's thread, under the same lock, sparing two thread hand-offs. A
 //! job must make all its checks before its first write: when it returns, what
 //! it wrote is kept. Reads are snapshots and never wait for the writer.
 
 use std::ops::Bound;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -440,6 +440,17 @@ struct Inner {
     /// caller running a relaxed job inline).
     core: Arc<Mutex<Writer>>,
     durability: Durability,
+    /// Write jobs submitted and not yet answered.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a job as in flight until it is answered or dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The latest snapshot, shared by readers until the next commit.
@@ -556,6 +567,7 @@ impl Store {
             snapshots,
             core: core.clone(),
             durability,
+            in_flight: Arc::new(AtomicUsize::new(0)),
         });
         let handle = std::thread::Builder::new()
             .name("kvdb-writer".into())
@@ -593,9 +605,12 @@ impl Store {
         F: FnOnce(&mut WriteCtx<'_>) -> T + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let alone = self.inner.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+        let in_flight = InFlight(self.inner.in_flight.clone());
         let run: JobFn = Box::new(move |ctx| {
             let out = op(ctx);
             Box::new(move |committed: Result<(), &StorageError>| {
+                drop(in_flight);
                 let _ = tx.send(match committed {
                     Ok(()) => Ok(out),
                     Err(e) => Err(StorageError::Engine(e.to_string())),
@@ -609,9 +624,12 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let sender = sender.as_ref().ok_or(StorageError::Closed)?;
         if self.inner.durability == Durability::Relaxed
+            && alone
             && let Ok(mut writer) = self.inner.core.try_lock()
         {
-            // Nobody is committing: commit this job now, on this thread.
+            // The only write in flight, and nobody is committing: commit it
+            // now, on this thread. Concurrent writes go to the writer, which
+            // batches them.
             writer.run_batch(vec![Job { durable, run }], false);
             writer.mark_unsynced();
             writer.sync_if_due();
