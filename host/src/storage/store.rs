@@ -631,8 +631,9 @@ impl Store {
             // now, on this thread. Concurrent writes go to the writer, which
             // batches them.
             writer.run_batch(vec![Job { durable, run }], false);
+            // The sync (an fsync) is left to the writer thread: never on a
+            // caller's (possibly async) thread.
             writer.mark_unsynced();
-            writer.sync_if_due();
             return Ok(rx);
         }
         sender
