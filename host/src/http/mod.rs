@@ -160,28 +160,56 @@ impl FromRequestParts<AppState> for Access {
     }
 }
 
-/// Reads a request body up to `limit` bytes (413 beyond, before reading it
-/// all when `Content-Length` says so).
+/// How much of a refused (too large) body is still read and thrown away, so
+/// that the client reads the 413 instead of a reset connection. Beyond it the
+/// connection is closed.
+const DRAIN_MAX: u64 = 64 * 1024 * 1024;
+
+/// Reads a request body up to `limit` bytes; beyond it, 413. A body over the
+/// limit is drained (up to [`DRAIN_MAX`]) first, so the answer reaches the
+/// client; a client that asked `Expect: 100-continue` is answered at once.
 pub(crate) async fn read_body(
     headers: &HeaderMap,
-    body: Body,
+    mut body: Body,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
+    let too_large = ApiError::PayloadTooLarge { limit };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::PayloadTooLarge { limit })
+        let expects = headers.contains_key(header::EXPECT);
+        if !expects && declared.is_some_and(|n| n <= DRAIN_MAX) {
+            drain(body).await;
         }
-        Err(e) => Err(ApiError::bad_request(format!(
-            "the request body could not be read: {e}"
-        ))),
+        return Err(too_large);
+    }
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::bad_request(format!("the request body could not be read: {e}"))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                drain(body).await;
+                return Err(too_large);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+async fn drain(mut body: Body) {
+    let mut seen: u64 = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            seen += data.len() as u64;
+            if seen > DRAIN_MAX {
+                return;
+            }
+        }
     }
 }
 
