@@ -211,13 +211,14 @@ fn failed_job_in_a_batch_leaves_the_others_committed(f: Fixture) {
     assert!(f.get("k").is_some());
 }
 
-fn many_concurrent_writers_never_lose_an_increment(f: Fixture) {
-    let store = f.store.clone();
-    let threads: Vec<_> = (0..8)
+/// `threads` threads each grow the value under `n` by one byte `each` times,
+/// a read-modify-write per job; returns the final length.
+fn grow_concurrently(store: &Store, threads: usize, each: usize) -> usize {
+    let handles: Vec<_> = (0..threads)
         .map(|_| {
             let store = store.clone();
             std::thread::spawn(move || {
-                for _ in 0..50 {
+                for _ in 0..each {
                     store
                         .write_blocking(|ctx| {
                             let n = ctx.get(b"n")?.map_or(0, |e| e.value.len());
@@ -229,10 +230,15 @@ fn many_concurrent_writers_never_lose_an_increment(f: Fixture) {
             })
         })
         .collect();
-    for t in threads {
-        t.join().expect("thread");
+    for h in handles {
+        h.join().expect("thread");
     }
-    assert_eq!(f.get("n").expect("n").value.len(), 400);
+    let n = store.snapshot().expect("snapshot").get(b"n").expect("get");
+    n.map_or(0, |e| e.value.len())
+}
+
+fn many_concurrent_writers_never_lose_an_increment(f: Fixture) {
+    assert_eq!(grow_concurrently(&f.store, 8, 50), 400);
 }
 
 fn purge_prefix_removes_only_that_prefix(f: Fixture) {
@@ -377,27 +383,7 @@ fn relaxed_writers_inline_or_queued_never_lose_an_increment() {
     ];
     for backend in backends {
         let store = Store::open(backend, super::Durability::Relaxed).expect("store");
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                let store = store.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..100 {
-                        store
-                            .write_blocking(|ctx| {
-                                let n = ctx.get(b"n")?.map_or(0, |e| e.value.len());
-                                ctx.put(b"n", 0, &vec![b'x'; n + 1], 0)
-                            })
-                            .expect("commit")
-                            .expect("put");
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().expect("thread");
-        }
-        let n = store.snapshot().expect("snapshot").get(b"n").expect("get");
-        assert_eq!(n.map(|e| e.value.len()), Some(800));
+        assert_eq!(grow_concurrently(&store, 8, 100), 800);
         store.close();
     }
 }
