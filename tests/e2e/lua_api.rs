@@ -1155,15 +1155,11 @@ local l = kvdb.list("")
 kvdb.say("list=", l and table.concat(l, ",") or "refused")
 kvdb.say("end")"#;
 
-#[test]
-fn a_run_gets_exactly_the_callers_scope() {
-    let s = TestServer::start();
-    let b = script_bucket(&s, "read_key=rk&write_key=wk");
-    for k in ["p:k", "q:k"] {
-        assert_eq!(put_as(&s, &format!("/{b}/{k}"), k, None).status, 204);
-    }
-    install(&s, &b, "whoami", WHOAMI);
-    let cases: Vec<(Option<String>, &str)> = vec![
+/// What `WHOAMI` (and the WASM probe's `do=whoami`) answers for each caller of a
+/// bucket created with `read_key=rk&write_key=wk` holding `p:k` and `q:k`: one
+/// table for both runtimes.
+pub fn whoami_cases(s: &TestServer, b: &str) -> Vec<(Option<String>, &'static str)> {
+    vec![
         (
             None,
             "prefix= perms=\nget=nil\nget q=nil\nset=false\ndelete=false\nlist=refused\nend\n",
@@ -1181,10 +1177,21 @@ fn a_run_gets_exactly_the_callers_scope() {
             "prefix= perms=read,write,delete,enumerate\nget=p:k\nget q=q:k\nset=true\ndelete=true\nlist=p:k,p:new,q:k\nend\n",
         ),
         (
-            Some(s.token(&b, SK, "prefix=p:&permissions=read,enumerate")),
+            Some(s.token(b, SK, "prefix=p:&permissions=read,enumerate")),
             "prefix=p: perms=read,enumerate\nget=p:k\nget q=nil\nset=false\ndelete=false\nlist=p:k,p:new\nend\n",
         ),
-    ];
+    ]
+}
+
+#[test]
+fn a_run_gets_exactly_the_callers_scope() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk&write_key=wk");
+    for k in ["p:k", "q:k"] {
+        assert_eq!(put_as(&s, &format!("/{b}/{k}"), k, None).status, 204);
+    }
+    install(&s, &b, "whoami", WHOAMI);
+    let cases = whoami_cases(&s, &b);
     for (credential, expected) in cases {
         let r = match &credential {
             None => run(&s, &b, "whoami"),

@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::harness::{Resp, TestServer};
 use crate::lua_api::{
     SK, Timed, assert_body, assert_problem_type, get_within, install, raw, run, run_as,
-    script_bucket, try_get_within,
+    script_bucket, try_get_within, whoami_cases,
 };
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -401,28 +401,7 @@ fn a_run_gets_exactly_the_callers_scope() {
         put_sk(&s, &b, k, k);
     }
     install_wasm(&s, &b, "probe", &hostile());
-    let cases: Vec<(Option<String>, &str)> = vec![
-        (
-            None,
-            "prefix= perms=\nget=nil\nget q=nil\nset=false\ndelete=false\nlist=refused\nend\n",
-        ),
-        (
-            Some("rk".into()),
-            "prefix= perms=read\nget=p:k\nget q=q:k\nset=false\ndelete=false\nlist=refused\nend\n",
-        ),
-        (
-            Some("wk".into()),
-            "prefix= perms=read,write,delete\nget=p:k\nget q=q:k\nset=true\ndelete=true\nlist=refused\nend\n",
-        ),
-        (
-            Some(SK.into()),
-            "prefix= perms=read,write,delete,enumerate\nget=p:k\nget q=q:k\nset=true\ndelete=true\nlist=p:k,p:new,q:k\nend\n",
-        ),
-        (
-            Some(s.token(&b, SK, "prefix=p:&permissions=read,enumerate")),
-            "prefix=p: perms=read,enumerate\nget=p:k\nget q=nil\nset=false\ndelete=false\nlist=p:k,p:new\nend\n",
-        ),
-    ];
+    let cases = whoami_cases(&s, &b);
     for (credential, expected) in cases {
         let r = match &credential {
             None => run(&s, &b, "probe?do=whoami"),

@@ -14,6 +14,9 @@ pub mod wasm;
 
 use std::time::Duration;
 
+/// Loads a script's source, for a runtime that has not compiled it yet.
+pub type SourceLoader<'a> = &'a dyn Fn() -> Result<Vec<u8>, ScriptError>;
+
 /// The script runtimes of a server and the limits they enforce.
 pub struct Runtimes {
     pub limits: Limits,

@@ -23,7 +23,7 @@ const MAGIC: &[u8; 8] = b"KVDBBAK\x01";
 const MAX_FIELD: u32 = 1 << 30;
 
 /// What a backup covers: changes after `since`, up to and including `version`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackupInfo {
     pub since: u64,
     pub version: u64,

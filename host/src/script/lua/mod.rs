@@ -20,12 +20,10 @@ use std::time::Instant;
 
 use mlua::{Function, Lua};
 
+use super::SourceLoader;
 use super::api::Host;
 use super::{Limit, Limits, Request, Response, ScriptError};
 use crate::bucket::{ScriptName, StoredScript};
-
-/// Loads a script's source when a runtime has not compiled that version.
-pub type SourceLoader<'a> = &'a dyn Fn() -> Result<Vec<u8>, ScriptError>;
 
 /// Compiled scripts cached per state; past it the cache starts over.
 const MAX_CACHED_CHUNKS: usize = 256;

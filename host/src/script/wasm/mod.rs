@@ -28,8 +28,8 @@ use wasmtime::{
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::SourceLoader;
 use super::api::Host;
-use super::lua::SourceLoader;
 use super::{Limit, Limits, Request, Response, ScriptError};
 use crate::bucket::StoredScript;
 use bindings::{Script, ScriptPre};
