@@ -263,6 +263,10 @@ pub struct WriteCtx<'a> {
     seq: u64,
     now: u64,
     failed: Option<StorageError>,
+    /// The key this job last read and its record's expiry (`None`: absent),
+    /// so that a read-modify-write does not read the record twice. Cleared
+    /// by every change and at the start of every job.
+    last_read: Option<(Vec<u8>, Option<u64>)>,
 }
 
 impl WriteCtx<'_> {
@@ -288,6 +292,7 @@ impl WriteCtx<'_> {
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Entry>, StorageError> {
         let record = self.raw.get(&ns_key(NS_DATA, key));
         let record = self.check(record)?;
+        self.last_read = Some((key.to_vec(), record.as_deref().map(record_expiry)));
         match record {
             Some(r) => {
                 let entry = Entry::decode(&r);
@@ -326,11 +331,15 @@ impl WriteCtx<'_> {
     /// expiry index right.
     fn put_entry(&mut self, key: &[u8], entry: &Entry) -> Result<(), StorageError> {
         let dkey = ns_key(NS_DATA, key);
-        if let Some(old) = self.raw.get(&dkey)? {
-            let old_exp = record_expiry(&old);
-            if old_exp != 0 && old_exp != entry.expires_at {
-                self.raw.delete(&expiry_key(old_exp, key))?;
-            }
+        let old_exp = match self.last_read.take() {
+            Some((read, exp)) if read == key => exp,
+            _ => self.raw.get(&dkey)?.as_deref().map(record_expiry),
+        };
+        if let Some(old_exp) = old_exp
+            && old_exp != 0
+            && old_exp != entry.expires_at
+        {
+            self.raw.delete(&expiry_key(old_exp, key))?;
         }
         self.raw.put(&dkey, &entry.encode())?;
         if entry.expires_at != 0 {
@@ -341,6 +350,7 @@ impl WriteCtx<'_> {
 
     /// Removes a key (and its expiry index entry), without a tombstone.
     fn remove(&mut self, key: &[u8]) -> Result<bool, StorageError> {
+        self.last_read = None;
         let dkey = ns_key(NS_DATA, key);
         let Some(old) = self.raw.get(&dkey)? else {
             return Ok(false);
@@ -1155,8 +1165,11 @@ impl Writer {
                 seq: start_seq,
                 now,
                 failed: None,
+                last_read: None,
             };
             for job in jobs.drain(..) {
+                // Jobs (background steps) may change records through `raw`.
+                ctx.last_read = None;
                 match std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut ctx))) {
                     Ok(done) => completions.push(done),
                     Err(_) => {

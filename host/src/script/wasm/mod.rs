@@ -242,12 +242,14 @@ impl WasmRuntime {
         );
         store.limiter(|s| &mut s.limits);
         store.set_fuel(self.limits.fuel).map_err(internal)?;
+        // The ticker runs on its own, so the first tick may come at once: one
+        // tick more guarantees the run its whole time limit.
         let ticks = self
             .limits
             .time
             .as_millis()
             .div_ceil(EPOCH_TICK.as_millis())
-            .max(1);
+            + 1;
         store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
         store.epoch_deadline_trap();
         let wit_request = bindings::kvdb::script::types::Request {
