@@ -9,6 +9,10 @@ use kvdb::bucket::{Buckets, Limits};
 use kvdb::config::{BackendKind, BackupArgs, Cli, Command, DurabilityArg, RestoreArgs, ServeArgs};
 use kvdb::storage::{Backend, Durability, Store, memory::MemoryBackend, redb::RedbBackend};
 
+/// mimalloc: the glibc allocator showed up as ~10% of a write's CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
