@@ -238,6 +238,89 @@ fn api_md_counter_script_counts_across_calls() {
     assert_eq!(r.header("content-type").as_deref(), Some(TEXT));
 }
 
+/// `runs` runs of script `name` from 16 threads at once; the bodies.
+fn run_concurrently(s: &TestServer, b: &str, name: &str, runs: usize) -> Vec<(u16, String)> {
+    let url = s.url(&format!("/{b}/scripts/{name}"));
+    let next = AtomicUsize::new(0);
+    let out = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..16 {
+            scope.spawn(|| {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
+                while next.fetch_add(1, Ordering::SeqCst) < runs {
+                    let mut r = agent.get(&url).call().expect("script run");
+                    let status = r.status().as_u16();
+                    let body = r.body_mut().read_to_string().unwrap_or_default();
+                    out.lock().expect("results").push((status, body));
+                }
+            });
+        }
+    });
+    out.into_inner().expect("results")
+}
+
+#[test]
+fn concurrent_counter_runs_lose_no_increment_in_either_durability() {
+    for args in [&[][..], &["--durability", "relaxed"][..]] {
+        let s = TestServer::start_with(args);
+        let b = script_bucket(&s, "");
+        install(
+            &s,
+            &b,
+            "counter",
+            "kvdb.say(kvdb.incr('n', 1) or kvdb.get('n'))",
+        );
+        let results = run_concurrently(&s, &b, "counter", 400);
+        assert_eq!(results.len(), 400);
+        for (status, body) in &results {
+            assert_eq!(*status, 200, "{args:?}: {body}");
+            let seen: u64 = body.trim().parse().expect("a count");
+            assert!((1..=400).contains(&seen), "{args:?}: {seen}");
+        }
+        assert_eq!(s.get(&format!("/{b}/n")).text(), "400", "{args:?}");
+    }
+}
+
+#[test]
+fn writes_from_inside_library_callbacks_work() {
+    // A write inside a gsub replacement function or a sort comparator runs
+    // where Lua can't suspend the run (inside a C function).
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"local out = string.gsub("abc", ".", function(c) kvdb.incr("g", 1); return c:upper() end)
+local t = {3, 1, 2}
+table.sort(t, function(x, y) kvdb.set("sorted", "yes"); return x < y end)
+kvdb.say(out, " ", kvdb.get("g"), " ", kvdb.get("sorted"), " ", table.concat(t, ","))"#,
+    );
+    assert_body(&r, "ABC 3 yes 1,2,3\n");
+}
+
+#[test]
+fn a_long_run_finishes_with_the_right_answer_every_time() {
+    // Long enough to leave the worker that took the request (the first run)
+    // and to start on a blocking thread (later runs, the script now known).
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &b,
+        "sum",
+        r#"local n = 0
+for i = 1, 3000000 do n = n + i % 7 end
+kvdb.incr("runs", 1)
+kvdb.say(n, " ", kvdb.get("runs"))"#,
+    );
+    for round in 1..=3 {
+        assert_body(&run(&s, &b, "sum"), &format!("8999997 {round}\n"));
+    }
+}
+
 #[test]
 fn api_md_counter_script_reports_a_denied_increment_with_500() {
     let s = TestServer::start();

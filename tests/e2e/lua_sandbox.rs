@@ -440,6 +440,47 @@ fn escapes_past(s: &TestServer, status: u16, kind: &str) -> Vec<String> {
 }
 
 #[test]
+fn endless_runs_on_every_worker_do_not_hold_up_other_requests() {
+    // More endless runs at once than the server has async workers: each
+    // leaves its worker after its first slice, so the server still answers.
+    let s = TestServer::start_with(&[
+        "--script-time-ms",
+        "6000",
+        "--script-instructions",
+        "1000000000000",
+    ]);
+    let b = limit_bucket(&s);
+    install(&s, &b, "spin", "while true do end");
+    let url = s.url(&format!("/{b}/scripts/spin"));
+    let spinning: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
+                agent.get(&url).call().map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Far below the spinning runs' 6 s, with room for a loaded machine.
+    let quick = Duration::from_millis(4000);
+    let t = try_get_within(&s, &format!("/{b}/plain"), quick)
+        .expect("a plain GET waited for the endless runs");
+    assert_eq!((t.status, t.body.as_str()), (200, "value"));
+    let other = script_bucket(&s, "");
+    install(&s, &other, "other", "kvdb.say(1 + 1)");
+    let t = try_get_within(&s, &format!("/{other}/scripts/other"), quick)
+        .expect("another bucket's script waited for the endless runs");
+    assert_eq!((t.status, t.body.as_str()), (200, "2\n"));
+    for spin in spinning {
+        assert_eq!(spin.join().expect("thread").expect("the endless run"), 504);
+    }
+}
+
+#[test]
 fn pcall_around_an_endless_loop_still_ends_with_the_instruction_limit() {
     let wrong = escapes_past(&limited(), 500, "script-instruction-limit");
     assert!(wrong.is_empty(), "escaped the limit:\n{}", wrong.join("\n"));

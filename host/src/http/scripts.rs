@@ -229,16 +229,22 @@ pub async fn run_script(
     let runtimes = state.scripts.clone();
     let owner = bucket.bucket().clone();
     let host = Host::new(bucket, tokio::runtime::Handle::current());
-    let response = tokio::task::spawn_blocking(move || {
-        // Read only when the runtime has not compiled this version yet.
-        let source = || owner.script_source(&script).map_err(script_load_error);
-        match script.kind {
-            ScriptKind::Lua => runtimes.lua.run(&script, &source, host, &run_request),
-            ScriptKind::Wasm => runtimes.wasm.run(&script, &source, host, &run_request),
+    let response = match script.kind {
+        ScriptKind::Lua => {
+            // Read only when the runtime has not compiled this version yet.
+            let source = || owner.script_source(&script).map_err(script_load_error);
+            runtimes
+                .lua
+                .run(&script, &source, host, &run_request)
+                .await?
         }
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("script task: {e}")))??;
+        ScriptKind::Wasm => tokio::task::spawn_blocking(move || {
+            let source = || owner.script_source(&script).map_err(script_load_error);
+            runtimes.wasm.run(&script, &source, host, &run_request)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("script task: {e}")))??,
+    };
     let status = StatusCode::from_u16(response.status)
         .map_err(|e| ApiError::Internal(format!("script status: {e}")))?;
     let mut out = (status, response.body).into_response();

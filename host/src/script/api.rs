@@ -72,10 +72,25 @@ fn key(k: &str) -> Result<Key, CallError> {
 }
 
 impl Host {
-    /// `runtime` drives the store's async writes; the run itself is on a
-    /// blocking thread.
+    /// `runtime` drives the store's async writes. The run itself may be on
+    /// one of its worker threads or on a blocking thread (see [`Host::wait`]).
     pub fn new(scoped: Scoped, runtime: tokio::runtime::Handle) -> Self {
         Self { scoped, runtime }
+    }
+
+    /// Waits for a store future from a synchronous data call. Most are ready
+    /// at once (a relaxed write committed inline); one that is not (a write
+    /// waiting for its group commit) is waited for in
+    /// [`tokio::task::block_in_place`], so that a run on a worker thread
+    /// hands that worker's other tasks to another thread instead of stalling
+    /// them. On a blocking thread `block_in_place` just runs the closure.
+    fn wait<F: std::future::Future>(&self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+        tokio::task::block_in_place(|| self.runtime.block_on(fut))
     }
 
     /// The value under `key`, if any.
@@ -100,8 +115,7 @@ impl Host {
     /// Permission denied, an invalid key, a value over the size limit.
     pub fn set(&self, k: &str, value: Value, ttl: Option<u64>) -> Result<(), CallError> {
         let k = key(k)?;
-        self.runtime
-            .block_on(self.scoped.set(&k, value, ttl, Condition::Always))?;
+        self.wait(self.scoped.set(&k, value, ttl, Condition::Always))?;
         Ok(())
     }
 
@@ -111,10 +125,7 @@ impl Host {
     /// Permission denied, an invalid key.
     pub fn delete(&self, k: &str) -> Result<bool, CallError> {
         let k = key(k)?;
-        match self
-            .runtime
-            .block_on(self.scoped.delete(&k, Condition::Always))
-        {
+        match self.wait(self.scoped.delete(&k, Condition::Always)) {
             Ok(()) => Ok(true),
             Err(BucketError::KeyNotFound(_)) => Ok(false),
             Err(e) => Err(e.into()),
@@ -124,8 +135,7 @@ impl Host {
     fn op(&self, k: &str, op: Op) -> Result<Value, CallError> {
         let k = key(k)?;
         Ok(self
-            .runtime
-            .block_on(self.scoped.patch(&k, op, None, Condition::Always))?
+            .wait(self.scoped.patch(&k, op, None, Condition::Always))?
             .value)
     }
 

@@ -5,8 +5,9 @@
 //! Runtimes (`lua`, later `wasm`) own their interpreters and sandboxes and
 //! translate values; they never touch storage or decide permissions: all data
 //! calls go through [`api::Host`], which goes through the run's
-//! [`Scoped`](crate::bucket::Scoped) bucket. Runs are blocking: callers run
-//! them off the async threads (`spawn_blocking`).
+//! [`Scoped`](crate::bucket::Scoped) bucket. A Lua run starts on the async
+//! worker that took the request and moves to a blocking thread if it runs
+//! long (see [`lua`]); a WebAssembly run is blocking (`spawn_blocking`).
 
 pub mod api;
 pub mod lua;
@@ -15,7 +16,7 @@ pub mod wasm;
 use std::time::Duration;
 
 /// Loads a script's source, for a runtime that has not compiled it yet.
-pub type SourceLoader<'a> = &'a dyn Fn() -> Result<Vec<u8>, ScriptError>;
+pub type SourceLoader<'a> = &'a (dyn Fn() -> Result<Vec<u8>, ScriptError> + Sync);
 
 /// The script runtimes of a server and the limits they enforce.
 pub struct Runtimes {

@@ -518,29 +518,3 @@ pub(super) fn scope_metatable(lua: &Lua) -> mlua::Result<Table> {
     mt.raw_set("__metatable", false)?;
     Ok(mt)
 }
-
-/// `kvdb.var`, `method`, `path`, `headers`, `body` for one run.
-pub(super) fn set_request(
-    lua: &Lua,
-    kvdb: &Table,
-    request: &crate::script::Request,
-) -> mlua::Result<()> {
-    let var = lua.create_table()?;
-    for (k, v) in &request.vars {
-        var.raw_set(k.as_str(), v.as_str())?;
-    }
-    kvdb.raw_set("var", var)?;
-    kvdb.raw_set("method", request.method.as_str())?;
-    kvdb.raw_set("path", request.path.as_str())?;
-    let headers = lua.create_table()?;
-    for (k, v) in &request.headers {
-        let joined = match headers.raw_get::<Option<String>>(k.as_str())? {
-            Some(prev) => format!("{prev}, {v}"),
-            None => v.clone(),
-        };
-        headers.raw_set(k.as_str(), joined)?;
-    }
-    kvdb.raw_set("headers", headers)?;
-    kvdb.raw_set("body", lua.create_string(&request.body)?)?;
-    Ok(())
-}

@@ -2,40 +2,58 @@
 //! compiled-chunk cache per state, and runs confined by [`Limits`].
 //!
 //! Building a sandboxed state costs far more than a plain GET, so states are
-//! reused: each thread that runs scripts keeps one (a thread-local, so runs
-//! never contend for a shared pool), and each run gets a fresh global environment (its globals never outlive
-//! it) over a read-only base, and library tables are read-only proxies, so
-//! nothing a run does is visible to the next one (see the `sandbox` module). A state
-//! whose run hit a limit is dropped, not reused.
+//! reused from a pool, and each run gets a fresh global environment (its
+//! globals never outlive it) over a read-only base, and library tables are
+//! read-only proxies, so nothing a run does is visible to the next one (see
+//! the `sandbox` module). A state whose run hit a limit is dropped, not
+//! reused.
 //!
-//! Blocking: call [`LuaRuntime::run`] off the async threads. Data calls go
+//! Where runs execute: handing a run to a blocking thread costs more than a
+//! short script's whole run, so a run starts on the async worker that took
+//! the request, inside a Lua thread (coroutine). If it is still running after
+//! [`INLINE_SLICE`], the instruction hook suspends it and it goes on on a
+//! blocking thread; its script is then remembered as slow and its later runs
+//! start on a blocking thread. A data call that has to wait (a write waiting
+//! for its commit) waits in `block_in_place` (see [`Host`]). Data calls go
 //! through [`Host`], never to storage directly.
 
 mod bindings;
 mod sandbox;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::time::Instant;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use mlua::{Function, Lua};
+use mlua::thread::ThreadStatus;
+use mlua::{Function, Lua, Thread};
 
 use super::SourceLoader;
 use super::api::Host;
 use super::{Limit, Limits, Request, Response, ScriptError};
-use crate::bucket::{ScriptName, StoredScript};
+use crate::bucket::{BucketId, ScriptName, StoredScript};
 
 /// Compiled scripts cached per state; past it the cache starts over.
 const MAX_CACHED_CHUNKS: usize = 256;
 
-/// The Lua runtime: sandboxed states, one per thread that runs scripts.
+/// Idle states kept for reuse (more exist while that many runs are in flight).
+const MAX_IDLE_STATES: usize = 32;
+
+/// How long a run may execute on an async worker before it is moved to a
+/// blocking thread: long enough for a typical script, short enough not to
+/// hold up the worker's other requests noticeably.
+pub const INLINE_SLICE: Duration = Duration::from_micros(200);
+
+/// Scripts (by digest) known to run past [`INLINE_SLICE`]; past this many the
+/// set starts over.
+const MAX_SLOW_SCRIPTS: usize = 4096;
+
+/// The Lua runtime: a pool of sandboxed states.
 pub struct LuaRuntime {
     limits: Limits,
-}
-
-thread_local! {
-    /// This thread's idle state (taken during a run, put back after it).
-    static IDLE: RefCell<Option<State>> = const { RefCell::new(None) };
+    idle: Mutex<Vec<State>>,
+    /// Digests of scripts whose runs start on a blocking thread.
+    slow: Mutex<HashSet<[u8; 32]>>,
 }
 
 /// One sandboxed Lua state with what it needs to start runs quickly.
@@ -52,6 +70,8 @@ pub(crate) struct Run {
     pub host: Host,
     pub limits: Limits,
     pub deadline: Instant,
+    /// While the run is on an async worker: when the hook suspends it.
+    pub slice_end: Option<Instant>,
     pub instructions: u64,
     /// A limit, once hit, stays hit: every later hook call raises again, so a
     /// script can't `pcall` its way past it.
@@ -63,7 +83,17 @@ pub(crate) struct Run {
     pub body: Vec<u8>,
     /// The scope the script set (prefix, permissions), once it sets one.
     pub script_scope: Option<(String, crate::bucket::Permissions)>,
-    pub label: String,
+    /// Bucket and script, for the log.
+    pub label: Label,
+}
+
+/// `BUCKET/SCRIPT`, formatted only when something is logged.
+pub(crate) struct Label(BucketId, ScriptName);
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.0, self.1)
+    }
 }
 
 pub(crate) type RunCell = RefCell<Run>;
@@ -94,18 +124,51 @@ fn is_memory_error(e: &mlua::Error) -> bool {
 
 impl LuaRuntime {
     pub fn new(limits: Limits) -> Self {
-        Self { limits }
+        Self {
+            limits,
+            idle: Mutex::new(Vec::new()),
+            slow: Mutex::new(HashSet::new()),
+        }
     }
 
     fn take(&self) -> Result<State, ScriptError> {
-        match IDLE.with(RefCell::take) {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        match idle {
             Some(state) => Ok(state),
             None => State::new().map_err(|e| ScriptError::Internal(e.to_string())),
         }
     }
 
     fn give_back(&self, state: State) {
-        IDLE.with(|idle| *idle.borrow_mut() = Some(state));
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_STATES {
+            idle.push(state);
+        }
+    }
+
+    fn is_slow(&self, digest: &[u8; 32]) -> bool {
+        self.slow
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(digest)
+    }
+
+    fn mark_slow(&self, digest: [u8; 32]) {
+        let mut slow = self
+            .slow
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slow.len() >= MAX_SLOW_SCRIPTS {
+            slow.clear();
+        }
+        slow.insert(digest);
     }
 
     /// Checks that `source` compiles (uploads); the message names the line.
@@ -124,25 +187,74 @@ impl LuaRuntime {
             .map_err(|e| ScriptError::Invalid(lua_error(&e)))
     }
 
-    /// Runs `script` for `request` with `host` as its scoped bucket.
+    /// Runs `script` for `request` with `host` as its scoped bucket: on this
+    /// (async) thread for up to [`INLINE_SLICE`], then on a blocking thread.
     ///
     /// # Errors
     /// A Lua error (with its message and line), or a limit.
-    pub fn run(
+    pub async fn run(
         &self,
         script: &StoredScript,
         source: SourceLoader<'_>,
         host: Host,
         request: &Request,
     ) -> Result<Response, ScriptError> {
-        let mut state = self.take()?;
-        let result = state.run(script, source, host, request, self.limits);
-        match &result {
-            Ok(_) | Err(ScriptError::Failed(_)) => self.give_back(state),
-            // A state that hit a limit or failed inside is not trusted again.
-            Err(_) => drop(state),
+        let state = self.take()?;
+        let (state, result) = self.execute(state, script, source, host, request).await;
+        // A state that hit a limit or failed inside is not trusted again.
+        if let (Ok(_) | Err(ScriptError::Failed(_)), Some(state)) = (&result, state) {
+            self.give_back(state);
         }
         result
+    }
+
+    async fn execute(
+        &self,
+        mut state: State,
+        script: &StoredScript,
+        source: SourceLoader<'_>,
+        host: Host,
+        request: &Request,
+    ) -> (Option<State>, Result<Response, ScriptError>) {
+        let inline = !self.is_slow(&script.digest);
+        let slice_end = inline.then(|| Instant::now() + INLINE_SLICE);
+        let (thread, env) =
+            match state.prepare(script, source, host, request, self.limits, slice_end) {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    state.end_run();
+                    return (Some(state), Err(e));
+                }
+            };
+        let (finished, env) = if inline {
+            (state.step(&thread, Some(env)), None)
+        } else {
+            (None, Some(env))
+        };
+        let (mut state, outcome) = match finished {
+            Some(outcome) => (state, outcome),
+            None => {
+                if inline {
+                    self.mark_slow(script.digest);
+                }
+                let moved = tokio::task::spawn_blocking(move || {
+                    let outcome = state.run_to_end(&thread, env);
+                    (state, outcome)
+                })
+                .await;
+                match moved {
+                    Ok(moved) => moved,
+                    Err(e) => {
+                        return (
+                            None,
+                            Err(ScriptError::Internal(format!("script thread: {e}"))),
+                        );
+                    }
+                }
+            }
+        };
+        let result = state.finish(outcome, self.limits);
+        (Some(state), result)
     }
 }
 
@@ -175,14 +287,17 @@ impl State {
         Ok(f)
     }
 
-    fn run(
+    /// Sets up a run: the chunk, a fresh environment, the run's record in
+    /// the app data, the memory limit, and a Lua thread to run it in.
+    fn prepare(
         &mut self,
         script: &StoredScript,
         source: SourceLoader<'_>,
         host: Host,
         request: &Request,
         limits: Limits,
-    ) -> Result<Response, ScriptError> {
+        slice_end: Option<Instant>,
+    ) -> Result<(Thread, mlua::Table), ScriptError> {
         let internal = |e: mlua::Error| ScriptError::Internal(e.to_string());
         let f = self.chunk(script, source)?;
         let env = self
@@ -190,10 +305,12 @@ impl State {
             .environment(&self.lua, request)
             .map_err(internal)?;
         let lua = &self.lua;
+        let thread = lua.create_thread(f).map_err(internal)?;
         lua.set_app_data::<RunCell>(RefCell::new(Run {
             host,
             limits,
             deadline: Instant::now() + limits.time,
+            slice_end,
             instructions: 0,
             exceeded: None,
             exited: false,
@@ -201,17 +318,61 @@ impl State {
             headers: Vec::new(),
             body: Vec::new(),
             script_scope: None,
-            label: format!("{}/{}", script.bucket, script.name),
+            label: Label(script.bucket, script.name.clone()),
         }));
         lua.set_memory_limit(lua.used_memory().saturating_add(limits.memory_bytes))
             .map_err(internal)?;
-        let outcome = f.call::<()>(env);
-        let limit_reset = lua.set_memory_limit(0);
-        let run = lua
+        Ok((thread, env))
+    }
+
+    /// Resumes the run; `None` if the hook suspended it (its slice is over).
+    fn step(&self, thread: &Thread, args: Option<mlua::Table>) -> Option<mlua::Result<()>> {
+        let outcome = match args {
+            Some(env) => thread.resume::<()>(env),
+            None => thread.resume::<()>(()),
+        };
+        match outcome {
+            Ok(()) if thread.status() == ThreadStatus::Resumable => None,
+            other => Some(other),
+        }
+    }
+
+    /// Runs a run to its end with no more suspensions: a suspended one, or
+    /// one not started yet (`env` given).
+    fn run_to_end(&self, thread: &Thread, mut env: Option<mlua::Table>) -> mlua::Result<()> {
+        if let Some(cell) = self.lua.app_data_ref::<RunCell>() {
+            cell.borrow_mut().slice_end = None;
+        }
+        loop {
+            if let Some(outcome) = self.step(thread, env.take()) {
+                return outcome;
+            }
+        }
+    }
+
+    /// Clears what [`State::prepare`] set, returning the run's record.
+    fn end_run(&mut self) -> Option<Run> {
+        let limit_reset = self.lua.set_memory_limit(0);
+        let run = self
+            .lua
             .remove_app_data::<RunCell>()
-            .ok_or_else(|| ScriptError::Internal("the run's state vanished".into()))?
-            .into_inner();
-        limit_reset.map_err(internal)?;
+            .map(RefCell::into_inner);
+        if let Err(e) = limit_reset {
+            tracing::error!(error = %e, "resetting a Lua state's memory limit failed");
+            return None;
+        }
+        run
+    }
+
+    /// Turns a finished run into its response or error.
+    fn finish(
+        &mut self,
+        outcome: mlua::Result<()>,
+        limits: Limits,
+    ) -> Result<Response, ScriptError> {
+        let run = self
+            .end_run()
+            .ok_or_else(|| ScriptError::Internal("the run's state vanished".into()))?;
         if let Some((limit, detail)) = run.exceeded {
             return Err(ScriptError::Limit { limit, detail });
         }
