@@ -884,6 +884,49 @@ kvdb.say(#kvdb.body, ":", kvdb.body)"#,
     assert_body(&r, &format!("GET\n/{b}/scripts/req\nnil\nnil\nnil\n0:\n"));
 }
 
+#[test]
+fn request_tables_are_the_same_table_all_run_and_fresh_the_next_run() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &b,
+        "req",
+        r#"kvdb.say(tostring(kvdb.var == kvdb.var), " ", tostring(kvdb.headers == kvdb.headers))
+kvdb.say(tostring(kvdb.var.mine), " ", tostring(kvdb.headers["x-mine"]))
+kvdb.var.mine = "set by the run"
+kvdb.headers["x-mine"] = "also"
+kvdb.say(kvdb.var.mine, " ", kvdb.headers["x-mine"], " ", kvdb.headers["x-twice"])
+kvdb.method = "replaced"
+kvdb.say(kvdb.method)"#,
+    );
+    // A repeated header arrives joined with ", ".
+    let r = s.request(
+        "GET",
+        &format!("/{b}/scripts/req"),
+        &[("x-twice", "one"), ("x-twice", "two")],
+        None,
+    );
+    assert_body(
+        &r,
+        "true true
+nil nil
+set by the run also one, two
+replaced
+",
+    );
+    // Nothing of it is left for the next run.
+    let r = run(&s, &b, "req");
+    assert_body(
+        &r,
+        "true true
+nil nil
+set by the run also nil
+replaced
+",
+    );
+}
+
 const VARS: &str = r#"for _, k in ipairs({"a", "b", "c", "n", "remote_addr"}) do
   kvdb.say(k, "=", tostring(kvdb.var[k]))
 end"#;

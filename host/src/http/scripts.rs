@@ -235,7 +235,7 @@ pub async fn run_script(
             let source = || owner.script_source(&script).map_err(script_load_error);
             runtimes
                 .lua
-                .run(&script, &source, host, &run_request)
+                .run(&script, &source, host, run_request)
                 .await?
         }
         ScriptKind::Wasm => tokio::task::spawn_blocking(move || {

@@ -192,6 +192,59 @@ const RESERVED_HEADERS: &[&str] = &["content-length", "transfer-encoding", "conn
 
 /// The `kvdb` functions shared by every run of a state.
 #[allow(clippy::too_many_lines)]
+/// The `__index` of the shared `kvdb` functions: the request fields
+/// (`var`, `method`, `path`, `headers`, `body`) of the current run, built on
+/// first use (most scripts read few of them) and kept for the run.
+pub(super) fn request_field_function(lua: &Lua) -> mlua::Result<Function> {
+    lua.create_function(|lua, (_, key): (Value, mlua::LuaString)| {
+        let Some(cell) = lua.app_data_ref::<RunCell>() else {
+            return Ok(Value::Nil);
+        };
+        let mut run = cell
+            .try_borrow_mut()
+            .map_err(|_| mlua::Error::runtime("kvdb functions can't be called re-entrantly"))?;
+        let request = &run.request;
+        let value = match &*key.as_bytes() {
+            b"method" => Value::String(lua.create_string(&request.method)?),
+            b"path" => Value::String(lua.create_string(&request.path)?),
+            b"body" => Value::String(lua.create_string(&request.body)?),
+            b"var" => {
+                if let Some(t) = &run.var {
+                    return Ok(Value::Table(t.clone()));
+                }
+                let t = lua.create_table_with_capacity(0, request.vars.len())?;
+                for (k, v) in &request.vars {
+                    t.raw_set(k.as_str(), v.as_str())?;
+                }
+                run.var = Some(t.clone());
+                Value::Table(t)
+            }
+            b"headers" => {
+                if let Some(t) = &run.headers_table {
+                    return Ok(Value::Table(t.clone()));
+                }
+                let t = lua.create_table_with_capacity(0, request.headers.len())?;
+                for (k, v) in &request.headers {
+                    let joined = match t.raw_get::<Option<mlua::LuaString>>(k.as_str())? {
+                        Some(prev) => {
+                            let mut joined = prev.as_bytes().to_vec();
+                            joined.extend_from_slice(b", ");
+                            joined.extend_from_slice(v.as_bytes());
+                            lua.create_string(joined)?
+                        }
+                        None => lua.create_string(v)?,
+                    };
+                    t.raw_set(k.as_str(), joined)?;
+                }
+                run.headers_table = Some(t.clone());
+                Value::Table(t)
+            }
+            _ => Value::Nil,
+        };
+        Ok(value)
+    })
+}
+
 pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.raw_set(

@@ -85,6 +85,11 @@ pub(crate) struct Run {
     pub script_scope: Option<(String, crate::bucket::Permissions)>,
     /// Bucket and script, for the log.
     pub label: Label,
+    /// The request, and the tables built from it once read (see
+    /// `bindings::request_field_function`).
+    pub request: Request,
+    pub var: Option<mlua::Table>,
+    pub headers_table: Option<mlua::Table>,
 }
 
 /// `BUCKET/SCRIPT`, formatted only when something is logged.
@@ -197,7 +202,7 @@ impl LuaRuntime {
         script: &StoredScript,
         source: SourceLoader<'_>,
         host: Host,
-        request: &Request,
+        request: Request,
     ) -> Result<Response, ScriptError> {
         let state = self.take()?;
         let (state, result) = self.execute(state, script, source, host, request).await;
@@ -214,7 +219,7 @@ impl LuaRuntime {
         script: &StoredScript,
         source: SourceLoader<'_>,
         host: Host,
-        request: &Request,
+        request: Request,
     ) -> (Option<State>, Result<Response, ScriptError>) {
         let inline = !self.is_slow(&script.digest);
         let slice_end = inline.then(|| Instant::now() + INLINE_SLICE);
@@ -294,16 +299,13 @@ impl State {
         script: &StoredScript,
         source: SourceLoader<'_>,
         host: Host,
-        request: &Request,
+        request: Request,
         limits: Limits,
         slice_end: Option<Instant>,
     ) -> Result<(Thread, mlua::Table), ScriptError> {
         let internal = |e: mlua::Error| ScriptError::Internal(e.to_string());
         let f = self.chunk(script, source)?;
-        let env = self
-            .base
-            .environment(&self.lua, request)
-            .map_err(internal)?;
+        let env = self.base.environment().map_err(internal)?;
         let lua = &self.lua;
         let thread = lua.create_thread(f).map_err(internal)?;
         lua.set_app_data::<RunCell>(RefCell::new(Run {
@@ -319,6 +321,9 @@ impl State {
             body: Vec::new(),
             script_scope: None,
             label: Label(script.bucket, script.name.clone()),
+            request,
+            var: None,
+            headers_table: None,
         }));
         lua.set_memory_limit(lua.used_memory().saturating_add(limits.memory_bytes))
             .map_err(internal)?;

@@ -25,7 +25,7 @@ use mlua::chunk::ChunkMode;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
 
 use super::{Run, RunCell, bindings};
-use crate::script::{Limit, Request};
+use crate::script::Limit;
 
 /// How often (in VM instructions) the hook checks the limits: rare enough to
 /// cost little, often enough to stop a run within microseconds of a limit.
@@ -81,25 +81,13 @@ return safe_pcall, safe_xpcall, safe_setmetatable
 "#;
 
 /// Builds one run's globals in one call (far cheaper than a Rust call per
-/// field): the environment, its `kvdb` table with the request, and
-/// `kvdb.scope`. Takes the three metatables, method, path, body, and the vars
-/// and headers as flat `{name, value, …}` lists; repeated headers are joined
-/// with ", ", a repeated var keeps its last value.
+/// table): the environment, its `kvdb` table and `kvdb.scope`. Takes the
+/// three metatables. The request fields of `kvdb` are filled in when first
+/// read (see `bindings::request_field`).
 const BUILD_ENV: &str = r#"
 local setmetatable = setmetatable
-return function(env_mt, kvdb_mt, scope_mt, method, path, body, vars, hdrs)
-  local var = {}
-  for i = 1, #vars, 2 do var[vars[i]] = vars[i + 1] end
-  local headers = {}
-  for i = 1, #hdrs, 2 do
-    local k, v = hdrs[i], hdrs[i + 1]
-    local prev = headers[k]
-    if prev then headers[k] = prev .. ", " .. v else headers[k] = v end
-  end
-  local kvdb = setmetatable({
-    var = var, method = method, path = path, headers = headers, body = body,
-    scope = setmetatable({}, scope_mt),
-  }, kvdb_mt)
+return function(env_mt, kvdb_mt, scope_mt)
+  local kvdb = setmetatable({ scope = setmetatable({}, scope_mt) }, kvdb_mt)
   local env = setmetatable({ kvdb = kvdb }, env_mt)
   env._G = env
   return env
@@ -180,14 +168,6 @@ fn check_limits(run: &mut Run, now: Instant) {
     }
 }
 
-/// `[(name, value), …]` as `[name, value, …]`.
-fn flat(pairs: &[(String, String)]) -> Vec<&str> {
-    pairs
-        .iter()
-        .flat_map(|(k, v)| [k.as_str(), v.as_str()])
-        .collect()
-}
-
 /// Compiles a script as text. The chunk takes its environment as argument, so
 /// one compiled chunk serves every run with a fresh environment; the prefix is
 /// on the first line, so error lines match the source.
@@ -263,6 +243,11 @@ impl Base {
         env_mt.raw_set("__index", base)?;
         env_mt.raw_set("__metatable", false)?;
         let kvdb = bindings::functions(lua)?;
+        // What `kvdb` does not hold is a request field, read on first use.
+        let fields_mt = lua.create_table()?;
+        fields_mt.raw_set("__index", bindings::request_field_function(lua)?)?;
+        fields_mt.raw_set("__metatable", false)?;
+        kvdb.set_metatable(Some(fields_mt))?;
         kvdb.raw_set("json", read_only(lua, bindings::json(lua)?)?)?;
         let kvdb_mt = lua.create_table()?;
         kvdb_mt.raw_set("__index", kvdb)?;
@@ -282,16 +267,8 @@ impl Base {
     }
 
     /// A fresh global table for one run, with its own `kvdb` table.
-    pub(super) fn environment(&self, lua: &Lua, request: &Request) -> mlua::Result<Table> {
-        self.build_env.call((
-            &self.env_mt,
-            &self.kvdb_mt,
-            &self.scope_mt,
-            request.method.as_str(),
-            request.path.as_str(),
-            lua.create_string(&request.body)?,
-            flat(&request.vars),
-            flat(&request.headers),
-        ))
+    pub(super) fn environment(&self) -> mlua::Result<Table> {
+        self.build_env
+            .call((&self.env_mt, &self.kvdb_mt, &self.scope_mt))
     }
 }
