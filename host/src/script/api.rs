@@ -65,6 +65,8 @@ pub const MAX_LIST: usize = 10_000;
 pub struct Host {
     scoped: Scoped,
     runtime: tokio::runtime::Handle,
+    /// A data call of this run had to wait (see [`Host::wait`]).
+    waited: std::sync::atomic::AtomicBool,
 }
 
 fn key(k: &str) -> Result<Key, CallError> {
@@ -75,7 +77,18 @@ impl Host {
     /// `runtime` drives the store's async writes. The run itself may be on
     /// one of its worker threads or on a blocking thread (see [`Host::wait`]).
     pub fn new(scoped: Scoped, runtime: tokio::runtime::Handle) -> Self {
-        Self { scoped, runtime }
+        Self {
+            scoped,
+            runtime,
+            waited: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a data call of this run had to wait for the store (a write
+    /// waiting for its commit): such a run is better off on a blocking
+    /// thread than on an async worker.
+    pub fn waited(&self) -> bool {
+        self.waited.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits for a store future from a synchronous data call. Most are ready
@@ -90,6 +103,8 @@ impl Host {
         if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
             return out;
         }
+        self.waited
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         tokio::task::block_in_place(|| self.runtime.block_on(fut))
     }
 

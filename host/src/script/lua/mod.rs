@@ -12,16 +12,16 @@
 //! short script's whole run, so a run starts on the async worker that took
 //! the request, inside a Lua thread (coroutine). If it is still running after
 //! [`INLINE_SLICE`], the instruction hook suspends it and it goes on on a
-//! blocking thread; its script is then remembered as slow and its later runs
-//! start on a blocking thread. A data call that has to wait (a write waiting
-//! for its commit) waits in `block_in_place` (see [`Host`]). Data calls go
+//! blocking thread. A data call that has to wait (a write waiting for its
+//! commit) waits in `block_in_place` (see [`Host`]). Either way its script is
+//! remembered as slow and its later runs start on a blocking thread. Data calls go
 //! through [`Host`], never to storage directly.
 
 mod bindings;
 mod sandbox;
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -44,16 +44,21 @@ const MAX_IDLE_STATES: usize = 32;
 /// hold up the worker's other requests noticeably.
 pub const INLINE_SLICE: Duration = Duration::from_micros(200);
 
-/// Scripts (by digest) known to run past [`INLINE_SLICE`]; past this many the
-/// set starts over.
+/// Scripts (by digest) known to run past [`INLINE_SLICE`] or to wait for
+/// writes; past this many the set starts over.
 const MAX_SLOW_SCRIPTS: usize = 4096;
+
+/// How long a script stays known as slow: then one run tries the worker
+/// again (load changes: a write that waited under load may not when idle).
+const SLOW_FOR: Duration = Duration::from_secs(1);
 
 /// The Lua runtime: a pool of sandboxed states.
 pub struct LuaRuntime {
     limits: Limits,
     idle: Mutex<Vec<State>>,
-    /// Digests of scripts whose runs start on a blocking thread.
-    slow: Mutex<HashSet<[u8; 32]>>,
+    /// Scripts whose runs start on a blocking thread, by digest, with when
+    /// they were last found slow.
+    slow: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
 /// One sandboxed Lua state with what it needs to start runs quickly.
@@ -63,6 +68,8 @@ struct State {
     /// Compiled chunks by the SHA-256 of their source and the script name
     /// (the name is in error messages).
     chunks: HashMap<([u8; 32], ScriptName), Function>,
+    /// The Lua thread of the last run that finished normally, for the next.
+    spare_thread: Option<Thread>,
 }
 
 /// What a run accumulates; lives in the state's app data during the run.
@@ -132,7 +139,7 @@ impl LuaRuntime {
         Self {
             limits,
             idle: Mutex::new(Vec::new()),
-            slow: Mutex::new(HashSet::new()),
+            slow: Mutex::new(HashMap::new()),
         }
     }
 
@@ -159,10 +166,20 @@ impl LuaRuntime {
     }
 
     fn is_slow(&self, digest: &[u8; 32]) -> bool {
-        self.slow
+        let mut slow = self
+            .slow
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(digest)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match slow.get(digest) {
+            Some(since) if since.elapsed() < SLOW_FOR => true,
+            Some(_) => {
+                // Give it a run on the worker; it is marked again if it is
+                // still slow.
+                slow.remove(digest);
+                false
+            }
+            None => false,
+        }
     }
 
     fn mark_slow(&self, digest: [u8; 32]) {
@@ -173,7 +190,7 @@ impl LuaRuntime {
         if slow.len() >= MAX_SLOW_SCRIPTS {
             slow.clear();
         }
-        slow.insert(digest);
+        slow.insert(digest, Instant::now());
     }
 
     /// Checks that `source` compiles (uploads); the message names the line.
@@ -237,7 +254,12 @@ impl LuaRuntime {
             (None, Some(env))
         };
         let (mut state, outcome) = match finished {
-            Some(outcome) => (state, outcome),
+            Some(outcome) => {
+                if outcome.is_ok() {
+                    state.spare_thread = Some(thread);
+                }
+                (state, outcome)
+            }
             None => {
                 if inline {
                     self.mark_slow(script.digest);
@@ -258,6 +280,11 @@ impl LuaRuntime {
                 }
             }
         };
+        // A run that waited for a write on the worker (in block_in_place)
+        // cost a thread hand-off there: later runs start on a blocking thread.
+        if inline && state.waited() {
+            self.mark_slow(script.digest);
+        }
         let result = state.finish(outcome, self.limits);
         (Some(state), result)
     }
@@ -271,6 +298,7 @@ impl State {
             lua,
             base,
             chunks: HashMap::new(),
+            spare_thread: None,
         })
     }
 
@@ -307,7 +335,13 @@ impl State {
         let f = self.chunk(script, source)?;
         let env = self.base.environment().map_err(internal)?;
         let lua = &self.lua;
-        let thread = lua.create_thread(f).map_err(internal)?;
+        let thread = match self.spare_thread.take() {
+            Some(thread) => {
+                thread.reset(f).map_err(internal)?;
+                thread
+            }
+            None => lua.create_thread(f).map_err(internal)?,
+        };
         lua.set_app_data::<RunCell>(RefCell::new(Run {
             host,
             limits,
@@ -353,6 +387,13 @@ impl State {
                 return outcome;
             }
         }
+    }
+
+    /// Whether the current run's data calls had to wait for the store.
+    fn waited(&self) -> bool {
+        self.lua
+            .app_data_ref::<RunCell>()
+            .is_some_and(|cell| cell.borrow().host.waited())
     }
 
     /// Clears what [`State::prepare`] set, returning the run's record.
