@@ -174,6 +174,8 @@ pub struct Buckets {
     /// Policies by bucket, tagged with the version of their record so that a
     /// stale read can never replace a newer policy (or a deletion).
     cache: RwLock<HashMap<BucketId, Cached>>,
+    /// Script metadata read for runs (see `scripts::ScriptCache`).
+    scripts: scripts::ScriptCache,
     purge_wanted: tokio::sync::Notify,
 }
 
@@ -209,6 +211,7 @@ impl Buckets {
             store,
             limits,
             cache: RwLock::new(HashMap::new()),
+            scripts: scripts::ScriptCache::default(),
             purge_wanted: tokio::sync::Notify::new(),
         })
     }
@@ -690,6 +693,7 @@ impl Scoped {
             })
             .await??;
         self.bucket.buckets.remember(id, u64::MAX, None);
+        self.bucket.buckets.scripts.changed();
         self.bucket.buckets.purge_wanted.notify_one();
         Ok(())
     }

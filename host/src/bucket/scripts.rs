@@ -8,7 +8,10 @@
 //! run is then confined to the caller's scope by the runtime, through
 //! [`Scoped`]). Validation of the source is the script runtime's business.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::Digest;
 
@@ -161,6 +164,53 @@ fn decode(
     })
 }
 
+/// Buckets past which the script cache starts over.
+const MAX_CACHED_BUCKETS: usize = 4096;
+
+/// Script metadata as last read, so that a run does not read it from the
+/// store each time. Every script upload or deletion (and bucket deletion)
+/// bumps the generation, after its write committed; an entry is used only
+/// if it was read in the current generation. A reader takes the generation
+/// before it reads the store, so a stale read can never pass for current.
+#[derive(Default)]
+pub(super) struct ScriptCache {
+    generation: AtomicU64,
+    entries: RwLock<HashMap<BucketId, HashMap<ScriptName, (u64, StoredScript)>>>,
+}
+
+impl ScriptCache {
+    /// After a committed change to any script.
+    pub(super) fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn get(&self, bucket: BucketId, name: &ScriptName) -> Option<StoredScript> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match entries.get(&bucket)?.get(name) {
+            Some((read_in, script)) if *read_in == generation => Some(script.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, generation: u64, script: &StoredScript) {
+        let mut entries = self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= MAX_CACHED_BUCKETS && !entries.contains_key(&script.bucket) {
+            entries.clear();
+        }
+        entries
+            .entry(script.bucket)
+            .or_default()
+            .insert(script.name.clone(), (generation, script.clone()));
+    }
+}
+
 impl Bucket {
     /// Loads a script to run it. Running is open to anyone who knows the
     /// bucket: what the run may do is the caller's scope.
@@ -168,12 +218,21 @@ impl Bucket {
     /// # Errors
     /// A storage failure.
     pub fn load_script(&self, name: &ScriptName) -> Result<Option<StoredScript>, BucketError> {
+        let cache = &self.buckets.scripts;
+        if let Some(script) = cache.get(self.id, name) {
+            return Ok(Some(script));
+        }
+        let generation = cache.generation.load(Ordering::Acquire);
         let entry = self
             .buckets
             .store
             .snapshot()?
             .get(&script_key(&self.id, name))?;
-        Ok(entry.and_then(|e| decode(self.id, name.clone(), e)))
+        let script = entry.and_then(|e| decode(self.id, name.clone(), e));
+        if let Some(script) = &script {
+            cache.put(generation, script);
+        }
+        Ok(script)
     }
 
     /// The source of `script`, as uploaded with that version.
@@ -211,7 +270,8 @@ impl Scoped {
         let key = script_key(&id, name);
         let source_key = source_key(&id, name);
         let name = name.clone();
-        self.store()
+        let stored = self
+            .store()
             .write(move |ctx| -> Result<StoredScript, BucketError> {
                 ensure_bucket(ctx, &id)?;
                 let updated_at = now_s(ctx.now_ms());
@@ -236,7 +296,9 @@ impl Scoped {
                     updated_at,
                 })
             })
-            .await?
+            .await?;
+        self.bucket.buckets.scripts.changed();
+        stored
     }
 
     /// A script's source, for the admin (the editor).
@@ -261,7 +323,8 @@ impl Scoped {
         let key = script_key(&id, name);
         let source_key = source_key(&id, name);
         let shown = name.to_string();
-        self.store()
+        let deleted = self
+            .store()
             .write(move |ctx| -> Result<(), BucketError> {
                 ensure_bucket(ctx, &id)?;
                 if ctx.get(&key)?.is_none() {
@@ -271,7 +334,9 @@ impl Scoped {
                 ctx.delete(&source_key)?;
                 Ok(())
             })
-            .await?
+            .await?;
+        self.bucket.buckets.scripts.changed();
+        deleted
     }
 
     /// Every script of the bucket, by name.
