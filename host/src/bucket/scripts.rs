@@ -175,8 +175,11 @@ const MAX_CACHED_BUCKETS: usize = 4096;
 #[derive(Default)]
 pub(super) struct ScriptCache {
     generation: AtomicU64,
-    entries: RwLock<HashMap<BucketId, HashMap<ScriptName, (u64, StoredScript)>>>,
+    entries: RwLock<HashMap<BucketId, BucketScripts>>,
 }
+
+/// One bucket's cached scripts, each with the generation it was read in.
+type BucketScripts = HashMap<ScriptName, (u64, StoredScript)>;
 
 impl ScriptCache {
     /// After a committed change to any script.
