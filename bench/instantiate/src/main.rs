@@ -214,8 +214,8 @@ impl HostPath {
             ))
         };
         let response = self
-            .runtime
-            .run(&self.script, &source, host, &self.request)
+            .tokio
+            .block_on(self.runtime.run(&self.script, &source, host, &self.request))
             .map_err(|e| anyhow!("run: {e}"))?;
         Ok(response.body)
     }

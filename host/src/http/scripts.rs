@@ -238,12 +238,13 @@ pub async fn run_script(
                 .run(&script, &source, host, run_request)
                 .await?
         }
-        ScriptKind::Wasm => tokio::task::spawn_blocking(move || {
+        ScriptKind::Wasm => {
             let source = || owner.script_source(&script).map_err(script_load_error);
-            runtimes.wasm.run(&script, &source, host, &run_request)
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("script task: {e}")))??,
+            runtimes
+                .wasm
+                .run(&script, &source, host, &run_request)
+                .await?
+        }
     };
     let status = StatusCode::from_u16(response.status)
         .map_err(|e| ApiError::Internal(format!("script status: {e}")))?;

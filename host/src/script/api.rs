@@ -75,7 +75,7 @@ fn key(k: &str) -> Result<Key, CallError> {
 
 impl Host {
     /// `runtime` drives the store's async writes. The run itself may be on
-    /// one of its worker threads or on a blocking thread (see [`Host::wait`]).
+    /// one of its worker threads or on a blocking thread (see `Host::wait`).
     pub fn new(scoped: Scoped, runtime: tokio::runtime::Handle) -> Self {
         Self {
             scoped,

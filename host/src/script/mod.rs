@@ -5,15 +5,19 @@
 //! Runtimes (`lua`, later `wasm`) own their interpreters and sandboxes and
 //! translate values; they never touch storage or decide permissions: all data
 //! calls go through [`api::Host`], which goes through the run's
-//! [`Scoped`](crate::bucket::Scoped) bucket. A Lua run starts on the async
+//! [`Scoped`](crate::bucket::Scoped) bucket. A run starts on the async
 //! worker that took the request and moves to a blocking thread if it runs
-//! long (see [`lua`]); a WebAssembly run is blocking (`spawn_blocking`).
+//! longer than [`INLINE_SLICE`] (see [`lua`] and [`wasm`] for how each
+//! runtime suspends a run); scripts whose runs do not fit are remembered in
+//! [`SlowScripts`] and start on a blocking thread for a while.
 
 pub mod api;
 pub mod lua;
 pub mod wasm;
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Loads a script's source, for a runtime that has not compiled it yet.
 pub type SourceLoader<'a> = &'a (dyn Fn() -> Result<Vec<u8>, ScriptError> + Sync);
@@ -34,6 +38,56 @@ impl Runtimes {
             lua: lua::LuaRuntime::new(limits),
             wasm: wasm::WasmRuntime::new(limits)?,
         })
+    }
+}
+
+/// How long a run may execute on the async worker that took its request
+/// before it moves to a blocking thread: long enough for a typical script,
+/// short enough not to hold up the worker's other requests noticeably.
+pub const INLINE_SLICE: Duration = Duration::from_micros(200);
+
+/// How long a script stays known as slow: then one run tries the worker
+/// again (load changes: a write that waited under load may not when idle).
+const SLOW_FOR: Duration = Duration::from_secs(1);
+
+/// Scripts known as slow past which the set starts over.
+const MAX_SLOW_SCRIPTS: usize = 4096;
+
+/// Scripts (by the digest of their code) whose recent runs did not fit on an
+/// async worker: they ran past [`INLINE_SLICE`], or waited for a write. Their
+/// runs start on a blocking thread for [`SLOW_FOR`].
+#[derive(Default)]
+pub struct SlowScripts(Mutex<HashMap<[u8; 32], Instant>>);
+
+impl SlowScripts {
+    /// Whether runs of `digest` should start on a blocking thread.
+    pub fn contains(&self, digest: &[u8; 32]) -> bool {
+        let mut slow = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match slow.get(digest) {
+            Some(since) if since.elapsed() < SLOW_FOR => true,
+            Some(_) => {
+                // Give it a run on the worker; it is marked again if it is
+                // still slow.
+                slow.remove(digest);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// A run of `digest` did not fit on an async worker.
+    pub fn mark(&self, digest: [u8; 32]) {
+        let mut slow = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slow.len() >= MAX_SLOW_SCRIPTS {
+            slow.clear();
+        }
+        slow.insert(digest, Instant::now());
     }
 }
 

@@ -23,14 +23,14 @@ mod sandbox;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mlua::thread::ThreadStatus;
 use mlua::{Function, Lua, Thread};
 
 use super::SourceLoader;
 use super::api::Host;
-use super::{Limit, Limits, Request, Response, ScriptError};
+use super::{INLINE_SLICE, Limit, Limits, Request, Response, ScriptError, SlowScripts};
 use crate::bucket::{BucketId, ScriptName, StoredScript};
 
 /// Compiled scripts cached per state; past it the cache starts over.
@@ -39,26 +39,11 @@ const MAX_CACHED_CHUNKS: usize = 256;
 /// Idle states kept for reuse (more exist while that many runs are in flight).
 const MAX_IDLE_STATES: usize = 32;
 
-/// How long a run may execute on an async worker before it is moved to a
-/// blocking thread: long enough for a typical script, short enough not to
-/// hold up the worker's other requests noticeably.
-pub const INLINE_SLICE: Duration = Duration::from_micros(200);
-
-/// Scripts (by digest) known to run past [`INLINE_SLICE`] or to wait for
-/// writes; past this many the set starts over.
-const MAX_SLOW_SCRIPTS: usize = 4096;
-
-/// How long a script stays known as slow: then one run tries the worker
-/// again (load changes: a write that waited under load may not when idle).
-const SLOW_FOR: Duration = Duration::from_secs(1);
-
 /// The Lua runtime: a pool of sandboxed states.
 pub struct LuaRuntime {
     limits: Limits,
     idle: Mutex<Vec<State>>,
-    /// Scripts whose runs start on a blocking thread, by digest, with when
-    /// they were last found slow.
-    slow: Mutex<HashMap<[u8; 32], Instant>>,
+    slow: SlowScripts,
 }
 
 /// One sandboxed Lua state with what it needs to start runs quickly.
@@ -139,7 +124,7 @@ impl LuaRuntime {
         Self {
             limits,
             idle: Mutex::new(Vec::new()),
-            slow: Mutex::new(HashMap::new()),
+            slow: SlowScripts::default(),
         }
     }
 
@@ -163,34 +148,6 @@ impl LuaRuntime {
         if idle.len() < MAX_IDLE_STATES {
             idle.push(state);
         }
-    }
-
-    fn is_slow(&self, digest: &[u8; 32]) -> bool {
-        let mut slow = self
-            .slow
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match slow.get(digest) {
-            Some(since) if since.elapsed() < SLOW_FOR => true,
-            Some(_) => {
-                // Give it a run on the worker; it is marked again if it is
-                // still slow.
-                slow.remove(digest);
-                false
-            }
-            None => false,
-        }
-    }
-
-    fn mark_slow(&self, digest: [u8; 32]) {
-        let mut slow = self
-            .slow
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slow.len() >= MAX_SLOW_SCRIPTS {
-            slow.clear();
-        }
-        slow.insert(digest, Instant::now());
     }
 
     /// Checks that `source` compiles (uploads); the message names the line.
@@ -238,7 +195,7 @@ impl LuaRuntime {
         host: Host,
         request: Request,
     ) -> (Option<State>, Result<Response, ScriptError>) {
-        let inline = !self.is_slow(&script.digest);
+        let inline = !self.slow.contains(&script.digest);
         let slice_end = inline.then(|| Instant::now() + INLINE_SLICE);
         let (thread, env) =
             match state.prepare(script, source, host, request, self.limits, slice_end) {
@@ -262,7 +219,7 @@ impl LuaRuntime {
             }
             None => {
                 if inline {
-                    self.mark_slow(script.digest);
+                    self.slow.mark(script.digest);
                 }
                 let moved = tokio::task::spawn_blocking(move || {
                     let outcome = state.run_to_end(&thread, env);
@@ -283,7 +240,7 @@ impl LuaRuntime {
         // A run that waited for a write on the worker (in block_in_place)
         // cost a thread hand-off there: later runs start on a blocking thread.
         if inline && state.waited() {
-            self.mark_slow(script.digest);
+            self.slow.mark(script.digest);
         }
         let result = state.finish(outcome, self.limits);
         (Some(state), result)

@@ -11,14 +11,20 @@
 //!   random only. Guest stdout/stderr go to the log, tagged with the script.
 //! - Data calls go through [`crate::script::api::Host`] (see the `host` module).
 //!
-//! Blocking: run it off the async threads.
+//! - Runs are async calls (the guest on a fiber) that hand control back every
+//!   [`YIELD_FUEL`]: a run starts on the async worker that took the request
+//!   and moves to a blocking thread once it has used [`INLINE_SLICE`] of
+//!   guest time, or if a write made it wait (see [`SlowScripts`]).
 
 mod bindings;
 mod host;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
@@ -30,8 +36,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::SourceLoader;
 use super::api::Host;
-use super::{Limit, Limits, Request, Response, ScriptError};
+use super::{INLINE_SLICE, Limit, Limits, Request, Response, ScriptError, SlowScripts};
 use crate::bucket::StoredScript;
+use bindings::kvdb::script::types::Response as WitResponse;
 use bindings::{Script, ScriptPre};
 
 /// Epoch tick: the granularity of the wall-clock deadline.
@@ -43,6 +50,10 @@ const CAPTURED_OUTPUT: usize = 64 * 1024;
 /// Concurrent instances the pool holds: above the number of threads that run
 /// scripts at once on this class of machine; a run beyond it is refused.
 const POOLED_INSTANCES: u32 = 256;
+
+/// Fuel between the guest's hand-backs to the async runtime (about as many
+/// instructions: tens of microseconds).
+const YIELD_FUEL: u64 = 100_000;
 
 /// Compiled components kept in memory; past it the cache starts over.
 const MAX_CACHED: usize = 256;
@@ -76,6 +87,7 @@ pub struct WasmRuntime {
     limits: Limits,
     /// Compiled scripts by the SHA-256 of their bytes.
     cache: Mutex<HashMap<[u8; 32], Prepared>>,
+    slow: SlowScripts,
 }
 
 fn internal(e: impl std::fmt::Display) -> ScriptError {
@@ -101,11 +113,13 @@ impl WasmRuntime {
             // batches: each madvise flushes the TLB on every core.
             .linear_memory_keep_resident(4 * 1024 * 1024)
             .table_keep_resident(64 * 1024)
-            .decommit_batch_size(64);
+            .decommit_batch_size(64)
+            // Each run's fiber stack (runs are async calls).
+            .total_stacks(POOLED_INSTANCES);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(internal)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(internal)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
         Script::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(internal)?;
         let ticker = engine.weak();
         std::thread::Builder::new()
@@ -123,6 +137,7 @@ impl WasmRuntime {
             linker,
             limits,
             cache: Mutex::new(HashMap::new()),
+            slow: SlowScripts::default(),
         })
     }
 
@@ -204,18 +219,25 @@ impl WasmRuntime {
         })
     }
 
-    /// Runs `script` for `request` in a fresh instance.
+    /// Runs `script` for `request` in a fresh instance: on this (async)
+    /// thread for up to [`INLINE_SLICE`] of guest time, then on a blocking
+    /// thread.
     ///
     /// # Errors
     /// A trap (with the guest's panic message when there is one), or a limit.
-    pub fn run(
+    pub async fn run(
         &self,
         script: &StoredScript,
         source: SourceLoader<'_>,
         host: Host,
         request: &Request,
     ) -> Result<Response, ScriptError> {
-        let prepared = self.prepared(script, source)?;
+        let prepared = match self.cached(&script.digest) {
+            Some(prepared) => prepared,
+            // Not compiled in this process yet (a restart): compile once, in
+            // block_in_place (compiling takes milliseconds).
+            None => tokio::task::block_in_place(|| self.prepared(script, source))?,
+        };
         let label = format!("{}/{}", script.bucket, script.name);
         let stdout = MemoryOutputPipe::new(CAPTURED_OUTPUT);
         let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT);
@@ -242,6 +264,11 @@ impl WasmRuntime {
         );
         store.limiter(|s| &mut s.limits);
         store.set_fuel(self.limits.fuel).map_err(internal)?;
+        // The guest hands control back every so often, so that a long run
+        // can leave the async worker (see below).
+        store
+            .fuel_async_yield_interval(Some(YIELD_FUEL))
+            .map_err(internal)?;
         // The ticker runs on its own, so the first tick may come at once: one
         // tick more guarantees the run its whole time limit.
         let ticks = self
@@ -259,10 +286,32 @@ impl WasmRuntime {
             headers: request.headers.clone(),
             body: request.body.clone(),
         };
-        let result = prepared
-            .0
-            .instantiate(&mut store)
-            .and_then(|instance| instance.call_handle(&mut store, &wit_request));
+        let call: Call = Box::pin(async move {
+            let result = match prepared.0.instantiate_async(&mut store).await {
+                Ok(instance) => instance.call_handle(&mut store, &wit_request).await,
+                Err(e) => Err(e),
+            };
+            (result, store.data().host.waited())
+        });
+        let (result, _) = if self.slow.contains(&script.digest) {
+            off_the_worker(call).await?
+        } else {
+            let mut call = call;
+            match on_the_worker_for_a_slice(&mut call).await {
+                Some(done) => {
+                    if done.1 {
+                        // It waited for a write on the worker (in
+                        // block_in_place): later runs start off it.
+                        self.slow.mark(script.digest);
+                    }
+                    done
+                }
+                None => {
+                    self.slow.mark(script.digest);
+                    off_the_worker(call).await?
+                }
+            }
+        };
         log_output(&label, "stdout", &stdout);
         log_output(&label, "stderr", &stderr);
         let response = result.map_err(|e| self.classify(&e, &stderr))?;
@@ -367,4 +416,35 @@ fn log_output(label: &str, stream: &str, pipe: &MemoryOutputPipe) {
     for line in String::from_utf8_lossy(&bytes).lines() {
         tracing::info!(script = %label, stream, "{line}");
     }
+}
+
+/// A run in progress: its result, and whether it waited for a write.
+type Call = Pin<Box<dyn Future<Output = (wasmtime::Result<WitResponse>, bool)> + Send>>;
+
+/// Polls `call` on this async worker until it ends (`Some`) or has used
+/// [`INLINE_SLICE`] of guest time (`None`: the rest is for a blocking thread).
+/// Only time inside the guest counts, not time waiting to be polled again.
+async fn on_the_worker_for_a_slice(
+    call: &mut Call,
+) -> Option<(wasmtime::Result<WitResponse>, bool)> {
+    let mut used = Duration::ZERO;
+    std::future::poll_fn(|cx| {
+        let started = Instant::now();
+        let polled = call.as_mut().poll(cx);
+        used += started.elapsed();
+        match polled {
+            Poll::Ready(done) => Poll::Ready(Some(done)),
+            Poll::Pending if used >= INLINE_SLICE => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Runs `call` to its end on a blocking thread.
+async fn off_the_worker(call: Call) -> Result<(wasmtime::Result<WitResponse>, bool), ScriptError> {
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || runtime.block_on(call))
+        .await
+        .map_err(|e| ScriptError::Internal(format!("script thread: {e}")))
 }
