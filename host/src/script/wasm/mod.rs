@@ -12,7 +12,7 @@
 //! - Data calls go through [`crate::script::api::Host`] (see the `host` module).
 //!
 //! - Runs are async calls (the guest on a fiber) that hand control back every
-//!   [`YIELD_FUEL`]: a run starts on the async worker that took the request
+//!   `YIELD_FUEL`: a run starts on the async worker that took the request
 //!   and moves to a blocking thread once it has used [`INLINE_SLICE`] of
 //!   guest time, or if a write made it wait (see [`SlowScripts`]).
 
