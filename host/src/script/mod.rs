@@ -55,7 +55,7 @@ const MAX_SLOW_SCRIPTS: usize = 4096;
 
 /// Scripts (by the digest of their code) whose recent runs did not fit on an
 /// async worker: they ran past [`INLINE_SLICE`], or waited for a write. Their
-/// runs start on a blocking thread for [`SLOW_FOR`].
+/// runs start on a blocking thread for a second (`SLOW_FOR`).
 #[derive(Default)]
 pub struct SlowScripts(Mutex<HashMap<[u8; 32], Instant>>);
 
