@@ -67,7 +67,9 @@ fn config(pooled: bool) -> Config {
             .total_memories(POOLED_INSTANCES * 2)
             .total_tables(POOLED_INSTANCES * 4)
             .max_memory_size(limits().memory_bytes)
-            .linear_memory_keep_resident(4 * 1024 * 1024);
+            .linear_memory_keep_resident(4 * 1024 * 1024)
+            .table_keep_resident(64 * 1024)
+            .decommit_batch_size(64);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     } else {
         config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
