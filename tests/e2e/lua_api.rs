@@ -157,6 +157,18 @@ pub fn try_get_within(s: &TestServer, path: &str, bound: Duration) -> Option<Tim
     }
 }
 
+/// `GET url` on a thread of its own: the answer's status, when it comes
+/// (for runs that take long while the test checks something else).
+pub fn get_in_background(url: String) -> std::thread::JoinHandle<Result<u16, ureq::Error>> {
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        agent.get(&url).call().map(|r| r.status().as_u16())
+    })
+}
+
 /// A raw HTTP/1.1 exchange (no redirect following): status, lower-cased
 /// header lines, body.
 pub fn raw(s: &TestServer, method: &str, path: &str) -> (u16, Vec<(String, String)>, String) {

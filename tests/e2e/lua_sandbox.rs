@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::harness::TestServer;
 use crate::lua_api::{
-    SK, Timed, assert_body, assert_problem_type, eval, eval_as, get_within, install, run,
-    script_bucket, try_get_within, upload,
+    SK, Timed, assert_body, assert_problem_type, eval, eval_as, get_in_background, get_within,
+    install, run, script_bucket, try_get_within, upload,
 };
 
 /// Generous bound for a limit's error to arrive (the limits are far smaller).
@@ -452,18 +452,7 @@ fn endless_runs_on_every_worker_do_not_hold_up_other_requests() {
     let b = limit_bucket(&s);
     install(&s, &b, "spin", "while true do end");
     let url = s.url(&format!("/{b}/scripts/spin"));
-    let spinning: Vec<_> = (0..4)
-        .map(|_| {
-            let url = url.clone();
-            std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .build()
-                    .into();
-                agent.get(&url).call().map(|r| r.status().as_u16())
-            })
-        })
-        .collect();
+    let spinning: Vec<_> = (0..4).map(|_| get_in_background(url.clone())).collect();
     std::thread::sleep(Duration::from_millis(300));
     // Far below the spinning runs' 6 s, with room for a loaded machine.
     let quick = Duration::from_millis(4000);

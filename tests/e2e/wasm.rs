@@ -15,8 +15,8 @@ use serde_json::json;
 
 use crate::harness::{Resp, TestServer};
 use crate::lua_api::{
-    SK, Timed, assert_body, assert_problem_type, get_within, install, raw, run, run_as,
-    script_bucket, try_get_within, whoami_cases,
+    SK, Timed, assert_body, assert_problem_type, get_in_background, get_within, install, raw, run,
+    run_as, script_bucket, try_get_within, whoami_cases,
 };
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -669,18 +669,7 @@ fn hostile_runs_on_every_worker_do_not_hold_up_other_requests() {
     let url = s.url(&path);
     // More endless runs at once than the server has async workers: each
     // leaves its worker after its first slice.
-    let spinning: Vec<_> = (0..4)
-        .map(|_| {
-            let url = url.clone();
-            std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .build()
-                    .into();
-                agent.get(&url).call().map(|r| r.status().as_u16())
-            })
-        })
-        .collect();
+    let spinning: Vec<_> = (0..4).map(|_| get_in_background(url.clone())).collect();
     std::thread::sleep(Duration::from_millis(300));
     // While it spins: a plain read and another bucket's component answer.
     // Far below the hostile run's 6 s, with room for a loaded machine.
