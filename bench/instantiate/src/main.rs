@@ -259,7 +259,8 @@ fn main() -> Result<()> {
     let host_request = kvdb::script::Request {
         method: "GET".into(),
         path: "/bench/scripts/hello".into(),
-        vars: vars.clone(),
+        fields: vars.clone(),
+        remote_addr: None,
         headers: vec![],
         body: vec![],
     };

@@ -11,7 +11,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{RawPathParams, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 
 use super::{Access, ApiError, AppState, content_type, query_pairs, read_body};
@@ -152,11 +152,10 @@ fn script_load_error(e: BucketError) -> crate::script::ScriptError {
 }
 
 /// Query parameters and form (or JSON object) body fields, the body winning.
-fn request_vars(
+fn request_fields(
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
-    remote: Option<SocketAddr>,
 ) -> Result<Vec<(String, String)>, ApiError> {
     let mut vars = query_pairs(uri)?;
     let essence = content_type(headers)
@@ -181,9 +180,6 @@ fn request_vars(
         }
         _ => {}
     }
-    if let Some(addr) = remote {
-        vars.push(("remote_addr".into(), addr.ip().to_string()));
-    }
     Ok(vars)
 }
 
@@ -192,29 +188,29 @@ pub async fn run_script(
     State(state): State<AppState>,
     Access(bucket): Access,
     params: RawPathParams,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let name = script_name(&params)?;
-    let remote = request
-        .extensions()
+    let (parts, body) = request.into_parts();
+    let remote = parts
+        .extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+        .map(|c| c.0.ip());
     let limit = state.buckets.limits().max_value_bytes;
-    let body = read_body(&headers, request.into_body(), limit).await?;
+    let body = read_body(&parts.headers, body, limit).await?;
     let script = bucket
         .bucket()
         .load_script(&name)?
         .ok_or_else(|| BucketError::ScriptNotFound(name.to_string()))?;
-    let vars = request_vars(&uri, &headers, &body, remote)?;
+    let fields = request_fields(&parts.uri, &parts.headers, &body)?;
     let run_request = Request {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
-        vars,
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        fields,
+        remote_addr: remote,
         // The caller's credential is not the script's business.
-        headers: headers
+        headers: parts
+            .headers
             .iter()
             .filter(|(k, _)| *k != header::AUTHORIZATION)
             .map(|(k, v)| {

@@ -156,11 +156,27 @@ pub struct Request {
     pub method: String,
     pub path: String,
     /// Query and form (or JSON object) body parameters, the body winning on a
-    /// clash, plus `remote_addr`.
-    pub vars: Vec<(String, String)>,
+    /// clash. Scripts see them with `remote_addr` added: see [`Request::vars`].
+    pub fields: Vec<(String, String)>,
+    /// The client's address, if known.
+    pub remote_addr: Option<std::net::IpAddr>,
     /// Lower-case names.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl Request {
+    /// The variables a script sees: the fields, then `remote_addr` (which
+    /// wins over a field of that name).
+    pub fn vars(&self) -> impl Iterator<Item = (&str, std::borrow::Cow<'_, str>)> {
+        self.fields
+            .iter()
+            .map(|(k, v)| (k.as_str(), std::borrow::Cow::Borrowed(v.as_str())))
+            .chain(
+                self.remote_addr
+                    .map(|a| ("remote_addr", std::borrow::Cow::Owned(a.to_string()))),
+            )
+    }
 }
 
 /// What a script answers.

@@ -212,9 +212,9 @@ pub(super) fn request_field_function(lua: &Lua) -> mlua::Result<Function> {
                 if let Some(t) = &run.var {
                     return Ok(Value::Table(t.clone()));
                 }
-                let t = lua.create_table_with_capacity(0, request.vars.len())?;
-                for (k, v) in &request.vars {
-                    t.raw_set(k.as_str(), v.as_str())?;
+                let t = lua.create_table_with_capacity(0, request.fields.len() + 1)?;
+                for (k, v) in request.vars() {
+                    t.raw_set(k, &*v)?;
                 }
                 run.var = Some(t.clone());
                 Value::Table(t)

@@ -282,7 +282,10 @@ impl WasmRuntime {
         let wit_request = bindings::kvdb::script::types::Request {
             method: request.method.clone(),
             path: request.path.clone(),
-            vars: request.vars.clone(),
+            vars: request
+                .vars()
+                .map(|(k, v)| (k.to_owned(), v.into_owned()))
+                .collect(),
             headers: request.headers.clone(),
             body: request.body.clone(),
         };
