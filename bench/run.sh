@@ -214,8 +214,9 @@ EOF
 }
 
 # setup_scripts NAME: on the kvdb started as NAME, a bucket with a secret key
-# (only those can have scripts) holding the key "k" = "hello" and the scripts
-# of bench/scripts/ (get.lua as "get", visitors.lua as "visitors"). Runs each
+# (only those can have scripts) holding the key "k" = "hello", the script
+# bench/scripts/get.lua as "get" and examples/visitors/visitors.lua (the
+# visitors counter of API.md, keyed by the UTC date) as "visitors". Runs each
 # script once to check it answers. Sets NAME_SBUCKET and NAME_VISITORS_BASE
 # (the visitors count after that check, subtracted in the lost-update check).
 setup_scripts() {
@@ -225,11 +226,14 @@ setup_scripts() {
     [[ $bucket =~ ^[A-Za-z0-9_-]+$ ]] || die "$name: POST / with a secret key answered '$bucket'"
     curl -fsS -o /dev/null -X PUT --data-binary hello "$base/$bucket/k"
     local script out code
+    local file
     for script in get visitors; do
-        out=$(curl -sS -u "$SCRIPT_SECRET:" -T "$BENCH/scripts/$script.lua" \
+        file=$BENCH/scripts/get.lua
+        [[ $script == visitors ]] && file=$ROOT/examples/visitors/visitors.lua
+        out=$(curl -sS -u "$SCRIPT_SECRET:" -T "$file" \
             -w '\n%{http_code}' "$base/$bucket/scripts/$script") || die "$name: upload of $script failed"
         code=${out##*$'\n'}
-        [[ $code == 2?? ]] || die "$name: curl -u $SCRIPT_SECRET: -T bench/scripts/$script.lua $base/$bucket/scripts/$script answered $code: ${out%$'\n'*}"
+        [[ $code == 2?? ]] || die "$name: curl -u $SCRIPT_SECRET: -T $file $base/$bucket/scripts/$script answered $code: ${out%$'\n'*}"
         out=$(curl -sS -w '\n%{http_code}' "$base/$bucket/scripts/$script") || die "$name: running $script failed"
         code=${out##*$'\n'}
         [[ $code == 200 ]] || die "$name: GET $base/$bucket/scripts/$script answered $code: ${out%$'\n'*}"
@@ -529,7 +533,7 @@ if [[ -n $RUN_SCRIPTS ]]; then
         --counter "script-counter|kvdb relaxed PATCH=$(curl -fsS "$SR/ctr-0" || echo unreadable)"
     )
     NOTES+=(
-        "scripts: Lua, uploaded to a bucket with a secret key, run anonymously with GET /BUCKET/scripts/NAME; script-get is bench/scripts/get.lua, script-counter is bench/scripts/visitors.lua (the visitors counter of API.md)"
+        "scripts: Lua, uploaded to a bucket with a secret key, run anonymously with GET /BUCKET/scripts/NAME; script-get is bench/scripts/get.lua, script-counter is examples/visitors/visitors.lua (the visitors counter of API.md, keyed by the UTC date)"
         "redis rows: redis-benchmark -c 64 / -c 1 -n N (N from the previous run's rate, for about $DURATION s) against $REDIS_DESC; EVAL is \`EVAL \"return redis.call('incr', KEYS[1])\" 1 k\`; server CPU counts redis only"
     )
 fi

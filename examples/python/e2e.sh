@@ -52,19 +52,10 @@ upload() { # NAME FILE [CONTENT-TYPE]
     echo "uploaded $1 ($(wc -c < "$2" | tr -d ' ') bytes) in $(((t1 - t0) / 1000000)) ms" >&2
 }
 
-printf '%s' 'kvdb.say("Hello " .. kvdb.escape_html(kvdb.var.name))' > "$work/hello.lua"
-cat > "$work/visitors.lua" <<'LUA'
-local key = os.date("visitors:%Y-%m-%d")
-local err = kvdb.incr(key, 1)
-if err then
-  kvdb.say("error incrementing: " .. err)
-  kvdb.exit(500)
-end
-local value = kvdb.get(key)
-kvdb.say(value)
-LUA
-upload lua-hello "$work/hello.lua"
-upload lua-visitors "$work/visitors.lua"
+# The Lua twins of the examples (the visitors one keys by the UTC date, as
+# the Python guest does).
+upload lua-hello "$root/examples/hello/hello.lua"
+upload lua-visitors "$root/examples/visitors/visitors.lua"
 upload py-hello "$out/hello.wasm" application/wasm
 upload py-visitors "$out/visitors.wasm" application/wasm
 

@@ -91,6 +91,21 @@ impl SlowScripts {
     }
 }
 
+/// `BUCKET/SCRIPT` for the log, formatted only when something is logged.
+pub struct Label(crate::bucket::BucketId, crate::bucket::ScriptName);
+
+impl Label {
+    pub fn of(script: &crate::bucket::StoredScript) -> Self {
+        Self(script.bucket, script.name.clone())
+    }
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.0, self.1)
+    }
+}
+
 /// The limits of one run. Each stops only the offending run, with a
 /// [`ScriptError::Limit`] that names it.
 #[derive(Debug, Clone, Copy)]

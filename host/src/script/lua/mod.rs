@@ -30,8 +30,8 @@ use mlua::{Function, Lua, Thread};
 
 use super::SourceLoader;
 use super::api::Host;
-use super::{INLINE_SLICE, Limit, Limits, Request, Response, ScriptError, SlowScripts};
-use crate::bucket::{BucketId, ScriptName, StoredScript};
+use super::{INLINE_SLICE, Label, Limit, Limits, Request, Response, ScriptError, SlowScripts};
+use crate::bucket::{ScriptName, StoredScript};
 
 /// Compiled scripts cached per state; past it the cache starts over.
 const MAX_CACHED_CHUNKS: usize = 256;
@@ -82,15 +82,6 @@ pub(crate) struct Run {
     pub request: Request,
     pub var: Option<mlua::Table>,
     pub headers_table: Option<mlua::Table>,
-}
-
-/// `BUCKET/SCRIPT`, formatted only when something is logged.
-pub(crate) struct Label(BucketId, ScriptName);
-
-impl std::fmt::Display for Label {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.0, self.1)
-    }
 }
 
 pub(crate) type RunCell = RefCell<Run>;
@@ -311,7 +302,7 @@ impl State {
             headers: Vec::new(),
             body: Vec::new(),
             script_scope: None,
-            label: Label(script.bucket, script.name.clone()),
+            label: Label::of(script),
             request,
             var: None,
             headers_table: None,

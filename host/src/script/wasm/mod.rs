@@ -36,7 +36,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::SourceLoader;
 use super::api::Host;
-use super::{INLINE_SLICE, Limit, Limits, Request, Response, ScriptError, SlowScripts};
+use super::{INLINE_SLICE, Label, Limit, Limits, Request, Response, ScriptError, SlowScripts};
 use crate::bucket::StoredScript;
 use bindings::kvdb::script::types::Response as WitResponse;
 use bindings::{Script, ScriptPre};
@@ -64,7 +64,7 @@ pub struct WasmState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
-    label: String,
+    label: Label,
 }
 
 impl WasiView for WasmState {
@@ -238,7 +238,6 @@ impl WasmRuntime {
             // block_in_place (compiling takes milliseconds).
             None => tokio::task::block_in_place(|| self.prepared(script, source))?,
         };
-        let label = format!("{}/{}", script.bucket, script.name);
         let stdout = MemoryOutputPipe::new(CAPTURED_OUTPUT);
         let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT);
         let wasi = WasiCtx::builder()
@@ -259,7 +258,7 @@ impl WasmRuntime {
                 wasi,
                 table: ResourceTable::new(),
                 limits,
-                label: label.clone(),
+                label: Label::of(script),
             },
         );
         store.limiter(|s| &mut s.limits);
@@ -315,8 +314,8 @@ impl WasmRuntime {
                 }
             }
         };
-        log_output(&label, "stdout", &stdout);
-        log_output(&label, "stderr", &stderr);
+        log_output(script, "stdout", &stdout);
+        log_output(script, "stderr", &stderr);
         let response = result.map_err(|e| self.classify(&e, &stderr))?;
         if response.body.len() > self.limits.response_bytes {
             return Err(ScriptError::Limit {
@@ -411,11 +410,12 @@ impl WasmRuntime {
     }
 }
 
-fn log_output(label: &str, stream: &str, pipe: &MemoryOutputPipe) {
+fn log_output(script: &StoredScript, stream: &str, pipe: &MemoryOutputPipe) {
     let bytes = pipe.contents();
     if bytes.is_empty() {
         return;
     }
+    let label = Label::of(script);
     for line in String::from_utf8_lossy(&bytes).lines() {
         tracing::info!(script = %label, stream, "{line}");
     }
