@@ -630,6 +630,42 @@ fn a_huge_response_ends_with_the_response_limit_and_one_at_the_limit_is_sent() {
     assert_server_still_answers(&s, &b);
 }
 
+/// Every request runs in a fresh instance: what one run leaves in guest
+/// memory (a static in the data segment, pages of heap) is gone for the next,
+/// whichever pooled slot and worker thread either of them gets.
+#[test]
+fn a_run_never_sees_what_an_earlier_run_left_in_memory() {
+    let s = TestServer::start();
+    let b = hostile_bucket(&s);
+    let fresh = "0 bytes, 0 runs\n";
+    for round in 0..20 {
+        let kept = s.get(&format!("/{b}/scripts/h?do=remember&secret=s{round}"));
+        assert_eq!((kept.status, kept.text()), (200, "kept\n".to_owned()));
+        let recalled = s.get(&format!("/{b}/scripts/h?do=recall"));
+        assert_eq!(recalled.text(), fresh, "round {round}");
+    }
+    // Concurrent runs: slots are freed and reused on several threads.
+    std::thread::scope(|scope| {
+        for client in 0..4 {
+            let (s, b) = (&s, &b);
+            scope.spawn(move || {
+                for round in 0..25 {
+                    let what = if round % 2 == 0 {
+                        format!("remember&secret=c{client}r{round}")
+                    } else {
+                        "recall".to_owned()
+                    };
+                    let r = s.get(&format!("/{b}/scripts/h?do={what}"));
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    if round % 2 == 1 {
+                        assert_eq!(r.text(), fresh, "client {client} round {round}");
+                    }
+                }
+            });
+        }
+    });
+}
+
 #[test]
 fn many_limit_hits_in_a_row_leave_the_server_serving() {
     // Every pooled instance a hostile run used must come back: more runs

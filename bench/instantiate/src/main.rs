@@ -22,6 +22,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The server's allocator (host/src/main.rs): the host path allocates as it
+/// does there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result, anyhow, bail};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
@@ -69,7 +74,8 @@ fn config(pooled: bool) -> Config {
             .max_memory_size(limits().memory_bytes)
             .linear_memory_keep_resident(4 * 1024 * 1024)
             .table_keep_resident(64 * 1024)
-            .decommit_batch_size(64);
+            .decommit_batch_size(64)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     } else {
         config.allocation_strategy(InstanceAllocationStrategy::OnDemand);

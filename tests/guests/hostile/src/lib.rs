@@ -8,16 +8,28 @@
 //!   `code`), `headers` (sets a lying `content-length`, a header value with a
 //!   line break and an invalid header name besides `x-test: 1`);
 //! - `ok` (or nothing): answers `ok\n`;
+//! - `remember` (keeps `secret`, repeated to fill several pages, in a static
+//!   and counts the run in another) and `recall` (answers what those hold):
+//!   every request runs in a fresh instance, so `recall` must never see
+//!   what an earlier `remember` left behind;
 //! - the WebAssembly twins of the Lua scope tests (tests/e2e/lua_api.rs),
 //!   printing the same lines as those Lua scripts: `whoami`, `anon`,
 //!   `narrow-prefix`, `narrow-perms`, `plain-get`, `widen`.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use kvdb_guest::{Error, Handler, ListOptions, Permission, Request, Response};
 
 /// What `do=panic` panics with.
 pub const PANIC_MESSAGE: &str = "hostile guest panics on purpose (4f2a)";
+
+/// What `remember` leaves in the instance's memory (data segment and heap).
+static REMEMBERED: Mutex<String> = Mutex::new(String::new());
+
+/// Runs of `remember` this instance has seen.
+static RUNS: AtomicU32 = AtomicU32::new(0);
 
 struct Hostile;
 
@@ -25,6 +37,17 @@ impl Handler for Hostile {
     fn handle(req: Request) -> Response {
         match req.var("do").unwrap_or("ok") {
             "ok" => Response::text("ok\n"),
+            "remember" => {
+                let secret = req.var("secret").unwrap_or("secret");
+                *REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner) = secret.repeat(4096);
+                RUNS.fetch_add(1, Ordering::Relaxed);
+                Response::text("kept\n")
+            }
+            "recall" => {
+                let kept = REMEMBERED.lock().unwrap_or_else(PoisonError::into_inner);
+                let runs = RUNS.load(Ordering::Relaxed);
+                Response::text(format!("{} bytes, {runs} runs\n", kept.len()))
+            }
             "loop" => endless_loop(),
             "grow" => grow(),
             "recurse" => {
