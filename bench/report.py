@@ -276,7 +276,6 @@ def main():
                 label = f"{nk[0]}: {nk[2]}, {nk[1]} / {dk[1]} connections"
             else:
                 label = f"{nk[0]}: {nk[2]} / {dk[2]}"
-
             out.append(
                 f"| {label} | {conns} | "
                 f"{'–' if value is None else f'{value:.2f}×'} | "

@@ -22,11 +22,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The server's allocator (host/src/main.rs): the host path allocates as it
-/// does there.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use anyhow::{Context, Result, anyhow, bail};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
@@ -45,6 +40,11 @@ mod bindings {
 }
 use bindings::ScriptPre;
 use bindings::kvdb::script::types::Request as WitRequest;
+
+/// The server's allocator (host/src/main.rs): the host path allocates as it
+/// does there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The target: instantiate + call of a small guest, pooled, median.
 const TARGET: Duration = Duration::from_micros(10);
