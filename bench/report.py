@@ -194,6 +194,38 @@ def fmt_errors(runs):
     return "**" + ", ".join(f"{n} {kind}" for kind, n in total.items()) + "**"
 
 
+def group_commit_section(tsv):
+    """The group-commit table: durable writes answered per fsync, from the
+    rows bench/run.sh's group_commit wrote (contender, conns, writes answered,
+    fsyncs, wrk error lines; or contender, conns, why perf did not count).
+    Returns the lines and the failures (wrk errors)."""
+    lines = [
+        "Group commit: writes answered per fsync (PUT of a small value on fresh keys; one "
+        "extra run per row, outside the rounds above, with `perf stat` counting the "
+        "server's fdatasync and fsync calls through syscall tracepoints, which slows it a "
+        "little):",
+        "",
+        "| Contender | Conns | Writes answered | fsyncs | Writes per fsync |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    failures, notes = [], []
+    for row in Path(tsv).read_text().splitlines():
+        cells = row.split("\t")
+        if len(cells) == 3:
+            # perf refused (permissions, no tracepoints): evidence missing, not an error.
+            notes.append(f"- {cells[0]} at {cells[1]} connection(s): not measured, {cells[2]}")
+            continue
+        name, conns, writes, syncs, errors = cells
+        if errors != "0" or not writes.isdigit():
+            failures.append(f"group commit, {name} at {conns} connection(s): wrk saw errors")
+        per = f"{int(writes) / int(syncs):,.1f}" if writes.isdigit() and int(syncs) else "–"
+        writes = f"{int(writes):,}" if writes.isdigit() else writes
+        lines.append(f"| {name} | {conns} | {writes} | {int(syncs):,} | {per} |")
+    if notes:
+        lines += [""] + notes
+    return lines, failures
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("runs_tsv")
@@ -207,6 +239,8 @@ def main():
     ap.add_argument("--section", action="append", default=[],
                     help="a Markdown file to include after the tables (e.g. the in-process "
                          "instantiation benchmark); a missing file counts as an error")
+    ap.add_argument("--group-commit",
+                    help="the TSV of bench/run.sh's group-commit runs (writes per fsync)")
     ap.add_argument("--failed", action="append", default=[],
                     help="a failure outside wrk to report (makes the exit status 1)")
     args = ap.parse_args()
@@ -300,6 +334,13 @@ def main():
         out += ["", "Lost-update check (counter read back vs. increments answered):", ""]
         out += [f"- {'ok' if ok else '**FAILED**'}: {msg}" for ok, msg in checks]
     failures = list(args.failed)
+    if args.group_commit:
+        try:
+            lines, failed = group_commit_section(args.group_commit)
+            out += [""] + lines
+            failures += failed
+        except OSError as e:
+            failures.append(f"{args.group_commit}: {e.strerror}")
     for section in args.section:
         try:
             out += ["", Path(section).read_text().rstrip()]

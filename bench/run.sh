@@ -418,6 +418,32 @@ measure() {
     log "$workload c$conns r$round $name: ${result:-no result} ${note}"
 }
 
+# group_commit NAME PID URL BUCKET CONNS...: how many durable writes share one
+# fsync. One extra PUT run per connection count, outside the measured rounds
+# (counting syscalls through tracepoints slows the server a little), with
+# `perf stat` counting the server's fdatasync and fsync calls while wrk runs.
+# Appends rows to $TMP/logs/group-commit.tsv; a missing or refused perf is
+# noted, not an error (this is evidence for the PUT rows, not a measurement of
+# its own).
+group_commit() {
+    local name=$1 pid=$2 url=$3 bucket=$4; shift 4
+    local conns threads log requests syncs
+    for conns in "$@"; do
+        threads=2; ((conns < 2)) && threads=1
+        log="$TMP/logs/group-commit-$name-c$conns"
+        if ! perf stat -x, -o "$log.perf"             -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync -p "$pid" --             wrk -t"$threads" -c"$conns" -d"${DURATION}s" -s "$BENCH/wrk/put.lua" "$url"             -- kvdb "/$bucket" "gc$conns" >"$log.txt" 2>&1; then
+            printf '%s\t%s\tperf stat failed (see logs/%s.perf and .txt)\n' \
+                "$name" "$conns" "${log##*/}" >>"$TMP/logs/group-commit.tsv"
+            continue
+        fi
+        requests=$(awk '/requests in/ { print $1 }' "$log.txt")
+        syncs=$(awk -F, '/syscalls:sys_enter_f(data)?sync/ { n += $1 } END { print n + 0 }' "$log.perf")
+        printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$conns" "${requests:-?}" "$syncs" \
+            "$(grep -c -E 'Non-2xx|Socket errors' "$log.txt" || true)" >>"$TMP/logs/group-commit.tsv"
+        log "group commit $name c$conns: ${requests:-?} writes answered, $syncs fsyncs"
+    done
+}
+
 # workload NAME SPEC...: for each connection count, ROUNDS rounds of all
 # contenders in turn (A B C A B C ...). Interleaving spreads the machine's
 # drift over every contender instead of letting one of them get a quiet minute.
@@ -463,6 +489,7 @@ NOTES=("kvdb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(g
 [[ ${BUILD:-1} == 0 ]] && NOTES[0]+=", not rebuilt (BUILD=0): binary of $(stat -c %y "$ROOT/target/release/kvdb" | cut -d. -f1)"
 COUNTERS=()
 INSTANTIATE_ARGS=()   # report.py arguments of the in-process benchmark
+SECTION_ARGS=()       # further Markdown sections of the report
 
 if [[ -n $RUN_CORE ]]; then
     WD="http://127.0.0.1:$WEBDIS_PORT"
@@ -477,6 +504,15 @@ if [[ -n $RUN_CORE ]]; then
         "kvdb strict|$strict_PID|$KS|put.lua|kvdb /$strict_BUCKET @TAG@" \
         "kvdb relaxed|$relaxed_PID|$KR|put.lua|kvdb /$relaxed_BUCKET @TAG@" \
         "webdis SET|$WD_PIDS|$WD|put.lua|webdis - @TAG@"
+
+    # Direct evidence of group commit: durable writes answered per fsync.
+    if command -v perf >/dev/null; then
+        group_commit "kvdb strict" "$strict_PID" "$KS" "$strict_BUCKET" 64 1
+        group_commit "kvdb relaxed" "$relaxed_PID" "$KR" "$relaxed_BUCKET" 64
+        SECTION_ARGS+=(--group-commit "$RESULTS/logs/group-commit.tsv")   # copied there below
+    else
+        NOTES+=("group commit (writes per fsync) not measured: no perf (Debian: linux-perf)")
+    fi
 
     workload "PATCH hot" \
         "kvdb strict|$strict_PID|$KS|patch.lua|kvdb /$strict_BUCKET 1" \
@@ -592,7 +628,7 @@ for note in "${NOTES[@]}"; do NOTE_ARGS+=(--note "$note"); done
 
 status=0
 python3 "$BENCH/report.py" "$RESULTS/logs/runs.tsv" "$RESULTS/latest.md" \
-    "${COUNTERS[@]}" "${NOTE_ARGS[@]}" "${INSTANTIATE_ARGS[@]}" \
+    "${COUNTERS[@]}" "${NOTE_ARGS[@]}" "${SECTION_ARGS[@]}" "${INSTANTIATE_ARGS[@]}" \
     --rounds "$ROUNDS" --duration "$DURATION" --clk-tck "$CLK_TCK" \
     || status=$?
 exit "$status"
