@@ -586,6 +586,50 @@ fn an_endless_loop_with_plenty_of_fuel_ends_with_the_time_limit() {
     assert_server_still_answers(&s, &b);
 }
 
+/// Context switches so far of the server's WebAssembly epoch ticker thread.
+#[cfg(target_os = "linux")]
+fn epoch_ticker_switches(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task");
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "kvdb-wasm-epoch" {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).expect("status");
+        return status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+    }
+    panic!("no kvdb-wasm-epoch thread in process {pid}");
+}
+
+/// The epoch ticker (the time limit's clock) ticks every 10 ms only while a
+/// guest runs: an idle server does not wake a hundred times a second, and the
+/// first run after an idle spell still ends at its time limit.
+#[test]
+#[cfg(target_os = "linux")]
+fn the_time_limit_clock_sleeps_while_no_guest_runs() {
+    let s = limited("300", "1000000000000000");
+    let b = hostile_bucket(&s);
+    let t = misbehave(&s, &b, "ok");
+    assert_eq!((t.status, t.body.as_str()), (200, "ok\n"));
+    // Let the ticks of that run end, then watch the idle server for 2 s:
+    // ticking would be ~200 switches, sleeping 2 (one check a second).
+    std::thread::sleep(Duration::from_millis(200));
+    let before = epoch_ticker_switches(s.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = epoch_ticker_switches(s.pid()) - before;
+    assert!(idle <= 10, "the idle ticker woke {idle} times in 2 s");
+    let t = misbehave(&s, &b, "loop");
+    assert_limit(&t, &[(504, "script-time-limit")]);
+    assert!(t.elapsed >= Duration::from_millis(300), "{:?}", t.elapsed);
+    // And it ticked while the loop ran.
+    assert!(epoch_ticker_switches(s.pid()) - before >= idle + 10);
+    assert_server_still_answers(&s, &b);
+}
+
 #[test]
 fn endless_allocation_ends_with_the_memory_limit() {
     let s = limited("5000", "1000000000");

@@ -6,9 +6,10 @@
 //!   pre-linked component (`ScriptPre`) is cached by the SHA-256 of its
 //!   bytes: the same component in two buckets is compiled once.
 //! - Each run gets a new store from the pooling allocator with fuel, a memory
-//!   limit ([`StoreLimits`]) and an epoch deadline (a 10 ms ticker thread), and
-//!   WASI with nothing granted: no files, sockets or environment; clocks and
-//!   random only. Guest stdout/stderr go to the log, tagged with the script.
+//!   limit ([`StoreLimits`]) and an epoch deadline (a 10 ms ticker thread that
+//!   ticks only while runs are in flight), and WASI with nothing granted: no
+//!   files, sockets or environment; clocks and random only. Guest
+//!   stdout/stderr go to the log, tagged with the script.
 //! - Data calls go through [`crate::script::api::Host`] (see the `host` module).
 //!
 //! - Runs are async calls (the guest on a fiber) that hand control back every
@@ -22,7 +23,8 @@ mod host;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,10 @@ use bindings::{Script, ScriptPre};
 
 /// Epoch tick: the granularity of the wall-clock deadline.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// How often an idle ticker (no run in flight) wakes to see whether its
+/// runtime is gone.
+const IDLE_TICKER_CHECK: Duration = Duration::from_secs(1);
 
 /// Guest output kept per run for the log (and for a panic's message).
 const CAPTURED_OUTPUT: usize = 64 * 1024;
@@ -88,6 +94,62 @@ pub struct WasmRuntime {
     /// Compiled scripts by the SHA-256 of their bytes.
     cache: Mutex<HashMap<[u8; 32], Prepared>>,
     slow: SlowScripts,
+    ticker: Ticker,
+}
+
+/// The epoch ticker thread, which advances the engine's epoch every
+/// [`EPOCH_TICK`] while at least one run is in flight and sleeps otherwise, so
+/// that an idle server does not wake a hundred times a second.
+struct Ticker {
+    runs: Arc<AtomicUsize>,
+    thread: std::thread::Thread,
+}
+
+/// A run in flight: keeps the ticker ticking until dropped.
+struct Ticking(Arc<AtomicUsize>);
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Ticker {
+    /// Starts the thread; it ends once `engine` is dropped.
+    fn spawn(engine: &Engine) -> std::io::Result<Self> {
+        let weak = engine.weak();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let in_flight = runs.clone();
+        let handle = std::thread::Builder::new()
+            .name("kvdb-wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    if in_flight.load(Ordering::Acquire) == 0 {
+                        drop(engine);
+                        // Unparked by the next run; the timeout only checks
+                        // whether the runtime still exists.
+                        std::thread::park_timeout(IDLE_TICKER_CHECK);
+                        continue;
+                    }
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
+        Ok(Self {
+            runs,
+            thread: handle.thread().clone(),
+        })
+    }
+
+    /// Marks a run as started (waking the ticker if it was idle) until the
+    /// guard is dropped.
+    fn start(&self) -> Ticking {
+        if self.runs.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.thread.unpark();
+        }
+        Ticking(self.runs.clone())
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> ScriptError {
@@ -124,23 +186,14 @@ impl WasmRuntime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
         Script::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(internal)?;
-        let ticker = engine.weak();
-        std::thread::Builder::new()
-            .name("kvdb-wasm-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = ticker.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
-            .map_err(internal)?;
+        let ticker = Ticker::spawn(&engine).map_err(internal)?;
         Ok(Self {
             engine,
             linker,
             limits,
             cache: Mutex::new(HashMap::new()),
             slow: SlowScripts::default(),
+            ticker,
         })
     }
 
@@ -235,6 +288,8 @@ impl WasmRuntime {
         host: Host,
         request: &Request,
     ) -> Result<Response, ScriptError> {
+        // The epoch advances while this guard lives (the whole run).
+        let _ticking = self.ticker.start();
         let prepared = match self.cached(&script.digest) {
             Some(prepared) => prepared,
             // Not compiled in this process yet (a restart): compile once, in
