@@ -630,6 +630,48 @@ fn the_time_limit_clock_sleeps_while_no_guest_runs() {
     assert_server_still_answers(&s, &b);
 }
 
+/// CPU time (user + system) the server has used so far, in clock ticks.
+#[cfg(target_os = "linux")]
+fn server_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // Fields 14 and 15, counted after the ")" that ends the command name.
+    let after = stat.rsplit_once(") ").expect("stat format").1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// A client that gives up on an endless loop does not leave it running: the
+/// run, by then on a blocking thread, still ends at its time limit (the
+/// time-limit clock keeps ticking for it though no request waits for it).
+#[test]
+#[cfg(target_os = "linux")]
+fn a_run_whose_client_hung_up_still_ends_at_its_time_limit() {
+    use std::io::Write;
+    let s = limited("300", "1000000000000000");
+    let b = hostile_bucket(&s);
+    let addr = s.base().trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    write!(
+        conn,
+        "GET /{b}/scripts/h?do=loop HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    // The loop is running (and has left the async worker); hang up.
+    std::thread::sleep(Duration::from_millis(100));
+    drop(conn);
+    // Well past the 300 ms limit, the server must be idle again: an endless
+    // loop would burn a whole core (~100 ticks a second).
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = server_cpu_ticks(s.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = server_cpu_ticks(s.pid()) - before;
+    assert!(
+        used < 30,
+        "the server used {used} ticks of CPU in an idle second"
+    );
+    assert_server_still_answers(&s, &b);
+}
+
 #[test]
 fn endless_allocation_ends_with_the_memory_limit() {
     let s = limited("5000", "1000000000");

@@ -288,8 +288,6 @@ impl WasmRuntime {
         host: Host,
         request: &Request,
     ) -> Result<Response, ScriptError> {
-        // The epoch advances while this guard lives (the whole run).
-        let _ticking = self.ticker.start();
         let prepared = match self.cached(&script.digest) {
             Some(prepared) => prepared,
             // Not compiled in this process yet (a restart): compile once, in
@@ -346,7 +344,12 @@ impl WasmRuntime {
             headers: request.headers.clone(),
             body: request.body.clone(),
         };
+        // The epoch advances while the guard lives: as long as the guest can
+        // run. It moves with the run, which outlives this function if the
+        // client goes away once the run is on a blocking thread.
+        let ticking = self.ticker.start();
         let call: Call = Box::pin(async move {
+            let _ticking = ticking;
             let result = match prepared.0.instantiate_async(&mut store).await {
                 Ok(instance) => instance.call_handle(&mut store, &wit_request).await,
                 Err(e) => Err(e),
