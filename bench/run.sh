@@ -430,8 +430,11 @@ group_commit() {
     local conns threads log requests syncs
     for conns in "$@"; do
         threads=2; ((conns < 2)) && threads=1
-        log="$TMP/logs/group-commit-$name-c$conns"
-        if ! perf stat -x, -o "$log.perf"             -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync -p "$pid" --             wrk -t"$threads" -c"$conns" -d"${DURATION}s" -s "$BENCH/wrk/put.lua" "$url"             -- kvdb "/$bucket" "gc$conns" >"$log.txt" 2>&1; then
+        log="$TMP/logs/group-commit-${name// /-}-c$conns"
+        if ! perf stat -x, -o "$log.perf" \
+            -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync -p "$pid" -- \
+            wrk -t"$threads" -c"$conns" -d"${DURATION}s" -s "$BENCH/wrk/put.lua" "$url" \
+            -- kvdb "/$bucket" "gc$conns" >"$log.txt" 2>&1; then
             printf '%s\t%s\tperf stat failed (see logs/%s.perf and .txt)\n' \
                 "$name" "$conns" "${log##*/}" >>"$TMP/logs/group-commit.tsv"
             continue
@@ -489,7 +492,7 @@ NOTES=("kvdb $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(g
 [[ ${BUILD:-1} == 0 ]] && NOTES[0]+=", not rebuilt (BUILD=0): binary of $(stat -c %y "$ROOT/target/release/kvdb" | cut -d. -f1)"
 COUNTERS=()
 INSTANTIATE_ARGS=()   # report.py arguments of the in-process benchmark
-SECTION_ARGS=()       # further Markdown sections of the report
+GROUP_COMMIT_ARGS=()  # report.py arguments of the group-commit table
 
 if [[ -n $RUN_CORE ]]; then
     WD="http://127.0.0.1:$WEBDIS_PORT"
@@ -509,7 +512,7 @@ if [[ -n $RUN_CORE ]]; then
     if command -v perf >/dev/null; then
         group_commit "kvdb strict" "$strict_PID" "$KS" "$strict_BUCKET" 64 1
         group_commit "kvdb relaxed" "$relaxed_PID" "$KR" "$relaxed_BUCKET" 64
-        SECTION_ARGS+=(--group-commit "$RESULTS/logs/group-commit.tsv")   # copied there below
+        GROUP_COMMIT_ARGS+=(--group-commit "$RESULTS/logs/group-commit.tsv")   # copied there below
     else
         NOTES+=("group commit (writes per fsync) not measured: no perf (Debian: linux-perf)")
     fi
@@ -628,7 +631,7 @@ for note in "${NOTES[@]}"; do NOTE_ARGS+=(--note "$note"); done
 
 status=0
 python3 "$BENCH/report.py" "$RESULTS/logs/runs.tsv" "$RESULTS/latest.md" \
-    "${COUNTERS[@]}" "${NOTE_ARGS[@]}" "${SECTION_ARGS[@]}" "${INSTANTIATE_ARGS[@]}" \
+    "${COUNTERS[@]}" "${NOTE_ARGS[@]}" "${GROUP_COMMIT_ARGS[@]}" "${INSTANTIATE_ARGS[@]}" \
     --rounds "$ROUNDS" --duration "$DURATION" --clk-tck "$CLK_TCK" \
     || status=$?
 exit "$status"
