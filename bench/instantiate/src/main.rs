@@ -17,7 +17,8 @@
 //!
 //! usage: kvdb-bench-instantiate GUEST.wasm [OUT.md]
 //! env: ITERS (default 10000 per variant), WARMUP (default 1000), CHUNKS (10),
-//!      NAME (the `name` variable, default World).
+//!      NAME (the `name` variable, default World), ONLY (run only the variants
+//!      whose label contains this text, e.g. `ONLY=pooled` to profile one).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -288,7 +289,7 @@ fn main() -> Result<()> {
         t.elapsed().as_secs_f64() * 1e3
     );
 
-    let variants: Vec<(&str, bool, RunFn<'_>)> = vec![
+    let mut variants: Vec<(&str, bool, RunFn<'_>)> = vec![
         (
             "host: WasmRuntime::run (pooled, cached ScriptPre)",
             true,
@@ -305,6 +306,12 @@ fn main() -> Result<()> {
             Box::new(|| on_demand.run(&wit_request)),
         ),
     ];
+    if let Ok(only) = std::env::var("ONLY") {
+        variants.retain(|(label, _, _)| label.contains(&only));
+        if variants.is_empty() {
+            bail!("ONLY={only}: no variant's label contains it");
+        }
+    }
 
     for (label, _, run) in &variants {
         let body = run().with_context(|| format!("{label}: first run"))?;
