@@ -44,6 +44,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         DurabilityArg::Strict => Durability::Strict,
         DurabilityArg::Relaxed => Durability::Relaxed,
     };
+    if args.admin_token.as_deref().is_some_and(str::is_empty) {
+        tracing::warn!(
+            "--admin-token (KVDB_ADMIN_TOKEN) is empty: the operator routes (/_admin/, backups) stay disabled"
+        );
+    }
     let store = Store::open(open_backend(args.backend, &args.data)?, durability)?;
     let buckets = Buckets::new(
         store,
@@ -105,6 +110,11 @@ async fn shutdown_signal() {
 }
 
 fn backup(args: &BackupArgs) -> anyhow::Result<()> {
+    if args.admin_token.trim().is_empty() {
+        bail!(
+            "--admin-token is empty (is the variable you passed set?): give the operator token the server was started with (its --admin-token)"
+        );
+    }
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()

@@ -469,7 +469,9 @@ fn token_without_enumerate_cannot_list() {
     let s = TestServer::start();
     let b = locked_bucket(&s);
     let t = s.token(&b, "sk", "permissions=read");
-    as_(&s, "GET", &format!("/{b}/"), &t, None).assert_problem(403);
+    let detail = as_(&s, "GET", &format!("/{b}/"), &t, None).assert_problem(403);
+    // The refusal names the permission that is missing.
+    assert!(detail.contains("enumerate permission"), "{detail}");
 }
 
 #[test]
@@ -728,7 +730,18 @@ fn token_cannot_do_admin_things() {
     let s = TestServer::start();
     let b = locked_bucket(&s);
     let t = s.token(&b, "sk", "permissions=read,write,delete,enumerate");
-    as_(&s, "GET", &format!("/{b}"), &t, None).assert_problem(403);
+    let detail = as_(&s, "GET", &format!("/{b}"), &t, None).assert_problem(403);
+    // The refusal says what would do: the secret key, never a token.
+    assert!(
+        detail.contains("needs the bucket's secret key (access tokens never grant it)")
+            && detail.contains("curl -u SECRET:"),
+        "{detail}"
+    );
+    let detail = anon(&s, "GET", &format!("/{b}"), None).assert_problem(401);
+    assert!(
+        detail.contains("needs the bucket's secret key") && !detail.contains("access token for"),
+        "{detail}"
+    );
     as_(&s, "PATCH", &format!("/{b}"), &t, Some("read_key=")).assert_problem(403);
     as_(&s, "POST", &format!("/{b}/tokens/"), &t, Some("")).assert_problem(403);
     as_(&s, "DELETE", &format!("/{b}"), &t, None).assert_problem(403);

@@ -60,6 +60,16 @@ fn backup(s: &TestServer, since: u64, file: &Path) -> u64 {
     version
 }
 
+/// `GET /_admin/backup?since=N` with the operator token (no `since` with
+/// `None`).
+fn operator_backup(s: &TestServer, since: Option<u64>) -> Resp {
+    let path = since.map_or_else(
+        || "/_admin/backup".to_owned(),
+        |n| format!("/_admin/backup?since={n}"),
+    );
+    s.request("GET", &path, &[("authorization", "Bearer optoken")], None)
+}
+
 fn backup_cmd(s: &TestServer, token: &str, since: u64, file: &Path) -> Output {
     kvdb_command()
         .env_remove("KVDB_ADMIN_TOKEN")
@@ -322,12 +332,7 @@ fn restored_keys_keep_their_expiry() {
 #[test]
 fn backup_streams_over_http_with_version_headers() {
     let f = fixture();
-    let r = f.live.request(
-        "GET",
-        "/_admin/backup",
-        &[("authorization", "Bearer optoken")],
-        None,
-    );
+    let r = operator_backup(&f.live, None);
     assert_eq!(r.status, 200, "{}", r.text());
     let version: u64 = r
         .header("x-kvdb-backup-version")
@@ -337,16 +342,91 @@ fn backup_streams_over_http_with_version_headers() {
     assert_eq!(r.header("x-kvdb-backup-since").as_deref(), Some("0"));
     assert!(version > 0);
     assert!(!r.body.is_empty());
-    let r = f.live.request(
-        "GET",
-        &format!("/_admin/backup?since={version}"),
-        &[("authorization", "Bearer optoken")],
-        None,
-    );
+    let r = operator_backup(&f.live, Some(version));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.header("x-kvdb-backup-since").as_deref(),
         Some(version.to_string().as_str())
+    );
+}
+
+#[test]
+fn a_since_beyond_the_store_is_a_conflict_that_says_what_to_do() {
+    let f = fixture();
+    let r = operator_backup(&f.live, None);
+    let version: u64 = r
+        .header("x-kvdb-backup-version")
+        .expect("version header")
+        .parse()
+        .expect("number");
+    let ahead = version + 1000;
+    let r = operator_backup(&f.live, Some(ahead));
+    let detail = r.assert_problem(409);
+    for part in [
+        format!("since version {ahead}"),
+        format!("only reaches version {version}"),
+        "take a full backup (since 0)".to_owned(),
+    ] {
+        assert!(detail.contains(&part), "{part:?} not in {detail:?}");
+    }
+
+    // The command says the same and writes no file.
+    let file = f.file("ahead.kvdb");
+    let out = backup_cmd(&f.live, OP, ahead, &file);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("409") && stderr.contains("take a full backup"),
+        "stderr: {stderr}"
+    );
+    assert!(!file.exists(), "a refused backup leaves no file");
+
+    // Nothing changed: a backup from the real version still works.
+    let r = operator_backup(&f.live, Some(version));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn an_empty_operator_token_is_named_as_the_problem() {
+    let f = fixture();
+    // The command refuses before it asks the server (an unset variable).
+    let file = f.file("empty-token.kvdb");
+    let out = backup_cmd(&f.live, "", 0, &file);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--admin-token is empty"),
+        "stderr: {stderr}"
+    );
+    assert!(!file.exists());
+
+    // A server started with an empty token says that its operator routes
+    // stay off.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvdb"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-token", ""])
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .env("KVDB_LOG", "warn")
+        .env_remove("KVDB_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start kvdb");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read the listening line");
+    assert!(line.starts_with("listening on "), "{line:?}");
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--admin-token (KVDB_ADMIN_TOKEN) is empty")
+            && stderr.contains("stay disabled"),
+        "stderr: {stderr}"
     );
 }
 

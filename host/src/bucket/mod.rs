@@ -441,7 +441,13 @@ impl Scoped {
                 "this bucket was created without a secret_key, so it has no admin: its policy, tokens and scripts can't be managed".into(),
             ));
         }
-        Err(self.refuse("this operation (it needs the bucket's secret key)".into()))
+        let what = "this operation needs the bucket's secret key (access tokens never grant it): send the secret key as the user name, e.g. `curl -u SECRET:`";
+        Err(match self.scope.principal {
+            Principal::Anonymous => BucketError::Unauthorized(what.into()),
+            Principal::Credential => BucketError::Forbidden(format!(
+                "{what}; the credential given is not the secret key"
+            )),
+        })
     }
 
     /// Fails unless this scope is the bucket's admin: lets a handler refuse
@@ -583,7 +589,10 @@ impl Scoped {
     /// values are asked for), or a storage failure.
     pub fn list(&self, query: &ListQuery) -> Result<Listing, BucketError> {
         let Some(prefix) = self.scope.listing_prefix(&query.prefix) else {
-            return Err(self.refuse(format!("listing keys under {:?}", query.prefix)));
+            return Err(self.refuse(format!(
+                "listing keys under {:?} (it needs the enumerate permission on that prefix)",
+                query.prefix
+            )));
         };
         if query.values {
             self.require(Permission::Read, &prefix)?;

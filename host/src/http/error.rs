@@ -89,6 +89,9 @@ impl ApiError {
                 Limit::Stack => (StatusCode::INTERNAL_SERVER_ERROR, "script-stack-limit"),
                 Limit::Response => (StatusCode::INTERNAL_SERVER_ERROR, "script-response-limit"),
             },
+            ApiError::Storage(
+                StorageError::BackupTooOld { .. } | StorageError::BackupAhead { .. },
+            ) => (StatusCode::CONFLICT, "backup-since"),
             ApiError::Bucket(B::Storage(_) | B::Token(_))
             | ApiError::Storage(_)
             | ApiError::Script(ScriptError::Internal(_))
@@ -96,15 +99,10 @@ impl ApiError {
         }
     }
 
-    /// Failures of the server itself: logged in full, answered generically.
+    /// Failures of the server itself (the "internal" row of [`Self::classify`]):
+    /// logged in full, answered generically.
     fn is_internal(&self) -> bool {
-        matches!(
-            self,
-            ApiError::Bucket(BucketError::Storage(_) | BucketError::Token(_))
-                | ApiError::Storage(_)
-                | ApiError::Script(ScriptError::Internal(_))
-                | ApiError::Internal(_)
-        )
+        self.classify().1 == "internal"
     }
 }
 
@@ -165,6 +163,22 @@ mod tests {
             (ApiError::bad_request("x"), 400),
             (ApiError::MethodNotAllowed("x".into()), 405),
             (StorageError::Closed.into(), 500),
+            (
+                StorageError::BackupTooOld {
+                    since: 1,
+                    horizon: 2,
+                }
+                .into(),
+                409,
+            ),
+            (
+                StorageError::BackupAhead {
+                    since: 9,
+                    version: 2,
+                }
+                .into(),
+                409,
+            ),
             (ScriptError::Invalid("x".into()).into(), 400),
             (ScriptError::Failed("x".into()).into(), 500),
             (

@@ -44,6 +44,10 @@ pub enum StorageError {
         "an incremental backup since version {since} is no longer possible: deletions up to version {horizon} have been forgotten; take a full backup (since 0)"
     )]
     BackupTooOld { since: u64, horizon: u64 },
+    #[error(
+        "an incremental backup since version {since} is not possible: this store only reaches version {version} (was that version printed by a backup of another server?); take a full backup (since 0), or pass the version a backup of this server printed"
+    )]
+    BackupAhead { since: u64, version: u64 },
     #[error("restore: {0}")]
     Restore(String),
     #[error("I/O: {0}")]

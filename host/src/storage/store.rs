@@ -760,9 +760,7 @@ impl Store {
             return Err(StorageError::BackupTooOld { since, horizon });
         }
         if since > version {
-            return Err(StorageError::Backup(format!(
-                "since {since} is newer than this store's version {version}"
-            )));
+            return Err(StorageError::BackupAhead { since, version });
         }
         Ok(Backup {
             raw,
