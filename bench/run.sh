@@ -607,7 +607,7 @@ if [[ -n $RUN_WASM ]]; then
     # In-process: fresh store + instantiate + call, pooled vs on-demand.
     log "in-process instantiation benchmark ($INSTANTIATE_ITERS iterations per variant)"
     INSTANTIATE_ARGS=(--section "$RESULTS/logs/instantiate.md")   # copied there below
-    if ! ITERS=$INSTANTIATE_ITERS "$ROOT/target/release/kvdb-bench-instantiate" \
+    if ! env -u ONLY ITERS=$INSTANTIATE_ITERS "$ROOT/target/release/kvdb-bench-instantiate" \
         "$GUESTS/kvdb_example_hello.wasm" "$TMP/logs/instantiate.md" \
         >"$TMP/logs/instantiate.txt" 2>&1; then
         cat "$TMP/logs/instantiate.txt" >&2

@@ -44,7 +44,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         DurabilityArg::Strict => Durability::Strict,
         DurabilityArg::Relaxed => Durability::Relaxed,
     };
-    if args.admin_token.as_deref().is_some_and(str::is_empty) {
+    if args
+        .admin_token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
         tracing::warn!(
             "--admin-token (KVDB_ADMIN_TOKEN) is empty: the operator routes (/_admin/, backups) stay disabled"
         );
@@ -62,7 +66,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .context("setting up the script runtimes")?,
         ),
         buckets,
-        admin_token: args.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
+        admin_token: args
+            .admin_token
+            .filter(|t| !t.trim().is_empty())
+            .map(Arc::from),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -112,7 +119,7 @@ async fn shutdown_signal() {
 fn backup(args: &BackupArgs) -> anyhow::Result<()> {
     if args.admin_token.trim().is_empty() {
         bail!(
-            "--admin-token is empty (is the variable you passed set?): give the operator token the server was started with (its --admin-token)"
+            "--admin-token (KVDB_ADMIN_TOKEN) is empty (is the variable you passed set?): give the operator token the server was started with (its --admin-token)"
         );
     }
     let agent: ureq::Agent = ureq::Agent::config_builder()

@@ -471,7 +471,10 @@ fn token_without_enumerate_cannot_list() {
     let t = s.token(&b, "sk", "permissions=read");
     let detail = as_(&s, "GET", &format!("/{b}/"), &t, None).assert_problem(403);
     // The refusal names the permission that is missing.
-    assert!(detail.contains("enumerate permission"), "{detail}");
+    assert!(
+        detail.contains("enumerate (listing keys) under prefix"),
+        "{detail}"
+    );
 }
 
 #[test]

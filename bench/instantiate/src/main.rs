@@ -18,7 +18,8 @@
 //! usage: kvdb-bench-instantiate GUEST.wasm [OUT.md]
 //! env: ITERS (default 10000 per variant), WARMUP (default 1000), CHUNKS (10),
 //!      NAME (the `name` variable, default World), ONLY (run only the variants
-//!      whose label contains this text, e.g. `ONLY=pooled` to profile one).
+//!      whose label contains this text, e.g. `ONLY=host` to profile the host
+//!      path alone).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -590,7 +590,7 @@ impl Scoped {
     pub fn list(&self, query: &ListQuery) -> Result<Listing, BucketError> {
         let Some(prefix) = self.scope.listing_prefix(&query.prefix) else {
             return Err(self.refuse(format!(
-                "listing keys under {:?} (it needs the enumerate permission on that prefix)",
+                "enumerate (listing keys) under prefix {:?}",
                 query.prefix
             )));
         };
