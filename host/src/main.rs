@@ -44,11 +44,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         DurabilityArg::Strict => Durability::Strict,
         DurabilityArg::Relaxed => Durability::Relaxed,
     };
-    if args
+    // A blank token (an unset variable in a deployment file) turns the
+    // operator routes off rather than stopping the server.
+    let admin_token = args
         .admin_token
         .as_deref()
-        .is_some_and(|t| t.trim().is_empty())
-    {
+        .filter(|t| !t.trim().is_empty())
+        .map(Arc::from);
+    if args.admin_token.is_some() && admin_token.is_none() {
         tracing::warn!(
             "--admin-token (KVDB_ADMIN_TOKEN) is empty: the operator routes (/_admin/, backups) stay disabled"
         );
@@ -66,10 +69,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .context("setting up the script runtimes")?,
         ),
         buckets,
-        admin_token: args
-            .admin_token
-            .filter(|t| !t.trim().is_empty())
-            .map(Arc::from),
+        admin_token,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
