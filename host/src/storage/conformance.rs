@@ -372,8 +372,9 @@ fn a_restore_cut_short_leaves_a_store_that_refuses_to_open() {
     );
 }
 
-/// Relaxed durability commits on the caller's thread when the writer is
-/// idle, and through the writer otherwise: both paths are serialised.
+/// Relaxed durability commits on the caller's thread when writes don't
+/// overlap and the writer is idle, and through the writer otherwise: both
+/// paths are serialised.
 #[test]
 fn relaxed_writers_inline_or_queued_never_lose_an_increment() {
     let dir = tempfile::tempdir().expect("tempdir");

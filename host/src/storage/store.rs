@@ -17,14 +17,15 @@
 //! transaction and commits once: concurrent writers share one fsync (group
 //! commit), and jobs are serialised, so a read-modify-write job is atomic.
 //! With [`Durability::Relaxed`] (a commit waits for no fsync), a job that is
-//! the only write in flight and finds the writer idle runs at once on the
-//! caller's thread, under the same lock, sparing two thread hand-offs. A
-//! job must make all its checks before its first write: when it returns, what
-//! it wrote is kept. Reads are snapshots and never wait for the writer.
+//! the only write in flight, finds the writer idle and comes when writes
+//! don't overlap (see [`Pace`]) runs at once on the caller's thread, under the same
+//! lock, sparing two thread hand-offs. A job must make all its checks before
+//! its first write: when it returns, what it wrote is kept. Reads are
+//! snapshots and never wait for the writer.
 
 use std::ops::Bound;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -452,6 +453,46 @@ struct Inner {
     durability: Durability,
     /// Write jobs submitted and not yet answered.
     in_flight: Arc<AtomicUsize>,
+    pace: Pace,
+}
+
+/// Whether writes overlap: [`Store::submit`]'s choice between committing a
+/// relaxed job inline (sparing two thread hand-offs, at the price of a commit
+/// of its own) and sending it to the writer (which commits all waiting jobs
+/// in one).
+///
+/// A job runs inline only if it and the [`CALM_AFTER`] writes before it each
+/// found no other write in flight. Under concurrent load, even a job that
+/// finds no other write in flight at the moment is better batched with the
+/// ones that follow it within microseconds: measured at 64 connections,
+/// committing such jobs inline cost 15–35% of relaxed PUTs and PATCHes per
+/// second and ~15% more CPU per request. A lone client's writes still run
+/// inline.
+#[derive(Default)]
+struct Pace {
+    /// Writes still to see alone before one may run inline.
+    calm_in: AtomicU32,
+}
+
+/// See [`Pace`].
+const CALM_AFTER: u32 = 16;
+
+impl Pace {
+    /// Records a submission that found (`alone`) or not other writes in
+    /// flight; whether it may run inline.
+    fn calm(&self, alone: bool) -> bool {
+        if !alone {
+            self.calm_in.store(CALM_AFTER, Ordering::Relaxed);
+            return false;
+        }
+        // Racy on purpose: an approximate count is enough.
+        let left = self.calm_in.load(Ordering::Relaxed);
+        if left == 0 {
+            return true;
+        }
+        self.calm_in.store(left - 1, Ordering::Relaxed);
+        false
+    }
 }
 
 /// Counts a job as in flight until it is answered or dropped.
@@ -578,6 +619,7 @@ impl Store {
             core: core.clone(),
             durability,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            pace: Pace::default(),
         });
         let handle = std::thread::Builder::new()
             .name("kvdb-writer".into())
@@ -634,12 +676,12 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let sender = sender.as_ref().ok_or(StorageError::Closed)?;
         if self.inner.durability == Durability::Relaxed
-            && alone
+            && self.inner.pace.calm(alone)
             && let Ok(mut writer) = self.inner.core.try_lock()
         {
-            // The only write in flight, and nobody is committing: commit it
-            // now, on this thread. Concurrent writes go to the writer, which
-            // batches them.
+            // Writes don't overlap, this is the only one in flight, and
+            // nobody is committing: commit it now, on this thread. Other
+            // writes go to the writer, which batches them.
             writer.run_batch(vec![Job { durable, run }], false);
             // The sync (an fsync) is left to the writer thread: never on a
             // caller's (possibly async) thread.
@@ -1192,5 +1234,41 @@ impl Writer {
         for done in completions {
             done(result.as_ref().map(|_| ()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CALM_AFTER, Pace};
+
+    #[test]
+    fn a_relaxed_write_runs_inline_only_once_writes_stop_overlapping() {
+        let pace = Pace::default();
+        assert!(pace.calm(true), "a lone client's writes run inline");
+        assert!(pace.calm(true));
+        assert!(
+            !pace.calm(false),
+            "a write that finds another in flight is queued"
+        );
+        for i in 0..CALM_AFTER {
+            assert!(
+                !pace.calm(true),
+                "write {i} after an overlap is still queued"
+            );
+        }
+        assert!(
+            pace.calm(true),
+            "after {CALM_AFTER} lone writes, inline again"
+        );
+        // An overlap in the middle starts the count again.
+        assert!(!pace.calm(false));
+        for _ in 0..CALM_AFTER / 2 {
+            assert!(!pace.calm(true));
+        }
+        assert!(!pace.calm(false));
+        for _ in 0..CALM_AFTER {
+            assert!(!pace.calm(true));
+        }
+        assert!(pace.calm(true));
     }
 }
