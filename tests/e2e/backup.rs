@@ -402,44 +402,15 @@ fn an_empty_operator_token_is_named_as_the_problem() {
 
     // A server started with an empty token says that its operator routes
     // stay off.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut server = KillOnDrop(
-        std::process::Command::new(env!("CARGO_BIN_EXE_kvdb"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--admin-token", ""])
-            .arg("--data")
-            .arg(dir.path().join("data"))
-            .env("KVDB_LOG", "warn")
-            .env_remove("KVDB_ADMIN_TOKEN")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start kvdb"),
-    );
-    let stdout = server.0.stdout.take().expect("stdout");
-    let mut stderr = server.0.stderr.take().expect("stderr");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
-        .expect("read the listening line");
-    assert!(line.starts_with("listening on "), "{line:?}");
+    let (server, mut log) = TestServer::start_with_log(&["--admin-token", ""]);
     drop(server);
     let mut logged = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut logged).expect("read the log");
+    std::io::Read::read_to_string(&mut log, &mut logged).expect("read the log");
     assert!(
         logged.contains("--admin-token (KVDB_ADMIN_TOKEN) is empty")
             && logged.contains("stay disabled"),
         "log: {logged}"
     );
-}
-
-/// A child process killed (and reaped) when the test ends, even on a failed
-/// assertion.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// After the full backup: writes, a delete, a bucket deletion, a new bucket,

@@ -96,7 +96,35 @@ impl TestServer {
         )
     }
 
+    /// A server with extra `serve` arguments whose log (stderr) the test
+    /// reads: it ends once the server is dropped.
+    pub fn start_with_log(args: &[&str]) -> (Self, std::process::ChildStderr) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let mut server = Self::spawn_logging_to(
+            data,
+            Some(dir),
+            args.iter().map(|s| (*s).to_owned()).collect(),
+            Stdio::piped(),
+        );
+        let log = server
+            .child
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("stderr");
+        (server, log)
+    }
+
     fn spawn(data: PathBuf, dir: Option<tempfile::TempDir>, args: Vec<String>) -> Self {
+        Self::spawn_logging_to(data, dir, args, Stdio::inherit())
+    }
+
+    fn spawn_logging_to(
+        data: PathBuf,
+        dir: Option<tempfile::TempDir>,
+        args: Vec<String>,
+        log: Stdio,
+    ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvdb"))
             .arg("serve")
             .arg("--listen")
@@ -106,7 +134,7 @@ impl TestServer {
             .args(&args)
             .env("KVDB_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("start kvdb");
         let stdout = child.stdout.take().expect("stdout");

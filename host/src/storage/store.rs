@@ -18,10 +18,10 @@
 //! commit), and jobs are serialised, so a read-modify-write job is atomic.
 //! With [`Durability::Relaxed`] (a commit waits for no fsync), a job that is
 //! the only write in flight, finds the writer idle and comes when writes
-//! don't overlap (see [`Pace`]) runs at once on the caller's thread, under the same
-//! lock, sparing two thread hand-offs. A job must make all its checks before
-//! its first write: when it returns, what it wrote is kept. Reads are
-//! snapshots and never wait for the writer.
+//! don't overlap (see [`Pace`]) runs at once on the caller's thread, under
+//! the same lock, sparing two thread hand-offs. A job must make all its
+//! checks before its first write: when it returns, what it wrote is kept.
+//! Reads are snapshots and never wait for the writer.
 
 use std::ops::Bound;
 use std::panic::AssertUnwindSafe;
