@@ -69,7 +69,12 @@ pub async fn get_backup(
             ApiError::bad_request(format!("since must be a version number, not {s:?}"))
         })
     })?;
-    let backup = state.buckets.store().backup(since)?;
+    // Taking the snapshot waits for a commit under way (an fsync): off the
+    // async workers.
+    let store = state.buckets.store().clone();
+    let backup = tokio::task::spawn_blocking(move || store.backup(since))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the backup task failed: {e}")))??;
     let info = backup.info();
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::task::spawn_blocking(move || {
