@@ -1239,7 +1239,7 @@ impl Writer {
                 }
             }
             if ctx.seq > ceiling {
-                new_ceiling = ctx.seq + SEQ_BLOCK;
+                new_ceiling = ctx.seq.saturating_add(SEQ_BLOCK);
                 ctx.raw.put(META_SEQ, &new_ceiling.to_be_bytes())?;
             }
             end_seq = ctx.seq;
