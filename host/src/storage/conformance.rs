@@ -394,56 +394,37 @@ fn relaxed_writers_inline_or_queued_never_lose_an_increment() {
 /// it holds, so that an incremental backup from it misses nothing.
 #[test]
 fn versions_grow_across_a_reopen_and_backups_name_the_last_version() {
-    fn put(store: &Store, key: &'static [u8]) -> u64 {
-        store
-            .write_blocking(move |ctx| ctx.put(key, 0, b"v", 0))
-            .expect("commit")
-            .expect("put")
-    }
-    fn bytes(backup: super::Backup) -> Vec<u8> {
-        let mut out = Vec::new();
-        backup.write_to(&mut out).expect("write");
-        out
-    }
     let dir = tempfile::tempdir().expect("tempdir");
     let backends: Vec<Arc<dyn Backend>> = vec![
         Arc::new(MemoryBackend::new()),
         Arc::new(RedbBackend::open(dir.path()).expect("open redb")),
     ];
     for backend in backends {
-        let store = Store::open(backend.clone(), super::Durability::Strict).expect("store");
-        let v1 = put(&store, b"a");
-        let full = store.backup(0).expect("full backup");
-        assert_eq!(full.info().version, v1, "a backup names the last version");
-        let full = bytes(full);
-        store.close();
-        drop(store);
+        let f = with_backend(backend.clone(), None);
+        let v1 = f.put("a", "v", 0);
+        let (full, version) = backup_bytes(&f, 0);
+        assert_eq!(version, v1, "a backup names the last version");
+        f.store.close();
+        drop(f);
 
-        let store = Store::open(backend, super::Durability::Strict).expect("reopen");
-        let v2 = put(&store, b"b");
+        let f = with_backend(backend, None);
+        let v2 = f.put("b", "v", 0);
         assert!(v2 > v1, "version {v2} after a reopen, {v1} before");
-        let incr = store.backup(v1).expect("incremental backup");
-        assert_eq!(incr.info().version, v2);
-        let incr = bytes(incr);
-        let after = put(&store, b"c");
-        assert!(after > v2);
-        store.close();
+        let (incr, version) = backup_bytes(&f, v1);
+        assert_eq!(version, v2);
+        assert!(f.put("c", "v", 0) > v2);
+        f.store.close();
 
-        let target =
-            Store::open(Arc::new(MemoryBackend::new()), super::Durability::Strict).expect("target");
-        target.restore(&mut full.as_slice()).expect("full");
-        target.restore(&mut incr.as_slice()).expect("increment");
-        let mut keys = Vec::new();
+        let target = memory();
+        target.store.restore(&mut full.as_slice()).expect("full");
         target
-            .snapshot()
-            .expect("snapshot")
-            .scan(Bound::Unbounded, Bound::Unbounded, false, &mut |k, _| {
-                keys.push(k.to_vec());
-                true
-            })
-            .expect("scan");
-        assert_eq!(keys, [b"a".to_vec(), b"b".to_vec()]);
-        target.close();
+            .store
+            .restore(&mut incr.as_slice())
+            .expect("increment");
+        assert_eq!(
+            target.keys(Bound::Unbounded, Bound::Unbounded, false),
+            ["a", "b"]
+        );
     }
 }
 
@@ -462,19 +443,16 @@ fn a_restored_version_near_the_top_does_not_wrap_the_sequence() {
         .expect("finish");
     let dir = tempfile::tempdir().expect("tempdir");
     let backend: Arc<dyn Backend> = Arc::new(RedbBackend::open(dir.path()).expect("open redb"));
-    let store = Store::open(backend.clone(), super::Durability::Strict).expect("store");
-    store.restore(&mut bytes.as_slice()).expect("restore");
-    let v = store
-        .write_blocking(|ctx| ctx.put(b"a", 0, b"v", 0))
-        .expect("commit")
-        .expect("put");
+    let f = with_backend(backend.clone(), None);
+    f.store.restore(&mut bytes.as_slice()).expect("restore");
+    let v = f.put("a", "v", 0);
     assert_eq!(v, u64::MAX - 1);
-    store.close();
-    drop(store);
-    let store = Store::open(backend, super::Durability::Strict).expect("reopen");
+    f.store.close();
+    drop(f);
+    let f = with_backend(backend, None);
     assert!(
-        store.backup(0).expect("backup").info().version >= v,
+        backup_bytes(&f, 0).1 >= v,
         "the sequence went back after a reopen"
     );
-    store.close();
+    f.store.close();
 }
