@@ -32,3 +32,16 @@ fn sigterm_stops_cleanly_with_exit_zero() {
     s.put(&format!("/{b}/k"), "v");
     assert!(s.terminate().success());
 }
+
+/// A log that goes to a file or a pipe is plain text: no terminal colour
+/// codes in it (they are for a terminal only).
+#[test]
+fn a_log_written_to_a_pipe_has_no_colour_codes() {
+    // An empty admin token makes the server log a warning at once.
+    let (server, mut log) = TestServer::start_with_log(&["--admin-token", ""]);
+    drop(server);
+    let mut logged = String::new();
+    std::io::Read::read_to_string(&mut log, &mut logged).expect("read the log");
+    assert!(logged.contains("WARN"), "log: {logged}");
+    assert!(!logged.contains('\u{1b}'), "log: {logged:?}");
+}
