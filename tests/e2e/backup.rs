@@ -402,10 +402,7 @@ fn an_empty_operator_token_is_named_as_the_problem() {
 
     // A server started with an empty token says that its operator routes
     // stay off.
-    let (server, mut log) = TestServer::start_with_log(&["--admin-token", ""]);
-    drop(server);
-    let mut logged = String::new();
-    std::io::Read::read_to_string(&mut log, &mut logged).expect("read the log");
+    let logged = TestServer::log_of(&["--admin-token", ""]);
     assert!(
         logged.contains("--admin-token (KVDB_ADMIN_TOKEN) is empty")
             && logged.contains("stay disabled"),

@@ -98,7 +98,7 @@ impl TestServer {
 
     /// A server with extra `serve` arguments whose log (stderr) the test
     /// reads: it ends once the server is dropped.
-    pub fn start_with_log(args: &[&str]) -> (Self, std::process::ChildStderr) {
+    fn start_with_log(args: &[&str]) -> (Self, std::process::ChildStderr) {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let mut server = Self::spawn_logging_to(
@@ -113,6 +113,16 @@ impl TestServer {
             .and_then(|c| c.stderr.take())
             .expect("stderr");
         (server, log)
+    }
+
+    /// Everything a server started with extra `serve` arguments logs before
+    /// it is stopped at once.
+    pub fn log_of(args: &[&str]) -> String {
+        let (server, mut log) = Self::start_with_log(args);
+        drop(server);
+        let mut logged = String::new();
+        std::io::Read::read_to_string(&mut log, &mut logged).expect("read the log");
+        logged
     }
 
     fn spawn(data: PathBuf, dir: Option<tempfile::TempDir>, args: Vec<String>) -> Self {

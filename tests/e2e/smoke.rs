@@ -38,10 +38,7 @@ fn sigterm_stops_cleanly_with_exit_zero() {
 #[test]
 fn a_log_written_to_a_pipe_has_no_colour_codes() {
     // An empty admin token makes the server log a warning at once.
-    let (server, mut log) = TestServer::start_with_log(&["--admin-token", ""]);
-    drop(server);
-    let mut logged = String::new();
-    std::io::Read::read_to_string(&mut log, &mut logged).expect("read the log");
+    let logged = TestServer::log_of(&["--admin-token", ""]);
     assert!(logged.contains("WARN"), "log: {logged}");
     assert!(!logged.contains('\u{1b}'), "log: {logged:?}");
 }

@@ -75,6 +75,15 @@ fn redb() -> Fixture {
     with_backend(Arc::new(backend), Some(dir))
 }
 
+/// One backend of each kind, for a test that opens its own stores on them
+/// (the redb one in `dir`).
+fn both_backends(dir: &std::path::Path) -> Vec<Arc<dyn Backend>> {
+    vec![
+        Arc::new(MemoryBackend::new()),
+        Arc::new(RedbBackend::open(dir).expect("open redb")),
+    ]
+}
+
 fn with_backend(backend: Arc<dyn Backend>, dir: Option<tempfile::TempDir>) -> Fixture {
     let clock = Arc::new(AtomicU64::new(1_000_000));
     let store = Store::open_with_manual_clock(backend, clock.clone()).expect("open store");
@@ -378,11 +387,7 @@ fn a_restore_cut_short_leaves_a_store_that_refuses_to_open() {
 #[test]
 fn relaxed_writers_inline_or_queued_never_lose_an_increment() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let backends: Vec<Arc<dyn Backend>> = vec![
-        Arc::new(MemoryBackend::new()),
-        Arc::new(RedbBackend::open(dir.path()).expect("open redb")),
-    ];
-    for backend in backends {
+    for backend in both_backends(dir.path()) {
         let store = Store::open(backend, super::Durability::Relaxed).expect("store");
         assert_eq!(grow_concurrently(&store, 8, 100), 800);
         store.close();
@@ -395,11 +400,7 @@ fn relaxed_writers_inline_or_queued_never_lose_an_increment() {
 #[test]
 fn versions_grow_across_a_reopen_and_backups_name_the_last_version() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let backends: Vec<Arc<dyn Backend>> = vec![
-        Arc::new(MemoryBackend::new()),
-        Arc::new(RedbBackend::open(dir.path()).expect("open redb")),
-    ];
-    for backend in backends {
+    for backend in both_backends(dir.path()) {
         let f = with_backend(backend.clone(), None);
         let v1 = f.put("a", "v", 0);
         let (full, version) = backup_bytes(&f, 0);
