@@ -4,19 +4,25 @@
 //! Variants, run interleaved in chunks (A B C A B C …) so the machine's drift
 //! spreads over all of them:
 //!
-//! - `host`: the real code path, `kvdb::script::wasm::WasmRuntime::run` (the
-//!   pooled allocator, the cached `ScriptPre`, a fresh store with WASI, fuel,
-//!   limits and an epoch deadline, output capture, response checks), on a
-//!   bucket of an in-memory store. Also builds the run's `Host` (a scoped
-//!   bucket), as the HTTP handler does.
+//! - `host, awaited on a worker`: the real code path,
+//!   `kvdb::script::wasm::WasmRuntime::run` (the pooled allocator, the cached
+//!   `ScriptPre`, a fresh store with WASI, fuel, limits and an epoch deadline,
+//!   an async call on a fiber, output capture, response checks), on a bucket
+//!   of an in-memory store, awaited in a task on a tokio worker as the HTTP
+//!   handler awaits it. Also builds the run's `Host` (a scoped bucket) and
+//!   the request, as the handler does.
 //! - `mirror pooled`: the same steps against public wasmtime APIs, with the
 //!   engine configuration of host/src/script/wasm/mod.rs copied (see
 //!   [`config`]), and the kvdb:script imports defined as traps (the hello
-//!   guest calls none).
-//! - `mirror on-demand`: the same, with the on-demand allocator (no pooling).
+//!   guest calls none); a synchronous call, on the same worker.
+//! - `mirror pooled, async`: the same with async WASI and an async call (the
+//!   guest on a fiber), awaited on a tokio worker: what the host's async
+//!   call costs over a synchronous one, without the host's own steps.
+//! - `mirror on-demand`: the same as `mirror pooled`, with the on-demand
+//!   allocator (no pooling).
 //!
 //! usage: kvdb-bench-instantiate GUEST.wasm [OUT.md]
-//! env: ITERS (default 10000 per variant), WARMUP (default 1000), CHUNKS (10),
+//! env: ITERS (default 10000 per variant), WARMUP (default 1000), CHUNKS (50),
 //!      NAME (the `name` variable, default World), ONLY (run only the variants
 //!      whose label contains this text, e.g. `ONLY=host` to profile the host
 //!      path alone).
@@ -40,8 +46,16 @@ mod bindings {
         world: "script",
     });
 }
-use bindings::ScriptPre;
+/// The same, with the export called as an async function, as the host calls it.
+mod bindings_async {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "script",
+        exports: { default: async },
+    });
+}
 use bindings::kvdb::script::types::Request as WitRequest;
+use bindings_async::kvdb::script::types::Request as AsyncWitRequest;
 
 /// The server's allocator (host/src/main.rs): the host path allocates as it
 /// does there.
@@ -55,6 +69,7 @@ const TARGET: Duration = Duration::from_micros(10);
 const POOLED_INSTANCES: u32 = 256;
 const CAPTURED_OUTPUT: usize = 64 * 1024;
 const EPOCH_TICK_MS: u64 = 10;
+const YIELD_FUEL: u64 = 100_000;
 
 fn limits() -> kvdb::script::Limits {
     kvdb::script::Limits::default()
@@ -69,6 +84,8 @@ fn config(pooled: bool) -> Config {
     config.epoch_interruption(true);
     if pooled {
         let mut pool = PoolingAllocationConfig::default();
+        // `total_stacks` (the async variants' fiber stacks) as in the host.
+        pool.total_stacks(POOLED_INSTANCES);
         pool.total_component_instances(POOLED_INSTANCES)
             .total_core_instances(POOLED_INSTANCES * 8)
             .total_memories(POOLED_INSTANCES * 2)
@@ -103,23 +120,39 @@ impl WasiView for MirrorState {
 /// A compiled, pre-linked guest on its own engine.
 struct Mirror {
     engine: Engine,
-    pre: ScriptPre<MirrorState>,
+    pre: Pre,
+}
+
+/// Pre-linked for a synchronous or for an async call.
+enum Pre {
+    Sync(bindings::ScriptPre<MirrorState>),
+    Async(bindings_async::ScriptPre<MirrorState>),
 }
 
 impl Mirror {
-    fn new(bytes: &[u8], pooled: bool) -> Result<Self> {
+    /// `asynchronous`: async WASI imports, for [`Mirror::run_async`].
+    fn new(bytes: &[u8], pooled: bool, asynchronous: bool) -> Result<Self> {
         let engine = Engine::new(&config(pooled))?;
         let component = Component::new(&engine, bytes)?;
         let mut linker: Linker<MirrorState> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        if asynchronous {
+            wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        } else {
+            wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        }
         // kvdb:script/{kv,scope,log}: a host that does nothing (traps if called).
         linker.define_unknown_imports_as_traps(&component)?;
-        let pre = ScriptPre::new(linker.instantiate_pre(&component)?)?;
+        let pre = linker.instantiate_pre(&component)?;
+        let pre = if asynchronous {
+            Pre::Async(bindings_async::ScriptPre::new(pre)?)
+        } else {
+            Pre::Sync(bindings::ScriptPre::new(pre)?)
+        };
         Ok(Self { engine, pre })
     }
 
-    /// One run, step for step as `WasmRuntime::run` up to the call.
-    fn run(&self, request: &WitRequest) -> Result<Vec<u8>> {
+    /// A store set up step for step as `WasmRuntime::run` does.
+    fn store(&self) -> Result<Store<MirrorState>> {
         let limits = limits();
         let stdout = MemoryOutputPipe::new(CAPTURED_OUTPUT);
         let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT);
@@ -147,8 +180,29 @@ impl Mirror {
         let ticks = u64::try_from(limits.time.as_millis())?.div_ceil(EPOCH_TICK_MS);
         store.set_epoch_deadline(ticks.max(1));
         store.epoch_deadline_trap();
-        let instance = self.pre.instantiate(&mut store)?;
+        Ok(store)
+    }
+
+    /// One run with a synchronous call.
+    fn run(&self, request: &WitRequest) -> Result<Vec<u8>> {
+        let Pre::Sync(pre) = &self.pre else {
+            bail!("pre-linked for async calls");
+        };
+        let mut store = self.store()?;
+        let instance = pre.instantiate(&mut store)?;
         let response = instance.call_handle(&mut store, request)?;
+        Ok(response.body)
+    }
+
+    /// One run with an async call (the guest on a fiber), as the host calls.
+    async fn run_async(&self, request: &AsyncWitRequest) -> Result<Vec<u8>> {
+        let Pre::Async(pre) = &self.pre else {
+            bail!("pre-linked for synchronous calls");
+        };
+        let mut store = self.store()?;
+        store.fuel_async_yield_interval(Some(YIELD_FUEL))?;
+        let instance = pre.instantiate_async(&mut store).await?;
+        let response = instance.call_handle(&mut store, request).await?;
         Ok(response.body)
     }
 }
@@ -157,20 +211,20 @@ impl Mirror {
 /// guest compiled and cached as an upload would leave it.
 struct HostPath {
     runtime: kvdb::script::wasm::WasmRuntime,
-    tokio: tokio::runtime::Runtime,
+    tokio: tokio::runtime::Handle,
     bucket: kvdb::bucket::Bucket,
     script: kvdb::bucket::StoredScript,
     request: kvdb::script::Request,
 }
 
 impl HostPath {
-    fn new(bytes: &[u8], request: kvdb::script::Request) -> Result<Self> {
+    fn new(
+        bytes: &[u8],
+        request: kvdb::script::Request,
+        tokio: &tokio::runtime::Runtime,
+    ) -> Result<Self> {
         use kvdb::bucket::{Buckets, PolicyChange, ScriptKind, ScriptName, StoredScript};
         use kvdb::storage::{Durability, Store, memory::MemoryBackend};
-        let tokio = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
         let bucket = tokio.block_on(async {
             let store = Store::open(Arc::new(MemoryBackend::new()), Durability::Relaxed)
                 .map_err(|e| anyhow!("store: {e}"))?;
@@ -208,27 +262,44 @@ impl HostPath {
         };
         Ok(Self {
             runtime,
-            tokio,
+            tokio: tokio.handle().clone(),
             bucket,
             script,
             request,
         })
     }
 
-    fn run(&self) -> Result<Vec<u8>> {
+    /// One run, as the HTTP handler makes it: the run's scoped bucket, its
+    /// `Host` and its request (a copy here, built from the HTTP request
+    /// there), then `WasmRuntime::run`.
+    async fn run(&self) -> Result<Vec<u8>> {
         let scoped = self.bucket.clone().scoped(kvdb::bucket::Scope::admin());
-        let host = kvdb::script::api::Host::new(scoped, self.tokio.handle().clone());
+        let host = kvdb::script::api::Host::new(scoped, self.tokio.clone());
         let source = || -> Result<Vec<u8>, kvdb::script::ScriptError> {
             Err(kvdb::script::ScriptError::Internal(
                 "the bench compiled the script up front".into(),
             ))
         };
         let response = self
-            .tokio
-            .block_on(self.runtime.run(&self.script, &source, host, &self.request))
+            .runtime
+            .run(&self.script, &source, host, self.request.clone())
+            .await
             .map_err(|e| anyhow!("run: {e}"))?;
         Ok(response.body)
     }
+}
+
+/// [`on_a_worker`] for a mirror's synchronous runs.
+fn mirror_on_a_worker<'a>(
+    tokio: &'a tokio::runtime::Runtime,
+    mirror: &Arc<Mirror>,
+    request: &Arc<WitRequest>,
+) -> ChunkFn<'a> {
+    let (mirror, request) = (mirror.clone(), request.clone());
+    on_a_worker(tokio, move || {
+        let (mirror, request) = (mirror.clone(), request.clone());
+        async move { mirror.run(&request) }
+    })
 }
 
 fn env_usize(name: &str, default: usize) -> Result<usize> {
@@ -248,7 +319,34 @@ fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
-type RunFn<'a> = Box<dyn Fn() -> Result<Vec<u8>> + 'a>;
+/// Runs `n` runs, pushing the time of each, and answers the last body.
+type ChunkFn<'a> = Box<dyn Fn(usize, &mut Vec<Duration>) -> Result<Vec<u8>> + 'a>;
+
+/// A chunk of runs, each awaited in turn by one task on the tokio worker (as
+/// a request's handler awaits its run). The synchronous variants run there
+/// too, so that every variant runs on the same thread.
+fn on_a_worker<'a, F, Fut>(tokio: &'a tokio::runtime::Runtime, run: F) -> ChunkFn<'a>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<u8>>> + Send,
+{
+    Box::new(move |n, samples| {
+        let run = run.clone();
+        let (times, body) = tokio.block_on(tokio.spawn(async move {
+            let mut times = Vec::with_capacity(n);
+            let mut body = Vec::new();
+            for _ in 0..n {
+                let start = Instant::now();
+                body = run().await?;
+                times.push(start.elapsed());
+                body = std::hint::black_box(body);
+            }
+            Ok::<_, anyhow::Error>((times, body))
+        }))??;
+        samples.extend(times);
+        Ok(body)
+    })
+}
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -258,7 +356,7 @@ fn main() -> Result<()> {
     let out = args.get(2);
     let iters = env_usize("ITERS", 10_000)?;
     let warmup = env_usize("WARMUP", 1_000)?;
-    let chunks = env_usize("CHUNKS", 10)?.clamp(1, iters.max(1));
+    let chunks = env_usize("CHUNKS", 50)?.clamp(1, iters.max(1));
     let name = std::env::var("NAME").unwrap_or_else(|_| "World".into());
     let bytes = std::fs::read(guest).with_context(|| format!("reading {guest}"))?;
     let expected = format!("Hello {name}\n").into_bytes();
@@ -272,39 +370,69 @@ fn main() -> Result<()> {
         headers: vec![],
         body: vec![],
     };
-    let wit_request = WitRequest {
+    let async_request = Arc::new(AsyncWitRequest {
+        method: "GET".into(),
+        path: "/bench/scripts/hello".into(),
+        vars: vars.clone(),
+        headers: vec![],
+        body: vec![],
+    });
+    let wit_request = Arc::new(WitRequest {
         method: "GET".into(),
         path: "/bench/scripts/hello".into(),
         vars,
         headers: vec![],
         body: vec![],
-    };
+    });
 
     let t = Instant::now();
-    let host = HostPath::new(&bytes, host_request)?;
-    let pooled = Mirror::new(&bytes, true)?;
-    let on_demand = Mirror::new(&bytes, false)?;
+    // One worker, as a request's run has one thread.
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let host = Arc::new(HostPath::new(&bytes, host_request, &tokio)?);
+    let pooled = Arc::new(Mirror::new(&bytes, true, false)?);
+    let pooled_async = Arc::new(Mirror::new(&bytes, true, true)?);
+    let on_demand = Arc::new(Mirror::new(&bytes, false, false)?);
     eprintln!(
-        "[instantiate] {guest}: {} bytes, compiled 3 times in {:.0} ms",
+        "[instantiate] {guest}: {} bytes, compiled 4 times in {:.0} ms",
         bytes.len(),
         t.elapsed().as_secs_f64() * 1e3
     );
 
-    let mut variants: Vec<(&str, bool, RunFn<'_>)> = vec![
+    let mut variants: Vec<(&str, bool, ChunkFn<'_>)> = vec![
         (
-            "host: WasmRuntime::run (pooled, cached ScriptPre)",
+            "host: WasmRuntime::run, awaited on a worker (pooled, cached ScriptPre)",
             true,
-            Box::new(|| host.run()),
+            on_a_worker(&tokio, {
+                let host = host.clone();
+                move || {
+                    let host = host.clone();
+                    async move { host.run().await }
+                }
+            }),
         ),
         (
             "mirror: pooled allocator + InstancePre",
             true,
-            Box::new(|| pooled.run(&wit_request)),
+            mirror_on_a_worker(&tokio, &pooled, &wit_request),
+        ),
+        (
+            "mirror: pooled allocator + InstancePre, async call on a worker",
+            false,
+            on_a_worker(&tokio, {
+                let (mirror, request) = (pooled_async.clone(), async_request.clone());
+                move || {
+                    let (mirror, request) = (mirror.clone(), request.clone());
+                    async move { mirror.run_async(&request).await }
+                }
+            }),
         ),
         (
             "mirror: on-demand allocator + InstancePre",
             false,
-            Box::new(|| on_demand.run(&wit_request)),
+            mirror_on_a_worker(&tokio, &on_demand, &wit_request),
         ),
     ];
     if let Ok(only) = std::env::var("ONLY") {
@@ -315,7 +443,7 @@ fn main() -> Result<()> {
     }
 
     for (label, _, run) in &variants {
-        let body = run().with_context(|| format!("{label}: first run"))?;
+        let body = run(1, &mut Vec::new()).with_context(|| format!("{label}: first run"))?;
         if body != expected {
             bail!(
                 "{label}: answered {:?}, expected {:?}",
@@ -323,9 +451,7 @@ fn main() -> Result<()> {
                 String::from_utf8_lossy(&expected)
             );
         }
-        for _ in 0..warmup {
-            run()?;
-        }
+        run(warmup, &mut Vec::with_capacity(warmup))?;
     }
 
     let mut samples: Vec<Vec<Duration>> =
@@ -333,12 +459,7 @@ fn main() -> Result<()> {
     for chunk in 0..chunks {
         let n = iters / chunks + usize::from(chunk < iters % chunks);
         for (i, (_, _, run)) in variants.iter().enumerate() {
-            for _ in 0..n {
-                let start = Instant::now();
-                let body = run()?;
-                samples[i].push(start.elapsed());
-                std::hint::black_box(body);
-            }
+            run(n, &mut samples[i])?;
         }
     }
 

@@ -238,7 +238,7 @@ pub async fn run_script(
             let source = || owner.script_source(&script).map_err(script_load_error);
             runtimes
                 .wasm
-                .run(&script, &source, host, &run_request)
+                .run(&script, &source, host, run_request)
                 .await?
         }
     };

@@ -17,6 +17,7 @@ pub mod wasm;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Loads a script's source, for a runtime that has not compiled it yet.
@@ -57,13 +58,21 @@ const MAX_SLOW_SCRIPTS: usize = 4096;
 /// async worker: they ran past [`INLINE_SLICE`], or waited for a write. Their
 /// runs start on a blocking thread for a second (`SLOW_FOR`).
 #[derive(Default)]
-pub struct SlowScripts(Mutex<HashMap<[u8; 32], Instant>>);
+pub struct SlowScripts {
+    scripts: Mutex<HashMap<[u8; 32], Instant>>,
+    /// Whether `scripts` may hold anything: most of the time it is empty,
+    /// and a run then looks no further (no lock).
+    any: AtomicBool,
+}
 
 impl SlowScripts {
     /// Whether runs of `digest` should start on a blocking thread.
     pub fn contains(&self, digest: &[u8; 32]) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
         let mut slow = self
-            .0
+            .scripts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match slow.get(digest) {
@@ -72,6 +81,7 @@ impl SlowScripts {
                 // Give it a run on the worker; it is marked again if it is
                 // still slow.
                 slow.remove(digest);
+                self.any.store(!slow.is_empty(), Ordering::Release);
                 false
             }
             None => false,
@@ -81,13 +91,14 @@ impl SlowScripts {
     /// A run of `digest` did not fit on an async worker.
     pub fn mark(&self, digest: [u8; 32]) {
         let mut slow = self
-            .0
+            .scripts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if slow.len() >= MAX_SLOW_SCRIPTS {
             slow.clear();
         }
         slow.insert(digest, Instant::now());
+        self.any.store(true, Ordering::Release);
     }
 }
 
@@ -213,4 +224,21 @@ pub enum ScriptError {
     Limit { limit: Limit, detail: String },
     #[error("the script runtime failed: {0}")]
     Internal(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SlowScripts;
+
+    #[test]
+    fn a_script_marked_slow_is_known_as_slow_and_no_other() {
+        let slow = SlowScripts::default();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert!(!slow.contains(&a), "nothing is slow at first");
+        slow.mark(a);
+        assert!(slow.contains(&a), "a run marked slow starts off the worker");
+        assert!(!slow.contains(&b), "another script is not slow");
+        slow.mark(b);
+        assert!(slow.contains(&a) && slow.contains(&b));
+    }
 }

@@ -82,9 +82,10 @@ impl WasiView for WasmState {
     }
 }
 
-/// A compiled script ready to instantiate.
+/// A compiled script ready to instantiate (shared: a run takes it from the
+/// cache with one reference count).
 #[derive(Clone)]
-pub struct Prepared(ScriptPre<WasmState>);
+pub struct Prepared(Arc<ScriptPre<WasmState>>);
 
 /// The WebAssembly runtime.
 pub struct WasmRuntime {
@@ -226,7 +227,7 @@ impl WasmRuntime {
                 "the component does not export the kvdb:script `handle` function: {e:#}"
             ))
         })?;
-        Ok(Prepared(pre))
+        Ok(Prepared(Arc::new(pre)))
     }
 
     /// [`WasmRuntime::compile`], through the cache: bytes compiled before
@@ -286,7 +287,7 @@ impl WasmRuntime {
         script: &StoredScript,
         source: SourceLoader<'_>,
         host: Host,
-        request: &Request,
+        request: Request,
     ) -> Result<Response, ScriptError> {
         let prepared = match self.cached(&script.digest) {
             Some(prepared) => prepared,
@@ -334,15 +335,16 @@ impl WasmRuntime {
             + 1;
         store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
         store.epoch_deadline_trap();
+        let vars = request
+            .vars()
+            .map(|(k, v)| (k.to_owned(), v.into_owned()))
+            .collect();
         let wit_request = bindings::kvdb::script::types::Request {
-            method: request.method.clone(),
-            path: request.path.clone(),
-            vars: request
-                .vars()
-                .map(|(k, v)| (k.to_owned(), v.into_owned()))
-                .collect(),
-            headers: request.headers.clone(),
-            body: request.body.clone(),
+            method: request.method,
+            path: request.path,
+            vars,
+            headers: request.headers,
+            body: request.body,
         };
         // The epoch advances while the guard lives: as long as the guest can
         // run. It moves with the run, which outlives this function if the
@@ -375,6 +377,8 @@ impl WasmRuntime {
                 }
             }
         };
+        let stdout = stdout.contents();
+        let stderr = stderr.contents();
         log_output(script, "stdout", &stdout);
         log_output(script, "stderr", &stderr);
         let response = result.map_err(|e| self.classify(&e, &stderr))?;
@@ -415,7 +419,7 @@ impl WasmRuntime {
         })
     }
 
-    fn classify(&self, e: &wasmtime::Error, stderr: &MemoryOutputPipe) -> ScriptError {
+    fn classify(&self, e: &wasmtime::Error, stderr: &[u8]) -> ScriptError {
         let limit = |limit, detail: String| ScriptError::Limit { limit, detail };
         match e.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => {
@@ -448,7 +452,7 @@ impl WasmRuntime {
                 ),
             );
         }
-        let output = String::from_utf8_lossy(&stderr.contents()).into_owned();
+        let output = String::from_utf8_lossy(stderr);
         if let Some(panic) = output.lines().find(|l| l.contains("panicked")) {
             let mut message = panic.trim().to_owned();
             // Rust's panic message follows on the next line.
@@ -471,13 +475,12 @@ impl WasmRuntime {
     }
 }
 
-fn log_output(script: &StoredScript, stream: &str, pipe: &MemoryOutputPipe) {
-    let bytes = pipe.contents();
+fn log_output(script: &StoredScript, stream: &str, bytes: &[u8]) {
     if bytes.is_empty() {
         return;
     }
     let label = Label::of(script);
-    for line in String::from_utf8_lossy(&bytes).lines() {
+    for line in String::from_utf8_lossy(bytes).lines() {
         tracing::info!(script = %label, stream, "{line}");
     }
 }
