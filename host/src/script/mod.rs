@@ -228,7 +228,8 @@ pub enum ScriptError {
 
 #[cfg(test)]
 mod tests {
-    use super::SlowScripts;
+    use super::{Ordering, SLOW_FOR, SlowScripts};
+    use std::time::Instant;
 
     #[test]
     fn a_script_marked_slow_is_known_as_slow_and_no_other() {
@@ -240,5 +241,25 @@ mod tests {
         assert!(!slow.contains(&b), "another script is not slow");
         slow.mark(b);
         assert!(slow.contains(&a) && slow.contains(&b));
+    }
+
+    #[test]
+    fn a_slow_mark_expires_and_the_empty_set_is_looked_up_no_more() {
+        let slow = SlowScripts::default();
+        let a = [1u8; 32];
+        slow.mark(a);
+        let Some(long_ago) = Instant::now().checked_sub(SLOW_FOR * 2) else {
+            return; // The machine has been up for less than that.
+        };
+        slow.scripts
+            .lock()
+            .expect("not poisoned")
+            .insert(a, long_ago);
+        assert!(
+            !slow.contains(&a),
+            "after SLOW_FOR it tries the worker again"
+        );
+        assert!(!slow.any.load(Ordering::Acquire), "the set is empty again");
+        assert!(slow.scripts.lock().expect("not poisoned").is_empty());
     }
 }
