@@ -823,6 +823,19 @@ fn a_guest_answering_an_invalid_status_is_a_script_error() {
 }
 
 #[test]
+fn a_guest_sees_its_request_variables_in_order_with_the_real_remote_addr_last() {
+    let s = TestServer::start();
+    let b = hostile_bucket(&s);
+    let r = s.get(&format!(
+        "/{b}/scripts/h?do=vars&name=World&remote_addr=spoofed"
+    ));
+    assert_eq!(
+        r.text(),
+        "do=vars\nname=World\nremote_addr=spoofed\nremote_addr=127.0.0.1\nvar(remote_addr)=127.0.0.1\n"
+    );
+}
+
+#[test]
 fn guest_headers_cannot_lie_about_the_length_or_inject_lines() {
     let s = TestServer::start();
     let b = hostile_bucket(&s);

@@ -203,6 +203,16 @@ impl Request {
                     .map(|a| ("remote_addr", std::borrow::Cow::Owned(a.to_string()))),
             )
     }
+
+    /// [`Request::vars`], moved out of the request (its fields are left
+    /// empty) instead of copied.
+    pub fn take_vars(&mut self) -> Vec<(String, String)> {
+        let mut vars = std::mem::take(&mut self.fields);
+        if let Some(addr) = self.remote_addr {
+            vars.push(("remote_addr".to_owned(), addr.to_string()));
+        }
+        vars
+    }
 }
 
 /// What a script answers.
@@ -228,8 +238,27 @@ pub enum ScriptError {
 
 #[cfg(test)]
 mod tests {
-    use super::{Ordering, SLOW_FOR, SlowScripts};
+    use super::{Ordering, Request, SLOW_FOR, SlowScripts};
     use std::time::Instant;
+
+    #[test]
+    fn taken_vars_are_the_vars_in_the_same_order() {
+        for remote_addr in [None, Some(std::net::IpAddr::from([10, 0, 0, 7]))] {
+            let mut request = Request {
+                fields: vec![
+                    ("name".into(), "World".into()),
+                    ("remote_addr".into(), "spoofed".into()),
+                ],
+                remote_addr,
+                ..Request::default()
+            };
+            let vars: Vec<(String, String)> = request
+                .vars()
+                .map(|(k, v)| (k.to_owned(), v.into_owned()))
+                .collect();
+            assert_eq!(request.take_vars(), vars);
+        }
+    }
 
     #[test]
     fn a_script_marked_slow_is_known_as_slow_and_no_other() {

@@ -287,7 +287,7 @@ impl WasmRuntime {
         script: &StoredScript,
         source: SourceLoader<'_>,
         host: Host,
-        request: Request,
+        mut request: Request,
     ) -> Result<Response, ScriptError> {
         let prepared = match self.cached(&script.digest) {
             Some(prepared) => prepared,
@@ -335,10 +335,7 @@ impl WasmRuntime {
             + 1;
         store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
         store.epoch_deadline_trap();
-        let vars = request
-            .vars()
-            .map(|(k, v)| (k.to_owned(), v.into_owned()))
-            .collect();
+        let vars = request.take_vars();
         let wit_request = bindings::kvdb::script::types::Request {
             method: request.method,
             path: request.path,

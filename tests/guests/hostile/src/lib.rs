@@ -71,6 +71,18 @@ impl Handler for Hostile {
                 .with_header("content-length", "5")
                 .with_header("x-injected", "bad\r\nInjected: 1")
                 .with_header("bad name", "x"),
+            "vars" => {
+                let mut text: String = req
+                    .vars()
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}\n"))
+                    .collect();
+                text.push_str(&format!(
+                    "var(remote_addr)={}\n",
+                    req.var("remote_addr").unwrap_or("nil")
+                ));
+                Response::text(text)
+            }
             "whoami" => Response::text(whoami()),
             "anon" => Response::text(anon()),
             "narrow-prefix" => Response::text(narrow_prefix()),
