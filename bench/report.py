@@ -25,6 +25,9 @@ RATIOS = [
     (("GET", None, "kvdb strict"), ("GET", None, "ceiling"), 0.7),
     (("GET", None, "kvdb strict"), ("GET", None, "webdis GET"), 1.4),
     (("PUT", 64, "kvdb strict"), ("PUT", 1, "kvdb strict"), 20.0),
+    # The same on an emulated disk whose fsync takes 3.5 ms, the disk the
+    # target was set for (this machine's takes 0.25-0.4 ms; bench/slowsync/).
+    (("PUT", 64, "kvdb strict (3.5 ms fsync)"), ("PUT", 1, "kvdb strict (3.5 ms fsync)"), 20.0),
     # What durability costs: nearly nothing at 64 connections (group commit
     # shares each fsync), one fsync per write at 1.
     (("PUT", None, "kvdb strict"), ("PUT", None, "kvdb relaxed"), None),
