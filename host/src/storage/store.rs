@@ -16,6 +16,8 @@
 //! that are waiting (up to [`MAX_BATCH`]), runs them one after another in one
 //! transaction and commits once: concurrent writers share one fsync (group
 //! commit), and jobs are serialised, so a read-modify-write job is atomic.
+//! When fsyncs are slow, a durable batch may wait a little for the writers
+//! the last commit answered, who are likely to write again (see [`Gather`]).
 //! With [`Durability::Relaxed`] (a commit waits for no fsync), a job that is
 //! the only write in flight, finds the writer idle and comes when writes
 //! don't overlap (see [`Pace`]) runs at once on the caller's thread, under
@@ -76,6 +78,18 @@ const RELAXED_SYNC_EVERY: Duration = Duration::from_secs(1);
 /// With [`Durability::Relaxed`], how often the writer thread checks whether a
 /// sync is due (commits made on callers' threads don't wake it).
 const RELAXED_POLL: Duration = Duration::from_millis(100);
+
+/// A durable commit at least this long (the fsync, mostly) lets the next
+/// batch wait for returning writers ([`Gather`]); after a shorter one the
+/// wait would cost about what it saves.
+const GATHER_MIN_COMMIT: Duration = Duration::from_millis(1);
+
+/// The longest a durable batch waits for returning writers.
+const GATHER_MAX_WAIT: Duration = Duration::from_millis(2);
+
+/// Batches that don't wait after a wait that did not pay off (the writers
+/// did not come back at once: their load is not a closed loop).
+const GATHER_PAUSE: u32 = 16;
 
 /// When a write is on stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -611,6 +625,7 @@ impl Store {
         drop(snapshot);
         let (tx, rx) = mpsc::channel();
         let snapshots = Arc::new(SnapshotCache::default());
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let core = Arc::new(Mutex::new(Writer {
             backend: backend.clone(),
             seq,
@@ -618,6 +633,8 @@ impl Store {
             clock: clock.clone(),
             snapshots: snapshots.clone(),
             unsynced_since: None,
+            in_flight: in_flight.clone(),
+            gather: Gather::default(),
         }));
         let inner = Arc::new(Inner {
             backend,
@@ -627,7 +644,7 @@ impl Store {
             snapshots,
             core: core.clone(),
             durability,
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            in_flight,
             pace: Pace::default(),
         });
         let handle = std::thread::Builder::new()
@@ -1143,6 +1160,68 @@ struct Writer {
     snapshots: Arc<SnapshotCache>,
     /// The first commit not yet synced (non-durable commits only).
     unsynced_since: Option<Instant>,
+    /// Writes submitted and not yet answered (shared with [`Store::submit`]).
+    in_flight: Arc<AtomicUsize>,
+    gather: Gather,
+}
+
+/// How long a durable batch waits for more writes before it commits.
+///
+/// A commit answers its batch while the next writes are already queued, and
+/// the writer starts the next batch with those at once. The writers just
+/// answered send their next write a moment later: too late for that batch,
+/// so with a slow fsync they wait for two fsyncs, and the clients split into
+/// two halves that take turns (half the writes per fsync). So when the last
+/// durable commit was slow, the next batch waits for as many writes as were
+/// in flight when that commit ended (the batch it answered and those
+/// queued), for at most half as long as that commit took, and at most
+/// [`GATHER_MAX_WAIT`]. If fewer than half of the awaited writes come, the
+/// next [`GATHER_PAUSE`] batches don't wait.
+#[derive(Debug, Default)]
+struct Gather {
+    /// Jobs the next durable batch waits for.
+    target: usize,
+    /// The longest it waits for them (zero: it does not wait).
+    wait: Duration,
+    /// Batches left that don't wait.
+    pause: u32,
+}
+
+impl Gather {
+    /// After a durable commit that took `took`, with `in_flight` writes not
+    /// yet answered.
+    fn committed(&mut self, took: Duration, in_flight: usize) {
+        self.target = in_flight.min(MAX_BATCH);
+        self.wait = if took >= GATHER_MIN_COMMIT {
+            (took / 2).min(GATHER_MAX_WAIT)
+        } else {
+            Duration::ZERO
+        };
+    }
+
+    /// Adds to `batch` the jobs that come within the wait, up to the target.
+    fn fill(&mut self, batch: &mut Vec<Job>, rx: &mpsc::Receiver<Job>) {
+        if self.pause > 0 {
+            self.pause -= 1;
+            return;
+        }
+        let had = batch.len();
+        if self.wait.is_zero() || had >= self.target {
+            return;
+        }
+        let deadline = Instant::now() + self.wait;
+        while batch.len() < self.target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(job) => batch.push(job),
+                // Timed out, or the store is closing (the loop sees it next).
+                Err(_) => break,
+            }
+        }
+        if (batch.len() - had) * 2 < self.target - had {
+            self.pause = GATHER_PAUSE;
+        }
+    }
 }
 
 fn lock(core: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
@@ -1176,6 +1255,9 @@ fn writer_loop(core: &Mutex<Writer>, rx: &mpsc::Receiver<Job>, durability: Durab
                     Ok(job) => batch.push(job),
                     Err(_) => break,
                 }
+            }
+            if durability == Durability::Strict {
+                writer.gather.fill(&mut batch, rx);
             }
             let durable = durability == Durability::Strict && batch.iter().any(|j| j.durable);
             writer.run_batch(batch, durable);
@@ -1217,6 +1299,7 @@ impl Writer {
         let mut end_seq = start_seq;
         let ceiling = self.ceiling;
         let mut new_ceiling = ceiling;
+        let started = Instant::now();
         let result = self.backend.write(durable, &mut |raw| {
             let mut ctx = WriteCtx {
                 raw,
@@ -1245,6 +1328,12 @@ impl Writer {
             end_seq = ctx.seq;
             Ok(())
         });
+        if durable {
+            // Before the answers: the writers in flight now are this batch
+            // and those queued behind it.
+            self.gather
+                .committed(started.elapsed(), self.in_flight.load(Ordering::Acquire));
+        }
         self.snapshots.invalidate();
         match &result {
             Ok(()) => {
@@ -1261,7 +1350,81 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
-    use super::{CALM_AFTER, Pace};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::{CALM_AFTER, Durability, Pace, Store};
+    use crate::storage::memory::MemoryBackend;
+    use crate::storage::{Backend, RawRead, RawWrite, StorageError};
+
+    /// A disk whose durable commits take `SLOW_COMMIT`, counting them.
+    struct SlowDisk {
+        inner: MemoryBackend,
+        durable_commits: AtomicUsize,
+    }
+
+    const SLOW_COMMIT: Duration = Duration::from_millis(8);
+
+    impl Backend for SlowDisk {
+        fn snapshot(&self) -> Result<Box<dyn RawRead>, StorageError> {
+            self.inner.snapshot()
+        }
+
+        fn write(
+            &self,
+            durable: bool,
+            body: &mut dyn FnMut(&mut dyn RawWrite) -> Result<(), StorageError>,
+        ) -> Result<(), StorageError> {
+            let result = self.inner.write(durable, body);
+            if durable {
+                std::thread::sleep(SLOW_COMMIT);
+                self.durable_commits.fetch_add(1, Ordering::Relaxed);
+            }
+            result
+        }
+
+        fn sync(&self) -> Result<(), StorageError> {
+            self.inner.sync()
+        }
+    }
+
+    #[test]
+    fn with_slow_commits_the_writers_a_commit_answered_join_the_next_batch() {
+        const WRITERS: usize = 8;
+        const ROUNDS: usize = 60;
+        let disk = Arc::new(SlowDisk {
+            inner: MemoryBackend::new(),
+            durable_commits: AtomicUsize::new(0),
+        });
+        let store = Store::open(disk.clone(), Durability::Strict).expect("open");
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..ROUNDS {
+                        let key = format!("{w}-{i}").into_bytes();
+                        store
+                            .write_blocking(move |ctx| ctx.put(&key, 0, b"v", 0))
+                            .expect("commit")
+                            .expect("put");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("writer thread");
+        }
+        let commits = disk.durable_commits.load(Ordering::Relaxed);
+        // Each writer waits for its answer before it writes again. Without
+        // the wait the writers split into two groups that take turns: two
+        // commits a round. With it, about one.
+        assert!(
+            commits <= ROUNDS * 3 / 2,
+            "{commits} durable commits for {ROUNDS} rounds of {WRITERS} writers"
+        );
+        assert!(commits >= ROUNDS, "{commits} durable commits");
+    }
 
     #[test]
     fn a_relaxed_write_runs_inline_only_once_writes_stop_overlapping() {
