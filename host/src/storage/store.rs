@@ -1218,17 +1218,11 @@ impl Gather {
             return;
         }
         let deadline = Instant::now() + self.wait;
-        'wait: loop {
-            while batch.len() < self.target {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    // The store is closing (the writer loop sees it next).
-                    Err(mpsc::TryRecvError::Disconnected) => break 'wait,
-                }
-            }
+        // Until the target, the deadline, or the store closing (which the
+        // writer loop sees next).
+        while take_queued(batch, rx, self.target) && batch.len() < self.target {
             let left = deadline.saturating_duration_since(Instant::now());
-            if batch.len() >= self.target || left.is_zero() {
+            if left.is_zero() {
                 break;
             }
             std::thread::sleep(left.min(GATHER_STEP));
@@ -1237,6 +1231,19 @@ impl Gather {
             self.pause = GATHER_PAUSE;
         }
     }
+}
+
+/// Moves the jobs already queued into `batch`, up to `limit` jobs in all.
+/// False once the queue is closed (every sender gone).
+fn take_queued(batch: &mut Vec<Job>, rx: &mpsc::Receiver<Job>, limit: usize) -> bool {
+    while batch.len() < limit {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(mpsc::TryRecvError::Empty) => break,
+            Err(mpsc::TryRecvError::Disconnected) => return false,
+        }
+    }
+    true
 }
 
 fn lock(core: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
@@ -1265,12 +1272,7 @@ fn writer_loop(core: &Mutex<Writer>, rx: &mpsc::Receiver<Job>, durability: Durab
         let mut writer = lock(core);
         if let Some(first) = first {
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+            take_queued(&mut batch, rx, MAX_BATCH);
             if durability == Durability::Strict {
                 writer.gather.fill(&mut batch, rx);
             }
