@@ -398,6 +398,24 @@ fn max_keeps_the_larger_number() {
 }
 
 #[test]
+fn max_and_min_tell_apart_integers_a_float_cannot() {
+    // Nanosecond timestamps: 2^53 and above, where f64 steps by 2 or more.
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/latest");
+    s.put(&path, "1700000000000000000");
+    assert_text(
+        &s.patch(&format!("{path}?op=max"), "1700000000000000001"),
+        "1700000000000000001",
+    );
+    assert_text(
+        &s.patch(&format!("{path}?op=min"), "1700000000000000000"),
+        "1700000000000000000",
+    );
+    assert_eq!(current(&s, &path).as_deref(), Some("1700000000000000000"));
+}
+
+#[test]
 fn min_keeps_the_smaller_number() {
     let s = TestServer::start();
     let b = s.create_bucket("");

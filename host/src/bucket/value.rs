@@ -129,11 +129,35 @@ impl Number {
 
     fn as_f64(self) -> f64 {
         match self {
-            // Precision loss above 2^53 only affects the comparison of
-            // mixed int/float operands, as in any JSON client.
+            // A mixed int/float sum is a float, as in any JSON client.
             #[allow(clippy::cast_precision_loss)]
             Number::Int(i) => i as f64,
             Number::Float(f) => f,
+        }
+    }
+
+    /// The exact order of two numbers: integers are compared as integers
+    /// (not through `f64`, which can't tell 2^53 + 1 from 2^53), and an
+    /// integer and a float by value.
+    fn cmp_exact(self, other: Self) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        // `i as f64` rounds monotonically, so a strict inequality between
+        // the rounded integer and a float holds for the integer itself; only
+        // equality needs a second look, and then the float is integral and
+        // within the i64 range.
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+        fn int_vs_float(i: i64, f: f64) -> Ordering {
+            match (i as f64).partial_cmp(&f) {
+                Some(Ordering::Equal) => i128::from(i).cmp(&(f as i128)),
+                Some(order) => order,
+                None => Ordering::Equal,
+            }
+        }
+        match (self, other) {
+            (Number::Int(a), Number::Int(b)) => a.cmp(&b),
+            (Number::Float(a), Number::Float(b)) => a.partial_cmp(&b).unwrap_or(Ordering::Equal),
+            (Number::Int(a), Number::Float(b)) => int_vs_float(a, b),
+            (Number::Float(a), Number::Int(b)) => int_vs_float(b, a).reverse(),
         }
     }
 
@@ -431,10 +455,11 @@ impl Op {
                     return Ok(n.into_value());
                 };
                 let cur = cur.as_number()?;
+                let order = n.cmp_exact(cur);
                 let take_new = if matches!(self, Op::Max(_)) {
-                    n.as_f64() > cur.as_f64()
+                    order.is_gt()
                 } else {
-                    n.as_f64() < cur.as_f64()
+                    order.is_lt()
                 };
                 Ok(if take_new { *n } else { cur }.into_value())
             }
@@ -617,6 +642,33 @@ mod tests {
         assert_eq!(Number::parse("+3"), Some(Number::Int(3)));
         assert_eq!(Number::parse("-2.5"), Some(Number::Float(-2.5)));
         assert_eq!(Number::parse("abc"), None);
+    }
+
+    #[test]
+    fn max_and_min_compare_integers_above_2_pow_53_exactly() {
+        // 2^53 + 1 and 2^53 are the same f64.
+        let big = 9_007_199_254_740_992_i64;
+        assert_eq!(
+            Op::Max(Number::Int(big + 1)).apply(Some(Value::Int(big))),
+            Ok(Value::Int(big + 1))
+        );
+        assert_eq!(
+            Op::Min(Number::Int(big)).apply(Some(Value::Int(big + 1))),
+            Ok(Value::Int(big))
+        );
+        // An integer against an equal-looking float: by value.
+        assert_eq!(
+            Op::Max(Number::Int(big + 1)).apply(Some(Value::Float(9_007_199_254_740_992.0))),
+            Ok(Value::Int(big + 1))
+        );
+        assert_eq!(
+            Op::Min(Number::Float(9_007_199_254_740_992.0)).apply(Some(Value::Int(big + 1))),
+            Ok(Value::Float(9_007_199_254_740_992.0))
+        );
+        assert_eq!(
+            Op::Max(Number::Int(i64::MAX)).apply(Some(Value::Float(9.223_372_036_854_776e18))),
+            Ok(Value::Float(9.223_372_036_854_776e18))
+        );
     }
 
     #[test]
