@@ -64,6 +64,12 @@ pub const MAX_BATCH: usize = 1024;
 /// many (versions only need to grow).
 const SEQ_BLOCK: u64 = 4096;
 
+/// A relaxed write is committed on its caller's thread only while the
+/// sequence is at least this far below the ceiling: the commit that raises
+/// the ceiling is synced before its answers (see [`Writer::run_batch`]), and
+/// that fsync belongs on the writer thread.
+const CEILING_MARGIN: u64 = 64;
+
 /// How many entries one background step (expiry, purge, tombstones) touches:
 /// small enough that the step never holds the writer for more than a few ms.
 const GC_CHUNK: usize = 1000;
@@ -712,6 +718,7 @@ impl Store {
         if self.inner.durability == Durability::Relaxed
             && self.inner.pace.calm(alone)
             && let Ok(mut writer) = self.inner.core.try_lock()
+            && writer.seq.saturating_add(CEILING_MARGIN) < writer.ceiling
         {
             // Writes don't overlap, this is the only one in flight, and
             // nobody is committing: commit it now, on this thread. Other
@@ -971,6 +978,10 @@ fn gc_expired_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
                 && record_expiry(&record) == expires_at
             {
                 ctx.raw.delete(&dkey)?;
+                // Like a delete, for incremental backups: an increment
+                // taken after this must still remove the value this entry
+                // overwrote, which an earlier backup of the chain holds.
+                ctx.tombstone(TOMBSTONE_KEY, key)?;
             }
             ctx.raw.delete(&ikey)
         })();
@@ -1125,23 +1136,36 @@ impl Backup {
             &mut |k, record| {
                 let key = &k[1..];
                 let exp = record_expiry(record);
-                if record_version(record) <= since
-                    || (exp != 0 && exp <= now)
-                    || purging.iter().any(|p| key.starts_with(p))
-                {
+                let version = record_version(record);
+                if version <= since || purging.iter().any(|p| key.starts_with(p)) {
                     return true;
                 }
-                let entry = match Entry::decode(record) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        failure = Some(e);
-                        return false;
+                let record = if exp != 0 && exp <= now {
+                    // Expired, not reclaimed yet: gone for every reader. A
+                    // full backup leaves it out; an increment must delete
+                    // it, or the value it overwrote (in an earlier backup of
+                    // the chain) would come back on restore.
+                    if since == 0 {
+                        return true;
+                    }
+                    Record::Delete {
+                        key: key.to_vec(),
+                        version,
+                        deleted_at: exp,
+                    }
+                } else {
+                    match Entry::decode(record) {
+                        Ok(entry) => Record::Put {
+                            key: key.to_vec(),
+                            entry,
+                        },
+                        Err(e) => {
+                            failure = Some(e);
+                            return false;
+                        }
                     }
                 };
-                match w.record(&Record::Put {
-                    key: key.to_vec(),
-                    entry,
-                }) {
+                match w.record(&record) {
                     Ok(()) => true,
                     Err(e) => {
                         failure = Some(e);
@@ -1351,6 +1375,14 @@ impl Writer {
             self.gather
                 .committed(started.elapsed(), self.in_flight.load(Ordering::Acquire));
         }
+        if result.is_ok() && new_ceiling != ceiling && !durable {
+            // This commit hands out versions above the old ceiling, and a
+            // relaxed commit may be lost in a crash: sync before answering,
+            // or after a restart those versions (ETags, backup versions that
+            // were answered) could be handed out again for other writes.
+            // Once per SEQ_BLOCK versions.
+            self.sync();
+        }
         self.snapshots.invalidate();
         match &result {
             Ok(()) => {
@@ -1368,22 +1400,48 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use super::{CALM_AFTER, Durability, Pace, Store};
+    use super::{CALM_AFTER, Durability, META_SEQ, Pace, SEQ_BLOCK, Store, be_u64};
     use crate::storage::memory::MemoryBackend;
     use crate::storage::{Backend, RawRead, RawWrite, StorageError};
 
-    /// A disk whose durable commits take `SLOW_COMMIT`, counting them.
-    struct SlowDisk {
+    /// A disk over [`MemoryBackend`] that counts its durable commits, notes
+    /// the version ceiling ([`META_SEQ`]) it holds durably (as of its last
+    /// durable commit or sync), and can make durable commits take
+    /// `SLOW_COMMIT`.
+    struct TestDisk {
         inner: MemoryBackend,
+        slow: bool,
         durable_commits: AtomicUsize,
+        durable_ceiling: AtomicU64,
     }
 
     const SLOW_COMMIT: Duration = Duration::from_millis(8);
 
-    impl Backend for SlowDisk {
+    impl TestDisk {
+        fn new(slow: bool) -> Arc<Self> {
+            Arc::new(Self {
+                inner: MemoryBackend::new(),
+                slow,
+                durable_commits: AtomicUsize::new(0),
+                durable_ceiling: AtomicU64::new(0),
+            })
+        }
+
+        fn note_ceiling(&self) {
+            let ceiling = self
+                .inner
+                .snapshot()
+                .and_then(|s| s.get(META_SEQ))
+                .expect("read the ceiling")
+                .map_or(0, |v| be_u64(&v));
+            self.durable_ceiling.store(ceiling, Ordering::SeqCst);
+        }
+    }
+
+    impl Backend for TestDisk {
         fn snapshot(&self) -> Result<Box<dyn RawRead>, StorageError> {
             self.inner.snapshot()
         }
@@ -1395,14 +1453,19 @@ mod tests {
         ) -> Result<(), StorageError> {
             let result = self.inner.write(durable, body);
             if durable {
-                std::thread::sleep(SLOW_COMMIT);
+                if self.slow {
+                    std::thread::sleep(SLOW_COMMIT);
+                }
                 self.durable_commits.fetch_add(1, Ordering::Relaxed);
+                self.note_ceiling();
             }
             result
         }
 
         fn sync(&self) -> Result<(), StorageError> {
-            self.inner.sync()
+            self.inner.sync()?;
+            self.note_ceiling();
+            Ok(())
         }
     }
 
@@ -1410,10 +1473,7 @@ mod tests {
     fn with_slow_commits_the_writers_a_commit_answered_join_the_next_batch() {
         const WRITERS: usize = 8;
         const ROUNDS: usize = 60;
-        let disk = Arc::new(SlowDisk {
-            inner: MemoryBackend::new(),
-            durable_commits: AtomicUsize::new(0),
-        });
+        let disk = TestDisk::new(true);
         let store = Store::open(disk.clone(), Durability::Strict).expect("open");
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
@@ -1441,6 +1501,33 @@ mod tests {
             "{commits} durable commits for {ROUNDS} rounds of {WRITERS} writers"
         );
         assert!(commits >= ROUNDS, "{commits} durable commits");
+    }
+
+    #[test]
+    fn a_relaxed_write_is_answered_only_below_a_durable_version_ceiling() {
+        // After a crash the versions go on from the durable ceiling: one
+        // answered above it could be handed out again.
+        let disk = TestDisk::new(false);
+        let store = Store::open(disk.clone(), Durability::Relaxed).expect("open");
+        let mut crossed = 0;
+        let mut last_ceiling = 0;
+        for i in 0..2 * SEQ_BLOCK + 10 {
+            let key = i.to_be_bytes();
+            let version = store
+                .write_blocking(move |ctx| ctx.put(&key, 0, b"v", 0))
+                .expect("commit")
+                .expect("put");
+            let ceiling = disk.durable_ceiling.load(Ordering::SeqCst);
+            assert!(
+                version <= ceiling,
+                "version {version} answered above the durable ceiling {ceiling}"
+            );
+            if ceiling != last_ceiling {
+                crossed += 1;
+                last_ceiling = ceiling;
+            }
+        }
+        assert!(crossed >= 3, "the ceiling moved {crossed} times");
     }
 
     #[test]
