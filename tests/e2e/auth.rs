@@ -817,3 +817,38 @@ fn token_request_takes_a_comma_separated_string_in_json_too() {
     as_(&s, "PUT", &format!("/{b}/k"), &t, Some("x")).assert_problem(403);
     assert_eq!(as_(&s, "DELETE", &format!("/{b}/k"), &t, None).status, 204);
 }
+
+#[test]
+fn credentials_are_checked_before_the_request_is() {
+    // A client without the right key learns that first: not that its ttl,
+    // body or form was wrong, and the server does not read a body it would
+    // refuse anyway.
+    let s = TestServer::start_with(&["--max-value-bytes", "100"]);
+    let b = locked_bucket(&s);
+    let big = "x".repeat(1000);
+    for (method, path, body) in [
+        ("PUT", format!("/{b}/k?ttl=soon"), "v"),
+        ("PUT", format!("/{b}/k"), big.as_str()),
+        ("PATCH", format!("/{b}/k"), "not an operation"),
+        ("PATCH", format!("/{b}/k?ttl=-1"), "+1"),
+        ("POST", format!("/{b}/tokens/"), "permissions=everything"),
+        ("PATCH", format!("/{b}"), "default_ttl=never"),
+    ] {
+        let r = anon(&s, method, &path, Some(body));
+        assert_unauthorized(&r);
+        // A key that may read but not write: 403, not 400 or 413.
+        as_(&s, method, &path, "rk", Some(body)).assert_problem(403);
+    }
+    // The right key gets the complaint about the request.
+    as_(&s, "PUT", &format!("/{b}/k?ttl=soon"), "wk", Some("v")).assert_problem(400);
+    as_(&s, "PUT", &format!("/{b}/k"), "wk", Some(&big)).assert_problem(413);
+    as_(
+        &s,
+        "POST",
+        &format!("/{b}/tokens/"),
+        "sk",
+        Some("permissions=everything"),
+    )
+    .assert_problem(400);
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
+}

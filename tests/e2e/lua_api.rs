@@ -897,6 +897,34 @@ kvdb.say(#kvdb.body, ":", kvdb.body)"#,
 }
 
 #[test]
+fn credentials_in_the_query_do_not_reach_the_script_either() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk");
+    let t = s.token(&b, SK, "permissions=read");
+    install(
+        &s,
+        &b,
+        "vars",
+        r#"kvdb.say(tostring(kvdb.var.key), " ", tostring(kvdb.var.access_token), " ", tostring(kvdb.var.q))
+kvdb.say(tostring(kvdb.get("k")))"#,
+    );
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/k"),
+        &[("authorization", "Bearer sk")],
+        Some(b"v"),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    // The credential still counts: the run can read with it.
+    let r = run(&s, &b, "vars?key=rk&q=1");
+    assert_body(&r, "nil nil 1\nv\n");
+    let r = run(&s, &b, &format!("vars?access_token={t}&q=2"));
+    assert_body(&r, "nil nil 2\nv\n");
+    let r = run(&s, &b, "vars?q=3");
+    assert_body(&r, "nil nil 3\nnil\n");
+}
+
+#[test]
 fn request_tables_are_the_same_table_all_run_and_fresh_the_next_run() {
     let s = TestServer::start();
     let b = script_bucket(&s, "");
@@ -1276,6 +1304,55 @@ kvdb.say(select(2, kvdb.access_token{permissions = {"admin"}}))"#,
     assert!(lines[1].starts_with("permission denied"), "{lines:?}");
     assert_eq!(lines[2], "true");
     assert!(lines[3].starts_with("invalid input"), "{lines:?}");
+}
+
+#[test]
+fn a_token_handed_on_expires_no_later_than_the_callers() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk&write_key=wk");
+    let r = s.request(
+        "POST",
+        &format!("/{b}/tokens/"),
+        &[("authorization", "Bearer sk")],
+        Some(b"prefix=p:&permissions=read&ttl=60"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let caller = r.json();
+    let (t, caller_expiry) = (
+        caller["access_token"].as_str().expect("token").to_owned(),
+        caller["expires_at"].as_u64().expect("expiry"),
+    );
+    let source = r#"local year = 365 * 24 * 3600
+kvdb.say(select(2, kvdb.access_token{prefix = "p:", permissions = {"read"}, ttl = year}))
+kvdb.say(select(2, kvdb.access_token{prefix = "p:", permissions = {"read"}, ttl = 5}))
+kvdb.scope.prefix = "p:q"
+kvdb.say(select(2, kvdb.access_token{prefix = "p:q", permissions = {"read"}, ttl = year}))"#;
+    let r = eval_as(&s, &b, source, &t);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let expiries: Vec<u64> = r
+        .text()
+        .lines()
+        .map(|l| l.parse().unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    // A year was asked for: the caller's token ends in a minute, and so do
+    // the tokens handed on, also after the script narrowed its scope.
+    assert_eq!(
+        [expiries[0], expiries[2]],
+        [caller_expiry, caller_expiry],
+        "{expiries:?}"
+    );
+    // Shorter is shorter.
+    assert!(expiries[1] < caller_expiry, "{expiries:?}");
+    // The secret key's scope does not end: a year is a year.
+    let r = eval_as(&s, &b, source, SK);
+    let first: u64 = r
+        .text()
+        .lines()
+        .next()
+        .expect("a line")
+        .parse()
+        .expect("expiry");
+    assert!(first > now() + 364 * 24 * 3600, "{first}");
 }
 
 // ---------------------------------------------------------------------------

@@ -95,6 +95,7 @@ pub fn authorize(
         admin: false,
         grants: Vec::with_capacity(2),
         principal: Principal::Anonymous,
+        expires_at: None,
     };
     if !open.is_empty() {
         scope.grants.push(Grant {
@@ -123,7 +124,9 @@ pub fn authorize(
             permissions: Permissions::of(&[Permission::Read]),
         }
     } else if credential.bytes().filter(|&b| b == b'.').count() == 2 {
-        token::verify(&policy.signing_key, bucket, credential, now_s)?
+        let (grant, expires_at) = token::verify(&policy.signing_key, bucket, credential, now_s)?;
+        scope.expires_at = Some(expires_at);
+        grant
     } else {
         return Err(AuthError::WrongKey);
     };

@@ -79,7 +79,7 @@ pub fn verify(
     bucket: &BucketId,
     token: &str,
     now_s: u64,
-) -> Result<Grant, TokenError> {
+) -> Result<(Grant, u64), TokenError> {
     let mut validation = Validation::new(Algorithm::HS256);
     // Expiry is checked below against our clock, with our leeway.
     validation.validate_exp = false;
@@ -106,10 +106,13 @@ pub fn verify(
         .map(|p| p.parse())
         .collect::<Result<_, _>>()
         .map_err(|_| TokenError::Invalid)?;
-    Ok(Grant {
-        prefix: claims.pfx,
-        permissions: Permissions::of(&perms),
-    })
+    Ok((
+        Grant {
+            prefix: claims.pfx,
+            permissions: Permissions::of(&perms),
+        },
+        claims.exp,
+    ))
 }
 
 #[cfg(test)]
@@ -127,7 +130,7 @@ mod tests {
     fn a_token_verifies_to_its_grant() {
         let id = BucketId::random();
         let t = issue("k", &id, &grant(), 100, 200).expect("signs");
-        assert_eq!(verify("k", &id, &t, 150), Ok(grant()));
+        assert_eq!(verify("k", &id, &t, 150), Ok((grant(), 200)));
     }
 
     #[test]
@@ -136,7 +139,7 @@ mod tests {
         let t = issue("k", &id, &grant(), 100, 200).expect("signs");
         assert_eq!(
             verify("k", &id, &t, 200),
-            Ok(grant()),
+            Ok((grant(), 200)),
             "one second of leeway"
         );
         assert_eq!(verify("k", &id, &t, 201), Err(TokenError::Expired));

@@ -242,6 +242,16 @@ impl Buckets {
         }
     }
 
+    /// Whether `id` was deleted by this process (deletions are remembered
+    /// for as long as it runs).
+    fn is_deleted(&self, id: BucketId) -> bool {
+        self.cache
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .is_some_and(|c| c.policy.is_none())
+    }
+
     /// Creates a bucket with a fresh random id.
     ///
     /// # Errors
@@ -432,6 +442,18 @@ impl Scoped {
         }
     }
 
+    /// Reads of a bucket deleted since this handle was opened (by a script
+    /// still running when its bucket goes) find nothing: the entries stay on
+    /// disk until the background purge reaches them. Writes check the same
+    /// inside their write job ([`ensure_bucket`]).
+    fn ensure_exists(&self) -> Result<(), BucketError> {
+        if self.bucket.buckets.is_deleted(self.bucket.id) {
+            Err(BucketError::NotFound)
+        } else {
+            Ok(())
+        }
+    }
+
     fn require_admin(&self) -> Result<(), BucketError> {
         if self.scope.admin {
             return Ok(());
@@ -459,6 +481,15 @@ impl Scoped {
         self.require_admin()
     }
 
+    /// Refuses a write of `key` that this scope can't make, before the
+    /// request's body is read (the write checks again).
+    ///
+    /// # Errors
+    /// No write permission on `key`.
+    pub fn ensure_writable(&self, key: &Key) -> Result<(), BucketError> {
+        self.require(Permission::Write, key.as_str())
+    }
+
     fn check_size(&self, value: &Value) -> Result<(), BucketError> {
         let limit = self.bucket.buckets.limits.max_value_bytes;
         let size = value.size();
@@ -474,6 +505,7 @@ impl Scoped {
     /// No read permission on `key`, or a storage failure.
     pub fn get(&self, key: &Key) -> Result<Option<Stored>, BucketError> {
         self.require(Permission::Read, key.as_str())?;
+        self.ensure_exists()?;
         self.read_with(&self.store().snapshot()?, key)
     }
 
@@ -597,6 +629,7 @@ impl Scoped {
         if query.values {
             self.require(Permission::Read, &prefix)?;
         }
+        self.ensure_exists()?;
         let base = data_prefix(&self.bucket.id);
         let with_base = |s: &str| {
             let mut k = base.clone();
@@ -716,7 +749,8 @@ impl Scoped {
     }
 
     /// Issues an access token for `grant`, if this scope holds all of it
-    /// (what scripts may hand out); returns the token and its expiry.
+    /// (what scripts may hand out); returns the token and its expiry, which
+    /// is never later than the scope's own (a token's scope ends with it).
     ///
     /// # Errors
     /// The grant reaches beyond this scope.
@@ -732,12 +766,17 @@ impl Scoped {
                 grant.prefix
             )));
         }
-        self.sign_token(grant, ttl_s)
+        self.sign_token(grant, ttl_s, self.scope.expires_at)
     }
 
-    fn sign_token(&self, grant: &Grant, ttl_s: u64) -> Result<(String, u64), BucketError> {
+    fn sign_token(
+        &self,
+        grant: &Grant,
+        ttl_s: u64,
+        not_after: Option<u64>,
+    ) -> Result<(String, u64), BucketError> {
         let now = now_s(self.store().now_ms());
-        let expires_at = now.saturating_add(ttl_s);
+        let expires_at = now.saturating_add(ttl_s).min(not_after.unwrap_or(u64::MAX));
         let token = auth::token::issue(
             &self.bucket.policy.signing_key,
             &self.bucket.id,
@@ -755,6 +794,57 @@ impl Scoped {
     /// Not the admin.
     pub fn issue_token(&self, grant: &Grant, ttl_s: u64) -> Result<(String, u64), BucketError> {
         self.require_admin()?;
-        self.sign_token(grant, ttl_s)
+        self.sign_token(grant, ttl_s, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::storage::memory::MemoryBackend;
+    use crate::storage::{Durability, Store};
+
+    #[tokio::test]
+    async fn a_handle_opened_before_its_bucket_was_deleted_reads_nothing() {
+        // As a script run does: its handle lives on while the bucket is
+        // deleted. No purge runs here (no background task), so the entries
+        // are still in the store.
+        let store =
+            Store::open(Arc::new(MemoryBackend::new()), Durability::Relaxed).expect("store");
+        let buckets = Buckets::new(
+            store,
+            Limits {
+                max_value_bytes: 1024,
+            },
+        );
+        let (id, _) = buckets
+            .create(PolicyChange::default())
+            .await
+            .expect("create");
+        let key = Key::new("k").expect("key");
+        let admin = buckets.open(id).expect("open").scoped(Scope::admin());
+        admin
+            .set(&key, Value::Int(1), None, Condition::Always)
+            .await
+            .expect("set");
+        let running = buckets.open(id).expect("open").scoped(Scope::admin());
+        assert!(running.get(&key).expect("get").is_some());
+        admin.delete_bucket().await.expect("delete");
+        assert!(matches!(running.get(&key), Err(BucketError::NotFound)));
+        assert!(matches!(
+            running.list(&ListQuery {
+                limit: 10,
+                ..ListQuery::default()
+            }),
+            Err(BucketError::NotFound)
+        ));
+        assert!(matches!(
+            running
+                .set(&key, Value::Int(2), None, Condition::Always)
+                .await,
+            Err(BucketError::NotFound)
+        ));
     }
 }

@@ -141,6 +141,9 @@ pub struct Scope {
     pub admin: bool,
     pub grants: Vec<Grant>,
     pub principal: Principal,
+    /// When the credential stops working (a token's expiry, Unix seconds):
+    /// tokens handed on within this scope expire no later.
+    pub expires_at: Option<u64>,
 }
 
 impl Scope {
@@ -153,6 +156,7 @@ impl Scope {
                 permissions: Permissions::ALL,
             }],
             principal: Principal::Credential,
+            expires_at: None,
         }
     }
 
@@ -200,6 +204,7 @@ mod tests {
                 permissions: Permissions::of(perms),
             }],
             principal: Principal::Credential,
+            expires_at: None,
         }
     }
 

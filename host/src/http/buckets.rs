@@ -83,6 +83,8 @@ pub async fn patch_bucket(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // 401/403 before any complaint about the body, and before reading it.
+    bucket.ensure_admin()?;
     let body = read_body(&headers, body, MAX_FORM_BYTES).await?;
     let change =
         PolicyChange::from_fields(body_fields(&headers, &body)?).map_err(BucketError::from)?;
@@ -160,6 +162,8 @@ pub async fn post_token(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // 401/403 before any complaint about the body, and before reading it.
+    bucket.ensure_admin()?;
     let body = read_body(&headers, body, MAX_FORM_BYTES).await?;
     let (grant, ttl) = token_grant(&body_fields(&headers, &body)?)?;
     let (token, expires_at) = bucket.issue_token(&grant, ttl)?;

@@ -9,7 +9,7 @@ use super::{
     Access, ApiError, AppState, condition, content_type, query_pairs, query_param, read_body,
     ttl_param,
 };
-use crate::bucket::{BucketError, Key, Number, Op, Stored, Typing, Value};
+use crate::bucket::{BucketError, Key, Number, Op, Scoped, Stored, Typing, Value};
 
 /// The `{key}` path segment, percent-decoded and validated.
 fn key_param(params: &RawPathParams) -> Result<Key, ApiError> {
@@ -77,12 +77,16 @@ struct Write {
 impl Write {
     async fn parse(
         state: &AppState,
+        bucket: &Scoped,
         params: &RawPathParams,
         uri: &Uri,
         headers: &HeaderMap,
         body: Body,
     ) -> Result<Self, ApiError> {
         let key = key_param(params)?;
+        // 401/403 before any complaint about the request, and before its
+        // body is read.
+        bucket.ensure_writable(&key)?;
         let pairs = query_pairs(uri)?;
         let ttl = ttl_param(&pairs)?;
         let condition = condition(headers)?;
@@ -114,7 +118,7 @@ pub async fn put_key(
         condition,
         body,
         ..
-    } = Write::parse(&state, &params, &uri, &headers, body).await?;
+    } = Write::parse(&state, &bucket, &params, &uri, &headers, body).await?;
     let value = Value::from_body(&body, &Typing::from_content_type(content_type(&headers)))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let version = bucket.set(&key, value, ttl, condition).await?;
@@ -179,7 +183,7 @@ pub async fn patch_key(
         ttl,
         condition,
         body,
-    } = Write::parse(&state, &params, &uri, &headers, body).await?;
+    } = Write::parse(&state, &bucket, &params, &uri, &headers, body).await?;
     let op = parse_op(&headers, query_param(&pairs, "op"), &body)?;
     let is_add = matches!(op, Op::Add(_));
     let stored = bucket.patch(&key, op, ttl, condition).await?;

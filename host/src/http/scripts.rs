@@ -158,6 +158,9 @@ fn request_fields(
     body: &[u8],
 ) -> Result<Vec<(String, String)>, ApiError> {
     let mut vars = query_pairs(uri)?;
+    // `?key=` and `?access_token=` are the caller's credential, which is not
+    // the script's business (like the `Authorization` header).
+    vars.retain(|(k, _)| k != "key" && k != "access_token");
     let essence = content_type(headers)
         .and_then(|ct| ct.split(';').next())
         .map(|e| e.trim().to_ascii_lowercase());

@@ -250,7 +250,9 @@ impl Host {
     }
 
     /// Replaces the scope for the rest of the run: every later call is
-    /// checked against `prefix` and `permissions` alone.
+    /// checked against `prefix` and `permissions` alone. The caller's
+    /// credential still ends when it ends: tokens the script hands on
+    /// expire no later.
     ///
     /// # Errors
     /// A prefix that no key could have.
@@ -263,6 +265,7 @@ impl Host {
                 permissions,
             }],
             principal: Principal::Credential,
+            expires_at: self.scoped.scope().expires_at,
         });
         Ok(())
     }
