@@ -1074,9 +1074,12 @@ impl Backup {
 
     /// Writes the backup stream; returns how many records it holds.
     ///
-    /// Deletions come first, then live entries, so that restoring an
-    /// increment applies a delete before a later re-creation of the same key.
-    /// Entries under a prefix still being purged are left out.
+    /// Deletions (tombstones) come first, then the entries written after
+    /// `since`, so that restoring an increment applies a delete before a
+    /// later re-creation of the same key. An entry that has expired is left
+    /// out of a full backup and is a deletion in an increment (one record
+    /// per key, so the order holds). Entries under a prefix still being
+    /// purged are left out.
     ///
     /// # Errors
     /// An engine failure or a failing writer.
