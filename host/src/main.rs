@@ -206,12 +206,25 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
 }
 
 fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
-    // Check every file whole before touching the data directory.
+    // Check every file whole, and that each continues the one before it,
+    // before touching the data directory.
+    let mut previous: Option<(&std::path::Path, kvdb::storage::BackupInfo)> = None;
     for path in &args.files {
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        kvdb::storage::verify_backup(&mut std::io::BufReader::with_capacity(256 * 1024, file))
-            .with_context(|| format!("checking {}", path.display()))?;
+        let info =
+            kvdb::storage::verify_backup(&mut std::io::BufReader::with_capacity(256 * 1024, file))
+                .with_context(|| format!("checking {}", path.display()))?;
+        if let Some((before, b)) = previous {
+            anyhow::ensure!(
+                info.since == b.version,
+                "{} does not continue {}: {}",
+                path.display(),
+                before.display(),
+                kvdb::storage::backup_chain_hint(info.since, b.version)
+            );
+        }
+        previous = Some((path, info));
     }
     let store = Store::open(open_backend(args.backend, &args.data)?, Durability::Strict)?;
     for path in &args.files {

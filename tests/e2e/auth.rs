@@ -173,6 +173,10 @@ fn bucket_without_any_key_is_open_for_data_but_has_no_admin() {
     assert_eq!(anon(&s, "DELETE", &format!("/{b}/k"), None).status, 204);
     anon(&s, "GET", &format!("/{b}"), None).assert_problem(403);
     anon(&s, "POST", &format!("/{b}/tokens/"), Some("")).assert_problem(403);
+    let detail = anon(&s, "DELETE", &format!("/{b}"), None).assert_problem(403);
+    assert!(detail.contains("it can't be deleted"), "{detail}");
+    assert_eq!(anon(&s, "GET", &format!("/{b}/k"), None).status, 404);
+    assert_eq!(anon(&s, "PUT", &format!("/{b}/k"), Some("v")).status, 204);
 }
 
 #[test]
@@ -333,7 +337,12 @@ fn prefixed_read_token_reads_only_under_its_prefix() {
         as_(&s, "HEAD", &format!("/{b}/users:1:x"), &t, None).status,
         200
     );
-    as_(&s, "GET", &format!("/{b}/users:2:x"), &t, None).assert_problem(403);
+    let detail = as_(&s, "GET", &format!("/{b}/users:2:x"), &t, None).assert_problem(403);
+    assert!(
+        detail.contains(r#"read on key "users:2:x""#)
+            && detail.contains(r#"which grants read on keys starting with "users:1:""#),
+        "the refusal says what was asked and what the token grants: {detail}"
+    );
     as_(&s, "GET", &format!("/{b}/users:10:x"), &t, None).assert_problem(403);
     as_(&s, "GET", &format!("/{b}/k"), &t, None).assert_problem(403);
     // Reading does not grant writing, even under the prefix.
@@ -449,6 +458,21 @@ fn token_cannot_list_outside_its_prefix() {
     }
     let t = s.token(&b, "sk", "prefix=users:1:&permissions=read,enumerate");
     as_(&s, "GET", &format!("/{b}/?prefix=users:2:"), &t, None).assert_problem(403);
+    // Listing values needs read too: the refusal names values=true.
+    let names_only = s.token(&b, "sk", "prefix=users:1:&permissions=enumerate");
+    let detail =
+        as_(&s, "GET", &format!("/{b}/?values=true"), &names_only, None).assert_problem(403);
+    assert!(
+        detail.contains(r#"values=true (read on the keys under prefix "users:1:")"#)
+            && detail.contains("which grants enumerate on keys starting with"),
+        "{detail}"
+    );
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/"), &names_only, None)
+            .text()
+            .trim(),
+        "users:1:a"
+    );
     // A broader prefix either is refused or stays confined: never users:2:.
     let r = as_(
         &s,

@@ -518,15 +518,30 @@ fn restoring_an_increment_out_of_order_fails() {
     backup(&f.live, v2, &incr2);
 
     // An increment without its base.
-    restore_fails(&f.fresh_dir("no-base"), &[&incr1]);
-    // A gap in the chain.
-    restore_fails(&f.fresh_dir("gap"), &[&full, &incr2]);
-    // Links in the wrong order.
-    restore_fails(&f.fresh_dir("swapped"), &[&full, &incr2, &incr1]);
+    let err = restore_fails(&f.fresh_dir("no-base"), &[&incr1]);
+    assert!(err.contains("a backup is missing"), "{err}");
+    // A gap in the chain, and links in the wrong order: refused before
+    // anything is restored, naming the files and what to do.
+    let gap = f.fresh_dir("gap");
+    let err = restore_fails(&gap, &[&full, &incr2]);
+    assert!(
+        err.contains("incr2.kvdb does not continue") && err.contains("a backup is missing"),
+        "{err}"
+    );
+    let swapped = f.fresh_dir("swapped");
+    let err = restore_fails(&swapped, &[&full, &incr2, &incr1]);
+    assert!(err.contains("incr2.kvdb does not continue"), "{err}");
+    for untouched in [&gap, &swapped] {
+        restore_ok(untouched, &[&full, &incr1, &incr2]);
+    }
     // The same increment twice.
     let data = f.fresh_dir("twice");
     restore_ok(&data, &[&full, &incr1]);
-    restore_fails(&data, &[&incr1]);
+    let err = restore_fails(&data, &[&incr1]);
+    assert!(
+        err.contains(&format!("kvdb backup --since {v2}")),
+        "says how to take the increment that follows: {err}"
+    );
     // What was restored before the refusal is intact and continues the chain.
     restore_ok(&data, &[&incr2]);
     let restored = TestServer::start_on(&data, &[]);
@@ -564,7 +579,8 @@ fn restoring_a_full_backup_into_a_non_empty_dir_fails() {
     // A directory a full backup was already restored into.
     let data = f.fresh_dir("twice");
     restore_ok(&data, &[&full]);
-    restore_fails(&data, &[&full]);
+    let err = restore_fails(&data, &[&full]);
+    assert!(err.contains("restore into a new directory"), "{err}");
 }
 
 #[test]

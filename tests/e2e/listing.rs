@@ -483,3 +483,31 @@ fn listings_of_two_buckets_are_separate() {
     assert_eq!(json_keys(&s, &b1, ""), ["one"]);
     assert_eq!(json_keys(&s, &b2, ""), ["two"]);
 }
+
+#[test]
+fn a_limit_above_the_maximum_lists_the_maximum_and_links_the_rest() {
+    // Relaxed durability: 10,002 writes without an fsync each.
+    let s = std::sync::Arc::new(TestServer::start_with(&["--durability", "relaxed"]));
+    let b = s.create_bucket("");
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let (s, b) = (s.clone(), b.clone());
+            std::thread::spawn(move || {
+                for i in (t..10_002).step_by(4) {
+                    let r = s.put(&format!("/{b}/k{i:05}"), "v");
+                    assert_eq!(r.status, 204, "PUT k{i:05}: {}", r.text());
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    let r = list(&s, &b, "format=json&limit=20000&unknown_parameter=1");
+    let keys: Vec<String> = serde_json::from_value(r.json()).expect("keys");
+    assert_eq!(keys.len(), 10_000, "capped at the maximum");
+    assert_eq!(keys.last().map(String::as_str), Some("k09999"));
+    let link = r.header("link").expect("a next link");
+    assert!(link.contains("start=k09999"), "{link}");
+    assert_eq!(json_keys(&s, &b, "start=k09999"), ["k10000", "k10001"]);
+}

@@ -428,9 +428,10 @@ impl Scoped {
             Principal::Anonymous => BucketError::Unauthorized(format!(
                 "{what} needs a key or an access token for this bucket"
             )),
-            Principal::Credential => {
-                BucketError::Forbidden(format!("{what} is not allowed with this credential"))
-            }
+            Principal::Credential => BucketError::Forbidden(format!(
+                "{what} is not allowed with this credential, which grants {}",
+                self.scope.describe()
+            )),
         }
     }
 
@@ -460,7 +461,7 @@ impl Scoped {
         }
         if self.bucket.policy.secret_key.is_none() {
             return Err(BucketError::Forbidden(
-                "this bucket was created without a secret_key, so it has no admin: its policy, tokens and scripts can't be managed".into(),
+                "this bucket was created without a secret_key, so it has no admin: it can't be deleted, and its policy, tokens and scripts can't be managed".into(),
             ));
         }
         let what = "this operation needs the bucket's secret key (access tokens never grant it): send the secret key as the user name, e.g. `curl -u SECRET:`";
@@ -626,8 +627,10 @@ impl Scoped {
                 query.prefix
             )));
         };
-        if query.values {
-            self.require(Permission::Read, &prefix)?;
+        if query.values && !self.scope.allows(Permission::Read, &prefix) {
+            return Err(self.refuse(format!(
+                "values=true (read on the keys under prefix {prefix:?})"
+            )));
         }
         self.ensure_exists()?;
         let base = data_prefix(&self.bucket.id);

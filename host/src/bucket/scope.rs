@@ -183,6 +183,29 @@ impl Scope {
             .min()
     }
 
+    /// What the scope grants, for an error message: `read, enumerate on keys
+    /// starting with "users:1:"`, `read on every key`, `nothing`.
+    pub fn describe(&self) -> String {
+        let grants: Vec<String> = self
+            .grants
+            .iter()
+            .filter(|g| !g.permissions.is_empty())
+            .map(|g| {
+                let perms = g.permissions.names().join(", ");
+                if g.prefix.is_empty() {
+                    format!("{perms} on every key")
+                } else {
+                    format!("{perms} on keys starting with {:?}", g.prefix)
+                }
+            })
+            .collect();
+        if grants.is_empty() {
+            "nothing".into()
+        } else {
+            grants.join("; ")
+        }
+    }
+
     /// Could this scope hand `grant` on to someone else (it holds all of it)?
     pub fn covers(&self, grant: &Grant) -> bool {
         self.admin
@@ -226,6 +249,19 @@ mod tests {
             token_scope("", &[Permission::Read]).listing_prefix(""),
             None
         );
+    }
+
+    #[test]
+    fn a_scope_says_what_it_grants() {
+        assert_eq!(
+            token_scope("users:1:", &[Permission::Read, Permission::Enumerate]).describe(),
+            r#"read, enumerate on keys starting with "users:1:""#
+        );
+        assert_eq!(
+            token_scope("", &[Permission::Write]).describe(),
+            "write on every key"
+        );
+        assert_eq!(token_scope("a", &[]).describe(), "nothing");
     }
 
     #[test]

@@ -288,6 +288,24 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// What to do when a backup that continues from version `since` is to follow
+/// data (the backup before it, or a data directory) that ends at `holds`.
+pub fn chain_hint(since: u64, holds: u64) -> String {
+    if since > holds {
+        format!(
+            "it continues from version {since}, but what comes before it ends at version {holds}: \
+             a backup is missing between them (restore the full backup, then each increment \
+             in the order they were taken)"
+        )
+    } else {
+        format!(
+            "it continues from version {since}, but what comes before it already ends at version \
+             {holds}: it is the wrong file or out of order; an increment to follow version \
+             {holds} is taken with `kvdb backup --since {holds}`"
+        )
+    }
+}
+
 /// Reads a whole stream and checks its footer, without applying anything.
 ///
 /// # Errors

@@ -25,7 +25,7 @@ mod conformance;
 
 use std::ops::Bound;
 
-pub use backup::{BackupInfo, verify as verify_backup};
+pub use backup::{BackupInfo, chain_hint as backup_chain_hint, verify as verify_backup};
 pub(crate) use store::prefix_end;
 pub use store::{Backup, Durability, Entry, GcStats, Snapshot, Store, WriteCtx};
 

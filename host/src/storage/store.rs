@@ -882,13 +882,13 @@ impl Store {
             })??;
         if info.since == 0 && (has_data || seq > 0) {
             return Err(StorageError::Restore(
-                "a full backup can only be restored into an empty data directory".into(),
+                "a full backup can only be restored into an empty data directory: restore into a new directory (a failed restore leaves what it restored: remove it and start again)".into(),
             ));
         }
         if info.since != 0 && info.since != restored {
             return Err(StorageError::Restore(format!(
-                "this backup continues from version {}, but the data directory holds version {restored}: restore the backups of the chain in order",
-                info.since
+                "this backup does not continue the data directory ({})",
+                super::backup::chain_hint(info.since, restored)
             )));
         }
         // Until the last record and the checksum are in, the directory is
