@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// Operator token for /_admin/ routes (backups). Without it they are disabled.
     #[arg(long, env = "KVDB_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Seconds a client may take to send a request's headers (or keep an idle
+    /// connection open) and may pause while sending its body (408 beyond).
+    #[arg(long, env = "KVDB_READ_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub read_timeout_secs: u64,
     /// Largest value in bytes (larger writes are answered 413).
     #[arg(long, env = "KVDB_MAX_VALUE_BYTES", default_value_t = DEFAULT_MAX_VALUE_BYTES)]
     pub max_value_bytes: usize,

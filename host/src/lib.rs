@@ -23,7 +23,7 @@ pub mod http;
 pub mod script;
 pub mod storage;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,7 @@ pub async fn gc_loop(buckets: Arc<Buckets>) {
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: http::AppState,
+    read_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let buckets = state.buckets.clone();
@@ -75,12 +76,10 @@ pub async fn run(
         shutdown.await;
         let _ = stopping.send(true);
     };
-    let serve = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(signal)
-    .into_future();
+    let serve = async move {
+        http::serve::serve(listener, app, read_timeout, signal).await;
+        Ok(())
+    };
     let grace = async move {
         let _ = stopped.wait_for(|s| *s).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;

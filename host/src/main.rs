@@ -84,7 +84,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, backend = ?args.backend, ?durability, data = %args.data.display(), "kvdb is ready");
         println!("listening on http://{addr}");
         std::io::stdout().flush()?;
-        kvdb::run(listener, state, shutdown_signal()).await?;
+        kvdb::run(
+            listener,
+            state,
+            std::time::Duration::from_secs(args.read_timeout_secs),
+            shutdown_signal(),
+        )
+        .await?;
         tracing::info!("stopped cleanly");
         Ok(())
     });

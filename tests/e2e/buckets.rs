@@ -446,3 +446,28 @@ fn create_bucket_with_bad_fields_is_400() {
     s.request("POST", "/", &[JSON], Some(br#"{"default_ttl":"soon"}"#))
         .assert_problem(400);
 }
+
+#[test]
+fn create_bucket_with_an_empty_key_is_400_naming_it() {
+    // As `curl -d "secret_key=$SECRET"` sends with SECRET unset: a bucket
+    // without an admin for ever, or open to anyone, would be a silent trap.
+    let s = TestServer::start();
+    for (body, field) in [
+        ("secret_key=", "secret_key"),
+        ("secret_key=s&read_key=", "read_key"),
+        ("secret_key=s&write_key=", "write_key"),
+        ("secret_key=s&signing_key=", "signing_key"),
+    ] {
+        let detail = s.post("/", body).assert_problem(400);
+        assert!(
+            detail.starts_with(&format!("{field} is empty")),
+            "{body}: {detail}"
+        );
+    }
+    let detail = s
+        .request("POST", "/", &[JSON], Some(br#"{"secret_key":""}"#))
+        .assert_problem(400);
+    assert!(detail.starts_with("secret_key is empty"), "{detail}");
+    // An empty email is no key: accepted.
+    assert_eq!(s.post("/", "secret_key=s&email=").status, 201);
+}

@@ -512,3 +512,41 @@ fn large_value_round_trips_byte_for_byte() {
     assert_eq!(g.status, 200);
     assert!(g.body == big, "1 MB value came back different");
 }
+
+#[test]
+fn a_stored_html_page_is_served_sandboxed_and_never_sniffed() {
+    // Anyone who may write a key picks its bytes and content type; opened in
+    // a browser, it must not run as a page of the server's own origin.
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let page = b"<script>fetch('/other-bucket/secret')</script>";
+    assert_eq!(
+        put_typed(&s, &format!("/{b}/page"), "text/html", page).status,
+        204
+    );
+    for method in ["GET", "HEAD"] {
+        let r = s.request(method, &format!("/{b}/page"), &[], None);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type").as_deref(), Some("text/html"));
+        assert_eq!(
+            r.header("content-security-policy").as_deref(),
+            Some("sandbox")
+        );
+        assert_eq!(
+            r.header("x-content-type-options").as_deref(),
+            Some("nosniff")
+        );
+    }
+    // PATCH answers with the value too.
+    let r = s.request(
+        "PATCH",
+        &format!("/{b}/page?op=append"),
+        &[],
+        Some(b"<b>x</b>"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("content-security-policy").as_deref(),
+        Some("sandbox")
+    );
+}

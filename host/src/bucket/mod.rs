@@ -255,11 +255,13 @@ impl Buckets {
     /// Creates a bucket with a fresh random id.
     ///
     /// # Errors
-    /// A storage failure.
+    /// An empty key in `change` ([`PolicyChange::check_create`]), or a
+    /// storage failure.
     pub async fn create(
         &self,
         change: PolicyChange,
     ) -> Result<(BucketId, Arc<Policy>), BucketError> {
+        change.check_create()?;
         let id = BucketId::random();
         let (policy, version) = self
             .store

@@ -45,6 +45,10 @@ pub enum PolicyError {
     NotAString(&'static str),
     #[error("default_ttl must be a non-negative integer number of seconds")]
     BadTtl,
+    #[error(
+        "{0} is empty: give it a value, or leave the field out (without secret_key a bucket has no admin for ever; without read_key or write_key, reading or writing is open to whoever knows the bucket id)"
+    )]
+    EmptyAtCreation(&'static str),
     #[error("{0} can be changed but not unset")]
     CannotUnset(&'static str),
     #[error("{0} is longer than 1024 bytes")]
@@ -85,8 +89,9 @@ impl PolicyChange {
         Ok(change)
     }
 
-    /// A new bucket's policy. A missing or empty secret key leaves the bucket
-    /// without an admin; a missing signing key is generated.
+    /// A new bucket's policy (after [`PolicyChange::check_create`]). A
+    /// missing secret key leaves the bucket without an admin; a missing
+    /// signing key is generated.
     pub fn create(self, now_s: u64) -> Policy {
         Policy {
             secret_key: self.secret_key.filter(|s| !s.is_empty()),
@@ -100,6 +105,34 @@ impl PolicyChange {
             email: self.email.flatten(),
             created_at: now_s,
         }
+    }
+
+    /// Checks a new bucket's fields: a key given empty is refused (most
+    /// likely an unset shell variable), since it would silently leave the
+    /// bucket without an admin for ever, or readable or writable by anyone
+    /// who knows its id.
+    ///
+    /// # Errors
+    /// An empty `secret_key`, `read_key`, `write_key` or `signing_key`.
+    pub fn check_create(&self) -> Result<(), PolicyError> {
+        let empty = |v: Option<&str>| v == Some("");
+        for (field, value) in [
+            ("secret_key", self.secret_key.as_deref()),
+            (
+                "read_key",
+                self.read_key.as_ref().map(|v| v.as_deref().unwrap_or("")),
+            ),
+            (
+                "write_key",
+                self.write_key.as_ref().map(|v| v.as_deref().unwrap_or("")),
+            ),
+            ("signing_key", self.signing_key.as_deref()),
+        ] {
+            if empty(value) {
+                return Err(PolicyError::EmptyAtCreation(field));
+            }
+        }
+        Ok(())
     }
 
     /// Checks what an update to an existing policy may not do.
@@ -186,12 +219,24 @@ mod tests {
     }
 
     #[test]
-    fn creation_generates_a_signing_key_and_ignores_empty_keys() {
-        let p = PolicyChange::from_fields(fields(
-            json!({"secret_key": "", "read_key": "r", "default_ttl": "60"}),
-        ))
-        .expect("valid")
-        .create(5);
+    fn creation_refuses_empty_keys() {
+        for field in ["secret_key", "read_key", "write_key", "signing_key"] {
+            let change = PolicyChange::from_fields(fields(json!({ field: "" }))).expect("parses");
+            assert_eq!(
+                change.check_create(),
+                Err(PolicyError::EmptyAtCreation(field))
+            );
+        }
+        let change = PolicyChange::from_fields(fields(json!({"secret_key": "s", "email": ""})))
+            .expect("parses");
+        assert_eq!(change.check_create(), Ok(()));
+    }
+
+    #[test]
+    fn creation_generates_a_signing_key() {
+        let p = PolicyChange::from_fields(fields(json!({"read_key": "r", "default_ttl": "60"})))
+            .expect("valid")
+            .create(5);
         assert_eq!(p.secret_key, None);
         assert_eq!(p.read_key.as_deref(), Some("r"));
         assert_eq!(p.default_ttl, 60);

@@ -33,6 +33,9 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The client stopped sending its request body (see `http::serve`).
+    #[error("{0}: send the whole body (as long as Content-Length says) without long pauses")]
+    BodyStalled(#[from] super::serve::BodyStalled),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -71,6 +74,7 @@ impl ApiError {
             | ApiError::Key(_)
             | ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::BodyStalled(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             ApiError::Script(ScriptError::Invalid(_)) => {
                 (StatusCode::BAD_REQUEST, "script-invalid")

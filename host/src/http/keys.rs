@@ -28,11 +28,25 @@ fn with_etag(mut response: Response, stored_etag: &str) -> Response {
     response
 }
 
+/// A stored value as a response. Whoever may write a key chooses its bytes
+/// and content type, so a value opened in a browser must not run as a page
+/// of this server's origin (where the script editor's login and other
+/// buckets live): it is served sandboxed (a unique origin, no scripts) and
+/// never content-sniffed. `fetch` and other API clients are unaffected.
 fn value_response(status: StatusCode, stored: &Stored, content_type: &str) -> Response {
     let mut response = (status, stored.value.body()).into_response();
+    let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(header::CONTENT_TYPE, v);
+        headers.insert(header::CONTENT_TYPE, v);
     }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox"),
+    );
     with_etag(response, &stored.etag())
 }
 

@@ -12,6 +12,7 @@ pub mod error;
 mod keys;
 mod list;
 mod scripts;
+pub mod serve;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -187,9 +188,7 @@ pub(crate) async fn read_body(
     }
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::bad_request(format!("the request body could not be read: {e}"))
-        })?;
+        let frame = frame.map_err(body_error)?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 drain(body).await;
@@ -199,6 +198,14 @@ pub(crate) async fn read_body(
         }
     }
     Ok(buf.freeze())
+}
+
+/// A body read error: the client stalled (408), or sent a malformed body.
+fn body_error(e: axum::Error) -> ApiError {
+    match e.into_inner().downcast::<serve::BodyStalled>() {
+        Ok(stalled) => ApiError::BodyStalled(*stalled),
+        Err(e) => ApiError::bad_request(format!("the request body could not be read: {e}")),
+    }
 }
 
 async fn drain(mut body: Body) {
