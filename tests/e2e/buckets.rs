@@ -471,3 +471,36 @@ fn create_bucket_with_an_empty_key_is_400_naming_it() {
     // An empty email is no key: accepted.
     assert_eq!(s.post("/", "secret_key=s&email=").status, 201);
 }
+
+#[test]
+fn form_fields_that_are_not_utf8_are_400_not_replaced() {
+    let s = TestServer::start();
+    // Creation: nothing is created.
+    let detail = s
+        .post("/", "secret_key=sk&read_key=%FF")
+        .assert_problem(400);
+    assert!(
+        detail.contains(r#"the value of the form field "read_key" is not valid UTF-8"#),
+        "{detail}"
+    );
+    let b = s.create_bucket("secret_key=sk&read_key=rk");
+    // An update: the key stays as it was.
+    patch_policy(&s, &b, "sk", "read_key=%FF").assert_problem(400);
+    assert_eq!(policy(&s, &b, "sk")["read_key"], "rk");
+    // A token request: no token with a replaced prefix.
+    let r = s.request(
+        "POST",
+        &format!("/{b}/tokens/"),
+        &[("authorization", "Bearer sk"), FORM],
+        Some(b"prefix=%FF&permissions=read"),
+    );
+    r.assert_problem(400);
+    // Raw bytes that are not UTF-8 in a form body.
+    let r = s.request(
+        "PATCH",
+        &format!("/{b}"),
+        &[("authorization", "Bearer sk"), FORM],
+        Some(b"email=\xff"),
+    );
+    assert!(r.assert_problem(400).contains("not valid UTF-8"));
+}

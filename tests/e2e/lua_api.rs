@@ -1525,3 +1525,26 @@ local v, err = kvdb.get("k") kvdb.say(tostring(v), " ", tostring(err))"#,
     // Over HTTP the key stays closed to anonymous readers.
     s.get(&format!("/{b}/k")).assert_problem(401);
 }
+
+#[test]
+fn a_form_post_that_is_not_utf8_is_400_and_an_untyped_body_still_runs() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &b,
+        "echo",
+        "kvdb.say(kvdb.var.name or '-', ' ', #kvdb.body)",
+    );
+    let path = format!("/{b}/scripts/echo");
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    let r = s.request("POST", &path, &[form], Some(b"name=%FF"));
+    let detail = r.assert_problem(400);
+    assert!(detail.contains(r#"form field "name""#), "{detail}");
+    assert_body(
+        &s.request("POST", &path, &[form], Some(b"name=Ann")),
+        "Ann 8\n",
+    );
+    // A body without a type may be anything: the script gets it whole.
+    assert_body(&s.request("POST", &path, &[], Some(b"\xff\xfe")), "- 2\n");
+}

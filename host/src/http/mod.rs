@@ -96,24 +96,44 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 /// A parameter that is not UTF-8 once decoded: refused rather than
 /// silently replaced.
 pub(crate) fn query_pairs(uri: &Uri) -> Result<Vec<(String, String)>, ApiError> {
+    urlencoded_pairs(uri.query().unwrap_or(""), "query parameter")
+}
+
+/// The pairs of a form body (`application/x-www-form-urlencoded`).
+///
+/// # Errors
+/// Bytes that are not UTF-8, raw or once percent-decoded.
+pub(crate) fn form_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("the form body is not valid UTF-8"))?;
+    urlencoded_pairs(text, "form field")
+}
+
+/// `a=1&b=x+y` pairs, percent-decoded, refusing what is not UTF-8 once
+/// decoded (rather than replacing it, which would change a key or a prefix
+/// behind the client's back). `what` names the pairs in errors.
+fn urlencoded_pairs(text: &str, what: &str) -> Result<Vec<(String, String)>, ApiError> {
     let decode = |s: &str| {
         let spaced = s.replace('+', " ");
         percent_encoding::percent_decode_str(&spaced)
             .decode_utf8()
             .map(std::borrow::Cow::into_owned)
-            .map_err(|_| {
-                ApiError::bad_request(format!(
-                    "the query parameter {s:?} is not valid UTF-8 once percent-decoded"
-                ))
-            })
     };
-    uri.query()
-        .unwrap_or("")
-        .split('&')
+    text.split('&')
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            Ok((decode(k)?, decode(v)?))
+            let name = decode(k).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "the {what} name {k:?} is not valid UTF-8 once percent-decoded"
+                ))
+            })?;
+            let value = decode(v).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "the value of the {what} {name:?} is not valid UTF-8 once percent-decoded"
+                ))
+            })?;
+            Ok((name, value))
         })
         .collect()
 }
@@ -244,11 +264,10 @@ pub(crate) fn body_fields(
             ApiError::bad_request(format!("the body must be a JSON object of fields: {e}"))
         });
     }
-    let mut fields = BTreeMap::new();
-    for (k, v) in form_urlencoded::parse(body) {
-        fields.insert(k.into_owned(), serde_json::Value::String(v.into_owned()));
-    }
-    Ok(fields)
+    Ok(form_pairs(body)?
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect())
 }
 
 /// The write precondition from `If-Match` / `If-None-Match`.

@@ -14,7 +14,7 @@ use axum::extract::{RawPathParams, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 
-use super::{Access, ApiError, AppState, content_type, query_pairs, read_body};
+use super::{Access, ApiError, AppState, content_type, form_pairs, query_pairs, read_body};
 use crate::bucket::{BucketError, ScriptKind, ScriptName};
 use crate::script::Request;
 use crate::script::api::Host;
@@ -176,10 +176,11 @@ fn request_fields(
                 }
             }
         }
-        Some("application/x-www-form-urlencoded") | None if !body.is_empty() => {
-            vars.extend(
-                form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())),
-            );
+        Some("application/x-www-form-urlencoded") => vars.extend(form_pairs(body)?),
+        // A body without a type may be anything (the script reads it whole):
+        // its fields are taken as a form where they decode.
+        None if !body.is_empty() => {
+            vars.extend(form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())))
         }
         _ => {}
     }
