@@ -701,3 +701,39 @@ fn concurrent_increments_never_lose_an_update() {
     // Every increment saw its own new value: exactly 1..=2000.
     assert_eq!(seen, (1..=total).collect::<BTreeSet<_>>());
 }
+
+#[test]
+fn malformed_conditional_headers_are_400_and_change_nothing() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    let etag = s.put(&path, "v1").header("etag").expect("etag");
+    for (name, value, says) in [
+        ("if-none-match", "", "If-None-Match is empty"),
+        ("if-match", "", "If-Match is empty"),
+        ("if-match", "garbage", "takes ETags in quotes"),
+        ("if-match", etag.trim_matches('"'), "takes ETags in quotes"),
+    ] {
+        let r = with_header(&s, "PUT", &path, (name, value), "v2");
+        let detail = r.assert_problem(400);
+        assert!(
+            detail
+                .to_ascii_lowercase()
+                .contains(&says.to_ascii_lowercase()),
+            "{name}: {value:?}: {detail}"
+        );
+        assert_eq!(current(&s, &path).as_deref(), Some("v1"));
+    }
+    // The tags of every If-Match line count, as of one line listing them.
+    let r = s.request(
+        "PUT",
+        &path,
+        &[("if-match", "\"nope\""), ("if-match", etag.as_str())],
+        Some(b"v3"),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(current(&s, &path).as_deref(), Some("v3"));
+    // On a read, a malformed If-None-Match is ignored: the value is answered.
+    let r = s.request("GET", &path, &[("if-none-match", "garbage")], None);
+    assert_eq!((r.status, r.text().as_str()), (200, "v3"));
+}

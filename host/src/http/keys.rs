@@ -6,8 +6,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{
-    Access, ApiError, AppState, condition, content_type, query_pairs, query_param, read_body,
-    ttl_param,
+    Access, ApiError, AppState, condition, content_type, etag_list, query_pairs, query_param,
+    read_body, ttl_param,
 };
 use crate::bucket::{BucketError, Key, Number, Op, Scoped, Stored, Typing, Value};
 
@@ -61,12 +61,14 @@ pub async fn get_key(
         .get(&key)?
         .ok_or_else(|| BucketError::KeyNotFound(key.to_string()))?;
     let etag = stored.etag();
-    let unchanged = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == etag)
+    // A malformed If-None-Match on a read is ignored (RFC 9110): the value
+    // is answered in full.
+    let unchanged = etag_list(&headers, &header::IF_NONE_MATCH)
+        .ok()
+        .flatten()
+        .is_some_and(|tags| {
+            tags.iter()
+                .any(|t| t == "*" || t.trim_start_matches("W/") == etag)
         });
     if unchanged {
         return Ok(with_etag(StatusCode::NOT_MODIFIED.into_response(), &etag));

@@ -275,15 +275,7 @@ pub(crate) fn body_fields(
 /// # Errors
 /// An `If-None-Match` other than `*` on a write.
 pub(crate) fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
-    let list = |name| {
-        headers.get(name).and_then(|v| v.to_str().ok()).map(|v| {
-            v.split(',')
-                .map(|t| t.trim().to_owned())
-                .filter(|t| !t.is_empty())
-                .collect::<Vec<_>>()
-        })
-    };
-    if let Some(tags) = list(header::IF_NONE_MATCH) {
+    if let Some(tags) = etag_list(headers, &header::IF_NONE_MATCH)? {
         if tags.iter().all(|t| t == "*") {
             return Ok(Condition::IfAbsent);
         }
@@ -291,7 +283,43 @@ pub(crate) fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
             "on a write, If-None-Match supports only `*` (set only if absent)",
         ));
     }
-    Ok(list(header::IF_MATCH).map_or(Condition::Always, Condition::IfMatch))
+    Ok(etag_list(headers, &header::IF_MATCH)?.map_or(Condition::Always, Condition::IfMatch))
+}
+
+/// The entity tags of `If-Match` or `If-None-Match` (all their header lines),
+/// `None` when the header is absent.
+///
+/// # Errors
+/// An empty list, or a tag that is neither `*` nor quoted as ETags are
+/// answered (`"1a"`, `W/"1a"`).
+pub(crate) fn etag_list(
+    headers: &HeaderMap,
+    name: &header::HeaderName,
+) -> Result<Option<Vec<String>>, ApiError> {
+    let mut present = false;
+    let mut tags = Vec::new();
+    for value in headers.get_all(name) {
+        present = true;
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::bad_request(format!("{name} must be visible ASCII")))?;
+        for tag in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let opaque = tag.strip_prefix("W/").unwrap_or(tag);
+            let quoted = opaque.len() >= 2 && opaque.starts_with('"') && opaque.ends_with('"');
+            if tag != "*" && !quoted {
+                return Err(ApiError::bad_request(format!(
+                    "{name} takes ETags in quotes, as they are answered (e.g. \"1a\"), or `*`; got {tag:?}"
+                )));
+            }
+            tags.push(tag.to_owned());
+        }
+    }
+    if present && tags.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{name} is empty: send the ETag a GET answered (with its quotes), or `*`"
+        )));
+    }
+    Ok(present.then_some(tags))
 }
 
 /// `ttl` from the query: a non-negative integer of seconds.
