@@ -141,6 +141,31 @@ fn invalid_utf8_in_a_key_is_400() {
 }
 
 #[test]
+fn a_percent_without_two_hex_digits_is_400_and_a_literal_one_is_25() {
+    let (s, b) = setup();
+    for bad in ["a%", "a%zz", "%2", "%%", "x%g1"] {
+        let detail = s.put(&format!("/{b}/{bad}"), "v").assert_problem(400);
+        assert!(
+            detail.contains("write a literal % as %25"),
+            "{bad}: {detail}"
+        );
+        s.get(&format!("/{b}/{bad}")).assert_problem(400);
+    }
+    assert_unchanged(&s, &b);
+    assert_eq!(s.put(&format!("/{b}/100%25"), "v").status, 204);
+    assert_eq!(keys(&s, &b), ["100%", "k"]);
+}
+
+#[test]
+fn a_bucket_segment_that_is_not_utf8_is_an_unknown_bucket() {
+    let (s, b) = setup();
+    let r = s.get("/%FF/k");
+    assert_eq!(r.status, 404, "{}", r.text());
+    let detail = s.get(&format!("/{b}/%FF")).assert_problem(400);
+    assert!(detail.contains("must be UTF-8"), "{detail}");
+}
+
+#[test]
 fn printable_non_ascii_keys_are_accepted() {
     let (s, b) = setup();
     // U+00A0 (no-break space) and U+2028 are not category Cc.

@@ -147,6 +147,26 @@ pub(crate) fn query_param<'a>(pairs: &'a [(String, String)], name: &str) -> Opti
         .map(|(_, v)| v.as_str())
 }
 
+/// Refuses a path with a `%` not followed by two hex digits: decoding would
+/// keep it literally, so that `/b/a%` and `/b/a%25` would name the same key.
+///
+/// # Errors
+/// The first such `%`, quoted, and how to write a literal one.
+fn check_escapes(path: &str) -> Result<(), ApiError> {
+    let bytes = path.as_bytes();
+    for (i, _) in path.match_indices('%') {
+        let hex = |j: usize| bytes.get(j).is_some_and(u8::is_ascii_hexdigit);
+        if !(hex(i + 1) && hex(i + 2)) {
+            let end = (i + 3).min(path.len());
+            let shown = path.get(i..end).unwrap_or("%");
+            return Err(ApiError::bad_request(format!(
+                "the path has a `%` that is not followed by two hex digits ({shown:?}): write a literal % as %25"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A bucket opened from the `{bucket}` path segment and bound to the scope of
 /// the credential the request presents.
 pub struct Access(pub Scoped);
@@ -155,9 +175,23 @@ impl FromRequestParts<AppState> for Access {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        check_escapes(parts.uri.path())?;
         let params = RawPathParams::from_request_parts(parts, state)
             .await
-            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+            .map_err(|e| {
+                let bucket = parts.uri.path().split('/').nth(1).unwrap_or("");
+                if percent_encoding::percent_decode_str(bucket)
+                    .decode_utf8()
+                    .is_err()
+                {
+                    // Not a bucket id, whatever else is wrong.
+                    return ApiError::Bucket(crate::bucket::BucketError::NotFound);
+                }
+                ApiError::bad_request(format!(
+                    "{}: a key or script name must be UTF-8 once percent-decoded",
+                    e.body_text()
+                ))
+            })?;
         let id: BucketId = params
             .iter()
             .find(|(name, _)| *name == "bucket")
