@@ -64,8 +64,9 @@ pub struct ServeArgs {
     /// Operator token for /_admin/ routes (backups). Without it they are disabled.
     #[arg(long, env = "KVDB_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Seconds a client may take to send a request's headers (or keep an idle
-    /// connection open) and may pause while sending its body (408 beyond).
+    /// Seconds a connection may stall (no request answered or started, nothing
+    /// sent: idle, or headers never finished) before it is closed, and a
+    /// request body may pause (408 beyond).
     #[arg(long, env = "KVDB_READ_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub read_timeout_secs: u64,
     /// Largest value in bytes (larger writes are answered 413).
