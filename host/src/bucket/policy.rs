@@ -115,24 +115,17 @@ impl PolicyChange {
     /// # Errors
     /// An empty `secret_key`, `read_key`, `write_key` or `signing_key`.
     pub fn check_create(&self) -> Result<(), PolicyError> {
-        let empty = |v: Option<&str>| v == Some("");
-        for (field, value) in [
-            ("secret_key", self.secret_key.as_deref()),
-            (
-                "read_key",
-                self.read_key.as_ref().map(|v| v.as_deref().unwrap_or("")),
-            ),
-            (
-                "write_key",
-                self.write_key.as_ref().map(|v| v.as_deref().unwrap_or("")),
-            ),
-            ("signing_key", self.signing_key.as_deref()),
-        ] {
-            if empty(value) {
-                return Err(PolicyError::EmptyAtCreation(field));
-            }
+        // `read_key`/`write_key` given empty (or null) parse as `Some(None)`.
+        let empty = [
+            ("secret_key", self.secret_key.as_deref() == Some("")),
+            ("read_key", self.read_key == Some(None)),
+            ("write_key", self.write_key == Some(None)),
+            ("signing_key", self.signing_key.as_deref() == Some("")),
+        ];
+        match empty.into_iter().find(|&(_, is_empty)| is_empty) {
+            Some((field, _)) => Err(PolicyError::EmptyAtCreation(field)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Checks what an update to an existing policy may not do.
