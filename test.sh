@@ -20,16 +20,25 @@ fi
 
 # The browser test (tests/browser, run by tests/e2e/editor.rs) drives Debian's
 # Chromium through playwright-core, which never downloads a browser itself.
-say "browser test dependencies"
-if [ ! -x /usr/bin/chromium ]; then
+say "browser and client test dependencies"
+# Both run on Node.js (Debian's nodejs and npm when it is missing).
+packages=()
+[ -x /usr/bin/chromium ] || packages+=(chromium)
+command -v node >/dev/null || packages+=(nodejs)
+command -v npm >/dev/null || packages+=(npm)
+if [ ${#packages[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update
-  apt-get install -y chromium
+  apt-get install -y "${packages[@]}"
 fi
+# The kvdb.io client test (tests/clients, run by tests/e2e/clients.rs) runs the
+# JavaScript client from npm, unchanged, against the server.
 # npm ci only when node_modules is missing or older than the lock file.
-if [ ! tests/browser/node_modules/.package-lock.json -nt tests/browser/package-lock.json ]; then
-  (cd tests/browser && npm ci --no-audit --no-fund)
-fi
+for dir in tests/browser tests/clients; do
+  if [ ! "$dir/node_modules/.package-lock.json" -nt "$dir/package-lock.json" ]; then
+    (cd "$dir" && npm ci --no-audit --no-fund)
+  fi
+done
 
 say "cargo fmt --all -- --check"
 cargo fmt --all -- --check

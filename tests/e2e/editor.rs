@@ -4,12 +4,10 @@
 //! The browser test needs Debian's `chromium` and `npm ci` in `tests/browser/`;
 //! `./test.sh` installs both. Without them it fails, it never skips.
 
-use std::io::{Read, Seek};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::harness::{TestServer, basic_auth};
+use crate::harness::{TestServer, basic_auth, run_node};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const BROWSER_TEST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/browser/editor.mjs");
@@ -137,14 +135,6 @@ fn editor_page_needs_the_secret_key_escapes_the_source_and_loads_nothing_externa
     assert_eq!(textarea_source(&r.text()), "");
 }
 
-/// Reads what a child wrote to a temporary file.
-fn read_all(mut file: std::fs::File) -> String {
-    let mut text = String::new();
-    file.rewind().expect("rewind");
-    file.read_to_string(&mut text).expect("read output");
-    text
-}
-
 #[test]
 fn editor_works_in_headless_chromium() {
     let missing: Vec<&str> = [
@@ -172,37 +162,11 @@ fn editor_works_in_headless_chromium() {
     // run scripts as its (admin) user to pass.
     let bucket = s.create_bucket("secret_key=s3cret&read_key=r3ad&write_key=wr1te");
 
-    let stdout = tempfile::tempfile().expect("temp file");
-    let stderr = tempfile::tempfile().expect("temp file");
-    let mut child = Command::new("node")
-        .arg(BROWSER_TEST)
-        .args([s.base(), bucket.as_str(), "s3cret"])
-        .current_dir(BROWSER_DIR)
-        .stdin(Stdio::null())
-        .stdout(stdout.try_clone().expect("clone"))
-        .stderr(stderr.try_clone().expect("clone"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start node ({e}): install Node.js, then run ./test.sh"));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break Some(status);
-        }
-        if started.elapsed() > BROWSER_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let output = format!(
-        "--- stdout\n{}--- stderr\n{}",
-        read_all(stdout),
-        read_all(stderr)
+    let output = run_node(
+        BROWSER_DIR,
+        BROWSER_TEST,
+        &[s.base(), bucket.as_str(), "s3cret"],
+        BROWSER_TIMEOUT,
     );
-    match status {
-        Some(status) if status.success() => println!("{output}"),
-        Some(status) => panic!("node {BROWSER_TEST} failed ({status}):\n{output}"),
-        None => panic!("node {BROWSER_TEST} did not end within {BROWSER_TIMEOUT:?}:\n{output}"),
-    }
+    println!("{output}");
 }

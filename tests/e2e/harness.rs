@@ -3,10 +3,10 @@
 //!
 //! Every server a test starts is stopped when its `TestServer` is dropped.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A running `kvdb serve`.
 pub struct TestServer {
@@ -376,4 +376,50 @@ pub fn basic_auth(user: &str, password: &str) -> String {
         }
     }
     out
+}
+
+/// Runs `node SCRIPT ARGS…` in `dir` and returns its output; panics with the
+/// output if it fails or does not end within `timeout` (then it is killed).
+pub fn run_node(dir: &str, script: &str, args: &[&str], timeout: Duration) -> String {
+    let stdout = tempfile::tempfile().expect("temp file");
+    let stderr = tempfile::tempfile().expect("temp file");
+    let mut child = Command::new("node")
+        .arg(script)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone().expect("clone"))
+        .stderr(stderr.try_clone().expect("clone"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start node ({e}): install Node.js, then run ./test.sh"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for node") {
+            break Some(status);
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = format!(
+        "--- stdout\n{}--- stderr\n{}",
+        read_all(stdout),
+        read_all(stderr)
+    );
+    match status {
+        Some(status) if status.success() => output,
+        Some(status) => panic!("node {script} failed ({status}):\n{output}"),
+        None => panic!("node {script} did not end within {timeout:?}:\n{output}"),
+    }
+}
+
+/// Reads what a child wrote to a temporary file.
+fn read_all(mut file: std::fs::File) -> String {
+    let mut text = String::new();
+    file.rewind().expect("rewind");
+    file.read_to_string(&mut text).expect("read output");
+    text
 }

@@ -5,6 +5,7 @@ mod atomics;
 mod auth;
 mod backup;
 mod buckets;
+mod clients;
 mod connections;
 mod durability;
 mod editor;
