@@ -6,10 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::memory::MemoryBackend;
 use super::redb::RedbBackend;
+use super::store::NS_EXPIRY;
 use super::{Backend, Entry, StorageError, Store};
 
 struct Fixture {
     store: Store,
+    /// The store's backend, to look at its raw records.
+    backend: Arc<dyn Backend>,
     clock: Arc<AtomicU64>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -25,6 +28,25 @@ impl Fixture {
             .write_blocking(move |ctx| ctx.put(&k, 0, &v, expires_at))
             .expect("commit")
             .expect("put")
+    }
+
+    /// The raw records of the expiry index.
+    fn expiry_index_len(&self) -> usize {
+        let mut n = 0;
+        self.backend
+            .snapshot()
+            .expect("snapshot")
+            .scan(
+                Bound::Included(&[NS_EXPIRY]),
+                Bound::Excluded(&[NS_EXPIRY + 1]),
+                false,
+                &mut |_, _| {
+                    n += 1;
+                    true
+                },
+            )
+            .expect("scan");
+        n
     }
 
     fn get(&self, key: &str) -> Option<Entry> {
@@ -86,9 +108,10 @@ fn both_backends(dir: &std::path::Path) -> Vec<Arc<dyn Backend>> {
 
 fn with_backend(backend: Arc<dyn Backend>, dir: Option<tempfile::TempDir>) -> Fixture {
     let clock = Arc::new(AtomicU64::new(1_000_000));
-    let store = Store::open_with_manual_clock(backend, clock.clone()).expect("open store");
+    let store = Store::open_with_manual_clock(backend.clone(), clock.clone()).expect("open store");
     Fixture {
         store,
+        backend,
         clock,
         _dir: dir,
     }
@@ -108,6 +131,7 @@ conformance!(
     scan_stops_when_the_visitor_says_so,
     expired_entries_vanish_at_once_and_gc_reclaims_them,
     rewriting_a_key_moves_its_expiry,
+    rewrites_keep_the_expiry_index_exact,
     delete_reports_whether_the_key_was_live,
     failed_job_in_a_batch_leaves_the_others_committed,
     many_concurrent_writers_never_lose_an_increment,
@@ -196,6 +220,27 @@ fn rewriting_a_key_moves_its_expiry(f: Fixture) {
     f.advance(2000);
     assert_eq!(f.gc().expired, 0);
     assert_eq!(f.get("k").expect("kept").value, b"y");
+}
+
+/// Every write keeps exactly one index record per key with an expiry, none
+/// for a key without: a stale record would outlive the key's expiry.
+fn rewrites_keep_the_expiry_index_exact(f: Fixture) {
+    let now = f.store.now_ms();
+    f.put("k", "a", now + 1000);
+    assert_eq!(f.expiry_index_len(), 1);
+    f.put("k", "b", now + 5000);
+    assert_eq!(f.expiry_index_len(), 1, "moved");
+    f.put("k", "c", now + 5000);
+    assert_eq!(f.expiry_index_len(), 1, "same expiry");
+    f.put("other", "d", now + 5000);
+    assert_eq!(f.expiry_index_len(), 2, "one per key");
+    f.put("k", "e", 0);
+    assert_eq!(f.expiry_index_len(), 1, "expiry dropped");
+    f.put("k", "f", now + 1000);
+    assert_eq!(f.expiry_index_len(), 2, "expiry set again");
+    assert!(f.delete("k"));
+    assert!(f.delete("other"));
+    assert_eq!(f.expiry_index_len(), 0, "deleted");
 }
 
 fn delete_reports_whether_the_key_was_live(f: Fixture) {

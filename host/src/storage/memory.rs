@@ -104,6 +104,21 @@ impl RawWrite for MemoryView {
         Ok(())
     }
 
+    fn replace(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        old: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), StorageError> {
+        if let Some(previous) = self
+            .0
+            .insert(Bytes::copy_from_slice(key), Bytes::copy_from_slice(value))
+        {
+            old(&previous);
+        }
+        Ok(())
+    }
+
     fn delete(&mut self, key: &[u8]) -> Result<(), StorageError> {
         self.0.remove(key);
         Ok(())

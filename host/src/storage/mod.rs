@@ -93,6 +93,23 @@ pub trait RawWrite {
     /// # Errors
     /// An engine failure.
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StorageError>;
+    /// [`RawWrite::put`], calling `old` with the value it replaces if there
+    /// was one: one lookup where `get` and then `put` take two. Backends
+    /// whose insert hands back the old value override it.
+    ///
+    /// # Errors
+    /// An engine failure.
+    fn replace(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        old: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), StorageError> {
+        if let Some(previous) = self.get(key)? {
+            old(&previous);
+        }
+        self.put(key, value)
+    }
     /// # Errors
     /// An engine failure.
     fn delete(&mut self, key: &[u8]) -> Result<(), StorageError>;

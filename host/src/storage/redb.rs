@@ -118,6 +118,18 @@ impl RawWrite for Txn<'_, '_> {
         Ok(())
     }
 
+    fn replace(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        old: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), StorageError> {
+        if let Some(previous) = self.0.insert(key, value).map_err(engine)? {
+            old(previous.value());
+        }
+        Ok(())
+    }
+
     fn delete(&mut self, key: &[u8]) -> Result<(), StorageError> {
         self.0.remove(key).map_err(engine)?;
         Ok(())

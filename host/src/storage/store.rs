@@ -39,7 +39,8 @@ use super::backup::{self, BackupInfo, Record};
 use super::{Backend, RawRead, RawWrite, StorageError};
 
 const NS_DATA: u8 = b'd';
-const NS_EXPIRY: u8 = b'e';
+/// The expiry index: `e` + expiry (big-endian ms) + key, empty values.
+pub(super) const NS_EXPIRY: u8 = b'e';
 const NS_TOMBSTONE: u8 = b't';
 const NS_PURGE: u8 = b'r';
 /// A bound on every version handed out: the sequence restarts from it.
@@ -369,8 +370,18 @@ impl WriteCtx<'_> {
     fn put_entry(&mut self, key: &[u8], entry: &Entry) -> Result<(), StorageError> {
         let dkey = ns_key(NS_DATA, key);
         let old_exp = match self.last_read.take() {
-            Some((read, exp)) if read == key => exp,
-            _ => self.raw.get(&dkey)?.as_deref().map(record_expiry),
+            Some((read, exp)) if read == key => {
+                self.raw.put(&dkey, &entry.encode())?;
+                exp
+            }
+            _ => {
+                // Learn the old expiry from the write itself, not a lookup.
+                let mut old_exp = None;
+                self.raw.replace(&dkey, &entry.encode(), &mut |old| {
+                    old_exp = Some(record_expiry(old));
+                })?;
+                old_exp
+            }
         };
         if let Some(old_exp) = old_exp
             && old_exp != 0
@@ -378,7 +389,6 @@ impl WriteCtx<'_> {
         {
             self.raw.delete(&expiry_key(old_exp, key))?;
         }
-        self.raw.put(&dkey, &entry.encode())?;
         if entry.expires_at != 0 {
             self.raw.put(&expiry_key(entry.expires_at, key), &[])?;
         }
