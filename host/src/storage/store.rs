@@ -301,10 +301,6 @@ pub struct WriteCtx<'a> {
     seq: u64,
     now: u64,
     failed: Option<StorageError>,
-    /// The key this job last read and its record's expiry (`None`: absent),
-    /// so that a read-modify-write does not read the record twice. Cleared
-    /// by every change and at the start of every job.
-    last_read: Option<(Vec<u8>, Option<u64>)>,
 }
 
 impl WriteCtx<'_> {
@@ -330,7 +326,6 @@ impl WriteCtx<'_> {
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Entry>, StorageError> {
         let record = self.raw.get(&ns_key(NS_DATA, key));
         let record = self.check(record)?;
-        self.last_read = Some((key.to_vec(), record.as_deref().map(record_expiry)));
         match record {
             Some(r) => {
                 let entry = Entry::decode(&r);
@@ -368,25 +363,14 @@ impl WriteCtx<'_> {
     /// Writes a whole entry as it is (its version included), keeping the
     /// expiry index right.
     fn put_entry(&mut self, key: &[u8], entry: &Entry) -> Result<(), StorageError> {
-        let dkey = ns_key(NS_DATA, key);
-        let old_exp = match self.last_read.take() {
-            Some((read, exp)) if read == key => {
-                self.raw.put(&dkey, &entry.encode())?;
-                exp
-            }
-            _ => {
-                // Learn the old expiry from the write itself, not a lookup.
-                let mut old_exp = None;
-                self.raw.replace(&dkey, &entry.encode(), &mut |old| {
-                    old_exp = Some(record_expiry(old));
-                })?;
-                old_exp
-            }
-        };
-        if let Some(old_exp) = old_exp
-            && old_exp != 0
-            && old_exp != entry.expires_at
-        {
+        // The old record's expiry comes from the write itself, not a lookup.
+        // 0: no old record, or one without an expiry.
+        let mut old_exp = 0;
+        self.raw
+            .replace(&ns_key(NS_DATA, key), &entry.encode(), &mut |old| {
+                old_exp = record_expiry(old);
+            })?;
+        if old_exp != 0 && old_exp != entry.expires_at {
             self.raw.delete(&expiry_key(old_exp, key))?;
         }
         if entry.expires_at != 0 {
@@ -397,7 +381,6 @@ impl WriteCtx<'_> {
 
     /// Removes a key (and its expiry index entry), without a tombstone.
     fn remove(&mut self, key: &[u8]) -> Result<bool, StorageError> {
-        self.last_read = None;
         let dkey = ns_key(NS_DATA, key);
         let Some(old) = self.raw.get(&dkey)? else {
             return Ok(false);
@@ -1360,11 +1343,8 @@ impl Writer {
                 seq: start_seq,
                 now,
                 failed: None,
-                last_read: None,
             };
             for job in jobs.drain(..) {
-                // Jobs (background steps) may change records through `raw`.
-                ctx.last_read = None;
                 match std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut ctx))) {
                     Ok(done) => completions.push(done),
                     Err(_) => {
