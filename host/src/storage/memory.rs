@@ -123,6 +123,13 @@ impl RawWrite for MemoryView {
         self.0.remove(key);
         Ok(())
     }
+
+    fn take(&mut self, key: &[u8], old: &mut dyn FnMut(&[u8])) -> Result<(), StorageError> {
+        if let Some(previous) = self.0.remove(key) {
+            old(&previous);
+        }
+        Ok(())
+    }
 }
 
 impl Backend for MemoryBackend {

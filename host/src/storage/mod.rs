@@ -113,6 +113,19 @@ pub trait RawWrite {
     /// # Errors
     /// An engine failure.
     fn delete(&mut self, key: &[u8]) -> Result<(), StorageError>;
+    /// [`RawWrite::delete`], calling `old` with the value it removes if there
+    /// was one: one lookup where `get` and then `delete` take two. Backends
+    /// whose remove hands back the old value override it.
+    ///
+    /// # Errors
+    /// An engine failure.
+    fn take(&mut self, key: &[u8], old: &mut dyn FnMut(&[u8])) -> Result<(), StorageError> {
+        if let Some(previous) = self.get(key)? {
+            old(&previous);
+            self.delete(key)?;
+        }
+        Ok(())
+    }
 }
 
 /// A storage engine: an ordered map of bytes with snapshots and transactions.

@@ -134,6 +134,13 @@ impl RawWrite for Txn<'_, '_> {
         self.0.remove(key).map_err(engine)?;
         Ok(())
     }
+
+    fn take(&mut self, key: &[u8], old: &mut dyn FnMut(&[u8])) -> Result<(), StorageError> {
+        if let Some(previous) = self.0.remove(key).map_err(engine)? {
+            old(previous.value());
+        }
+        Ok(())
+    }
 }
 
 impl Backend for RedbBackend {

@@ -381,15 +381,18 @@ impl WriteCtx<'_> {
 
     /// Removes a key (and its expiry index entry), without a tombstone.
     fn remove(&mut self, key: &[u8]) -> Result<bool, StorageError> {
-        let dkey = ns_key(NS_DATA, key);
-        let Some(old) = self.raw.get(&dkey)? else {
+        // The old record's expiry comes from the removal itself, not a
+        // lookup before it.
+        let mut old_exp = None;
+        self.raw.take(&ns_key(NS_DATA, key), &mut |old| {
+            old_exp = Some(record_expiry(old));
+        })?;
+        let Some(old_exp) = old_exp else {
             return Ok(false);
         };
-        let old_exp = record_expiry(&old);
         if old_exp != 0 {
             self.raw.delete(&expiry_key(old_exp, key))?;
         }
-        self.raw.delete(&dkey)?;
         Ok(old_exp == 0 || old_exp > self.now)
     }
 
