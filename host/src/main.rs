@@ -31,6 +31,10 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The data directory's folder of compiled WebAssembly (a cache: deleting
+/// it only makes the next run of each component compile it again).
+const COMPILED_DIR: &str = "compiled";
+
 fn open_backend(kind: BackendKind, data: &std::path::Path) -> anyhow::Result<Arc<dyn Backend>> {
     Ok(match kind {
         BackendKind::Redb => Arc::new(
@@ -59,6 +63,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let store = Store::open(open_backend(args.backend, &args.data)?, durability)?;
+    // Compiled WebAssembly is kept beside durable data, so that a restart
+    // does not compile every component again; the memory backend keeps
+    // nothing on disk.
+    let compiled = match args.backend {
+        BackendKind::Redb => Some(args.data.join(COMPILED_DIR)),
+        BackendKind::Memory => None,
+    };
     let buckets = Buckets::new(
         store,
         Limits {
@@ -67,7 +78,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let state = kvdb::http::AppState {
         scripts: Arc::new(
-            kvdb::script::Runtimes::new(args.script_limits())
+            kvdb::script::Runtimes::new(args.script_limits(), compiled.as_deref())
                 .context("setting up the script runtimes")?,
         ),
         buckets,

@@ -925,6 +925,86 @@ fn uploaded_components_still_run_after_a_restart() {
     );
 }
 
+/// The compiled code files under the data directory's `compiled/` folder
+/// (wasmtime's cache: one file per component, named by a hash without a dot;
+/// its bookkeeping files have extensions), with what identifies each write.
+fn compiled_files(
+    data: &std::path::Path,
+) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    let mut dirs = vec![data.join("compiled")];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let entry = entry.expect("dir entry");
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if !entry.file_name().to_string_lossy().contains('.') {
+                let modified = meta.modified().expect("mtime");
+                found.push((entry.path(), meta.ino(), modified, meta.len()));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn compiled_code_is_kept_beside_the_data_and_loaded_after_a_restart() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    assert!(compiled_files(s.data_dir()).is_empty());
+    install_wasm(&s, &b, "hello", &hello());
+    // The same component again, in another bucket: no second copy.
+    let other = script_bucket(&s, "");
+    install_wasm(&s, &other, "hello", &hello());
+    let before = compiled_files(s.data_dir());
+    assert_eq!(before.len(), 1, "{before:?}");
+    let s = s.restart_after_kill();
+    assert_body(&run(&s, &b, "hello?name=again"), "Hello again\n");
+    assert_body(&run(&s, &other, "hello?name=there"), "Hello there\n");
+    // Loaded, not compiled again: a compilation would have written the file
+    // anew (a new file renamed over it).
+    assert_eq!(compiled_files(s.data_dir()), before);
+}
+
+#[test]
+fn damaged_compiled_code_is_compiled_again() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install_wasm(&s, &b, "hello", &hello());
+    let files = compiled_files(s.data_dir());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let path = files[0].0.clone();
+    let len = files[0].3;
+    std::fs::write(&path, b"not compiled code").expect("damage the file");
+    let s = s.restart_after_kill();
+    assert_body(&run(&s, &b, "hello?name=again"), "Hello again\n");
+    // Written again, whole.
+    let files = compiled_files(s.data_dir());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0].0, path);
+    assert_eq!(files[0].3, len);
+    // And only the cache is touched: with it gone, the script still runs.
+    std::fs::remove_dir_all(s.data_dir().join("compiled")).expect("remove the cache");
+    let s = s.restart_after_kill();
+    assert_body(&run(&s, &b, "hello?name=thrice"), "Hello thrice\n");
+    assert_eq!(compiled_files(s.data_dir()).len(), 1);
+}
+
+#[test]
+fn the_memory_backend_keeps_no_compiled_code_on_disk() {
+    let s = TestServer::start_with(&["--backend", "memory"]);
+    let b = script_bucket(&s, "");
+    install_wasm(&s, &b, "hello", &hello());
+    assert_body(&run(&s, &b, "hello?name=mem"), "Hello mem\n");
+    assert!(!s.data_dir().join("compiled").exists());
+}
+
 #[test]
 fn deleting_a_component_answers_204_and_running_it_is_404() {
     let s = TestServer::start();

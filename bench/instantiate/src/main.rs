@@ -240,8 +240,8 @@ impl HostPath {
                 .map_err(|e| anyhow!("bucket: {e}"))?;
             buckets.open(id).map_err(|e| anyhow!("open: {e}"))
         })?;
-        let runtime =
-            kvdb::script::wasm::WasmRuntime::new(limits()).map_err(|e| anyhow!("runtime: {e}"))?;
+        let runtime = kvdb::script::wasm::WasmRuntime::new(limits(), None)
+            .map_err(|e| anyhow!("runtime: {e}"))?;
         // As an upload does: compiled once, cached under the source's SHA-256.
         runtime
             .compile_cached(bytes)

@@ -395,7 +395,7 @@ mod tests {
             ),
             admin_token: None,
             scripts: Arc::new(
-                crate::script::Runtimes::new(crate::script::Limits::default())
+                crate::script::Runtimes::new(crate::script::Limits::default(), None)
                     .expect("script runtimes"),
             ),
         })

@@ -31,13 +31,16 @@ pub struct Runtimes {
 }
 
 impl Runtimes {
+    /// Runtimes enforcing `limits`; compiled WebAssembly is also kept in the
+    /// directory `compiled` if given (see [`wasm::WasmRuntime::new`]).
+    ///
     /// # Errors
     /// The WebAssembly engine can't be set up.
-    pub fn new(limits: Limits) -> Result<Self, ScriptError> {
+    pub fn new(limits: Limits, compiled: Option<&std::path::Path>) -> Result<Self, ScriptError> {
         Ok(Self {
             limits,
             lua: lua::LuaRuntime::new(limits),
-            wasm: wasm::WasmRuntime::new(limits)?,
+            wasm: wasm::WasmRuntime::new(limits, compiled)?,
         })
     }
 }

@@ -4,7 +4,11 @@
 //! - Upload validates: not WebAssembly, a core module, or a component for
 //!   another world are each refused with a message saying which. The compiled,
 //!   pre-linked component (`ScriptPre`) is cached by the SHA-256 of its
-//!   bytes: the same component in two buckets is compiled once.
+//!   bytes: the same component in two buckets is compiled once. With a
+//!   directory for compiled code (the data directory's `compiled/`), the
+//!   machine code is also kept there (wasmtime's own cache, keyed by the
+//!   component's bytes and the engine's settings), so that a restart loads
+//!   it instead of compiling every component again.
 //! - Each run gets a new store from the pooling allocator with fuel, a memory
 //!   limit ([`StoreLimits`]) and an epoch deadline (a 10 ms ticker thread that
 //!   ticks only while runs are in flight), and WASI with nothing granted: no
@@ -22,6 +26,7 @@ mod host;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
-    StoreLimitsBuilder, Trap,
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
+    StoreLimits, StoreLimitsBuilder, Trap,
 };
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -158,10 +163,22 @@ fn internal(e: impl std::fmt::Display) -> ScriptError {
 }
 
 impl WasmRuntime {
+    /// A runtime that keeps compiled code in memory only (`compiled: None`),
+    /// or also in the directory `compiled`, for the next process.
+    ///
     /// # Errors
-    /// The engine can't be configured (e.g. the pool can't be reserved).
-    pub fn new(limits: Limits) -> Result<Self, ScriptError> {
+    /// The engine can't be configured (e.g. the pool can't be reserved), or
+    /// the directory for compiled code can't be created.
+    pub fn new(limits: Limits, compiled: Option<&Path>) -> Result<Self, ScriptError> {
         let mut config = Config::new();
+        if let Some(dir) = compiled {
+            let dir = std::path::absolute(dir).map_err(internal)?;
+            let mut cache = CacheConfig::new();
+            cache.with_directory(dir);
+            config.cache(Some(Cache::new(cache).map_err(|e| {
+                ScriptError::Internal(format!("the directory for compiled code: {e:#}"))
+            })?));
+        }
         config.wasm_component_model(true);
         config.consume_fuel(true);
         config.epoch_interruption(true);
