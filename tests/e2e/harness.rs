@@ -289,6 +289,16 @@ impl TestServer {
         Self::spawn(data, dir, args)
     }
 
+    /// [`TestServer::restart_after_kill`], doing `meanwhile` to the data
+    /// directory while no server runs.
+    pub fn restart_after_kill_with(self, meanwhile: impl FnOnce(&Path)) -> Self {
+        let data = self.data.clone();
+        let args = self.args.clone();
+        let dir = self.kill9();
+        meanwhile(&data);
+        Self::spawn(data, dir, args)
+    }
+
     /// SIGTERM, and the exit status it ended with.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

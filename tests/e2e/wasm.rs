@@ -938,12 +938,17 @@ fn compiled_files(
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
-        for entry in entries {
-            let entry = entry.expect("dir entry");
-            let meta = entry.metadata().expect("metadata");
-            if meta.is_dir() {
+        // The cache's worker thread may be writing (and renaming) its
+        // bookkeeping files meanwhile: entries can vanish under the walk.
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
                 dirs.push(entry.path());
-            } else if !entry.file_name().to_string_lossy().contains('.') {
+            } else if !entry.file_name().to_string_lossy().contains('.')
+                && let Ok(meta) = entry.metadata()
+            {
                 let modified = meta.modified().expect("mtime");
                 found.push((entry.path(), meta.ino(), modified, meta.len()));
             }
@@ -981,8 +986,9 @@ fn damaged_compiled_code_is_compiled_again() {
     assert_eq!(files.len(), 1, "{files:?}");
     let path = files[0].0.clone();
     let len = files[0].3;
-    std::fs::write(&path, b"not compiled code").expect("damage the file");
-    let s = s.restart_after_kill();
+    let s = s.restart_after_kill_with(|_| {
+        std::fs::write(&path, b"not compiled code").expect("damage the file");
+    });
     assert_body(&run(&s, &b, "hello?name=again"), "Hello again\n");
     // Written again, whole.
     let files = compiled_files(s.data_dir());
@@ -990,10 +996,32 @@ fn damaged_compiled_code_is_compiled_again() {
     assert_eq!(files[0].0, path);
     assert_eq!(files[0].3, len);
     // And only the cache is touched: with it gone, the script still runs.
-    std::fs::remove_dir_all(s.data_dir().join("compiled")).expect("remove the cache");
-    let s = s.restart_after_kill();
+    let s = s.restart_after_kill_with(|data| {
+        std::fs::remove_dir_all(data.join("compiled")).expect("remove the cache");
+    });
     assert_body(&run(&s, &b, "hello?name=thrice"), "Hello thrice\n");
     assert_eq!(compiled_files(s.data_dir()).len(), 1);
+}
+
+#[test]
+fn an_unusable_folder_for_compiled_code_does_not_stop_the_server() {
+    // A file where the folder should be: the server still starts, and
+    // components compile in memory (again after each restart).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::write(data.join("compiled"), b"in the way").expect("a file in the way");
+    let s = TestServer::start_on(&data, &[]);
+    let b = script_bucket(&s, "");
+    install_wasm(&s, &b, "hello", &hello());
+    assert_body(&run(&s, &b, "hello?name=still"), "Hello still\n");
+    let s = s.restart_after_kill();
+    assert_body(&run(&s, &b, "hello?name=again"), "Hello again\n");
+    assert_eq!(
+        std::fs::read(data.join("compiled")).expect("the file"),
+        b"in the way"
+    );
+    drop(s);
 }
 
 #[test]

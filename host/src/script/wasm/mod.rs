@@ -158,6 +158,13 @@ impl Ticker {
     }
 }
 
+/// wasmtime's compilation cache in `dir` (created if missing).
+fn disk_cache(dir: &Path) -> wasmtime::Result<Cache> {
+    let mut config = CacheConfig::new();
+    config.with_directory(std::path::absolute(dir)?);
+    Cache::new(config)
+}
+
 fn internal(e: impl std::fmt::Display) -> ScriptError {
     ScriptError::Internal(e.to_string())
 }
@@ -166,18 +173,24 @@ impl WasmRuntime {
     /// A runtime that keeps compiled code in memory only (`compiled: None`),
     /// or also in the directory `compiled`, for the next process.
     ///
+    /// That directory is only a cache: if it can't be used (not creatable, a
+    /// file in its place), the runtime logs a warning and keeps compiled
+    /// code in memory only.
+    ///
     /// # Errors
-    /// The engine can't be configured (e.g. the pool can't be reserved), or
-    /// the directory for compiled code can't be created.
+    /// The engine can't be configured (e.g. the pool can't be reserved).
     pub fn new(limits: Limits, compiled: Option<&Path>) -> Result<Self, ScriptError> {
         let mut config = Config::new();
         if let Some(dir) = compiled {
-            let dir = std::path::absolute(dir).map_err(internal)?;
-            let mut cache = CacheConfig::new();
-            cache.with_directory(dir);
-            config.cache(Some(Cache::new(cache).map_err(|e| {
-                ScriptError::Internal(format!("the directory for compiled code: {e:#}"))
-            })?));
+            match disk_cache(dir) {
+                Ok(cache) => {
+                    config.cache(Some(cache));
+                }
+                Err(e) => tracing::warn!(
+                    dir = %dir.display(),
+                    "compiled WebAssembly is kept in memory only (each component compiles again after a restart): {e:#}"
+                ),
+            }
         }
         config.wasm_component_model(true);
         config.consume_fuel(true);
