@@ -94,8 +94,8 @@ pub trait RawWrite {
     /// An engine failure.
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StorageError>;
     /// [`RawWrite::put`], calling `old` with the value it replaces if there
-    /// was one: one lookup where `get` and then `put` take two. Backends
-    /// whose insert hands back the old value override it.
+    /// was one: the insert hands it back, one lookup where `get` and then
+    /// `put` take two.
     ///
     /// # Errors
     /// An engine failure.
@@ -104,28 +104,17 @@ pub trait RawWrite {
         key: &[u8],
         value: &[u8],
         old: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), StorageError> {
-        if let Some(previous) = self.get(key)? {
-            old(&previous);
-        }
-        self.put(key, value)
-    }
+    ) -> Result<(), StorageError>;
     /// # Errors
     /// An engine failure.
     fn delete(&mut self, key: &[u8]) -> Result<(), StorageError>;
     /// [`RawWrite::delete`], calling `old` with the value it removes if there
-    /// was one: one lookup where `get` and then `delete` take two. Backends
-    /// whose remove hands back the old value override it.
+    /// was one: the removal hands it back, one lookup where `get` and then
+    /// `delete` take two.
     ///
     /// # Errors
     /// An engine failure.
-    fn take(&mut self, key: &[u8], old: &mut dyn FnMut(&[u8])) -> Result<(), StorageError> {
-        if let Some(previous) = self.get(key)? {
-            old(&previous);
-            self.delete(key)?;
-        }
-        Ok(())
-    }
+    fn take(&mut self, key: &[u8], old: &mut dyn FnMut(&[u8])) -> Result<(), StorageError>;
 }
 
 /// A storage engine: an ordered map of bytes with snapshots and transactions.
