@@ -223,6 +223,13 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
 }
 
 fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
+    // The memory backend keeps nothing: a restore into it would report
+    // success and leave nothing behind (KVDB_BACKEND=memory left over from a
+    // development server, say).
+    anyhow::ensure!(
+        args.backend != BackendKind::Memory,
+        "kvdb restore writes a data directory, and the memory backend has none: restore with --backend redb (check KVDB_BACKEND), then serve that directory"
+    );
     // Check every file whole, and that each continues the one before it,
     // before touching the data directory.
     let mut previous: Option<(&std::path::Path, kvdb::storage::BackupInfo)> = None;

@@ -584,6 +584,29 @@ fn restoring_a_full_backup_into_a_non_empty_dir_fails() {
 }
 
 #[test]
+fn restoring_into_the_memory_backend_is_refused_and_writes_nothing() {
+    let f = fixture();
+    let full = f.file("full.kvdb");
+    backup(&f.live, 0, &full);
+    let data = f.fresh_dir("memory");
+    let out = kvdb_command()
+        .env("KVDB_BACKEND", "memory")
+        .env_remove("KVDB_DATA")
+        .arg("restore")
+        .arg("--data")
+        .arg(&data)
+        .arg(&full)
+        .output()
+        .expect("run kvdb restore");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--backend redb"), "{stderr}");
+    assert!(!data.exists(), "nothing written");
+    // The same restore into the default backend works.
+    restore_ok(&data, &[&full]);
+}
+
+#[test]
 fn backup_needs_the_operator_token() {
     let f = fixture();
     f.live
