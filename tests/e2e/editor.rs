@@ -136,6 +136,50 @@ fn editor_page_needs_the_secret_key_escapes_the_source_and_loads_nothing_externa
 }
 
 #[test]
+fn the_editor_page_of_a_component_shows_no_binary_and_offers_no_save() {
+    let s = TestServer::start();
+    let bucket = s.create_bucket("secret_key=s3cret");
+    let admin = basic_auth("s3cret", "");
+    let component = crate::wasm::hello();
+    let r = s.request(
+        "PUT",
+        &format!("/{bucket}/scripts/greet"),
+        &[
+            ("authorization", admin.as_str()),
+            ("content-type", "application/wasm"),
+        ],
+        Some(&component),
+    );
+    assert_eq!(r.status, 200, "upload: {}", r.text());
+    let r = s.request(
+        "GET",
+        &format!("/{bucket}/scripts/greet/edit"),
+        &[("authorization", admin.as_str())],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let page = r.text();
+    assert!(
+        page.len() < 20_000,
+        "{} bytes: the component is in the page",
+        page.len()
+    );
+    assert_eq!(textarea_source(&page), "");
+    assert!(page.contains("A WebAssembly component"), "{page}");
+    assert!(
+        page.contains(&format!("({} bytes)", component.len())),
+        "{page}"
+    );
+    assert!(
+        page.contains(r#"<button id="save" type="button" disabled>"#),
+        "{page}"
+    );
+    // The component still runs.
+    let r = s.get(&format!("/{bucket}/scripts/greet?name=Ann"));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
 fn editor_works_in_headless_chromium() {
     let missing: Vec<&str> = [
         (CHROMIUM, "Debian's chromium"),

@@ -304,13 +304,21 @@ impl Scoped {
         stored
     }
 
+    /// A script's metadata, for the admin (the editor).
+    ///
+    /// # Errors
+    /// Not the admin, or a storage failure.
+    pub fn script(&self, name: &ScriptName) -> Result<Option<StoredScript>, BucketError> {
+        self.require_admin()?;
+        self.bucket.load_script(name)
+    }
+
     /// A script's source, for the admin (the editor).
     ///
     /// # Errors
     /// Not the admin, or a storage failure.
     pub fn script_source(&self, name: &ScriptName) -> Result<Option<Vec<u8>>, BucketError> {
-        self.require_admin()?;
-        match self.bucket.load_script(name)? {
+        match self.script(name)? {
             Some(script) => self.bucket.script_source(&script).map(Some),
             None => Ok(None),
         }

@@ -130,14 +130,38 @@ pub async fn get_editor(
     params: RawPathParams,
 ) -> Result<Response, ApiError> {
     let name = script_name(&params)?;
-    let source = bucket
-        .script_source(&name)?
-        .map(|s| String::from_utf8_lossy(&s).into_owned())
-        .unwrap_or_default();
+    let (intro, source, locked) = match bucket.script(&name)? {
+        // A component is a binary build: shown as what it is, never as
+        // text to edit (Save would upload it as Lua).
+        Some(script) if script.kind == ScriptKind::Wasm => (
+            format!(
+                "A WebAssembly component ({} bytes): it can't be edited here. Upload a new build \
+                 with <code>curl -u SECRET: -T {}.wasm -H 'Content-Type: application/wasm' \
+                 …/scripts/{}</code>. Run calls it as the page's user.",
+                script.size,
+                escape(name.as_str()),
+                escape(name.as_str())
+            ),
+            String::new(),
+            " disabled",
+        ),
+        _ => (
+            "Lua 5.4 with the <code>kvdb</code> API. Save uploads the script; Run calls it as \
+             the page's user."
+                .to_owned(),
+            bucket
+                .script_source(&name)?
+                .map(|s| escape(&String::from_utf8_lossy(&s)))
+                .unwrap_or_default(),
+            "",
+        ),
+    };
     let page = EDITOR_HTML
         .replace("{{BUCKET}}", &escape(&bucket.bucket().id().to_string()))
         .replace("{{NAME}}", &escape(name.as_str()))
-        .replace("{{SOURCE}}", &escape(&source));
+        .replace("{{INTRO}}", &intro)
+        .replace("{{LOCKED}}", locked)
+        .replace("{{SOURCE}}", &source);
     let mut response = Html(page).into_response();
     response
         .headers_mut()
