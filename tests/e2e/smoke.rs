@@ -42,3 +42,76 @@ fn a_log_written_to_a_pipe_has_no_colour_codes() {
     assert!(logged.contains("WARN"), "log: {logged}");
     assert!(!logged.contains('\u{1b}'), "log: {logged:?}");
 }
+
+/// A web page on another origin can use the API with the credentials it
+/// holds (a key or token it sends itself), as the kvdb.io client does in a
+/// browser.
+#[test]
+fn web_pages_on_other_origins_may_call_the_api_without_the_browsers_credentials() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=s3cret");
+    let origin = ("origin", "https://example.com");
+    // The preflight of a PUT with a token and a content type.
+    let r = s.request(
+        "OPTIONS",
+        &format!("/{b}/k"),
+        &[
+            origin,
+            ("access-control-request-method", "PUT"),
+            (
+                "access-control-request-headers",
+                "authorization,content-type,if-match",
+            ),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    let methods = r.header("access-control-allow-methods").unwrap_or_default();
+    for m in ["GET", "PUT", "PATCH", "DELETE", "POST"] {
+        assert!(methods.contains(m), "{m} in {methods}");
+    }
+    let allowed = r.header("access-control-allow-headers").unwrap_or_default();
+    for h in ["authorization", "content-type", "if-match", "if-none-match"] {
+        assert!(allowed.contains(h), "{h} in {allowed}");
+    }
+    // Never the browser's own credentials (the editor's Basic login).
+    assert_eq!(r.header("access-control-allow-credentials"), None);
+    // The actual requests: readable, with their ETag and Link exposed.
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/k"),
+        &[origin, ("authorization", "Bearer s3cret")],
+        Some(b"v"),
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    let exposed = r
+        .header("access-control-expose-headers")
+        .unwrap_or_default();
+    for h in ["etag", "link", "location"] {
+        assert!(exposed.contains(h), "{h} in {exposed}");
+    }
+    let r = s.request("GET", &format!("/{b}/k"), &[origin], None);
+    assert_eq!((r.status, r.text().as_str()), (200, "v"));
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    // Errors too, so that a page can read what went wrong.
+    let r = s.request("GET", &format!("/{b}/missing"), &[origin], None);
+    r.assert_problem(404);
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    // Backups are for `kvdb backup`, not for web pages.
+    let r = s.request("GET", "/_admin/backup", &[origin], None);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+}

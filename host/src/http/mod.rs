@@ -25,6 +25,7 @@ use axum::http::{HeaderMap, Method, Uri, header};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use tower_http::cors::CorsLayer;
 
 use crate::auth;
 use crate::bucket::{BucketId, Buckets, Condition, Scoped};
@@ -40,11 +41,36 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
 }
 
+/// Cross-origin access for web pages on other origins (a kvdb.io client
+/// in a browser): any origin may call the API with the credentials it holds
+/// (a key or token in a header or the query), but never with the browser's
+/// own (no `Access-Control-Allow-Credentials`), so a page elsewhere can't
+/// ride on the Basic login the script editor leaves in the browser.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+        ])
+        .expose_headers([header::ETAG, header::LINK, header::LOCATION])
+        .max_age(std::time::Duration::from_secs(24 * 3600))
+}
+
 /// All routes of API.md.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(buckets::get_root).post(buckets::post_bucket))
-        .route("/_admin/backup", get(admin::get_backup))
         .route(
             "/{bucket}",
             get(buckets::get_bucket)
@@ -74,6 +100,12 @@ pub fn router(state: AppState) -> Router {
                 .patch(keys::patch_key)
                 .delete(keys::delete_key),
         )
+        // Before the CORS layer, so that the layer answers a preflight
+        // (OPTIONS) before a route's 405 does.
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(cors())
+        // Backups are for `kvdb backup`, not for web pages: no CORS.
+        .route("/_admin/backup", get(admin::get_backup))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
