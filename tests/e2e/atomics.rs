@@ -333,6 +333,22 @@ fn append_to_a_missing_key_creates_it() {
     let path = format!("/{b}/log");
     assert_text(&s.patch(&format!("{path}?op=append"), "first"), "first");
     assert_eq!(current(&s, &path).as_deref(), Some("first"));
+    // A value the append creates keeps the request's media type, as a PUT
+    // of the same bytes would; later appends keep it too.
+    let png = format!("/{b}/img");
+    for part in [&b"\x89PNG"[..], b"\r\n"] {
+        let r = s.request(
+            "PATCH",
+            &format!("{png}?op=append"),
+            &[("content-type", "image/png")],
+            Some(part),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type").as_deref(), Some("image/png"));
+    }
+    let g = s.get(&png);
+    assert_eq!(g.body, b"\x89PNG\r\n");
+    assert_eq!(g.header("content-type").as_deref(), Some("image/png"));
 }
 
 #[test]

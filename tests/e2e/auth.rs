@@ -75,6 +75,11 @@ fn every_credential_form_is_accepted_for_keys() {
         ),
         (path.clone(), vec![("authorization", basic_auth("rk", ""))]),
         (path.clone(), vec![("authorization", basic_auth("", "rk"))]),
+        // A client that insists on a user name: the key as password.
+        (
+            path.clone(),
+            vec![("authorization", basic_auth("api", "rk"))],
+        ),
         (format!("{path}?key=rk"), vec![]),
     ];
     for (p, headers) in &forms {
@@ -152,10 +157,12 @@ fn anonymous_writing_is_open_when_write_key_is_unset() {
     let s = TestServer::start();
     let b = s.create_bucket("secret_key=sk&read_key=rk");
     assert_eq!(anon(&s, "PUT", &format!("/{b}/k"), Some("v")).status, 204);
+    // It counts, but may not read the count: 204, no value.
     assert_eq!(
         anon(&s, "PATCH", &format!("/{b}/n"), Some("+1")).status,
-        200
+        204
     );
+    assert_eq!(as_(&s, "GET", &format!("/{b}/n"), "rk", None).text(), "1");
     assert_unauthorized(&anon(&s, "GET", &format!("/{b}/k"), None));
     assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
     assert_eq!(anon(&s, "DELETE", &format!("/{b}/k"), None).status, 204);
@@ -247,6 +254,42 @@ fn wrong_key_is_401_with_www_authenticate() {
         assert_unauthorized(&s.get(&format!("/{b}/k?key={almost}")));
     }
     assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
+}
+
+#[test]
+fn basic_with_two_wrong_parts_is_401_and_one_right_part_is_enough() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let path = format!("/{b}/k");
+    let r = s.request(
+        "GET",
+        &path,
+        &[("authorization", &basic_auth("nope", "nada"))],
+        None,
+    );
+    assert_unauthorized(&r);
+    // Either part may be the key; the user name is tried first.
+    for (user, password) in [("rk", "nope"), ("nope", "rk"), ("rk", "sk")] {
+        let r = s.request(
+            "GET",
+            &path,
+            &[("authorization", &basic_auth(user, password))],
+            None,
+        );
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "v"),
+            "{user}:{password}"
+        );
+    }
+    // The user name wins when both are keys: the read key can't list.
+    let r = s.request(
+        "GET",
+        &format!("/{b}/"),
+        &[("authorization", &basic_auth("rk", "sk"))],
+        None,
+    );
+    r.assert_problem(403);
 }
 
 #[test]
@@ -515,6 +558,106 @@ fn write_only_token_cannot_read() {
     // Nor delete: delete is its own permission.
     as_(&s, "DELETE", &format!("/{b}/w"), &t, None).assert_problem(403);
     assert_eq!(as_(&s, "GET", &format!("/{b}/w"), "rk", None).text(), "1");
+}
+
+#[test]
+fn patch_without_read_permission_changes_the_value_but_does_not_answer_it() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    for (key, value) in [("diary", "my private diary"), ("pin", "4242")] {
+        assert_eq!(
+            as_(&s, "PUT", &format!("/{b}/{key}"), "sk", Some(value)).status,
+            204
+        );
+    }
+    assert_eq!(
+        as_(
+            &s,
+            "PUT",
+            &format!("/{b}/user"),
+            "sk",
+            Some(r#"{"ssn":"123"}"#)
+        )
+        .status,
+        204
+    );
+    let t = s.token(&b, "sk", "permissions=write");
+    // Operations that change nothing would otherwise hand the value back.
+    // (key, query, content type, body)
+    let ops = [
+        ("diary", "?op=append", None, ""),
+        ("pin", "", None, "+0"),
+        ("pin", "?op=max", None, "-1000000"),
+        ("user", "", Some("application/merge-patch+json"), "{}"),
+        ("user", "", Some("application/json-patch+json"), "[]"),
+    ];
+    let auth = format!("Bearer {t}");
+    for (key, query, content_type, body) in ops {
+        let mut all = vec![("authorization", auth.as_str())];
+        all.extend(content_type.map(|ct| ("content-type", ct)));
+        let r = s.request(
+            "PATCH",
+            &format!("/{b}/{key}{query}"),
+            &all,
+            Some(body.as_bytes()),
+        );
+        assert_eq!(r.status, 204, "{key}{query} {body}: {}", r.text());
+        assert_eq!(r.text(), "", "{key}{query} {body}");
+        assert!(r.header("etag").is_some(), "{key}{query}: no ETag");
+    }
+    // It did change the value: a real increment, seen by a reader.
+    let r = as_(&s, "PATCH", &format!("/{b}/pin"), &t, Some("+1"));
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/pin"), "rk", None).text(),
+        "4243"
+    );
+    // A JSON patch `test` reads the value: it needs read permission, and
+    // with it refused nothing changes.
+    let r = s.request(
+        "PATCH",
+        &format!("/{b}/user"),
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json-patch+json"),
+        ],
+        Some(br#"[{"op":"test","path":"/ssn","value":"123"},{"op":"add","path":"/x","value":1}]"#),
+    );
+    r.assert_problem(403);
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/user"), "rk", None).json(),
+        json!({"ssn": "123"})
+    );
+    // With read permission as well, PATCH answers the new value.
+    let rw = s.token(&b, "sk", "permissions=read,write");
+    let r = as_(&s, "PATCH", &format!("/{b}/pin"), &rw, Some("+1"));
+    assert_eq!((r.status, r.text().as_str()), (200, "4244"));
+}
+
+#[test]
+fn delete_is_refused_for_credentials_before_its_headers_are_checked() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let r = s.request("DELETE", &format!("/{b}/k"), &[("if-match", "nope")], None);
+    assert_unauthorized(&r);
+    let t = s.token(&b, "sk", "permissions=read");
+    let auth = format!("Bearer {t}");
+    let r = s.request(
+        "DELETE",
+        &format!("/{b}/k"),
+        &[("authorization", auth.as_str()), ("if-match", "nope")],
+        None,
+    );
+    r.assert_problem(403);
+    // With the permission, the malformed header is the complaint.
+    let r = s.request(
+        "DELETE",
+        &format!("/{b}/k"),
+        &[("authorization", "Bearer wk"), ("if-match", "nope")],
+        None,
+    );
+    r.assert_problem(400);
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
 }
 
 #[test]

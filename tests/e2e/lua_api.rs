@@ -737,6 +737,11 @@ kvdb.status(200)"#,
     for bad in [
         "kvdb.status(1000)",
         "kvdb.exit(42)",
+        // Informational statuses are not responses: 100 would be hyper's
+        // empty 500, 101 a dropped connection.
+        "kvdb.status(100)",
+        "kvdb.status(101)",
+        "kvdb.exit(199)",
         r#"kvdb.header("bad name", "v")"#,
         r#"kvdb.header("x", "line\nbreak")"#,
         r#"kvdb.header("Content-Length", "5")"#,
@@ -744,6 +749,54 @@ kvdb.status(200)"#,
         let r = eval(&s, &b, bad);
         assert_problem_type(&r, 500, "script-error");
     }
+}
+
+#[test]
+fn script_pages_are_sandboxed_in_a_unique_origin_which_the_script_cannot_lift() {
+    // Anyone can own a bucket and upload scripts: a script's page must not
+    // share this origin, where the browser may keep another bucket's secret
+    // key as the editor's Basic login.
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.header("Content-Type", "text/html") kvdb.say("<p>hi</p>")"#,
+    );
+    assert_eq!(r.status, 200);
+    let policies: Vec<String> = r
+        .headers
+        .get_all("content-security-policy")
+        .iter()
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .collect();
+    assert_eq!(policies.len(), 1, "{policies:?}");
+    assert!(
+        policies[0].starts_with("sandbox allow-scripts"),
+        "{policies:?}"
+    );
+    assert!(!policies[0].contains("allow-same-origin"), "{policies:?}");
+    // A policy of the script's own is added to it, never instead of it.
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.header("Content-Security-Policy", "sandbox allow-same-origin allow-scripts")
+kvdb.say("hi")"#,
+    );
+    let policies: Vec<String> = r
+        .headers
+        .get_all("content-security-policy")
+        .iter()
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .collect();
+    assert_eq!(policies.len(), 2, "{policies:?}");
+    assert!(
+        policies.iter().any(|p| !p.contains("allow-same-origin")),
+        "{policies:?}"
+    );
+    // Errors are JSON, not pages; they need no sandbox of their own.
+    let r = eval(&s, &b, "error('boom')");
+    assert_problem_type(&r, 500, "script-error");
 }
 
 #[test]
@@ -1433,6 +1486,78 @@ kvdb.say(type(select(2, kvdb.list(""))))"#,
     );
     assert_body(&r, "read,write,delete\nv\nnil\nstring\n");
     assert_eq!(s.get(&format!("/{b}/anon")).text(), "1");
+}
+
+#[test]
+fn the_scope_a_script_reads_holds_on_its_whole_prefix_and_assigning_the_prefix_never_widens_it() {
+    // Reading open to all, writing only with a key; the caller's token may
+    // write under users:1: alone. The run's scope has two grants: the
+    // script sees the permissions that hold on every key (read), not the
+    // union, so moving the prefix to another user's keys can't write there.
+    let s = TestServer::start();
+    let b = script_bucket(&s, "write_key=wk");
+    let t = s.token(&b, SK, "prefix=users:1:&permissions=write");
+    let name = "narrow";
+    install(
+        &s,
+        &b,
+        name,
+        r#"kvdb.say("before: [", kvdb.scope.prefix, "] ", table.concat(kvdb.scope.permissions, ","))
+kvdb.say("own: ", tostring(kvdb.set("users:1:x", "mine")))
+kvdb.scope.prefix = "users:" .. kvdb.var.uid .. ":"
+kvdb.say("after: [", kvdb.scope.prefix, "] ", table.concat(kvdb.scope.permissions, ","))
+kvdb.say("other: ", type(kvdb.set("users:2:x", "pwned")))"#,
+    );
+    let auth = format!("Bearer {t}");
+    let r = s.request(
+        "GET",
+        &format!("/{b}/scripts/{name}?uid=2"),
+        &[("authorization", auth.as_str())],
+        None,
+    );
+    assert_body(
+        &r,
+        "before: [] read\nown: nil\nafter: [users:2:] read\nother: string\n",
+    );
+    assert_eq!(s.get(&format!("/{b}/users:1:x")).text(), "mine");
+    s.get(&format!("/{b}/users:2:x")).assert_problem(404);
+}
+
+#[test]
+fn atomic_operations_need_write_and_a_json_patch_test_needs_read_too() {
+    // Reading closed, writing open: an anonymous run may count without
+    // reading, but a JSON patch `test` reads the value, so it is refused
+    // and changes nothing.
+    let s = TestServer::start();
+    let b = script_bucket(&s, "read_key=rk");
+    assert_eq!(
+        put_as(
+            &s,
+            &format!("/{b}/doc"),
+            r#"{"a":1}"#,
+            Some("application/json")
+        )
+        .status,
+        204
+    );
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(tostring(kvdb.incr("n", 2)))
+kvdb.say(type(select(2, kvdb.get("n"))))
+kvdb.say(tostring(kvdb.patch("doc", {{op = "add", path = "/b", value = 2}})))
+kvdb.say(kvdb.patch("doc", {{op = "test", path = "/a", value = 1}, {op = "add", path = "/c", value = 3}}))"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[..3], ["nil", "string", "nil"], "{text}");
+    assert!(lines[3].starts_with("permission denied: read"), "{text}");
+    assert_eq!(get_as(&s, &format!("/{b}/n"), "rk").text(), "2");
+    assert_eq!(
+        get_as(&s, &format!("/{b}/doc"), "rk").json(),
+        json!({"a": 1, "b": 2})
+    );
 }
 
 #[test]

@@ -25,9 +25,11 @@ pub enum AuthError {
     Malformed(&'static str),
 }
 
-/// Finds the credential a request presents, if any: the `Authorization`
-/// header first (Bearer, or Basic with the key as user name or password),
-/// then `?access_token=`, then `?key=`.
+/// Finds the credentials a request presents, in the order to try them
+/// (none: anonymous): the `Authorization` header first (Bearer, or Basic
+/// with the key as user name or as password: with both filled in, the user
+/// name and then the password, for clients that insist on a user name), then
+/// `?access_token=`, then `?key=`.
 ///
 /// # Errors
 /// An `Authorization` header that can't be read.
@@ -35,12 +37,15 @@ pub fn presented<'a>(
     authorization: Option<&'a str>,
     access_token: Option<&'a str>,
     key: Option<&'a str>,
-) -> Result<Option<String>, AuthError> {
+) -> Result<Vec<String>, AuthError> {
     if let Some(header) = authorization {
         let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header, ""));
         let rest = rest.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
-            return Ok(Some(rest.to_owned()).filter(|s| !s.is_empty()));
+            return Ok(Some(rest.to_owned())
+                .filter(|s| !s.is_empty())
+                .into_iter()
+                .collect());
         }
         if scheme.eq_ignore_ascii_case("basic") {
             let decoded = base64::engine::general_purpose::STANDARD
@@ -49,15 +54,20 @@ pub fn presented<'a>(
             let text = String::from_utf8(decoded)
                 .map_err(|_| AuthError::Malformed("Basic credentials are not UTF-8"))?;
             let (user, password) = text.split_once(':').unwrap_or((&text, ""));
-            let chosen = if user.is_empty() { password } else { user };
-            return Ok(Some(chosen.to_owned()).filter(|s| !s.is_empty()));
+            return Ok([user, password]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect());
         }
         return Err(AuthError::Malformed("use Bearer or Basic"));
     }
     Ok(access_token
         .or(key)
         .filter(|s| !s.is_empty())
-        .map(str::to_owned))
+        .map(str::to_owned)
+        .into_iter()
+        .collect())
 }
 
 fn same(a: &str, b: Option<&str>) -> bool {
@@ -158,21 +168,18 @@ mod tests {
                 base64::engine::general_purpose::STANDARD.encode(s)
             )
         };
-        assert_eq!(
-            presented(Some("Bearer k1"), None, None),
-            Ok(Some("k1".into()))
-        );
-        assert_eq!(
-            presented(Some(&basic("k2:")), None, None),
-            Ok(Some("k2".into()))
-        );
-        assert_eq!(
-            presented(Some(&basic(":k3")), None, None),
-            Ok(Some("k3".into()))
-        );
-        assert_eq!(presented(None, Some("t"), Some("k")), Ok(Some("t".into())));
-        assert_eq!(presented(None, None, Some("k")), Ok(Some("k".into())));
-        assert_eq!(presented(None, None, None), Ok(None));
+        let found = |a: Option<&str>, t: Option<&str>, k: Option<&str>| {
+            presented(a, t, k).expect("readable")
+        };
+        assert_eq!(found(Some("Bearer k1"), None, None), ["k1"]);
+        assert_eq!(found(Some(&basic("k2:")), None, None), ["k2"]);
+        assert_eq!(found(Some(&basic(":k3")), None, None), ["k3"]);
+        // Both filled in: the user name, then the password.
+        assert_eq!(found(Some(&basic("api:k4")), None, None), ["api", "k4"]);
+        assert!(found(Some(&basic(":")), None, None).is_empty());
+        assert_eq!(found(None, Some("t"), Some("k")), ["t"]);
+        assert_eq!(found(None, None, Some("k")), ["k"]);
+        assert!(found(None, None, None).is_empty());
         assert!(presented(Some("Digest x"), None, None).is_err());
     }
 

@@ -140,6 +140,24 @@ impl Stored {
     }
 }
 
+/// What an atomic operation left under its key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Patched {
+    /// The new value; `None` when the scope may write the key but not read
+    /// it.
+    pub value: Option<Value>,
+    pub version: u64,
+    /// Unix milliseconds; 0 = never.
+    pub expires_at: u64,
+}
+
+impl Patched {
+    /// The strong ETag of the new version.
+    pub fn etag(&self) -> String {
+        etag(self.version)
+    }
+}
+
 /// A listing request (`GET /:bucket/`), already parsed.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -342,17 +360,27 @@ impl Bucket {
         }
     }
 
-    /// The scope of a request presenting `credential` (see [`auth::authorize`]).
+    /// The scope of a request presenting `credentials` (see
+    /// [`auth::authorize`]): the first one valid for this bucket, tried in
+    /// order ([`auth::presented`]); none is anonymous.
     ///
     /// # Errors
-    /// A wrong key or an invalid token.
-    pub fn authorize(&self, credential: Option<&str>) -> Result<Scope, auth::AuthError> {
-        auth::authorize(
-            &self.id,
-            &self.policy,
-            credential,
-            now_s(self.buckets.store.now_ms()),
-        )
+    /// None is valid: the first one's refusal (a wrong key, an invalid
+    /// token).
+    pub fn authorize(&self, credentials: &[String]) -> Result<Scope, auth::AuthError> {
+        let now = now_s(self.buckets.store.now_ms());
+        let Some((first, others)) = credentials.split_first() else {
+            return auth::authorize(&self.id, &self.policy, None, now);
+        };
+        let refused = match auth::authorize(&self.id, &self.policy, Some(first), now) {
+            Ok(scope) => return Ok(scope),
+            Err(e) => e,
+        };
+        // The first refusal is the one reported.
+        others
+            .iter()
+            .find_map(|c| auth::authorize(&self.id, &self.policy, Some(c), now).ok())
+            .ok_or(refused)
     }
 }
 
@@ -493,6 +521,15 @@ impl Scoped {
         self.require(Permission::Write, key.as_str())
     }
 
+    /// Refuses a delete of `key` that this scope can't make, before the
+    /// request's headers are looked at (the delete checks again).
+    ///
+    /// # Errors
+    /// No delete permission on `key`.
+    pub fn ensure_deletable(&self, key: &Key) -> Result<(), BucketError> {
+        self.require(Permission::Delete, key.as_str())
+    }
+
     fn check_size(&self, value: &Value) -> Result<(), BucketError> {
         let limit = self.bucket.buckets.limits.max_value_bytes;
         let size = value.size();
@@ -550,13 +587,43 @@ impl Scoped {
             .await?
     }
 
-    /// Applies an atomic operation to `key`; returns the new value and version.
+    /// Applies an atomic operation to `key` (HTTP `PATCH`); returns the new
+    /// version and expiry, and the new value if this scope may also read the
+    /// key: write permission does not imply read.
     ///
     /// # Errors
-    /// No write permission, a failed condition, an operation that does not
-    /// apply to the current value (409), a result over the size limit, or a
-    /// storage failure.
+    /// As [`Scoped::patch_for_script`].
     pub async fn patch(
+        &self,
+        key: &Key,
+        op: Op,
+        ttl_s: Option<u64>,
+        condition: Condition,
+    ) -> Result<Patched, BucketError> {
+        let readable = self.scope.allows(Permission::Read, key.as_str());
+        let stored = self.apply_op(key, op, ttl_s, condition).await?;
+        Ok(Patched {
+            value: readable.then_some(stored.value),
+            version: stored.version,
+            expires_at: stored.expires_at,
+        })
+    }
+
+    /// Applies an atomic operation to `key` for a script; returns the new
+    /// value. A script is its bucket admin's code and may set any scope for
+    /// itself, so it gets what the operation produced; whether its caller
+    /// sees it is the script's decision.
+    ///
+    /// # Errors
+    /// No write permission (a JSON patch with a `test` operation, which
+    /// reads the value, needs read permission too), an operation that does
+    /// not apply to the current value (409), a result over the size limit,
+    /// or a storage failure.
+    pub async fn patch_for_script(&self, key: &Key, op: Op) -> Result<Stored, BucketError> {
+        self.apply_op(key, op, None, Condition::Always).await
+    }
+
+    async fn apply_op(
         &self,
         key: &Key,
         op: Op,
@@ -564,6 +631,9 @@ impl Scoped {
         condition: Condition,
     ) -> Result<Stored, BucketError> {
         self.require(Permission::Write, key.as_str())?;
+        if op.reads() {
+            self.require(Permission::Read, key.as_str())?;
+        }
         let id = self.bucket.id;
         let dkey = data_key(&id, key.as_str());
         let default_ttl = self.bucket.policy.default_ttl;

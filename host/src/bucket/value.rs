@@ -431,8 +431,12 @@ pub enum Op {
     MergePatch(Json),
     /// RFC 6902.
     JsonPatch(json_patch::Patch),
-    /// `?op=append`.
-    Append(Vec<u8>),
+    /// `?op=append`; `media_type` is what a value it creates keeps (the
+    /// request's, as a `PUT` of these bytes would; `None`: plain text).
+    Append {
+        bytes: Vec<u8>,
+        media_type: Option<String>,
+    },
     /// `?op=max`.
     Max(Number),
     /// `?op=min`.
@@ -440,6 +444,14 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether the operation reads the value as such: a JSON patch with a
+    /// `test` operation succeeds or fails on what the value holds, so it
+    /// needs read permission as well as write.
+    pub fn reads(&self) -> bool {
+        matches!(self, Op::JsonPatch(patch)
+            if patch.0.iter().any(|o| matches!(o, json_patch::PatchOperation::Test(_))))
+    }
+
     /// The new value from the current one (`None`: the key is absent).
     ///
     /// # Errors
@@ -463,10 +475,10 @@ impl Op {
                 };
                 Ok(if take_new { *n } else { cur }.into_value())
             }
-            Op::Append(bytes) => match current {
+            Op::Append { bytes, media_type } => match current {
                 None => Ok(Value::Raw {
                     bytes: bytes.clone(),
-                    media_type: None,
+                    media_type: media_type.clone(),
                 }),
                 Some(Value::Raw {
                     bytes: mut cur,
@@ -686,21 +698,30 @@ mod tests {
             Ok(Value::Float(0.5))
         );
         assert_eq!(Op::Min(Number::Int(9)).apply(None), Ok(Value::Int(9)));
+        let append = |bytes: &[u8], media_type: Option<&str>| Op::Append {
+            bytes: bytes.to_vec(),
+            media_type: media_type.map(str::to_owned),
+        };
         assert_eq!(
-            Op::Append(b"def".to_vec()).apply(Some(Value::Raw {
+            append(b"def", Some("image/png")).apply(Some(Value::Raw {
                 bytes: b"abc".to_vec(),
                 media_type: None
             })),
             Ok(Value::Raw {
                 bytes: b"abcdef".to_vec(),
                 media_type: None
-            })
+            }),
+            "an existing value keeps its type"
         );
-        assert!(
-            Op::Append(b"x".to_vec())
-                .apply(Some(Value::Int(1)))
-                .is_err()
+        assert_eq!(
+            append(b"x", Some("image/png")).apply(None),
+            Ok(Value::Raw {
+                bytes: b"x".to_vec(),
+                media_type: Some("image/png".into())
+            }),
+            "a new value takes the request's"
         );
+        assert!(append(b"x", None).apply(Some(Value::Int(1))).is_err());
         let merged = Op::MergePatch(serde_json::json!({"b": 2, "a": null}))
             .apply(Some(Value::Json(br#"{"a":1,"c":3}"#.to_vec())))
             .expect("merge");

@@ -152,7 +152,18 @@ fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, Ap
             .ok_or_else(|| ApiError::bad_request("the body must be a number"))
     };
     match op {
-        Some("append") => return Ok(Op::Append(body.to_vec())),
+        Some("append") => {
+            // A value the append creates keeps the request's media type, as
+            // a PUT of these bytes would.
+            let media_type = match Typing::from_content_type(content_type(headers)) {
+                Typing::Raw(media_type) => Some(media_type),
+                Typing::Coerce | Typing::Json => None,
+            };
+            return Ok(Op::Append {
+                bytes: body.to_vec(),
+                media_type,
+            });
+        }
         Some("max") => return Ok(Op::Max(number()?)),
         Some("min") => return Ok(Op::Min(number()?)),
         Some(other) => {
@@ -202,7 +213,18 @@ pub async fn patch_key(
     } = Write::parse(&state, &bucket, &params, &uri, &headers, body).await?;
     let op = parse_op(&headers, query_param(&pairs, "op"), &body)?;
     let is_add = matches!(op, Op::Add(_));
-    let stored = bucket.patch(&key, op, ttl, condition).await?;
+    let patched = bucket.patch(&key, op, ttl, condition).await?;
+    let etag = patched.etag();
+    let Some(value) = patched.value else {
+        // Write permission without read: the operation is done, and its
+        // result is not this caller's to see.
+        return Ok(with_etag(StatusCode::NO_CONTENT.into_response(), &etag));
+    };
+    let stored = Stored {
+        value,
+        version: patched.version,
+        expires_at: patched.expires_at,
+    };
     let ct = if is_add {
         "text/plain; charset=utf-8"
     } else {
@@ -218,6 +240,9 @@ pub async fn delete_key(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = key_param(&params)?;
+    // 401/403 before any complaint about the request's headers, as for
+    // writes.
+    bucket.ensure_deletable(&key)?;
     bucket.delete(&key, condition(&headers)?).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

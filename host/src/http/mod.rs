@@ -237,12 +237,12 @@ impl FromRequestParts<AppState> for Access {
             })?),
             None => None,
         };
-        let credential = auth::presented(
+        let credentials = auth::presented(
             authorization,
             query_param(&pairs, "access_token"),
             query_param(&pairs, "key"),
         )?;
-        let scope = bucket.authorize(credential.as_deref())?;
+        let scope = bucket.authorize(&credentials)?;
         Ok(Access(bucket.scoped(scope)))
     }
 }

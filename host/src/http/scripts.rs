@@ -281,5 +281,22 @@ pub async fn run_script(
             out.headers_mut().insert(k, v);
         }
     }
+    // Appended after the script's own headers, so that a policy the script
+    // sets adds to this one and can't lift it.
+    out.headers_mut().append(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(SCRIPT_SANDBOX),
+    );
     Ok(out)
 }
+
+/// The sandbox every script response is served in. Anyone can create a
+/// bucket and upload scripts to it, so a script's page is not to be trusted
+/// by the rest of this origin, where the browser may keep another bucket's
+/// secret key as the script editor's Basic login and would hand it to
+/// same-origin requests. Without `allow-same-origin` the page gets a unique
+/// origin: its scripts, forms, pop-ups and dialogs work, and its requests
+/// to this server are cross-origin (CORS, without the browser's
+/// credentials).
+const SCRIPT_SANDBOX: &str =
+    "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads";

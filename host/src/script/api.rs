@@ -149,9 +149,7 @@ impl Host {
 
     fn op(&self, k: &str, op: Op) -> Result<Value, CallError> {
         let k = key(k)?;
-        Ok(self
-            .wait(self.scoped.patch(&k, op, None, Condition::Always))?
-            .value)
+        Ok(self.wait(self.scoped.patch_for_script(&k, op))?.value)
     }
 
     /// Adds `n` atomically (a missing key counts as 0); the new value.
@@ -170,7 +168,8 @@ impl Host {
         self.op(k, Op::MergePatch(patch))
     }
 
-    /// RFC 6902 patch of a JSON value; the new value.
+    /// RFC 6902 patch of a JSON value; the new value. A patch with a `test`
+    /// operation reads the value, so it needs read permission too.
     ///
     /// # Errors
     /// Permission denied, a malformed patch, a failed `test`.
@@ -185,7 +184,13 @@ impl Host {
     /// # Errors
     /// Permission denied, a non-raw value, the size limit.
     pub fn append(&self, k: &str, bytes: Vec<u8>) -> Result<Value, CallError> {
-        self.op(k, Op::Append(bytes))
+        self.op(
+            k,
+            Op::Append {
+                bytes,
+                media_type: None,
+            },
+        )
     }
 
     /// Keys (and values) under `prefix`, in byte order.
@@ -233,7 +238,13 @@ impl Host {
         Ok(self.scoped.issue_delegated_token(&grant, ttl)?)
     }
 
-    /// The scope as a script sees it: a prefix and the permissions on it.
+    /// The scope as a script sees it: a prefix (the shortest of the
+    /// scope's grants) and the permissions that hold on every key under it.
+    /// A caller's scope can have more than one grant (what the bucket leaves
+    /// open and what a token adds); a permission granted only under a longer
+    /// prefix is left out, so that a script assigning just the prefix (or
+    /// just the permissions) never gets a right its caller had only on
+    /// other keys.
     pub fn scope(&self) -> (String, Permissions) {
         let scope = self.scoped.scope();
         let prefix = scope
@@ -243,9 +254,13 @@ impl Host {
             .min_by_key(|p| p.len())
             .unwrap_or("")
             .to_owned();
-        let permissions = scope.grants.iter().fold(Permissions::NONE, |acc, g| {
-            g.permissions.iter().fold(acc, Permissions::with)
-        });
+        let permissions = scope
+            .grants
+            .iter()
+            .filter(|g| prefix.starts_with(&g.prefix))
+            .fold(Permissions::NONE, |acc, g| {
+                g.permissions.iter().fold(acc, Permissions::with)
+            });
         (prefix, permissions)
     }
 

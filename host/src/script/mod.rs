@@ -20,6 +20,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// The HTTP statuses a script may answer: final ones. An informational
+/// status (1xx) is not a response (hyper would answer it with an empty 500,
+/// and 101 would switch the connection away from HTTP).
+pub const ANSWERABLE_STATUS: std::ops::RangeInclusive<u16> = 200..=599;
+
 /// Loads a script's source, for a runtime that has not compiled it yet.
 pub type SourceLoader<'a> = &'a (dyn Fn() -> Result<Vec<u8>, ScriptError> + Sync);
 

@@ -422,8 +422,10 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "status",
         lua.create_function(|lua, code: u16| {
-            if !(100..=599).contains(&code) {
-                return Err(mlua::Error::runtime(format!("invalid HTTP status {code}")));
+            if !crate::script::ANSWERABLE_STATUS.contains(&code) {
+                return Err(mlua::Error::runtime(format!(
+                    "invalid HTTP status {code}: a script answers 200 to 599"
+                )));
             }
             with_run(lua, |run| {
                 run.status = code;
@@ -436,8 +438,10 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, code: Option<u16>| -> mlua::Result<()> {
             with_run(lua, |run| {
                 if let Some(code) = code {
-                    if !(100..=599).contains(&code) {
-                        return Err(mlua::Error::runtime(format!("invalid HTTP status {code}")));
+                    if !crate::script::ANSWERABLE_STATUS.contains(&code) {
+                        return Err(mlua::Error::runtime(format!(
+                            "invalid HTTP status {code}: a script answers 200 to 599"
+                        )));
                     }
                     run.status = code;
                 }

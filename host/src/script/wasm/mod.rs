@@ -419,9 +419,9 @@ impl WasmRuntime {
                 ),
             });
         }
-        if !(100..=599).contains(&response.status) {
+        if !crate::script::ANSWERABLE_STATUS.contains(&response.status) {
             return Err(ScriptError::Failed(format!(
-                "the script answered the invalid HTTP status {}",
+                "the script answered the invalid HTTP status {} (a script answers 200 to 599)",
                 response.status
             )));
         }
