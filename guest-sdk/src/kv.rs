@@ -478,26 +478,35 @@ pub fn access_token(prefix: &str, permissions: &[Permission], ttl: u64) -> Resul
     })
 }
 
-/// What the run may do: permissions on the keys under a prefix.
+/// What the run may do: the permissions that hold on every key under a
+/// prefix.
+///
+/// A caller's authorization can hold more than this summary: what the
+/// bucket leaves open (on every key) and a token's grant under a longer
+/// prefix. The summary gives the shortest prefix and only the permissions
+/// that hold on all of it, so setting a scope from it (say, a new prefix
+/// with the same permissions) never carries a right the caller had only on
+/// other keys.
 ///
 /// # Example
 ///
 /// ```no_run
 /// let s = kvdb_guest::scope();
 /// if !s.permissions.contains(&kvdb_guest::Permission::Write) {
-///     kvdb_guest::log::warn(&format!("read-only under {:?}", s.prefix));
+///     kvdb_guest::log::warn(&format!("not writable everywhere under {:?}", s.prefix));
 /// }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
-    /// The keys the run may touch start with this.
+    /// The shortest prefix of the run's scope: the keys the run may touch
+    /// start with it.
     pub prefix: String,
-    /// What it may do with them.
+    /// What the run may do on every key under `prefix`.
     pub permissions: Vec<Permission>,
 }
 
-/// The run's current scope: the caller's authorization, until
-/// [`set_scope`] replaces it.
+/// The run's current scope, summed up as [`Scope`] says: the caller's
+/// authorization, until [`set_scope`] replaces it.
 ///
 /// # Example
 ///

@@ -589,7 +589,6 @@ fn patch_without_read_permission_changes_the_value_but_does_not_answer_it() {
         ("pin", "", None, "+0"),
         ("pin", "?op=max", None, "-1000000"),
         ("user", "", Some("application/merge-patch+json"), "{}"),
-        ("user", "", Some("application/json-patch+json"), "[]"),
     ];
     let auth = format!("Bearer {t}");
     for (key, query, content_type, body) in ops {
@@ -612,18 +611,25 @@ fn patch_without_read_permission_changes_the_value_but_does_not_answer_it() {
         as_(&s, "GET", &format!("/{b}/pin"), "rk", None).text(),
         "4243"
     );
-    // A JSON patch `test` reads the value: it needs read permission, and
-    // with it refused nothing changes.
-    let r = s.request(
-        "PATCH",
-        &format!("/{b}/user"),
-        &[
-            ("authorization", auth.as_str()),
-            ("content-type", "application/json-patch+json"),
-        ],
-        Some(br#"[{"op":"test","path":"/ssn","value":"123"},{"op":"add","path":"/x","value":1}]"#),
-    );
-    r.assert_problem(403);
+    // A JSON patch reads the value (a `test`, or a `copy`, `remove`... of a
+    // path that may be missing, fails or not on what the document holds):
+    // it needs read permission, and with it refused nothing changes.
+    for patch in [
+        &br#"[{"op":"test","path":"/ssn","value":"123"},{"op":"add","path":"/x","value":1}]"#[..],
+        br#"[{"op":"copy","from":"/ssn","path":"/p"},{"op":"remove","path":"/p"}]"#,
+        b"[]",
+    ] {
+        let r = s.request(
+            "PATCH",
+            &format!("/{b}/user"),
+            &[
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json-patch+json"),
+            ],
+            Some(patch),
+        );
+        r.assert_problem(403);
+    }
     assert_eq!(
         as_(&s, "GET", &format!("/{b}/user"), "rk", None).json(),
         json!({"ssn": "123"})
@@ -632,6 +638,75 @@ fn patch_without_read_permission_changes_the_value_but_does_not_answer_it() {
     let rw = s.token(&b, "sk", "permissions=read,write");
     let r = as_(&s, "PATCH", &format!("/{b}/pin"), &rw, Some("+1"));
     assert_eq!((r.status, r.text().as_str()), (200, "4244"));
+}
+
+#[test]
+fn a_failed_patch_without_read_permission_does_not_describe_the_value() {
+    let s = TestServer::start_with(&["--max-value-bytes", "100"]);
+    let b = locked_bucket(&s);
+    for (key, value, ct) in [
+        ("n", "123456789", None),
+        ("doc", r#"{"a":1}"#, Some("application/json")),
+        ("text", "a secret of 28 bytes exactly", None),
+    ] {
+        let mut headers = vec![("authorization", "Bearer sk")];
+        headers.extend(ct.map(|ct| ("content-type", ct)));
+        let r = s.request(
+            "PUT",
+            &format!("/{b}/{key}"),
+            &headers,
+            Some(value.as_bytes()),
+        );
+        assert_eq!(r.status, 204);
+    }
+    let t = s.token(&b, "sk", "permissions=write");
+    let auth = format!("Bearer {t}");
+    let headers = [("authorization", auth.as_str())];
+    // Overflow, adding to JSON, appending to a number: 409, and no word
+    // on why (a type, a size).
+    for (key, query, body) in [
+        ("n", "", "+9223372036854775000"),
+        ("doc", "", "+1"),
+        ("n", "?op=append", "x"),
+    ] {
+        let r = s.request(
+            "PATCH",
+            &format!("/{b}/{key}{query}"),
+            &headers,
+            Some(body.as_bytes()),
+        );
+        let detail = r.assert_problem(409);
+        assert!(detail.contains("says no more"), "{key}{query}: {detail}");
+        for telling in ["JSON", "integer", "number", "overflow", "raw"] {
+            assert!(!detail.contains(telling), "{key}{query}: {detail}");
+        }
+    }
+    // A result over the size limit: 413, without the size it would have.
+    let r = s.request(
+        "PATCH",
+        &format!("/{b}/text?op=append"),
+        &headers,
+        Some(&[b'x'; 90]),
+    );
+    let detail = r.assert_problem(413);
+    assert!(!detail.contains("118"), "{detail}");
+    // The same failures with read permission say what is wrong.
+    let r = as_(&s, "PATCH", &format!("/{b}/doc"), "wk", Some("+1"));
+    assert!(r.assert_problem(409).contains("JSON"), "{}", r.text());
+    let r = s.request(
+        "PATCH",
+        &format!("/{b}/text?op=append"),
+        &[("authorization", "Bearer wk")],
+        Some(&[b'x'; 90]),
+    );
+    assert!(r.assert_problem(413).contains("118"), "{}", r.text());
+    // Nothing changed.
+    for (key, value) in [("n", "123456789"), ("text", "a secret of 28 bytes exactly")] {
+        assert_eq!(
+            as_(&s, "GET", &format!("/{b}/{key}"), "rk", None).text(),
+            value
+        );
+    }
 }
 
 #[test]
@@ -725,6 +800,16 @@ fn expired_token_is_401() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k"), &short, None));
     assert_eq!(as_(&s, "GET", &format!("/{b}/k"), &long, None).status, 200);
+    // As the password of Basic with a user name, the token's own refusal
+    // is the one reported.
+    let r = s.request(
+        "GET",
+        &format!("/{b}/k"),
+        &[("authorization", &basic_auth("api", &short))],
+        None,
+    );
+    assert_unauthorized(&r);
+    assert!(r.text().contains("expired"), "{}", r.text());
 }
 
 #[test]

@@ -111,6 +111,13 @@ fn web_pages_on_other_origins_may_call_the_api_without_the_browsers_credentials(
         r.header("access-control-allow-origin").as_deref(),
         Some("*")
     );
+    // An unknown route's 404 too.
+    let r = s.request("GET", &format!("/{b}/k/extra"), &[origin], None);
+    r.assert_problem(404);
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("*")
+    );
     // Backups are for `kvdb backup`, not for web pages.
     let r = s.request("GET", "/_admin/backup", &[origin], None);
     assert_eq!(r.header("access-control-allow-origin"), None);

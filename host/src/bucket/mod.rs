@@ -56,6 +56,10 @@ pub enum BucketError {
     Conflict(#[from] OpConflict),
     #[error("the value would be {size} bytes; the limit is {limit} bytes")]
     TooLarge { size: usize, limit: usize },
+    /// [`BucketError::TooLarge`] as a caller who may not read the value
+    /// learns it: the size would tell the value's.
+    #[error("the result would be over the limit of {limit} bytes")]
+    ResultTooLarge { limit: usize },
     #[error(transparent)]
     Policy(#[from] PolicyError),
     #[error("{0}")]
@@ -365,22 +369,27 @@ impl Bucket {
     /// order ([`auth::presented`]); none is anonymous.
     ///
     /// # Errors
-    /// None is valid: the first one's refusal (a wrong key, an invalid
+    /// None is valid: the last one's refusal (a wrong key, an invalid
     /// token).
     pub fn authorize(&self, credentials: &[String]) -> Result<Scope, auth::AuthError> {
         let now = now_s(self.buckets.store.now_ms());
         let Some((first, others)) = credentials.split_first() else {
             return auth::authorize(&self.id, &self.policy, None, now);
         };
-        let refused = match auth::authorize(&self.id, &self.policy, Some(first), now) {
+        let mut refused = match auth::authorize(&self.id, &self.policy, Some(first), now) {
             Ok(scope) => return Ok(scope),
             Err(e) => e,
         };
-        // The first refusal is the one reported.
-        others
-            .iter()
-            .find_map(|c| auth::authorize(&self.id, &self.policy, Some(c), now).ok())
-            .ok_or(refused)
+        for credential in others {
+            match auth::authorize(&self.id, &self.policy, Some(credential), now) {
+                Ok(scope) => return Ok(scope),
+                // The last refusal is the one reported: with Basic `api:KEY`
+                // the password is the credential meant (an expired token
+                // says so, not "the key is not valid").
+                Err(e) => refused = e,
+            }
+        }
+        Err(refused)
     }
 }
 
@@ -589,10 +598,17 @@ impl Scoped {
 
     /// Applies an atomic operation to `key` (HTTP `PATCH`); returns the new
     /// version and expiry, and the new value if this scope may also read the
-    /// key: write permission does not imply read.
+    /// key: write permission does not imply read. For a scope that can't
+    /// read the key, an operation that does not apply, or whose result
+    /// would be too large, fails without saying why or how large (that
+    /// would describe the value); that it failed still tells something
+    /// (an overflow says the number is large).
     ///
     /// # Errors
-    /// As [`Scoped::patch_for_script`].
+    /// No write permission (a JSON patch needs read too), a failed
+    /// condition (412), an operation that does not apply to the current
+    /// value (409), a result over the size limit (413), or a storage
+    /// failure.
     pub async fn patch(
         &self,
         key: &Key,
@@ -601,7 +617,16 @@ impl Scoped {
         condition: Condition,
     ) -> Result<Patched, BucketError> {
         let readable = self.scope.allows(Permission::Read, key.as_str());
-        let stored = self.apply_op(key, op, ttl_s, condition).await?;
+        let stored = self
+            .apply_op(key, op, ttl_s, condition)
+            .await
+            .map_err(|e| match e {
+                BucketError::Conflict(_) if !readable => OpConflict::Withheld.into(),
+                BucketError::TooLarge { limit, .. } if !readable => {
+                    BucketError::ResultTooLarge { limit }
+                }
+                other => other,
+            })?;
         Ok(Patched {
             value: readable.then_some(stored.value),
             version: stored.version,
@@ -615,10 +640,9 @@ impl Scoped {
     /// sees it is the script's decision.
     ///
     /// # Errors
-    /// No write permission (a JSON patch with a `test` operation, which
-    /// reads the value, needs read permission too), an operation that does
-    /// not apply to the current value (409), a result over the size limit,
-    /// or a storage failure.
+    /// No write permission (a JSON patch, which reads the value, needs read
+    /// permission too), an operation that does not apply to the current
+    /// value (409), a result over the size limit, or a storage failure.
     pub async fn patch_for_script(&self, key: &Key, op: Op) -> Result<Stored, BucketError> {
         self.apply_op(key, op, None, Condition::Always).await
     }

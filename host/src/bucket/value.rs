@@ -100,6 +100,12 @@ pub enum OpConflict {
     NotRaw(&'static str),
     #[error("the JSON patch does not apply: {0}")]
     Patch(String),
+    /// Any of the others, as a caller who may not read the value learns it:
+    /// what is wrong would describe the value.
+    #[error(
+        "the operation does not apply to the current value (this credential may not read the value, so the error says no more)"
+    )]
+    Withheld,
 }
 
 fn parse_number(text: &str) -> Option<Number> {
@@ -432,7 +438,8 @@ pub enum Op {
     /// RFC 6902.
     JsonPatch(json_patch::Patch),
     /// `?op=append`; `media_type` is what a value it creates keeps (the
-    /// request's, as a `PUT` of these bytes would; `None`: plain text).
+    /// request's raw media type, as a `PUT` of these bytes with it would;
+    /// `None`, also for JSON: plain text, since appending makes raw bytes).
     Append {
         bytes: Vec<u8>,
         media_type: Option<String>,
@@ -444,12 +451,13 @@ pub enum Op {
 }
 
 impl Op {
-    /// Whether the operation reads the value as such: a JSON patch with a
-    /// `test` operation succeeds or fails on what the value holds, so it
-    /// needs read permission as well as write.
+    /// Whether the operation reads the value as such, so that it needs read
+    /// permission as well as write: a JSON patch succeeds or fails on what
+    /// the document holds (a `test`, but also a `copy`, `move`, `remove` or
+    /// `replace` of a path that may be missing), which would tell a caller
+    /// who may not read the value about its structure.
     pub fn reads(&self) -> bool {
-        matches!(self, Op::JsonPatch(patch)
-            if patch.0.iter().any(|o| matches!(o, json_patch::PatchOperation::Test(_))))
+        matches!(self, Op::JsonPatch(_))
     }
 
     /// The new value from the current one (`None`: the key is absent).

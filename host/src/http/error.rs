@@ -67,9 +67,8 @@ impl ApiError {
                 (StatusCode::PRECONDITION_FAILED, "precondition-failed")
             }
             ApiError::Bucket(B::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::Bucket(B::TooLarge { .. }) | ApiError::PayloadTooLarge { .. } => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "too-large")
-            }
+            ApiError::Bucket(B::TooLarge { .. } | B::ResultTooLarge { .. })
+            | ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             ApiError::Bucket(B::Policy(_) | B::Invalid(_))
             | ApiError::Key(_)
             | ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),

@@ -153,8 +153,9 @@ fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, Ap
     };
     match op {
         Some("append") => {
-            // A value the append creates keeps the request's media type, as
-            // a PUT of these bytes would.
+            // A value the append creates keeps the request's raw media
+            // type, as a PUT of these bytes would (JSON and untyped bodies
+            // make plain text: appending makes raw bytes).
             let media_type = match Typing::from_content_type(content_type(headers)) {
                 Typing::Raw(media_type) => Some(media_type),
                 Typing::Coerce | Typing::Json => None,

@@ -103,10 +103,12 @@ pub fn router(state: AppState) -> Router {
         // Before the CORS layer, so that the layer answers a preflight
         // (OPTIONS) before a route's 405 does.
         .method_not_allowed_fallback(method_not_allowed)
+        // Also before the layer: a page elsewhere reads an unknown route's
+        // 404 instead of a network error.
+        .fallback(not_found)
         .layer(cors())
         // Backups are for `kvdb backup`, not for web pages: no CORS.
         .route("/_admin/backup", get(admin::get_backup))
-        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }

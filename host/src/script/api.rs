@@ -38,7 +38,9 @@ impl From<BucketError> for CallError {
             }
             BucketError::Conflict(c) => CallError::TypeMismatch(c.to_string()),
             BucketError::PreconditionFailed(m) => CallError::TypeMismatch(m.to_owned()),
-            BucketError::TooLarge { .. } => CallError::Limit(e.to_string()),
+            BucketError::TooLarge { .. } | BucketError::ResultTooLarge { .. } => {
+                CallError::Limit(e.to_string())
+            }
             BucketError::Policy(_) | BucketError::Invalid(_) => CallError::Invalid(e.to_string()),
             BucketError::Token(_) | BucketError::Storage(_) => {
                 tracing::error!(error = %e, "script data call failed");
