@@ -4,7 +4,8 @@
 //! request still gets the answer, handlers learn the client's address, and
 //! shutdown lets requests in flight finish. The timeouts cost no timer per
 //! request: one watchdog timer per connection, and one per body read that
-//! has to wait.
+//! has to wait. A connection task's wakes of itself during its own poll are
+//! answered by polling again at once ([`SelfWakes`]), not by the scheduler.
 //!
 //! It does not route, authorize or read bodies: that is the router's, the
 //! `Access` extractor's and the handlers'.
