@@ -174,6 +174,11 @@ pub async fn serve(
 /// leaves a self-wake to the scheduler (a yield, fair to other tasks).
 const SELF_WAKE_REPOLLS: u32 = 3;
 
+/// How long [`SelfWakes`] keeps polling again at once: a poll that has run
+/// this long yields as its inner future asked (hyper after 16 requests in
+/// one poll, wasmtime after a slice of fuel), to be fair to other tasks.
+const SELF_WAKE_WINDOW: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// A connection task whose wakes during its own poll are answered by
 /// polling again at once, instead of by tokio.
 ///
@@ -183,20 +188,38 @@ const SELF_WAKE_REPOLLS: u32 = 3;
 /// runs as a yield: to the back of the run queue, and an idle worker thread
 /// woken to steal it. On this VM that was a futex wake and two context
 /// switches of the other thread per `PUT` or `PATCH` (at one connection a
-/// quarter of the server's CPU per request). A wake from anywhere else (the
-/// socket, a timer, the writer thread) goes to tokio's waker as usual.
+/// quarter of the server's CPU per request). A wake that comes while the
+/// inner future is being polled (from the task itself, or from another
+/// thread at that moment) is answered the same way, by polling again; one
+/// that comes between polls goes to tokio's waker as usual. At most
+/// [`SELF_WAKE_REPOLLS`] times and within [`SELF_WAKE_WINDOW`], then the
+/// wake goes to tokio.
+///
+/// Under `tokio::spawn` only: a panic in the inner future leaves the state
+/// at "polling" (later wakes would be absorbed), which does not matter once
+/// tokio has dropped the panicked task.
 struct SelfWakes<F> {
     inner: Pin<Box<F>>,
     state: Arc<WakeState>,
     waker: std::task::Waker,
+    /// [`SELF_WAKE_WINDOW`] (tests set their own).
+    window: std::time::Duration,
 }
+
+/// [`WakeState::phase`]: not being polled; a wake goes to the task.
+const IDLE: u8 = 0;
+/// Being polled; a wake becomes [`WOKEN`].
+const POLLING: u8 = 1;
+/// Woken while being polled: the poll polls again.
+const WOKEN: u8 = 2;
 
 #[derive(Default)]
 struct WakeState {
-    /// The task's own waker, for wakes from outside its poll.
+    /// The task's own waker, for wakes between polls.
     task: futures_util::task::AtomicWaker,
-    polling: std::sync::atomic::AtomicBool,
-    woken: std::sync::atomic::AtomicBool,
+    /// [`IDLE`], [`POLLING`] or [`WOKEN`]: every decision is made on this
+    /// one variable.
+    phase: std::sync::atomic::AtomicU8,
 }
 
 impl std::task::Wake for WakeState {
@@ -205,25 +228,29 @@ impl std::task::Wake for WakeState {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.polling.load(Ordering::SeqCst) {
-            self.woken.store(true, Ordering::SeqCst);
-            // Still polling: the poll sees the flag once it returns. If the
-            // poll ended in between, it may have missed it: wake for real.
-            if self.polling.load(Ordering::SeqCst) {
-                return;
-            }
+        match self
+            .phase
+            .compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire)
+        {
+            // The poll in progress sees it when its inner poll returns.
+            Ok(_) | Err(WOKEN) => {}
+            Err(_) => self.task.wake(),
         }
-        self.task.wake();
     }
 }
 
 impl<F: Future<Output = ()>> SelfWakes<F> {
     fn new(inner: F) -> Self {
+        Self::with_window(inner, SELF_WAKE_WINDOW)
+    }
+
+    fn with_window(inner: F, window: std::time::Duration) -> Self {
         let state = Arc::new(WakeState::default());
         Self {
             inner: Box::pin(inner),
             waker: std::task::Waker::from(state.clone()),
             state,
+            window,
         }
     }
 }
@@ -235,20 +262,25 @@ impl<F: Future<Output = ()>> Future for SelfWakes<F> {
         let this = &mut *self;
         this.state.task.register(cx.waker());
         let mut inner_cx = Context::from_waker(&this.waker);
-        for _ in 0..=SELF_WAKE_REPOLLS {
-            this.state.polling.store(true, Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let mut repolls = 0;
+        loop {
+            this.state.phase.store(POLLING, Ordering::Release);
             let polled = this.inner.as_mut().poll(&mut inner_cx);
-            this.state.polling.store(false, Ordering::SeqCst);
+            let phase = this.state.phase.swap(IDLE, Ordering::AcqRel);
             if polled.is_ready() {
                 return Poll::Ready(());
             }
-            if !this.state.woken.swap(false, Ordering::SeqCst) {
+            if phase != WOKEN {
                 return Poll::Pending;
             }
+            if repolls == SELF_WAKE_REPOLLS || started.elapsed() >= this.window {
+                // Let the scheduler run others first.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            repolls += 1;
         }
-        // Still waking itself: let the scheduler run others first.
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 }
 
@@ -381,6 +413,9 @@ mod tests {
 
     use super::{SELF_WAKE_REPOLLS, SelfWakes};
 
+    /// A window no test outlasts, so that the bound alone decides.
+    const LONG: std::time::Duration = std::time::Duration::from_secs(600);
+
     /// Counts the wakes the scheduler would get.
     #[derive(Default)]
     struct Counted(AtomicUsize);
@@ -415,10 +450,13 @@ mod tests {
         let task = Arc::new(Counted::default());
         let waker = Waker::from(task.clone());
         let polls = Arc::new(AtomicUsize::new(0));
-        let mut f = Box::pin(SelfWakes::new(WakesItself {
-            times: 2,
-            polls: polls.clone(),
-        }));
+        let mut f = Box::pin(SelfWakes::with_window(
+            WakesItself {
+                times: 2,
+                polls: polls.clone(),
+            },
+            LONG,
+        ));
         let ready = f.as_mut().poll(&mut Context::from_waker(&waker));
         assert!(ready.is_ready());
         assert_eq!(polls.load(Ordering::SeqCst), 3);
@@ -430,15 +468,104 @@ mod tests {
         let task = Arc::new(Counted::default());
         let waker = Waker::from(task.clone());
         let polls = Arc::new(AtomicUsize::new(0));
-        let mut f = Box::pin(SelfWakes::new(WakesItself {
-            times: 100,
-            polls: polls.clone(),
-        }));
+        let mut f = Box::pin(SelfWakes::with_window(
+            WakesItself {
+                times: 100,
+                polls: polls.clone(),
+            },
+            LONG,
+        ));
         let pending = f.as_mut().poll(&mut Context::from_waker(&waker));
         assert!(pending.is_pending());
         let bound = usize::try_from(SELF_WAKE_REPOLLS).expect("small") + 1;
         assert_eq!(polls.load(Ordering::SeqCst), bound);
         assert_eq!(task.0.load(Ordering::SeqCst), 1, "one wake: a yield");
+    }
+
+    #[test]
+    fn a_poll_that_ran_past_the_window_yields_as_its_future_asked() {
+        /// Works for 2 ms, wakes itself, and is pending.
+        struct Busy(Arc<AtomicUsize>);
+        impl Future for Busy {
+            type Output = ();
+            fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+        let task = Arc::new(Counted::default());
+        let waker = Waker::from(task.clone());
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut f = Box::pin(SelfWakes::with_window(
+            Busy(polls.clone()),
+            std::time::Duration::from_millis(1),
+        ));
+        assert!(
+            f.as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+    }
+
+    /// Pending `times` times, each time woken from another thread while
+    /// its poll runs (the thread is joined before the poll returns).
+    struct WokenFromElsewhereDuringPoll {
+        times: u32,
+        polls: Arc<AtomicUsize>,
+    }
+
+    impl Future for WokenFromElsewhereDuringPoll {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            if self.times == 0 {
+                return Poll::Ready(());
+            }
+            self.times -= 1;
+            let waker = cx.waker().clone();
+            std::thread::spawn(move || waker.wake())
+                .join()
+                .expect("waking thread");
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_wake_from_another_thread_during_the_poll_is_a_poll_again() {
+        let task = Arc::new(Counted::default());
+        let waker = Waker::from(task.clone());
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut f = Box::pin(SelfWakes::with_window(
+            WokenFromElsewhereDuringPoll {
+                times: 1,
+                polls: polls.clone(),
+            },
+            LONG,
+        ));
+        assert!(f.as_mut().poll(&mut Context::from_waker(&waker)).is_ready());
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        assert_eq!(task.0.load(Ordering::SeqCst), 0);
+        // Past the bound: the last such wake reaches the task, once.
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut f = Box::pin(SelfWakes::with_window(
+            WokenFromElsewhereDuringPoll {
+                times: 100,
+                polls: polls.clone(),
+            },
+            LONG,
+        ));
+        assert!(
+            f.as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        let bound = usize::try_from(SELF_WAKE_REPOLLS).expect("small") + 1;
+        assert_eq!(polls.load(Ordering::SeqCst), bound);
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
     }
 
     /// Pending until its flag is set; keeps the waker it was polled with.
@@ -464,10 +591,13 @@ mod tests {
         let waker = Waker::from(task.clone());
         let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let kept = Arc::new(std::sync::Mutex::new(None::<Waker>));
-        let mut f = Box::pin(SelfWakes::new(Gate {
-            open: open.clone(),
-            waker: kept.clone(),
-        }));
+        let mut f = Box::pin(SelfWakes::with_window(
+            Gate {
+                open: open.clone(),
+                waker: kept.clone(),
+            },
+            LONG,
+        ));
         assert!(
             f.as_mut()
                 .poll(&mut Context::from_waker(&waker))
