@@ -70,7 +70,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let buckets = state.buckets.clone();
     let gc = tokio::spawn(gc_loop(buckets.clone()));
-    let app = http::router(state);
+    let app = http::App::new(state);
     let (stopping, mut stopped) = tokio::sync::watch::channel(false);
     let signal = async move {
         shutdown.await;

@@ -111,6 +111,12 @@ fn web_pages_on_other_origins_may_call_the_api_without_the_browsers_credentials(
         r.header("access-control-allow-origin").as_deref(),
         Some("*")
     );
+    // A client that is no browser (no Origin) gets no CORS headers, and a
+    // Vary that keeps caches from handing its answer to a browser.
+    let r = s.request("GET", &format!("/{b}/k"), &[], None);
+    assert_eq!((r.status, r.text().as_str()), (200, "v"));
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    assert_eq!(r.header("vary").as_deref(), Some("origin"));
     // An unknown route's 404 too.
     let r = s.request("GET", &format!("/{b}/k/extra"), &[origin], None);
     r.assert_problem(404);

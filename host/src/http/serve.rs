@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use bytes::Bytes;
@@ -28,7 +27,6 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
-use tower::ServiceExt;
 
 /// A request body that sent nothing for the read timeout: the error its
 /// reader gets (answered 408).
@@ -94,7 +92,7 @@ impl HttpBody for IdleTimeoutBody {
 /// and waits for the connections to finish their requests in flight.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: super::App,
     read_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -126,10 +124,10 @@ pub async fn serve(
                 .extensions_mut()
                 .insert(ConnectInfo::<SocketAddr>(remote));
             let in_flight = InFlight::start(&counted);
-            let answer = app.clone().oneshot(request);
+            let answer = app.clone().answer(request);
             async move {
                 let _in_flight = in_flight;
-                answer.await
+                Ok::<_, std::convert::Infallible>(answer.await)
             }
         });
         let io = Watched {
