@@ -373,23 +373,20 @@ impl Bucket {
     /// token).
     pub fn authorize(&self, credentials: &[String]) -> Result<Scope, auth::AuthError> {
         let now = now_s(self.buckets.store.now_ms());
-        let Some((first, others)) = credentials.split_first() else {
-            return auth::authorize(&self.id, &self.policy, None, now);
-        };
-        let mut refused = match auth::authorize(&self.id, &self.policy, Some(first), now) {
-            Ok(scope) => return Ok(scope),
-            Err(e) => e,
-        };
-        for credential in others {
+        let mut refused = None;
+        for credential in credentials {
             match auth::authorize(&self.id, &self.policy, Some(credential), now) {
                 Ok(scope) => return Ok(scope),
                 // The last refusal is the one reported: with Basic `api:KEY`
                 // the password is the credential meant (an expired token
                 // says so, not "the key is not valid").
-                Err(e) => refused = e,
+                Err(e) => refused = Some(e),
             }
         }
-        Err(refused)
+        match refused {
+            Some(e) => Err(e),
+            None => auth::authorize(&self.id, &self.policy, None, now),
+        }
     }
 }
 

@@ -313,17 +313,6 @@ impl Scoped {
         self.bucket.load_script(name)
     }
 
-    /// A script's source, for the admin (the editor).
-    ///
-    /// # Errors
-    /// Not the admin, or a storage failure.
-    pub fn script_source(&self, name: &ScriptName) -> Result<Option<Vec<u8>>, BucketError> {
-        match self.script(name)? {
-            Some(script) => self.bucket.script_source(&script).map(Some),
-            None => Ok(None),
-        }
-    }
-
     /// Deletes a script.
     ///
     /// # Errors

@@ -9,7 +9,7 @@ use super::{
     Access, ApiError, AppState, condition, content_type, etag_list, query_pairs, query_param,
     read_body, ttl_param,
 };
-use crate::bucket::{BucketError, Key, Number, Op, Scoped, Stored, Typing, Value};
+use crate::bucket::{BucketError, Key, Number, Op, Scoped, Typing, Value};
 
 /// The `{key}` path segment, percent-decoded and validated.
 fn key_param(params: &RawPathParams) -> Result<Key, ApiError> {
@@ -33,8 +33,8 @@ fn with_etag(mut response: Response, stored_etag: &str) -> Response {
 /// of this server's origin (where the script editor's login and other
 /// buckets live): it is served sandboxed (a unique origin, no scripts) and
 /// never content-sniffed. `fetch` and other API clients are unaffected.
-fn value_response(status: StatusCode, stored: &Stored, content_type: &str) -> Response {
-    let mut response = (status, stored.value.body()).into_response();
+fn value_response(value: &Value, etag: &str, content_type: &str) -> Response {
+    let mut response = value.body().into_response();
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(content_type) {
         headers.insert(header::CONTENT_TYPE, v);
@@ -47,7 +47,7 @@ fn value_response(status: StatusCode, stored: &Stored, content_type: &str) -> Re
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("sandbox"),
     );
-    with_etag(response, &stored.etag())
+    with_etag(response, etag)
 }
 
 /// `GET` (and `HEAD`) `/:bucket/:key`.
@@ -74,8 +74,8 @@ pub async fn get_key(
         return Ok(with_etag(StatusCode::NOT_MODIFIED.into_response(), &etag));
     }
     Ok(value_response(
-        StatusCode::OK,
-        &stored,
+        &stored.value,
+        &etag,
         stored.value.content_type(),
     ))
 }
@@ -221,17 +221,12 @@ pub async fn patch_key(
         // result is not this caller's to see.
         return Ok(with_etag(StatusCode::NO_CONTENT.into_response(), &etag));
     };
-    let stored = Stored {
-        value,
-        version: patched.version,
-        expires_at: patched.expires_at,
-    };
     let ct = if is_add {
         "text/plain; charset=utf-8"
     } else {
-        stored.value.content_type()
+        value.content_type()
     };
-    Ok(value_response(StatusCode::OK, &stored, ct))
+    Ok(value_response(&value, &etag, ct))
 }
 
 /// `DELETE /:bucket/:key`.

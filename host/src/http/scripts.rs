@@ -130,7 +130,8 @@ pub async fn get_editor(
     params: RawPathParams,
 ) -> Result<Response, ApiError> {
     let name = script_name(&params)?;
-    let (intro, source, locked) = match bucket.script(&name)? {
+    let script = bucket.script(&name)?;
+    let (intro, source, locked) = match &script {
         // A component is a binary build: shown as what it is, never as
         // text to edit (Save would upload it as Lua).
         Some(script) if script.kind == ScriptKind::Wasm => (
@@ -149,10 +150,12 @@ pub async fn get_editor(
             "Lua 5.4 with the <code>kvdb</code> API. Save uploads the script; Run calls it as \
              the page's user."
                 .to_owned(),
-            bucket
-                .script_source(&name)?
-                .map(|s| escape(&String::from_utf8_lossy(&s)))
-                .unwrap_or_default(),
+            match &script {
+                Some(script) => escape(&String::from_utf8_lossy(
+                    &bucket.bucket().script_source(script)?,
+                )),
+                None => String::new(),
+            },
             "",
         ),
     };

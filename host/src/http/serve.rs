@@ -424,13 +424,23 @@ mod tests {
         }
     }
 
-    /// Wakes itself `times` times (one a poll), then completes.
-    struct WakesItself {
+    /// Where a test future's wake during its poll comes from.
+    #[derive(Clone, Copy)]
+    enum Waking {
+        /// The future itself (as hyper's body channel does).
+        Itself,
+        /// Another thread, joined before the poll returns.
+        AnotherThread,
+    }
+
+    /// Pending `times` times, woken during each of those polls, then ready.
+    struct WokenDuringPoll {
         times: u32,
+        waking: Waking,
         polls: Arc<AtomicUsize>,
     }
 
-    impl Future for WakesItself {
+    impl Future for WokenDuringPoll {
         type Output = ();
         fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
             self.polls.fetch_add(1, Ordering::SeqCst);
@@ -438,46 +448,61 @@ mod tests {
                 return Poll::Ready(());
             }
             self.times -= 1;
-            cx.waker().wake_by_ref();
+            match self.waking {
+                Waking::Itself => cx.waker().wake_by_ref(),
+                Waking::AnotherThread => {
+                    let waker = cx.waker().clone();
+                    std::thread::spawn(move || waker.wake())
+                        .join()
+                        .expect("waking thread");
+                }
+            }
             Poll::Pending
         }
     }
 
-    #[test]
-    fn a_wake_during_its_own_poll_is_a_poll_again_not_a_wake_of_the_task() {
+    /// One poll of [`SelfWakes`] over `WokenDuringPoll`, as tokio would
+    /// make it: whether it completed, how often the inner future was
+    /// polled, and how many wakes reached the task.
+    fn poll_once(times: u32, waking: Waking) -> (bool, usize, usize) {
         let task = Arc::new(Counted::default());
         let waker = Waker::from(task.clone());
         let polls = Arc::new(AtomicUsize::new(0));
-        let mut f = Box::pin(SelfWakes::with_window(
-            WakesItself {
-                times: 2,
-                polls: polls.clone(),
-            },
-            LONG,
-        ));
-        let ready = f.as_mut().poll(&mut Context::from_waker(&waker));
-        assert!(ready.is_ready());
-        assert_eq!(polls.load(Ordering::SeqCst), 3);
-        assert_eq!(task.0.load(Ordering::SeqCst), 0, "no wake reached the task");
+        let inner = WokenDuringPoll {
+            times,
+            waking,
+            polls: polls.clone(),
+        };
+        let mut f = Box::pin(SelfWakes::with_window(inner, LONG));
+        let ready = f.as_mut().poll(&mut Context::from_waker(&waker)).is_ready();
+        (
+            ready,
+            polls.load(Ordering::SeqCst),
+            task.0.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Inner polls of one poll that reaches the bound.
+    fn bound() -> usize {
+        usize::try_from(SELF_WAKE_REPOLLS).expect("small") + 1
+    }
+
+    #[test]
+    fn a_wake_during_its_own_poll_is_a_poll_again_not_a_wake_of_the_task() {
+        assert_eq!(poll_once(2, Waking::Itself), (true, 3, 0));
     }
 
     #[test]
     fn a_task_that_keeps_waking_itself_yields_to_the_scheduler() {
-        let task = Arc::new(Counted::default());
-        let waker = Waker::from(task.clone());
-        let polls = Arc::new(AtomicUsize::new(0));
-        let mut f = Box::pin(SelfWakes::with_window(
-            WakesItself {
-                times: 100,
-                polls: polls.clone(),
-            },
-            LONG,
-        ));
-        let pending = f.as_mut().poll(&mut Context::from_waker(&waker));
-        assert!(pending.is_pending());
-        let bound = usize::try_from(SELF_WAKE_REPOLLS).expect("small") + 1;
-        assert_eq!(polls.load(Ordering::SeqCst), bound);
-        assert_eq!(task.0.load(Ordering::SeqCst), 1, "one wake: a yield");
+        // One wake reaches the task: a yield.
+        assert_eq!(poll_once(100, Waking::Itself), (false, bound(), 1));
+    }
+
+    #[test]
+    fn a_wake_from_another_thread_during_the_poll_is_a_poll_again() {
+        assert_eq!(poll_once(1, Waking::AnotherThread), (true, 2, 0));
+        // Past the bound: the last such wake reaches the task, once.
+        assert_eq!(poll_once(100, Waking::AnotherThread), (false, bound(), 1));
     }
 
     #[test]
@@ -506,63 +531,6 @@ mod tests {
                 .is_pending()
         );
         assert_eq!(polls.load(Ordering::SeqCst), 1);
-        assert_eq!(task.0.load(Ordering::SeqCst), 1);
-    }
-
-    /// Pending `times` times, each time woken from another thread while
-    /// its poll runs (the thread is joined before the poll returns).
-    struct WokenFromElsewhereDuringPoll {
-        times: u32,
-        polls: Arc<AtomicUsize>,
-    }
-
-    impl Future for WokenFromElsewhereDuringPoll {
-        type Output = ();
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            self.polls.fetch_add(1, Ordering::SeqCst);
-            if self.times == 0 {
-                return Poll::Ready(());
-            }
-            self.times -= 1;
-            let waker = cx.waker().clone();
-            std::thread::spawn(move || waker.wake())
-                .join()
-                .expect("waking thread");
-            Poll::Pending
-        }
-    }
-
-    #[test]
-    fn a_wake_from_another_thread_during_the_poll_is_a_poll_again() {
-        let task = Arc::new(Counted::default());
-        let waker = Waker::from(task.clone());
-        let polls = Arc::new(AtomicUsize::new(0));
-        let mut f = Box::pin(SelfWakes::with_window(
-            WokenFromElsewhereDuringPoll {
-                times: 1,
-                polls: polls.clone(),
-            },
-            LONG,
-        ));
-        assert!(f.as_mut().poll(&mut Context::from_waker(&waker)).is_ready());
-        assert_eq!(polls.load(Ordering::SeqCst), 2);
-        assert_eq!(task.0.load(Ordering::SeqCst), 0);
-        // Past the bound: the last such wake reaches the task, once.
-        let polls = Arc::new(AtomicUsize::new(0));
-        let mut f = Box::pin(SelfWakes::with_window(
-            WokenFromElsewhereDuringPoll {
-                times: 100,
-                polls: polls.clone(),
-            },
-            LONG,
-        ));
-        assert!(
-            f.as_mut()
-                .poll(&mut Context::from_waker(&waker))
-                .is_pending()
-        );
-        let bound = usize::try_from(SELF_WAKE_REPOLLS).expect("small") + 1;
-        assert_eq!(polls.load(Ordering::SeqCst), bound);
         assert_eq!(task.0.load(Ordering::SeqCst), 1);
     }
 

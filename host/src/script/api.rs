@@ -170,8 +170,9 @@ impl Host {
         self.op(k, Op::MergePatch(patch))
     }
 
-    /// RFC 6902 patch of a JSON value; the new value. A patch with a `test`
-    /// operation reads the value, so it needs read permission too.
+    /// RFC 6902 patch of a JSON value; the new value. A JSON patch reads
+    /// the value (it fails or not on the paths the document holds), so it
+    /// needs read permission too.
     ///
     /// # Errors
     /// Permission denied, a malformed patch, a failed `test`.

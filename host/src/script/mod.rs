@@ -25,6 +25,21 @@ use std::time::{Duration, Instant};
 /// and 101 would switch the connection away from HTTP).
 pub const ANSWERABLE_STATUS: std::ops::RangeInclusive<u16> = 200..=599;
 
+/// Refuses a status a script may not answer ([`ANSWERABLE_STATUS`]), saying
+/// which ones it may.
+///
+/// # Errors
+/// The status is outside [`ANSWERABLE_STATUS`].
+pub fn check_status(code: u16) -> Result<(), String> {
+    if ANSWERABLE_STATUS.contains(&code) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid HTTP status {code}: a script answers 200 to 599"
+        ))
+    }
+}
+
 /// Loads a script's source, for a runtime that has not compiled it yet.
 pub type SourceLoader<'a> = &'a (dyn Fn() -> Result<Vec<u8>, ScriptError> + Sync);
 

@@ -422,11 +422,7 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "status",
         lua.create_function(|lua, code: u16| {
-            if !crate::script::ANSWERABLE_STATUS.contains(&code) {
-                return Err(mlua::Error::runtime(format!(
-                    "invalid HTTP status {code}: a script answers 200 to 599"
-                )));
-            }
+            crate::script::check_status(code).map_err(mlua::Error::runtime)?;
             with_run(lua, |run| {
                 run.status = code;
                 Ok(())
@@ -438,11 +434,7 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, code: Option<u16>| -> mlua::Result<()> {
             with_run(lua, |run| {
                 if let Some(code) = code {
-                    if !crate::script::ANSWERABLE_STATUS.contains(&code) {
-                        return Err(mlua::Error::runtime(format!(
-                            "invalid HTTP status {code}: a script answers 200 to 599"
-                        )));
-                    }
+                    crate::script::check_status(code).map_err(mlua::Error::runtime)?;
                     run.status = code;
                 }
                 Err(exit_now(run))

@@ -419,12 +419,8 @@ impl WasmRuntime {
                 ),
             });
         }
-        if !crate::script::ANSWERABLE_STATUS.contains(&response.status) {
-            return Err(ScriptError::Failed(format!(
-                "the script answered the invalid HTTP status {} (a script answers 200 to 599)",
-                response.status
-            )));
-        }
+        crate::script::check_status(response.status)
+            .map_err(|e| ScriptError::Failed(format!("the script answered an {e}")))?;
         let mut headers: Vec<(String, String)> = response
             .headers
             .into_iter()
