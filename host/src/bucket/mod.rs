@@ -32,7 +32,7 @@ pub use scripts::{MAX_SCRIPT_NAME, ScriptKind, ScriptName, StoredScript};
 pub use value::{Number, Op, OpConflict, Typing, Value, ValueError};
 
 use crate::auth::{self, TokenError};
-use crate::storage::{Snapshot, StorageError, Store, WriteCtx};
+use crate::storage::{NewValue, Snapshot, StorageError, Store, WriteCtx};
 
 /// Entry kind of a stored policy (values use the kinds in [`value`]).
 const KIND_POLICY: u8 = 0x10;
@@ -662,18 +662,25 @@ impl Scoped {
         self.store()
             .write(move |ctx| -> Result<Stored, BucketError> {
                 ensure_bucket(ctx, &id)?;
-                let current = ctx.get(&dkey)?.map(Stored::from_entry);
-                condition.check(current.as_ref())?;
-                let value = op.apply(current.map(|c| c.value))?;
-                if value.size() > limit {
-                    return Err(BucketError::TooLarge {
-                        size: value.size(),
-                        limit,
-                    });
-                }
                 let expires_at = expiry(ctx.now_ms(), ttl_s, default_ttl);
-                let (kind, bytes) = value.encode();
-                let version = ctx.put(&dkey, kind, &bytes, expires_at)?;
+                let (version, value) = ctx.update(&dkey, |current| {
+                    let current = current.map(Stored::from_entry);
+                    condition.check(current.as_ref())?;
+                    let value = op.apply(current.map(|c| c.value))?;
+                    if value.size() > limit {
+                        return Err(BucketError::TooLarge {
+                            size: value.size(),
+                            limit,
+                        });
+                    }
+                    let (kind, bytes) = value.encode();
+                    let new = NewValue {
+                        kind,
+                        expires_at,
+                        value: bytes,
+                    };
+                    Ok((new, value))
+                })??;
                 Ok(Stored {
                     value,
                     version,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::memory::MemoryBackend;
 use super::redb::RedbBackend;
 use super::store::NS_EXPIRY;
-use super::{Backend, Entry, StorageError, Store};
+use super::{Backend, Entry, NewValue, StorageError, Store};
 
 struct Fixture {
     store: Store,
@@ -28,6 +28,32 @@ impl Fixture {
             .write_blocking(move |ctx| ctx.put(&k, 0, &v, expires_at))
             .expect("commit")
             .expect("put")
+    }
+
+    /// Appends `tail` to the value under `key` (or starts it) with
+    /// [`super::WriteCtx::update`], expiring at `expires_at`; returns what
+    /// the update saw and the new version.
+    fn append(&self, key: &str, tail: &str, expires_at: u64) -> (Option<Vec<u8>>, u64) {
+        let (k, tail) = (key.as_bytes().to_vec(), tail.as_bytes().to_vec());
+        let (version, seen) = self
+            .store
+            .write_blocking(move |ctx| {
+                ctx.update(&k, |current| -> Result<_, StorageError> {
+                    let seen = current.map(|e| e.value);
+                    let mut value = seen.clone().unwrap_or_default();
+                    value.extend_from_slice(&tail);
+                    let new = NewValue {
+                        kind: 0,
+                        expires_at,
+                        value,
+                    };
+                    Ok((new, seen))
+                })
+            })
+            .expect("commit")
+            .expect("engine")
+            .expect("change");
+        (seen, version)
     }
 
     /// The raw records of the expiry index.
@@ -141,6 +167,11 @@ conformance!(
     an_increment_removes_what_an_expired_overwrite_replaced,
     restore_refuses_a_gap_in_the_chain,
     writes_after_close_are_refused,
+    update_reads_the_live_entry_and_writes_a_new_version,
+    a_failed_update_changes_nothing,
+    updates_keep_the_expiry_index_exact,
+    updates_that_outgrow_their_page_keep_the_tree_whole,
+    many_concurrent_updates_never_lose_an_increment,
 );
 
 fn put_then_get_returns_kind_value_and_version(f: Fixture) {
@@ -225,18 +256,25 @@ fn rewriting_a_key_moves_its_expiry(f: Fixture) {
 /// Every write keeps exactly one index record per key with an expiry, none
 /// for a key without: a stale record would outlive the key's expiry.
 fn rewrites_keep_the_expiry_index_exact(f: Fixture) {
+    expiry_index_stays_exact(&f, |f, k, v, exp| {
+        f.put(k, v, exp);
+    });
+}
+
+/// `write` (key, value, expiry) keeps the expiry index exact.
+fn expiry_index_stays_exact(f: &Fixture, write: impl Fn(&Fixture, &str, &str, u64)) {
     let now = f.store.now_ms();
-    f.put("k", "a", now + 1000);
+    write(f, "k", "a", now + 1000);
     assert_eq!(f.expiry_index_len(), 1);
-    f.put("k", "b", now + 5000);
+    write(f, "k", "b", now + 5000);
     assert_eq!(f.expiry_index_len(), 1, "moved");
-    f.put("k", "c", now + 5000);
+    write(f, "k", "c", now + 5000);
     assert_eq!(f.expiry_index_len(), 1, "same expiry");
-    f.put("other", "d", now + 5000);
+    write(f, "other", "d", now + 5000);
     assert_eq!(f.expiry_index_len(), 2, "one per key");
-    f.put("k", "e", 0);
+    write(f, "k", "e", 0);
     assert_eq!(f.expiry_index_len(), 1, "expiry dropped");
-    f.put("k", "f", now + 1000);
+    write(f, "k", "f", now + 1000);
     assert_eq!(f.expiry_index_len(), 2, "expiry set again");
     assert!(f.delete("k"));
     assert!(f.delete("other"));
@@ -294,6 +332,148 @@ fn grow_concurrently(store: &Store, threads: usize, each: usize) -> usize {
 
 fn many_concurrent_writers_never_lose_an_increment(f: Fixture) {
     assert_eq!(grow_concurrently(&f.store, 8, 50), 400);
+}
+
+fn update_reads_the_live_entry_and_writes_a_new_version(f: Fixture) {
+    let (seen, v1) = f.append("k", "ab", 0);
+    assert_eq!(seen, None, "absent");
+    let (seen, v2) = f.append("k", "cd", 0);
+    assert_eq!(seen.as_deref(), Some(&b"ab"[..]));
+    assert!(v2 > v1);
+    let e = f.get("k").expect("present");
+    assert_eq!((e.value.as_slice(), e.version), (&b"abcd"[..], v2));
+    // Same length (in place) and shorter values too.
+    let k = b"k".to_vec();
+    for expected in [&b"wxyz"[..], b"z"] {
+        let (k, value) = (k.clone(), expected.to_vec());
+        f.store
+            .write_blocking(move |ctx| {
+                ctx.update(&k, |_| -> Result<_, StorageError> {
+                    let new = NewValue {
+                        kind: 7,
+                        expires_at: 0,
+                        value,
+                    };
+                    Ok((new, ()))
+                })
+            })
+            .expect("commit")
+            .expect("engine")
+            .expect("change");
+        let e = f.get("k").expect("present");
+        assert_eq!((e.kind, e.value.as_slice()), (7, expected));
+    }
+    assert_eq!(f.get("k").expect("present").value, b"z");
+    // Within a job, an update sees the job's own earlier write.
+    let seen = f
+        .store
+        .write_blocking(|ctx| {
+            ctx.put(b"q", 0, b"first", 0)?;
+            ctx.update(b"q", |current| -> Result<_, StorageError> {
+                let seen = current.map(|e| e.value);
+                let new = NewValue {
+                    kind: 0,
+                    expires_at: 0,
+                    value: b"second".to_vec(),
+                };
+                Ok((new, seen))
+            })?
+        })
+        .expect("commit")
+        .expect("update");
+    assert_eq!(seen.1.as_deref(), Some(&b"first"[..]));
+    assert_eq!(f.get("q").expect("present").value, b"second");
+    let now = f.store.now_ms();
+    f.put("gone", "old", now + 10);
+    f.advance(20);
+    let (seen, _) = f.append("gone", "new", 0);
+    assert_eq!(seen, None, "an expired entry is not live");
+    assert_eq!(f.get("gone").expect("present").value, b"new");
+}
+
+fn a_failed_update_changes_nothing(f: Fixture) {
+    let v1 = f.put("k", "x", 0);
+    let refused = f
+        .store
+        .write_blocking(|ctx| {
+            ctx.update(b"k", |current| -> Result<(NewValue, ()), String> {
+                Err(format!("saw {:?}", current.map(|e| e.value)))
+            })
+        })
+        .expect("commit")
+        .expect("engine");
+    assert_eq!(refused, Err("saw Some([120])".to_owned()));
+    let e = f.get("k").expect("kept");
+    assert_eq!((e.value.as_slice(), e.version), (&b"x"[..], v1));
+    // The failed update took no version.
+    assert_eq!(f.put("other", "y", 0), v1 + 1);
+}
+
+fn updates_keep_the_expiry_index_exact(f: Fixture) {
+    expiry_index_stays_exact(&f, |f, k, v, exp| {
+        f.append(k, v, exp);
+    });
+    let now = f.store.now_ms();
+    // Over an expired entry that gc has not reclaimed: its index record goes.
+    f.put("e", "old", now + 10);
+    f.advance(20);
+    f.append("e", "new", 0);
+    assert_eq!(f.expiry_index_len(), 0, "expired record replaced");
+    assert_eq!(f.gc().expired, 0);
+    assert_eq!(f.get("e").expect("kept").value, b"new");
+}
+
+/// Values that grow past the room left in their page (redb rebuilds the
+/// leaf) next to many others: every key keeps its own value.
+fn updates_that_outgrow_their_page_keep_the_tree_whole(f: Fixture) {
+    let keys: Vec<String> = (0..300).map(|i| format!("key-{i:04}")).collect();
+    for k in &keys {
+        f.put(k, "v", 0);
+    }
+    for round in 0..6 {
+        for (i, k) in keys.iter().enumerate().filter(|(i, _)| i % 7 == round) {
+            f.append(k, &"x".repeat(200 + i), 0);
+        }
+    }
+    for (i, k) in keys.iter().enumerate() {
+        let expected = if i % 7 < 6 { 1 + 200 + i } else { 1 };
+        assert_eq!(f.get(k).expect("present").value.len(), expected, "{k}");
+    }
+    assert_eq!(
+        f.keys(Bound::Unbounded, Bound::Unbounded, false).len(),
+        keys.len()
+    );
+}
+
+fn many_concurrent_updates_never_lose_an_increment(f: Fixture) {
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let store = f.store.clone();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    store
+                        .write_blocking(|ctx| {
+                            ctx.update(b"n", |current| -> Result<_, StorageError> {
+                                let n = current.map_or(0, |e| e.value.len());
+                                let new = NewValue {
+                                    kind: 0,
+                                    expires_at: 0,
+                                    value: vec![b'x'; n + 1],
+                                };
+                                Ok((new, ()))
+                            })
+                        })
+                        .expect("commit")
+                        .expect("engine")
+                        .expect("change");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("thread");
+    }
+    assert_eq!(f.get("n").expect("present").value.len(), 400);
 }
 
 fn purge_prefix_removes_only_that_prefix(f: Fixture) {

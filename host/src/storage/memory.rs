@@ -10,7 +10,7 @@ use std::sync::RwLock;
 use bytes::Bytes;
 use imbl::OrdMap;
 
-use super::{Backend, RawRead, RawWrite, StorageError};
+use super::{Backend, RawChange, RawRead, RawWrite, StorageError};
 
 type Map = OrdMap<Bytes, Bytes>;
 
@@ -127,6 +127,17 @@ impl RawWrite for MemoryView {
     fn take(&mut self, key: &[u8], old: &mut dyn FnMut(&[u8])) -> Result<(), StorageError> {
         if let Some(previous) = self.0.remove(key) {
             old(&previous);
+        }
+        Ok(())
+    }
+
+    fn update(&mut self, key: &[u8], change: &mut RawChange<'_>) -> Result<(), StorageError> {
+        if let Some(current) = self.0.get_mut(key) {
+            if let Some(new) = change(Some(current)) {
+                *current = Bytes::from(new);
+            }
+        } else if let Some(new) = change(None) {
+            self.0.insert(Bytes::copy_from_slice(key), Bytes::from(new));
         }
         Ok(())
     }

@@ -27,7 +27,7 @@ use std::ops::Bound;
 
 pub use backup::{BackupInfo, chain_hint as backup_chain_hint, verify as verify_backup};
 pub(crate) use store::prefix_end;
-pub use store::{Backup, Durability, Entry, GcStats, Snapshot, Store, WriteCtx};
+pub use store::{Backup, Durability, Entry, GcStats, NewValue, Snapshot, Store, WriteCtx};
 
 /// A failure of the storage engine or of the data it holds.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +115,18 @@ pub trait RawWrite {
     /// # Errors
     /// An engine failure.
     fn take(&mut self, key: &[u8], old: &mut dyn FnMut(&[u8])) -> Result<(), StorageError>;
+    /// Calls `change` once with the value under `key` (`None` if there is
+    /// none) and stores the value it returns in its place; `None` leaves the
+    /// key as it was. One lookup where `get` and then `put` take two.
+    ///
+    /// # Errors
+    /// An engine failure.
+    fn update(&mut self, key: &[u8], change: &mut RawChange<'_>) -> Result<(), StorageError>;
 }
+
+/// What [`RawWrite::update`] calls with the current value (if any): the new
+/// value, or `None` to leave it.
+pub type RawChange<'a> = dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>> + 'a;
 
 /// A storage engine: an ordered map of bytes with snapshots and transactions.
 ///

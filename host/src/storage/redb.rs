@@ -9,7 +9,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Backend, RawRead, RawWrite, StorageError};
+use super::{Backend, RawChange, RawRead, RawWrite, StorageError};
 
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
@@ -138,6 +138,19 @@ impl RawWrite for Txn<'_, '_> {
     fn take(&mut self, key: &[u8], old: &mut dyn FnMut(&[u8])) -> Result<(), StorageError> {
         if let Some(previous) = self.0.remove(key).map_err(engine)? {
             old(previous.value());
+        }
+        Ok(())
+    }
+
+    fn update(&mut self, key: &[u8], change: &mut RawChange<'_>) -> Result<(), StorageError> {
+        // `get_mut` finds the leaf once (copying the path to it, as an
+        // insert would) and replaces the value in place when it fits.
+        if let Some(mut current) = self.0.get_mut(key).map_err(engine)? {
+            if let Some(new) = change(Some(current.value())) {
+                current.insert(new.as_slice()).map_err(engine)?;
+            }
+        } else if let Some(new) = change(None) {
+            self.0.insert(key, new.as_slice()).map_err(engine)?;
         }
         Ok(())
     }

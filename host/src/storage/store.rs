@@ -128,6 +128,17 @@ pub struct Entry {
     pub value: Vec<u8>,
 }
 
+/// What [`WriteCtx::update`] stores: an entry without its version, which
+/// the write gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewValue {
+    /// As [`Entry::kind`].
+    pub kind: u8,
+    /// As [`Entry::expires_at`].
+    pub expires_at: u64,
+    pub value: Vec<u8>,
+}
+
 impl Entry {
     fn decode(record: &[u8]) -> Result<Self, StorageError> {
         let header = record
@@ -305,13 +316,15 @@ pub struct WriteCtx<'a> {
 
 impl WriteCtx<'_> {
     fn check<T>(&mut self, r: Result<T, StorageError>) -> Result<T, StorageError> {
-        r.map_err(|e| {
-            // Remember a failure so that the batch is aborted whatever the job
-            // does with the error; hand the job an equivalent one.
-            let copy = StorageError::Engine(e.to_string());
-            self.failed.get_or_insert(e);
-            copy
-        })
+        r.map_err(|e| self.fail(e))
+    }
+
+    /// Remembers a failure so that the batch is aborted whatever the job does
+    /// with the error; hands the job an equivalent one.
+    fn fail(&mut self, e: StorageError) -> StorageError {
+        let copy = StorageError::Engine(e.to_string());
+        self.failed.get_or_insert(e);
+        copy
     }
 
     /// The time this write judges expiry by, in Unix milliseconds.
@@ -360,6 +373,73 @@ impl WriteCtx<'_> {
         Ok(version)
     }
 
+    /// Stores under `key` what `change` makes of its live entry (`None`: no
+    /// live entry), with a new version: one lookup where [`WriteCtx::get`]
+    /// and then [`WriteCtx::put`] take two. Returns the new version and what
+    /// `change` returned with the value. If `change` fails, the key stays as
+    /// it was and its error comes back (the inner `Err`).
+    ///
+    /// # Errors
+    /// An engine failure or a corrupt record (the batch is then aborted).
+    pub fn update<T, E>(
+        &mut self,
+        key: &[u8],
+        change: impl FnOnce(Option<Entry>) -> Result<(NewValue, T), E>,
+    ) -> Result<Result<(u64, T), E>, StorageError> {
+        let version = self.seq + 1;
+        let now = self.now;
+        let mut change = Some(change);
+        let mut outcome: Option<Result<(u64, u64, T), E>> = None;
+        let mut corrupt = None;
+        let r = self.raw.update(&ns_key(NS_DATA, key), &mut |old| {
+            let change = change.take()?;
+            let current = match old.map(Entry::decode).transpose() {
+                Ok(entry) => entry.filter(|e| e.live_at(now)),
+                Err(e) => {
+                    corrupt = Some(e);
+                    return None;
+                }
+            };
+            match change(current) {
+                Ok((new, made)) => {
+                    // The old record's expiry, even if it has passed: its
+                    // index entry goes.
+                    outcome = Some(Ok((old.map_or(0, record_expiry), new.expires_at, made)));
+                    Some(
+                        Entry {
+                            kind: new.kind,
+                            expires_at: new.expires_at,
+                            version,
+                            value: new.value,
+                        }
+                        .encode(),
+                    )
+                }
+                Err(e) => {
+                    outcome = Some(Err(e));
+                    None
+                }
+            }
+        });
+        self.check(r)?;
+        if let Some(e) = corrupt {
+            return Err(self.fail(e));
+        }
+        let (old_exp, new_exp, made) = match outcome {
+            Some(Ok(done)) => done,
+            Some(Err(e)) => return Ok(Err(e)),
+            None => {
+                return Err(self.fail(StorageError::Engine(
+                    "the backend did not apply the update".into(),
+                )));
+            }
+        };
+        let r = self.reindex_expiry(key, old_exp, new_exp);
+        self.check(r)?;
+        self.seq = version;
+        Ok(Ok((version, made)))
+    }
+
     /// Writes a whole entry as it is (its version included), keeping the
     /// expiry index right.
     fn put_entry(&mut self, key: &[u8], entry: &Entry) -> Result<(), StorageError> {
@@ -370,11 +450,22 @@ impl WriteCtx<'_> {
             .replace(&ns_key(NS_DATA, key), &entry.encode(), &mut |old| {
                 old_exp = record_expiry(old);
             })?;
-        if old_exp != 0 && old_exp != entry.expires_at {
+        self.reindex_expiry(key, old_exp, entry.expires_at)
+    }
+
+    /// The expiry index after `key`'s record went from expiry `old_exp` to
+    /// `new_exp` (0: none).
+    fn reindex_expiry(
+        &mut self,
+        key: &[u8],
+        old_exp: u64,
+        new_exp: u64,
+    ) -> Result<(), StorageError> {
+        if old_exp != 0 && old_exp != new_exp {
             self.raw.delete(&expiry_key(old_exp, key))?;
         }
-        if entry.expires_at != 0 {
-            self.raw.put(&expiry_key(entry.expires_at, key), &[])?;
+        if new_exp != 0 {
+            self.raw.put(&expiry_key(new_exp, key), &[])?;
         }
         Ok(())
     }
