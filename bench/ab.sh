@@ -7,14 +7,15 @@
 #   ROUNDS=5 SECONDS_EACH=4 WORKLOADS="patch-relaxed-1 put-relaxed-1" bench/ab.sh A B
 #
 # Workloads: KIND-DURABILITY-CONNS with KIND get (a small value), put (fresh
-# keys), patch (+1 on one of 10,000 keys); DURABILITY strict or relaxed.
+# keys), patch (+1 on one of 10,000 keys), patchhot (+1 on one key);
+# DURABILITY strict or relaxed.
 # Default: patch-relaxed-1 put-relaxed-1 patch-strict-1 patch-relaxed-64.
 # Needs wrk (bench/run.sh installs it). Build the two binaries the same way,
 # e.g. with CARGO_TARGET_DIR=target/ab CARGO_PROFILE_RELEASE_LTO=false for a
 # quick A/B (the default fat LTO takes minutes per build).
 set -euo pipefail
 
-[ $# -eq 2 ] || { sed -n 2,13p "$0"; exit 2; }
+[ $# -eq 2 ] || { sed -n 2,14p "$0"; exit 2; }
 A=$1 B=$2
 ROUNDS=${ROUNDS:-5}
 SECONDS_EACH=${SECONDS_EACH:-4}
@@ -65,6 +66,7 @@ run() { # SIDE WORKLOAD
         get) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" "$url/$bucket/k" >"$out" ;;
         put) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" -s "$here/wrk/put.lua" "$url" -- kvdb "/$bucket" "ab$RANDOM$RANDOM" >"$out" ;;
         patch) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" -s "$here/wrk/patch.lua" "$url" -- kvdb "/$bucket" 10000 >"$out" ;;
+        patchhot) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" -s "$here/wrk/patch.lua" "$url" -- kvdb "/$bucket" 1 >"$out" ;;
         *) echo "unknown workload $2" >&2; exit 2 ;;
     esac
     t1=$(awk '{print $14+$15}' "/proc/$pid/stat")

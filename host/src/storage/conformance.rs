@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::memory::MemoryBackend;
 use super::redb::RedbBackend;
-use super::store::NS_EXPIRY;
+use super::store::{NS_DATA, NS_EXPIRY};
 use super::{Backend, Entry, NewValue, StorageError, Store};
 
 struct Fixture {
@@ -169,6 +169,7 @@ conformance!(
     writes_after_close_are_refused,
     update_reads_the_live_entry_and_writes_a_new_version,
     a_failed_update_changes_nothing,
+    an_update_over_a_corrupt_record_aborts_its_batch,
     updates_keep_the_expiry_index_exact,
     updates_that_outgrow_their_page_keep_the_tree_whole,
     many_concurrent_updates_never_lose_an_increment,
@@ -405,8 +406,44 @@ fn a_failed_update_changes_nothing(f: Fixture) {
     assert_eq!(refused, Err("saw Some([120])".to_owned()));
     let e = f.get("k").expect("kept");
     assert_eq!((e.value.as_slice(), e.version), (&b"x"[..], v1));
-    // The failed update took no version.
-    assert_eq!(f.put("other", "y", 0), v1 + 1);
+    // Nor on an absent or an expired key: they stay absent.
+    let soon = f.store.now_ms() + 10;
+    let v2 = f.put("e", "old", soon);
+    f.advance(20);
+    for key in [&b"absent"[..], b"e"] {
+        let refused = f
+            .store
+            .write_blocking(move |ctx| {
+                ctx.update(key, |current| -> Result<(NewValue, ()), bool> {
+                    Err(current.is_none())
+                })
+            })
+            .expect("commit")
+            .expect("engine");
+        assert_eq!(refused, Err(true), "saw no live entry");
+    }
+    assert_eq!(f.get("absent"), None);
+    assert_eq!(f.get("e"), None);
+    assert_eq!(f.expiry_index_len(), 1, "only the expired record's");
+    // The failed updates took no version.
+    assert_eq!(f.put("other", "y", 0), v2 + 1);
+}
+
+/// A corrupt record is not handed to the change: the batch is aborted and
+/// nothing in it is written.
+fn an_update_over_a_corrupt_record_aborts_its_batch(f: Fixture) {
+    let mut dkey = vec![NS_DATA];
+    dkey.extend_from_slice(b"bad");
+    f.backend
+        .write(true, &mut |raw| raw.put(&dkey, b"short"))
+        .expect("raw write");
+    // Were the change called, its error would leave the batch to commit.
+    let result = f.store.write_blocking(move |ctx| {
+        ctx.put(b"before", 0, b"x", 0)?;
+        ctx.update(b"bad", |_| -> Result<(NewValue, ()), ()> { Err(()) })
+    });
+    assert!(result.is_err(), "the batch failed: {result:?}");
+    assert_eq!(f.get("before"), None, "rolled back");
 }
 
 fn updates_keep_the_expiry_index_exact(f: Fixture) {

@@ -117,7 +117,9 @@ pub trait RawWrite {
     fn take(&mut self, key: &[u8], old: &mut dyn FnMut(&[u8])) -> Result<(), StorageError>;
     /// Calls `change` once with the value under `key` (`None` if there is
     /// none) and stores the value it returns in its place; `None` leaves the
-    /// key as it was. One lookup where `get` and then `put` take two.
+    /// key as it was. Where the backend allows, one lookup where `get` and
+    /// then `put` take two (redb: for a key that exists and a value that does
+    /// not grow).
     ///
     /// # Errors
     /// An engine failure.

@@ -144,12 +144,21 @@ impl RawWrite for Txn<'_, '_> {
 
     fn update(&mut self, key: &[u8], change: &mut RawChange<'_>) -> Result<(), StorageError> {
         // `get_mut` finds the leaf once (copying the path to it, as an
-        // insert would) and replaces the value in place when it fits.
-        if let Some(mut current) = self.0.get_mut(key).map_err(engine)? {
-            if let Some(new) = change(Some(current.value())) {
-                current.insert(new.as_slice()).map_err(engine)?;
-            }
-        } else if let Some(new) = change(None) {
+        // insert would), and a value that does not grow is replaced there in
+        // place. A longer one goes through `insert`, which splits a full
+        // leaf: the guard's own insert would rebuild it as one ever larger
+        // page, which every later write to it would copy whole.
+        let longer = match self.0.get_mut(key).map_err(engine)? {
+            Some(mut current) => match change(Some(current.value())) {
+                Some(new) if new.len() <= current.value().len() => {
+                    current.insert(new.as_slice()).map_err(engine)?;
+                    None
+                }
+                other => other,
+            },
+            None => change(None),
+        };
+        if let Some(new) = longer {
             self.0.insert(key, new.as_slice()).map_err(engine)?;
         }
         Ok(())
@@ -206,6 +215,43 @@ mod tests {
             })
             .expect("scan");
         all
+    }
+
+    /// Values that an update makes longer go through a normal insert, which
+    /// splits full leaves: 64 small values (one leaf) grown to 32 KiB each
+    /// end up in many leaves, not in one page that holds them all.
+    #[test]
+    fn growing_values_split_their_leaves() {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let backend = RedbBackend::open(dir.path()).expect("open");
+            for grow in [1, 8 * 1024, 8 * 1024, 8 * 1024, 8 * 1024] {
+                backend
+                    .write(false, &mut |txn: &mut dyn RawWrite| {
+                        for i in 0..64 {
+                            txn.update(format!("k{i:02}").as_bytes(), &mut |old| {
+                                let mut v = old.map(<[u8]>::to_vec).unwrap_or_default();
+                                v.resize(v.len() + grow, b'x');
+                                Some(v)
+                            })?;
+                        }
+                        Ok(())
+                    })
+                    .expect("commit");
+            }
+            backend.sync().expect("sync");
+        }
+        let db = redb::Database::open(dir.path().join(FILE_NAME)).expect("reopen");
+        let txn = db.begin_read().expect("read");
+        let table = txn.open_table(super::TABLE).expect("table");
+        let stats = table.stats().expect("stats");
+        assert!(
+            stats.leaf_pages() >= 32,
+            "{} leaf pages",
+            stats.leaf_pages()
+        );
+        assert_eq!(stats.stored_bytes(), 64 * (3 + 1 + 32 * 1024));
     }
 
     /// In-place updates (`get_mut`) that grow values past their page, mixed

@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 use super::backup::{self, BackupInfo, Record};
 use super::{Backend, RawRead, RawWrite, StorageError};
 
-const NS_DATA: u8 = b'd';
+pub(super) const NS_DATA: u8 = b'd';
 /// The expiry index: `e` + expiry (big-endian ms) + key, empty values.
 pub(super) const NS_EXPIRY: u8 = b'e';
 const NS_TOMBSTONE: u8 = b't';
@@ -374,8 +374,9 @@ impl WriteCtx<'_> {
     }
 
     /// Stores under `key` what `change` makes of its live entry (`None`: no
-    /// live entry), with a new version: one lookup where [`WriteCtx::get`]
-    /// and then [`WriteCtx::put`] take two. Returns the new version and what
+    /// live entry), with a new version, in one [`RawWrite::update`] (often
+    /// one lookup where [`WriteCtx::get`] and then [`WriteCtx::put`] take
+    /// two). Returns the new version and what
     /// `change` returned with the value. If `change` fails, the key stays as
     /// it was and its error comes back (the inner `Err`).
     ///
