@@ -113,6 +113,23 @@ fn every_credential_form_is_accepted_for_keys() {
     }
 }
 
+/// An empty `?access_token=` (or `?key=`) is no credential: it does not hide
+/// the other parameter.
+#[test]
+fn an_empty_credential_parameter_does_not_hide_the_other() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let t = s.token(&b, "sk", "permissions=read");
+    for query in [
+        "access_token=&key=rk".to_owned(),
+        format!("key=&access_token={t}"),
+    ] {
+        let r = s.get(&format!("/{b}/k?{query}"));
+        assert_eq!((r.status, r.text().as_str()), (200, "v"), "{query}");
+    }
+    assert_unauthorized(&s.get(&format!("/{b}/k?access_token=&key=")));
+}
+
 #[test]
 fn every_credential_form_is_accepted_for_tokens() {
     let s = TestServer::start();

@@ -131,6 +131,26 @@ fn accept_application_json_selects_json_without_format() {
     assert_eq!(r.json(), json!(["x", "y"]));
 }
 
+/// Only `application/json` itself selects JSON: `application/jsonl` (or
+/// any other type that starts the same) is text, as any other Accept.
+#[test]
+fn accept_selects_json_only_for_application_json_itself() {
+    let (s, b) = open_bucket();
+    fill(&s, &b, &["x", "y"]);
+    let get = |accept: &str| s.request("GET", &format!("/{b}/"), &[("accept", accept)], None);
+    for accept in ["application/jsonl", "application/json-seq", "text/plain"] {
+        let r = get(accept);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text().lines().collect::<Vec<_>>(), ["x", "y"], "{accept}");
+    }
+    for accept in [
+        "text/html, application/json;q=0.9",
+        "Application/JSON; charset=utf-8",
+    ] {
+        assert_eq!(get(accept).json(), json!(["x", "y"]), "{accept}");
+    }
+}
+
 #[test]
 fn explicit_format_wins_over_accept() {
     let (s, b) = open_bucket();
@@ -307,11 +327,14 @@ fn limit_and_skip_select_a_window() {
     assert_eq!(json_keys(&s, &b, "reverse=true&skip=1&limit=2"), ["e", "d"]);
 }
 
+/// `limit=0` is an empty page without a `Link`: its next page would be the
+/// same request.
 #[test]
 fn limit_zero_lists_nothing() {
     let (s, b) = open_bucket();
     fill(&s, &b, &["a", "b"]);
     assert!(json_keys(&s, &b, "limit=0").is_empty());
+    assert_eq!(list(&s, &b, "limit=0").header("link"), None);
 }
 
 #[test]

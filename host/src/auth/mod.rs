@@ -62,9 +62,10 @@ pub fn presented<'a>(
         }
         return Err(AuthError::Malformed("use Bearer or Basic"));
     }
-    Ok(access_token
-        .or(key)
-        .filter(|s| !s.is_empty())
+    // An empty parameter is no credential: it does not hide the other one.
+    let given = |p: Option<&'a str>| p.filter(|s| !s.is_empty());
+    Ok(given(access_token)
+        .or(given(key))
         .map(str::to_owned)
         .into_iter()
         .collect())
@@ -179,6 +180,10 @@ mod tests {
         assert!(found(Some(&basic(":")), None, None).is_empty());
         assert_eq!(found(None, Some("t"), Some("k")), ["t"]);
         assert_eq!(found(None, None, Some("k")), ["k"]);
+        // An empty parameter does not hide the other one.
+        assert_eq!(found(None, Some(""), Some("k")), ["k"]);
+        assert_eq!(found(None, Some("t"), Some("")), ["t"]);
+        assert!(found(None, Some(""), Some("")).is_empty());
         assert!(found(None, None, None).is_empty());
         assert!(presented(Some("Digest x"), None, None).is_err());
     }

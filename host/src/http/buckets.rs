@@ -16,13 +16,6 @@ const MAX_FORM_BYTES: usize = 64 * 1024;
 /// Token validity when the request names none, as kvdb.io.
 const DEFAULT_TOKEN_TTL_S: u64 = 3600;
 
-fn wants_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/json"))
-}
-
 /// `GET /`: what this server is.
 pub async fn get_root() -> Json<serde_json::Value> {
     Json(serde_json::json!({
@@ -42,7 +35,7 @@ pub async fn post_bucket(
     let change =
         PolicyChange::from_fields(body_fields(&headers, &body)?).map_err(BucketError::from)?;
     let (id, policy) = state.buckets.create(change).await?;
-    let mut response = if wants_json(&headers) {
+    let mut response = if super::accepts(&headers, "application/json") {
         (StatusCode::CREATED, Json(policy.public_view(&id))).into_response()
     } else {
         (

@@ -58,11 +58,11 @@ fn parse(pairs: &[(String, String)], headers: &HeaderMap) -> Result<(ListQuery, 
             )));
         }
         None => {
-            let json = headers
-                .get(header::ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.contains("application/json"));
-            if json { Format::Json } else { Format::Text }
+            if super::accepts(headers, "application/json") {
+                Format::Json
+            } else {
+                Format::Text
+            }
         }
     };
     let query = ListQuery {

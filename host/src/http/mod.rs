@@ -352,6 +352,19 @@ pub(crate) fn content_type(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// Whether the request's `Accept` header names `media_type` itself (not a
+/// type that merely starts with it, such as `application/jsonl` for
+/// `application/json`), with any parameters.
+pub(crate) fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|range| range.split(';').next())
+        .any(|essence| essence.trim().eq_ignore_ascii_case(media_type))
+}
+
 /// Fields of a form or JSON object body (policy, tokens), as JSON values.
 ///
 /// # Errors

@@ -30,13 +30,6 @@ fn script_name(params: &RawPathParams) -> Result<ScriptName, ApiError> {
     Ok(ScriptName::new(raw)?)
 }
 
-fn wants_html(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/html"))
-}
-
 fn escape(s: &str) -> String {
     html_escape::encode_safe(s).into_owned()
 }
@@ -44,7 +37,7 @@ fn escape(s: &str) -> String {
 /// `GET /:bucket/scripts/`: JSON, or an HTML page for a browser.
 pub async fn get_scripts(Access(bucket): Access, headers: HeaderMap) -> Result<Response, ApiError> {
     let scripts = bucket.list_scripts()?;
-    if !wants_html(&headers) {
+    if !super::accepts(&headers, "text/html") {
         let list: Vec<_> = scripts
             .iter()
             .map(crate::bucket::StoredScript::summary)
