@@ -165,6 +165,7 @@ conformance!(
     backup_and_restore_round_trip,
     incremental_backup_carries_deletes_and_new_writes,
     an_increment_removes_what_an_expired_overwrite_replaced,
+    a_restored_store_refuses_backups_from_before_its_restore,
     restore_refuses_a_gap_in_the_chain,
     writes_after_close_are_refused,
     update_reads_the_live_entry_and_writes_a_new_version,
@@ -572,6 +573,15 @@ fn backup_and_restore_round_trip(f: Fixture) {
     assert!(target.put("c", "4", 0) > version);
 }
 
+/// A fresh redb store with the backup chain `links` restored into it.
+fn restored_on_redb(links: &[&[u8]]) -> Fixture {
+    let target = redb();
+    for link in links {
+        target.store.restore(&mut &link[..]).expect("restore");
+    }
+    target
+}
+
 fn incremental_backup_carries_deletes_and_new_writes(f: Fixture) {
     f.put("a", "1", 0);
     f.put("b", "2", 0);
@@ -583,17 +593,38 @@ fn incremental_backup_carries_deletes_and_new_writes(f: Fixture) {
         .expect("commit")
         .expect("purge");
     let (incr, _) = backup_bytes(&f, v1);
-    let target = redb();
-    target.store.restore(&mut full.as_slice()).expect("full");
-    target
-        .store
-        .restore(&mut incr.as_slice())
-        .expect("increment");
+    let target = restored_on_redb(&[&full, &incr]);
     f.gc();
     assert_eq!(all_entries(&target), all_entries(&f));
     assert_eq!(
         target.keys(Bound::Unbounded, Bound::Unbounded, false),
         ["c"]
+    );
+}
+
+/// A restored store keeps no tombstones of the deletes it applied, so a
+/// backup of it from before its restored version is refused (it would miss
+/// those deletes), while one from that version on, or a full one, works.
+fn a_restored_store_refuses_backups_from_before_its_restore(f: Fixture) {
+    f.put("k", "old", 0);
+    let (full, v1) = backup_bytes(&f, 0);
+    f.delete("k");
+    f.put("other", "x", 0);
+    let (incr, v2) = backup_bytes(&f, v1);
+    let target = restored_on_redb(&[&full, &incr]);
+    assert!(matches!(
+        target.store.backup(v1),
+        Err(StorageError::BackupTooOld { .. })
+    ));
+    target.store.backup(v2).expect("from the restored version");
+    let (again, _) = backup_bytes(&target, 0);
+    let copy = memory();
+    copy.store
+        .restore(&mut again.as_slice())
+        .expect("full of the copy");
+    assert_eq!(
+        copy.keys(Bound::Unbounded, Bound::Unbounded, false),
+        ["other"]
     );
 }
 

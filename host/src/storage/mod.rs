@@ -41,7 +41,7 @@ pub enum StorageError {
     #[error("backup: {0}")]
     Backup(String),
     #[error(
-        "an incremental backup since version {since} is no longer possible: deletions up to version {horizon} have been forgotten; take a full backup (since 0)"
+        "an incremental backup since version {since} is no longer possible: this store keeps no record of deletions up to version {horizon} (forgotten after the retention time, or applied by the restore it came from); take a full backup (since 0)"
     )]
     BackupTooOld { since: u64, horizon: u64 },
     #[error(

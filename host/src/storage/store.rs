@@ -927,7 +927,13 @@ impl Store {
         // Under the writer's lock, no commit is under way: the snapshot and
         // the sequence agree.
         let (raw, version) = {
-            let writer = lock(&self.inner.core);
+            let mut writer = lock(&self.inner.core);
+            // Relaxed commits not synced yet could still be lost in a crash:
+            // a backup must not keep writes the store may take back.
+            if writer.unsynced_since.is_some() {
+                self.inner.backend.sync()?;
+                writer.unsynced_since = None;
+            }
             (self.inner.backend.snapshot()?, writer.seq)
         };
         let horizon = raw.get(META_HORIZON)?.map_or(0, |v| be_u64(&v));
@@ -1006,6 +1012,11 @@ impl Store {
         self.write_blocking(move |ctx| -> Result<(), StorageError> {
             ctx.raw.put(META_RESTORED, &version.to_be_bytes())?;
             ctx.raw.delete(META_RESTORING)?;
+            // A restore keeps no tombstones of the deletes it applied: a
+            // backup of this store from before `version` would miss them,
+            // so it is refused as one past the tombstones kept.
+            let horizon = ctx.meta(META_HORIZON)?.max(version);
+            ctx.raw.put(META_HORIZON, &horizon.to_be_bytes())?;
             ctx.seq = ctx.seq.max(version);
             Ok(())
         })??;
@@ -1504,6 +1515,7 @@ mod tests {
         slow: bool,
         durable_commits: AtomicUsize,
         durable_ceiling: AtomicU64,
+        syncs: AtomicUsize,
     }
 
     const SLOW_COMMIT: Duration = Duration::from_millis(8);
@@ -1515,6 +1527,7 @@ mod tests {
                 slow,
                 durable_commits: AtomicUsize::new(0),
                 durable_ceiling: AtomicU64::new(0),
+                syncs: AtomicUsize::new(0),
             })
         }
 
@@ -1552,9 +1565,39 @@ mod tests {
 
         fn sync(&self) -> Result<(), StorageError> {
             self.inner.sync()?;
+            self.syncs.fetch_add(1, Ordering::SeqCst);
             self.note_ceiling();
             Ok(())
         }
+    }
+
+    /// A backup of a relaxed store first syncs what is committed but not
+    /// synced yet: a crash could still take those writes back, and a backup
+    /// must not keep them.
+    #[test]
+    fn a_backup_of_a_relaxed_store_syncs_first() {
+        let disk = TestDisk::new(false);
+        let store = Store::open(disk.clone(), Durability::Relaxed).expect("open");
+        let put = |k: &'static [u8]| {
+            store
+                .write_blocking(move |ctx| ctx.put(k, 0, b"v", 0))
+                .expect("commit")
+                .expect("put");
+        };
+        // The first write raises the version ceiling, which is synced.
+        put(b"a");
+        let synced = disk.syncs.load(Ordering::SeqCst);
+        put(b"b");
+        assert_eq!(disk.syncs.load(Ordering::SeqCst), synced, "relaxed");
+        let backup = store.backup(0).expect("backup");
+        assert_eq!(disk.syncs.load(Ordering::SeqCst), synced + 1);
+        drop(backup);
+        store.backup(0).expect("backup");
+        assert_eq!(
+            disk.syncs.load(Ordering::SeqCst),
+            synced + 1,
+            "nothing new to sync"
+        );
     }
 
     #[test]
