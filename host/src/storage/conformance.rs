@@ -166,6 +166,7 @@ conformance!(
     incremental_backup_carries_deletes_and_new_writes,
     an_increment_removes_what_an_expired_overwrite_replaced,
     a_restored_store_refuses_backups_from_before_its_restore,
+    a_restored_store_written_to_since_refuses_the_next_increment,
     restore_refuses_a_gap_in_the_chain,
     writes_after_close_are_refused,
     update_reads_the_live_entry_and_writes_a_new_version,
@@ -626,6 +627,36 @@ fn a_restored_store_refuses_backups_from_before_its_restore(f: Fixture) {
         copy.keys(Bound::Unbounded, Bound::Unbounded, false),
         ["other"]
     );
+}
+
+/// An increment is refused by a restored directory that was written to
+/// since its restore (it no longer holds what the increment continues), and
+/// taken by one that was only read.
+fn a_restored_store_written_to_since_refuses_the_next_increment(f: Fixture) {
+    f.put("k", "old", 0);
+    let (full, v1) = backup_bytes(&f, 0);
+    f.put("k", "new", 0);
+    let (incr, _) = backup_bytes(&f, v1);
+    let read_only = restored_on_redb(&[&full]);
+    assert!(read_only.get("k").is_some());
+    read_only
+        .store
+        .restore(&mut incr.as_slice())
+        .expect("taken");
+    assert_eq!(read_only.get("k").expect("k").value, b"new");
+    for change in ["put", "delete"] {
+        let written = restored_on_redb(&[&full]);
+        if change == "put" {
+            written.put("local", "x", 0);
+        } else {
+            assert!(written.delete("k"));
+        }
+        let refused = written.store.restore(&mut incr.as_slice());
+        assert!(
+            matches!(&refused, Err(StorageError::Restore(m)) if m.contains("written to after its restore")),
+            "{change}: {refused:?}"
+        );
+    }
 }
 
 fn an_increment_removes_what_an_expired_overwrite_replaced(f: Fixture) {

@@ -959,20 +959,12 @@ impl Store {
     pub fn restore(&self, input: &mut dyn std::io::Read) -> Result<BackupInfo, StorageError> {
         let mut reader = backup::Reader::new(input)?;
         let info = reader.info();
-        let (restored, seq, has_data) =
+        let (restored, seq, has_data, written_since) =
             self.write_blocking(|ctx| -> Result<_, StorageError> {
                 let restored = ctx.meta(META_RESTORED)?;
-                let mut has_data = false;
-                ctx.raw.scan(
-                    Bound::Included(&[NS_DATA]),
-                    Bound::Excluded(&[NS_DATA + 1]),
-                    false,
-                    &mut |_, _| {
-                        has_data = true;
-                        false
-                    },
-                )?;
-                Ok((restored, ctx.seq, has_data))
+                let has_data = any_in(ctx.raw, &[NS_DATA], &[NS_DATA + 1])?;
+                let written_since = restored > 0 && written_after(ctx.raw, restored)?;
+                Ok((restored, ctx.seq, has_data, written_since))
             })??;
         if info.since == 0 && (has_data || seq > 0) {
             return Err(StorageError::Restore(
@@ -983,6 +975,13 @@ impl Store {
             return Err(StorageError::Restore(format!(
                 "this backup does not continue the data directory ({})",
                 super::backup::chain_hint(info.since, restored)
+            )));
+        }
+        if info.since != 0 && written_since {
+            return Err(StorageError::Restore(format!(
+                "the data directory was written to after its restore (which ended at version \
+                 {restored}), so it no longer holds what this backup continues: restore the \
+                 whole chain into a new directory"
             )));
         }
         // Until the last record and the checksum are in, the directory is
@@ -1023,6 +1022,40 @@ impl Store {
         self.sync()?;
         Ok(info)
     }
+}
+
+/// Whether anything was written after version `version`: a deletion (its
+/// tombstone) or an entry with a later version. Reads every entry.
+fn written_after(raw: &dyn RawWrite, version: u64) -> Result<bool, StorageError> {
+    let after = ns_key(NS_TOMBSTONE, &(version + 1).to_be_bytes());
+    let mut found = any_in(raw, &after, &[NS_TOMBSTONE + 1])?;
+    if !found {
+        raw.scan(
+            Bound::Included(&[NS_DATA]),
+            Bound::Excluded(&[NS_DATA + 1]),
+            false,
+            &mut |_, record| {
+                found = record_version(record) > version;
+                !found
+            },
+        )?;
+    }
+    Ok(found)
+}
+
+/// Whether any key lies in `[lower, upper)`.
+fn any_in(raw: &dyn RawWrite, lower: &[u8], upper: &[u8]) -> Result<bool, StorageError> {
+    let mut found = false;
+    raw.scan(
+        Bound::Included(lower),
+        Bound::Excluded(upper),
+        false,
+        &mut |_, _| {
+            found = true;
+            false
+        },
+    )?;
+    Ok(found)
 }
 
 fn batch_aborted() -> StorageError {
