@@ -8,13 +8,22 @@ use crate::harness::{Resp, TestServer, basic_auth};
 
 /// A request with `Authorization: Bearer <credential>`.
 fn as_(s: &TestServer, method: &str, path: &str, credential: &str, body: Option<&str>) -> Resp {
+    typed_as(s, method, path, credential, None, body)
+}
+
+/// [`as_`] with a `Content-Type` when one is given.
+fn typed_as(
+    s: &TestServer,
+    method: &str,
+    path: &str,
+    credential: &str,
+    content_type: Option<&str>,
+    body: Option<&str>,
+) -> Resp {
     let auth = format!("Bearer {credential}");
-    s.request(
-        method,
-        path,
-        &[("authorization", auth.as_str())],
-        body.map(str::as_bytes),
-    )
+    let mut headers = vec![("authorization", auth.as_str())];
+    headers.extend(content_type.map(|ct| ("content-type", ct)));
+    s.request(method, path, &headers, body.map(str::as_bytes))
 }
 
 /// A request with no credentials at all.
@@ -609,14 +618,8 @@ fn patch_without_read_permission_changes_the_value_but_does_not_answer_it() {
     ];
     let auth = format!("Bearer {t}");
     for (key, query, content_type, body) in ops {
-        let mut all = vec![("authorization", auth.as_str())];
-        all.extend(content_type.map(|ct| ("content-type", ct)));
-        let r = s.request(
-            "PATCH",
-            &format!("/{b}/{key}{query}"),
-            &all,
-            Some(body.as_bytes()),
-        );
+        let path = format!("/{b}/{key}{query}");
+        let r = typed_as(&s, "PATCH", &path, &t, content_type, Some(body));
         assert_eq!(r.status, 204, "{key}{query} {body}: {}", r.text());
         assert_eq!(r.text(), "", "{key}{query} {body}");
         assert!(r.header("etag").is_some(), "{key}{query}: no ETag");
@@ -666,14 +669,7 @@ fn a_failed_patch_without_read_permission_does_not_describe_the_value() {
         ("doc", r#"{"a":1}"#, Some("application/json")),
         ("text", "a secret of 28 bytes exactly", None),
     ] {
-        let mut headers = vec![("authorization", "Bearer sk")];
-        headers.extend(ct.map(|ct| ("content-type", ct)));
-        let r = s.request(
-            "PUT",
-            &format!("/{b}/{key}"),
-            &headers,
-            Some(value.as_bytes()),
-        );
+        let r = typed_as(&s, "PUT", &format!("/{b}/{key}"), "sk", ct, Some(value));
         assert_eq!(r.status, 204);
     }
     let t = s.token(&b, "sk", "permissions=write");

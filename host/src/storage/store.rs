@@ -931,8 +931,7 @@ impl Store {
             // Relaxed commits not synced yet could still be lost in a crash:
             // a backup must not keep writes the store may take back.
             if writer.unsynced_since.is_some() {
-                self.inner.backend.sync()?;
-                writer.unsynced_since = None;
+                writer.try_sync()?;
             }
             (self.inner.backend.snapshot()?, writer.seq)
         };
@@ -959,11 +958,14 @@ impl Store {
     pub fn restore(&self, input: &mut dyn std::io::Read) -> Result<BackupInfo, StorageError> {
         let mut reader = backup::Reader::new(input)?;
         let info = reader.info();
+        let increment = info.since != 0;
         let (restored, seq, has_data, written_since) =
-            self.write_blocking(|ctx| -> Result<_, StorageError> {
+            self.write_blocking(move |ctx| -> Result<_, StorageError> {
                 let restored = ctx.meta(META_RESTORED)?;
                 let has_data = any_in(ctx.raw, &[NS_DATA], &[NS_DATA + 1])?;
-                let written_since = restored > 0 && written_after(ctx.raw, restored)?;
+                // Reads every entry: only for an increment that could apply.
+                let written_since =
+                    increment && restored == info.since && written_after(ctx.raw, restored)?;
                 Ok((restored, ctx.seq, has_data, written_since))
             })??;
         if info.since == 0 && (has_data || seq > 0) {
@@ -977,7 +979,7 @@ impl Store {
                 super::backup::chain_hint(info.since, restored)
             )));
         }
-        if info.since != 0 && written_since {
+        if written_since {
             return Err(StorageError::Restore(format!(
                 "the data directory was written to after its restore (which ended at version \
                  {restored}), so it no longer holds what this backup continues: restore the \
@@ -1461,10 +1463,15 @@ impl Writer {
     }
 
     fn sync(&mut self) {
-        match self.backend.sync() {
-            Ok(()) => self.unsynced_since = None,
-            Err(e) => tracing::error!(error = %e, "syncing the store failed"),
+        if let Err(e) = self.try_sync() {
+            tracing::error!(error = %e, "syncing the store failed");
         }
+    }
+
+    fn try_sync(&mut self) -> Result<(), StorageError> {
+        self.backend.sync()?;
+        self.unsynced_since = None;
+        Ok(())
     }
 
     fn run_batch(&mut self, batch: Vec<Job>, durable: bool) {
