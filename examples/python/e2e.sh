@@ -5,9 +5,9 @@
 #
 #   examples/python/e2e.sh [KVDB_BINARY]     # default: target/debug/kvdb
 #
-# Builds the components first (build.sh) unless SKIP_BUILD=1. The server is
-# started here with --script-source-bytes 32 MiB: a componentize-py component
-# is about 18 MB (it carries CPython), far above the 256 KiB default.
+# Builds the components first (build.sh) unless SKIP_BUILD=1. A componentize-py
+# component is about 18 MB (it carries CPython): within the default limit of
+# uploaded components (--script-component-bytes, 64 MiB).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -26,7 +26,7 @@ cleanup() {
 trap cleanup EXIT
 
 "$kvdb" serve --listen 127.0.0.1:0 --backend memory --data "$work/data" \
-    --script-source-bytes 33554432 > "$work/server.log" 2>&1 &
+    > "$work/server.log" 2>&1 &
 pid=$!
 host=""
 for _ in $(seq 100); do

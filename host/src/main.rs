@@ -13,7 +13,7 @@ use kvdb::storage::{Backend, Durability, Store, memory::MemoryBackend, redb::Red
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -24,10 +24,19 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match cli.command {
+    let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Backup(args) => backup(&args),
         Command::Restore(args) => restore(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // The message and its causes, one line: no backtrace, even with
+        // RUST_BACKTRACE set (it says nothing to a user).
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
@@ -233,6 +242,7 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
     // Check every file whole, and that each continues the one before it,
     // before touching the data directory.
     let mut previous: Option<(&std::path::Path, kvdb::storage::BackupInfo)> = None;
+    let mut first = None;
     for path in &args.files {
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -241,6 +251,11 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("checking {}", path.display()))?;
         if let Some((before, b)) = previous {
             anyhow::ensure!(
+                info.since != 0,
+                "{} is a full backup, and full backups come first: kvdb restore --data DIR FULL [INCREMENT...], the increments in the order they were taken",
+                path.display()
+            );
+            anyhow::ensure!(
                 info.since == b.version,
                 "{} does not continue {}: {}",
                 path.display(),
@@ -248,7 +263,20 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
                 kvdb::storage::backup_chain_hint(info.since, b.version)
             );
         }
+        first.get_or_insert((path, info.since));
         previous = Some((path, info));
+    }
+    // A chain that starts with an increment continues a directory restored
+    // before: refuse it here if there is none, rather than create one.
+    if let Some((first, since)) = first
+        && since != 0
+        && !args.data.join(kvdb::storage::redb::FILE_NAME).exists()
+    {
+        anyhow::bail!(
+            "{} is an increment (it continues from version {since}), and {} holds no restored data: restore the full backup first, then each increment in the order they were taken",
+            first.display(),
+            args.data.display()
+        );
     }
     let store = Store::open(open_backend(args.backend, &args.data)?, Durability::Strict)?;
     for path in &args.files {

@@ -525,9 +525,23 @@ fn restoring_an_increment_out_of_order_fails() {
     let incr2 = f.file("incr2.kvdb");
     backup(&f.live, v2, &incr2);
 
-    // An increment without its base.
-    let err = restore_fails(&f.fresh_dir("no-base"), &[&incr1]);
-    assert!(err.contains("a backup is missing"), "{err}");
+    // An increment without its base: refused before the data directory
+    // is created or written.
+    let no_base = f.fresh_dir("no-base");
+    let err = restore_fails(&no_base, &[&incr1]);
+    assert!(
+        err.contains("incr1.kvdb is an increment") && err.contains("restore the full backup first"),
+        "{err}"
+    );
+    assert!(!no_base.join("kvdb.redb").exists(), "nothing written");
+    // The full backup after its increment: it comes first.
+    let err = restore_fails(&no_base, &[&incr1, &full]);
+    assert!(
+        err.contains("full.kvdb is a full backup, and full backups come first"),
+        "{err}"
+    );
+    assert!(!no_base.join("kvdb.redb").exists(), "nothing written");
+    restore_ok(&no_base, &[&full, &incr1]);
     // A gap in the chain, and links in the wrong order: refused before
     // anything is restored, naming the files and what to do.
     let gap = f.fresh_dir("gap");
@@ -574,6 +588,13 @@ fn restoring_a_full_backup_into_a_non_empty_dir_fails() {
     assert!(other.terminate().success());
     restore_fails(&used, &[&full]);
     let other = TestServer::start_on(&used, &[]);
+    // While a server holds the directory, the restore says so.
+    let err = restore_fails(&used, &[&full]);
+    assert!(
+        err.contains("in use by another process") && err.contains("stop it"),
+        "{err}"
+    );
+    assert!(!err.contains("stack backtrace"), "{err}");
     assert_eq!(other.get(&format!("/{mine}/k")).text(), "mine");
     assert_eq!(
         other

@@ -17,7 +17,9 @@ pub use token::TokenError;
 /// A presented credential that is wrong (401).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    #[error("the key is not valid for this bucket")]
+    #[error(
+        "the key is not valid for this bucket (it is none of its secret_key, write_key, read_key)"
+    )]
     WrongKey,
     #[error(transparent)]
     Token(#[from] TokenError),

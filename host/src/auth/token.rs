@@ -28,11 +28,13 @@ struct Claims {
 /// A token that must be refused (401).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("the access token has expired")]
+    #[error("the access token has expired: ask for a new one (`POST /BUCKET/tokens/`)")]
     Expired,
-    #[error("the access token is not valid for this bucket")]
+    #[error("the access token is for another bucket")]
     OtherBucket,
-    #[error("the access token is invalid (bad signature, revoked, or malformed)")]
+    #[error(
+        "the access token is invalid (bad signature, revoked by a new signing_key, or malformed): ask for a new one (`POST /BUCKET/tokens/`)"
+    )]
     Invalid,
     #[error("the access token could not be signed: {0}")]
     Signing(String),

@@ -113,7 +113,7 @@ impl Condition {
                     Ok(())
                 } else {
                     Err(BucketError::PreconditionFailed(
-                        "If-Match: the value has changed since that ETag",
+                        "If-Match: the value has changed since that ETag; GET the key for its current ETag",
                     ))
                 }
             }

@@ -159,7 +159,10 @@ async fn not_found(uri: Uri) -> ApiError {
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::MethodNotAllowed(format!("{method} is not supported on {}", uri.path()))
+    ApiError::MethodNotAllowed(format!(
+        "{method} is not supported on {}: the Allow header lists the methods that are",
+        uri.path()
+    ))
 }
 
 /// Query parameters as pairs, percent-decoded (`+` is a space).
@@ -260,7 +263,7 @@ impl FromRequestParts<AppState> for Access {
                     return ApiError::Bucket(crate::bucket::BucketError::NotFound);
                 }
                 ApiError::bad_request(format!(
-                    "{}: a key or script name must be UTF-8 once percent-decoded",
+                    "a key or script name must be UTF-8 once percent-decoded ({}): percent-encode each character's UTF-8 bytes (é is %C3%A9)",
                     e.body_text()
                 ))
             })?;

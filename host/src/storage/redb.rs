@@ -36,7 +36,13 @@ impl RedbBackend {
         let path = dir.join(FILE_NAME);
         let db = Database::builder()
             .create(&path)
-            .map_err(|e| StorageError::Engine(format!("opening {}: {e}", path.display())))?;
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StorageError::Engine(format!(
+                    "{} is in use by another process (a running kvdb serve, or a restore): stop it, or use another data directory",
+                    path.display()
+                )),
+                e => StorageError::Engine(format!("opening {}: {e}", path.display())),
+            })?;
         let backend = Self { db };
         // Create the table so that read transactions can always open it.
         backend.write(true, &mut |_| Ok(()))?;
