@@ -278,6 +278,44 @@ fn json_patch_on_a_missing_path_is_409_and_changes_nothing() {
     assert_eq!(s.get(&path).json(), json!({"a": 1}));
 }
 
+/// Found by a review: JSON pointers are flat strings, so a patch of small
+/// operations could build a document 12,000 levels deep, and serializing
+/// it overflowed the writer thread's stack and took the server down.
+#[test]
+fn json_patch_that_would_nest_too_deep_is_409_and_the_server_stays_up() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/doc");
+    let chain = |levels: usize| "{\"x\":".repeat(levels) + "1" + &"}".repeat(levels);
+    let ops: Vec<String> = (0..100)
+        .map(|k| {
+            format!(
+                r#"{{"op":"add","path":"{}/x","value":{}}}"#,
+                "/x".repeat(120 * k),
+                chain(120)
+            )
+        })
+        .collect();
+    s.put(&path, "{}");
+    let r = patch_typed(&s, &path, JSON_PATCH, &format!("[{}]", ops.join(",")));
+    r.assert_problem(409);
+    assert!(r.text().contains("deeper than 127 levels"), "{}", r.text());
+    assert_eq!(s.get(&path).json(), json!({}), "nothing applied");
+    // A copy of the document into itself, over and over: each one doubles it.
+    s.put(&path, &format!(r#"{{"a":"{}"}}"#, "x".repeat(64 * 1024)));
+    let ops: Vec<String> = (0..40)
+        .map(|i| format!(r#"{{"op":"copy","from":"","path":"/c{i}"}}"#))
+        .collect();
+    let r = patch_typed(&s, &path, JSON_PATCH, &format!("[{}]", ops.join(",")));
+    r.assert_problem(409);
+    assert!(r.text().contains("past the value limit"), "{}", r.text());
+    assert_eq!(
+        s.get(&path).json()["a"].as_str().map(str::len),
+        Some(64 * 1024)
+    );
+    assert!(s.get("/").status == 200, "the server still answers");
+}
+
 #[test]
 fn json_patch_onto_raw_text_is_409() {
     let s = TestServer::start();

@@ -666,7 +666,7 @@ impl Scoped {
                 let (version, value) = ctx.update(&dkey, |current| {
                     let current = current.map(Stored::from_entry);
                     condition.check(current.as_ref())?;
-                    let value = op.apply(current.map(|c| c.value))?;
+                    let value = op.apply(current.map(|c| c.value), limit)?;
                     if value.size() > limit {
                         return Err(BucketError::TooLarge {
                             size: value.size(),

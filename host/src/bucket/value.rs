@@ -461,10 +461,12 @@ impl Op {
     }
 
     /// The new value from the current one (`None`: the key is absent).
+    /// `max_bytes` bounds what a JSON patch may build on the way (the value
+    /// limit; the result is checked against it again once encoded).
     ///
     /// # Errors
     /// The operation does not apply to the current value.
-    pub fn apply(&self, current: Option<Value>) -> Result<Value, OpConflict> {
+    pub fn apply(&self, current: Option<Value>, max_bytes: usize) -> Result<Value, OpConflict> {
         match self {
             Op::Add(n) => {
                 let cur = current.map_or(Ok(Number::Int(0)), |v| v.as_number())?;
@@ -506,12 +508,111 @@ impl Op {
                 Ok(Value::from_json(&doc))
             }
             Op::JsonPatch(patch) => {
-                let mut doc = current.map_or(Ok(Json::Null), |v| v.as_json())?;
-                json_patch::patch(&mut doc, patch).map_err(|e| OpConflict::Patch(e.to_string()))?;
-                Ok(Value::from_json(&doc))
+                let doc = current.map_or(Ok(Json::Null), |v| v.as_json())?;
+                Ok(Value::from_json(&apply_json_patch(doc, patch, max_bytes)?))
             }
         }
     }
+}
+
+/// How deeply JSON may nest: what `serde_json` parses (it refuses the 128th
+/// level), so that every stored document can be read back.
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// How deeply `v` nests (arrays and objects inside each other, as
+/// `serde_json` counts: a scalar 0, `{}` 1, `[[]]` 2) and about how many
+/// bytes it holds
+/// (strings and keys by length, numbers as written), counted without
+/// recursion: `v` may be deeper than a thread's stack allows.
+fn json_extent(v: &Json) -> (usize, usize) {
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let (mut deepest, mut bytes) = (0, 0);
+    let mut stack = vec![(v, 0usize)];
+    // `depth`: how many arrays and objects enclose `v`.
+    while let Some((v, depth)) = stack.pop() {
+        let within = if v.is_array() || v.is_object() {
+            depth + 1
+        } else {
+            depth
+        };
+        deepest = deepest.max(within);
+        bytes += match v {
+            Json::Null | Json::Bool(_) => 5,
+            Json::Number(n) => {
+                let mut count = Count(0);
+                let _ = std::fmt::Write::write_fmt(&mut count, format_args!("{n}"));
+                count.0
+            }
+            Json::String(s) => s.len() + 2,
+            Json::Array(items) => {
+                stack.extend(items.iter().map(|item| (item, depth + 1)));
+                items.len() + 2
+            }
+            Json::Object(map) => {
+                stack.extend(map.values().map(|item| (item, depth + 1)));
+                map.keys().map(|k| k.len() + 4).sum::<usize>() + 2
+            }
+        };
+    }
+    (deepest, bytes)
+}
+
+/// Applies a JSON patch one operation at a time, refusing (before it runs)
+/// an operation that could make the document nest deeper than
+/// [`MAX_JSON_DEPTH`] or grow past `max_bytes`. JSON pointers are flat
+/// strings, so a patch of small operations can otherwise build a document
+/// deeper than any stack can serialize, or double one with each `copy`.
+fn apply_json_patch(
+    mut doc: Json,
+    patch: &json_patch::Patch,
+    max_bytes: usize,
+) -> Result<Json, OpConflict> {
+    use json_patch::PatchOperation as P;
+    let (mut depth, mut bytes) = json_extent(&doc);
+    for (i, op) in patch.0.iter().enumerate() {
+        // What the operation puts where: a document of (depth, bytes) at a
+        // path with `at` tokens. Upper bounds: what it replaces or moves
+        // away is not subtracted.
+        let placed = match op {
+            P::Add(op) => Some((op.path.count(), json_extent(&op.value), true)),
+            P::Replace(op) => Some((op.path.count(), json_extent(&op.value), true)),
+            P::Copy(op) => doc
+                .pointer(op.from.as_str())
+                .map(|from| (op.path.count(), json_extent(from), true)),
+            P::Move(op) => doc
+                .pointer(op.from.as_str())
+                .map(|from| (op.path.count(), json_extent(from), false)),
+            P::Remove(_) | P::Test(_) => None,
+        };
+        if let Some((at, (d, b), grows)) = placed {
+            depth = depth.max(at + d);
+            if grows {
+                bytes = bytes.saturating_add(b);
+            }
+            if depth > MAX_JSON_DEPTH {
+                return Err(OpConflict::Patch(format!(
+                    "operation '/{i}' would nest the document deeper than {MAX_JSON_DEPTH} levels"
+                )));
+            }
+            if bytes > max_bytes {
+                return Err(OpConflict::Patch(format!(
+                    "operation '/{i}' would grow the document past the value limit of {max_bytes} bytes"
+                )));
+            }
+        }
+        // The whole patch is refused on an error: the document is a copy.
+        json_patch::patch_unsafe(&mut doc, std::slice::from_ref(op)).map_err(|mut e| {
+            e.operation = i;
+            OpConflict::Patch(e.to_string())
+        })?;
+    }
+    Ok(doc)
 }
 
 fn add(a: Number, b: Number) -> Result<Number, OpConflict> {
@@ -557,7 +658,7 @@ mod tests {
         );
         assert_eq!(coerce("42\n").body(), b"42\n");
         assert_eq!(
-            Op::Add(Number::Int(1)).apply(Some(coerce("42\n"))),
+            Op::Add(Number::Int(1)).apply(Some(coerce("42\n")), usize::MAX),
             Ok(Value::Int(43))
         );
         assert_eq!(coerce("2.5"), Value::Float(2.5));
@@ -641,7 +742,7 @@ mod tests {
 
     #[test]
     fn add_checks_overflow_and_types() {
-        let add = |cur: Option<Value>, n| Op::Add(n).apply(cur);
+        let add = |cur: Option<Value>, n| Op::Add(n).apply(cur, usize::MAX);
         assert_eq!(add(None, Number::Int(1)), Ok(Value::Int(1)));
         assert_eq!(
             add(Some(Value::Int(2)), Number::Int(-5)),
@@ -669,24 +770,27 @@ mod tests {
         // 2^53 + 1 and 2^53 are the same f64.
         let big = 9_007_199_254_740_992_i64;
         assert_eq!(
-            Op::Max(Number::Int(big + 1)).apply(Some(Value::Int(big))),
+            Op::Max(Number::Int(big + 1)).apply(Some(Value::Int(big)), usize::MAX),
             Ok(Value::Int(big + 1))
         );
         assert_eq!(
-            Op::Min(Number::Int(big)).apply(Some(Value::Int(big + 1))),
+            Op::Min(Number::Int(big)).apply(Some(Value::Int(big + 1)), usize::MAX),
             Ok(Value::Int(big))
         );
         // An integer against an equal-looking float: by value.
         assert_eq!(
-            Op::Max(Number::Int(big + 1)).apply(Some(Value::Float(9_007_199_254_740_992.0))),
+            Op::Max(Number::Int(big + 1))
+                .apply(Some(Value::Float(9_007_199_254_740_992.0)), usize::MAX),
             Ok(Value::Int(big + 1))
         );
         assert_eq!(
-            Op::Min(Number::Float(9_007_199_254_740_992.0)).apply(Some(Value::Int(big + 1))),
+            Op::Min(Number::Float(9_007_199_254_740_992.0))
+                .apply(Some(Value::Int(big + 1)), usize::MAX),
             Ok(Value::Float(9_007_199_254_740_992.0))
         );
         assert_eq!(
-            Op::Max(Number::Int(i64::MAX)).apply(Some(Value::Float(9.223_372_036_854_776e18))),
+            Op::Max(Number::Int(i64::MAX))
+                .apply(Some(Value::Float(9.223_372_036_854_776e18)), usize::MAX),
             Ok(Value::Float(9.223_372_036_854_776e18))
         );
     }
@@ -694,27 +798,33 @@ mod tests {
     #[test]
     fn max_min_append_and_patches() {
         assert_eq!(
-            Op::Max(Number::Int(5)).apply(Some(Value::Int(3))),
+            Op::Max(Number::Int(5)).apply(Some(Value::Int(3)), usize::MAX),
             Ok(Value::Int(5))
         );
         assert_eq!(
-            Op::Max(Number::Int(1)).apply(Some(Value::Int(3))),
+            Op::Max(Number::Int(1)).apply(Some(Value::Int(3)), usize::MAX),
             Ok(Value::Int(3))
         );
         assert_eq!(
-            Op::Min(Number::Float(0.5)).apply(Some(Value::Int(3))),
+            Op::Min(Number::Float(0.5)).apply(Some(Value::Int(3)), usize::MAX),
             Ok(Value::Float(0.5))
         );
-        assert_eq!(Op::Min(Number::Int(9)).apply(None), Ok(Value::Int(9)));
+        assert_eq!(
+            Op::Min(Number::Int(9)).apply(None, usize::MAX),
+            Ok(Value::Int(9))
+        );
         let append = |bytes: &[u8], media_type: Option<&str>| Op::Append {
             bytes: bytes.to_vec(),
             media_type: media_type.map(str::to_owned),
         };
         assert_eq!(
-            append(b"def", Some("image/png")).apply(Some(Value::Raw {
-                bytes: b"abc".to_vec(),
-                media_type: None
-            })),
+            append(b"def", Some("image/png")).apply(
+                Some(Value::Raw {
+                    bytes: b"abc".to_vec(),
+                    media_type: None
+                }),
+                usize::MAX
+            ),
             Ok(Value::Raw {
                 bytes: b"abcdef".to_vec(),
                 media_type: None
@@ -722,16 +832,20 @@ mod tests {
             "an existing value keeps its type"
         );
         assert_eq!(
-            append(b"x", Some("image/png")).apply(None),
+            append(b"x", Some("image/png")).apply(None, usize::MAX),
             Ok(Value::Raw {
                 bytes: b"x".to_vec(),
                 media_type: Some("image/png".into())
             }),
             "a new value takes the request's"
         );
-        assert!(append(b"x", None).apply(Some(Value::Int(1))).is_err());
+        assert!(
+            append(b"x", None)
+                .apply(Some(Value::Int(1)), usize::MAX)
+                .is_err()
+        );
         let merged = Op::MergePatch(serde_json::json!({"b": 2, "a": null}))
-            .apply(Some(Value::Json(br#"{"a":1,"c":3}"#.to_vec())))
+            .apply(Some(Value::Json(br#"{"a":1,"c":3}"#.to_vec())), usize::MAX)
             .expect("merge");
         assert_eq!(merged.to_json(), Some(serde_json::json!({"b": 2, "c": 3})));
         let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
@@ -742,15 +856,114 @@ mod tests {
         let doc = Value::Json(br#"{"n":1}"#.to_vec());
         assert_eq!(
             Op::JsonPatch(patch.clone())
-                .apply(Some(doc))
+                .apply(Some(doc), usize::MAX)
                 .expect("applies")
                 .to_json(),
             Some(serde_json::json!({"n": 2}))
         );
         let changed = Value::Json(br#"{"n":5}"#.to_vec());
         assert!(matches!(
-            Op::JsonPatch(patch).apply(Some(changed)),
+            Op::JsonPatch(patch).apply(Some(changed), usize::MAX),
             Err(OpConflict::Patch(_))
         ));
+    }
+
+    fn json_patch(ops: serde_json::Value) -> Op {
+        Op::JsonPatch(serde_json::from_value(ops).expect("patch"))
+    }
+
+    fn nested(levels: usize) -> String {
+        "[".repeat(levels) + &"]".repeat(levels)
+    }
+
+    #[test]
+    fn max_json_depth_is_what_serde_json_reads_back() {
+        let deepest = serde_json::from_str::<Json>(&nested(MAX_JSON_DEPTH)).expect("reads");
+        assert_eq!(json_extent(&deepest).0, MAX_JSON_DEPTH);
+        assert!(serde_json::from_str::<Json>(&nested(MAX_JSON_DEPTH + 1)).is_err());
+        assert_eq!(json_extent(&serde_json::json!(1)).0, 0);
+        assert_eq!(json_extent(&serde_json::json!({})).0, 1);
+        assert_eq!(json_extent(&serde_json::json!({"a": [1]})).0, 2);
+    }
+
+    #[test]
+    fn a_json_patch_can_not_nest_a_document_past_the_depth_limit() {
+        // Each operation adds 100 levels under the deepest point so far:
+        // flat pointers, small values, an ever deeper document. Unchecked,
+        // 120 such operations overflowed the writer thread's stack.
+        let chain = |levels: usize| {
+            let mut v = serde_json::json!(1);
+            for _ in 0..levels {
+                v = serde_json::json!({ "x": v });
+            }
+            v
+        };
+        let ops = serde_json::json!([
+            {"op": "add", "path": "/x", "value": chain(20)},
+            {"op": "add", "path": "/x".repeat(21), "value": chain(110)},
+        ]);
+        let refused = json_patch(ops).apply(Some(Value::Json(b"{}".to_vec())), usize::MAX);
+        assert_eq!(
+            refused.expect_err("too deep").to_string(),
+            format!(
+                "the JSON patch does not apply: operation '/1' would nest the document deeper than {MAX_JSON_DEPTH} levels"
+            )
+        );
+        // Up to the limit, and the result reads back.
+        let ops = serde_json::json!([
+            {"op": "add", "path": "/x", "value": chain(20)},
+            {"op": "add", "path": "/x".repeat(21), "value": chain(MAX_JSON_DEPTH - 21)},
+        ]);
+        let deepest = json_patch(ops)
+            .apply(Some(Value::Json(b"{}".to_vec())), usize::MAX)
+            .expect("within the limit");
+        assert_eq!(
+            json_extent(&deepest.to_json().expect("reads back")).0,
+            MAX_JSON_DEPTH
+        );
+        // A copy (or a move) of a deep part under itself counts too.
+        let ops = serde_json::json!([
+            {"op": "copy", "from": "/x", "path": "/x".repeat(MAX_JSON_DEPTH - 1)},
+        ]);
+        assert!(
+            json_patch(ops)
+                .apply(Some(deepest.clone()), usize::MAX)
+                .is_err()
+        );
+        let ops = serde_json::json!([
+            {"op": "move", "from": "/x/x", "path": "/x".repeat(MAX_JSON_DEPTH - 1)},
+        ]);
+        assert!(json_patch(ops).apply(Some(deepest), usize::MAX).is_err());
+    }
+
+    #[test]
+    fn a_json_patch_can_not_grow_a_document_past_the_value_limit() {
+        // Each copy of the whole document into itself doubles it: 40 would
+        // make a trillion nodes.
+        let doc = Value::Json(format!(r#"{{"a":"{}"}}"#, "x".repeat(1000)).into_bytes());
+        let ops: Vec<_> = (0..40)
+            .map(|i| serde_json::json!({"op": "copy", "from": "", "path": format!("/c{i}")}))
+            .collect();
+        let refused = json_patch(serde_json::Value::Array(ops)).apply(Some(doc.clone()), 100_000);
+        let message = refused.expect_err("too large").to_string();
+        assert!(
+            message.contains("would grow the document past the value limit of 100000 bytes"),
+            "{message}"
+        );
+        // A few copies fit.
+        let ops = serde_json::json!([{"op": "copy", "from": "", "path": "/c"}]);
+        assert!(json_patch(ops).apply(Some(doc), 100_000).is_ok());
+    }
+
+    #[test]
+    fn a_failed_json_patch_names_its_operation() {
+        let ops = serde_json::json!([
+            {"op": "add", "path": "/a", "value": 1},
+            {"op": "add", "path": "/b", "value": 2},
+            {"op": "remove", "path": "/missing"},
+        ]);
+        let refused = json_patch(ops).apply(Some(Value::Json(b"{}".to_vec())), usize::MAX);
+        let message = refused.expect_err("fails").to_string();
+        assert!(message.contains("operation '/2' failed"), "{message}");
     }
 }
