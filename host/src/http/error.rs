@@ -81,6 +81,9 @@ impl ApiError {
             ApiError::Script(ScriptError::Failed(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "script-error")
             }
+            ApiError::Script(ScriptError::Busy(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "script-busy")
+            }
             ApiError::Script(ScriptError::Limit { limit, .. }) => match limit {
                 Limit::Time => (StatusCode::GATEWAY_TIMEOUT, "script-time-limit"),
                 Limit::Instructions => (
@@ -142,6 +145,9 @@ pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
             HeaderValue::from_static("Basic realm=\"kvdb\", Bearer realm=\"kvdb\""),
         );
     }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     response
 }
 
@@ -183,6 +189,7 @@ mod tests {
                 409,
             ),
             (ScriptError::Invalid("x".into()).into(), 400),
+            (ScriptError::Busy("x".into()).into(), 503),
             (ScriptError::Failed("x".into()).into(), 500),
             (
                 ScriptError::Limit {

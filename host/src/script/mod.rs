@@ -215,11 +215,13 @@ pub struct Request {
 }
 
 impl Request {
-    /// The variables a script sees: the fields, then `remote_addr` (which
-    /// wins over a field of that name).
+    /// The variables a script sees: the fields, then `remote_addr`, the
+    /// client's address. A field of that name from the client is left out,
+    /// so that a guest that takes the first match can't be lied to.
     pub fn vars(&self) -> impl Iterator<Item = (&str, std::borrow::Cow<'_, str>)> {
         self.fields
             .iter()
+            .filter(|(k, _)| k != REMOTE_ADDR)
             .map(|(k, v)| (k.as_str(), std::borrow::Cow::Borrowed(v.as_str())))
             .chain(
                 self.remote_addr
@@ -231,12 +233,16 @@ impl Request {
     /// empty) instead of copied.
     pub fn take_vars(&mut self) -> Vec<(String, String)> {
         let mut vars = std::mem::take(&mut self.fields);
+        vars.retain(|(k, _)| k != REMOTE_ADDR);
         if let Some(addr) = self.remote_addr {
-            vars.push(("remote_addr".to_owned(), addr.to_string()));
+            vars.push((REMOTE_ADDR.to_owned(), addr.to_string()));
         }
         vars
     }
 }
+
+/// The variable that holds the client's address.
+const REMOTE_ADDR: &str = "remote_addr";
 
 /// What a script answers.
 #[derive(Debug, Clone)]
@@ -255,6 +261,9 @@ pub enum ScriptError {
     Failed(String),
     #[error("the script exceeded its {} limit: {detail}", limit.name())]
     Limit { limit: Limit, detail: String },
+    /// The runtime is at capacity (every pooled instance slot in use).
+    #[error("{0}")]
+    Busy(String),
     #[error("the script runtime failed: {0}")]
     Internal(String),
 }
@@ -279,6 +288,10 @@ mod tests {
                 .vars()
                 .map(|(k, v)| (k.to_owned(), v.into_owned()))
                 .collect();
+            assert!(
+                vars.iter().all(|(_, v)| v != "spoofed"),
+                "the client's remote_addr is left out: {vars:?}"
+            );
             assert_eq!(request.take_vars(), vars);
         }
     }

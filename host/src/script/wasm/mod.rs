@@ -10,7 +10,10 @@
 //!   component's bytes and the engine's settings), so that a restart loads
 //!   it instead of compiling every component again.
 //! - Each run gets a new store from the pooling allocator with fuel, a memory
-//!   limit ([`StoreLimits`]) and an epoch deadline (a 10 ms ticker thread that
+//!   limit on all its linear memories together ([`RunLimits`]), at most
+//!   [`MAX_MEMORIES`] memories, [`MAX_TABLES`] tables and
+//!   [`MAX_CORE_INSTANCES`] core instances (checked at upload), and an epoch
+//!   deadline (a 10 ms ticker thread that
 //!   ticks only while runs are in flight), and WASI with nothing granted: no
 //!   files, sockets or environment; clocks and random only. Guest
 //!   stdout/stderr go to the log, tagged with the script.
@@ -35,8 +38,8 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
-    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
-    StoreLimits, StoreLimitsBuilder, Trap,
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError,
+    PoolingAllocationConfig, ResourceLimiter, Store, Trap,
 };
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -62,6 +65,17 @@ const CAPTURED_OUTPUT: usize = 64 * 1024;
 /// scripts at once on this class of machine; a run beyond it is refused.
 const POOLED_INSTANCES: u32 = 256;
 
+/// Linear memories, tables and core instances one component may have.
+/// Components built by `cargo` for `wasm32-wasip2` have one memory, two
+/// tables and three core modules; `componentize-py` ones one memory and
+/// fourteen core modules (the Python guests of the tests run within these).
+/// Without these caps a single run could take
+/// every slot of the pool (every other run would fail) and, with a memory
+/// limit per memory, the memory limit many times over.
+const MAX_MEMORIES: u32 = 2;
+const MAX_TABLES: u32 = 8;
+const MAX_CORE_INSTANCES: u32 = 32;
+
 /// Fuel between the guest's hand-backs to the async runtime (about as many
 /// instructions: tens of microseconds).
 const YIELD_FUEL: u64 = 100_000;
@@ -74,8 +88,72 @@ pub struct WasmState {
     host: Host,
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: RunLimits,
     label: Label,
+}
+
+/// A run's memory limit, on all its linear memories together (wasmtime's
+/// `StoreLimits` bounds each memory alone). Growing past it traps with
+/// [`OverMemory`] rather than failing the guest's `memory.grow`, so the run
+/// ends with a clear error instead of the guest's own abort.
+struct RunLimits {
+    memory_bytes: usize,
+    /// The sum of the run's memories' sizes.
+    used: usize,
+}
+
+/// The trap of a run that grew its memories past the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("the script's memory would grow to {wanted} bytes; the limit is {limit}")]
+struct OverMemory {
+    wanted: usize,
+    limit: usize,
+}
+
+impl ResourceLimiter for RunLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let wanted = self.used.saturating_sub(current).saturating_add(desired);
+        if wanted > self.memory_bytes {
+            return Err(OverMemory {
+                wanted,
+                limit: self.memory_bytes,
+            }
+            .into());
+        }
+        if maximum.is_some_and(|max| desired > max) {
+            // The guest's own declared maximum: `memory.grow` fails, as the
+            // guest asked.
+            return Ok(false);
+        }
+        self.used = wanted;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(maximum.is_none_or(|max| desired <= max))
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES as usize
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES as usize
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES as usize
+    }
 }
 
 impl WasiView for WasmState {
@@ -201,6 +279,9 @@ impl WasmRuntime {
             .total_memories(POOLED_INSTANCES * 2)
             .total_tables(POOLED_INSTANCES * 4)
             .max_memory_size(limits.memory_bytes)
+            .max_memories_per_component(MAX_MEMORIES)
+            .max_tables_per_component(MAX_TABLES)
+            .max_core_instances_per_component(MAX_CORE_INSTANCES)
             // Keep a slot's first pages and tables mapped between instances
             // (reset with memset instead of madvise), and give pages back in
             // batches: each madvise flushes the TLB on every core.
@@ -334,10 +415,10 @@ impl WasmRuntime {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.memory_bytes)
-            .trap_on_grow_failure(true)
-            .build();
+        let limits = RunLimits {
+            memory_bytes: self.limits.memory_bytes,
+            used: 0,
+        };
         let mut store = Store::new(
             &self.engine,
             WasmState {
@@ -444,7 +525,22 @@ impl WasmRuntime {
 
     fn classify(&self, e: &wasmtime::Error, stderr: &[u8]) -> ScriptError {
         let limit = |limit, detail: String| ScriptError::Limit { limit, detail };
-        match e.downcast_ref::<Trap>() {
+        if e.chain().any(|c| c.is::<PoolConcurrencyLimitError>()) {
+            return ScriptError::Busy(
+                "too many WebAssembly scripts are running at once: retry in a moment".into(),
+            );
+        }
+        if e.chain().any(|c| c.is::<OverMemory>()) {
+            return limit(
+                Limit::Memory,
+                format!(
+                    "the script tried to use more than {} bytes of memory",
+                    self.limits.memory_bytes
+                ),
+            );
+        }
+        let trap = e.downcast_ref::<Trap>();
+        match trap {
             Some(Trap::OutOfFuel) => {
                 return limit(
                     Limit::Fuel,
@@ -465,16 +561,6 @@ impl WasmRuntime {
             }
             _ => {}
         }
-        let text = format!("{e:#}");
-        if text.contains("memory") && (text.contains("grow") || text.contains("limit")) {
-            return limit(
-                Limit::Memory,
-                format!(
-                    "the script tried to use more than {} bytes of memory",
-                    self.limits.memory_bytes
-                ),
-            );
-        }
         let output = String::from_utf8_lossy(stderr);
         if let Some(panic) = output.lines().find(|l| l.contains("panicked")) {
             let mut message = panic.trim().to_owned();
@@ -489,12 +575,21 @@ impl WasmRuntime {
             }
             return ScriptError::Failed(message);
         }
-        ScriptError::Failed(
-            text.lines()
-                .next()
-                .unwrap_or("the script trapped")
-                .to_owned(),
-        )
+        // The trap itself ("wasm trap: out of bounds memory access"), or
+        // what the host refused, not the backtrace's heading; and what the
+        // guest said last (a Python traceback ends with the exception).
+        let cause = trap.map_or_else(|| e.root_cause().to_string(), ToString::to_string);
+        let mut message = cause
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("the script trapped")
+            .to_owned();
+        if let Some(last) = output.lines().map(str::trim).rfind(|l| !l.is_empty()) {
+            message.push_str("; its last line on stderr: ");
+            message.push_str(last);
+        }
+        ScriptError::Failed(message)
     }
 }
 
