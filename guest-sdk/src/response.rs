@@ -12,8 +12,11 @@ const TEXT: &str = "text/plain; charset=utf-8";
 /// Every constructor sets a `content-type`, so the same response from a Rust
 /// script and its Lua twin (`kvdb.say`, `kvdb.status`, `kvdb.header`) is
 /// byte for byte the same. Header names are lower-cased and a header set
-/// twice keeps its last value, as `kvdb.header` does; the host rejects
-/// invalid headers and sets the framing ones (`content-length`) itself.
+/// twice keeps its last value, as `kvdb.header` does. As with `kvdb.header`,
+/// the host refuses a response with an invalid header, a framing one it
+/// sets itself (`content-length`, `transfer-encoding`, `connection`), or
+/// more than 100 headers or 64 KiB of them: the run ends with a script
+/// error.
 ///
 /// # Example
 ///

@@ -961,8 +961,59 @@ fn guest_headers_cannot_lie_about_the_length_or_inject_lines() {
     };
     assert_eq!(values("x-test"), ["1"], "{headers:?}");
     assert_eq!(values("content-length"), ["2"], "{headers:?}");
-    assert!(values("injected").is_empty(), "{headers:?}");
     assert_eq!(values("content-type"), [TEXT], "{headers:?}");
+    // As kvdb.header raises in Lua: a script error naming the header, and
+    // nothing of the response sent.
+    for (which, named) in [
+        ("length", "\"content-length\" is set by the server"),
+        ("inject", "invalid value of the header \"x-injected\""),
+        ("name", "invalid header name \"bad name\""),
+    ] {
+        let (status, headers, body) = raw(
+            &s,
+            "GET",
+            &format!("/{b}/scripts/h?do=headers&which={which}"),
+        );
+        assert_eq!(status, 500, "{which}: {body}");
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("a problem document");
+        assert_eq!(
+            doc["type"], "urn:kvdb:problem:script-error",
+            "{which}: {body}"
+        );
+        assert!(
+            doc["detail"].as_str().is_some_and(|d| d.contains(named)),
+            "{which}: {body}"
+        );
+        assert!(
+            !headers
+                .iter()
+                .any(|(k, _)| k == "injected" || k == "x-test"),
+            "{which}: {headers:?}"
+        );
+    }
+}
+
+/// Found by a review: Lua kept any number of headers of any size outside
+/// every limit (1,000 headers of 8 MiB took a gigabyte).
+#[test]
+fn too_many_or_too_large_headers_end_the_run_with_the_response_limit() {
+    let s = TestServer::start();
+    let b = hostile_bucket(&s);
+    for which in ["many", "big"] {
+        let t = misbehave(&s, &b, &format!("headers&which={which}"));
+        let detail = assert_limit(&t, &[(500, "script-response-limit")]);
+        assert!(detail.contains("100 headers of 65536 bytes"), "{detail}");
+    }
+    for lua in [
+        r#"for i = 1, 101 do kvdb.header("x-h" .. i, "1") end kvdb.say("no")"#,
+        r#"for i = 1, 1000 do kvdb.header("x-h" .. i, string.rep("a", 8 << 20)) end"#,
+    ] {
+        install(&s, &b, "lua", lua);
+        let t = get_within(&s, &format!("/{b}/scripts/lua"), BOUND);
+        let detail = assert_limit(&t, &[(500, "script-response-limit")]);
+        assert!(detail.contains("the limit is 100 headers"), "{detail}");
+    }
+    assert_server_still_answers(&s, &b);
 }
 
 // ---------------------------------------------------------------------------

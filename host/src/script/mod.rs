@@ -40,6 +40,53 @@ pub fn check_status(code: u16) -> Result<(), String> {
     }
 }
 
+/// Response headers a script may not set: the server frames the response.
+const RESERVED_HEADERS: &[&str] = &["content-length", "transfer-encoding", "connection"];
+
+/// The most headers a script's response may carry, and their total size
+/// (names and values): beyond, the run ends with the response limit.
+pub const MAX_RESPONSE_HEADERS: usize = 100;
+pub const MAX_RESPONSE_HEADER_BYTES: usize = 64 * 1024;
+
+/// A response header a script set, as it will be sent: its lower-case
+/// name; or why it can't be sent (an invalid name or value, or one the
+/// server sets). The same check for every runtime.
+///
+/// # Errors
+/// The message, naming the header.
+pub fn check_header(name: &str, value: &str) -> Result<String, String> {
+    let shown: String = name.chars().take(64).collect();
+    let lower = name.to_ascii_lowercase();
+    if axum::http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+        return Err(format!("invalid header name {shown:?}"));
+    }
+    if axum::http::HeaderValue::from_str(value).is_err() {
+        return Err(format!(
+            "invalid value of the header {shown:?} (control characters such as a line break?)"
+        ));
+    }
+    if RESERVED_HEADERS.contains(&lower.as_str()) {
+        return Err(format!("the header {shown:?} is set by the server"));
+    }
+    Ok(lower)
+}
+
+/// Refuses more than [`MAX_RESPONSE_HEADERS`] headers or more than
+/// [`MAX_RESPONSE_HEADER_BYTES`] of them.
+///
+/// # Errors
+/// The limit's detail.
+pub fn check_header_total(headers: &[(String, String)]) -> Result<(), String> {
+    let bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if headers.len() > MAX_RESPONSE_HEADERS || bytes > MAX_RESPONSE_HEADER_BYTES {
+        return Err(format!(
+            "the response has {} headers of {bytes} bytes; the limit is {MAX_RESPONSE_HEADERS} headers of {MAX_RESPONSE_HEADER_BYTES} bytes",
+            headers.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Loads a script's source, for a runtime that has not compiled it yet.
 pub type SourceLoader<'a> = &'a (dyn Fn() -> Result<Vec<u8>, ScriptError> + Sync);
 

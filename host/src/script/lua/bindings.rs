@@ -187,11 +187,6 @@ fn exit_now(run: &mut Run) -> mlua::Error {
     mlua::Error::runtime("kvdb.exit")
 }
 
-/// Response headers a script may not set: the server frames the response.
-const RESERVED_HEADERS: &[&str] = &["content-length", "transfer-encoding", "connection"];
-
-/// The `kvdb` functions shared by every run of a state.
-#[allow(clippy::too_many_lines)]
 /// The `__index` of the shared `kvdb` functions: the request fields
 /// (`var`, `method`, `path`, `headers`, `body`) of the current run, built on
 /// first use (most scripts read few of them) and kept for the run.
@@ -245,6 +240,8 @@ pub(super) fn request_field_function(lua: &Lua) -> mlua::Result<Function> {
     })
 }
 
+/// The `kvdb` functions shared by every run of a state.
+#[allow(clippy::too_many_lines)]
 pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.raw_set(
@@ -401,20 +398,16 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "header",
         lua.create_function(|lua, (name, value): (String, String)| {
-            let lower = name.to_ascii_lowercase();
-            if axum::http::HeaderName::from_bytes(lower.as_bytes()).is_err()
-                || axum::http::HeaderValue::from_str(&value).is_err()
-            {
-                return Err(mlua::Error::runtime(format!("invalid header {name:?}")));
-            }
-            if RESERVED_HEADERS.contains(&lower.as_str()) {
-                return Err(mlua::Error::runtime(format!(
-                    "the header {name:?} is set by the server"
-                )));
-            }
+            let lower = crate::script::check_header(&name, &value).map_err(mlua::Error::runtime)?;
             with_run(lua, |run| {
                 run.headers.retain(|(k, _)| *k != lower);
                 run.headers.push((lower, value));
+                if let Err(detail) = crate::script::check_header_total(&run.headers) {
+                    // Not kept: they count against no other limit.
+                    run.headers.pop();
+                    run.exceeded.get_or_insert((Limit::Response, detail));
+                    return Err(mlua::Error::runtime("the response size limit was exceeded"));
+                }
                 Ok(())
             })
         })?,

@@ -502,17 +502,18 @@ impl WasmRuntime {
         }
         crate::script::check_status(response.status)
             .map_err(|e| ScriptError::Failed(format!("the script answered an {e}")))?;
-        let mut headers: Vec<(String, String)> = response
-            .headers
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .filter(|(k, _)| {
-                !matches!(
-                    k.as_str(),
-                    "content-length" | "transfer-encoding" | "connection"
-                )
-            })
-            .collect();
+        crate::script::check_header_total(&response.headers).map_err(|detail| {
+            ScriptError::Limit {
+                limit: Limit::Response,
+                detail,
+            }
+        })?;
+        let mut headers = Vec::with_capacity(response.headers.len() + 1);
+        for (name, value) in response.headers {
+            let name = crate::script::check_header(&name, &value)
+                .map_err(|e| ScriptError::Failed(format!("the script's response: {e}")))?;
+            headers.push((name, value));
+        }
         if !headers.iter().any(|(k, _)| k == "content-type") {
             headers.push(("content-type".into(), "text/plain; charset=utf-8".into()));
         }

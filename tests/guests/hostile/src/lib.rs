@@ -5,8 +5,10 @@
 //!   `loop` (never ends), `grow` (allocates without end), `recurse`
 //!   (unbounded recursion), `panic` (panics with [`PANIC_MESSAGE`]), `huge`
 //!   (a body of `bytes` bytes, default 1 MB), `status` (answers the status
-//!   `code`), `headers` (sets a lying `content-length`, a header value with a
-//!   line break and an invalid header name besides `x-test: 1`);
+//!   `code`), `headers` (`x-test: 1`, and with `which`: a lying
+//!   `content-length` (`length`), a header value with a line break
+//!   (`inject`), an invalid header name (`name`), 101 headers (`many`), a
+//!   70 KB header (`big`));
 //! - `ok` (or nothing): answers `ok\n`;
 //! - `remember` (keeps `secret`, repeated to fill several pages, in a static
 //!   and counts the run in another) and `recall` (answers what those hold):
@@ -66,11 +68,19 @@ impl Handler for Hostile {
                 let code = req.var("code").and_then(|c| c.parse().ok()).unwrap_or(200);
                 Response::text("status\n").with_status(code)
             }
-            "headers" => Response::text("hi")
-                .with_header("X-Test", "1")
-                .with_header("content-length", "5")
-                .with_header("x-injected", "bad\r\nInjected: 1")
-                .with_header("bad name", "x"),
+            "headers" => {
+                let response = Response::text("hi").with_header("X-Test", "1");
+                match req.var("which") {
+                    Some("length") => response.with_header("content-length", "5"),
+                    Some("inject") => response.with_header("x-injected", "bad\r\nInjected: 1"),
+                    Some("name") => response.with_header("bad name", "x"),
+                    Some("many") => {
+                        (0..100).fold(response, |r, i| r.with_header(&format!("x-h{i}"), "1"))
+                    }
+                    Some("big") => response.with_header("x-big", "b".repeat(70_000)),
+                    _ => response,
+                }
+            }
             "vars" => {
                 let mut text: String = req
                     .vars()
