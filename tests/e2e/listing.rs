@@ -59,6 +59,29 @@ fn as_path(s: &TestServer, target: &str) -> String {
     target.strip_prefix(s.base()).unwrap_or(target).to_owned()
 }
 
+/// A page of values ends early, with its `Link`, once it holds 32 MiB of
+/// them: 10,000 values of 16 MiB would otherwise be built in memory whole.
+#[test]
+fn a_page_of_values_stops_at_32_mib_and_links_the_rest() {
+    let (s, b) = open_bucket();
+    let big = "v".repeat(12 << 20);
+    for k in ["a", "b", "c", "d"] {
+        assert_eq!(s.put(&format!("/{b}/{k}"), &big).status, 204);
+    }
+    let first = list(&s, &b, "format=json&values=true&limit=10");
+    let page: Vec<Value> = serde_json::from_value(first.json()).expect("array");
+    let keys: Vec<&str> = page.iter().map(|e| e[0].as_str().unwrap_or("")).collect();
+    assert_eq!(keys, ["a", "b"], "24 MiB, and a third would make 36");
+    let next = next_link(&first).expect("a Link to the rest");
+    let second = s.get(&as_path(&s, &next));
+    let page: Vec<Value> = serde_json::from_value(second.json()).expect("array");
+    let keys: Vec<&str> = page.iter().map(|e| e[0].as_str().unwrap_or("")).collect();
+    assert_eq!(keys, ["c", "d"]);
+    assert!(next_link(&second).is_none(), "the end");
+    // Without values the page is not cut.
+    assert_eq!(json_keys(&s, &b, "limit=10"), ["a", "b", "c", "d"]);
+}
+
 #[test]
 fn empty_bucket_lists_nothing_in_every_format() {
     let (s, b) = open_bucket();

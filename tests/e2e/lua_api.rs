@@ -1225,6 +1225,38 @@ end"#,
     );
 }
 
+/// The first 1,000 keys of a script's listing are read on its thread, the
+/// rest in one more scan: the two parts join without a gap or a repeat,
+/// both ways.
+#[test]
+fn a_long_listing_is_whole_and_in_order_both_ways() {
+    let s = TestServer::start_with(&["--durability", "relaxed", "--script-time-ms", "60000"]);
+    let b = script_bucket(&s, "");
+    let fill = r#"for i = 1, 2500 do kvdb.set(string.format("k:%05d", i), i) end"#;
+    assert_body(&eval_as(&s, &b, fill, SK), "");
+    let r = eval_as(
+        &s,
+        &b,
+        r#"local function check(l, first, step, n)
+  if #l ~= n then return kvdb.say("count ", #l) end
+  for i, k in ipairs(l) do
+    local want = string.format("k:%05d", first + (i - 1) * step)
+    if k ~= want then return kvdb.say(i, " is ", k, " not ", want) end
+  end
+  kvdb.say("ok")
+end
+check(kvdb.list("k:"), 1, 1, 2500)
+check(kvdb.list("k:", {reverse = true}), 2500, -1, 2500)
+check(kvdb.list("k:", {limit = 1500}), 1, 1, 1500)
+check(kvdb.list("k:", {start = "k:00010", limit = 1001}), 11, 1, 1001)
+check(kvdb.list("k:", {reverse = true, start = "k:02000"}), 1999, -1, 1999)
+local l = kvdb.list("k:", {values = true})
+kvdb.say(#l, " ", l[1001].key, "=", l[1001].value)"#,
+        SK,
+    );
+    assert_body(&r, "ok\nok\nok\nok\nok\n2500 k:01001=1001\n");
+}
+
 #[test]
 fn merge_patch_and_append_change_values_atomically() {
     let s = TestServer::start();

@@ -37,6 +37,10 @@ use crate::storage::{NewValue, Snapshot, StorageError, Store, WriteCtx};
 /// Entry kind of a stored policy (values use the kinds in [`value`]).
 const KIND_POLICY: u8 = 0x10;
 
+/// How many bytes of values one page of a listing holds at most (see
+/// [`Scoped::list`]).
+pub const LIST_VALUE_BYTES: usize = 32 * 1024 * 1024;
+
 /// What a bucket operation can fail with; mapped to HTTP once, in `http::error`.
 #[derive(Debug, thiserror::Error)]
 pub enum BucketError {
@@ -717,6 +721,11 @@ impl Scoped {
     /// Lists keys (and values) as `query` asks, confined to what the scope may
     /// enumerate. Blocking: call it off the async threads for large limits.
     ///
+    /// A page with values ends early (with `next_start` set, as at its
+    /// limit) once it holds [`LIST_VALUE_BYTES`] of them, or the value limit
+    /// if that is larger: a page of 10,000 values of 16 MiB would otherwise
+    /// be built in memory whole.
+    ///
     /// # Errors
     /// No enumerate permission on the prefix (or no read permission when
     /// values are asked for), or a storage failure.
@@ -761,6 +770,8 @@ impl Scoped {
         );
         let mut listing = Listing::default();
         let mut skipped = 0;
+        let budget = LIST_VALUE_BYTES.max(self.bucket.buckets.limits.max_value_bytes);
+        let mut value_bytes = 0usize;
         self.store()
             .snapshot()?
             .scan(lower, upper, query.reverse, &mut |k, entry| {
@@ -771,7 +782,11 @@ impl Scoped {
                     skipped += 1;
                     return true;
                 }
-                if listing.entries.len() == query.limit {
+                value_bytes =
+                    value_bytes.saturating_add(if query.values { entry.value.len() } else { 0 });
+                if listing.entries.len() == query.limit
+                    || (value_bytes > budget && !listing.entries.is_empty())
+                {
                     listing.next_start = listing.entries.last().map(|(k, _)| k.clone());
                     return false;
                 }

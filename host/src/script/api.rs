@@ -63,6 +63,10 @@ pub struct ListOptions {
 /// Most keys one script listing returns: scripts page with `start`.
 pub const MAX_LIST: usize = 10_000;
 
+/// The first this many keys of a listing are read on the thread the script
+/// runs on; the rest in `block_in_place` (a key costs about a microsecond).
+const INLINE_LIST: usize = 1000;
+
 /// The scoped bucket of one run, with the calls a script can make.
 pub struct Host {
     scoped: Scoped,
@@ -196,7 +200,8 @@ impl Host {
         )
     }
 
-    /// Keys (and values) under `prefix`, in byte order.
+    /// Keys (and values) under `prefix`, in byte order; a page ends early
+    /// once it holds [`crate::bucket::LIST_VALUE_BYTES`] of values.
     ///
     /// # Errors
     /// Permission denied (`enumerate`; `read` too with values).
@@ -214,7 +219,28 @@ impl Host {
             skip: 0,
             values: opts.values,
         };
-        Ok(self.scoped.list(&query)?.entries)
+        // The first INLINE_LIST keys on this thread; a longer scan is
+        // blocking work, continued in `block_in_place` (off the async worker,
+        // as a write that waits: see `wait`).
+        let limit = query.limit;
+        let first = ListQuery {
+            limit: limit.min(INLINE_LIST),
+            ..query.clone()
+        };
+        let mut listing = self.scoped.list(&first)?;
+        if let Some(next) = listing.next_start.take()
+            && limit > INLINE_LIST
+            && listing.entries.len() == INLINE_LIST
+        {
+            let rest = ListQuery {
+                start: Some(next),
+                limit: limit - INLINE_LIST,
+                ..query
+            };
+            let more = tokio::task::block_in_place(|| self.scoped.list(&rest))?;
+            listing.entries.extend(more.entries);
+        }
+        Ok(listing.entries)
     }
 
     /// A token for `prefix` and `permissions`, valid `ttl` seconds, within
