@@ -1289,6 +1289,54 @@ kvdb.say(j.a, " ", j.b.c, " ", j.b.d, " ", j.z)"#,
     assert_eq!(s.get(&format!("/{b}/r")).text(), "abcd");
 }
 
+/// Found by a review: a string of JSON text given to `kvdb.merge` replaced
+/// the document with that string (RFC 7396 for a non-object patch); the
+/// WebAssembly call parses it. Both now take it as JSON text, as HTTP does.
+#[test]
+fn merge_and_patch_take_json_text_as_well_as_tables() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let put = put_as(
+        &s,
+        &format!("/{b}/j"),
+        r#"{"a":1}"#,
+        Some("application/json"),
+    );
+    assert_eq!(put.status, 204);
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(tostring(kvdb.merge("j", '{"b":2}')))
+kvdb.say(tostring(kvdb.patch("j", '[{"op":"replace","path":"/a","value":10}]')))
+kvdb.say(kvdb.merge("j", '{"b":'))"#,
+    );
+    assert_body(
+        &r,
+        "nil\nnil\ninvalid input: not JSON: EOF while parsing a value at line 1 column 5\n",
+    );
+    assert_eq!(s.get(&format!("/{b}/j")).json(), json!({"a": 10, "b": 2}));
+}
+
+/// The same words as the WebAssembly calls for a number that is not one.
+#[test]
+fn a_non_finite_number_is_refused_with_the_same_words_as_in_webassembly() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(kvdb.set("n", 0/0))
+kvdb.say(kvdb.set("n", 1/0))
+kvdb.say(kvdb.incr("n", -1/0))"#,
+    );
+    assert_body(
+        &r,
+        "invalid input: a float must be finite\ninvalid input: a float must be finite\n\
+         invalid input: the amount must be finite\n",
+    );
+    assert_eq!(s.get(&format!("/{b}/n")).status, 404);
+}
+
 #[test]
 fn json_encode_and_decode_round_trip() {
     let s = TestServer::start();

@@ -993,6 +993,35 @@ fn guest_headers_cannot_lie_about_the_length_or_inject_lines() {
     }
 }
 
+/// A JSON value is typed as an HTTP body sent as `application/json`: a
+/// number is a number, which PATCH can count (found by a review: it was
+/// stored as JSON text, which PATCH +1 refused).
+#[test]
+fn a_guests_json_number_is_a_number_as_over_http() {
+    let s = TestServer::start();
+    let b = hostile_bucket(&s);
+    let r = s.get(&format!("/{b}/scripts/h?do=set-json&at=n&json=42"));
+    assert_body(&r, "set\n");
+    let r = s.request(
+        "PATCH",
+        &format!("/{b}/n"),
+        &[("authorization", "Bearer sk")],
+        Some(b"+1"),
+    );
+    assert_eq!((r.status, r.text().as_str()), (200, "43"));
+    let r = s.get(&format!(
+        "/{b}/scripts/h?do=set-json&at=o&json=%7B%22a%22%3A1%7D"
+    ));
+    assert_body(&r, "set\n");
+    assert_eq!(s.get(&format!("/{b}/o")).json(), json!({"a": 1}));
+    let r = s.get(&format!("/{b}/scripts/h?do=set-json&at=x&json=%7B"));
+    assert!(
+        r.text().starts_with("set: invalid input: not JSON:"),
+        "{}",
+        r.text()
+    );
+}
+
 /// Found by a review: Lua kept any number of headers of any size outside
 /// every limit (1,000 headers of 8 MiB took a gigabyte).
 #[test]

@@ -92,6 +92,8 @@ fn from_lua(lua: &Lua, v: Value) -> Result<KvValue, CallError> {
     match v {
         Value::Integer(i) => Ok(KvValue::Int(i)),
         Value::Number(f) if f.is_finite() => Ok(KvValue::Float(f)),
+        // The same words as the WebAssembly call's.
+        Value::Number(_) => Err(CallError::Invalid("a float must be finite".into())),
         Value::String(s) => KvValue::from_body(&s.as_bytes(), &Typing::Coerce)
             .map_err(|e| CallError::Invalid(e.to_string())),
         Value::Boolean(b) => Ok(KvValue::Json(b.to_string().into_bytes())),
@@ -116,6 +118,7 @@ fn number(v: Option<Value>) -> Result<Number, CallError> {
         None | Some(Value::Nil) => Ok(Number::Int(1)),
         Some(Value::Integer(i)) => Ok(Number::Int(i)),
         Some(Value::Number(f)) if f.is_finite() => Ok(Number::Float(f)),
+        Some(Value::Number(_)) => Err(CallError::Invalid("the amount must be finite".into())),
         Some(Value::String(s)) => s
             .to_str()
             .ok()
@@ -125,9 +128,14 @@ fn number(v: Option<Value>) -> Result<Number, CallError> {
     }
 }
 
+/// A merge or JSON patch argument: a table, or a string of JSON text (as
+/// the WebAssembly calls take it, and as an HTTP body is).
 fn json_arg(lua: &Lua, v: Value) -> Result<serde_json::Value, CallError> {
-    lua.from_value(v)
-        .map_err(|e| CallError::Invalid(format!("not JSON: {e}")))
+    let parsed = match v {
+        Value::String(text) => serde_json::from_slice(&text.as_bytes()).map_err(|e| e.to_string()),
+        other => lua.from_value(other).map_err(|e| e.to_string()),
+    };
+    parsed.map_err(|e| CallError::Invalid(format!("not JSON: {e}")))
 }
 
 fn tostring_bytes(tostring: &Function, v: Value) -> mlua::Result<Vec<u8>> {

@@ -7,7 +7,7 @@
 
 use super::WasmState;
 use super::bindings::kvdb::script::{kv, log, scope, types};
-use crate::bucket::{Number, Permission, Permissions, Value};
+use crate::bucket::{Number, Permission, Permissions, Typing, Value};
 use crate::script::api::{CallError, ListOptions};
 
 impl From<CallError> for types::Error {
@@ -49,10 +49,14 @@ fn from_wit(v: types::Value) -> Result<Value, CallError> {
         types::Value::Integer(i) => Ok(Value::Int(i)),
         types::Value::Float(f) if f.is_finite() => Ok(Value::Float(f)),
         types::Value::Float(_) => Err(CallError::Invalid("a float must be finite".into())),
+        // Typed as an HTTP body sent with `application/json`: a JSON number
+        // is a number (it can be counted).
         types::Value::Json(text) => {
-            serde_json::from_str::<serde::de::IgnoredAny>(&text)
-                .map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?;
-            Ok(Value::Json(text.into_bytes()))
+            Value::from_body(text.as_bytes(), &Typing::Json).map_err(|e| match e {
+                crate::bucket::ValueError::InvalidJson(e) => {
+                    CallError::Invalid(format!("not JSON: {e}"))
+                }
+            })
         }
     }
 }

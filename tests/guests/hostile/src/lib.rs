@@ -10,6 +10,7 @@
 //!   (`inject`), an invalid header name (`name`), 101 headers (`many`), a
 //!   70 KB header (`big`));
 //! - `ok` (or nothing): answers `ok\n`;
+//! - `set-json`: sets the key `at` to the JSON value `json` (as text);
 //! - `remember` (keeps `secret`, repeated to fill several pages, in a static
 //!   and counts the run in another) and `recall` (answers what those hold):
 //!   every request runs in a fresh instance, so `recall` must never see
@@ -98,6 +99,14 @@ impl Handler for Hostile {
             "narrow-prefix" => Response::text(narrow_prefix()),
             "narrow-perms" => Response::text(narrow_perms()),
             "plain-get" => Response::text(plain_get()),
+            "set-json" => {
+                let key = req.var("at").unwrap_or("j");
+                let text = req.var("json").unwrap_or("null");
+                match kvdb_guest::set(key, kvdb_guest::Value::Json(text.to_owned())) {
+                    Ok(()) => Response::text("set\n"),
+                    Err(e) => Response::text(format!("set: {e}\n")),
+                }
+            }
             "widen" => match kvdb_guest::set_scope("", &[Permission::Read]) {
                 Ok(()) => Response::text(plain_get()),
                 Err(e) => Response::text(format!("set_scope: {e}\n")),
