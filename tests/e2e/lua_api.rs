@@ -214,6 +214,15 @@ fn put_as(s: &TestServer, path: &str, body: &str, content_type: Option<&str>) ->
     s.request("PUT", path, &headers, Some(body.as_bytes()))
 }
 
+/// A server with a script bucket whose key `j` holds the JSON document `doc`.
+fn with_json_doc(doc: &str) -> (TestServer, String) {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let put = put_as(&s, &format!("/{b}/j"), doc, Some("application/json"));
+    assert_eq!(put.status, 204, "{}", put.text());
+    (s, b)
+}
+
 fn get_as(s: &TestServer, path: &str, credential: &str) -> Resp {
     let auth = format!("Bearer {credential}");
     s.request("GET", path, &[("authorization", auth.as_str())], None)
@@ -1259,15 +1268,7 @@ kvdb.say(#l, " ", l[1001].key, "=", l[1001].value)"#,
 
 #[test]
 fn merge_patch_and_append_change_values_atomically() {
-    let s = TestServer::start();
-    let b = script_bucket(&s, "");
-    let put = put_as(
-        &s,
-        &format!("/{b}/j"),
-        r#"{"a":1,"b":{"c":2}}"#,
-        Some("application/json"),
-    );
-    assert_eq!(put.status, 204);
+    let (s, b) = with_json_doc(r#"{"a":1,"b":{"c":2}}"#);
     assert_eq!(s.put(&format!("/{b}/r"), "ab").status, 204);
     let r = eval(
         &s,
@@ -1294,15 +1295,7 @@ kvdb.say(j.a, " ", j.b.c, " ", j.b.d, " ", j.z)"#,
 /// WebAssembly call parses it. Both now take it as JSON text, as HTTP does.
 #[test]
 fn merge_and_patch_take_json_text_as_well_as_tables() {
-    let s = TestServer::start();
-    let b = script_bucket(&s, "");
-    let put = put_as(
-        &s,
-        &format!("/{b}/j"),
-        r#"{"a":1}"#,
-        Some("application/json"),
-    );
-    assert_eq!(put.status, 204);
+    let (s, b) = with_json_doc(r#"{"a":1}"#);
     let r = eval(
         &s,
         &b,
