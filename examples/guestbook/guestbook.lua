@@ -13,6 +13,11 @@ local function fail(status, message)
   kvdb.exit(status)
 end
 
+-- A data call's error: 403 if the caller's scope does not allow it.
+local function failed(err)
+  fail(err:find("^permission denied") and 403 or 500, err)
+end
+
 local function entry_json(id, name, message)
   return '{"id":' .. id .. ',"name":' .. enc(name) .. ',"message":' .. enc(message) .. '}'
 end
@@ -23,18 +28,18 @@ if kvdb.method == "POST" then
     fail(400, "name and message are required")
   end
   local err = kvdb.incr(COUNTER, 1)
-  if err then fail(500, err) end
+  if err then failed(err) end
   local id, err = kvdb.get(COUNTER)
-  if not id then fail(500, err) end
+  if not id then failed(err) end
   if math.type(id) ~= "integer" then fail(500, "the counter is not an integer") end
   local entry = entry_json(id, name, message)
   err = kvdb.set(string.format("%s%08d", PREFIX, id), entry)
-  if err then fail(500, err) end
+  if err then failed(err) end
   kvdb.status(201)
   kvdb.print(entry)
 else
   local list, err = kvdb.list(PREFIX, {values = true})
-  if not list then fail(500, err) end
+  if not list then failed(err) end
   local out = {}
   for _, e in ipairs(list) do
     local v = e.value

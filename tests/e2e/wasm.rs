@@ -485,9 +485,9 @@ fn guestbook_stores_posts_and_lists_them_by_get() {
     let r = post_form(&s, &b, "guestbook", "name=bob", None);
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.text(), r#"{"error":"name and message are required"}"#);
-    // Listing needs the secret key: anonymous is a 500 naming the refusal.
+    // Listing needs the secret key: anonymous is a 403 naming the refusal.
     let r = run(&s, &b, "guestbook");
-    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(r.status, 403, "{}", r.text());
     assert!(r.text().contains("permission denied"), "{}", r.text());
     let r = run_as(&s, &b, "guestbook", SK);
     assert_body(&r, r#"[{"id":1,"name":"ann","message":"hi"}]"#);

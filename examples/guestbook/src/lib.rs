@@ -9,7 +9,9 @@
 //!   empty field is `400` `{"error":"name and message are required"}`.
 //! - `GET`: `200`, the entries under `guestbook:` in order, as a JSON array
 //!   of such objects (keys in that order; other values there are skipped).
-//! - A failed data call: `500` `{"error":"<the error>"}`.
+//! - A data call the caller's scope does not allow: `403`
+//!   `{"error":"permission denied: …"}`; any other failed one: `500`
+//!   `{"error":"<the error>"}`.
 
 use kvdb_guest::{Handler, ListOptions, Request, Response, Value};
 use serde::{Deserialize, Serialize};
@@ -69,7 +71,13 @@ impl Handler for Guestbook {
         } else {
             entries()
         };
-        result.unwrap_or_else(|e| fail(500, &e.to_string()))
+        result.unwrap_or_else(|e| {
+            let status = match e {
+                kvdb_guest::Error::PermissionDenied(_) => 403,
+                _ => 500,
+            };
+            fail(status, &e.to_string())
+        })
     }
 }
 
