@@ -967,11 +967,16 @@ fn bad_token_requests_are_400() {
         "ttl=0",
         "ttl=abc",
         "ttl=-5",
+        // Over 100 years (found by a review: no bound at all).
+        "ttl=3153600001",
+        "ttl=18446744073709551615",
     ] {
         let r = form(body);
         assert_eq!(r.status, 400, "{body}: {}", r.text());
         r.assert_problem(400);
     }
+    let r = form("ttl=3153600000");
+    assert_eq!(r.status, 200, "100 years: {}", r.text());
     for body in [
         r#"{"permissions":["read","fly"]}"#,
         r#"{"colour":"blue"}"#,

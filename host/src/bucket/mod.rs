@@ -37,6 +37,10 @@ use crate::storage::{NewValue, Snapshot, StorageError, Store, WriteCtx};
 /// Entry kind of a stored policy (values use the kinds in [`value`]).
 const KIND_POLICY: u8 = 0x10;
 
+/// The longest a token may be valid: 100 years (its expiry stays a number
+/// every JSON client reads exactly).
+pub const MAX_TOKEN_TTL_S: u64 = 100 * 365 * 24 * 3600;
+
 /// How many bytes of values one page of a listing holds at most (see
 /// [`Scoped::list`]).
 pub const LIST_VALUE_BYTES: usize = 32 * 1024 * 1024;
@@ -893,6 +897,11 @@ impl Scoped {
         ttl_s: u64,
         not_after: Option<u64>,
     ) -> Result<(String, u64), BucketError> {
+        if ttl_s > MAX_TOKEN_TTL_S {
+            return Err(BucketError::Invalid(format!(
+                "a token's ttl is at most {MAX_TOKEN_TTL_S} seconds (100 years)"
+            )));
+        }
         let now = now_s(self.store().now_ms());
         let expires_at = now.saturating_add(ttl_s).min(not_after.unwrap_or(u64::MAX));
         let token = auth::token::issue(
