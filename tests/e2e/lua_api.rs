@@ -1310,6 +1310,41 @@ kvdb.say(kvdb.merge("j", '{"b":'))"#,
     assert_eq!(s.get(&format!("/{b}/j")).json(), json!({"a": 10, "b": 2}));
 }
 
+/// A bad ttl, limit or permission list is the call's error, returned as
+/// every failed data call's is (found by a review: it raised, ending the
+/// run unless in `pcall`).
+#[test]
+fn bad_arguments_to_data_calls_are_returned_errors_not_raised() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval_as(
+        &s,
+        &b,
+        r#"kvdb.say(kvdb.set("k", 1, -1))
+kvdb.say(kvdb.set("k", 1, 1.5))
+kvdb.say(kvdb.set("k", 1, 1e30))
+kvdb.say(kvdb.set("k", 1, "soon"))
+kvdb.say(select(2, kvdb.list("", {limit = -1})))
+kvdb.say(select(2, kvdb.access_token{ttl = -1}))
+kvdb.say(select(2, kvdb.access_token{permissions = true}))
+kvdb.say(select(2, kvdb.access_token{permissions = {{}}}))
+kvdb.say(tostring(kvdb.set("k", 1, 60.0)), " ", #kvdb.list("", {limit = 1.0}))"#,
+        SK,
+    );
+    assert_body(
+        &r,
+        "invalid input: ttl must be a whole number, 0 or more\n\
+         invalid input: ttl must be a whole number, 0 or more\n\
+         invalid input: ttl must be a whole number, 0 or more\n\
+         invalid input: ttl must be a whole number, 0 or more\n\
+         invalid input: limit must be a whole number, 0 or more\n\
+         invalid input: ttl must be a whole number, 0 or more\n\
+         invalid input: permissions must be a list of names\n\
+         invalid input: permissions must be a list of names\n\
+         nil 1\n",
+    );
+}
+
 /// The same words as the WebAssembly calls for a number that is not one.
 #[test]
 fn a_non_finite_number_is_refused_with_the_same_words_as_in_webassembly() {

@@ -113,6 +113,19 @@ fn from_lua(lua: &Lua, v: Value) -> Result<KvValue, CallError> {
     }
 }
 
+/// A whole number of 0 or more (a ttl, a limit), or `None` for nil; a bad
+/// one is the call's error, as in WebAssembly, not a raised error.
+fn whole(v: &Value, what: &str) -> Result<Option<u64>, CallError> {
+    let bad = || CallError::Invalid(format!("{what} must be a whole number, 0 or more"));
+    match *v {
+        Value::Nil => Ok(None),
+        Value::Integer(i) => u64::try_from(i).map(Some).map_err(|_| bad()),
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        Value::Number(f) if f.fract() == 0.0 && (0.0..1.8e19).contains(&f) => Ok(Some(f as u64)),
+        _ => Err(bad()),
+    }
+}
+
 fn number(v: Option<Value>) -> Result<Number, CallError> {
     match v {
         None | Some(Value::Nil) => Ok(Number::Int(1)),
@@ -273,11 +286,12 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "set",
-        lua.create_function(|lua, (key, value, ttl): (String, Value, Option<u64>)| {
-            let r = from_lua(lua, value).and_then(|v| {
-                with_run(lua, |run| Ok(run.host.set(&key, v, ttl)))
-                    .map_err(|e| CallError::Internal(e.to_string()))?
-            });
+        lua.create_function(|lua, (key, value, ttl): (String, Value, Value)| {
+            let r = match whole(&ttl, "ttl").and_then(|ttl| Ok((from_lua(lua, value)?, ttl))) {
+                // A stopped run raises here, as from every call.
+                Ok((v, ttl)) => with_run(lua, |run| Ok(run.host.set(&key, v, ttl)))?,
+                Err(e) => Err(e),
+            };
             status_of(lua, r)
         })?,
     )?;
@@ -331,7 +345,10 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, (prefix, opts): (Option<String>, Option<Table>)| {
             let mut o = ListOptions::default();
             if let Some(opts) = &opts {
-                o.limit = opts.get("limit")?;
+                match whole(&opts.get::<Value>("limit")?, "limit") {
+                    Ok(limit) => o.limit = limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX)),
+                    Err(e) => return returned(lua, Err(e)),
+                }
                 o.start = opts.get("start")?;
                 o.end = opts.get("end")?;
                 o.reverse = opts.get::<Option<bool>>("reverse")?.unwrap_or(false);
@@ -370,28 +387,37 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
                 Some(o) => o.get::<Option<String>>("prefix")?.unwrap_or_default(),
                 None => String::new(),
             };
-            let ttl: u64 = match &opts {
-                Some(o) => o.get::<Option<u64>>("ttl")?.unwrap_or(DEFAULT_TOKEN_TTL_S),
-                None => DEFAULT_TOKEN_TTL_S,
+            let ttl = match &opts {
+                Some(o) => whole(&o.get::<Value>("ttl")?, "ttl"),
+                None => Ok(None),
             };
-            let names: Vec<String> = match opts
+            let not_names = || CallError::Invalid("permissions must be a list of names".into());
+            let names: Result<Vec<String>, CallError> = match opts
                 .as_ref()
                 .map(|o| o.get::<Value>("permissions"))
                 .transpose()?
             {
-                None | Some(Value::Nil) => vec!["read".into()],
-                Some(Value::String(s)) => s
+                None | Some(Value::Nil) => Ok(vec!["read".into()]),
+                Some(Value::String(s)) => Ok(s
                     .to_str()?
                     .split(',')
                     .map(|p| p.trim().to_owned())
-                    .collect(),
-                Some(v @ Value::Table(_)) => lua.from_value(v)?,
-                Some(_) => return Err(mlua::Error::runtime("permissions must be a list of names")),
+                    .collect()),
+                Some(v @ Value::Table(_)) => lua.from_value(v).map_err(|_| not_names()),
+                Some(_) => Err(not_names()),
             };
-            let r = permissions(names.iter().map(String::as_str)).and_then(|p| {
-                with_run(lua, |run| Ok(run.host.access_token(&prefix, p, ttl)))
-                    .map_err(|e| CallError::Internal(e.to_string()))?
+            let asked = ttl.and_then(|ttl| {
+                let names = names?;
+                Ok((
+                    ttl.unwrap_or(DEFAULT_TOKEN_TTL_S),
+                    permissions(names.iter().map(String::as_str))?,
+                ))
             });
+            let r = match asked {
+                // A stopped run raises here, as from every call.
+                Ok((ttl, p)) => with_run(lua, |run| Ok(run.host.access_token(&prefix, p, ttl)))?,
+                Err(e) => Err(e),
+            };
             match r {
                 Ok((token, expires_at)) => Ok(MultiValue::from_iter([
                     Value::String(lua.create_string(token)?),
