@@ -1328,7 +1328,8 @@ kvdb.say(select(2, kvdb.list("", {limit = -1})))
 kvdb.say(select(2, kvdb.access_token{ttl = -1}))
 kvdb.say(select(2, kvdb.access_token{permissions = true}))
 kvdb.say(select(2, kvdb.access_token{permissions = {{}}}))
-kvdb.say(tostring(kvdb.set("k", 1, 60.0)), " ", #kvdb.list("", {limit = 1.0}))"#,
+kvdb.say(tostring(kvdb.set("k", 1, 60.0)), " ", #kvdb.list("", {limit = 1.0}))
+kvdb.say(tostring(kvdb.set("k", 1, " 60")), " ", #kvdb.list("", {limit = "1"}))"#,
         SK,
     );
     assert_body(
@@ -1341,8 +1342,33 @@ kvdb.say(tostring(kvdb.set("k", 1, 60.0)), " ", #kvdb.list("", {limit = 1.0}))"#
          invalid input: ttl must be a whole number, 0 or more\n\
          invalid input: permissions must be a list of names\n\
          invalid input: permissions must be a list of names\n\
+         nil 1\n\
          nil 1\n",
     );
+}
+
+/// A table nested deeper than JSON that can be read back is refused (it
+/// would be stored, then refused by every JSON reader: found by a review).
+#[test]
+fn a_table_nested_deeper_than_127_levels_is_refused() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval_as(
+        &s,
+        &b,
+        r#"local function nest(n) local t = {} for _ = 2, n do t = {t} end return t end
+kvdb.say(tostring(kvdb.set("ok", nest(127))))
+kvdb.say(kvdb.set("deep", nest(128)))
+kvdb.say(kvdb.merge("ok", '{"a":' .. string.rep("[", 127) .. string.rep("]", 127) .. "}"))"#,
+        SK,
+    );
+    assert_body(
+        &r,
+        "nil\ninvalid input: the table is not JSON: it nests deeper than 127 levels\n\
+         invalid input: not JSON: recursion limit exceeded at line 1 column 132\n",
+    );
+    assert_eq!(s.get(&format!("/{b}/ok")).status, 200);
+    assert_eq!(s.get(&format!("/{b}/deep")).status, 404);
 }
 
 /// The same words as the WebAssembly calls for a number that is not one.

@@ -29,7 +29,9 @@ pub use key::{InvalidKey, Key, MAX_KEY_BYTES, check_key_text};
 pub use policy::{Policy, PolicyChange, PolicyError};
 pub use scope::{Grant, Permission, Permissions, Principal, Scope};
 pub use scripts::{MAX_SCRIPT_NAME, ScriptKind, ScriptName, StoredScript};
-pub use value::{Number, Op, OpConflict, Typing, Value, ValueError};
+pub use value::{
+    MAX_JSON_DEPTH, Number, Op, OpConflict, Typing, Value, ValueError, check_json_depth,
+};
 
 use crate::auth::{self, TokenError};
 use crate::storage::{NewValue, Snapshot, StorageError, Store, WriteCtx};

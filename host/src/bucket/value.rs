@@ -519,9 +519,21 @@ impl Op {
 /// level), so that every stored document can be read back.
 pub const MAX_JSON_DEPTH: usize = 127;
 
+/// Refuses JSON that nests deeper than [`MAX_JSON_DEPTH`] (what could not
+/// be read back), counted without recursion.
+///
+/// # Errors
+/// What is wrong, for the caller's error.
+pub fn check_json_depth(v: &Json) -> Result<(), String> {
+    if json_extent(v).0 > MAX_JSON_DEPTH {
+        return Err(format!("it nests deeper than {MAX_JSON_DEPTH} levels"));
+    }
+    Ok(())
+}
+
 /// How deeply `v` nests (arrays and objects inside each other, as
-/// `serde_json` counts: a scalar 0, `{}` 1, `[[]]` 2) and about how many
-/// bytes it holds
+/// `serde_json` counts: a scalar 0, `{}` 1, `[[]]` 2) and how many bytes
+/// it takes as compact JSON (strings without their escapes)
 /// (strings and keys by length, numbers as written), counted without
 /// recursion: `v` may be deeper than a thread's stack allows.
 fn json_extent(v: &Json) -> (usize, usize) {
@@ -543,31 +555,50 @@ fn json_extent(v: &Json) -> (usize, usize) {
         };
         deepest = deepest.max(within);
         bytes += match v {
-            Json::Null | Json::Bool(_) => 5,
+            Json::Null | Json::Bool(true) => 4,
+            Json::Bool(false) => 5,
             Json::Number(n) => {
                 let mut count = Count(0);
                 let _ = std::fmt::Write::write_fmt(&mut count, format_args!("{n}"));
                 count.0
             }
             Json::String(s) => s.len() + 2,
+            // Brackets and commas.
             Json::Array(items) => {
                 stack.extend(items.iter().map(|item| (item, depth + 1)));
-                items.len() + 2
+                items.len().saturating_sub(1) + 2
             }
+            // Braces, commas, quoted keys and colons.
             Json::Object(map) => {
                 stack.extend(map.values().map(|item| (item, depth + 1)));
-                map.keys().map(|k| k.len() + 4).sum::<usize>() + 2
+                map.keys().map(|k| k.len() + 3).sum::<usize>() + map.len().saturating_sub(1) + 2
             }
         };
     }
     (deepest, bytes)
 }
 
+/// How much work one JSON patch may do, in values visited or shifted (each
+/// a few nanoseconds): it runs where writes are serialized, so one patch
+/// must not hold up every other write. About a tenth of a second.
+const MAX_PATCH_WORK: usize = 64 * 1024 * 1024;
+
+/// How many values an operation at `path` shifts in place: inserting into
+/// or removing from the middle of an array moves what follows.
+fn shifted(doc: &Json, path: &json_patch::jsonptr::Pointer) -> usize {
+    match path.parent().and_then(|p| doc.pointer(p.as_str())) {
+        Some(Json::Array(items)) => items.len(),
+        _ => 1,
+    }
+}
+
 /// Applies a JSON patch one operation at a time, refusing (before it runs)
 /// an operation that could make the document nest deeper than
-/// [`MAX_JSON_DEPTH`] or grow past `max_bytes`. JSON pointers are flat
-/// strings, so a patch of small operations can otherwise build a document
-/// deeper than any stack can serialize, or double one with each `copy`.
+/// [`MAX_JSON_DEPTH`] or grow past `max_bytes`, and a patch that would do
+/// more than [`MAX_PATCH_WORK`]. JSON pointers are flat strings, so a patch
+/// of small operations can otherwise build a document deeper than any stack
+/// can serialize, double one with each `copy`, or shift a large array back
+/// and forth for hours.
 fn apply_json_patch(
     mut doc: Json,
     patch: &json_patch::Patch,
@@ -575,36 +606,77 @@ fn apply_json_patch(
 ) -> Result<Json, OpConflict> {
     use json_patch::PatchOperation as P;
     let (mut depth, mut bytes) = json_extent(&doc);
+    let mut work = bytes;
+    // The size of what sits at `path` now, which a replace replaces, and an
+    // add too unless it inserts into an array.
+    let existing = |doc: &Json, path: &json_patch::jsonptr::Pointer, inserts: bool| {
+        let into_array = path
+            .parent()
+            .and_then(|p| doc.pointer(p.as_str()))
+            .is_some_and(Json::is_array);
+        if inserts && into_array {
+            return 0;
+        }
+        doc.pointer(path.as_str())
+            .map_or(0, |old| json_extent(old).1)
+    };
     for (i, op) in patch.0.iter().enumerate() {
-        // What the operation puts where: a document of (depth, bytes) at a
-        // path with `at` tokens. Upper bounds: what it replaces or moves
-        // away is not subtracted.
-        let placed = match op {
-            P::Add(op) => Some((op.path.count(), json_extent(&op.value), true)),
-            P::Replace(op) => Some((op.path.count(), json_extent(&op.value), true)),
-            P::Copy(op) => doc
-                .pointer(op.from.as_str())
-                .map(|from| (op.path.count(), json_extent(from), true)),
-            P::Move(op) => doc
-                .pointer(op.from.as_str())
-                .map(|from| (op.path.count(), json_extent(from), false)),
-            P::Remove(_) | P::Test(_) => None,
-        };
-        if let Some((at, (d, b), grows)) = placed {
-            depth = depth.max(at + d);
-            if grows {
-                bytes = bytes.saturating_add(b);
+        let refuse = |what: String| OpConflict::Patch(format!("operation '/{i}' would {what}"));
+        // The document's depth and size after the operation, bounded from
+        // above without applying it, and the work it takes.
+        match op {
+            P::Add(op) => {
+                let (d, b) = json_extent(&op.value);
+                let old = existing(&doc, &op.path, true);
+                depth = depth.max(op.path.count() + d);
+                bytes = (bytes - old.min(bytes)).saturating_add(b);
+                work = work.saturating_add(b + old + shifted(&doc, &op.path));
             }
-            if depth > MAX_JSON_DEPTH {
-                return Err(OpConflict::Patch(format!(
-                    "operation '/{i}' would nest the document deeper than {MAX_JSON_DEPTH} levels"
-                )));
+            P::Replace(op) => {
+                let (d, b) = json_extent(&op.value);
+                let old = existing(&doc, &op.path, false);
+                depth = depth.max(op.path.count() + d);
+                bytes = (bytes - old.min(bytes)).saturating_add(b);
+                work = work.saturating_add(b + old);
             }
-            if bytes > max_bytes {
-                return Err(OpConflict::Patch(format!(
-                    "operation '/{i}' would grow the document past the value limit of {max_bytes} bytes"
-                )));
+            P::Copy(op) => {
+                if let Some(from) = doc.pointer(op.from.as_str()) {
+                    let (d, b) = json_extent(from);
+                    depth = depth.max(op.path.count() + d);
+                    bytes = bytes.saturating_add(b);
+                    work = work.saturating_add(2 * b + shifted(&doc, &op.path));
+                }
             }
+            // What moves is at most as deep as the document below `from`;
+            // the document does not grow.
+            P::Move(op) => {
+                let below = depth.saturating_sub(op.from.count());
+                depth = depth.max(op.path.count() + below);
+                work = work
+                    .saturating_add(shifted(&doc, &op.from))
+                    .saturating_add(shifted(&doc, &op.path));
+            }
+            P::Remove(op) => {
+                work = work.saturating_add(shifted(&doc, &op.path));
+            }
+            P::Test(op) => {
+                work = work.saturating_add(json_extent(&op.value).1);
+            }
+        }
+        if depth > MAX_JSON_DEPTH {
+            return Err(refuse(format!(
+                "nest the document deeper than {MAX_JSON_DEPTH} levels"
+            )));
+        }
+        if bytes > max_bytes {
+            return Err(refuse(format!(
+                "grow the document past the value limit of {max_bytes} bytes"
+            )));
+        }
+        if work > MAX_PATCH_WORK {
+            return Err(refuse(
+                "take too long: split the patch, or patch a smaller document".to_owned(),
+            ));
         }
         // The whole patch is refused on an error: the document is a copy.
         json_patch::patch_unsafe(&mut doc, std::slice::from_ref(op)).map_err(|mut e| {
@@ -953,6 +1025,71 @@ mod tests {
         // A few copies fit.
         let ops = serde_json::json!([{"op": "copy", "from": "", "path": "/c"}]);
         assert!(json_patch(ops).apply(Some(doc), 100_000).is_ok());
+    }
+
+    #[test]
+    fn json_extent_counts_compact_json_bytes() {
+        for text in [
+            r#"[true,false,null,1,-2.5,"ab"]"#,
+            r#"{"a":[],"bc":{"d":{}}}"#,
+            "[]",
+            "{}",
+            "7",
+        ] {
+            let v: Json = serde_json::from_str(text).expect("json");
+            assert_eq!(json_extent(&v).1, text.len(), "{text}");
+        }
+    }
+
+    #[test]
+    fn what_a_patch_replaces_no_longer_counts_towards_the_limit() {
+        let trues = format!("[{}]", vec!["true"; 1000].join(","));
+        let limit = trues.len();
+        let doc = || Value::Json(trues.clone().into_bytes());
+        let same = json_patch(serde_json::json!([{"op": "replace", "path": "/0", "value": true}]));
+        assert!(same.apply(Some(doc()), limit).is_ok());
+        let longer =
+            json_patch(serde_json::json!([{"op": "replace", "path": "/0", "value": false}]));
+        assert!(longer.apply(Some(doc()), limit).is_err(), "one byte over");
+        // An add that inserts into an array replaces nothing.
+        let insert = json_patch(serde_json::json!([{"op": "add", "path": "/0", "value": true}]));
+        assert!(insert.apply(Some(doc()), limit).is_err());
+        let remove_then_insert = json_patch(serde_json::json!([
+            {"op": "remove", "path": "/0"},
+            {"op": "add", "path": "/0", "value": true},
+        ]));
+        assert!(remove_then_insert.apply(Some(doc()), limit + 5).is_ok());
+    }
+
+    #[test]
+    fn a_json_patch_that_would_take_too_long_is_refused_before_it_runs() {
+        // Each removal from the front of a large array shifts all of it.
+        let doc = Value::Json(format!("[{}]", vec!["0"; 1_000_000].join(",")).into_bytes());
+        let ops: Vec<_> = (0..1000)
+            .map(|_| serde_json::json!({"op": "remove", "path": "/0"}))
+            .collect();
+        let refused = json_patch(serde_json::Value::Array(ops)).apply(Some(doc), usize::MAX);
+        let message = refused.expect_err("too much work").to_string();
+        assert!(message.contains("would take too long"), "{message}");
+        // Moving between object keys costs nothing per move, however large
+        // what moves (found by a review: each move was walked).
+        let big =
+            Value::Json(format!(r#"{{"a":[{}]}}"#, vec!["0"; 1_000_000].join(",")).into_bytes());
+        let ops: Vec<_> = (0..10_000)
+            .flat_map(|_| {
+                [
+                    serde_json::json!({"op": "move", "from": "/a", "path": "/b"}),
+                    serde_json::json!({"op": "move", "from": "/b", "path": "/a"}),
+                ]
+            })
+            .collect();
+        let moved = json_patch(serde_json::Value::Array(ops))
+            .apply(Some(big), usize::MAX)
+            .expect("cheap");
+        assert_eq!(
+            moved.to_json().expect("json")["a"].as_array().map(Vec::len),
+            Some(1_000_000)
+        );
     }
 
     #[test]

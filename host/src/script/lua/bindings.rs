@@ -101,6 +101,8 @@ fn from_lua(lua: &Lua, v: Value) -> Result<KvValue, CallError> {
             let json: serde_json::Value = lua
                 .from_value(v)
                 .map_err(|e| CallError::Invalid(format!("the table is not JSON: {e}")))?;
+            crate::bucket::check_json_depth(&json)
+                .map_err(|e| CallError::Invalid(format!("the table is not JSON: {e}")))?;
             Ok(KvValue::from_json(&json))
         }
         Value::Nil => Err(CallError::Invalid(
@@ -114,11 +116,18 @@ fn from_lua(lua: &Lua, v: Value) -> Result<KvValue, CallError> {
 }
 
 /// A whole number of 0 or more (a ttl, a limit), or `None` for nil; a bad
-/// one is the call's error, as in WebAssembly, not a raised error.
+/// one is the call's error, as in WebAssembly, not a raised error. A string
+/// of digits counts (`kvdb.var` values are strings).
 fn whole(v: &Value, what: &str) -> Result<Option<u64>, CallError> {
     let bad = || CallError::Invalid(format!("{what} must be a whole number, 0 or more"));
     match *v {
         Value::Nil => Ok(None),
+        Value::String(ref s) => s
+            .to_str()
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(bad),
         Value::Integer(i) => u64::try_from(i).map(Some).map_err(|_| bad()),
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         Value::Number(f) if f.fract() == 0.0 && (0.0..1.8e19).contains(&f) => Ok(Some(f as u64)),
@@ -148,7 +157,10 @@ fn json_arg(lua: &Lua, v: Value) -> Result<serde_json::Value, CallError> {
         Value::String(text) => serde_json::from_slice(&text.as_bytes()).map_err(|e| e.to_string()),
         other => lua.from_value(other).map_err(|e| e.to_string()),
     };
-    parsed.map_err(|e| CallError::Invalid(format!("not JSON: {e}")))
+    let json = parsed.map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?;
+    crate::bucket::check_json_depth(&json)
+        .map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?;
+    Ok(json)
 }
 
 fn tostring_bytes(tostring: &Function, v: Value) -> mlua::Result<Vec<u8>> {

@@ -274,10 +274,13 @@ impl WasmRuntime {
         config.consume_fuel(true);
         config.epoch_interruption(true);
         let mut pool = PoolingAllocationConfig::default();
+        // Enough core instances, memories and tables for every instance
+        // slot to hold a component at the per-component caps: one component
+        // can't take the pool's share of another kind (found by a review).
         pool.total_component_instances(POOLED_INSTANCES)
-            .total_core_instances(POOLED_INSTANCES * 8)
-            .total_memories(POOLED_INSTANCES * 2)
-            .total_tables(POOLED_INSTANCES * 4)
+            .total_core_instances(POOLED_INSTANCES * MAX_CORE_INSTANCES)
+            .total_memories(POOLED_INSTANCES * MAX_MEMORIES)
+            .total_tables(POOLED_INSTANCES * MAX_TABLES)
             .max_memory_size(limits.memory_bytes)
             .max_memories_per_component(MAX_MEMORIES)
             .max_tables_per_component(MAX_TABLES)
