@@ -580,7 +580,7 @@ fn json_extent(v: &Json) -> (usize, usize) {
 
 /// How much work one JSON patch may do, in values visited or shifted (each
 /// a few nanoseconds): it runs where writes are serialized, so one patch
-/// must not hold up every other write. About a tenth of a second.
+/// must not hold up every other write for long (well under a second).
 const MAX_PATCH_WORK: usize = 64 * 1024 * 1024;
 
 /// How many values an operation at `path` shifts in place: inserting into
