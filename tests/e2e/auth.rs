@@ -1122,3 +1122,114 @@ fn credentials_are_checked_before_the_request_is() {
     .assert_problem(400);
     assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
 }
+
+/// A request as a browser sends it: with the Basic login it remembers for
+/// this server, and the `Sec-Fetch-*` / `Origin` headers that say which
+/// site started it.
+fn from_browser(
+    s: &TestServer,
+    method: &str,
+    path: &str,
+    login: &str,
+    site: &[(&str, &str)],
+    body: Option<&str>,
+) -> Resp {
+    let auth = basic_auth(login, "");
+    let mut headers = vec![("authorization", auth.as_str())];
+    headers.extend_from_slice(site);
+    s.request(method, path, &headers, body.map(str::as_bytes))
+}
+
+const CROSS_SITE_FORM: &[(&str, &str)] = &[
+    ("sec-fetch-site", "cross-site"),
+    ("sec-fetch-mode", "navigate"),
+    ("content-type", "text/plain"),
+];
+
+/// Found by a review: a browser that logged in to a bucket's script editor
+/// sends that key with requests other sites start (a form, a link), so any
+/// site could write the bucket's keys or run its scripts as its admin.
+#[test]
+fn a_remembered_basic_login_does_not_act_for_another_site() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let path = format!("/{b}/k");
+    for site in [
+        CROSS_SITE_FORM,
+        &[
+            ("sec-fetch-site", "same-site"),
+            ("sec-fetch-mode", "no-cors"),
+        ],
+        &[("sec-fetch-site", "cross-site"), ("sec-fetch-mode", "cors")],
+        // A browser without Sec-Fetch-*: its Origin, another site's or an
+        // opaque one (a sandboxed page, such as another bucket's script).
+        &[("origin", "https://evil.example")],
+        &[("origin", "null")],
+    ] {
+        let r = from_browser(&s, "POST", &path, "sk", site, Some("pwned"));
+        assert_unauthorized(&r);
+        let r = from_browser(&s, "GET", &format!("/{b}/?values=true"), "sk", site, None);
+        assert_unauthorized(&r);
+    }
+    assert_eq!(as_(&s, "GET", &path, "rk", None).text(), "v", "unchanged");
+    // A script runs as the anonymous caller it then is.
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/scripts/who"),
+        &[("authorization", "Bearer sk")],
+        Some(br#"local v, err = kvdb.get("k") kvdb.say(v or err)"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let run = |site: &[(&str, &str)]| {
+        from_browser(&s, "GET", &format!("/{b}/scripts/who"), "sk", site, None).text()
+    };
+    assert!(
+        run(CROSS_SITE_FORM).starts_with("permission denied"),
+        "{}",
+        run(CROSS_SITE_FORM)
+    );
+    // The same requests from this server's own pages, from the address bar,
+    // or from a client that is not a browser act with the key.
+    for site in [
+        &[
+            ("sec-fetch-site", "same-origin"),
+            ("sec-fetch-mode", "cors"),
+        ][..],
+        &[("sec-fetch-site", "none"), ("sec-fetch-mode", "navigate")],
+        &[("origin", s.base())],
+        &[],
+    ] {
+        let written = format!("written by {}", site.len());
+        let r = from_browser(&s, "POST", &path, "sk", site, Some(&written));
+        assert_eq!(r.status, 204, "{site:?}: {}", r.text());
+        assert_eq!(run(site), format!("{written}\n"), "{site:?}");
+    }
+    // A page elsewhere that sends the key itself, as Bearer (the kvdb.io
+    // client) or in the query, acts with it.
+    let cors = [
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-mode", "cors"),
+        ("authorization", "Bearer wk"),
+    ];
+    assert_eq!(s.request("PUT", &path, &cors, Some(b"x")).status, 204);
+    let r = s.request("PUT", &format!("{path}?key=wk"), &cors[..2], Some(b"y"));
+    assert_eq!(r.status, 204, "{}", r.text());
+    // A link from elsewhere still opens the editor with the login.
+    let r = from_browser(
+        &s,
+        "GET",
+        &format!("/{b}/scripts/who/edit"),
+        "sk",
+        &[
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-frame-options").as_deref(), Some("DENY"));
+    assert_eq!(
+        r.header("content-security-policy").as_deref(),
+        Some("frame-ancestors 'none'")
+    );
+}

@@ -69,6 +69,10 @@ fn a_page_of_values_stops_at_32_mib_and_links_the_rest() {
         assert_eq!(s.put(&format!("/{b}/{k}"), &big).status, 204);
     }
     let first = list(&s, &b, "format=json&values=true&limit=10");
+    assert_eq!(
+        first.header("x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
     let page: Vec<Value> = serde_json::from_value(first.json()).expect("array");
     let keys: Vec<&str> = page.iter().map(|e| e[0].as_str().unwrap_or("")).collect();
     assert_eq!(keys, ["a", "b"], "24 MiB, and a third would make 36");

@@ -570,6 +570,12 @@ fn listing_scripts_for_a_browser_is_an_html_page_naming_them() {
     let page = r.text();
     assert!(page.contains("first-script"), "{page}");
     assert!(page.contains("second.script"), "{page}");
+    // Never framed by another page (found by a review).
+    assert_eq!(r.header("x-frame-options").as_deref(), Some("DENY"));
+    assert_eq!(
+        r.header("content-security-policy").as_deref(),
+        Some("frame-ancestors 'none'")
+    );
 }
 
 #[test]
@@ -754,6 +760,13 @@ kvdb.status(200)"#,
         r#"kvdb.header("bad name", "v")"#,
         r#"kvdb.header("x", "line\nbreak")"#,
         r#"kvdb.header("Content-Length", "5")"#,
+        // Headers that act on the whole origin, which every bucket's
+        // scripts share (found by a review).
+        r#"kvdb.header("Set-Cookie", "a=b")"#,
+        r#"kvdb.header("NEL", '{"report_to":"g","max_age":1}')"#,
+        r#"kvdb.header("Clear-Site-Data", '"cookies"')"#,
+        r#"kvdb.header("WWW-Authenticate", 'Basic realm="kvdb"')"#,
+        r#"kvdb.header("Strict-Transport-Security", "max-age=1")"#,
     ] {
         let r = eval(&s, &b, bad);
         assert_problem_type(&r, 500, "script-error");

@@ -162,8 +162,17 @@ pub async fn get_keys(
         .await
         .map_err(|e| ApiError::Internal(format!("listing task: {e}")))??;
     let (body, content_type) = render(&listing, format);
-    let mut response =
-        (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response();
+    // nosniff: lines of keys and values that whoever may write keys can
+    // shape into JavaScript must not run as a `<script src>` of another site.
+    let mut response = (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response();
     if let Some(next) = &listing.next_start
         && let Ok(link) = HeaderValue::from_str(&next_link(&uri, &pairs, next))
     {

@@ -242,6 +242,55 @@ fn check_escapes(path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+fn is_basic(authorization: &str) -> bool {
+    authorization
+        .trim_start()
+        .get(..6)
+        .is_some_and(|s| s.eq_ignore_ascii_case("basic "))
+}
+
+/// Whether a request's `Authorization: Basic` may be the login a browser
+/// remembers for this server (the script editor asks for a bucket's key)
+/// and adds on its own to a request another site started: a form, a link,
+/// an image, a `fetch` with the browser's credentials. Such a credential is
+/// ignored (the request is anonymous), so that no other site, nor another
+/// bucket's sandboxed script page, can act with a bucket's key (cross-site
+/// request forgery). Browsers say where a request comes from in
+/// `Sec-Fetch-Site`, older ones in `Origin`. Clients that are not browsers
+/// send neither; a page elsewhere sends its key as `Bearer` (as the kvdb.io
+/// client does) or `?key=`, which a browser never adds by itself. A link
+/// from elsewhere to the editor or the scripts page still opens it with
+/// the login: showing a page can't act, and it can't be framed.
+fn ambient_login(parts: &Parts) -> bool {
+    let text = |name: header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let cross_site = match text(header::HeaderName::from_static("sec-fetch-site")) {
+        Some(site) => {
+            !site.eq_ignore_ascii_case("same-origin") && !site.eq_ignore_ascii_case("none")
+        }
+        None => text(header::ORIGIN).is_some_and(|origin| {
+            let from = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            from.is_none_or(|from| Some(from) != text(header::HOST))
+        }),
+    };
+    if !cross_site {
+        return false;
+    }
+    let navigation = text(header::HeaderName::from_static("sec-fetch-mode"))
+        .is_some_and(|m| m.eq_ignore_ascii_case("navigate"));
+    let path = parts.uri.path();
+    let page = matches!(parts.method, Method::GET | Method::HEAD)
+        && (path.ends_with("/scripts/") || (path.contains("/scripts/") && path.ends_with("/edit")));
+    !(navigation && page)
+}
+
 /// A bucket opened from the `{bucket}` path segment and bound to the scope of
 /// the credential the request presents.
 pub struct Access(pub Scoped);
@@ -280,6 +329,7 @@ impl FromRequestParts<AppState> for Access {
             })?),
             None => None,
         };
+        let authorization = authorization.filter(|a| !(is_basic(a) && ambient_login(parts)));
         let credentials = auth::presented(
             authorization,
             query_param(&pairs, "access_token"),

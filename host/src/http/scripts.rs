@@ -54,14 +54,14 @@ pub async fn get_scripts(Access(bucket): Access, headers: HeaderMap) -> Result<R
             s.updated_at
         ));
     }
-    Ok(Html(format!(
+    Ok(own_page(Html(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Scripts</title>\
          <style>body{{font-family:system-ui,sans-serif;margin:2em}}td,th{{padding:.2em 1em;text-align:left}}</style></head>\
          <body><h1>Scripts of bucket {}</h1><table><tr><th>name</th><th>kind</th><th>bytes</th><th>updated (Unix s)</th></tr>\n{rows}</table>\
          <p>New script: open <code>scripts/NAME/edit</code>.</p></body></html>",
         escape(&bucket.bucket().id().to_string())
     ))
-    .into_response())
+    .into_response()))
 }
 
 /// `PUT /:bucket/scripts/:script`: upload (or replace) a script.
@@ -158,11 +158,26 @@ pub async fn get_editor(
         .replace("{{INTRO}}", &intro)
         .replace("{{LOCKED}}", locked)
         .replace("{{SOURCE}}", &source);
-    let mut response = Html(page).into_response();
+    Ok(own_page(Html(page).into_response()))
+}
+
+/// The server's own HTML pages (the editor, the scripts page), which the
+/// browser may show with a bucket's key as its login: never framed by
+/// another page (a framed Save or Run could be clicked unseen), never
+/// cached, never sniffed.
+fn own_page(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(response)
 }
 
 fn script_load_error(e: BucketError) -> crate::script::ScriptError {
@@ -282,6 +297,10 @@ pub async fn run_script(
     out.headers_mut().append(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(SCRIPT_SANDBOX),
+    );
+    out.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
     );
     Ok(out)
 }

@@ -43,6 +43,26 @@ pub fn check_status(code: u16) -> Result<(), String> {
 /// Response headers a script may not set: the server frames the response.
 const RESERVED_HEADERS: &[&str] = &["content-length", "transfer-encoding", "connection"];
 
+/// Response headers that act on the whole origin (or beyond) rather than on
+/// the page: every bucket's scripts share this origin, so a script may not
+/// set cookies for the others, clear their site data, have the browser
+/// report later requests (with their `?key=`) elsewhere, pin HTTPS or an
+/// alternative service for the host, or ask for a login.
+const ORIGIN_WIDE_HEADERS: &[&str] = &[
+    "set-cookie",
+    "set-cookie2",
+    "clear-site-data",
+    "nel",
+    "report-to",
+    "reporting-endpoints",
+    "strict-transport-security",
+    "alt-svc",
+    "accept-ch",
+    "critical-ch",
+    "www-authenticate",
+    "access-control-allow-credentials",
+];
+
 /// The most headers a script's response may carry, and their total size
 /// (names and values): beyond, the run ends with the response limit.
 pub const MAX_RESPONSE_HEADERS: usize = 100;
@@ -67,6 +87,11 @@ pub fn check_header(name: &str, value: &str) -> Result<String, String> {
     }
     if RESERVED_HEADERS.contains(&lower.as_str()) {
         return Err(format!("the header {shown:?} is set by the server"));
+    }
+    if ORIGIN_WIDE_HEADERS.contains(&lower.as_str()) {
+        return Err(format!(
+            "the header {shown:?} is not allowed: it would act on every bucket's scripts, which share this origin"
+        ));
     }
     Ok(lower)
 }
