@@ -39,14 +39,7 @@ fn value_response(value: &Value, etag: &str, content_type: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(content_type) {
         headers.insert(header::CONTENT_TYPE, v);
     }
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("sandbox"),
-    );
+    super::confine(headers, "sandbox");
     with_etag(response, etag)
 }
 
