@@ -767,6 +767,9 @@ kvdb.status(200)"#,
         r#"kvdb.header("Clear-Site-Data", '"cookies"')"#,
         r#"kvdb.header("WWW-Authenticate", 'Basic realm="kvdb"')"#,
         r#"kvdb.header("Strict-Transport-Security", "max-age=1")"#,
+        r#"kvdb.header("X-Accel-Redirect", "/internal/secret")"#,
+        r#"kvdb.header("X-Sendfile", "/etc/passwd")"#,
+        r#"kvdb.header("Upgrade", "websocket")"#,
     ] {
         let r = eval(&s, &b, bad);
         assert_problem_type(&r, 500, "script-error");

@@ -91,8 +91,19 @@ impl App {
     }
 
     /// Answers `request`.
-    pub async fn answer(self, request: axum::extract::Request) -> axum::response::Response {
+    pub async fn answer(self, mut request: axum::extract::Request) -> axum::response::Response {
         use tower::{Layer, ServiceExt};
+        // Only a Basic login can be a remembered one (see `ambient_login`).
+        let login_ignored = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(is_basic)
+            .then(|| {
+                let flag = LoginIgnored::default();
+                request.extensions_mut().insert(flag.clone());
+                flag
+            });
         let from_a_browser = request.headers().contains_key(header::ORIGIN)
             && !request.uri().path().starts_with("/_admin/");
         let answered = if from_a_browser {
@@ -105,10 +116,16 @@ impl App {
                 response
             })
         };
-        match answered {
+        let mut response = match answered {
             Ok(response) => response,
             Err(never) => match never {},
+        };
+        if login_ignored.is_some_and(|flag| flag.0.load(std::sync::atomic::Ordering::Relaxed))
+            && response.status() == axum::http::StatusCode::UNAUTHORIZED
+        {
+            response.headers_mut().remove(header::WWW_AUTHENTICATE);
         }
+        response
     }
 }
 
@@ -262,6 +279,16 @@ fn is_basic(authorization: &str) -> bool {
         .is_some_and(|s| s.eq_ignore_ascii_case("basic "))
 }
 
+/// The host (and port, unless it is the scheme's default) of an `Origin`
+/// or a `Host`, lower-cased, for comparing the two.
+fn site_of(authority: &str, default_port: &str) -> String {
+    let lower = authority.trim().to_ascii_lowercase();
+    match lower.strip_suffix(default_port) {
+        Some(host) if !host.ends_with(':') => host.to_owned(),
+        _ => lower,
+    }
+}
+
 /// Whether a request's `Authorization: Basic` may be the login a browser
 /// remembers for this server (the script editor asks for a bucket's key)
 /// and adds on its own to a request another site started: a form, a link,
@@ -269,40 +296,61 @@ fn is_basic(authorization: &str) -> bool {
 /// ignored (the request is anonymous), so that no other site, nor another
 /// bucket's sandboxed script page, can act with a bucket's key (cross-site
 /// request forgery). Browsers say where a request comes from in
-/// `Sec-Fetch-Site`, older ones in `Origin`. Clients that are not browsers
-/// send neither; a page elsewhere sends its key as `Bearer` (as the kvdb.io
+/// `Sec-Fetch-Site` (to HTTPS and localhost), and in `Origin` on the
+/// requests that change something. Clients that are not browsers send
+/// neither; a page elsewhere sends its key as `Bearer` (as the kvdb.io
 /// client does) or `?key=`, which a browser never adds by itself. A link
-/// from elsewhere to the editor or the scripts page still opens it with
-/// the login: showing a page can't act, and it can't be framed.
+/// from elsewhere to the editor or the scripts page still opens it (a
+/// top-level navigation to exactly those routes): showing a page can't
+/// act, and it can't be framed.
 fn ambient_login(parts: &Parts) -> bool {
-    let text = |name: header::HeaderName| {
+    let text = |name: &str| {
         parts
             .headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let cross_site = match text(header::HeaderName::from_static("sec-fetch-site")) {
+    let cross_site = match text("sec-fetch-site") {
         Some(site) => {
             !site.eq_ignore_ascii_case("same-origin") && !site.eq_ignore_ascii_case("none")
         }
-        None => text(header::ORIGIN).is_some_and(|origin| {
-            let from = origin
-                .strip_prefix("https://")
-                .or_else(|| origin.strip_prefix("http://"));
-            from.is_none_or(|from| Some(from) != text(header::HOST))
+        None => text("origin").is_some_and(|origin| {
+            let origin = origin.to_ascii_lowercase();
+            let from = if let Some(rest) = origin.strip_prefix("https://") {
+                Some(site_of(rest, ":443"))
+            } else {
+                origin
+                    .strip_prefix("http://")
+                    .map(|rest| site_of(rest, ":80"))
+            };
+            let host = text("host").map(|h| (site_of(h, ":80"), site_of(h, ":443")));
+            !matches!((from, host), (Some(from), Some((h80, h443))) if from == h80 || from == h443)
         }),
     };
     if !cross_site {
         return false;
     }
-    let navigation = text(header::HeaderName::from_static("sec-fetch-mode"))
-        .is_some_and(|m| m.eq_ignore_ascii_case("navigate"));
-    let path = parts.uri.path();
+    let is = |name: &str, value: &str| text(name).is_some_and(|v| v.eq_ignore_ascii_case(value));
     let page = matches!(parts.method, Method::GET | Method::HEAD)
-        && (path.ends_with("/scripts/") || (path.contains("/scripts/") && path.ends_with("/edit")));
-    !(navigation && page)
+        && parts
+            .extensions
+            .get::<axum::extract::MatchedPath>()
+            .is_some_and(|route| {
+                matches!(
+                    route.as_str(),
+                    "/{bucket}/scripts/{script}/edit" | "/{bucket}/scripts/"
+                )
+            });
+    !(page && is("sec-fetch-mode", "navigate") && is("sec-fetch-dest", "document"))
 }
+
+/// Set by [`Access`] when it ignored a remembered login ([`ambient_login`]):
+/// a 401 then carries no Basic challenge, which would have the browser
+/// drop its login and ask again, in vain, since the next try comes from
+/// the same other site.
+#[derive(Clone, Default)]
+struct LoginIgnored(Arc<std::sync::atomic::AtomicBool>);
 
 /// A bucket opened from the `{bucket}` path segment and bound to the scope of
 /// the credential the request presents.
@@ -342,7 +390,13 @@ impl FromRequestParts<AppState> for Access {
             })?),
             None => None,
         };
-        let authorization = authorization.filter(|a| !(is_basic(a) && ambient_login(parts)));
+        let authorization = authorization.filter(|a| {
+            let ignored = is_basic(a) && ambient_login(parts);
+            if ignored && let Some(flag) = parts.extensions.get::<LoginIgnored>() {
+                flag.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            !ignored
+        });
         let credentials = auth::presented(
             authorization,
             query_param(&pairs, "access_token"),
@@ -610,5 +664,46 @@ mod tests {
             StatusCode::FORBIDDEN,
             "backups are off without --admin-token"
         );
+    }
+
+    #[test]
+    fn an_origin_and_a_host_compare_without_case_or_default_ports() {
+        assert_eq!(site_of("Kvdb.Example:443", ":443"), "kvdb.example");
+        assert_eq!(site_of("kvdb.example:80", ":80"), "kvdb.example");
+        assert_eq!(site_of("kvdb.example:8443", ":443"), "kvdb.example:8443");
+        assert_eq!(site_of("[::1]:80", ":80"), "[::1]");
+        let parts = |headers: &[(&str, &str)]| {
+            let mut request = axum::http::Request::post("/b/k");
+            for (k, v) in headers {
+                request = request.header(*k, *v);
+            }
+            request.body(()).expect("request").into_parts().0
+        };
+        for same in [
+            [
+                ("origin", "https://kvdb.example"),
+                ("host", "KVDB.example:443"),
+            ],
+            [
+                ("origin", "http://kvdb.example:80"),
+                ("host", "kvdb.example"),
+            ],
+            [
+                ("origin", "http://127.0.0.1:8080"),
+                ("host", "127.0.0.1:8080"),
+            ],
+        ] {
+            assert!(!ambient_login(&parts(&same)), "{same:?}");
+        }
+        for other in [
+            [("origin", "https://evil.example"), ("host", "kvdb.example")],
+            [("origin", "null"), ("host", "kvdb.example")],
+            [
+                ("origin", "http://kvdb.example:8080"),
+                ("host", "kvdb.example"),
+            ],
+        ] {
+            assert!(ambient_login(&parts(&other)), "{other:?}");
+        }
     }
 }

@@ -40,14 +40,27 @@ pub fn check_status(code: u16) -> Result<(), String> {
     }
 }
 
-/// Response headers a script may not set: the server frames the response.
-const RESERVED_HEADERS: &[&str] = &["content-length", "transfer-encoding", "connection"];
+/// Response headers a script may not set: the server frames the response
+/// (and the hop-by-hop ones are the connection's, not the response's).
+const RESERVED_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "trailer",
+    "te",
+    "proxy-connection",
+];
 
 /// Response headers that act on the whole origin (or beyond) rather than on
 /// the page: every bucket's scripts share this origin, so a script may not
 /// set cookies for the others, clear their site data, have the browser
 /// report later requests (with their `?key=`) elsewhere, pin HTTPS or an
-/// alternative service for the host, or ask for a login.
+/// alternative service for the host, widen a service worker's scope, or ask
+/// for a login; nor may it give orders to a reverse proxy in front of the
+/// server (nginx's `X-Accel-*`, which [`check_header`] refuses by prefix,
+/// and the `X-Sendfile` family: serving files or internal locations).
 const ORIGIN_WIDE_HEADERS: &[&str] = &[
     "set-cookie",
     "set-cookie2",
@@ -56,11 +69,27 @@ const ORIGIN_WIDE_HEADERS: &[&str] = &[
     "report-to",
     "reporting-endpoints",
     "strict-transport-security",
+    "expect-ct",
+    "public-key-pins",
+    "public-key-pins-report-only",
     "alt-svc",
     "accept-ch",
+    "accept-ch-lifetime",
     "critical-ch",
+    "origin-agent-cluster",
+    "service-worker-allowed",
+    "set-login",
+    "sec-session-registration",
+    "attribution-reporting-register-source",
+    "attribution-reporting-register-trigger",
+    "shared-storage-write",
+    "observe-browsing-topics",
     "www-authenticate",
+    "proxy-authenticate",
     "access-control-allow-credentials",
+    "x-sendfile",
+    "x-sendfile2",
+    "x-lighttpd-send-file",
 ];
 
 /// The most headers a script's response may carry, and their total size
@@ -88,7 +117,7 @@ pub fn check_header(name: &str, value: &str) -> Result<String, String> {
     if RESERVED_HEADERS.contains(&lower.as_str()) {
         return Err(format!("the header {shown:?} is set by the server"));
     }
-    if ORIGIN_WIDE_HEADERS.contains(&lower.as_str()) {
+    if ORIGIN_WIDE_HEADERS.contains(&lower.as_str()) || lower.starts_with("x-accel-") {
         return Err(format!(
             "the header {shown:?} is not allowed: it would act on every bucket's scripts, which share this origin"
         ));
