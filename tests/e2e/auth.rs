@@ -1140,6 +1140,17 @@ fn from_browser(
     s.request(method, path, &headers, body.map(str::as_bytes))
 }
 
+/// Uploads script `name`, which answers the value of `k` or why it can't.
+fn install_reader(s: &TestServer, b: &str, name: &str) {
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/scripts/{name}"),
+        &[("authorization", "Bearer sk")],
+        Some(br#"local v, err = kvdb.get("k") kvdb.say(v or err)"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 const CROSS_SITE_FORM: &[(&str, &str)] = &[
     ("sec-fetch-site", "cross-site"),
     ("sec-fetch-mode", "navigate"),
@@ -1177,13 +1188,7 @@ fn a_remembered_basic_login_does_not_act_for_another_site() {
     }
     assert_eq!(as_(&s, "GET", &path, "rk", None).text(), "v", "unchanged");
     // A script runs as the anonymous caller it then is.
-    let r = s.request(
-        "PUT",
-        &format!("/{b}/scripts/who"),
-        &[("authorization", "Bearer sk")],
-        Some(br#"local v, err = kvdb.get("k") kvdb.say(v or err)"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    install_reader(&s, &b, "who");
     let run = |site: &[(&str, &str)]| {
         from_browser(&s, "GET", &format!("/{b}/scripts/who"), "sk", site, None).text()
     };
@@ -1231,13 +1236,7 @@ fn a_remembered_basic_login_does_not_act_for_another_site() {
         ("sec-fetch-mode", "navigate"),
         ("sec-fetch-dest", "document"),
     ];
-    let r = s.request(
-        "PUT",
-        &format!("/{b}/scripts/edit"),
-        &[("authorization", "Bearer sk")],
-        Some(br#"local v, err = kvdb.get("k") kvdb.say(v or err)"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    install_reader(&s, &b, "edit");
     let r = from_browser(&s, "GET", &format!("/{b}/scripts/edit"), "sk", &link, None);
     assert!(r.text().starts_with("permission denied"), "{}", r.text());
     let framed = [link[0], link[1], ("sec-fetch-dest", "iframe")];
