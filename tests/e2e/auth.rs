@@ -1181,8 +1181,9 @@ fn a_remembered_basic_login_does_not_act_for_another_site() {
         // its login and ask again, in vain, as the next try comes from the
         // same other site.
         let r = from_browser(&s, "POST", &path, "sk", site, Some("pwned"));
-        r.assert_problem(401);
+        let detail = r.assert_problem(401);
         assert_eq!(r.header("www-authenticate"), None, "{site:?}");
+        assert!(detail.contains("came from another site"), "{detail}");
         let r = from_browser(&s, "GET", &format!("/{b}/?values=true"), "sk", site, None);
         r.assert_problem(401);
     }

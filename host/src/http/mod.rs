@@ -116,14 +116,14 @@ impl App {
                 response
             })
         };
-        let mut response = match answered {
+        let response = match answered {
             Ok(response) => response,
             Err(never) => match never {},
         };
         if login_ignored.is_some_and(|flag| flag.0.load(std::sync::atomic::Ordering::Relaxed))
             && response.status() == axum::http::StatusCode::UNAUTHORIZED
         {
-            response.headers_mut().remove(header::WWW_AUTHENTICATE);
+            return login_ignored_answer(response);
         }
         response
     }
@@ -343,6 +343,24 @@ fn ambient_login(parts: &Parts) -> bool {
                 )
             });
     !(page && is("sec-fetch-mode", "navigate") && is("sec-fetch-dest", "document"))
+}
+
+/// The 401 of a request whose Basic login [`Access`] ignored: no Basic
+/// challenge (see [`LoginIgnored`]), and a detail that says why and what
+/// to do instead. The response's other headers (CORS, `Vary`) stay.
+fn login_ignored_answer(response: axum::response::Response) -> axum::response::Response {
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::WWW_AUTHENTICATE);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = serde_json::json!({
+        "type": "urn:kvdb:problem:unauthorized",
+        "title": "Unauthorized",
+        "status": 401,
+        "detail": "this request came from another site, so the Basic login your browser \
+                   keeps for this server was not used (any site could act with it): open the \
+                   page on this server, or send the key as Authorization: Bearer or ?key=",
+    });
+    axum::response::Response::from_parts(parts, Body::from(body.to_string()))
 }
 
 /// Set by [`Access`] when it ignored a remembered login ([`ambient_login`]):
