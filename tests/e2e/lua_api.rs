@@ -326,7 +326,9 @@ kvdb.say(out, " ", kvdb.get("g"), " ", kvdb.get("sorted"), " ", table.concat(t, 
 fn a_long_run_finishes_with_the_right_answer_every_time() {
     // Long enough to leave the worker that took the request (the first run)
     // and to start on a blocking thread (later runs, the script now known).
-    let s = TestServer::start();
+    // A generous time limit: the loop takes a few hundred ms in a debug
+    // build, over the default 1 s on a loaded CI machine.
+    let s = TestServer::start_with(&["--script-time-ms", "20000"]);
     let b = script_bucket(&s, "");
     install(
         &s,
