@@ -625,19 +625,15 @@ fn apply_json_patch(
         // The document's depth and size after the operation, bounded from
         // above without applying it, and the work it takes.
         match op {
-            P::Add(op) => {
-                let (d, b) = json_extent(&op.value);
-                let old = existing(&doc, &op.path, true);
-                depth = depth.max(op.path.count() + d);
+            P::Add(json_patch::AddOperation { path, value })
+            | P::Replace(json_patch::ReplaceOperation { path, value }) => {
+                let inserts = matches!(op, P::Add(_));
+                let (d, b) = json_extent(value);
+                let old = existing(&doc, path, inserts);
+                depth = depth.max(path.count() + d);
                 bytes = (bytes - old.min(bytes)).saturating_add(b);
-                work = work.saturating_add(b + old + shifted(&doc, &op.path));
-            }
-            P::Replace(op) => {
-                let (d, b) = json_extent(&op.value);
-                let old = existing(&doc, &op.path, false);
-                depth = depth.max(op.path.count() + d);
-                bytes = (bytes - old.min(bytes)).saturating_add(b);
-                work = work.saturating_add(b + old);
+                let moved = if inserts { shifted(&doc, path) } else { 0 };
+                work = work.saturating_add(b + old + moved);
             }
             P::Copy(op) => {
                 if let Some(from) = doc.pointer(op.from.as_str()) {

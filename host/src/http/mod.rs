@@ -352,15 +352,15 @@ fn login_ignored_answer(response: axum::response::Response) -> axum::response::R
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::WWW_AUTHENTICATE);
     parts.headers.remove(header::CONTENT_LENGTH);
-    let body = serde_json::json!({
-        "type": "urn:kvdb:problem:unauthorized",
-        "title": "Unauthorized",
-        "status": 401,
-        "detail": "this request came from another site, so the Basic login your browser \
-                   keeps for this server was not used (any site could act with it): open the \
-                   page on this server, or send the key as Authorization: Bearer or ?key=",
-    });
-    axum::response::Response::from_parts(parts, Body::from(body.to_string()))
+    let (_, body) = error::problem(
+        axum::http::StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this request came from another site, so the Basic login your browser keeps for this \
+         server was not used (any site could act with it): open the page on this server, or \
+         send the key as Authorization: Bearer or ?key=",
+    )
+    .into_parts();
+    axum::response::Response::from_parts(parts, body)
 }
 
 /// Set by [`Access`] when it ignored a remembered login ([`ambient_login`]):
