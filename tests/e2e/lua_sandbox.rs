@@ -209,6 +209,41 @@ function defined() end"#;
     assert_body(&eval(&s, &b, "kvdb.say(tostring(defined))"), "nil\n");
 }
 
+/// The generator behind `math.random` belongs to a pooled state that runs
+/// every bucket's scripts: a run that seeds it (or reads ahead) must not fix
+/// the numbers of the next run, in this bucket or another.
+#[test]
+fn math_randomseed_in_one_run_does_not_fix_the_numbers_of_the_next() {
+    let s = TestServer::start();
+    let a = script_bucket(&s, "");
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &a,
+        "seed",
+        r#"math.randomseed(42) kvdb.say(math.random(1, 1000000000))"#,
+    );
+    install(
+        &s,
+        &b,
+        "rng",
+        r#"kvdb.say(math.random(1, 1000000000), " ", math.random(1, 1000000000))"#,
+    );
+    let mut seeded = Vec::new();
+    let mut others = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let r = run(&s, &a, "seed");
+        assert_eq!(r.status, 200, "{}", r.text());
+        seeded.push(r.text());
+        let r = run(&s, &b, "rng");
+        assert_eq!(r.status, 200, "{}", r.text());
+        others.insert(r.text());
+    }
+    // Seeding still makes a run's own numbers repeatable.
+    assert!(seeded.iter().all(|t| *t == seeded[0]), "{seeded:?}");
+    assert_eq!(others.len(), 4, "the next run's numbers repeat: {others:?}");
+}
+
 #[test]
 fn library_tables_are_read_only_and_the_next_run_sees_them_intact() {
     let s = TestServer::start();

@@ -212,11 +212,17 @@ pub(super) struct Base {
     scope_mt: Table,
     /// [`BUILD_ENV`], loaded.
     build_env: Function,
+    /// The state's own `math.randomseed`: the generator behind
+    /// `math.random` belongs to the state, which runs the scripts of every
+    /// bucket in turn, so each run starts it afresh (else one run could
+    /// seed, or read ahead, the numbers of the next: found by a review).
+    randomseed: Function,
 }
 
 impl Base {
     pub(super) fn new(lua: &Lua) -> mlua::Result<Self> {
         let globals = lua.globals();
+        let randomseed = globals.raw_get::<Table>("math")?.raw_get("randomseed")?;
         let base = lua.create_table()?;
         for name in BASIC {
             base.raw_set(*name, globals.raw_get::<Value>(*name)?)?;
@@ -263,11 +269,15 @@ impl Base {
             kvdb_mt,
             scope_mt,
             build_env,
+            randomseed,
         })
     }
 
-    /// A fresh global table for one run, with its own `kvdb` table.
+    /// A fresh global table for one run, with its own `kvdb` table, and
+    /// `math.random` seeded afresh from the operating system's generator.
     pub(super) fn environment(&self) -> mlua::Result<Table> {
+        self.randomseed
+            .call::<()>((rand::random::<i64>(), rand::random::<i64>()))?;
         self.build_env
             .call((&self.env_mt, &self.kvdb_mt, &self.scope_mt))
     }
