@@ -125,3 +125,97 @@ fn a_client_that_half_closes_after_its_write_gets_the_answer() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     assert_eq!(s.get(&format!("/{b}/n")).text(), "1");
 }
+
+/// Reads one response (its head, and a body of `Content-Length` bytes):
+/// the status line and the head's lines, lower-cased.
+fn read_response(stream: &mut TcpStream) -> (String, Vec<String>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!(
+                "the connection ended inside an answer ({other:?}): {}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let mut lines = head.lines().map(str::to_owned);
+    let status = lines.next().unwrap_or_default();
+    let headers: Vec<String> = lines.filter(|l| !l.is_empty()).collect();
+    let length = headers
+        .iter()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).expect("the answer's body");
+    (status, headers)
+}
+
+/// A write refused before its body is read (no credential, no such bucket,
+/// too large) must leave the connection usable: hyper would otherwise close
+/// it without a word, and a client whose next request (a PATCH) then fails
+/// can't tell whether it was applied. The next request on the same
+/// connection is answered.
+#[test]
+fn a_write_refused_before_its_body_is_read_keeps_the_connection() {
+    let s = TestServer::start_with(&["--max-value-bytes", "100000"]);
+    let locked = s.create_bucket("secret_key=sk&write_key=wk&read_key=rk");
+    let open = s.create_bucket("");
+    let missing = "AAAAAAAAAAAAAAAAAAAAAA";
+    let body = vec![b'a'; 200_000];
+    let mut c = connect(&s);
+    let chunked = |path: &str| {
+        let mut request =
+            format!("PATCH {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .into_bytes();
+        for chunk in body.chunks(50_000) {
+            request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            request.extend_from_slice(chunk);
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"0\r\n\r\n");
+        request
+    };
+    let with_length = |method: &str, path: &str| {
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        request
+    };
+    for (request, expected) in [
+        (with_length("PUT", &format!("/{locked}/k")), "401"),
+        (chunked(&format!("/{missing}/k")), "404"),
+        (with_length("PUT", &format!("/{open}/big")), "413"),
+        (chunked(&format!("/{open}/big")), "413"),
+        (with_length("POST", &format!("/{locked}/tokens/")), "401"),
+    ] {
+        c.write_all(&request).expect("write");
+        let (status, headers) = read_response(&mut c);
+        assert!(
+            status.starts_with(&format!("http/1.1 {expected}")),
+            "expected {expected}: {status}"
+        );
+        assert!(
+            !headers.iter().any(|h| h == "connection: close"),
+            "{status}: {headers:?}"
+        );
+    }
+    c.write_all(
+        format!("PUT /{open}/k HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok").as_bytes(),
+    )
+    .expect("write");
+    let (status, _) = read_response(&mut c);
+    assert!(status.starts_with("http/1.1 204"), "{status}");
+    assert_eq!(s.get(&format!("/{open}/k")).text(), "ok");
+    assert_eq!(
+        s.get(&format!("/{open}/big")).status,
+        404,
+        "nothing was written"
+    );
+}

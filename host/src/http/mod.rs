@@ -176,9 +176,14 @@ async fn not_found(uri: Uri) -> ApiError {
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    let path = uri.path();
+    if path.ends_with("/tokens/") {
+        return ApiError::MethodNotAllowed(format!(
+            "{method} is not supported on {path}: tokens are issued with POST and the bucket's secret key, and are not kept (they can't be listed or deleted; a new signing_key revokes them all)"
+        ));
+    }
     ApiError::MethodNotAllowed(format!(
-        "{method} is not supported on {}: the Allow header lists the methods that are",
-        uri.path()
+        "{method} is not supported on {path}: the Allow header lists the methods that are"
     ))
 }
 
@@ -425,14 +430,9 @@ impl FromRequestParts<AppState> for Access {
     }
 }
 
-/// How much of a refused (too large) body is still read and thrown away, so
-/// that the client reads the 413 instead of a reset connection. Beyond it the
-/// connection is closed.
-const DRAIN_MAX: u64 = 64 * 1024 * 1024;
-
-/// Reads a request body up to `limit` bytes; beyond it, 413. A body over the
-/// limit is drained (up to [`DRAIN_MAX`]) first, so the answer reaches the
-/// client; a client that asked `Expect: 100-continue` is answered at once.
+/// Reads a request body up to `limit` bytes; beyond it, 413 (what is left
+/// of the body is read and thrown away after the answer, so that the client
+/// reads the 413 instead of a reset connection: see `serve`).
 pub(crate) async fn read_body(
     headers: &HeaderMap,
     mut body: Body,
@@ -444,10 +444,6 @@ pub(crate) async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        let expects = headers.contains_key(header::EXPECT);
-        if !expects && declared.is_some_and(|n| n <= DRAIN_MAX) {
-            drain(body).await;
-        }
         return Err(too_large);
     }
     let mut buf = bytes::BytesMut::new();
@@ -455,7 +451,6 @@ pub(crate) async fn read_body(
         let frame = frame.map_err(body_error)?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
-                drain(body).await;
                 return Err(too_large);
             }
             buf.extend_from_slice(&data);
@@ -469,18 +464,6 @@ fn body_error(e: axum::Error) -> ApiError {
     match e.into_inner().downcast::<serve::BodyStalled>() {
         Ok(stalled) => ApiError::BodyStalled(*stalled),
         Err(e) => ApiError::bad_request(format!("the request body could not be read: {e}")),
-    }
-}
-
-async fn drain(mut body: Body) {
-    let mut seen: u64 = 0;
-    while let Some(Ok(frame)) = body.frame().await {
-        if let Ok(data) = frame.into_data() {
-            seen += data.len() as u64;
-            if seen > DRAIN_MAX {
-                return;
-            }
-        }
     }
 }
 
@@ -517,14 +500,55 @@ pub(crate) fn body_fields(
             .is_some_and(|e| e.trim().eq_ignore_ascii_case("application/json"))
     });
     if is_json {
-        return serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(format!("the body must be a JSON object of fields: {e}"))
-        });
+        return serde_json::from_slice::<UniqueFields>(body)
+            .map(|fields| fields.0)
+            .map_err(|e| {
+                ApiError::bad_request(format!("the body must be a JSON object of fields: {e}"))
+            });
     }
-    Ok(form_pairs(body)?
-        .into_iter()
-        .map(|(k, v)| (k, serde_json::Value::String(v)))
-        .collect())
+    let mut fields = BTreeMap::new();
+    for (name, value) in form_pairs(body)? {
+        if fields.contains_key(&name) {
+            return Err(ApiError::bad_request(repeated_field(&name)));
+        }
+        fields.insert(name, serde_json::Value::String(value));
+    }
+    Ok(fields)
+}
+
+/// A field given twice is refused rather than the last one taken: a typo
+/// would silently set a key other than the one meant (found by a review).
+fn repeated_field(name: &str) -> String {
+    format!("the field {name:?} is given twice: give each field once")
+}
+
+/// A JSON object whose fields are each given once (serde_json keeps the last).
+struct UniqueFields(BTreeMap<String, serde_json::Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueFields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = UniqueFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueFields, A::Error> {
+                let mut fields = BTreeMap::new();
+                while let Some((name, value)) = map.next_entry::<String, serde_json::Value>()? {
+                    if fields.contains_key(&name) {
+                        return Err(serde::de::Error::custom(repeated_field(&name)));
+                    }
+                    fields.insert(name, value);
+                }
+                Ok(UniqueFields(fields))
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
 }
 
 /// The write precondition from `If-Match` / `If-None-Match`.
@@ -586,9 +610,9 @@ pub(crate) fn etag_list(
 pub(crate) fn ttl_param(pairs: &[(String, String)]) -> Result<Option<u64>, ApiError> {
     query_param(pairs, "ttl")
         .map(|t| {
-            t.trim().parse::<u64>().map_err(|_| {
+            crate::bucket::whole_number(t).ok_or_else(|| {
                 ApiError::bad_request(format!(
-                    "ttl must be a non-negative integer number of seconds, not {t:?}"
+                    "ttl must be a whole number of seconds (digits only; 0: no expiry), not {t:?}"
                 ))
             })
         })

@@ -1,25 +1,29 @@
 //! Accepting connections and serving HTTP/1 on them with hyper: a client that
 //! stalls (headers or body not finished, or an idle connection) is cut off
 //! after the read timeout, a client that half-closes its side after sending a
-//! request still gets the answer, handlers learn the client's address, and
+//! request still gets the answer, handlers learn the client's address, a
+//! request body that a route refused without reading it (401, 403, 404…) is
+//! read to its end after the answer so the connection stays usable, and
 //! shutdown lets requests in flight finish. The timeouts cost no timer per
 //! request: one watchdog timer per connection, and one per body read that
 //! has to wait. A connection task's wakes of itself during its own poll are
 //! answered by polling again at once ([`SelfWakes`]), not by the scheduler.
 //!
-//! It does not route, authorize or read bodies: that is the router's, the
-//! `Access` extractor's and the handlers'.
+//! It does not route, authorize or read bodies for their content: that is
+//! the router's, the `Access` extractor's and the handlers'.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
+use axum::http::HeaderValue;
+use axum::http::header::{CONNECTION, EXPECT};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -27,6 +31,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
+
+/// How much of a request body that a route left unread is still read and
+/// thrown away after the answer ([`Unread`]); beyond it the connection is
+/// closed.
+const DRAIN_MAX: u64 = 64 * 1024 * 1024;
 
 /// A request body that sent nothing for the read timeout: the error its
 /// reader gets (answered 408).
@@ -37,18 +46,79 @@ pub struct BodyStalled(pub Duration);
 /// A request body whose reader gets [`BodyStalled`] once the client has sent
 /// nothing for `timeout`. The timer starts only when a read has to wait: a
 /// body that is never read (a `GET`) or arrives at once costs no timer.
+///
+/// Dropped before its end, it leaves itself in `unread` (when given): see
+/// [`Unread`].
 struct IdleTimeoutBody {
-    inner: Incoming,
+    /// `None` once handed to `unread`.
+    inner: Option<Incoming>,
     timeout: Duration,
     idle: Option<Pin<Box<Sleep>>>,
+    unread: Option<Unread>,
 }
 
 impl IdleTimeoutBody {
-    fn new(inner: Incoming, timeout: Duration) -> Self {
+    fn new(inner: Incoming, timeout: Duration, unread: Option<Unread>) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
             timeout,
             idle: None,
+            unread,
+        }
+    }
+}
+
+impl Drop for IdleTimeoutBody {
+    fn drop(&mut self) {
+        if let Some(unread) = self.unread.take()
+            && let Some(inner) = self.inner.take()
+            && !inner.is_end_stream()
+        {
+            let rest = IdleTimeoutBody::new(inner, self.timeout, None);
+            *unread.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(rest);
+        }
+    }
+}
+
+/// What a route left unread of a request body. Hyper can't reuse a
+/// connection whose request body was not read, and closes it after the
+/// answer without saying so (no `Connection: close`): a client's next
+/// request on it then fails, and after a `PATCH` it can't tell whether its
+/// write was applied (found by a review). So the rest is read and thrown
+/// away after the answer is made, up to [`DRAIN_MAX`] bytes and
+/// within the read timeout; beyond them the answer says `Connection:
+/// close`. Not for a request that expects `100-continue`: its client sends
+/// no body unless asked.
+///
+/// A body refused for its size (413) is read the same way.
+#[derive(Clone, Default)]
+struct Unread(Arc<Mutex<Option<IdleTimeoutBody>>>);
+
+impl Unread {
+    /// Reads what is left; whether the body ended within the bounds.
+    async fn drain(self) -> bool {
+        use http_body_util::BodyExt;
+        let rest = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(mut body) = rest else {
+            return true;
+        };
+        if body.size_hint().lower() > DRAIN_MAX {
+            return false;
+        }
+        let mut seen: u64 = 0;
+        loop {
+            match body.frame().await {
+                None => return true,
+                Some(Err(_)) => return false,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        seen += data.len() as u64;
+                        if seen > DRAIN_MAX {
+                            return false;
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -62,7 +132,10 @@ impl HttpBody for IdleTimeoutBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 // Data came: the next wait starts its own timer.
                 this.idle = None;
@@ -80,11 +153,13 @@ impl HttpBody for IdleTimeoutBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 
@@ -119,7 +194,12 @@ pub async fn serve(
         let app = app.clone();
         let counted = progress.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            let mut request = request.map(|b| Body::new(IdleTimeoutBody::new(b, read_timeout)));
+            // A request without a body (a GET) needs no watch on it.
+            let unread = (!request.body().is_end_stream()
+                && !request.headers().contains_key(EXPECT))
+            .then(Unread::default);
+            let mut request =
+                request.map(|b| Body::new(IdleTimeoutBody::new(b, read_timeout, unread.clone())));
             request
                 .extensions_mut()
                 .insert(ConnectInfo::<SocketAddr>(remote));
@@ -127,7 +207,15 @@ pub async fn serve(
             let answer = app.clone().answer(request);
             async move {
                 let _in_flight = in_flight;
-                Ok::<_, std::convert::Infallible>(answer.await)
+                let mut response = answer.await;
+                if let Some(unread) = unread
+                    && !unread.drain().await
+                {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, std::convert::Infallible>(response)
             }
         });
         let io = Watched {
