@@ -40,6 +40,8 @@ async function main() {
   assert.equal(await admin.incr('visits', 1), '1');
   assert.equal(await admin.incr('visits', '41'), '42');
   assert.equal(await admin.incr('visits', -2), '40');
+  // incr by 0 reads the counter (the client sends a bare `0`)
+  assert.equal(await admin.incr('visits', 0), '40');
   assert.equal(await admin.incr('ratio', 1.01), '1.01');
   assert.equal(await admin.incr('ratio', -2), '-0.99');
   await refused(admin.incr('greeting', 1), 409);

@@ -73,6 +73,26 @@ fn add_and_subtract_integers_answer_the_new_value_as_text_plain() {
     assert_eq!(current(&s, &path).as_deref(), Some("-5"));
 }
 
+/// The kvdb.io client sends `incr(key, 0)` as a bare `0`; any other bare
+/// number is a 400 that says to sign it (or to PUT it), and changes nothing.
+#[test]
+fn a_bare_zero_adds_nothing_and_other_bare_numbers_are_400() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    s.put(&path, "7");
+    assert_text(&s.patch(&path, "0"), "7");
+    assert_text(&s.patch(&format!("/{b}/fresh"), "0"), "0");
+    for body in ["5", "0.5", "1e3"] {
+        let detail = s.patch(&path, body).assert_problem(400);
+        assert!(
+            detail.contains("sign it") && detail.contains("PUT"),
+            "{body}: {detail}"
+        );
+    }
+    assert_eq!(current(&s, &path).as_deref(), Some("7"));
+}
+
 #[test]
 fn add_accepts_a_form_encoded_body_as_sent_by_curl_d() {
     let s = TestServer::start();
@@ -524,6 +544,62 @@ fn max_with_a_non_numeric_operand_is_400() {
 
 // ----- conditional writes -----------------------------------------------------
 
+/// Versions count the writes of the whole server: an ETag that showed one
+/// would tell a bucket's users how many writes other buckets made between
+/// two of theirs. ETags are keyed hashes; they stay valid across a restart,
+/// and a new signing key changes them (as it revokes the tokens).
+#[test]
+fn etags_say_nothing_of_other_buckets_writes() {
+    let s = TestServer::start();
+    let mine = s.create_bucket("secret_key=sk");
+    let other = s.create_bucket("");
+    let path = format!("/{mine}/k");
+    let auth = [("authorization", "Bearer sk")];
+    let put = |s: &TestServer| {
+        let r = s.request("PUT", &path, &auth, Some(b"v"));
+        assert_eq!(r.status, 204, "{}", r.text());
+        r.header("etag").expect("etag")
+    };
+    let first = put(&s);
+    for i in 0..5 {
+        assert_eq!(s.put(&format!("/{other}/k{i}"), "x").status, 204);
+    }
+    let second = put(&s);
+    let number = |tag: &str| u64::from_str_radix(tag.trim_matches('"'), 16).expect("hex");
+    let gap = number(&second).abs_diff(number(&first));
+    assert!(
+        gap > 1_000_000,
+        "{first} then {second}: the gap counts writes"
+    );
+    // The same ETag after a restart: If-Match still holds.
+    let s = s.restart_after_kill();
+    let r = s.request("GET", &path, &auth, None);
+    assert_eq!(r.header("etag").as_deref(), Some(second.as_str()));
+    // A new signing key: a new ETag for the same version, the old one 412.
+    let r = s.request(
+        "PATCH",
+        &format!("/{mine}"),
+        &[
+            ("authorization", "Bearer sk"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        Some(b"signing_key=rotated"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.request("GET", &path, &auth, None);
+    assert_ne!(r.header("etag").as_deref(), Some(second.as_str()));
+    let r = s.request(
+        "PUT",
+        &path,
+        &[
+            ("authorization", "Bearer sk"),
+            ("if-match", second.as_str()),
+        ],
+        Some(b"w"),
+    );
+    r.assert_problem(412);
+}
+
 #[test]
 fn put_with_if_match_of_the_current_etag_succeeds() {
     let s = TestServer::start();
@@ -754,6 +830,97 @@ fn concurrent_increments_never_lose_an_update() {
     );
     // Every increment saw its own new value: exactly 1..=2000.
     assert_eq!(seen, (1..=total).collect::<BTreeSet<_>>());
+}
+
+/// JSON operations on a large document are made outside the store's
+/// writer and stored only if the key has not moved on meanwhile: under
+/// concurrent merges and compare-and-sets of one document, none is lost,
+/// and the conditions and failures still hold.
+#[test]
+fn concurrent_json_operations_on_a_large_document_lose_nothing() {
+    const THREADS: usize = 6;
+    const EACH: usize = 8;
+    let s = Arc::new(TestServer::start());
+    let b = s.create_bucket("");
+    let path = Arc::new(format!("/{b}/doc"));
+    // Well over 64 KiB of JSON.
+    let padding: serde_json::Map<String, serde_json::Value> = (0..2000)
+        .map(|i| (format!("pad{i}"), json!("x".repeat(60))))
+        .collect();
+    let doc = json!({"n": 0, "pad": padding});
+    let r = s.request(
+        "PUT",
+        &path,
+        &[("content-type", "application/json")],
+        Some(doc.to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let s = Arc::clone(&s);
+            let path = Arc::clone(&path);
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    // A merge of a field of its own...
+                    let r = patch_typed(&s, &path, MERGE, &format!(r#"{{"t{t}_{i}": {i}}}"#));
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    // ... and one more on the shared counter, by compare-and-set.
+                    loop {
+                        let n = serde_json::from_str::<serde_json::Value>(
+                            &current(&s, &path).expect("the document"),
+                        )
+                        .expect("JSON")["n"]
+                            .as_i64()
+                            .expect("n");
+                        let cas = format!(
+                            r#"[{{"op":"test","path":"/n","value":{n}}},{{"op":"replace","path":"/n","value":{}}}]"#,
+                            n + 1
+                        );
+                        let r = patch_typed(&s, &path, JSON_PATCH, &cas);
+                        match r.status {
+                            200 => break,
+                            409 => continue,
+                            other => panic!("{other}: {}", r.text()),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client thread");
+    }
+    let end: serde_json::Value =
+        serde_json::from_str(&current(&s, &path).expect("the document")).expect("JSON");
+    assert_eq!(
+        end["n"],
+        json!(THREADS * EACH),
+        "compare-and-set lost a count"
+    );
+    for t in 0..THREADS {
+        for i in 0..EACH {
+            assert_eq!(end[format!("t{t}_{i}")], json!(i), "lost merge t{t}_{i}");
+        }
+    }
+    assert_eq!(end["pad"]["pad1999"], json!("x".repeat(60)));
+    // A condition and a failing test still hold, and change nothing.
+    let stale = s.request(
+        "PATCH",
+        &path,
+        &[("content-type", MERGE), ("if-match", "\"0\"")],
+        Some(br#"{"n": -5}"#),
+    );
+    stale.assert_problem(412);
+    let r = patch_typed(
+        &s,
+        &path,
+        JSON_PATCH,
+        r#"[{"op":"test","path":"/n","value":-1}]"#,
+    );
+    r.assert_problem(409);
+    let after: serde_json::Value =
+        serde_json::from_str(&current(&s, &path).expect("the document")).expect("JSON");
+    assert_eq!(after, end);
 }
 
 #[test]

@@ -648,7 +648,8 @@ fn patch_without_read_permission_changes_the_value_but_does_not_answer_it() {
             ],
             Some(patch),
         );
-        r.assert_problem(403);
+        let detail = r.assert_problem(403);
+        assert!(detail.contains("needs read as well as write"), "{detail}");
     }
     assert_eq!(
         as_(&s, "GET", &format!("/{b}/user"), "rk", None).json(),
@@ -666,6 +667,7 @@ fn a_failed_patch_without_read_permission_does_not_describe_the_value() {
     let b = locked_bucket(&s);
     for (key, value, ct) in [
         ("n", "123456789", None),
+        ("big", "9223372036854775000", None),
         ("doc", r#"{"a":1}"#, Some("application/json")),
         ("text", "a secret of 28 bytes exactly", None),
     ] {
@@ -678,7 +680,7 @@ fn a_failed_patch_without_read_permission_does_not_describe_the_value() {
     // Overflow, adding to JSON, appending to a number: 409, and no word
     // on why (a type, a size).
     for (key, query, body) in [
-        ("n", "", "+9223372036854775000"),
+        ("big", "", "+1000000"),
         ("doc", "", "+1"),
         ("n", "?op=append", "x"),
     ] {
@@ -714,12 +716,64 @@ fn a_failed_patch_without_read_permission_does_not_describe_the_value() {
     );
     assert!(r.assert_problem(413).contains("118"), "{}", r.text());
     // Nothing changed.
-    for (key, value) in [("n", "123456789"), ("text", "a secret of 28 bytes exactly")] {
+    for (key, value) in [
+        ("n", "123456789"),
+        ("big", "9223372036854775000"),
+        ("text", "a secret of 28 bytes exactly"),
+    ] {
         assert_eq!(
             as_(&s, "GET", &format!("/{b}/{key}"), "rk", None).text(),
             value
         );
     }
+}
+
+/// Which additions overflow tells how large a number is: with steps of any
+/// size, a caller who may write a counter but not read it would find its
+/// value in 64 requests of a binary search (adding, then taking back). Such
+/// a caller adds at most a million in one request.
+#[test]
+fn a_caller_that_may_not_read_a_counter_adds_small_steps_only() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    assert_eq!(
+        as_(&s, "PUT", &format!("/{b}/n"), "sk", Some("1234567")).status,
+        204
+    );
+    let t = s.token(&b, "sk", "permissions=write");
+    for step in ["+1000000", "-1000000", "+2.5", "-999999.5"] {
+        let r = as_(&s, "PATCH", &format!("/{b}/n"), &t, Some(step));
+        assert_eq!(r.status, 204, "{step}: {}", r.text());
+    }
+    for step in [
+        "+1000001",
+        "-1000001",
+        "+9223372036854775000",
+        "+1000000.5",
+        "-1e300",
+    ] {
+        let r = as_(&s, "PATCH", &format!("/{b}/n"), &t, Some(step));
+        let detail = r.assert_problem(403);
+        assert!(
+            detail.contains("at most 1000000") && detail.contains("can read"),
+            "{step}: {detail}"
+        );
+    }
+    // Nothing of the refused steps was added.
+    let now = as_(&s, "GET", &format!("/{b}/n"), "rk", None).text();
+    assert_eq!(
+        now.parse::<f64>().ok(),
+        Some(1234567.0 + 2.5 - 999999.5),
+        "{now}"
+    );
+    // A key outside a token's write permission gets the usual refusal.
+    let reader = s.token(&b, "sk", "permissions=read");
+    let r = as_(&s, "PATCH", &format!("/{b}/n"), &reader, Some("+1000001"));
+    assert!(!r.assert_problem(403).contains("at most"), "{}", r.text());
+    // A caller that can read adds any step.
+    let rw = s.token(&b, "sk", "permissions=read,write");
+    let r = as_(&s, "PATCH", &format!("/{b}/n"), &rw, Some("+1000000000000"));
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[test]
@@ -832,7 +886,13 @@ fn token_of_another_bucket_is_401() {
     let b = locked_bucket(&s);
     let ta = s.token(&a, "sk", "permissions=read,write,delete,enumerate");
     assert_eq!(as_(&s, "GET", &format!("/{a}/k"), &ta, None).status, 200);
-    assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k"), &ta, None));
+    let r = as_(&s, "GET", &format!("/{b}/k"), &ta, None);
+    assert_unauthorized(&r);
+    assert!(
+        r.text().contains("issued for another bucket"),
+        "{}",
+        r.text()
+    );
     assert_unauthorized(&as_(&s, "PUT", &format!("/{b}/k"), &ta, Some("x")));
     assert_unauthorized(&as_(&s, "GET", &format!("/{b}/"), &ta, None));
     assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
@@ -883,6 +943,32 @@ fn token_request_defaults_to_whole_bucket_read_for_an_hour() {
     let t = doc["access_token"].as_str().expect("access_token");
     assert_eq!(as_(&s, "GET", &format!("/{b}/k"), t, None).text(), "v");
     as_(&s, "PUT", &format!("/{b}/k"), t, Some("x")).assert_problem(403);
+}
+
+/// API.md: `permissions` is comma separated, or a JSON list, in a form or
+/// a JSON body.
+#[test]
+fn token_request_takes_a_json_permission_list_in_a_form_too() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let ask = |form: &str| as_(&s, "POST", &format!("/{b}/tokens/"), "sk", Some(form));
+    let r = ask(r#"permissions=["read","write"]"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let granted = r.json()["permissions"].clone();
+    for p in ["read", "write"] {
+        assert!(
+            granted.as_array().is_some_and(|a| a.contains(&json!(p))),
+            "{granted}"
+        );
+    }
+    let r = ask(r#"permissions=["read","write""#);
+    assert!(r.assert_problem(400).contains("not JSON"), "{}", r.text());
+    let r = ask("permissions=read&permissions=write");
+    assert!(
+        r.assert_problem(400).contains("given twice"),
+        "{}",
+        r.text()
+    );
 }
 
 #[test]

@@ -445,6 +445,51 @@ fn create_bucket_with_bad_fields_is_400() {
         .assert_problem(400);
     s.request("POST", "/", &[JSON], Some(br#"{"default_ttl":"soon"}"#))
         .assert_problem(400);
+    // The same bounds as a token's ttl (100 years), the bad value echoed.
+    for (body, shown) in [
+        ("default_ttl=3153600001", "3153600001"),
+        ("default_ttl=18446744073709551615", "18446744073709551615"),
+        ("default_ttl=%2B5", "+5"),
+    ] {
+        let detail = s.post("/", body).assert_problem(400);
+        assert!(
+            detail.contains("100 years") && detail.contains(shown),
+            "{body}: {detail}"
+        );
+    }
+    let r = s.post("/", "default_ttl=3153600000");
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+/// A field given twice (a typo, a script that appends) is refused rather
+/// than the last one silently taken: it could set a secret other than the
+/// one meant. Form and JSON alike, on creation and on update.
+#[test]
+fn a_policy_field_given_twice_is_400() {
+    let s = TestServer::start();
+    let detail = s.post("/", "secret_key=a&secret_key=b").assert_problem(400);
+    assert!(detail.contains("\"secret_key\" is given twice"), "{detail}");
+    let r = s.request(
+        "POST",
+        "/",
+        &[JSON],
+        Some(br#"{"secret_key":"a","read_key":"r","secret_key":"b"}"#),
+    );
+    assert!(
+        r.assert_problem(400).contains("given twice"),
+        "{}",
+        r.text()
+    );
+    let b = s.create_bucket("secret_key=sk");
+    patch_policy(&s, &b, "sk", "read_key=x&read_key=y").assert_problem(400);
+    assert_eq!(patch_policy(&s, &b, "sk", "read_key=x").status, 200);
+    let r = s.request(
+        "GET",
+        &format!("/{b}"),
+        &[("authorization", "Bearer sk")],
+        None,
+    );
+    assert_eq!(r.json()["read_key"], "x", "{}", r.text());
 }
 
 #[test]

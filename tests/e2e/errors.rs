@@ -70,7 +70,18 @@ fn invalid_utf8_with_application_json_is_400() {
 fn bad_ttl_is_400_on_put_post_and_patch_and_changes_nothing() {
     let (s, b) = setup();
     s.put(&format!("/{b}/n"), "1");
-    for ttl in ["-1", "abc", "1.5", "", "1e3", "99999999999999999999999"] {
+    // A sign or a space is not a whole number either (API.md: digits).
+    for ttl in [
+        "-1",
+        "abc",
+        "1.5",
+        "",
+        "1e3",
+        "99999999999999999999999",
+        "%2B5",
+        "%205",
+        "5%20",
+    ] {
         s.put(&format!("/{b}/k?ttl={ttl}"), "changed")
             .assert_problem(400);
         s.post(&format!("/{b}/k?ttl={ttl}"), "changed")
@@ -396,12 +407,20 @@ fn bad_listing_parameters_are_400() {
         "limit=1.5",
         "skip=abc",
         "skip=-2",
+        "limit=%2B1",
+        "limit=%201",
+        "skip=%2B0",
         "reverse=maybe",
         "values=perhaps",
     ] {
         s.get(&format!("/{b}/?{query}")).assert_problem(400);
     }
     assert_unchanged(&s, &b);
+    // Flags take any case.
+    for query in ["values=TRUE", "reverse=Yes", "values=False"] {
+        let r = s.get(&format!("/{b}/?{query}"));
+        assert_eq!(r.status, 200, "{query}: {}", r.text());
+    }
 }
 
 #[test]
@@ -490,4 +509,62 @@ fn malformed_bucket_creation_is_400() {
     s.post("/", "default_ttl=-5").assert_problem(400);
     s.post("/", "default_ttl=soon").assert_problem(400);
     s.post("/", "no_such_field=1").assert_problem(400);
+}
+
+// ----- what the errors say ------------------------------------------------------
+
+/// Refusals that a user hits by a near miss say what to send instead.
+#[test]
+fn near_misses_are_answered_with_what_to_do_instead() {
+    let (s, b) = setup();
+    let path = format!("/{b}/k");
+    let etag = s.get(&path).header("etag").expect("an ETag");
+    // A weakened ETag (a proxy may do that) of the unchanged value.
+    let weak = format!("W/{etag}");
+    let r = s.request("PUT", &path, &[("if-match", weak.as_str())], Some(b"x"));
+    assert!(r.assert_problem(412).contains("without W/"), "{}", r.text());
+    // If-Match on a key that is not there.
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/absent"),
+        &[("if-match", etag.as_str())],
+        Some(b"x"),
+    );
+    assert!(
+        r.assert_problem(412).contains("If-None-Match: *"),
+        "{}",
+        r.text()
+    );
+    // A JSON patch of a key that is not there.
+    let r = send(
+        &s,
+        "PATCH",
+        &format!("/{b}/absent"),
+        JSON_PATCH,
+        br#"[{"op":"add","path":"/x","value":1}]"#,
+    );
+    assert!(
+        r.assert_problem(409).contains("PUT the document first"),
+        "{}",
+        r.text()
+    );
+    // Tokens are issued, not listed.
+    let r = s.get(&format!("/{b}/tokens/"));
+    assert!(
+        r.assert_problem(405).contains("issued with POST"),
+        "{}",
+        r.text()
+    );
+    // An id that is no bucket.
+    let r = s.get("/AAAAAAAAAAAAAAAAAAAAAA/k");
+    assert!(r.assert_problem(404).contains("POST /"), "{}", r.text());
+    // A key given as `?access_token=` that is no token.
+    let locked = s.create_bucket("secret_key=sk");
+    let r = s.get(&format!("/{locked}/k?access_token=abc"));
+    assert!(
+        r.assert_problem(401).contains("nor an access token"),
+        "{}",
+        r.text()
+    );
+    assert_unchanged(&s, &b);
 }

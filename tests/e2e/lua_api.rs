@@ -448,6 +448,12 @@ fn upload_with_a_bad_name_is_400() {
     for name in ["a%20b", long.as_str(), "a%2Fb", "caf%C3%A9", "a:b"] {
         upload(&s, &b, name, b"kvdb.say(1)").assert_problem(400);
     }
+    // `.` and `..` are path steps to browsers and curl: a script of that
+    // name could never be run by its URL.
+    for name in ["%2E", "%2E%2E", ".%2E"] {
+        let detail = upload(&s, &b, name, b"kvdb.say(1)").assert_problem(400);
+        assert!(detail.contains("step in the path"), "{name}: {detail}");
+    }
     let longest = "a".repeat(64);
     for name in ["A-z_0.9", longest.as_str()] {
         let r = upload(&s, &b, name, b"kvdb.say(1)");
@@ -942,6 +948,30 @@ kvdb.say(type(c), " ", c >= 0)"#,
 
 // ---------------------------------------------------------------------------
 // The request
+
+/// A link checker's `HEAD` must not run a script (and its writes) for an
+/// answer without a body.
+#[test]
+fn head_does_not_run_a_script() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &b,
+        "count",
+        r#"kvdb.incr("runs", 1) kvdb.say(kvdb.get("runs"))"#,
+    );
+    let r = s.request("HEAD", &format!("/{b}/scripts/count"), &[], None);
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow").as_deref(), Some("GET, POST, PUT, DELETE"));
+    assert_body(&run(&s, &b, "count"), "1\n");
+    assert_eq!(
+        s.request("HEAD", &format!("/{b}/scripts/count"), &[], None)
+            .status,
+        405
+    );
+    assert_body(&run(&s, &b, "count"), "2\n");
+}
 
 #[test]
 fn method_path_headers_and_body_reach_the_script() {
@@ -1706,7 +1736,11 @@ kvdb.say(kvdb.patch("doc", {{op = "test", path = "/a", value = 1}}))"#,
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[..3], ["nil", "string", "nil"], "{text}");
     for line in &lines[3..] {
-        assert!(line.starts_with("permission denied: read"), "{text}");
+        assert!(
+            line.starts_with("permission denied: a JSON patch")
+                && line.contains("needs read as well as write"),
+            "{text}"
+        );
     }
     assert_eq!(get_as(&s, &format!("/{b}/n"), "rk").text(), "2");
     assert_eq!(

@@ -18,7 +18,7 @@ pub use token::TokenError;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error(
-        "the key is not valid for this bucket (it is none of its secret_key, write_key, read_key)"
+        "the key is not valid for this bucket: it is none of its secret_key, write_key, read_key, nor an access token (which `POST /BUCKET/tokens/` issues, three dot-separated parts)"
     )]
     WrongKey,
     #[error(transparent)]

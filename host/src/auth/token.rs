@@ -4,6 +4,7 @@
 //! `perm` (permission names), `iat` and `exp` (Unix seconds). Rotating the
 //! signing key invalidates every token signed with the old one.
 
+use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -30,7 +31,9 @@ struct Claims {
 pub enum TokenError {
     #[error("the access token has expired: ask for a new one (`POST /BUCKET/tokens/`)")]
     Expired,
-    #[error("the access token is for another bucket")]
+    #[error(
+        "the access token was issued for another bucket: a token works only on the bucket that issued it (`POST /BUCKET/tokens/` with that bucket's secret key)"
+    )]
     OtherBucket,
     #[error(
         "the access token is invalid (bad signature, revoked by a new signing_key, or malformed): ask for a new one (`POST /BUCKET/tokens/`)"
@@ -72,6 +75,20 @@ pub fn issue(
     .map_err(|e| TokenError::Signing(e.to_string()))
 }
 
+/// The bucket a token names, unverified: only for the error message of a
+/// token whose signature does not check out.
+fn claimed_bucket(token: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named {
+        bkt: String,
+    }
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice::<Named>(&json).ok().map(|n| n.bkt)
+}
+
 /// Checks a token's signature, expiry and bucket; returns what it grants.
 ///
 /// # Errors
@@ -91,7 +108,14 @@ pub fn verify(
         &DecodingKey::from_secret(signing_key.as_bytes()),
         &validation,
     )
-    .map_err(|_| TokenError::Invalid)?;
+    .map_err(|_| {
+        // Signed with another bucket's key: say so if the token names
+        // another bucket (what it names is the holder's own business).
+        match claimed_bucket(token) {
+            Some(claimed) if claimed != bucket.to_string() => TokenError::OtherBucket,
+            _ => TokenError::Invalid,
+        }
+    })?;
     let claims = data.claims;
     if claims.v != VERSION {
         return Err(TokenError::Invalid);
@@ -148,6 +172,11 @@ mod tests {
         assert_eq!(verify("rotated", &id, &t, 150), Err(TokenError::Invalid));
         assert_eq!(
             verify("k", &BucketId::random(), &t, 150),
+            Err(TokenError::OtherBucket)
+        );
+        // Another bucket's token is signed with that bucket's key.
+        assert_eq!(
+            verify("other key", &BucketId::random(), &t, 150),
             Err(TokenError::OtherBucket)
         );
         let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();

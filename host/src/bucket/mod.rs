@@ -24,6 +24,8 @@ use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
+use sha2::Digest;
+
 pub use id::{BucketId, InvalidBucketId};
 pub use key::{InvalidKey, Key, MAX_KEY_BYTES, check_key_text};
 pub use policy::{Policy, PolicyChange, PolicyError};
@@ -39,9 +41,19 @@ use crate::storage::{NewValue, Snapshot, StorageError, Store, WriteCtx};
 /// Entry kind of a stored policy (values use the kinds in [`value`]).
 const KIND_POLICY: u8 = 0x10;
 
-/// The longest a token may be valid: 100 years (its expiry stays a number
-/// every JSON client reads exactly).
+/// The longest a token may be valid, and the longest `default_ttl`: 100
+/// years (a number every JSON client reads exactly).
 pub const MAX_TOKEN_TTL_S: u64 = 100 * 365 * 24 * 3600;
+
+/// A whole number as a query or form field gives one (`ttl`, `limit`,
+/// `default_ttl`…): ASCII digits only, without sign or spaces (API.md: "a
+/// non-negative integer (else 400)").
+pub fn whole_number(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
 
 /// How many bytes of values one page of a listing holds at most (see
 /// [`Scoped::list`]).
@@ -50,7 +62,9 @@ pub const LIST_VALUE_BYTES: usize = 32 * 1024 * 1024;
 /// What a bucket operation can fail with; mapped to HTTP once, in `http::error`.
 #[derive(Debug, thiserror::Error)]
 pub enum BucketError {
-    #[error("there is no bucket with this id")]
+    #[error(
+        "there is no bucket with this id: check it against what `POST /` answered (22 characters); a deleted bucket is gone for good"
+    )]
     NotFound,
     #[error("there is no key {0:?} in this bucket")]
     KeyNotFound(String),
@@ -98,13 +112,65 @@ pub enum Condition {
     IfAbsent,
 }
 
-/// The strong ETag of a stored version.
-pub fn etag(version: u64) -> String {
-    format!("\"{version:x}\"")
+/// The largest step, up or down, that a caller who may not read a key adds
+/// to it in one `PATCH`. Whether an addition overflows tells how large the
+/// value is; with steps of any size, 64 requests of a binary search would
+/// read a counter exactly (found by a review), with steps of at most this
+/// many trillions would be needed.
+pub const BLIND_STEP_MAX: i64 = 1_000_000;
+
+/// Values from this size up get their JSON operations made outside the
+/// writer ([`Scoped::apply_outside`]).
+const OUTSIDE_BYTES: usize = 64 * 1024;
+
+/// How many times a JSON operation made outside the writer is made again
+/// when its key changed meanwhile, before the writer makes it itself.
+const OUTSIDE_TRIES: usize = 3;
+
+/// What [`Scoped::apply_outside`] came to.
+enum Outside {
+    Done(Stored),
+    Small,
+    Stale,
+}
+
+/// The key of a bucket's ETags, derived from its signing key.
+///
+/// Versions number the writes of the whole server, so an ETag that showed
+/// the version would tell any bucket's users how many writes all the other
+/// buckets made in between (found by a review). An ETag is a keyed hash
+/// (SipHash-2-4) of the version instead: it still changes on every write
+/// and stays the same across restarts and restores (the signing key is
+/// part of the bucket), and a new signing key changes every ETag of the
+/// bucket (as it revokes its tokens).
+#[derive(Clone, Copy)]
+pub struct EtagKey([u64; 2]);
+
+impl EtagKey {
+    fn of(policy: &Policy) -> Self {
+        let digest = sha2::Sha256::new()
+            .chain_update(b"kvdb etag key\0")
+            .chain_update(policy.signing_key.as_bytes())
+            .finalize();
+        let mut halves = [0u64; 2];
+        for (half, bytes) in halves.iter_mut().zip(digest.chunks_exact(8)) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(bytes);
+            *half = u64::from_le_bytes(word);
+        }
+        Self(halves)
+    }
+
+    /// The strong ETag of a stored version.
+    pub fn etag(self, version: u64) -> String {
+        let [k0, k1] = self.0;
+        let tag = siphasher::sip::SipHasher24::new_with_keys(k0, k1).hash(&version.to_le_bytes());
+        format!("\"{tag:016x}\"")
+    }
 }
 
 impl Condition {
-    fn check(&self, current: Option<&Stored>) -> Result<(), BucketError> {
+    fn check(&self, current: Option<&Stored>, etag_key: EtagKey) -> Result<(), BucketError> {
         match self {
             Condition::Always => Ok(()),
             Condition::IfAbsent if current.is_none() => Ok(()),
@@ -114,13 +180,17 @@ impl Condition {
             Condition::IfMatch(tags) => {
                 let Some(cur) = current else {
                     return Err(BucketError::PreconditionFailed(
-                        "If-Match but the key does not exist",
+                        "If-Match: the key does not exist (deleted, expired or never written); to write it only if it is absent, send If-None-Match: * instead",
                     ));
                 };
-                let mine = etag(cur.version);
+                let mine = etag_key.etag(cur.version);
                 // If-Match compares strongly (RFC 9110): a weak tag never matches.
                 if tags.iter().any(|t| t == "*" || *t == mine) {
                     Ok(())
+                } else if tags.iter().any(|t| t.strip_prefix("W/") == Some(&mine)) {
+                    Err(BucketError::PreconditionFailed(
+                        "If-Match compares ETags strongly: send the ETag as answered, without W/ (a cache or proxy may have weakened it)",
+                    ))
                 } else {
                     Err(BucketError::PreconditionFailed(
                         "If-Match: the value has changed since that ETag; GET the key for its current ETag",
@@ -148,10 +218,6 @@ impl Stored {
             expires_at: e.expires_at,
         }
     }
-
-    pub fn etag(&self) -> String {
-        etag(self.version)
-    }
 }
 
 /// What an atomic operation left under its key.
@@ -163,13 +229,6 @@ pub struct Patched {
     pub version: u64,
     /// Unix milliseconds; 0 = never.
     pub expires_at: u64,
-}
-
-impl Patched {
-    /// The strong ETag of the new version.
-    pub fn etag(&self) -> String {
-        etag(self.version)
-    }
 }
 
 /// A listing request (`GET /:bucket/`), already parsed.
@@ -196,7 +255,8 @@ pub struct Listing {
 
 struct Cached {
     version: u64,
-    policy: Option<Arc<Policy>>,
+    /// `None`: deleted.
+    policy: Option<(Arc<Policy>, EtagKey)>,
 }
 
 /// All buckets: creation, opening, policy cache. Cheap to share in an `Arc`.
@@ -269,6 +329,10 @@ impl Buckets {
         match cache.get(&id) {
             Some(c) if c.version >= version => {}
             _ => {
+                let policy = policy.map(|p| {
+                    let tags = EtagKey::of(&p);
+                    (p, tags)
+                });
                 cache.insert(id, Cached { version, policy });
             }
         }
@@ -327,8 +391,8 @@ impl Buckets {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&id)
             .map(|c| c.policy.clone());
-        let policy = match cached {
-            Some(Some(policy)) => policy,
+        let (policy, etag_key) = match cached {
+            Some(Some(cached)) => cached,
             Some(None) => return Err(BucketError::NotFound),
             None => {
                 let entry = self
@@ -338,13 +402,15 @@ impl Buckets {
                     .ok_or(BucketError::NotFound)?;
                 let policy = Arc::new(decode_policy(&entry.value)?);
                 self.remember(id, entry.version, Some(policy.clone()));
-                policy
+                let tags = EtagKey::of(&policy);
+                (policy, tags)
             }
         };
         Ok(Bucket {
             buckets: self.clone(),
             id,
             policy,
+            etag_key,
         })
     }
 }
@@ -355,6 +421,7 @@ pub struct Bucket {
     buckets: Arc<Buckets>,
     id: BucketId,
     policy: Arc<Policy>,
+    etag_key: EtagKey,
 }
 
 impl Bucket {
@@ -459,6 +526,11 @@ fn upper_min<'a>(a: Bound<&'a [u8]>, b: Bound<&'a [u8]>) -> Bound<&'a [u8]> {
 impl Scoped {
     pub fn scope(&self) -> &Scope {
         &self.scope
+    }
+
+    /// The strong ETag of a version of a key of this bucket ([`EtagKey`]).
+    pub fn etag(&self, version: u64) -> String {
+        self.bucket.etag_key.etag(version)
     }
 
     pub fn bucket(&self) -> &Bucket {
@@ -587,6 +659,7 @@ impl Scoped {
         self.require(Permission::Write, key.as_str())?;
         self.check_size(&value)?;
         let id = self.bucket.id;
+        let etag_key = self.bucket.etag_key;
         let dkey = data_key(&id, key.as_str());
         let default_ttl = self.bucket.policy.default_ttl;
         let (kind, bytes) = value.encode();
@@ -595,7 +668,7 @@ impl Scoped {
                 ensure_bucket(ctx, &id)?;
                 if condition != Condition::Always {
                     let current = ctx.get(&dkey)?.map(Stored::from_entry);
-                    condition.check(current.as_ref())?;
+                    condition.check(current.as_ref(), etag_key)?;
                 }
                 let expires_at = expiry(ctx.now_ms(), ttl_s, default_ttl);
                 Ok(ctx.put(&dkey, kind, &bytes, expires_at)?)
@@ -609,13 +682,15 @@ impl Scoped {
     /// read the key, an operation that does not apply, or whose result
     /// would be too large, fails without saying why or how large (that
     /// would describe the value); that it failed still tells something
-    /// (an overflow says the number is large).
+    /// (that the value is not a number, or that it is within
+    /// [`BLIND_STEP_MAX`] of overflowing), and so such a scope adds at most
+    /// [`BLIND_STEP_MAX`] in one operation.
     ///
     /// # Errors
-    /// No write permission (a JSON patch needs read too), a failed
-    /// condition (412), an operation that does not apply to the current
-    /// value (409), a result over the size limit (413), or a storage
-    /// failure.
+    /// No write permission (a JSON patch needs read too, and so does a
+    /// larger step), a failed condition (412), an operation that does not
+    /// apply to the current value (409), a result over the size limit
+    /// (413), or a storage failure.
     pub async fn patch(
         &self,
         key: &Key,
@@ -624,6 +699,16 @@ impl Scoped {
         condition: Condition,
     ) -> Result<Patched, BucketError> {
         let readable = self.scope.allows(Permission::Read, key.as_str());
+        if !readable
+            && let Op::Add(step) = &op
+            && step.exceeds(BLIND_STEP_MAX)
+            && self.scope.allows(Permission::Write, key.as_str())
+        {
+            return Err(BucketError::Forbidden(format!(
+                "this credential may not read {:?}, so it adds at most {BLIND_STEP_MAX} (or -{BLIND_STEP_MAX}) in one request: with larger steps, which of them overflow would tell the value; send smaller steps, or use a credential that can read the key",
+                key.as_str()
+            )));
+        }
         let stored = self
             .apply_op(key, op, ttl_s, condition)
             .await
@@ -662,20 +747,34 @@ impl Scoped {
         condition: Condition,
     ) -> Result<Stored, BucketError> {
         self.require(Permission::Write, key.as_str())?;
-        if op.reads() {
-            self.require(Permission::Read, key.as_str())?;
+        if op.reads() && !self.scope.allows(Permission::Read, key.as_str()) {
+            return Err(self.refuse(format!(
+                "a JSON patch of key {:?} reads the value (a test, copy, move or remove succeeds or fails on what it holds), so it needs read as well as write (a merge patch needs write only); it",
+                key.as_str()
+            )));
         }
         let id = self.bucket.id;
+        let etag_key = self.bucket.etag_key;
         let dkey = data_key(&id, key.as_str());
         let default_ttl = self.bucket.policy.default_ttl;
         let limit = self.bucket.buckets.limits.max_value_bytes;
+        let op = Arc::new(op);
+        if matches!(*op, Op::MergePatch(_) | Op::JsonPatch(_)) {
+            for _ in 0..OUTSIDE_TRIES {
+                match self.apply_outside(&dkey, &op, ttl_s, &condition).await? {
+                    Outside::Done(stored) => return Ok(stored),
+                    Outside::Small => break,
+                    Outside::Stale => {}
+                }
+            }
+        }
         self.store()
             .write(move |ctx| -> Result<Stored, BucketError> {
                 ensure_bucket(ctx, &id)?;
                 let expires_at = expiry(ctx.now_ms(), ttl_s, default_ttl);
                 let (version, value) = ctx.update(&dkey, |current| {
                     let current = current.map(Stored::from_entry);
-                    condition.check(current.as_ref())?;
+                    condition.check(current.as_ref(), etag_key)?;
                     let value = op.apply(current.map(|c| c.value), limit)?;
                     if value.size() > limit {
                         return Err(BucketError::TooLarge {
@@ -700,6 +799,79 @@ impl Scoped {
             .await?
     }
 
+    /// [`Scoped::apply_op`] of a JSON operation on a large value: parsing,
+    /// changing and writing out a document of megabytes takes a while, and
+    /// the writer, which commits every bucket's writes, would wait for it
+    /// (a client merging into a 16 MiB document again and again held up
+    /// every write of the server by a second each, in a review). So the new
+    /// value is made from a snapshot on a blocking thread, and the writer
+    /// only stores it if the key is still at the version it was made from.
+    /// [`Outside::Small`]: no such value (absent, or under
+    /// [`OUTSIDE_BYTES`]); [`Outside::Stale`]: the key changed meanwhile.
+    async fn apply_outside(
+        &self,
+        dkey: &[u8],
+        op: &Arc<Op>,
+        ttl_s: Option<u64>,
+        condition: &Condition,
+    ) -> Result<Outside, BucketError> {
+        let current = self.store().snapshot()?.get(dkey)?.map(Stored::from_entry);
+        let Some(current) = current.filter(|c| c.value.size() >= OUTSIDE_BYTES) else {
+            return Ok(Outside::Small);
+        };
+        let based_on = current.version;
+        let limit = self.bucket.buckets.limits.max_value_bytes;
+        let change = op.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            let value = change.apply(Some(current.value), limit)?;
+            if value.size() > limit {
+                return Err(BucketError::TooLarge {
+                    size: value.size(),
+                    limit,
+                });
+            }
+            let (kind, bytes) = value.encode();
+            Ok((value, kind, bytes))
+        })
+        .await
+        .map_err(|e| StorageError::Engine(format!("a JSON operation's thread failed: {e}")))?;
+        let id = self.bucket.id;
+        let etag_key = self.bucket.etag_key;
+        let default_ttl = self.bucket.policy.default_ttl;
+        let dkey = dkey.to_vec();
+        let condition = condition.clone();
+        self.store()
+            .write(move |ctx| -> Result<Outside, BucketError> {
+                ensure_bucket(ctx, &id)?;
+                let expires_at = expiry(ctx.now_ms(), ttl_s, default_ttl);
+                // The inner error: `None` when the key has moved on.
+                let outcome = ctx.update(&dkey, |now| {
+                    let now = now.map(Stored::from_entry);
+                    if now.as_ref().map(|c| c.version) != Some(based_on) {
+                        return Err(None);
+                    }
+                    condition.check(now.as_ref(), etag_key).map_err(Some)?;
+                    let (value, kind, bytes) = made.map_err(Some)?;
+                    let new = NewValue {
+                        kind,
+                        expires_at,
+                        value: bytes,
+                    };
+                    Ok((new, value))
+                })?;
+                match outcome {
+                    Ok((version, value)) => Ok(Outside::Done(Stored {
+                        value,
+                        version,
+                        expires_at,
+                    })),
+                    Err(None) => Ok(Outside::Stale),
+                    Err(Some(e)) => Err(e),
+                }
+            })
+            .await?
+    }
+
     /// Deletes `key`.
     ///
     /// # Errors
@@ -708,13 +880,14 @@ impl Scoped {
     pub async fn delete(&self, key: &Key, condition: Condition) -> Result<(), BucketError> {
         self.require(Permission::Delete, key.as_str())?;
         let id = self.bucket.id;
+        let etag_key = self.bucket.etag_key;
         let dkey = data_key(&id, key.as_str());
         let name = key.to_string();
         self.store()
             .write(move |ctx| -> Result<(), BucketError> {
                 ensure_bucket(ctx, &id)?;
                 let current = ctx.get(&dkey)?.map(Stored::from_entry);
-                condition.check(current.as_ref())?;
+                condition.check(current.as_ref(), etag_key)?;
                 if current.is_none() {
                     return Err(BucketError::KeyNotFound(name));
                 }
@@ -934,6 +1107,25 @@ mod tests {
     use super::*;
     use crate::storage::memory::MemoryBackend;
     use crate::storage::{Durability, Store};
+
+    #[test]
+    fn etags_are_keyed_by_the_signing_key_and_say_nothing_of_the_version() {
+        let policy = |signing_key: &str| {
+            let mut p = PolicyChange::default().create(0);
+            p.signing_key = signing_key.into();
+            p
+        };
+        let (a, b) = (EtagKey::of(&policy("a")), EtagKey::of(&policy("b")));
+        assert_eq!(a.etag(7), EtagKey::of(&policy("a")).etag(7), "stable");
+        assert_ne!(a.etag(7), b.etag(7), "keyed");
+        let tags: std::collections::HashSet<String> = (0..10_000).map(|v| a.etag(v)).collect();
+        assert_eq!(tags.len(), 10_000, "one per version");
+        for tag in [a.etag(1), a.etag(2)] {
+            assert_eq!(tag.len(), 18, "{tag}");
+            assert!(tag.starts_with('"') && tag.ends_with('"'), "{tag}");
+            assert_ne!(tag, "\"1\"");
+        }
+    }
 
     #[tokio::test]
     async fn a_handle_opened_before_its_bucket_was_deleted_reads_nothing() {

@@ -43,8 +43,11 @@ pub enum PolicyError {
     UnknownField(String),
     #[error("{0} must be a string")]
     NotAString(&'static str),
-    #[error("default_ttl must be a non-negative integer number of seconds")]
-    BadTtl,
+    #[error(
+        "default_ttl must be a whole number of seconds from 0 (keys don't expire) to {max} (100 years), not {0}",
+        max = super::MAX_TOKEN_TTL_S
+    )]
+    BadTtl(String),
     #[error(
         "{0} is empty: give it a value, or leave the field out (without secret_key a bucket has no admin for ever; without read_key or write_key, reading or writing is open to whoever knows the bucket id)"
     )]
@@ -155,10 +158,12 @@ fn text(value: &serde_json::Value, field: &'static str) -> Result<Option<String>
 
 fn ttl(value: &serde_json::Value) -> Result<u64, PolicyError> {
     match value {
-        serde_json::Value::Number(n) => n.as_u64().ok_or(PolicyError::BadTtl),
-        serde_json::Value::String(s) => s.trim().parse().map_err(|_| PolicyError::BadTtl),
-        _ => Err(PolicyError::BadTtl),
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => super::whole_number(s),
+        _ => None,
     }
+    .filter(|t| *t <= super::MAX_TOKEN_TTL_S)
+    .ok_or_else(|| PolicyError::BadTtl(value.to_string()))
 }
 
 impl Policy {
@@ -257,10 +262,22 @@ mod tests {
             PolicyChange::from_fields(fields(json!({"admin": "x"}))),
             Err(PolicyError::UnknownField(_))
         ));
-        assert_eq!(
-            PolicyChange::from_fields(fields(json!({"default_ttl": -1}))),
-            Err(PolicyError::BadTtl)
-        );
+        for bad in [
+            json!(-1),
+            json!("+5"),
+            json!(" 5"),
+            json!(3_153_600_001_u64),
+            json!(1.5),
+        ] {
+            assert_eq!(
+                PolicyChange::from_fields(fields(json!({ "default_ttl": bad }))),
+                Err(PolicyError::BadTtl(bad.to_string()))
+            );
+        }
+        for (good, secs) in [(json!("60"), 60), (json!(3_153_600_000_u64), 3_153_600_000)] {
+            let change = PolicyChange::from_fields(fields(json!({ "default_ttl": good })));
+            assert_eq!(change.map(|c| c.default_ttl), Ok(Some(secs)));
+        }
         assert_eq!(
             PolicyChange::from_fields(fields(json!({"read_key": 5}))),
             Err(PolicyError::NotAString("read_key"))

@@ -36,7 +36,11 @@ impl ScriptName {
             && s.len() <= MAX_SCRIPT_NAME
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-        if ok {
+        if ok && matches!(s, "." | "..") {
+            Err(BucketError::Invalid(format!(
+                "a script can't be named {s:?}: browsers and curl take it as a step in the path (the URL would name the bucket's listing, not the script)"
+            )))
+        } else if ok {
             Ok(Self(s.to_owned()))
         } else {
             Err(BucketError::Invalid(format!(
@@ -375,10 +379,17 @@ mod tests {
 
     #[test]
     fn script_names_follow_the_rule() {
-        for ok in ["a", "hello-world_1.lua", &"x".repeat(64)] {
+        for ok in [
+            "a",
+            "hello-world_1.lua",
+            &"x".repeat(64),
+            "...",
+            ".a",
+            "a..",
+        ] {
             assert!(ScriptName::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "a/b", "a b", "ü", &"x".repeat(65), "edit?"] {
+        for bad in ["", "a/b", "a b", "ü", &"x".repeat(65), "edit?", ".", ".."] {
             assert!(ScriptName::new(bad).is_err(), "{bad}");
         }
     }

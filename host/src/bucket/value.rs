@@ -133,6 +133,15 @@ impl Number {
         parse_number(text)
     }
 
+    /// Whether the number is larger than `bound` in magnitude.
+    pub fn exceeds(self, bound: i64) -> bool {
+        match self {
+            Number::Int(i) => i.unsigned_abs() > bound.unsigned_abs(),
+            #[allow(clippy::cast_precision_loss)]
+            Number::Float(f) => f.abs() > bound.unsigned_abs() as f64,
+        }
+    }
+
     fn as_f64(self) -> f64 {
         match self {
             // A mixed int/float sum is a float, as in any JSON client.
@@ -508,8 +517,15 @@ impl Op {
                 Ok(Value::from_json(&doc))
             }
             Op::JsonPatch(patch) => {
+                let absent = current.is_none();
                 let doc = current.map_or(Ok(Json::Null), |v| v.as_json())?;
-                Ok(Value::from_json(&apply_json_patch(doc, patch, max_bytes)?))
+                let patched = apply_json_patch(doc, patch, max_bytes).map_err(|e| match e {
+                    OpConflict::Patch(why) if absent => OpConflict::Patch(format!(
+                        "{why} (the key does not exist, so the patch applied to null: PUT the document first, or use a merge patch, which creates it)"
+                    )),
+                    other => other,
+                })?;
+                Ok(Value::from_json(&patched))
             }
         }
     }

@@ -65,8 +65,10 @@ pub async fn get_backup(
     check_operator(&state, &headers)?;
     let pairs = query_pairs(&uri)?;
     let since = query_param(&pairs, "since").map_or(Ok(0), |s| {
-        s.trim().parse::<u64>().map_err(|_| {
-            ApiError::bad_request(format!("since must be a version number, not {s:?}"))
+        crate::bucket::whole_number(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "since must be a version number (digits only), not {s:?}"
+            ))
         })
     })?;
     // Taking the snapshot waits for a commit under way (an fsync): off the

@@ -90,6 +90,18 @@ pub async fn delete_bucket(Access(bucket): Access) -> Result<StatusCode, ApiErro
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Permission names from a JSON list.
+fn permission_list(items: &[serde_json::Value]) -> Result<Permissions, ApiError> {
+    let names: Vec<&str> = items
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| ApiError::bad_request("permissions must be strings"))
+        })
+        .collect::<Result<_, _>>()?;
+    Permissions::parse_list(&names.join(",")).map_err(ApiError::BadRequest)
+}
+
 fn token_grant(
     fields: &std::collections::BTreeMap<String, serde_json::Value>,
 ) -> Result<(Grant, u64), ApiError> {
@@ -99,24 +111,27 @@ fn token_grant(
     for (name, value) in fields {
         match (name.as_str(), value) {
             ("prefix", serde_json::Value::String(p)) => prefix.clone_from(p),
+            // A JSON list in a form field, as in a JSON body.
+            ("permissions", serde_json::Value::String(list))
+                if list.trim_start().starts_with('[') =>
+            {
+                let items: Vec<serde_json::Value> = serde_json::from_str(list).map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "permissions: the list is not JSON ({e}); send a JSON list such as [\"read\",\"write\"], or names separated by commas"
+                    ))
+                })?;
+                permissions = permission_list(&items)?;
+            }
             ("permissions", serde_json::Value::String(list)) => {
                 permissions = Permissions::parse_list(list).map_err(ApiError::BadRequest)?;
             }
             ("permissions", serde_json::Value::Array(items)) => {
-                let names: Vec<&str> = items
-                    .iter()
-                    .map(|v| {
-                        v.as_str()
-                            .ok_or_else(|| ApiError::bad_request("permissions must be strings"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                permissions =
-                    Permissions::parse_list(&names.join(",")).map_err(ApiError::BadRequest)?;
+                permissions = permission_list(items)?;
             }
             ("ttl", v) => {
                 ttl = match v {
                     serde_json::Value::Number(n) => n.as_u64(),
-                    serde_json::Value::String(s) => s.trim().parse().ok(),
+                    serde_json::Value::String(s) => crate::bucket::whole_number(s),
                     _ => None,
                 }
                 .filter(|t| *t > 0)

@@ -53,7 +53,7 @@ pub async fn get_key(
     let stored = bucket
         .get(&key)?
         .ok_or_else(|| BucketError::KeyNotFound(key.to_string()))?;
-    let etag = stored.etag();
+    let etag = bucket.etag(stored.version);
     // A malformed If-None-Match on a read is ignored (RFC 9110): the value
     // is answered in full.
     let unchanged = etag_list(&headers, &header::IF_NONE_MATCH)
@@ -133,7 +133,7 @@ pub async fn put_key(
     let version = bucket.set(&key, value, ttl, condition).await?;
     Ok(with_etag(
         StatusCode::NO_CONTENT.into_response(),
-        &crate::bucket::etag(version),
+        &bucket.etag(version),
     ))
 }
 
@@ -181,6 +181,11 @@ fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, Ap
             let text = std::str::from_utf8(body).unwrap_or("").trim();
             match (text.chars().next(), Number::parse(text)) {
                 (Some('+' | '-'), Some(n)) => Ok(Op::Add(n)),
+                // The kvdb.io client sends `incr(key, 0)` as a bare `0`.
+                (_, Some(Number::Int(0))) => Ok(Op::Add(Number::Int(0))),
+                (_, Some(_)) => Err(ApiError::bad_request(
+                    "to add a number, sign it (+5 or -5; a bare 0 adds nothing); to set the value, use PUT",
+                )),
                 _ => Err(ApiError::bad_request(
                     "PATCH needs a body of +N or -N to add, ?op=append|max|min, or a Content-Type of application/merge-patch+json or application/json-patch+json",
                 )),
@@ -208,7 +213,7 @@ pub async fn patch_key(
     let op = parse_op(&headers, query_param(&pairs, "op"), &body)?;
     let is_add = matches!(op, Op::Add(_));
     let patched = bucket.patch(&key, op, ttl, condition).await?;
-    let etag = patched.etag();
+    let etag = bucket.etag(patched.version);
     let Some(value) = patched.value else {
         // Write permission without read: the operation is done, and its
         // result is not this caller's to see.

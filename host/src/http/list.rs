@@ -19,21 +19,27 @@ enum Format {
 }
 
 fn flag(pairs: &[(String, String)], name: &str) -> Result<bool, ApiError> {
-    match query_param(pairs, name) {
-        None => Ok(false),
-        Some("" | "true" | "1" | "yes") => Ok(true),
-        Some("false" | "0" | "no") => Ok(false),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "{name} must be true or false, not {other:?}"
+    let Some(value) = query_param(pairs, name) else {
+        return Ok(false);
+    };
+    match value.to_ascii_lowercase().as_str() {
+        "" | "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ApiError::bad_request(format!(
+            "{name} must be true or false (or 1/0, yes/no), not {value:?}"
         ))),
     }
 }
 
 fn number(pairs: &[(String, String)], name: &str, default: usize) -> Result<usize, ApiError> {
     query_param(pairs, name).map_or(Ok(default), |v| {
-        v.trim().parse().map_err(|_| {
-            ApiError::bad_request(format!("{name} must be a non-negative integer, not {v:?}"))
-        })
+        crate::bucket::whole_number(v)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{name} must be a whole number (digits only), not {v:?}"
+                ))
+            })
     })
 }
 

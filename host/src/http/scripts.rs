@@ -224,6 +224,20 @@ pub async fn run_script(
 ) -> Result<Response, ApiError> {
     let name = script_name(&params)?;
     let (parts, body) = request.into_parts();
+    if parts.method == axum::http::Method::HEAD {
+        // A link checker's HEAD would run the script, writes and all, for
+        // an answer without a body (found by a review).
+        let mut refused = ApiError::MethodNotAllowed(format!(
+            "HEAD does not run a script (its writes would happen for an answer without a body): run {} with GET or POST",
+            parts.uri.path()
+        ))
+        .into_response();
+        refused.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, POST, PUT, DELETE"),
+        );
+        return Ok(refused);
+    }
     let remote = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
