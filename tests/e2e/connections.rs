@@ -219,3 +219,26 @@ fn a_write_refused_before_its_body_is_read_keeps_the_connection() {
         "nothing was written"
     );
 }
+
+/// A client that asked `Expect: 100-continue` sends no body unless asked:
+/// a refusal that does not read it is answered at once, saying that the
+/// connection closes (so the client does not send its next request there).
+#[test]
+fn a_refused_request_that_expects_100_continue_is_told_the_connection_closes() {
+    let s = TestServer::start();
+    let missing = "AAAAAAAAAAAAAAAAAAAAAA";
+    let mut c = connect(&s);
+    c.write_all(
+        format!(
+            "PUT /{missing}/k HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("write");
+    let (status, headers) = read_response(&mut c);
+    assert!(status.starts_with("http/1.1 404"), "{status}");
+    assert!(
+        headers.iter().any(|h| h == "connection: close"),
+        "{headers:?}"
+    );
+}

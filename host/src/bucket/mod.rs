@@ -120,37 +120,40 @@ pub enum Condition {
 pub const BLIND_STEP_MAX: i64 = 1_000_000;
 
 /// Values from this size up get their JSON operations made outside the
-/// writer ([`Scoped::apply_outside`]).
+/// writer ([`Scoped::make_outside`]).
 const OUTSIDE_BYTES: usize = 64 * 1024;
 
 /// How many times a JSON operation made outside the writer is made again
 /// when its key changed meanwhile, before the writer makes it itself.
 const OUTSIDE_TRIES: usize = 3;
 
-/// What [`Scoped::apply_outside`] came to.
-enum Outside {
-    Done(Stored),
-    Small,
-    Stale,
+/// A JSON operation's result made outside the writer from the value at
+/// version `based_on` ([`Scoped::make_outside`]).
+struct Made {
+    based_on: u64,
+    result: Result<(Value, u8, Vec<u8>), BucketError>,
 }
 
-/// The key of a bucket's ETags, derived from its signing key.
+/// The key of a bucket's ETags, derived from the store's secret and the
+/// bucket's id.
 ///
 /// Versions number the writes of the whole server, so an ETag that showed
 /// the version would tell any bucket's users how many writes all the other
 /// buckets made in between (found by a review). An ETag is a keyed hash
-/// (SipHash-2-4) of the version instead: it still changes on every write
-/// and stays the same across restarts and restores (the signing key is
-/// part of the bucket), and a new signing key changes every ETag of the
-/// bucket (as it revokes its tokens).
+/// (SipHash-2-4) of the version instead, under a key no user knows or sets
+/// (a key derived from something a user can set, such as the signing key,
+/// let the version be found by trying them: found by a second review). It
+/// still changes on every write and stays the same across restarts; a
+/// restored store has a secret of its own, and so other ETags.
 #[derive(Clone, Copy)]
 pub struct EtagKey([u64; 2]);
 
 impl EtagKey {
-    fn of(policy: &Policy) -> Self {
+    fn of(secret: &[u8; 32], bucket: &BucketId) -> Self {
         let digest = sha2::Sha256::new()
             .chain_update(b"kvdb etag key\0")
-            .chain_update(policy.signing_key.as_bytes())
+            .chain_update(secret)
+            .chain_update(bucket.to_bytes())
             .finalize();
         let mut halves = [0u64; 2];
         for (half, bytes) in halves.iter_mut().zip(digest.chunks_exact(8)) {
@@ -269,6 +272,11 @@ pub struct Buckets {
     /// Script metadata read for runs (see `scripts::ScriptCache`).
     scripts: scripts::ScriptCache,
     purge_wanted: tokio::sync::Notify,
+    /// One JSON operation on a large value made outside the writer at a
+    /// time ([`Scoped::make_outside`]): as when the writer made them, a
+    /// document is held in memory once, and concurrent operations on one
+    /// document don't each make it from the same version in vain.
+    outside: tokio::sync::Semaphore,
 }
 
 fn policy_key(id: &BucketId) -> Vec<u8> {
@@ -305,6 +313,7 @@ impl Buckets {
             cache: RwLock::new(HashMap::new()),
             scripts: scripts::ScriptCache::default(),
             purge_wanted: tokio::sync::Notify::new(),
+            outside: tokio::sync::Semaphore::new(1),
         })
     }
 
@@ -329,10 +338,8 @@ impl Buckets {
         match cache.get(&id) {
             Some(c) if c.version >= version => {}
             _ => {
-                let policy = policy.map(|p| {
-                    let tags = EtagKey::of(&p);
-                    (p, tags)
-                });
+                let tags = EtagKey::of(self.store.secret(), &id);
+                let policy = policy.map(|p| (p, tags));
                 cache.insert(id, Cached { version, policy });
             }
         }
@@ -402,8 +409,7 @@ impl Buckets {
                     .ok_or(BucketError::NotFound)?;
                 let policy = Arc::new(decode_policy(&entry.value)?);
                 self.remember(id, entry.version, Some(policy.clone()));
-                let tags = EtagKey::of(&policy);
-                (policy, tags)
+                (policy, EtagKey::of(self.store.secret(), &id))
             }
         };
         Ok(Bucket {
@@ -759,12 +765,20 @@ impl Scoped {
         let default_ttl = self.bucket.policy.default_ttl;
         let limit = self.bucket.buckets.limits.max_value_bytes;
         let op = Arc::new(op);
-        if matches!(*op, Op::MergePatch(_) | Op::JsonPatch(_)) {
+        if matches!(*op, Op::MergePatch(_) | Op::JsonPatch(_)) && self.is_large(&dkey)? {
+            let _one_at_a_time = self
+                .bucket
+                .buckets
+                .outside
+                .acquire()
+                .await
+                .map_err(|_| StorageError::Closed)?;
             for _ in 0..OUTSIDE_TRIES {
-                match self.apply_outside(&dkey, &op, ttl_s, &condition).await? {
-                    Outside::Done(stored) => return Ok(stored),
-                    Outside::Small => break,
-                    Outside::Stale => {}
+                let Some(made) = self.make_outside(&dkey, &op).await? else {
+                    break;
+                };
+                if let Some(stored) = self.store_made(&dkey, made, ttl_s, &condition).await? {
+                    return Ok(stored);
                 }
             }
         }
@@ -799,30 +813,30 @@ impl Scoped {
             .await?
     }
 
-    /// [`Scoped::apply_op`] of a JSON operation on a large value: parsing,
-    /// changing and writing out a document of megabytes takes a while, and
-    /// the writer, which commits every bucket's writes, would wait for it
-    /// (a client merging into a 16 MiB document again and again held up
-    /// every write of the server by a second each, in a review). So the new
-    /// value is made from a snapshot on a blocking thread, and the writer
-    /// only stores it if the key is still at the version it was made from.
-    /// [`Outside::Small`]: no such value (absent, or under
-    /// [`OUTSIDE_BYTES`]); [`Outside::Stale`]: the key changed meanwhile.
-    async fn apply_outside(
-        &self,
-        dkey: &[u8],
-        op: &Arc<Op>,
-        ttl_s: Option<u64>,
-        condition: &Condition,
-    ) -> Result<Outside, BucketError> {
+    /// Whether the value under `dkey` is large enough for its JSON
+    /// operations to be made outside the writer ([`OUTSIDE_BYTES`]).
+    fn is_large(&self, dkey: &[u8]) -> Result<bool, BucketError> {
+        let current = self.store().snapshot()?.get(dkey)?;
+        Ok(current.is_some_and(|e| e.value.len() >= OUTSIDE_BYTES))
+    }
+
+    /// [`Scoped::apply_op`] of a JSON operation on a large value, first
+    /// step: parsing, changing and writing out a document of megabytes
+    /// takes a while, and the writer, which commits every bucket's writes,
+    /// would wait for it (a client merging into a 16 MiB document again and
+    /// again held up every write of the server by a second each, in a
+    /// review). So the new value is made from a snapshot on a blocking
+    /// thread ([`Scoped::store_made`] stores it). `None`: no such value
+    /// (absent, or under [`OUTSIDE_BYTES`]).
+    async fn make_outside(&self, dkey: &[u8], op: &Arc<Op>) -> Result<Option<Made>, BucketError> {
         let current = self.store().snapshot()?.get(dkey)?.map(Stored::from_entry);
         let Some(current) = current.filter(|c| c.value.size() >= OUTSIDE_BYTES) else {
-            return Ok(Outside::Small);
+            return Ok(None);
         };
         let based_on = current.version;
         let limit = self.bucket.buckets.limits.max_value_bytes;
         let change = op.clone();
-        let made = tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let value = change.apply(Some(current.value), limit)?;
             if value.size() > limit {
                 return Err(BucketError::TooLarge {
@@ -835,13 +849,27 @@ impl Scoped {
         })
         .await
         .map_err(|e| StorageError::Engine(format!("a JSON operation's thread failed: {e}")))?;
+        Ok(Some(Made { based_on, result }))
+    }
+
+    /// Second step of [`Scoped::make_outside`]: the writer stores what was
+    /// made only if the key is still at the version it was made from, and
+    /// its condition holds. `None`: the key changed meanwhile.
+    async fn store_made(
+        &self,
+        dkey: &[u8],
+        made: Made,
+        ttl_s: Option<u64>,
+        condition: &Condition,
+    ) -> Result<Option<Stored>, BucketError> {
         let id = self.bucket.id;
         let etag_key = self.bucket.etag_key;
         let default_ttl = self.bucket.policy.default_ttl;
         let dkey = dkey.to_vec();
         let condition = condition.clone();
+        let Made { based_on, result } = made;
         self.store()
-            .write(move |ctx| -> Result<Outside, BucketError> {
+            .write(move |ctx| -> Result<Option<Stored>, BucketError> {
                 ensure_bucket(ctx, &id)?;
                 let expires_at = expiry(ctx.now_ms(), ttl_s, default_ttl);
                 // The inner error: `None` when the key has moved on.
@@ -851,7 +879,7 @@ impl Scoped {
                         return Err(None);
                     }
                     condition.check(now.as_ref(), etag_key).map_err(Some)?;
-                    let (value, kind, bytes) = made.map_err(Some)?;
+                    let (value, kind, bytes) = result.map_err(Some)?;
                     let new = NewValue {
                         kind,
                         expires_at,
@@ -860,12 +888,12 @@ impl Scoped {
                     Ok((new, value))
                 })?;
                 match outcome {
-                    Ok((version, value)) => Ok(Outside::Done(Stored {
+                    Ok((version, value)) => Ok(Some(Stored {
                         value,
                         version,
                         expires_at,
                     })),
-                    Err(None) => Ok(Outside::Stale),
+                    Err(None) => Ok(None),
                     Err(Some(e)) => Err(e),
                 }
             })
@@ -1108,16 +1136,94 @@ mod tests {
     use crate::storage::memory::MemoryBackend;
     use crate::storage::{Durability, Store};
 
-    #[test]
-    fn etags_are_keyed_by_the_signing_key_and_say_nothing_of_the_version() {
-        let policy = |signing_key: &str| {
-            let mut p = PolicyChange::default().create(0);
-            p.signing_key = signing_key.into();
-            p
+    #[tokio::test]
+    async fn a_json_operation_made_outside_the_writer_is_stored_on_its_version_only() {
+        let store =
+            Store::open(Arc::new(MemoryBackend::new()), Durability::Relaxed).expect("store");
+        let buckets = Buckets::new(
+            store,
+            Limits {
+                max_value_bytes: 1 << 20,
+            },
+        );
+        let (id, _) = buckets
+            .create(PolicyChange::default())
+            .await
+            .expect("create");
+        let admin = buckets.open(id).expect("open").scoped(Scope::admin());
+        let doc = |n: i64| {
+            let pad = "x".repeat(OUTSIDE_BYTES);
+            Value::Json(
+                serde_json::json!({"n": n, "pad": pad})
+                    .to_string()
+                    .into_bytes(),
+            )
         };
-        let (a, b) = (EtagKey::of(&policy("a")), EtagKey::of(&policy("b")));
-        assert_eq!(a.etag(7), EtagKey::of(&policy("a")).etag(7), "stable");
-        assert_ne!(a.etag(7), b.etag(7), "keyed");
+        let key = Key::new("doc").expect("key");
+        let dkey = data_key(&id, "doc");
+        admin
+            .set(&key, doc(1), None, Condition::Always)
+            .await
+            .expect("set");
+        let op = Arc::new(Op::MergePatch(serde_json::json!({"m": 2})));
+        let made = admin.make_outside(&dkey, &op).await.expect("make");
+        let made = made.expect("a large value");
+        // Another write meanwhile: what was made from the old version is
+        // not stored.
+        admin
+            .set(&key, doc(5), None, Condition::Always)
+            .await
+            .expect("set");
+        let stale = admin
+            .store_made(&dkey, made, None, &Condition::Always)
+            .await;
+        assert!(stale.expect("store").is_none(), "stored over a newer value");
+        // Made again from the new version, it is.
+        let made = admin.make_outside(&dkey, &op).await.expect("make");
+        let stored = admin
+            .store_made(
+                &dkey,
+                made.expect("a large value"),
+                None,
+                &Condition::Always,
+            )
+            .await
+            .expect("store")
+            .expect("stored");
+        let now = stored.value.to_json().expect("JSON");
+        assert_eq!((now["n"].clone(), now["m"].clone()), (5.into(), 2.into()));
+        // A failed condition is checked against the value it would replace.
+        let made = admin.make_outside(&dkey, &op).await.expect("make");
+        let refused = admin
+            .store_made(
+                &dkey,
+                made.expect("a large value"),
+                None,
+                &Condition::IfAbsent,
+            )
+            .await;
+        assert!(matches!(refused, Err(BucketError::PreconditionFailed(_))));
+        // A small value is left to the writer.
+        let small = Key::new("small").expect("key");
+        admin
+            .set(&small, Value::Json(b"{}".to_vec()), None, Condition::Always)
+            .await
+            .expect("set");
+        let made = admin.make_outside(&data_key(&id, "small"), &op).await;
+        assert!(made.expect("make").is_none());
+    }
+
+    #[test]
+    fn etags_are_keyed_by_the_store_secret_and_the_bucket() {
+        let (one, other) = (BucketId::random(), BucketId::random());
+        let a = EtagKey::of(&[1; 32], &one);
+        assert_eq!(a.etag(7), EtagKey::of(&[1; 32], &one).etag(7), "stable");
+        assert_ne!(a.etag(7), EtagKey::of(&[2; 32], &one).etag(7), "keyed");
+        assert_ne!(
+            a.etag(7),
+            EtagKey::of(&[1; 32], &other).etag(7),
+            "per bucket"
+        );
         let tags: std::collections::HashSet<String> = (0..10_000).map(|v| a.etag(v)).collect();
         assert_eq!(tags.len(), 10_000, "one per version");
         for tag in [a.etag(1), a.etag(2)] {

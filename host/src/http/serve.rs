@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::http::HeaderValue;
 use axum::http::header::{CONNECTION, EXPECT};
+use axum::http::{HeaderValue, Version};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -36,6 +36,9 @@ use tokio::time::Sleep;
 /// thrown away after the answer ([`Unread`]); beyond it the connection is
 /// closed.
 const DRAIN_MAX: u64 = 64 * 1024 * 1024;
+
+/// How long reading an unread body may hold its answer back ([`Unread`]).
+const DRAIN_TIME: Duration = Duration::from_secs(2);
 
 /// A request body that sent nothing for the read timeout: the error its
 /// reader gets (answered 408).
@@ -75,7 +78,7 @@ impl Drop for IdleTimeoutBody {
             && !inner.is_end_stream()
         {
             let rest = IdleTimeoutBody::new(inner, self.timeout, None);
-            *unread.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(rest);
+            *unread.rest.lock().unwrap_or_else(PoisonError::into_inner) = Some(rest);
         }
     }
 }
@@ -85,41 +88,65 @@ impl Drop for IdleTimeoutBody {
 /// answer without saying so (no `Connection: close`): a client's next
 /// request on it then fails, and after a `PATCH` it can't tell whether its
 /// write was applied (found by a review). So the rest is read and thrown
-/// away after the answer is made, up to [`DRAIN_MAX`] bytes and
-/// within the read timeout; beyond them the answer says `Connection:
-/// close`. Not for a request that expects `100-continue`: its client sends
-/// no body unless asked.
+/// away after the answer is made, up to [`DRAIN_MAX`] bytes and within
+/// [`DRAIN_TIME`] (a client trickling its body holds its answer no
+/// longer); beyond them, and whenever the body is not read for a request
+/// that expects `100-continue` (its client sends no body unless asked) or
+/// closes the connection anyway, the answer says `Connection: close`. A
+/// body that failed (stalled, malformed) is not read again: its error
+/// was the answer.
 ///
 /// A body refused for its size (413) is read the same way.
-#[derive(Clone, Default)]
-struct Unread(Arc<Mutex<Option<IdleTimeoutBody>>>);
+#[derive(Clone)]
+struct Unread {
+    rest: Arc<Mutex<Option<IdleTimeoutBody>>>,
+    /// Whether the rest is read, or the connection closed at once.
+    drain: bool,
+}
 
 impl Unread {
-    /// Reads what is left; whether the body ended within the bounds.
-    async fn drain(self) -> bool {
+    fn new(drain: bool) -> Self {
+        Self {
+            rest: Arc::default(),
+            drain,
+        }
+    }
+
+    /// Reads what is left; whether the connection can serve another
+    /// request (nothing was left, or it was read within the bounds).
+    async fn finish(self) -> bool {
         use http_body_util::BodyExt;
-        let rest = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let rest = self
+            .rest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let Some(mut body) = rest else {
             return true;
         };
-        if body.size_hint().lower() > DRAIN_MAX {
+        if !self.drain || body.size_hint().lower() > DRAIN_MAX {
             return false;
         }
-        let mut seen: u64 = 0;
-        loop {
-            match body.frame().await {
-                None => return true,
-                Some(Err(_)) => return false,
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        seen += data.len() as u64;
-                        if seen > DRAIN_MAX {
-                            return false;
+        let read_to_end = async {
+            let mut seen: u64 = 0;
+            loop {
+                match body.frame().await {
+                    None => return true,
+                    Some(Err(_)) => return false,
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            seen += data.len() as u64;
+                            if seen > DRAIN_MAX {
+                                return false;
+                            }
                         }
                     }
                 }
             }
-        }
+        };
+        tokio::time::timeout(DRAIN_TIME, read_to_end)
+            .await
+            .unwrap_or(false)
     }
 }
 
@@ -136,6 +163,11 @@ impl HttpBody for IdleTimeoutBody {
             return Poll::Ready(None);
         };
         match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                // Nothing more to read, nor to hand to `Unread`.
+                this.inner = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(frame) => {
                 // Data came: the next wait starts its own timer.
                 this.idle = None;
@@ -147,6 +179,7 @@ impl HttpBody for IdleTimeoutBody {
                     .idle
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 ready!(idle.as_mut().poll(cx));
+                this.inner = None;
                 Poll::Ready(Some(Err(Box::new(BodyStalled(timeout)))))
             }
         }
@@ -195,9 +228,16 @@ pub async fn serve(
         let counted = progress.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             // A request without a body (a GET) needs no watch on it.
-            let unread = (!request.body().is_end_stream()
-                && !request.headers().contains_key(EXPECT))
-            .then(Unread::default);
+            let unread = (!request.body().is_end_stream()).then(|| {
+                let headers = request.headers();
+                let closes = request.version() != Version::HTTP_11
+                    || headers.get_all(CONNECTION).iter().any(|v| {
+                        v.to_str().is_ok_and(|v| {
+                            v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
+                        })
+                    });
+                Unread::new(!closes && !headers.contains_key(EXPECT))
+            });
             let mut request =
                 request.map(|b| Body::new(IdleTimeoutBody::new(b, read_timeout, unread.clone())));
             request
@@ -209,7 +249,7 @@ pub async fn serve(
                 let _in_flight = in_flight;
                 let mut response = answer.await;
                 if let Some(unread) = unread
-                    && !unread.drain().await
+                    && !unread.finish().await
                 {
                     response
                         .headers_mut()

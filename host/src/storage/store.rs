@@ -49,6 +49,9 @@ const META_HORIZON: &[u8] = b"mhorizon";
 const META_RESTORED: &[u8] = b"mrestored";
 /// Set while a restore is being applied: a store that holds it is refused.
 const META_RESTORING: &[u8] = b"mrestoring";
+/// A secret of this store, made when it is first opened and never shown
+/// (not in backups either): the key of the ETags (`bucket::EtagKey`).
+const META_SECRET: &[u8] = b"msecret";
 
 const RECORD_HEADER: usize = 17;
 const TOMBSTONE_KEY: u8 = 0;
@@ -578,6 +581,8 @@ struct Inner {
     /// Write jobs submitted and not yet answered.
     in_flight: Arc<AtomicUsize>,
     pace: Pace,
+    /// [`META_SECRET`].
+    secret: [u8; 32],
 }
 
 /// Whether writes overlap: [`Store::submit`]'s choice between committing a
@@ -724,7 +729,17 @@ impl Store {
             ));
         }
         let seq = snapshot.get(META_SEQ)?.map_or(0, |v| be_u64(&v));
+        let kept = snapshot.get(META_SECRET)?;
         drop(snapshot);
+        let secret = match kept.as_deref().map(<[u8; 32]>::try_from) {
+            Some(Ok(secret)) => secret,
+            Some(Err(_)) => return Err(StorageError::Corrupt("the store secret".into())),
+            None => {
+                let secret: [u8; 32] = rand::random();
+                backend.write(true, &mut |w| w.put(META_SECRET, &secret))?;
+                secret
+            }
+        };
         let (tx, rx) = mpsc::channel();
         let snapshots = Arc::new(SnapshotCache::default());
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -748,6 +763,7 @@ impl Store {
             durability,
             in_flight,
             pace: Pace::default(),
+            secret,
         });
         let handle = std::thread::Builder::new()
             .name("kvdb-writer".into())
@@ -768,6 +784,12 @@ impl Store {
             raw: self.inner.snapshots.get(&*self.inner.backend)?,
             now: self.inner.clock.now_ms(),
         })
+    }
+
+    /// This store's secret (32 random bytes made when it was first opened,
+    /// kept across restarts, never in a backup).
+    pub fn secret(&self) -> &[u8; 32] {
+        &self.inner.secret
     }
 
     /// The current time as the store sees it, in Unix milliseconds.
