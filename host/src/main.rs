@@ -195,8 +195,25 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
     };
     let mut reader = progress.wrap_read(response.body_mut().as_reader());
     let bytes = match &args.output {
+        // A device or a pipe (`/dev/null`, `/dev/stdout`, a FIFO) is written
+        // as it is: the rename below would replace it with a regular file
+        // (run as root, `--output /dev/null` replaced the system's
+        // /dev/null: found in this project's own test runs).
+        Some(path) if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) => {
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let n = std::io::copy(&mut reader, &mut out).context("receiving the backup")?;
+            out.flush()?;
+            n
+        }
         Some(path) => {
-            let partial = path.with_extension("partial");
+            // FILE.partial until complete (not `with_extension`, which would
+            // take `b.partial` for `b.kvdb`, a file of the user's).
+            let mut partial = path.as_os_str().to_owned();
+            partial.push(".partial");
+            let partial = std::path::PathBuf::from(partial);
             let mut file = std::fs::File::create(&partial)
                 .with_context(|| format!("creating {}", partial.display()))?;
             let n = std::io::copy(&mut reader, &mut file).context("receiving the backup")?;

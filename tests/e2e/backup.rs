@@ -777,3 +777,58 @@ fn served_after_failed_restore(data: &Path, buckets: &[String], case: &str) -> O
         )
     })
 }
+
+/// `--output` naming a pipe or a device writes into it as it is: the rename
+/// that keeps a half-written backup from looking whole would replace it
+/// with a regular file (run as root, `--output /dev/null` replaced the
+/// system's /dev/null). And `FILE.partial` is the temporary name, so a
+/// `b.partial` of the user's next to `b.kvdb` is left alone.
+#[test]
+fn backup_into_a_pipe_leaves_it_a_pipe_and_a_users_partial_file_alone() {
+    use std::os::unix::fs::FileTypeExt;
+    let s = TestServer::start_with(&["--admin-token", OP]);
+    let b = s.create_bucket("secret_key=sk");
+    assert_eq!(s.put(&format!("/{b}/k"), "v").status, 204);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fifo = dir.path().join("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).expect("read the pipe"))
+    };
+    let out = backup_cmd(&s, OP, 0, &fifo);
+    // (Had the pipe been replaced, its reader would wait for ever: it is
+    // left behind, and ends with the test process.)
+    let kind = std::fs::metadata(&fifo).expect("the pipe").file_type();
+    assert!(kind.is_fifo(), "the pipe was replaced: {kind:?}");
+    if !out.status.success() {
+        // Let the reader see the end before failing.
+        let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+    }
+    let through = reader.join().expect("reader");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What went through the pipe is a backup.
+    let file = dir.path().join("b.kvdb");
+    std::fs::write(&file, &through).expect("write");
+    let restored = restore(&dir.path().join("restored"), &[&file]);
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    // The user's own b.partial stays as it was.
+    let mine = dir.path().join("b.partial");
+    std::fs::write(&mine, "mine").expect("write");
+    let out = backup_cmd(&s, OP, 0, &file);
+    assert!(out.status.success());
+    assert_eq!(std::fs::read_to_string(&mine).expect("read"), "mine");
+    assert!(!dir.path().join("b.kvdb.partial").exists());
+}
