@@ -338,8 +338,7 @@ impl Buckets {
         match cache.get(&id) {
             Some(c) if c.version >= version => {}
             _ => {
-                let tags = EtagKey::of(self.store.secret(), &id);
-                let policy = policy.map(|p| (p, tags));
+                let policy = policy.map(|p| (p, EtagKey::of(self.store.secret(), &id)));
                 cache.insert(id, Cached { version, policy });
             }
         }
@@ -1136,20 +1135,21 @@ mod tests {
     use crate::storage::memory::MemoryBackend;
     use crate::storage::{Durability, Store};
 
-    #[tokio::test]
-    async fn a_json_operation_made_outside_the_writer_is_stored_on_its_version_only() {
+    /// Buckets over an in-memory store, and one bucket in them.
+    async fn one_bucket(max_value_bytes: usize) -> (Arc<Buckets>, BucketId) {
         let store =
             Store::open(Arc::new(MemoryBackend::new()), Durability::Relaxed).expect("store");
-        let buckets = Buckets::new(
-            store,
-            Limits {
-                max_value_bytes: 1 << 20,
-            },
-        );
+        let buckets = Buckets::new(store, Limits { max_value_bytes });
         let (id, _) = buckets
             .create(PolicyChange::default())
             .await
             .expect("create");
+        (buckets, id)
+    }
+
+    #[tokio::test]
+    async fn a_json_operation_made_outside_the_writer_is_stored_on_its_version_only() {
+        let (buckets, id) = one_bucket(1 << 20).await;
         let admin = buckets.open(id).expect("open").scoped(Scope::admin());
         let doc = |n: i64| {
             let pad = "x".repeat(OUTSIDE_BYTES);
@@ -1238,18 +1238,7 @@ mod tests {
         // As a script run does: its handle lives on while the bucket is
         // deleted. No purge runs here (no background task), so the entries
         // are still in the store.
-        let store =
-            Store::open(Arc::new(MemoryBackend::new()), Durability::Relaxed).expect("store");
-        let buckets = Buckets::new(
-            store,
-            Limits {
-                max_value_bytes: 1024,
-            },
-        );
-        let (id, _) = buckets
-            .create(PolicyChange::default())
-            .await
-            .expect("create");
+        let (buckets, id) = one_bucket(1024).await;
         let key = Key::new("k").expect("key");
         let admin = buckets.open(id).expect("open").scoped(Scope::admin());
         admin

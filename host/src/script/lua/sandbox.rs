@@ -274,7 +274,8 @@ impl Base {
     }
 
     /// A fresh global table for one run, with its own `kvdb` table, and
-    /// `math.random` seeded afresh from the operating system's generator.
+    /// `math.random` seeded afresh (from `rand`'s generator, which the
+    /// operating system seeds).
     pub(super) fn environment(&self) -> mlua::Result<Table> {
         self.randomseed
             .call::<()>((rand::random::<i64>(), rand::random::<i64>()))?;
