@@ -708,6 +708,20 @@ fn a_runtime_error_is_a_500_script_error_with_message_and_line() {
     let detail = assert_problem_type(&run(&s, &b, "boom"), 500, "script-error");
     assert!(detail.contains("boom:3:"), "{detail}");
     assert!(detail.contains("kaboom"), "{detail}");
+    // An error raised inside a library function (ipairs indexing nil in C)
+    // has no position of its own: the script's line is taken from the
+    // traceback (the usual case: `kvdb.list` answered nil, err).
+    install(
+        &s,
+        &b,
+        "iter",
+        "local n = 0\nfor _ in ipairs(nil) do\n  n = n + 1\nend\n",
+    );
+    let detail = assert_problem_type(&run(&s, &b, "iter"), 500, "script-error");
+    assert!(
+        detail.contains("iter:2: attempt to index a nil value"),
+        "{detail}"
+    );
     // The server goes on.
     assert_body(&eval(&s, &b, "kvdb.say('fine')"), "fine\n");
 }

@@ -94,10 +94,49 @@ fn lua_error(e: &mlua::Error) -> String {
         other => other.to_string(),
     };
     let line = text.lines().next().unwrap_or("").trim();
-    line.strip_prefix("runtime error: ")
+    let message = line
+        .strip_prefix("runtime error: ")
         .or_else(|| line.strip_prefix("syntax error: "))
-        .unwrap_or(line)
-        .to_owned()
+        .unwrap_or(line);
+    if has_position(message) {
+        return message.to_owned();
+    }
+    // An error raised inside a library function written in C (`ipairs(nil)`
+    // indexing nil) carries no position: take the script's innermost line
+    // from the traceback, so that the message still says where.
+    match script_position(&text) {
+        Some(position) => format!("{position}: {message}"),
+        None => message.to_owned(),
+    }
+}
+
+/// Whether `message` starts with a Lua position, `name:LINE: `.
+fn has_position(message: &str) -> bool {
+    message
+        .split_once(": ")
+        .is_some_and(|(head, _)| is_position(head))
+}
+
+/// Whether `s` is a Lua position, `name:LINE`.
+fn is_position(s: &str) -> bool {
+    s.rsplit_once(':').is_some_and(|(name, line)| {
+        !name.is_empty() && !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+/// The innermost frame of the script itself in an error's traceback
+/// (`name:LINE`), skipping library functions (`[C]`) and the sandbox's own
+/// Lua.
+fn script_position(text: &str) -> Option<&str> {
+    text.lines()
+        .skip_while(|l| !l.starts_with("stack traceback:"))
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.starts_with("[C]") && !l.starts_with("sandbox:"))
+        .find_map(|l| {
+            let (position, _) = l.split_once(": in ")?;
+            is_position(position).then_some(position)
+        })
 }
 
 fn is_memory_error(e: &mlua::Error) -> bool {
