@@ -80,7 +80,7 @@ const GC_CHUNK: usize = 1000;
 
 /// How long tombstones are kept for incremental backups: a week of daily
 /// backups can be chained; an older `since` is refused with a clear error.
-const TOMBSTONE_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+pub(super) const TOMBSTONE_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// With [`Durability::Relaxed`], the longest a commit stays unsynced.
 const RELAXED_SYNC_EVERY: Duration = Duration::from_secs(1);
@@ -637,48 +637,118 @@ impl Drop for InFlight {
 ///
 /// Opening a backend snapshot (a redb read transaction and its table) costs
 /// about as much as the point read itself; read-heavy traffic shares one.
-/// The writer bumps `generation` and drops the cached snapshot after every
+/// The writer bumps the generation and drops the cached snapshot after every
 /// commit, before it answers the batch: a client that saw its write
 /// acknowledged never reads an older snapshot, and no stale snapshot stays
 /// open to pin pages that later commits freed.
+///
+/// # Expiry and the batch in progress
+///
+/// A batch judges expiry at one time, read as it starts, and what it writes
+/// becomes visible only at its commit (after the fsync). A reader of the
+/// state before it must not judge expiry at a later time than the batch
+/// did: a key would otherwise be expired for readers (404) while the batch,
+/// which saw it alive, updates it, and the key would come back at the
+/// commit. So each generation has a cap: the start time of the batch that
+/// replaces it, once that batch has started; a snapshot judges expiry at the
+/// earlier of the clock and its generation's cap. The batch stores the cap
+/// before it reads its own time again ([`SnapshotCache::start_batch`]), and
+/// a reader reads the clock before the cap: a reader that saw no cap read
+/// the clock before the batch read its time, so no reader judges the state
+/// later than the batch that replaces it.
 #[derive(Default)]
 struct SnapshotCache {
-    generation: AtomicU64,
-    latest: RwLock<Option<(u64, Arc<dyn RawRead>)>>,
+    latest: RwLock<Latest>,
+}
+
+/// The current generation's cached snapshot and cap.
+struct Latest {
+    generation: u64,
+    raw: Option<Arc<dyn RawRead>>,
+    /// When the batch that replaces this generation started (Unix ms);
+    /// `u64::MAX` until one starts.
+    cap: Arc<AtomicU64>,
+}
+
+impl Default for Latest {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            raw: None,
+            cap: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
 }
 
 impl SnapshotCache {
-    fn get(&self, backend: &dyn Backend) -> Result<Arc<dyn RawRead>, StorageError> {
-        let generation = self.generation.load(Ordering::Acquire);
-        if let Some((g, raw)) = &*self
-            .latest
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            && *g == generation
-        {
-            return Ok(raw.clone());
-        }
+    /// The current snapshot and the time to judge its expiry by.
+    fn get(
+        &self,
+        backend: &dyn Backend,
+        clock: &Clock,
+    ) -> Result<(Arc<dyn RawRead>, u64), StorageError> {
+        let (generation, cap) = {
+            let latest = self
+                .latest
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(raw) = &latest.raw {
+                let now = clock.now_ms().min(latest.cap.load(Ordering::SeqCst));
+                return Ok((raw.clone(), now));
+            }
+            (latest.generation, latest.cap.clone())
+        };
+        // Made after the cap was taken: if a commit lands in between, this
+        // snapshot holds the newer state, judged at the start of the batch
+        // that made it, which is the time that batch judged it at.
         let raw: Arc<dyn RawRead> = Arc::from(backend.snapshot()?);
+        let now = clock.now_ms().min(cap.load(Ordering::SeqCst));
         let mut latest = self
             .latest
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Only cache it if no commit happened since `generation` was read:
-        // the snapshot might predate that commit.
-        if self.generation.load(Ordering::Acquire) == generation {
-            *latest = Some((generation, raw.clone()));
+        // Only cached if no commit happened since the generation was read:
+        // it might predate that commit, and the cached one must not.
+        if latest.generation == generation && latest.raw.is_none() {
+            latest.raw = Some(raw.clone());
         }
-        Ok(raw)
+        Ok((raw, now))
     }
 
-    /// Called by the writer after each commit.
-    fn invalidate(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        let stale = self
+    /// Called by the writer as a batch starts: caps the current generation
+    /// at the batch's time, and returns the time the batch judges expiry by.
+    fn start_batch(&self, clock: &Clock) -> u64 {
+        let cap = self
             .latest
-            .write()
+            .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+            .cap
+            .clone();
+        let capped = clock.now_ms();
+        // One batch per generation: the writer starts a new generation
+        // after every batch, committed or not.
+        cap.store(capped, Ordering::SeqCst);
+        // Read again once the cap is in place: no earlier than the clock of
+        // any reader that did not see the cap.
+        clock.now_ms().max(capped)
+    }
+
+    /// Called by the writer after each commit (or failed batch).
+    fn invalidate(&self) {
+        let stale = {
+            let mut latest = self
+                .latest
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let generation = latest.generation.wrapping_add(1);
+            std::mem::replace(
+                &mut *latest,
+                Latest {
+                    generation,
+                    ..Latest::default()
+                },
+            )
+        };
         drop(stale);
     }
 }
@@ -780,10 +850,11 @@ impl Store {
     /// # Errors
     /// An engine failure.
     pub fn snapshot(&self) -> Result<Snapshot, StorageError> {
-        Ok(Snapshot {
-            raw: self.inner.snapshots.get(&*self.inner.backend)?,
-            now: self.inner.clock.now_ms(),
-        })
+        let (raw, now) = self
+            .inner
+            .snapshots
+            .get(&*self.inner.backend, &self.inner.clock)?;
+        Ok(Snapshot { raw, now })
     }
 
     /// This store's secret (32 random bytes made when it was first opened,
@@ -986,8 +1057,12 @@ impl Store {
                 let restored = ctx.meta(META_RESTORED)?;
                 let has_data = any_in(ctx.raw, &[NS_DATA], &[NS_DATA + 1])?;
                 // Reads every entry: only for an increment that could apply.
-                let written_since =
-                    increment && restored == info.since && written_after(ctx.raw, restored)?;
+                // A horizon past the restore means tombstones written after
+                // it were forgotten (past their retention): deletions the
+                // scan below can no longer see.
+                let written_since = increment
+                    && restored == info.since
+                    && (ctx.meta(META_HORIZON)? > restored || written_after(ctx.raw, restored)?);
                 Ok((restored, ctx.seq, has_data, written_since))
             })??;
         if info.since == 0 && (has_data || seq > 0) {
@@ -1498,7 +1573,7 @@ impl Writer {
 
     fn run_batch(&mut self, batch: Vec<Job>, durable: bool) {
         let start_seq = self.seq;
-        let now = self.clock.now_ms();
+        let now = self.snapshots.start_batch(&self.clock);
         let mut jobs: Vec<JobFn> = batch.into_iter().map(|j| j.run).collect();
         let mut completions: Vec<Completion> = Vec::with_capacity(jobs.len());
         let mut end_seq = start_seq;
@@ -1631,6 +1706,71 @@ mod tests {
             self.note_ceiling();
             Ok(())
         }
+    }
+
+    /// A batch judges expiry at its start, and its writes show at its
+    /// commit: until then, readers of the state before it judge expiry no
+    /// later than it did. Otherwise a key that expires while a batch that
+    /// saw it alive updates it is a 404 for readers and then, at the commit,
+    /// back (found by a review: PATCH +1 at the moment of expiry).
+    #[test]
+    fn readers_judge_expiry_no_later_than_the_batch_in_progress() {
+        let clock = Arc::new(AtomicU64::new(1_000));
+        let store = Store::open_with_manual_clock(Arc::new(MemoryBackend::new()), clock.clone())
+            .expect("open");
+        store
+            .write_blocking(|ctx| ctx.put(b"k", 0, b"old", 1_500))
+            .expect("commit")
+            .expect("put");
+        let (started, in_batch) = std::sync::mpsc::channel();
+        let (go, release) = std::sync::mpsc::channel::<()>();
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store
+                    .write_blocking(move |ctx| {
+                        let alive = ctx.get(b"k")?.is_some();
+                        started.send(alive).expect("test waits");
+                        release.recv().expect("test releases");
+                        ctx.put(b"k", 0, b"new", 0)
+                    })
+                    .expect("commit")
+                    .expect("put")
+            })
+        };
+        assert!(in_batch.recv().expect("batch started"), "alive at 1000");
+        // The batch is under way (as if in its fsync) when the key expires.
+        clock.store(2_000, Ordering::SeqCst);
+        let mid = store.snapshot().expect("snapshot");
+        assert_eq!(mid.now_ms(), 1_000, "held at the batch's start");
+        assert!(
+            mid.get(b"k").expect("get").is_some(),
+            "still there for readers while the batch that saw it alive runs"
+        );
+        go.send(()).expect("writer waits");
+        writer.join().expect("writer");
+        let after = store.snapshot().expect("snapshot");
+        assert_eq!(after.now_ms(), 2_000, "the clock again once committed");
+        assert!(
+            after
+                .get(b"k")
+                .expect("get")
+                .is_some_and(|e| e.expires_at == 0)
+        );
+        // With no batch under way, expiry is judged by the clock.
+        store
+            .write_blocking(|ctx| ctx.put(b"t", 0, b"v", 2_500))
+            .expect("commit")
+            .expect("put");
+        clock.store(3_000, Ordering::SeqCst);
+        assert!(
+            store
+                .snapshot()
+                .expect("snapshot")
+                .get(b"t")
+                .expect("get")
+                .is_none()
+        );
     }
 
     /// A backup of a relaxed store first syncs what is committed but not
