@@ -1,6 +1,6 @@
 //! The `kvdb` binary: parse the command line, set up logging, act.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -228,13 +228,13 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
                     "refusing to write a binary backup to a terminal: use --output FILE or a pipe"
                 );
             }
-            let mut buf = Vec::new();
-            reader
-                .read_to_end(&mut buf)
-                .context("receiving the backup")?;
-            out.write_all(&buf)?;
+            // Streamed, not held in memory (a backup can be gigabytes): if
+            // the transfer breaks, the reader of the pipe has a stream
+            // without its footer, which a restore refuses, and this command
+            // fails.
+            let n = std::io::copy(&mut reader, &mut out).context("receiving the backup")?;
             out.flush()?;
-            buf.len() as u64
+            n
         }
     };
     progress.finish_and_clear();

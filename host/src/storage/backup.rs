@@ -48,6 +48,17 @@ pub enum Record {
     },
 }
 
+impl Record {
+    /// About how many bytes it holds (its key or prefix and its value).
+    pub fn size(&self) -> usize {
+        match self {
+            Record::Delete { key, .. } => key.len(),
+            Record::DeletePrefix { prefix, .. } => prefix.len(),
+            Record::Put { key, entry } => key.len() + entry.value.len(),
+        }
+    }
+}
+
 fn io(e: std::io::Error) -> StorageError {
     StorageError::Backup(format!("writing the stream: {e}"))
 }

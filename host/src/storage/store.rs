@@ -78,6 +78,15 @@ const CEILING_MARGIN: u64 = 64;
 /// small enough that the step never holds the writer for more than a few ms.
 const GC_CHUNK: usize = 1000;
 
+/// The most bytes of keys and values one restore transaction applies (as
+/// well as at most [`GC_CHUNK`] records): a restore holds about this much in
+/// memory, whatever the size of the backup (1000 values near the 16 MiB
+/// limit would otherwise be 16 GiB at once; found by a review).
+#[cfg(not(test))]
+const RESTORE_CHUNK_BYTES: usize = 64 * 1024 * 1024;
+#[cfg(test)]
+const RESTORE_CHUNK_BYTES: usize = 64 * 1024;
+
 /// How long tombstones are kept for incremental backups: a week of daily
 /// backups can be chained; an older `since` is refused with a clear error.
 pub(super) const TOMBSTONE_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -1089,13 +1098,16 @@ impl Store {
         self.write_blocking(move |ctx| ctx.raw.put(META_RESTORING, &[]))??;
         loop {
             let mut chunk = Vec::with_capacity(GC_CHUNK);
-            while chunk.len() < GC_CHUNK {
-                match reader.next_record()? {
-                    Some(record) => chunk.push(record),
-                    None => break,
+            let mut bytes = 0;
+            let mut last = true;
+            while let Some(record) = reader.next_record()? {
+                bytes += record.size();
+                chunk.push(record);
+                if chunk.len() >= GC_CHUNK || bytes >= RESTORE_CHUNK_BYTES {
+                    last = false;
+                    break;
                 }
             }
-            let last = chunk.len() < GC_CHUNK;
             self.write_blocking(move |ctx| -> Result<(), StorageError> {
                 for record in chunk {
                     apply_record(ctx, record)?;
@@ -1771,6 +1783,43 @@ mod tests {
                 .expect("get")
                 .is_none()
         );
+    }
+
+    /// A restore applies a backup in transactions of at most
+    /// `RESTORE_CHUNK_BYTES` of keys and values (64 KiB in tests), not only
+    /// of at most `GC_CHUNK` records: its memory does not grow with the size
+    /// of the values.
+    #[test]
+    fn a_restore_of_large_values_commits_in_bounded_chunks() {
+        let source = Store::open(Arc::new(MemoryBackend::new()), Durability::Strict).expect("open");
+        let value = vec![7u8; 40 * 1024];
+        for i in 0..5u8 {
+            let value = value.clone();
+            source
+                .write_blocking(move |ctx| ctx.put(&[b'k', i], 0, &value, 0))
+                .expect("commit")
+                .expect("put");
+        }
+        let mut stream = Vec::new();
+        source
+            .backup(0)
+            .expect("backup")
+            .write_to(&mut stream)
+            .expect("stream");
+        let disk = TestDisk::new(false);
+        let target = Store::open(disk.clone(), Durability::Strict).expect("open");
+        let before = disk.durable_commits.load(Ordering::SeqCst);
+        target.restore(&mut stream.as_slice()).expect("restore");
+        // The check, the restoring mark, the chunks, the end.
+        let chunks = disk.durable_commits.load(Ordering::SeqCst) - before - 3;
+        assert_eq!(chunks, 3, "two values of 40 KiB reach 64 KiB: 2 + 2 + 1");
+        let restored = target.snapshot().expect("snapshot");
+        for i in 0..5u8 {
+            assert_eq!(
+                restored.get(&[b'k', i]).expect("get").map(|e| e.value),
+                Some(value.clone())
+            );
+        }
     }
 
     /// A backup of a relaxed store first syncs what is committed but not
