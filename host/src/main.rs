@@ -272,6 +272,15 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
                 "{} is a full backup, and full backups come first: kvdb restore --data DIR FULL [INCREMENT...], the increments in the order they were taken",
                 path.display()
             );
+            if let (Some(from), Some(before_from)) = (info.lineage, b.lineage) {
+                anyhow::ensure!(
+                    from == before_from,
+                    "{} was taken from another server than {}: {}",
+                    path.display(),
+                    before.display(),
+                    kvdb::storage::backup_other_server_hint()
+                );
+            }
             anyhow::ensure!(
                 info.since == b.version,
                 "{} does not continue {}: {}",

@@ -574,6 +574,47 @@ fn restoring_an_increment_out_of_order_fails() {
     );
 }
 
+/// A server restored from a backup is a server of its own: an increment
+/// taken from it, with the `--since` the original server's chain had come
+/// to, does not continue that chain (found by a review: the chain restored
+/// to data neither server held).
+#[test]
+fn an_increment_of_a_restored_server_does_not_continue_the_original_chain() {
+    let f = fixture();
+    let full = f.file("full.kvdb");
+    let v1 = backup(&f.live, 0, &full);
+    assert_eq!(f.live.put(&format!("/{}/x", f.b), "2").status, 204);
+    let incr = f.file("incr.kvdb");
+    let v2 = backup(&f.live, v1, &incr);
+    // Disaster: the server comes back from the full backup alone, and the
+    // old cron job goes on with the `--since` it had come to.
+    let copy_dir = f.fresh_dir("copy");
+    restore_ok(&copy_dir, &[&full]);
+    let copy = TestServer::start_on(&copy_dir, &["--admin-token", OP]);
+    assert_eq!(copy.put(&format!("/{}/x", f.b), "copy").status, 204);
+    let foreign = f.file("foreign.kvdb");
+    backup(&copy, v2, &foreign);
+    // Named before anything is written, in one command...
+    let data = f.fresh_dir("chain");
+    let err = restore_fails(&data, &[&full, &incr, &foreign]);
+    assert!(
+        err.contains("foreign.kvdb was taken from another server than")
+            && err.contains("incr.kvdb"),
+        "{err}"
+    );
+    assert!(!data.join("kvdb.redb").exists(), "nothing written");
+    // ... and by the data directory, one file at a time.
+    restore_ok(&data, &[&full, &incr]);
+    let err = restore_fails(&data, &[&foreign]);
+    assert!(err.contains("another server"), "{err}");
+    let restored = TestServer::start_on(&data, &[]);
+    assert_eq!(
+        snapshot(&restored, &f.buckets()),
+        snapshot(&f.live, &f.buckets()),
+        "the chain as it was"
+    );
+}
+
 #[test]
 fn restoring_a_full_backup_into_a_non_empty_dir_fails() {
     let f = fixture();

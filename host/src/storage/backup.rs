@@ -2,7 +2,7 @@
 //! [`Store::restore`](super::Store::restore). Documented in `docs/backup-format.md`.
 //!
 //! ```text
-//! header  "KVDBBAK\x01" since:u64 version:u64
+//! header  "KVDBBAK\x02" since:u64 version:u64 lineage:16 bytes
 //! record  'D' version:u64 deleted_at:u64 len:u32 key         a deleted key
 //!         'R' version:u64 deleted_at:u64 len:u32 prefix      a deleted prefix (bucket)
 //!         'P' len:u32 key kind:u8 expires_at:u64 version:u64 len:u32 value
@@ -16,7 +16,16 @@ use std::io::{BufWriter, Read, Write};
 use super::StorageError;
 use super::store::Entry;
 
-const MAGIC: &[u8; 8] = b"KVDBBAK\x01";
+const MAGIC: &[u8; 8] = b"KVDBBAK\x02";
+/// The first format: the same, without the lineage in the header.
+const MAGIC_V1: &[u8; 8] = b"KVDBBAK\x01";
+
+/// Which server's numbering a backup's versions are in: 16 random bytes a
+/// data directory makes for itself when it is first opened. A directory
+/// restored from a backup makes its own (it numbers its own writes from
+/// there on), so an increment taken from it can't be mistaken for one of
+/// the server it was restored from.
+pub type Lineage = [u8; 16];
 
 /// Largest key or value length accepted from a stream; far above any limit
 /// the server enforces, so only corruption trips it.
@@ -27,6 +36,8 @@ const MAX_FIELD: u32 = 1 << 30;
 pub struct BackupInfo {
     pub since: u64,
     pub version: u64,
+    /// The server the backup was taken from (`None` in the first format).
+    pub lineage: Option<Lineage>,
 }
 
 /// One change in a backup.
@@ -97,6 +108,7 @@ impl<'a> Writer<'a> {
         out.put(MAGIC)?;
         out.put(&info.since.to_be_bytes())?;
         out.put(&info.version.to_be_bytes())?;
+        out.put(&info.lineage.unwrap_or_default())?;
         Ok(Self { out, count: 0 })
     }
 
@@ -180,19 +192,29 @@ impl<'a> Reader<'a> {
             info: BackupInfo {
                 since: 0,
                 version: 0,
+                lineage: None,
             },
             count: 0,
             done: false,
         };
         let magic = r.bytes(8)?;
-        if magic != MAGIC {
+        if magic != MAGIC && magic != MAGIC_V1 {
             return Err(StorageError::Restore(
                 "this is not a KVdb backup (bad magic)".into(),
             ));
         }
+        let since = r.u64()?;
+        let version = r.u64()?;
+        let lineage = if magic == MAGIC {
+            let bytes = r.bytes(16)?;
+            Some(Lineage::try_from(bytes.as_slice()).map_err(|_| corrupt("lineage"))?)
+        } else {
+            None
+        };
         r.info = BackupInfo {
-            since: r.u64()?,
-            version: r.u64()?,
+            since,
+            version,
+            lineage,
         };
         Ok(r)
     }
@@ -317,6 +339,14 @@ pub fn chain_hint(since: u64, holds: u64) -> String {
     }
 }
 
+/// Why an increment from another server does not continue a chain, and
+/// what to do instead.
+pub fn other_server_hint() -> &'static str {
+    "a data directory restored from a backup is a server of its own, which numbers its own \
+     writes, so its increments continue only its own full backups (restore a full backup of \
+     the server the increment came from into a new directory, then that server's increments)"
+}
+
 /// Reads a whole stream and checks its footer, without applying anything.
 ///
 /// # Errors
@@ -338,6 +368,7 @@ mod tests {
             BackupInfo {
                 since: 3,
                 version: 9,
+                lineage: Some([5; 16]),
             },
         )
         .expect("header");
@@ -370,7 +401,8 @@ mod tests {
             r.info(),
             BackupInfo {
                 since: 3,
-                version: 9
+                version: 9,
+                lineage: Some([5; 16]),
             }
         );
         assert!(matches!(
@@ -416,6 +448,29 @@ mod tests {
             result = r.next_record();
         }
         assert!(result.is_err(), "a corrupted stream must fail");
+    }
+
+    /// Streams of the first format (no lineage in the header) are still
+    /// read: backups taken before the lineage are restorable.
+    #[test]
+    fn a_first_format_stream_is_read_without_a_lineage() {
+        let mut v1 = MAGIC_V1.to_vec();
+        v1.extend_from_slice(&0u64.to_be_bytes());
+        v1.extend_from_slice(&7u64.to_be_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&v1);
+        v1.push(b'E');
+        v1.extend_from_slice(&0u64.to_be_bytes());
+        v1.extend_from_slice(&crc.finalize().to_be_bytes());
+        let info = verify(&mut v1.as_slice()).expect("a first-format stream");
+        assert_eq!(
+            info,
+            BackupInfo {
+                since: 0,
+                version: 7,
+                lineage: None
+            }
+        );
     }
 
     #[test]

@@ -168,6 +168,7 @@ conformance!(
     a_restored_store_refuses_backups_from_before_its_restore,
     a_restored_store_written_to_since_refuses_the_next_increment,
     restore_refuses_a_gap_in_the_chain,
+    an_increment_of_a_restored_copy_does_not_continue_the_original_chain,
     writes_after_close_are_refused,
     update_reads_the_live_entry_and_writes_a_new_version,
     a_failed_update_changes_nothing,
@@ -711,6 +712,40 @@ fn restore_refuses_a_gap_in_the_chain(f: Fixture) {
     assert!(matches!(again, Err(StorageError::Restore(_))), "{again:?}");
 }
 
+/// A directory restored from a backup is a server of its own: an increment
+/// taken from it does not continue the chain of the server it was restored
+/// from, even where the versions line up (found by a review: restored from
+/// an older full backup after a disaster, the copy took the old cron job's
+/// `--since`, and the chain restored to data neither server held).
+fn an_increment_of_a_restored_copy_does_not_continue_the_original_chain(f: Fixture) {
+    f.put("a", "1", 0);
+    let (full, v1) = backup_bytes(&f, 0);
+    f.put("b", "1", 0);
+    f.delete("a");
+    let (incr, v2) = backup_bytes(&f, v1);
+    // The copy, restored from the full backup only, writes on its own.
+    let copy = restored_on_redb(&[&full]);
+    while copy.put("c", "1", 0) < v2 {}
+    let (foreign, _) = backup_bytes(&copy, v2);
+    let target = restored_on_redb(&[&full, &incr]);
+    let refused = target.store.restore(&mut foreign.as_slice());
+    assert!(
+        matches!(&refused, Err(StorageError::Restore(m)) if m.contains("another server")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        target.keys(Bound::Unbounded, Bound::Unbounded, false),
+        ["b"],
+        "nothing of it applied"
+    );
+    // The copy's own chain restores.
+    let (own_full, own) = backup_bytes(&copy, 0);
+    copy.put("d", "1", 0);
+    let (own_incr, _) = backup_bytes(&copy, own);
+    let chain = restored_on_redb(&[&own_full, &own_incr]);
+    assert_eq!(all_entries(&chain), all_entries(&copy));
+}
+
 fn writes_after_close_are_refused(f: Fixture) {
     f.put("a", "1", 0);
     f.store.close();
@@ -798,6 +833,7 @@ fn a_restored_version_near_the_top_does_not_wrap_the_sequence() {
     let info = super::BackupInfo {
         since: 0,
         version: u64::MAX - 2,
+        lineage: Some([1; 16]),
     };
     super::backup::Writer::new(&mut bytes, info)
         .expect("writer")

@@ -25,7 +25,10 @@ mod conformance;
 
 use std::ops::Bound;
 
-pub use backup::{BackupInfo, chain_hint as backup_chain_hint, verify as verify_backup};
+pub use backup::{
+    BackupInfo, Lineage, chain_hint as backup_chain_hint,
+    other_server_hint as backup_other_server_hint, verify as verify_backup,
+};
 pub(crate) use store::prefix_end;
 pub use store::{Backup, Durability, Entry, GcStats, NewValue, Snapshot, Store, WriteCtx};
 

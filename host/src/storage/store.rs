@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 
-use super::backup::{self, BackupInfo, Record};
+use super::backup::{self, BackupInfo, Lineage, Record};
 use super::{Backend, RawRead, RawWrite, StorageError};
 
 pub(super) const NS_DATA: u8 = b'd';
@@ -52,6 +52,12 @@ const META_RESTORING: &[u8] = b"mrestoring";
 /// A secret of this store, made when it is first opened and never shown
 /// (not in backups either): the key of the ETags (`bucket::EtagKey`).
 const META_SECRET: &[u8] = b"msecret";
+/// This store's [`Lineage`], made when it is first opened (a restored
+/// directory makes its own): in the header of its backups.
+const META_LINEAGE: &[u8] = b"mlineage";
+/// The lineage of the backups restored into this store, which the next
+/// increment must share.
+const META_CHAIN: &[u8] = b"mchain";
 
 const RECORD_HEADER: usize = 17;
 const TOMBSTONE_KEY: u8 = 0;
@@ -592,6 +598,8 @@ struct Inner {
     pace: Pace,
     /// [`META_SECRET`].
     secret: [u8; 32],
+    /// [`META_LINEAGE`].
+    lineage: Lineage,
 }
 
 /// Whether writes overlap: [`Store::submit`]'s choice between committing a
@@ -776,6 +784,25 @@ pub struct GcStats {
     pub tombstones: usize,
 }
 
+/// The random bytes kept under `name`, or new ones, stored durably.
+fn kept_or_made<const N: usize>(
+    backend: &dyn Backend,
+    name: &'static [u8],
+    kept: Option<Vec<u8>>,
+    what: &str,
+) -> Result<[u8; N], StorageError> {
+    match kept {
+        Some(bytes) => <[u8; N]>::try_from(bytes.as_slice())
+            .map_err(|_| StorageError::Corrupt(what.to_owned())),
+        None => {
+            let mut made = [0u8; N];
+            rand::fill(&mut made[..]);
+            backend.write(true, &mut |w| w.put(name, &made))?;
+            Ok(made)
+        }
+    }
+}
+
 impl Store {
     /// Opens a store over `backend` and starts its writer thread.
     ///
@@ -809,16 +836,11 @@ impl Store {
         }
         let seq = snapshot.get(META_SEQ)?.map_or(0, |v| be_u64(&v));
         let kept = snapshot.get(META_SECRET)?;
+        let kept_lineage = snapshot.get(META_LINEAGE)?;
         drop(snapshot);
-        let secret = match kept.as_deref().map(<[u8; 32]>::try_from) {
-            Some(Ok(secret)) => secret,
-            Some(Err(_)) => return Err(StorageError::Corrupt("the store secret".into())),
-            None => {
-                let secret: [u8; 32] = rand::random();
-                backend.write(true, &mut |w| w.put(META_SECRET, &secret))?;
-                secret
-            }
-        };
+        let secret: [u8; 32] = kept_or_made(&*backend, META_SECRET, kept, "the store secret")?;
+        let lineage: Lineage =
+            kept_or_made(&*backend, META_LINEAGE, kept_lineage, "the store lineage")?;
         let (tx, rx) = mpsc::channel();
         let snapshots = Arc::new(SnapshotCache::default());
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -843,6 +865,7 @@ impl Store {
             in_flight,
             pace: Pace::default(),
             secret,
+            lineage,
         });
         let handle = std::thread::Builder::new()
             .name("kvdb-writer".into())
@@ -1046,7 +1069,11 @@ impl Store {
         }
         Ok(Backup {
             raw,
-            info: BackupInfo { since, version },
+            info: BackupInfo {
+                since,
+                version,
+                lineage: Some(self.inner.lineage),
+            },
             now: self.now_ms(),
         })
     }
@@ -1061,9 +1088,10 @@ impl Store {
         let mut reader = backup::Reader::new(input)?;
         let info = reader.info();
         let increment = info.since != 0;
-        let (restored, seq, has_data, written_since) =
+        let (restored, seq, has_data, written_since, chain) =
             self.write_blocking(move |ctx| -> Result<_, StorageError> {
                 let restored = ctx.meta(META_RESTORED)?;
+                let chain = ctx.raw.get(META_CHAIN)?;
                 let has_data = any_in(ctx.raw, &[NS_DATA], &[NS_DATA + 1])?;
                 // Reads every entry: only for an increment that could apply.
                 // A horizon past the restore means tombstones written after
@@ -1072,12 +1100,22 @@ impl Store {
                 let written_since = increment
                     && restored == info.since
                     && (ctx.meta(META_HORIZON)? > restored || written_after(ctx.raw, restored)?);
-                Ok((restored, ctx.seq, has_data, written_since))
+                Ok((restored, ctx.seq, has_data, written_since, chain))
             })??;
         if info.since == 0 && (has_data || seq > 0) {
             return Err(StorageError::Restore(
                 "a full backup can only be restored into an empty data directory: restore into a new directory (a failed restore leaves what it restored: remove it and start again)".into(),
             ));
+        }
+        if increment
+            && let (Some(from), Some(chain)) = (info.lineage, chain)
+            && from[..] != chain[..]
+        {
+            return Err(StorageError::Restore(format!(
+                "this increment was taken from another server than the backups this data \
+                 directory was restored from: {}",
+                super::backup::other_server_hint()
+            )));
         }
         if info.since != 0 && info.since != restored {
             return Err(StorageError::Restore(format!(
@@ -1121,6 +1159,12 @@ impl Store {
         let version = info.version;
         self.write_blocking(move |ctx| -> Result<(), StorageError> {
             ctx.raw.put(META_RESTORED, &version.to_be_bytes())?;
+            // A first-format backup names no server: the next increment is
+            // then taken on trust.
+            match info.lineage {
+                Some(lineage) => ctx.raw.put(META_CHAIN, &lineage)?,
+                None => ctx.raw.delete(META_CHAIN)?,
+            }
             ctx.raw.delete(META_RESTORING)?;
             // A restore keeps no tombstones of the deletes it applied: a
             // backup of this store from before `version` would miss them,
