@@ -368,6 +368,50 @@ while true do end"#,
     assert_server_still_answers(&s, &b);
 }
 
+/// A to-be-closed variable's `__close` ran with Lua's hooks off when a
+/// limit stopped the run, so an endless one held a server thread at 100%
+/// CPU for ever (found by a review). Scripts that declare one are refused
+/// at upload, however the attribute is spelled; `<const>` is fine.
+#[test]
+fn to_be_closed_variables_are_refused_at_upload() {
+    let s = limited();
+    let b = limit_bucket(&s);
+    for (name, source) in [
+        (
+            "tbc",
+            "local x <close> = setmetatable({}, {__close = function() while true do end end})
+             while true do end",
+        ),
+        (
+            "spelled",
+            "local x < --[[ hidden ]] close
+> = nil
+kvdb.say('ran')",
+        ),
+        (
+            "nested",
+            "local ok = pcall(function()
+  local y <close> = nil
+end)
+kvdb.say(ok)",
+        ),
+    ] {
+        let r = upload(&s, &b, name, source.as_bytes());
+        r.assert_problem(400);
+        assert!(r.text().contains("to-be-closed variables"), "{}", r.text());
+        assert_problem_type(&run(&s, &b, name), 404, "script-not-found");
+    }
+    let t = eval_within(
+        &s,
+        &b,
+        "const",
+        "local x <const> = 41
+kvdb.say(x + 1)",
+    );
+    assert_eq!((t.status, t.body.as_str()), (200, "42\n"));
+    assert_server_still_answers(&s, &b);
+}
+
 #[test]
 fn a_script_cannot_reach_another_buckets_keys() {
     let s = TestServer::start();

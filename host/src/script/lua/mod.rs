@@ -18,6 +18,7 @@
 //! through [`Host`], never to storage directly.
 
 mod bindings;
+mod bytecode;
 mod sandbox;
 
 use std::cell::RefCell;

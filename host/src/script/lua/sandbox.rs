@@ -16,6 +16,9 @@
 //!   an `xpcall` handler is not run, and every `kvdb` call raises.
 //! - `setmetatable` refuses `__gc`: a finalizer would run during a later run
 //!   of the pooled state, possibly another bucket's, outside any limit.
+//! - To-be-closed variables (`<close>`) are refused when a script is compiled
+//!   (see `bytecode`): their `__close` would run outside the limits when a
+//!   limit stops the run.
 //! - Known limit: a pathological pattern in `string.find`/`match`/`gsub` runs
 //!   inside one C call, where no hook fires; the time limit can't stop it.
 
@@ -175,10 +178,21 @@ pub(super) fn compile(lua: &Lua, name: &str, source: &[u8]) -> mlua::Result<Func
     let mut chunk = Vec::with_capacity(source.len() + 24);
     chunk.extend_from_slice(b"local _ENV = ...; ");
     chunk.extend_from_slice(source);
-    lua.load(chunk)
+    let f = lua
+        .load(chunk)
         .set_name(format!("={name}"))
         .set_mode(ChunkMode::Text)
-        .into_function()
+        .into_function()?;
+    match super::bytecode::declares_to_be_closed(&f.dump(true)) {
+        Ok(false) => Ok(f),
+        Ok(true) => Err(mlua::Error::runtime(
+            "to-be-closed variables (`local x <close>`) are not available in KVdb scripts: \
+             a script holds no resource that needs closing (`<const>` is fine)",
+        )),
+        Err(e) => Err(mlua::Error::runtime(format!(
+            "the compiled script could not be checked ({e})"
+        ))),
+    }
 }
 
 /// A read-only view of `table`: reads go through, writes raise (at the
