@@ -695,6 +695,28 @@ fn an_endless_loop_with_plenty_of_fuel_ends_with_the_time_limit() {
     assert_server_still_answers(&s, &b);
 }
 
+/// A guest that waits in the host (a WASI sleep) runs no guest code, where
+/// the epoch deadline is looked at: the time limit ends it all the same,
+/// started on the async worker or moved to a blocking thread after some
+/// work, and its pool slot is free again (found by a review: a sleep ran
+/// past the limit, after its client had gone).
+#[test]
+fn a_guest_sleeping_in_the_host_ends_with_the_time_limit() {
+    let s = limited("300", "1000000000000000");
+    let b = hostile_bucket(&s);
+    for what in ["sleep", "sleep&work=50"] {
+        let t = misbehave(&s, &b, what);
+        let detail = assert_limit(&t, &[(504, "script-time-limit")]);
+        assert!(detail.contains("300"), "{what}: {detail}");
+        assert!(
+            t.elapsed < Duration::from_secs(5),
+            "{what}: took {:?}",
+            t.elapsed
+        );
+    }
+    assert_server_still_answers(&s, &b);
+}
+
 /// Context switches so far of the server's WebAssembly epoch ticker thread.
 #[cfg(target_os = "linux")]
 fn epoch_ticker_switches(pid: u32) -> u64 {

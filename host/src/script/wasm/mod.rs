@@ -461,12 +461,24 @@ impl WasmRuntime {
         // run. It moves with the run, which outlives this function if the
         // client goes away once the run is on a blocking thread.
         let ticking = self.ticker.start();
+        // The epoch deadline stops guest code; this one also stops a run
+        // waiting in the host, on a WASI pollable (a sleep) or a write,
+        // where no guest code runs and the epoch is never looked at (found
+        // by a review: a guest slept past its limit, holding a pool slot and
+        // a thread after its client had gone). A little later than the
+        // epoch's, so that a run in guest code ends with its own trap.
+        let deadline = tokio::time::Instant::now() + self.limits.time + 2 * EPOCH_TICK;
         let call: Call = Box::pin(async move {
             let _ticking = ticking;
-            let result = match prepared.0.instantiate_async(&mut store).await {
-                Ok(instance) => instance.call_handle(&mut store, &wit_request).await,
-                Err(e) => Err(e),
+            let run = async {
+                match prepared.0.instantiate_async(&mut store).await {
+                    Ok(instance) => instance.call_handle(&mut store, &wit_request).await,
+                    Err(e) => Err(e),
+                }
             };
+            let result = tokio::time::timeout_at(deadline, run)
+                .await
+                .unwrap_or_else(|_| Err(wasmtime::Error::new(Trap::Interrupt)));
             (result, store.data().host.waited())
         });
         let (result, _) = if self.slow.contains(&script.digest) {

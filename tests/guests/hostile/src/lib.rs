@@ -2,7 +2,9 @@
 //! it does:
 //!
 //! - misbehaviour, each of which must end only this run with its own error:
-//!   `loop` (never ends), `grow` (allocates without end), `recurse`
+//!   `loop` (never ends), `sleep` (sleeps 60 s in WASI's clock, in the
+//!   host; with `work`, after that many million loop turns), `grow`
+//!   (allocates without end), `recurse`
 //!   (unbounded recursion), `panic` (panics with [`PANIC_MESSAGE`]), `huge`
 //!   (a body of `bytes` bytes, default 1 MB), `status` (answers the status
 //!   `code`), `headers` (`x-test: 1`, and with `which`: a lying
@@ -52,6 +54,15 @@ impl Handler for Hostile {
                 Response::text(format!("{} bytes, {runs} runs\n", kept.len()))
             }
             "loop" => endless_loop(),
+            "sleep" => {
+                let turns: u64 = req.var("work").and_then(|w| w.parse().ok()).unwrap_or(0);
+                let mut n: u64 = 0;
+                for _ in 0..turns * 1_000_000 {
+                    n = black_box(n.wrapping_add(1));
+                }
+                std::thread::sleep(std::time::Duration::from_secs(60));
+                Response::text(format!("woke after {n}\n"))
+            }
             "grow" => grow(),
             "recurse" => {
                 let depth = recurse(black_box(u32::MAX));
