@@ -98,7 +98,7 @@ impl TestServer {
 
     /// A server with extra `serve` arguments whose log (stderr) the test
     /// reads: it ends once the server is dropped.
-    fn start_with_log(args: &[&str]) -> (Self, std::process::ChildStderr) {
+    fn start_with_log(args: &[&str], level: &str) -> (Self, std::process::ChildStderr) {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let mut server = Self::spawn_logging_to(
@@ -106,6 +106,7 @@ impl TestServer {
             Some(dir),
             args.iter().map(|s| (*s).to_owned()).collect(),
             Stdio::piped(),
+            level,
         );
         let log = server
             .child
@@ -115,10 +116,25 @@ impl TestServer {
         (server, log)
     }
 
+    /// Everything a server started with extra `serve` arguments logs (at
+    /// level info) while `use_it` uses it, and until it is stopped.
+    pub fn log_while(args: &[&str], use_it: impl FnOnce(&Self)) -> String {
+        let (server, mut log) = Self::start_with_log(args, "info");
+        // Read as it comes: the pipe must not fill up and block the server.
+        let reader = std::thread::spawn(move || {
+            let mut logged = String::new();
+            std::io::Read::read_to_string(&mut log, &mut logged).expect("read the log");
+            logged
+        });
+        use_it(&server);
+        drop(server);
+        reader.join().expect("log reader")
+    }
+
     /// Everything a server started with extra `serve` arguments logs before
     /// it is stopped at once.
     pub fn log_of(args: &[&str]) -> String {
-        let (server, mut log) = Self::start_with_log(args);
+        let (server, mut log) = Self::start_with_log(args, "warn");
         drop(server);
         let mut logged = String::new();
         std::io::Read::read_to_string(&mut log, &mut logged).expect("read the log");
@@ -126,7 +142,7 @@ impl TestServer {
     }
 
     fn spawn(data: PathBuf, dir: Option<tempfile::TempDir>, args: Vec<String>) -> Self {
-        Self::spawn_logging_to(data, dir, args, Stdio::inherit())
+        Self::spawn_logging_to(data, dir, args, Stdio::inherit(), "warn")
     }
 
     fn spawn_logging_to(
@@ -134,6 +150,7 @@ impl TestServer {
         dir: Option<tempfile::TempDir>,
         args: Vec<String>,
         log: Stdio,
+        level: &str,
     ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvdb"))
             .arg("serve")
@@ -142,7 +159,7 @@ impl TestServer {
             .arg("--data")
             .arg(&data)
             .args(&args)
-            .env("KVDB_LOG", "warn")
+            .env("KVDB_LOG", level)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

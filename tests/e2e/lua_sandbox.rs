@@ -722,3 +722,113 @@ fn a_runtime_error_after_output_is_a_script_error_not_a_partial_body() {
     );
     assert!(!r.text().contains("partial"));
 }
+
+// ---------------------------------------------------------------------------
+// Host-side copies and output (found by a review)
+
+/// The peak resident memory of a process, in bytes (Linux).
+#[cfg(target_os = "linux")]
+fn peak_memory(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmHWM")
+}
+
+/// A script may hold one large string many times over (references cost it
+/// nothing): the host never copies them all out at once. `kvdb.say` writes
+/// each argument against the response limit as it comes, and a table made
+/// JSON (`json.encode`, `kvdb.set`, a merge) stops at the run's memory limit.
+#[cfg(target_os = "linux")]
+#[test]
+fn many_references_to_a_large_string_are_not_copied_out_whole() {
+    let s = limited();
+    let b = limit_bucket(&s);
+    let before = peak_memory(s.pid());
+    let refs = "local s = string.rep('x', 4000000)\nlocal t = {}\nfor i = 1, 100 do t[i] = s end\n";
+    let t = eval_within(&s, &b, "say", &format!("{refs}kvdb.say(table.unpack(t))"));
+    assert_limit(&t, 500, &["script-response-limit"]);
+    for (name, call, words) in [
+        (
+            "encode",
+            "kvdb.json.encode(t)",
+            "json.encode: its JSON text would be over 8000000 bytes",
+        ),
+        (
+            "set",
+            "error(kvdb.set('big', t) or 'stored')",
+            "the table is not JSON: its JSON text would be over 8000000 bytes",
+        ),
+        (
+            "merge",
+            "error(kvdb.merge('big', t) or 'merged')",
+            "over 8000000 bytes",
+        ),
+    ] {
+        let t = eval_within(&s, &b, name, &format!("{refs}{call}"));
+        assert_limit(&t, 500, &["script-error"]);
+        assert!(
+            t.json()["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(words)),
+            "{name}: {}",
+            t.body
+        );
+    }
+    let grown = peak_memory(s.pid()).saturating_sub(before);
+    assert!(grown < 150_000_000, "the server grew by {grown} bytes");
+    assert_eq!(s.get(&format!("/{b}/big")).status, 404, "nothing stored");
+    assert_server_still_answers(&s, &b);
+}
+
+/// A script's error message is cut in the response: an error can't make an
+/// answer larger than the response limit.
+#[test]
+fn a_huge_error_message_is_cut() {
+    let s = limited();
+    let b = limit_bucket(&s);
+    let t = eval_within(&s, &b, "huge", "error(string.rep('A', 1000000), 0)");
+    assert_limit(&t, 500, &["script-error"]);
+    let detail = t.json()["detail"].as_str().unwrap_or_default().to_owned();
+    assert!(detail.len() < 5000, "{} bytes", detail.len());
+    assert!(
+        detail.contains("… (cut: the message is 10000"),
+        "{detail:.200}"
+    );
+}
+
+/// `print` goes to the server log, escaped (a script can't forge log lines)
+/// and at most 64 KiB a run; the run is not slowed by what it can't log.
+#[test]
+fn a_runs_log_is_escaped_and_bounded() {
+    let mut answered = None;
+    let log = TestServer::log_while(&[], |s| {
+        let b = script_bucket(s, "");
+        let t = eval_within(
+            s,
+            &b,
+            "flood",
+            "print('one\\nFORGED log line')\n\
+             local s = string.rep('y', 4000000)\n\
+             for i = 1, 1000 do print(s) end\n\
+             kvdb.say('done')",
+        );
+        answered = Some((t.status, t.body.clone(), t.elapsed));
+    });
+    let (status, body, elapsed) = answered.expect("ran");
+    assert_eq!((status, body.as_str()), (200, "done\n"));
+    assert!(elapsed < BOUND, "took {elapsed:?}");
+    assert!(
+        log.contains("one\\nFORGED log line"),
+        "escaped in one line: {log:.3000}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "no forged line"
+    );
+    assert!(log.contains("the rest of this run's log is dropped"));
+    assert!(log.len() < 200_000, "the log holds {} bytes", log.len());
+}

@@ -695,6 +695,29 @@ fn an_endless_loop_with_plenty_of_fuel_ends_with_the_time_limit() {
     assert_server_still_answers(&s, &b);
 }
 
+/// A guest's log calls are escaped (no forged lines) and end at 64 KiB a
+/// run, as Lua's `print` (found by a review: 40 MB logged in one run).
+#[test]
+fn a_guests_log_is_escaped_and_bounded() {
+    let mut answered = None;
+    let log = TestServer::log_while(&[], |s| {
+        let b = hostile_bucket(s);
+        answered = Some(misbehave(s, &b, "log"));
+    });
+    let t = answered.expect("ran");
+    assert_eq!((t.status, t.body.as_str()), (200, "logged\n"));
+    assert!(
+        log.contains("one\\nFORGED log line"),
+        "escaped: {log:.2000}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "no forged line"
+    );
+    assert!(log.contains("the rest of this run's log is dropped"));
+    assert!(log.len() < 200_000, "the log holds {} bytes", log.len());
+}
+
 /// A guest that waits in the host (a WASI sleep) runs no guest code, where
 /// the epoch deadline is looked at: the time limit ends it all the same,
 /// started on the async worker or moved to a blocking thread after some

@@ -206,10 +206,26 @@ pub(crate) fn form_pairs(body: &[u8]) -> Result<Vec<(String, String)>, ApiError>
     urlencoded_pairs(text, "form field")
 }
 
+/// The most query parameters, or fields of a form or a JSON object body
+/// (for a script), one request may have: past it, 400 before any is decoded
+/// (found by a review: one form of 8 million fields took 880 MB and 9 s of
+/// an async worker).
+pub(crate) const MAX_FIELDS: usize = 1000;
+
 /// `a=1&b=x+y` pairs, percent-decoded, refusing what is not UTF-8 once
 /// decoded (rather than replacing it, which would change a key or a prefix
 /// behind the client's back). `what` names the pairs in errors.
 fn urlencoded_pairs(text: &str, what: &str) -> Result<Vec<(String, String)>, ApiError> {
+    if text
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .nth(MAX_FIELDS)
+        .is_some()
+    {
+        return Err(ApiError::bad_request(format!(
+            "more than {MAX_FIELDS} {what}s: no route takes that many"
+        )));
+    }
     let decode = |s: &str| {
         let spaced = s.replace('+', " ");
         percent_encoding::percent_decode_str(&spaced)

@@ -14,7 +14,9 @@ use axum::extract::{RawPathParams, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 
-use super::{Access, ApiError, AppState, content_type, form_pairs, query_pairs, read_body};
+use super::{
+    Access, ApiError, AppState, MAX_FIELDS, content_type, form_pairs, query_pairs, read_body,
+};
 use crate::bucket::{BucketError, ScriptKind, ScriptName};
 use crate::script::Request;
 use crate::script::api::Host;
@@ -179,6 +181,12 @@ fn script_load_error(e: BucketError) -> crate::script::ScriptError {
     ))
 }
 
+fn too_many_fields() -> ApiError {
+    ApiError::bad_request(format!(
+        "more than {MAX_FIELDS} query parameters and body fields together: a script takes at most that many"
+    ))
+}
+
 /// Query parameters and form (or JSON object) body fields, the body winning.
 fn request_fields(
     uri: &Uri,
@@ -195,6 +203,9 @@ fn request_fields(
     match essence.as_deref() {
         Some("application/json") => {
             if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) {
+                if fields.len() > MAX_FIELDS {
+                    return Err(too_many_fields());
+                }
                 for (k, v) in fields {
                     let text = match v {
                         serde_json::Value::String(s) => s,
@@ -206,11 +217,18 @@ fn request_fields(
         }
         Some("application/x-www-form-urlencoded") => vars.extend(form_pairs(body)?),
         // A body without a type may be anything (the script reads it whole):
-        // its fields are taken as a form where they decode.
+        // its fields are taken as a form where they decode, unless there
+        // are more than a form may have (then it is no form).
         None if !body.is_empty() => {
-            vars.extend(form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())))
+            let fields = form_urlencoded::parse(body);
+            if fields.clone().nth(MAX_FIELDS).is_none() {
+                vars.extend(fields.map(|(k, v)| (k.into_owned(), v.into_owned())));
+            }
         }
         _ => {}
+    }
+    if vars.len() > MAX_FIELDS {
+        return Err(too_many_fields());
     }
     Ok(vars)
 }

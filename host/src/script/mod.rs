@@ -353,6 +353,87 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+/// The longest message of a script's error that a response carries (a
+/// script's own error text, or a guest's panic line): past it the message is
+/// cut, so that an error can't make a response over the size limit (found
+/// by a review: `error(string.rep("A", 8e6))` answered 8 MB).
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// `message`, cut to [`MAX_ERROR_MESSAGE`] bytes (at a character boundary)
+/// with a note of how long it was.
+#[must_use]
+pub fn clip_message(message: String) -> String {
+    if message.len() <= MAX_ERROR_MESSAGE {
+        return message;
+    }
+    let mut end = MAX_ERROR_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… (cut: the message is {} bytes)",
+        &message[..end],
+        message.len()
+    )
+}
+
+/// How much one run may write to the server log (Lua's `print`, the
+/// WebAssembly `log` calls): past it, one line says so and the rest is
+/// dropped (found by a review: a script logged 1 GB in one run).
+pub const LOG_BUDGET: usize = 64 * 1024;
+
+/// What a run has left of [`LOG_BUDGET`].
+#[derive(Debug)]
+pub struct LogBudget {
+    left: usize,
+    noted: bool,
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self {
+            left: LOG_BUDGET,
+            noted: false,
+        }
+    }
+}
+
+impl LogBudget {
+    /// Whether anything more will be logged.
+    #[must_use]
+    pub fn spent(&self) -> bool {
+        self.left == 0
+    }
+
+    /// The line to log for `text`: control characters escaped (a script
+    /// can't forge log lines), cut to what is left of the budget; once it is
+    /// spent, one notice and then `None`.
+    pub fn line(&mut self, text: &str) -> Option<String> {
+        if self.left == 0 {
+            if self.noted {
+                return None;
+            }
+            self.noted = true;
+            return Some(format!(
+                "(the rest of this run's log is dropped: a run logs at most {LOG_BUDGET} bytes)"
+            ));
+        }
+        let mut line = String::with_capacity(text.len().min(self.left));
+        for c in text.chars() {
+            if line.len() >= self.left {
+                break;
+            }
+            if c.is_control() && c != '\t' {
+                line.extend(c.escape_default());
+            } else {
+                line.push(c);
+            }
+        }
+        self.left = self.left.saturating_sub(line.len().max(1));
+        Some(line)
+    }
+}
+
 /// How a run or an upload fails.
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptError {
@@ -373,6 +454,31 @@ pub enum ScriptError {
 mod tests {
     use super::{Ordering, Request, SLOW_FOR, SlowScripts};
     use std::time::Instant;
+
+    #[test]
+    fn long_error_messages_are_cut_at_a_character_boundary() {
+        let short = "line 3: oops".to_owned();
+        assert_eq!(super::clip_message(short.clone()), short);
+        let long = "é".repeat(super::MAX_ERROR_MESSAGE);
+        let cut = super::clip_message(long.clone());
+        assert!(cut.len() < super::MAX_ERROR_MESSAGE + 100, "{}", cut.len());
+        assert!(cut.ends_with(&format!("(cut: the message is {} bytes)", long.len())));
+    }
+
+    #[test]
+    fn a_runs_log_is_escaped_and_ends_at_its_budget() {
+        let mut log = super::LogBudget::default();
+        assert_eq!(
+            log.line("a\nforged line\r\u{1b}[31m\tok").as_deref(),
+            Some("a\\nforged line\\r\\u{1b}[31m\tok")
+        );
+        let big = "x".repeat(super::LOG_BUDGET);
+        let line = log.line(&big).expect("what is left");
+        assert!(line.len() < super::LOG_BUDGET, "cut to the budget");
+        assert!(log.spent());
+        assert!(log.line("more").is_some_and(|n| n.contains("dropped")));
+        assert_eq!(log.line("more"), None);
+    }
 
     #[test]
     fn taken_vars_are_the_vars_in_the_same_order() {

@@ -98,8 +98,7 @@ fn from_lua(lua: &Lua, v: Value) -> Result<KvValue, CallError> {
             .map_err(|e| CallError::Invalid(e.to_string())),
         Value::Boolean(b) => Ok(KvValue::Json(b.to_string().into_bytes())),
         Value::Table(_) => {
-            let json: serde_json::Value = lua
-                .from_value(v)
+            let json = json_of(lua, &v)
                 .map_err(|e| CallError::Invalid(format!("the table is not JSON: {e}")))?;
             crate::bucket::check_json_depth(&json)
                 .map_err(|e| CallError::Invalid(format!("the table is not JSON: {e}")))?;
@@ -113,6 +112,60 @@ fn from_lua(lua: &Lua, v: Value) -> Result<KvValue, CallError> {
             other.type_name()
         ))),
     }
+}
+
+/// A writer that refuses to grow past `cap` bytes.
+struct Capped {
+    out: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.out.len().saturating_add(bytes.len()) > self.cap {
+            return Err(std::io::Error::other("over the cap"));
+        }
+        self.out.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The JSON text of a Lua value, no longer than the run's memory limit: a
+/// table can hold one large string many times over, which the host would
+/// otherwise copy out in full (found by a review: 100 references to an 8 MB
+/// string took gigabytes).
+fn json_text(lua: &Lua, v: &Value) -> Result<Vec<u8>, String> {
+    let cap = with_run(lua, |run| Ok(run.limits.memory_bytes)).map_err(|e| e.to_string())?;
+    let mut out = Capped {
+        out: Vec::new(),
+        cap,
+    };
+    match serde_json::to_writer(&mut out, v) {
+        Ok(()) => Ok(out.out),
+        Err(e) if e.is_io() => Err(format!(
+            "its JSON text would be over {cap} bytes (the script's memory limit)"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A Lua value as JSON, through [`json_text`].
+fn json_of(lua: &Lua, v: &Value) -> Result<serde_json::Value, String> {
+    serde_json::from_slice(&json_text(lua, v)?).map_err(|e| {
+        // serde_json reads at most as deep as a stored value may be.
+        if e.to_string().starts_with("recursion limit exceeded") {
+            format!(
+                "it nests deeper than {} levels",
+                crate::bucket::MAX_JSON_DEPTH
+            )
+        } else {
+            e.to_string()
+        }
+    })
 }
 
 /// A whole number of 0 or more (a ttl, a limit), or `None` for nil; a bad
@@ -155,7 +208,7 @@ fn number(v: Option<Value>) -> Result<Number, CallError> {
 fn json_arg(lua: &Lua, v: Value) -> Result<serde_json::Value, CallError> {
     let parsed = match v {
         Value::String(text) => serde_json::from_slice(&text.as_bytes()).map_err(|e| e.to_string()),
-        other => lua.from_value(other).map_err(|e| e.to_string()),
+        other => json_of(lua, &other),
     };
     let json = parsed.map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?;
     crate::bucket::check_json_depth(&json)
@@ -188,14 +241,20 @@ fn write_body(run: &mut Run, bytes: &[u8]) -> mlua::Result<()> {
 fn output(lua: &Lua, newline: bool) -> mlua::Result<Function> {
     let tostring: Function = lua.globals().raw_get("tostring")?;
     lua.create_function(move |lua, args: Variadic<Value>| {
-        let mut out = Vec::new();
+        // Each piece goes to the body as it comes, checked against the
+        // response limit: the arguments are never all copied at once (found
+        // by a review: 60 references to one 8 MB string took 750 MB).
         for a in args {
-            out.extend(tostring_bytes(&tostring, a)?);
+            let piece = match a {
+                Value::String(s) => s,
+                other => tostring.call::<mlua::LuaString>(other)?,
+            };
+            with_run(lua, |run| write_body(run, &piece.as_bytes()))?;
         }
         if newline {
-            out.push(b'\n');
+            with_run(lua, |run| write_body(run, b"\n"))?;
         }
-        with_run(lua, |run| write_body(run, &out))
+        Ok(())
     })
 }
 
@@ -204,12 +263,29 @@ fn output(lua: &Lua, newline: bool) -> mlua::Result<Function> {
 pub(super) fn log_function(lua: &Lua) -> mlua::Result<Function> {
     let tostring: Function = lua.globals().raw_get("tostring")?;
     lua.create_function(move |lua, args: Variadic<Value>| {
-        let parts = args
-            .into_iter()
-            .map(|a| tostring_bytes(&tostring, a).map(|b| String::from_utf8_lossy(&b).into_owned()))
-            .collect::<mlua::Result<Vec<_>>>()?;
+        // Past the run's log budget, not even converted.
+        if with_run(lua, |run| Ok(run.log.spent()))? {
+            return with_run(lua, |run| {
+                if let Some(notice) = run.log.line("") {
+                    tracing::info!(script = %run.label, "{notice}");
+                }
+                Ok(())
+            });
+        }
+        let mut text = Vec::new();
+        for (i, a) in args.into_iter().enumerate() {
+            if i > 0 {
+                text.push(b'\t');
+            }
+            text.extend(tostring_bytes(&tostring, a)?);
+            if text.len() > crate::script::LOG_BUDGET {
+                break;
+            }
+        }
         with_run(lua, |run| {
-            tracing::info!(script = %run.label, "{}", parts.join("\t"));
+            if let Some(line) = run.log.line(&String::from_utf8_lossy(&text)) {
+                tracing::info!(script = %run.label, "{line}");
+            }
             Ok(())
         })
     })
@@ -517,8 +593,10 @@ pub(super) fn json(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.raw_set(
         "encode",
-        lua.create_function(|_, v: Value| {
-            serde_json::to_string(&v).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))
+        lua.create_function(|lua, v: Value| {
+            let text = json_text(lua, &v)
+                .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
+            lua.create_string(text)
         })?,
     )?;
     t.raw_set(

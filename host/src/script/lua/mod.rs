@@ -81,6 +81,8 @@ pub(crate) struct Run {
     /// The request, and the tables built from it once read (see
     /// `bindings::request_field_function`).
     pub request: Request,
+    /// What is left of the run's log (`print`).
+    pub log: crate::script::LogBudget,
     pub var: Option<mlua::Table>,
     pub headers_table: Option<mlua::Table>,
 }
@@ -100,15 +102,15 @@ fn lua_error(e: &mlua::Error) -> String {
         .or_else(|| line.strip_prefix("syntax error: "))
         .unwrap_or(line);
     if has_position(message) {
-        return message.to_owned();
+        return crate::script::clip_message(message.to_owned());
     }
     // An error raised inside a library function written in C (`ipairs(nil)`
     // indexing nil) carries no position: take the script's innermost line
     // from the traceback, so that the message still says where.
-    match script_position(&text) {
+    crate::script::clip_message(match script_position(&text) {
         Some(position) => format!("{position}: {message}"),
         None => message.to_owned(),
-    }
+    })
 }
 
 /// Whether `message` starts with a Lua position, `name:LINE: `.
@@ -344,6 +346,7 @@ impl State {
             script_scope: None,
             label: Label::of(script),
             request,
+            log: crate::script::LogBudget::default(),
             var: None,
             headers_table: None,
         }));

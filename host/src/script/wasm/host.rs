@@ -188,6 +188,9 @@ impl scope::Host for WasmState {
 
 impl log::Host for WasmState {
     fn log(&mut self, level: log::Level, message: String) {
+        let Some(message) = self.log.line(&message) else {
+            return;
+        };
         let script = &self.label;
         match level {
             log::Level::Debug => tracing::debug!(%script, "{message}"),

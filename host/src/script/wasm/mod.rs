@@ -86,6 +86,8 @@ const MAX_CACHED: usize = 256;
 /// What a run's store holds.
 pub struct WasmState {
     host: Host,
+    /// What is left of the run's log (the `log` calls).
+    log: crate::script::LogBudget,
     wasi: WasiCtx,
     table: ResourceTable,
     limits: RunLimits,
@@ -426,6 +428,7 @@ impl WasmRuntime {
             &self.engine,
             WasmState {
                 host,
+                log: crate::script::LogBudget::default(),
                 wasi,
                 table: ResourceTable::new(),
                 limits,
@@ -589,7 +592,7 @@ impl WasmRuntime {
                 message.push(' ');
                 message.push_str(next.trim());
             }
-            return ScriptError::Failed(message);
+            return ScriptError::Failed(crate::script::clip_message(message));
         }
         // The trap itself ("wasm trap: out of bounds memory access"), or
         // what the host refused, not the backtrace's heading; and what the
@@ -605,7 +608,7 @@ impl WasmRuntime {
             message.push_str("; its last line on stderr: ");
             message.push_str(last);
         }
-        ScriptError::Failed(message)
+        ScriptError::Failed(crate::script::clip_message(message))
     }
 }
 
@@ -614,8 +617,12 @@ fn log_output(script: &StoredScript, stream: &str, bytes: &[u8]) {
         return;
     }
     let label = Label::of(script);
+    // At most CAPTURED_OUTPUT bytes a stream; escaped as the log calls are.
+    let mut budget = crate::script::LogBudget::default();
     for line in String::from_utf8_lossy(bytes).lines() {
-        tracing::info!(script = %label, stream, "{line}");
+        if let Some(line) = budget.line(line) {
+            tracing::info!(script = %label, stream, "{line}");
+        }
     }
 }
 

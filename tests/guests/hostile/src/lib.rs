@@ -2,7 +2,8 @@
 //! it does:
 //!
 //! - misbehaviour, each of which must end only this run with its own error:
-//!   `loop` (never ends), `sleep` (sleeps 60 s in WASI's clock, in the
+//!   `loop` (never ends), `log` (logs a line with a line break in it, then
+//!   1000 lines of 4 KB), `sleep` (sleeps 60 s in WASI's clock, in the
 //!   host; with `work`, after that many million loop turns), `grow`
 //!   (allocates without end), `recurse`
 //!   (unbounded recursion), `panic` (panics with [`PANIC_MESSAGE`]), `huge`
@@ -54,6 +55,14 @@ impl Handler for Hostile {
                 Response::text(format!("{} bytes, {runs} runs\n", kept.len()))
             }
             "loop" => endless_loop(),
+            "log" => {
+                kvdb_guest::log::info("one\nFORGED log line");
+                let line = "z".repeat(4096);
+                for _ in 0..1000 {
+                    kvdb_guest::log::info(&line);
+                }
+                Response::text("logged\n")
+            }
             "sleep" => {
                 let turns: u64 = req.var("work").and_then(|w| w.parse().ok()).unwrap_or(0);
                 let mut n: u64 = 0;
