@@ -832,3 +832,57 @@ fn a_runs_log_is_escaped_and_bounded() {
     assert!(log.contains("the rest of this run's log is dropped"));
     assert!(log.len() < 200_000, "the log holds {} bytes", log.len());
 }
+
+/// One call of a pattern function is one VM instruction to the limits'
+/// hook, which looks every 1000: a loop of long scans ran far past its time
+/// limit (found by a review). Scans are charged by their subject's length
+/// and look at the limits as they start; `table.move` over an absurd range
+/// is refused; the wrapped functions' errors still name them and the
+/// script's line.
+#[test]
+fn long_scans_and_moves_stay_within_the_limits() {
+    let s = timed();
+    let b = limit_bucket(&s);
+    let t = eval_within(
+        &s,
+        &b,
+        "scan",
+        "local s = string.rep('a', 8000000)\nwhile true do s:find('[b]') end",
+    );
+    assert_limit(&t, 504, &["script-time-limit"]);
+    let l = limited();
+    let lb = limit_bucket(&l);
+    let t = eval_within(
+        &l,
+        &lb,
+        "scans",
+        "local s = string.rep('a', 4000000)\nfor i = 1, 1000 do s:match('b') end",
+    );
+    assert_limit(&t, 500, &["script-instruction-limit"]);
+    let t = eval_within(&s, &b, "move", "\ntable.move({}, 1, 1e15, 1, {})");
+    assert_limit(&t, 500, &["script-error"]);
+    let detail = t.json()["detail"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        detail.contains("move:2: table.move of more than"),
+        "{detail}"
+    );
+    let t = eval_within(&s, &b, "bad", "\n\nstring.find(nil, 'x')");
+    let detail = t.json()["detail"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        detail.contains("bad:3: bad argument #1 to 'find'"),
+        "{detail}"
+    );
+    let t = eval_within(
+        &s,
+        &b,
+        "fine",
+        "local a, b = ('hello world'):find('o w')\n\
+         local k, v = ('k=v'):match('(%w+)=(%w+)')\n\
+         local n = 0 for _ in ('a b c'):gmatch('%a') do n = n + 1 end\n\
+         local r, c = ('a b'):gsub(' ', '_')\n\
+         local m = table.move({1, 2, 3}, 1, 3, 2, {})\n\
+         kvdb.say(a, b, k, v, n, r, c, #m)",
+    );
+    assert_eq!((t.status, t.body.as_str()), (200, "57kv3a_b14\n"));
+    assert_server_still_answers(&s, &b);
+}

@@ -101,6 +101,12 @@ fn lua_error(e: &mlua::Error) -> String {
         .strip_prefix("runtime error: ")
         .or_else(|| line.strip_prefix("syntax error: "))
         .unwrap_or(line);
+    // A message from inside the sandbox's own Lua (a library wrapper)
+    // names the script's line instead.
+    let message = match message.strip_prefix("sandbox:") {
+        Some(rest) if has_position(message) => rest.split_once(": ").map_or(rest, |(_, m)| m),
+        _ => message,
+    };
     if has_position(message) {
         return crate::script::clip_message(message.to_owned());
     }
