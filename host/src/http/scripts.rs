@@ -181,6 +181,43 @@ fn script_load_error(e: BucketError) -> crate::script::ScriptError {
     ))
 }
 
+/// The fields of a JSON object body, values that are not strings as JSON
+/// text; at most [`MAX_FIELDS`] of them (an error past it, found before the
+/// rest is parsed).
+struct JsonFields(Vec<(String, String)>);
+
+impl<'de> serde::Deserialize<'de> for JsonFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = JsonFields;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "an object of at most {MAX_FIELDS} fields")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<JsonFields, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    if fields.len() == MAX_FIELDS {
+                        return Err(serde::de::Error::custom("too many fields"));
+                    }
+                    let text = match map.next_value::<serde_json::Value>()? {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    fields.push((k, text));
+                }
+                Ok(JsonFields(fields))
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
 fn too_many_fields() -> ApiError {
     ApiError::bad_request(format!(
         "more than {MAX_FIELDS} query parameters and body fields together: a script takes at most that many"
@@ -202,17 +239,11 @@ fn request_fields(
         .map(|e| e.trim().to_ascii_lowercase());
     match essence.as_deref() {
         Some("application/json") => {
-            if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) {
-                if fields.len() > MAX_FIELDS {
-                    return Err(too_many_fields());
-                }
-                for (k, v) in fields {
-                    let text = match v {
-                        serde_json::Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    vars.push((k, text));
-                }
+            // An object of more than MAX_FIELDS fields is not read as
+            // fields (reading stops there), as an untyped body: the script
+            // still reads it whole.
+            if let Ok(JsonFields(fields)) = serde_json::from_slice(body) {
+                vars.extend(fields);
             }
         }
         Some("application/x-www-form-urlencoded") => vars.extend(form_pairs(body)?),

@@ -114,18 +114,23 @@ fn from_lua(lua: &Lua, v: Value) -> Result<KvValue, CallError> {
     }
 }
 
-/// A writer that refuses to grow past `cap` bytes.
+/// A writer that refuses to grow past `cap` bytes (keeping them, or only
+/// counting them).
 struct Capped {
-    out: Vec<u8>,
+    out: Option<Vec<u8>>,
+    len: usize,
     cap: usize,
 }
 
 impl std::io::Write for Capped {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if self.out.len().saturating_add(bytes.len()) > self.cap {
+        self.len = self.len.saturating_add(bytes.len());
+        if self.len > self.cap {
             return Err(std::io::Error::other("over the cap"));
         }
-        self.out.extend_from_slice(bytes);
+        if let Some(out) = &mut self.out {
+            out.extend_from_slice(bytes);
+        }
         Ok(bytes.len())
     }
 
@@ -134,14 +139,16 @@ impl std::io::Write for Capped {
     }
 }
 
-/// The JSON text of a Lua value, no longer than the run's memory limit: a
-/// table can hold one large string many times over, which the host would
-/// otherwise copy out in full (found by a review: 100 references to an 8 MB
-/// string took gigabytes).
-fn json_text(lua: &Lua, v: &Value) -> Result<Vec<u8>, String> {
+/// The JSON text of a Lua value (`None` if only `keep` is false, to check
+/// its size), no longer than the run's memory limit: a table can hold one
+/// large string many times over, which the host would otherwise copy out
+/// in full (found by a review: 100 references to an 8 MB string took
+/// gigabytes).
+fn json_text(lua: &Lua, v: &Value, keep: bool) -> Result<Option<Vec<u8>>, String> {
     let cap = with_run(lua, |run| Ok(run.limits.memory_bytes)).map_err(|e| e.to_string())?;
     let mut out = Capped {
-        out: Vec::new(),
+        out: keep.then(Vec::new),
+        len: 0,
         cap,
     };
     match serde_json::to_writer(&mut out, v) {
@@ -153,19 +160,12 @@ fn json_text(lua: &Lua, v: &Value) -> Result<Vec<u8>, String> {
     }
 }
 
-/// A Lua value as JSON, through [`json_text`].
+/// A Lua value as JSON, once [`json_text`] found it within the limit (read
+/// as before: a string that is not UTF-8 is refused, not made an array of
+/// bytes).
 fn json_of(lua: &Lua, v: &Value) -> Result<serde_json::Value, String> {
-    serde_json::from_slice(&json_text(lua, v)?).map_err(|e| {
-        // serde_json reads at most as deep as a stored value may be.
-        if e.to_string().starts_with("recursion limit exceeded") {
-            format!(
-                "it nests deeper than {} levels",
-                crate::bucket::MAX_JSON_DEPTH
-            )
-        } else {
-            e.to_string()
-        }
-    })
+    json_text(lua, v, false)?;
+    lua.from_value(v.clone()).map_err(|e| e.to_string())
 }
 
 /// A whole number of 0 or more (a ttl, a limit), or `None` for nil; a bad
@@ -594,8 +594,9 @@ pub(super) fn json(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "encode",
         lua.create_function(|lua, v: Value| {
-            let text = json_text(lua, &v)
-                .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
+            let text = json_text(lua, &v, true)
+                .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?
+                .unwrap_or_default();
             lua.create_string(text)
         })?,
     )?;

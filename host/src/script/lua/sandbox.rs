@@ -19,9 +19,9 @@
 //! - To-be-closed variables (`<close>`) are refused when a script is compiled
 //!   (see `bytecode`): their `__close` would run outside the limits when a
 //!   limit stops the run.
-//! - The pattern functions are charged by the length they scan and look at
-//!   the limits as they start ([`SCANS`]); `table.move` over an absurd range
-//!   is refused. Known limit: a pattern that backtracks without end runs
+//! - The library functions whose one call can take long look at the limits
+//!   as they start ([`SCANS`]); `table.move` over an absurd range is
+//!   refused. Known limit: a pattern that backtracks without end runs
 //!   inside one C call, where no hook fires; the time limit can't stop it.
 
 use std::time::Instant;
@@ -118,7 +118,7 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
     lua.load(SCANS)
         .set_name("=sandbox")
         .set_mode(ChunkMode::Text)
-        .call::<()>((lua.create_function(charge_scan)?, TABLE_MOVE_MAX))?;
+        .call::<()>((lua.create_function(check_scan)?, TABLE_MOVE_MAX))?;
     // Global: the main thread and every thread (coroutine) created from now
     // on get it. Runs execute in such threads; the main thread needs it too,
     // as a run's error object is turned into text there (its `__tostring`
@@ -153,74 +153,84 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
     Ok(lua)
 }
 
-/// Wrappers of the library functions whose one call can scan a long string
-/// (the pattern functions) or loop over a range it is given (`table.move`),
-/// installed in the state's own `string` and `table` (which string methods
-/// use too). One such call is one VM instruction to the hook, which looks at
-/// the limits every [`HOOK_EVERY`]: a loop of long scans ran 37 times past
-/// its time limit, and `table.move({}, 1, 1e15, 1, {})` never ended (found
-/// by a review). Each scan is charged to the run's instructions by the
-/// length of its subject (and pattern) before it starts, and the limits are
-/// looked at then; `table.move` over more than [`TABLE_MOVE_MAX`] elements
-/// is refused. Not covered: a single call whose pattern backtracks without
-/// end (see the module doc).
+/// Wrappers of the library functions whose one call can take long: they
+/// scan a long string (the pattern functions, `rep`, `upper`, `lower`,
+/// `reverse`, `format`, `byte`, the `utf8` functions) or loop over a table or
+/// a range they are given (`sort`, `concat`, `unpack`, `move`). Installed in
+/// the state's own `string`, `table` and `utf8` (string methods use them
+/// too). One such call is one VM instruction to the hook, which looks at the
+/// limits every [`HOOK_EVERY`]: a loop of long scans ran 37 times past its
+/// time limit (found by a review). Each wrapper looks at the limits (the
+/// time, and whether the run was stopped) before the call, so a run ends at
+/// most one call past its time; nothing is charged by length, which would
+/// make a loop over the parts of a long string quadratic. `table.move` over
+/// more than [`TABLE_MOVE_MAX`] elements is refused (`table.move({}, 1,
+/// 1e15, 1, {})` never ended). Not covered: a single call whose pattern
+/// backtracks without end (see the module doc).
 ///
 /// Each wrapper calls the original through a local of the same name, not as
 /// a tail call, so that Lua's messages still name it (`bad argument #1 to
 /// 'find'`); their position, this chunk's, is replaced by the script's line
 /// (see `lua_error`).
 const SCANS: &str = r#"
-local charge, move_max = ...
-local type, error = type, error
+local check, move_max = ...
+local tonumber, error = tonumber, error
 local function pass(...) return ... end
 local find, match, gmatch, gsub = string.find, string.match, string.gmatch, string.gsub
-string.find = function(s, p, ...) charge(s, p) return pass(find(s, p, ...)) end
-string.match = function(s, p, ...) charge(s, p) return pass(match(s, p, ...)) end
-string.gmatch = function(s, p, ...) charge(s, p) return pass(gmatch(s, p, ...)) end
-string.gsub = function(s, p, ...) charge(s, p) return pass(gsub(s, p, ...)) end
-local move = table.move
-table.move = function(a1, f, e, t, a2)
-  if type(f) == "number" and type(e) == "number" and e - f >= move_max then
+local rep, upper, lower, reverse = string.rep, string.upper, string.lower, string.reverse
+local format, byte = string.format, string.byte
+string.find = function(...) check() return pass(find(...)) end
+string.match = function(...) check() return pass(match(...)) end
+string.gmatch = function(...) check() return pass(gmatch(...)) end
+string.gsub = function(...) check() return pass(gsub(...)) end
+string.rep = function(...) check() return pass(rep(...)) end
+string.upper = function(...) check() return pass(upper(...)) end
+string.lower = function(...) check() return pass(lower(...)) end
+string.reverse = function(...) check() return pass(reverse(...)) end
+string.format = function(...) check() return pass(format(...)) end
+string.byte = function(...) check() return pass(byte(...)) end
+local sort, concat, unpack, move = table.sort, table.concat, table.unpack, table.move
+table.sort = function(...) check() return pass(sort(...)) end
+table.concat = function(...) check() return pass(concat(...)) end
+table.unpack = function(...) check() return pass(unpack(...)) end
+table.move = function(a1, f, e, ...)
+  check()
+  -- As table.move reads them (numeric strings count).
+  local first, last = tonumber(f), tonumber(e)
+  if first and last and last - first >= move_max then
     error("table.move of more than " .. move_max .. " elements", 2)
   end
-  return pass(move(a1, f, e, t, a2))
+  return pass(move(a1, f, e, ...))
 end
+local len, offset, codepoint, char = utf8.len, utf8.offset, utf8.codepoint, utf8.char
+utf8.len = function(...) check() return pass(len(...)) end
+utf8.offset = function(...) check() return pass(offset(...)) end
+utf8.codepoint = function(...) check() return pass(codepoint(...)) end
+utf8.char = function(...) check() return pass(char(...)) end
 "#;
 
-/// The most elements one `table.move` may move (a table that large is far
-/// over any memory limit).
-const TABLE_MOVE_MAX: i64 = 100_000_000;
+/// The most elements one `table.move` may move: a table that large is over
+/// any memory limit, and a call over that many takes about a second.
+const TABLE_MOVE_MAX: i64 = 10_000_000;
 
-/// Bytes of a scan's subject per charged instruction.
-const SCAN_BYTES_PER_INSTRUCTION: u64 = 4;
-
-/// Pattern bytes that cost one more pass over the subject (a plain `find`
-/// of a long needle compares up to the needle's length at each place).
-const PATTERN_BYTES_PER_PASS: u64 = 64;
-
-/// `charge(subject, pattern)`: counts a scan against the current run's
-/// limits and raises if one is over (an ordinary error, not the hook's).
-fn charge_scan(lua: &Lua, (subject, pattern): (Value, Value)) -> mlua::Result<()> {
-    let len = |v: &Value| match v {
-        Value::String(s) => s.as_bytes().len() as u64,
-        _ => 0,
-    };
-    let passes = 1 + len(&pattern) / PATTERN_BYTES_PER_PASS;
-    let spent = len(&subject).saturating_mul(passes) / SCAN_BYTES_PER_INSTRUCTION;
+/// `check()`: looks at the current run's limits (the wall clock), and
+/// raises if the run is over one or was stopped (an ordinary error raised
+/// from a call, not from the hook).
+fn check_scan(lua: &Lua, (): ()) -> mlua::Result<()> {
     let Some(cell) = lua.app_data_ref::<RunCell>() else {
         return Ok(());
     };
     let Ok(mut run) = cell.try_borrow_mut() else {
         return Ok(());
     };
-    check_limits(&mut run, Instant::now(), spent);
-    match &run.exceeded {
-        Some((limit, _)) => Err(mlua::Error::runtime(format!(
-            "the script hit its {} limit",
-            limit.name()
-        ))),
-        None => Ok(()),
+    check_limits(&mut run, Instant::now(), 0);
+    if run.exceeded.is_some() || run.exited {
+        return Err(mlua::Error::runtime(match &run.exceeded {
+            Some((limit, _)) => format!("the script hit its {} limit", limit.name()),
+            None => "the script has exited".to_owned(),
+        }));
     }
+    Ok(())
 }
 
 fn check_limits(run: &mut Run, now: Instant, spent: u64) {
