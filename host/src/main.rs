@@ -272,9 +272,9 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
                 "{} is a full backup, and full backups come first: kvdb restore --data DIR FULL [INCREMENT...], the increments in the order they were taken",
                 path.display()
             );
-            if let (Some(from), Some(before_from)) = (info.lineage, b.lineage) {
+            if let (Some(base), Some(before_from)) = (info.base, b.lineage) {
                 anyhow::ensure!(
-                    from == before_from,
+                    base == before_from,
                     "{} was taken from another server than {}: {}",
                     path.display(),
                     before.display(),

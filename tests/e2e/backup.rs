@@ -577,7 +577,8 @@ fn restoring_an_increment_out_of_order_fails() {
 /// A server restored from a backup is a server of its own: an increment
 /// taken from it, with the `--since` the original server's chain had come
 /// to, does not continue that chain (found by a review: the chain restored
-/// to data neither server held).
+/// to data neither server held); one from the version its restore ended at
+/// does.
 #[test]
 fn an_increment_of_a_restored_server_does_not_continue_the_original_chain() {
     let f = fixture();
@@ -612,6 +613,18 @@ fn an_increment_of_a_restored_server_does_not_continue_the_original_chain() {
         snapshot(&restored, &f.buckets()),
         snapshot(&f.live, &f.buckets()),
         "the chain as it was"
+    );
+    // What the README says to do after a restore: the restored server's
+    // increments from the version `kvdb restore` printed continue the
+    // chain it was restored from.
+    let own = f.file("own.kvdb");
+    backup(&copy, v1, &own);
+    let dr = f.fresh_dir("dr");
+    restore_ok(&dr, &[&full, &own]);
+    let served = TestServer::start_on(&dr, &[]);
+    assert_eq!(
+        snapshot(&served, &f.buckets()),
+        snapshot(&copy, &f.buckets())
     );
 }
 

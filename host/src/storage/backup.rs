@@ -2,7 +2,7 @@
 //! [`Store::restore`](super::Store::restore). Documented in `docs/backup-format.md`.
 //!
 //! ```text
-//! header  "KVDBBAK\x02" since:u64 version:u64 lineage:16 bytes
+//! header  "KVDBBAK\x02" since:u64 version:u64 lineage:16 bytes base:16 bytes
 //! record  'D' version:u64 deleted_at:u64 len:u32 key         a deleted key
 //!         'R' version:u64 deleted_at:u64 len:u32 prefix      a deleted prefix (bucket)
 //!         'P' len:u32 key kind:u8 expires_at:u64 version:u64 len:u32 value
@@ -38,6 +38,12 @@ pub struct BackupInfo {
     pub version: u64,
     /// The server the backup was taken from (`None` in the first format).
     pub lineage: Option<Lineage>,
+    /// The lineage of what the backup continues: the backups whose chain
+    /// ends at `since`. The server's own, except for an increment of a
+    /// restored server from the version its restore ended at, which
+    /// continues the chain it was restored from. (`None` in the first
+    /// format.)
+    pub base: Option<Lineage>,
 }
 
 /// One change in a backup.
@@ -109,6 +115,7 @@ impl<'a> Writer<'a> {
         out.put(&info.since.to_be_bytes())?;
         out.put(&info.version.to_be_bytes())?;
         out.put(&info.lineage.unwrap_or_default())?;
+        out.put(&info.base.unwrap_or_default())?;
         Ok(Self { out, count: 0 })
     }
 
@@ -193,6 +200,7 @@ impl<'a> Reader<'a> {
                 since: 0,
                 version: 0,
                 lineage: None,
+                base: None,
             },
             count: 0,
             done: false,
@@ -205,16 +213,19 @@ impl<'a> Reader<'a> {
         }
         let since = r.u64()?;
         let version = r.u64()?;
-        let lineage = if magic == MAGIC {
-            let bytes = r.bytes(16)?;
-            Some(Lineage::try_from(bytes.as_slice()).map_err(|_| corrupt("lineage"))?)
+        let (lineage, base) = if magic == MAGIC {
+            let mut lineage = || -> Result<Lineage, StorageError> {
+                Lineage::try_from(r.bytes(16)?.as_slice()).map_err(|_| corrupt("lineage"))
+            };
+            (Some(lineage()?), Some(lineage()?))
         } else {
-            None
+            (None, None)
         };
         r.info = BackupInfo {
             since,
             version,
             lineage,
+            base,
         };
         Ok(r)
     }
@@ -369,6 +380,7 @@ mod tests {
                 since: 3,
                 version: 9,
                 lineage: Some([5; 16]),
+                base: Some([6; 16]),
             },
         )
         .expect("header");
@@ -403,6 +415,7 @@ mod tests {
                 since: 3,
                 version: 9,
                 lineage: Some([5; 16]),
+                base: Some([6; 16]),
             }
         );
         assert!(matches!(
@@ -468,7 +481,8 @@ mod tests {
             BackupInfo {
                 since: 0,
                 version: 7,
-                lineage: None
+                lineage: None,
+                base: None
             }
         );
     }

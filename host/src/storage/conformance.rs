@@ -714,7 +714,8 @@ fn restore_refuses_a_gap_in_the_chain(f: Fixture) {
 
 /// A directory restored from a backup is a server of its own: an increment
 /// taken from it does not continue the chain of the server it was restored
-/// from, even where the versions line up (found by a review: restored from
+/// from (unless it starts at the version the restore ended at), even where
+/// the versions line up (found by a review: restored from
 /// an older full backup after a disaster, the copy took the old cron job's
 /// `--since`, and the chain restored to data neither server held).
 fn an_increment_of_a_restored_copy_does_not_continue_the_original_chain(f: Fixture) {
@@ -738,6 +739,19 @@ fn an_increment_of_a_restored_copy_does_not_continue_the_original_chain(f: Fixtu
         ["b"],
         "nothing of it applied"
     );
+    // The copy's increment from the version its restore ended at continues
+    // the chain it was restored from (the state there is that chain's), and
+    // its later increments continue that.
+    let (from_restore, at) = backup_bytes(&copy, v1);
+    let continued = restored_on_redb(&[&full, &from_restore]);
+    assert_eq!(all_entries(&continued), all_entries(&copy));
+    copy.put("e", "1", 0);
+    let (later, _) = backup_bytes(&copy, at);
+    continued
+        .store
+        .restore(&mut later.as_slice())
+        .expect("the copy's next increment");
+    assert_eq!(all_entries(&continued), all_entries(&copy));
     // The copy's own chain restores.
     let (own_full, own) = backup_bytes(&copy, 0);
     copy.put("d", "1", 0);
@@ -834,6 +848,7 @@ fn a_restored_version_near_the_top_does_not_wrap_the_sequence() {
         since: 0,
         version: u64::MAX - 2,
         lineage: Some([1; 16]),
+        base: Some([1; 16]),
     };
     super::backup::Writer::new(&mut bytes, info)
         .expect("writer")

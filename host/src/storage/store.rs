@@ -1061,6 +1061,17 @@ impl Store {
             (self.inner.backend.snapshot()?, writer.seq)
         };
         let horizon = raw.get(META_HORIZON)?.map_or(0, |v| be_u64(&v));
+        // An increment from the version a restore ended at continues the
+        // chain that was restored (the state there is that chain's); any
+        // other continues this server's own backups.
+        let restored = raw.get(META_RESTORED)?.map_or(0, |v| be_u64(&v));
+        let base = match raw.get(META_CHAIN)? {
+            Some(chain) if since != 0 && since == restored => {
+                Lineage::try_from(chain.as_slice())
+                    .map_err(|_| StorageError::Corrupt("the restored chain's lineage".into()))?
+            }
+            _ => self.inner.lineage,
+        };
         if since > 0 && since < horizon {
             return Err(StorageError::BackupTooOld { since, horizon });
         }
@@ -1073,6 +1084,7 @@ impl Store {
                 since,
                 version,
                 lineage: Some(self.inner.lineage),
+                base: Some(base),
             },
             now: self.now_ms(),
         })
@@ -1108,8 +1120,8 @@ impl Store {
             ));
         }
         if increment
-            && let (Some(from), Some(chain)) = (info.lineage, chain)
-            && from[..] != chain[..]
+            && let (Some(base), Some(chain)) = (info.base, chain)
+            && base[..] != chain[..]
         {
             return Err(StorageError::Restore(format!(
                 "this increment was taken from another server than the backups this data \
