@@ -661,39 +661,54 @@ impl Drop for InFlight {
 ///
 /// # Expiry and the batch in progress
 ///
-/// A batch judges expiry at one time, read as it starts, and what it writes
-/// becomes visible only at its commit (after the fsync). A reader of the
-/// state before it must not judge expiry at a later time than the batch
-/// did: a key would otherwise be expired for readers (404) while the batch,
-/// which saw it alive, updates it, and the key would come back at the
-/// commit. So each generation has a cap: the start time of the batch that
-/// replaces it, once that batch has started; a snapshot judges expiry at the
-/// earlier of the clock and its generation's cap. The batch stores the cap
-/// before it reads its own time again ([`SnapshotCache::start_batch`]), and
-/// a reader reads the clock before the cap: a reader that saw no cap read
-/// the clock before the batch read its time, so no reader judges the state
-/// later than the batch that replaces it.
+/// A batch judges expiry at one time, and what it writes becomes visible
+/// only at its commit (after the fsync). A reader of the state before it
+/// must not judge expiry at a later time than the batch did: a key would
+/// otherwise be expired for readers (404) while the batch, which saw it
+/// alive, updates it, and the key would come back at the commit. And the
+/// time readers judge by must never go back from one reader to the next.
+/// So each generation keeps a time ([`Latest::time`]): readers raise it to
+/// their clock as they read; a batch closes it (marks it [`CLOSED`]), takes
+/// the later of its clock and the time readers reached, and leaves that in
+/// it; readers of a closed generation judge by that time; the next
+/// generation starts from it. A reader that raised the time before the
+/// close is no later than the batch; one that came after judges at the
+/// batch's own time (found by two reviews: the first version of this let a
+/// key expire, come back and expire again).
 #[derive(Default)]
 struct SnapshotCache {
     latest: RwLock<Latest>,
 }
 
-/// The current generation's cached snapshot and cap.
+/// The bit of [`Latest::time`] that marks a generation closed: a batch that
+/// replaces it has started.
+const CLOSED: u64 = 1 << 63;
+
+/// The current generation's cached snapshot and time.
+#[derive(Default)]
 struct Latest {
     generation: u64,
     raw: Option<Arc<dyn RawRead>>,
-    /// When the batch that replaces this generation started (Unix ms);
-    /// `u64::MAX` until one starts.
-    cap: Arc<AtomicU64>,
+    /// The time (Unix ms) its readers have reached, or, with [`CLOSED`],
+    /// the time of the batch replacing it.
+    time: Arc<AtomicU64>,
 }
 
-impl Default for Latest {
-    fn default() -> Self {
-        Self {
-            generation: 0,
-            raw: None,
-            cap: Arc::new(AtomicU64::new(u64::MAX)),
-        }
+/// The time a reader of a generation whose time is `time` judges expiry by.
+fn judge(time: &AtomicU64, clock: &Clock) -> u64 {
+    let now = clock.now_ms() & !CLOSED;
+    let seen = time.load(Ordering::SeqCst);
+    if seen & CLOSED != 0 {
+        return seen & !CLOSED;
+    }
+    if now <= seen {
+        return seen;
+    }
+    let before = time.fetch_max(now, Ordering::SeqCst);
+    if before & CLOSED != 0 {
+        before & !CLOSED
+    } else {
+        now
     }
 }
 
@@ -704,22 +719,21 @@ impl SnapshotCache {
         backend: &dyn Backend,
         clock: &Clock,
     ) -> Result<(Arc<dyn RawRead>, u64), StorageError> {
-        let (generation, cap) = {
+        let (generation, time) = {
             let latest = self
                 .latest
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(raw) = &latest.raw {
-                let now = clock.now_ms().min(latest.cap.load(Ordering::SeqCst));
-                return Ok((raw.clone(), now));
+                return Ok((raw.clone(), judge(&latest.time, clock)));
             }
-            (latest.generation, latest.cap.clone())
+            (latest.generation, latest.time.clone())
         };
-        // Made after the cap was taken: if a commit lands in between, this
-        // snapshot holds the newer state, judged at the start of the batch
-        // that made it, which is the time that batch judged it at.
+        // Made after the generation's time was taken: if a commit lands in
+        // between, this snapshot holds the newer state, judged at the time
+        // of the batch that made it (its generation is closed by then).
         let raw: Arc<dyn RawRead> = Arc::from(backend.snapshot()?);
-        let now = clock.now_ms().min(cap.load(Ordering::SeqCst));
+        let now = judge(&time, clock);
         let mut latest = self
             .latest
             .write()
@@ -732,26 +746,25 @@ impl SnapshotCache {
         Ok((raw, now))
     }
 
-    /// Called by the writer as a batch starts: caps the current generation
-    /// at the batch's time, and returns the time the batch judges expiry by.
+    /// Called by the writer as a batch starts: closes the current generation
+    /// and returns the time the batch judges expiry by, which its readers
+    /// judge by from now on.
     fn start_batch(&self, clock: &Clock) -> u64 {
-        let cap = self
+        let time = self
             .latest
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .cap
+            .time
             .clone();
-        let capped = clock.now_ms();
-        // One batch per generation: the writer starts a new generation
-        // after every batch, committed or not.
-        cap.store(capped, Ordering::SeqCst);
-        // Read again once the cap is in place: no earlier than the clock of
-        // any reader that did not see the cap.
-        clock.now_ms().max(capped)
+        let reached = time.fetch_or(CLOSED, Ordering::SeqCst) & !CLOSED;
+        let now = (clock.now_ms() & !CLOSED).max(reached);
+        time.store(CLOSED | now, Ordering::SeqCst);
+        now
     }
 
-    /// Called by the writer after each commit (or failed batch).
-    fn invalidate(&self) {
+    /// Called by the writer after each batch (committed or not), with the
+    /// batch's time: the next generation starts from it.
+    fn invalidate(&self, batch_time: u64) {
         let stale = {
             let mut latest = self
                 .latest
@@ -762,7 +775,8 @@ impl SnapshotCache {
                 &mut *latest,
                 Latest {
                     generation,
-                    ..Latest::default()
+                    raw: None,
+                    time: Arc::new(AtomicU64::new(batch_time)),
                 },
             )
         };
@@ -1687,7 +1701,7 @@ impl Writer {
             // Once per SEQ_BLOCK versions.
             self.sync();
         }
-        self.snapshots.invalidate();
+        self.snapshots.invalidate(now);
         match &result {
             Ok(()) => {
                 self.seq = end_seq;
@@ -1774,6 +1788,36 @@ mod tests {
             self.note_ceiling();
             Ok(())
         }
+    }
+
+    /// The time readers judge expiry by never goes back from one reader to
+    /// the next, even when a reader's clock was ahead of the batch's (found
+    /// by a review of the first version, which took the batch's clock alone).
+    #[test]
+    fn the_time_readers_judge_expiry_by_never_goes_back() {
+        let backend = MemoryBackend::new();
+        let ms = Arc::new(AtomicU64::new(1_001));
+        let clock = super::Clock::Manual(ms.clone());
+        let cache = super::SnapshotCache::default();
+        let judged = |cache: &super::SnapshotCache| cache.get(&backend, &clock).expect("read").1;
+        // A reader whose clock is a little ahead of the writer's...
+        assert_eq!(judged(&cache), 1_001);
+        // ...then a batch that reads 1000: it judges at 1001 all the same,
+        ms.store(1_000, Ordering::SeqCst);
+        let batch = cache.start_batch(&clock);
+        assert_eq!(batch, 1_001);
+        // and so do the readers of the state before it while it runs.
+        ms.store(5_000, Ordering::SeqCst);
+        assert_eq!(judged(&cache), 1_001);
+        cache.invalidate(batch);
+        // The next generation starts from the batch's time, and follows
+        // the clock from there.
+        ms.store(900, Ordering::SeqCst);
+        assert_eq!(judged(&cache), 1_001);
+        ms.store(6_000, Ordering::SeqCst);
+        assert_eq!(judged(&cache), 6_000);
+        ms.store(5_999, Ordering::SeqCst);
+        assert_eq!(judged(&cache), 6_000);
     }
 
     /// A batch judges expiry at its start, and its writes show at its
