@@ -887,3 +887,52 @@ fn long_scans_and_moves_stay_within_the_limits() {
     assert_eq!((t.status, t.body.as_str()), (200, "57kv3a_b14\n"));
     assert_server_still_answers(&s, &b);
 }
+
+/// CPU time (user + system, in clock ticks) the process has used (Linux).
+#[cfg(target_os = "linux")]
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // After the command name in parentheses: fields 14 and 15 of the line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0)
+}
+
+/// A generic `for`'s fourth value is closed like a `<close>` variable, and
+/// can't be refused at upload. When a limit stops a run, its endless
+/// `__close` must not run outside the limits: with mlua's hook it ran with
+/// Lua's hooks off and held a thread at 100% CPU for ever (found by a
+/// review). On the run's thread, in a `pcall`, and inside a `table.sort`
+/// comparator (where Lua can't yield).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_closing_value_never_runs_past_the_limits() {
+    let s = timed();
+    let b = limit_bucket(&s);
+    let closer = "local closer = setmetatable({}, {__close = function() while true do end end})\n\
+                  local function forever() return 1 end\n";
+    for (name, body) in [
+        ("plain", "for _ in forever, nil, nil, closer do end"),
+        (
+            "caught",
+            "print(pcall(function() for _ in forever, nil, nil, closer do end end))\nwhile true do end",
+        ),
+        (
+            "sorted",
+            "table.sort({3, 2, 1}, function(a, c) for _ in forever, nil, nil, closer do end return a < c end)",
+        ),
+    ] {
+        let t = eval_within(&s, &b, name, &format!("{closer}{body}"));
+        assert_limit(&t, 504, &["script-time-limit"]);
+    }
+    // No thread is left running a `__close`: the server goes idle.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(s.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(s.pid()) - before;
+    assert!(
+        used < 30,
+        "the server used {used} ticks of CPU in 1 s while idle"
+    );
+    assert_server_still_answers(&s, &b);
+}

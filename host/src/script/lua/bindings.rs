@@ -26,7 +26,7 @@ fn with_run<R>(lua: &Lua, f: impl FnOnce(&mut Run) -> mlua::Result<R>) -> mlua::
         .map_err(|_| mlua::Error::runtime("kvdb functions can't be called re-entrantly"))?;
     // A stopped run (a limit, or kvdb.exit) does nothing more, even if the
     // script caught the error that stopped it.
-    if run.exceeded.is_some() || run.exited {
+    if run.stopped() {
         return Err(mlua::Error::runtime("the script was stopped"));
     }
     f(&mut run)
@@ -38,11 +38,7 @@ pub(super) fn stopped_function(lua: &Lua) -> mlua::Result<Function> {
     lua.create_function(|lua, ()| {
         Ok(lua
             .app_data_ref::<RunCell>()
-            .and_then(|cell| {
-                cell.try_borrow()
-                    .ok()
-                    .map(|r| r.exceeded.is_some() || r.exited)
-            })
+            .and_then(|cell| cell.try_borrow().ok().map(|r| r.stopped()))
             .unwrap_or(false))
     })
 }
@@ -225,6 +221,7 @@ fn tostring_bytes(tostring: &Function, v: Value) -> mlua::Result<Vec<u8>> {
 
 fn write_body(run: &mut Run, bytes: &[u8]) -> mlua::Result<()> {
     if run.body.len().saturating_add(bytes.len()) > run.limits.response_bytes {
+        run.meter.stop();
         run.exceeded.get_or_insert((
             Limit::Response,
             format!(
@@ -293,6 +290,7 @@ pub(super) fn log_function(lua: &Lua) -> mlua::Result<Function> {
 
 fn exit_now(run: &mut Run) -> mlua::Error {
     run.exited = true;
+    run.meter.stop();
     mlua::Error::runtime("kvdb.exit")
 }
 
@@ -527,6 +525,7 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
                 if let Err(detail) = crate::script::check_header_total(&run.headers) {
                     // Not kept: they count against no other limit.
                     run.headers.pop();
+                    run.meter.stop();
                     run.exceeded.get_or_insert((Limit::Response, detail));
                     return Err(mlua::Error::runtime("the response size limit was exceeded"));
                 }

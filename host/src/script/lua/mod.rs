@@ -19,11 +19,12 @@
 
 mod bindings;
 mod bytecode;
+mod meter;
 mod sandbox;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use mlua::thread::ThreadStatus;
@@ -56,18 +57,20 @@ struct State {
     chunks: HashMap<([u8; 32], ScriptName), Function>,
     /// The Lua thread of the last run that finished normally, for the next.
     spare_thread: Option<Thread>,
+    /// The limits of the state's current run, for its hook.
+    meter: Arc<meter::Meter>,
 }
 
 /// What a run accumulates; lives in the state's app data during the run.
 pub(crate) struct Run {
     pub host: Host,
     pub limits: Limits,
-    pub deadline: Instant,
-    /// While the run is on an async worker: when the hook suspends it.
-    pub slice_end: Option<Instant>,
-    pub instructions: u64,
-    /// A limit, once hit, stays hit: every later hook call raises again, so a
-    /// script can't `pcall` its way past it.
+    /// The instruction and time limits, as the hook counts them (shared
+    /// with the state).
+    pub(in crate::script::lua) meter: Arc<meter::Meter>,
+    /// The response limit, once hit. A limit, once hit, stays hit: every
+    /// later hook call raises again, so a script can't `pcall` its way past
+    /// it.
     pub exceeded: Option<(Limit, String)>,
     /// `kvdb.exit` was called: the run ends with what it has said so far.
     pub exited: bool,
@@ -88,6 +91,14 @@ pub(crate) struct Run {
 }
 
 pub(crate) type RunCell = RefCell<Run>;
+
+impl Run {
+    /// Whether the run was stopped (a limit, or `kvdb.exit`): it does
+    /// nothing more, even if the script caught the error that stopped it.
+    pub fn stopped(&self) -> bool {
+        self.exceeded.is_some() || self.exited || self.meter.stopped()
+    }
+}
 
 fn lua_error(e: &mlua::Error) -> String {
     // The first line: "name:LINE: message" without the traceback.
@@ -290,11 +301,15 @@ impl State {
     fn new() -> mlua::Result<Self> {
         let lua = sandbox::new_lua()?;
         let base = sandbox::Base::new(&lua)?;
+        // The main state runs script code too: a run's error object is
+        // turned into text there (its `__tostring` is the script's).
+        meter::install_on_main(&lua)?;
         Ok(Self {
             lua,
             base,
             chunks: HashMap::new(),
             spare_thread: None,
+            meter: Arc::new(meter::Meter::new()),
         })
     }
 
@@ -338,12 +353,12 @@ impl State {
             }
             None => lua.create_thread(f).map_err(internal)?,
         };
+        meter::install_on_thread(&thread);
+        self.meter.start(&limits, slice_end);
         lua.set_app_data::<RunCell>(RefCell::new(Run {
             host,
             limits,
-            deadline: Instant::now() + limits.time,
-            slice_end,
-            instructions: 0,
+            meter: self.meter.clone(),
             exceeded: None,
             exited: false,
             status: 200,
@@ -363,6 +378,7 @@ impl State {
 
     /// Resumes the run; `None` if the hook suspended it (its slice is over).
     fn step(&self, thread: &Thread, args: Option<mlua::Table>) -> Option<mlua::Result<()>> {
+        let _metering = meter::Metering::new(&self.meter);
         let outcome = match args {
             Some(env) => thread.resume::<()>(env),
             None => thread.resume::<()>(()),
@@ -376,9 +392,7 @@ impl State {
     /// Runs a run to its end with no more suspensions: a suspended one, or
     /// one not started yet (`env` given).
     fn run_to_end(&self, thread: &Thread, mut env: Option<mlua::Table>) -> mlua::Result<()> {
-        if let Some(cell) = self.lua.app_data_ref::<RunCell>() {
-            cell.borrow_mut().slice_end = None;
-        }
+        self.meter.end_slice();
         loop {
             if let Some(outcome) = self.step(thread, env.take()) {
                 return outcome;
@@ -416,7 +430,7 @@ impl State {
         let run = self
             .end_run()
             .ok_or_else(|| ScriptError::Internal("the run's state vanished".into()))?;
-        if let Some((limit, detail)) = run.exceeded {
+        if let Some((limit, detail)) = run.meter.limit_hit(&limits).or(run.exceeded) {
             return Err(ScriptError::Limit { limit, detail });
         }
         match outcome {

@@ -9,32 +9,27 @@
 //!   the next run sees.
 //! - Each run gets a new global table whose metatable (locked) reads through
 //!   to the shared base; globals a run defines die with it.
-//! - An instruction hook, set once per state, enforces the instruction and
-//!   wall-time limits of the current run, and suspends a run that has used up
-//!   its slice on an async worker (see the parent module). Once a run is stopped (a limit, or
+//! - An instruction hook (see `meter`: on the main state and each run's
+//!   thread) enforces the instruction and wall-time limits of the current
+//!   run, and suspends a run that has used up its slice on an async worker
+//!   (see the parent module). Once a run is stopped (a limit, or
 //!   `kvdb.exit`) it stays stopped: `pcall`/`xpcall` are wrapped to re-raise,
 //!   an `xpcall` handler is not run, and every `kvdb` call raises.
 //! - `setmetatable` refuses `__gc`: a finalizer would run during a later run
 //!   of the pooled state, possibly another bucket's, outside any limit.
 //! - To-be-closed variables (`<close>`) are refused when a script is compiled
-//!   (see `bytecode`): their `__close` would run outside the limits when a
-//!   limit stops the run.
+//!   (see `bytecode`); a generic `for`'s closing value can't be refused
+//!   there, and the hook stops a run without running pending `__close`
+//!   outside the limits (see `meter`).
 //! - The library functions whose one call can take long look at the limits
 //!   as they start ([`SCANS`]); `table.move` over an absurd range is
 //!   refused. Known limit: a pattern that backtracks without end runs
 //!   inside one C call, where no hook fires; the time limit can't stop it.
 
-use std::time::Instant;
-
 use mlua::chunk::ChunkMode;
-use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
+use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
-use super::{Run, RunCell, bindings};
-use crate::script::Limit;
-
-/// How often (in VM instructions) the hook checks the limits: rare enough to
-/// cost little, often enough to stop a run within microseconds of a limit.
-const HOOK_EVERY: u32 = 1000;
+use super::{RunCell, bindings};
 
 /// The basic functions a script may use.
 const BASIC: &[&str] = &[
@@ -119,37 +114,8 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
         .set_name("=sandbox")
         .set_mode(ChunkMode::Text)
         .call::<()>((lua.create_function(check_scan)?, TABLE_MOVE_MAX))?;
-    // Global: the main thread and every thread (coroutine) created from now
-    // on get it. Runs execute in such threads; the main thread needs it too,
-    // as a run's error object is turned into text there (its `__tostring`
-    // is the script's code).
-    lua.set_global_hook(
-        HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-        |lua, _| {
-            let Some(cell) = lua.app_data_ref::<RunCell>() else {
-                return Ok(VmState::Continue);
-            };
-            let Ok(mut run) = cell.try_borrow_mut() else {
-                return Ok(VmState::Continue);
-            };
-            let now = Instant::now();
-            check_limits(&mut run, now, u64::from(HOOK_EVERY));
-            if run.exceeded.is_some() || run.exited {
-                return Err(mlua::Error::runtime(match &run.exceeded {
-                    Some((limit, _)) => format!("the script hit its {} limit", limit.name()),
-                    None => "the script has exited".to_owned(),
-                }));
-            }
-            // Past its slice on an async worker: suspend the run so that it
-            // goes on on a blocking thread. (Lua ignores the yield where it
-            // can't yield, inside a C function's callback; the next hook
-            // call tries again.)
-            if run.slice_end.is_some_and(|end| now >= end) {
-                return Ok(VmState::Yield);
-            }
-            Ok(VmState::Continue)
-        },
-    )?;
+    // The limits' hook is installed on the main state and on each run's
+    // thread (see `meter`), not here: mlua's hooks can't stop a run safely.
     Ok(lua)
 }
 
@@ -159,7 +125,7 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
 /// a range they are given (`sort`, `concat`, `unpack`, `move`). Installed in
 /// the state's own `string`, `table` and `utf8` (string methods use them
 /// too). One such call is one VM instruction to the hook, which looks at the
-/// limits every [`HOOK_EVERY`]: a loop of long scans ran 37 times past its
+/// limits every `meter::HOOK_EVERY`: a loop of long scans ran 37 times past its
 /// time limit (found by a review). Each wrapper looks at the limits (the
 /// time, and whether the run was stopped) before the call, so a run ends at
 /// most one call past its time; nothing is charged by length, which would
@@ -220,41 +186,13 @@ fn check_scan(lua: &Lua, (): ()) -> mlua::Result<()> {
     let Some(cell) = lua.app_data_ref::<RunCell>() else {
         return Ok(());
     };
-    let Ok(mut run) = cell.try_borrow_mut() else {
+    let Ok(run) = cell.try_borrow() else {
         return Ok(());
     };
-    check_limits(&mut run, Instant::now(), 0);
-    if run.exceeded.is_some() || run.exited {
-        return Err(mlua::Error::runtime(match &run.exceeded {
-            Some((limit, _)) => format!("the script hit its {} limit", limit.name()),
-            None => "the script has exited".to_owned(),
-        }));
+    if run.meter.check(0) || run.stopped() {
+        return Err(mlua::Error::runtime("the script was stopped by a limit"));
     }
     Ok(())
-}
-
-fn check_limits(run: &mut Run, now: Instant, spent: u64) {
-    run.instructions = run.instructions.saturating_add(spent);
-    if run.exceeded.is_some() {
-        return;
-    }
-    if run.instructions > run.limits.instructions {
-        run.exceeded = Some((
-            Limit::Instructions,
-            format!(
-                "the script ran more than {} Lua instructions",
-                run.limits.instructions
-            ),
-        ));
-    } else if now >= run.deadline {
-        run.exceeded = Some((
-            Limit::Time,
-            format!(
-                "the script ran longer than {} ms",
-                run.limits.time.as_millis()
-            ),
-        ));
-    }
 }
 
 /// Compiles a script as text. The chunk takes its environment as argument, so

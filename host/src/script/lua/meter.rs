@@ -1,0 +1,247 @@
+//! The limits of a Lua run as its instruction hook sees them: instructions,
+//! wall time, the end of its slice on an async worker, and whether it was
+//! stopped; and the hook itself, installed on every thread that runs
+//! scripts.
+//!
+//! The hook is a plain Lua hook (`lua_sethook`), not mlua's: mlua's raises a
+//! hook's error after clearing the running function's stack from inside the
+//! hook, with Lua's hooks off, which runs that function's pending `__close`
+//! metamethods (of a generic `for`'s fourth value, say) with nothing to stop
+//! them: one that looped held its thread for ever (found by two reviews).
+//! This one raises with `lua_error` and leaves the stack to Lua: a pending
+//! `__close` runs only where a `pcall` catches the error, with hooks back
+//! on, and the hook stops it too.
+//!
+//! This module decides when a run must stop; it must not touch the run's
+//! data (the hook can't reach it: it finds the meter of the run on its
+//! thread through [`Metering`]). It is the one module of the crate with
+//! `unsafe` code (the workspace denies it elsewhere): the hook's calls into
+//! Lua's C API.
+#![allow(unsafe_code)]
+
+use std::cell::Cell;
+use std::ffi::{CStr, c_int};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::Instant;
+
+use mlua::ffi;
+
+use crate::script::{Limit, Limits};
+
+/// How often (in VM instructions) the hook looks at the limits: rare enough
+/// to cost little, often enough to stop a run within microseconds of one.
+pub(super) const HOOK_EVERY: u32 = 1000;
+
+/// No time set (`slice_end`).
+const NEVER: u64 = u64::MAX;
+
+/// What stopped a run: nothing, or which limit.
+const HIT_NONE: u8 = 0;
+const HIT_INSTRUCTIONS: u8 = 1;
+const HIT_TIME: u8 = 2;
+
+/// One state's run limits. Atomics only so that a run's record (which
+/// holds it) can move between threads with the state; one thread uses it
+/// at a time.
+pub(super) struct Meter {
+    started: Instant,
+    instructions: AtomicU64,
+    max_instructions: AtomicU64,
+    /// Nanoseconds after `started`.
+    deadline: AtomicU64,
+    /// Nanoseconds after `started` at which the hook suspends the run (its
+    /// slice on an async worker is over), or [`NEVER`].
+    slice_end: AtomicU64,
+    hit: AtomicU8,
+    /// Stopped for good: a limit, the response limit, or `kvdb.exit`.
+    stopped: AtomicBool,
+}
+
+/// What the hook does next.
+enum Next {
+    Continue,
+    Suspend,
+    Stop(&'static CStr),
+}
+
+impl Meter {
+    pub(super) fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            instructions: AtomicU64::new(0),
+            max_instructions: AtomicU64::new(0),
+            deadline: AtomicU64::new(0),
+            slice_end: AtomicU64::new(NEVER),
+            hit: AtomicU8::new(HIT_NONE),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    fn elapsed(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(NEVER - 1)
+    }
+
+    fn at(&self, when: Instant) -> u64 {
+        u64::try_from(when.saturating_duration_since(self.started).as_nanos()).unwrap_or(NEVER - 1)
+    }
+
+    /// Starts a run: its limits from now, suspended at `slice_end`.
+    pub(super) fn start(&self, limits: &Limits, slice_end: Option<Instant>) {
+        self.instructions.store(0, Ordering::Relaxed);
+        self.max_instructions
+            .store(limits.instructions, Ordering::Relaxed);
+        self.deadline
+            .store(self.at(Instant::now() + limits.time), Ordering::Relaxed);
+        self.slice_end
+            .store(slice_end.map_or(NEVER, |t| self.at(t)), Ordering::Relaxed);
+        self.hit.store(HIT_NONE, Ordering::Relaxed);
+        self.stopped.store(false, Ordering::Relaxed);
+    }
+
+    /// The run goes on where no slice ends (a blocking thread).
+    pub(super) fn end_slice(&self) {
+        self.slice_end.store(NEVER, Ordering::Relaxed);
+    }
+
+    /// Stops the run for good (the response limit, `kvdb.exit`).
+    pub(super) fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Looks at the instruction and time limits now (after `spent` more
+    /// instructions); whether the run is stopped.
+    pub(super) fn check(&self, spent: u64) -> bool {
+        let n = self
+            .instructions
+            .fetch_add(spent, Ordering::Relaxed)
+            .saturating_add(spent);
+        if self.stopped() {
+            return true;
+        }
+        let hit = if n > self.max_instructions.load(Ordering::Relaxed) {
+            HIT_INSTRUCTIONS
+        } else if self.elapsed() >= self.deadline.load(Ordering::Relaxed) {
+            HIT_TIME
+        } else {
+            return false;
+        };
+        self.hit.store(hit, Ordering::Relaxed);
+        self.stop();
+        true
+    }
+
+    /// The limit the hook or [`Meter::check`] found hit, with its message.
+    pub(super) fn limit_hit(&self, limits: &Limits) -> Option<(Limit, String)> {
+        match self.hit.load(Ordering::Relaxed) {
+            HIT_INSTRUCTIONS => Some((
+                Limit::Instructions,
+                format!(
+                    "the script ran more than {} Lua instructions",
+                    limits.instructions
+                ),
+            )),
+            HIT_TIME => Some((
+                Limit::Time,
+                format!("the script ran longer than {} ms", limits.time.as_millis()),
+            )),
+            _ => None,
+        }
+    }
+
+    fn tick(&self) -> Next {
+        if self.check(u64::from(HOOK_EVERY)) {
+            return Next::Stop(c"the script was stopped by a limit");
+        }
+        if self.elapsed() >= self.slice_end.load(Ordering::Relaxed) {
+            return Next::Suspend;
+        }
+        Next::Continue
+    }
+}
+
+thread_local! {
+    /// The meter of the run this thread is running, while it runs it.
+    static RUNNING: Cell<*const Meter> = const { Cell::new(std::ptr::null()) };
+}
+
+/// While alive, the hook on this thread counts against `meter`.
+pub(super) struct Metering {
+    before: *const Meter,
+}
+
+impl Metering {
+    pub(super) fn new(meter: &Meter) -> Self {
+        let before = RUNNING.with(|r| r.replace(std::ptr::from_ref(meter)));
+        Self { before }
+    }
+}
+
+impl Drop for Metering {
+    fn drop(&mut self) {
+        RUNNING.with(|r| r.set(self.before));
+    }
+}
+
+/// Installs the hook on `thread`.
+pub(super) fn install_on_thread(thread: &mlua::Thread) {
+    // SAFETY: the pointer is the thread's `lua_State`, alive while the
+    // caller holds the thread.
+    unsafe { install(thread.to_pointer().cast_mut().cast()) }
+}
+
+/// Installs the hook on the main state of `lua`.
+///
+/// # Errors
+/// Lua could not run the installation (out of memory).
+pub(super) fn install_on_main(lua: &mlua::Lua) -> mlua::Result<()> {
+    // SAFETY: `exec_raw` hands over the main state of `lua`, alive.
+    unsafe { lua.exec_raw::<()>((), |state| install(state)) }
+}
+
+/// # Safety
+/// `state` is a live Lua state.
+unsafe fn install(state: *mut ffi::lua_State) {
+    // SAFETY: the caller's promise; `limits_hook` has the hook signature.
+    unsafe {
+        ffi::lua_sethook(
+            state,
+            Some(limits_hook),
+            ffi::LUA_MASKCOUNT,
+            c_int::try_from(HOOK_EVERY).unwrap_or(c_int::MAX),
+        );
+    }
+}
+
+/// The hook: counts, stops a run over a limit (with `lua_error`, leaving
+/// the stack to Lua), suspends one past its slice where Lua can yield (where
+/// it can't, inside a C function's callback, the next call tries again).
+/// Holds nothing that needs dropping where it raises.
+unsafe extern "C-unwind" fn limits_hook(state: *mut ffi::lua_State, _: *mut ffi::lua_Debug) {
+    let meter = RUNNING.with(Cell::get);
+    if meter.is_null() {
+        return;
+    }
+    // SAFETY: `Metering` keeps the meter alive and the pointer set only
+    // while its run executes on this thread.
+    let next = unsafe { (*meter).tick() };
+    match next {
+        Next::Continue => {}
+        // SAFETY: a count hook of a live state; yielding from a count hook
+        // is allowed where the thread is yieldable (checked).
+        Next::Suspend => unsafe {
+            if ffi::lua_isyieldable(state) != 0 {
+                ffi::lua_yield(state, 0);
+            }
+        },
+        // SAFETY: raising from a hook is allowed; nothing in this frame
+        // needs dropping.
+        Next::Stop(message) => unsafe {
+            ffi::lua_pushstring(state, message.as_ptr());
+            ffi::lua_error(state);
+        },
+    }
+}
