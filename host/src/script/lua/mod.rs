@@ -92,6 +92,9 @@ pub(crate) struct Run {
 
 pub(crate) type RunCell = RefCell<Run>;
 
+/// What a run's thread starts with: the compiled chunk and its environment.
+type Start = (Function, mlua::Table);
+
 impl Run {
     /// Whether the run was stopped (a limit, or `kvdb.exit`): it does
     /// nothing more, even if the script caught the error that stopped it.
@@ -131,7 +134,7 @@ fn lua_error(e: &mlua::Error) -> String {
 }
 
 /// Whether `message` starts with a Lua position, `name:LINE: `.
-fn has_position(message: &str) -> bool {
+pub(super) fn has_position(message: &str) -> bool {
     message
         .split_once(": ")
         .is_some_and(|(head, _)| is_position(head))
@@ -162,6 +165,9 @@ fn script_position(text: &str) -> Option<&str> {
 fn is_memory_error(e: &mlua::Error) -> bool {
     match e {
         mlua::Error::MemoryError(_) => true,
+        // Lua's own message for a failed allocation, as the runner's `pcall`
+        // caught and re-raised it (see `sandbox::RUNNER`).
+        mlua::Error::RuntimeError(m) => m.lines().next() == Some("not enough memory"),
         mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => {
             is_memory_error(cause)
         }
@@ -341,17 +347,20 @@ impl State {
         request: Request,
         limits: Limits,
         slice_end: Option<Instant>,
-    ) -> Result<(Thread, mlua::Table), ScriptError> {
+    ) -> Result<(Thread, Start), ScriptError> {
         let internal = |e: mlua::Error| ScriptError::Internal(e.to_string());
         let f = self.chunk(script, source)?;
         let env = self.base.environment().map_err(internal)?;
         let lua = &self.lua;
+        // The thread runs the chunk under the sandbox's runner (see
+        // `sandbox::RUNNER`), given the chunk and its environment.
+        let runner = self.base.runner();
         let thread = match self.spare_thread.take() {
             Some(thread) => {
-                thread.reset(f).map_err(internal)?;
+                thread.reset(runner).map_err(internal)?;
                 thread
             }
-            None => lua.create_thread(f).map_err(internal)?,
+            None => lua.create_thread(runner).map_err(internal)?,
         };
         meter::install_on_thread(&thread);
         self.meter.start(&limits, slice_end);
@@ -373,14 +382,14 @@ impl State {
         }));
         lua.set_memory_limit(lua.used_memory().saturating_add(limits.memory_bytes))
             .map_err(internal)?;
-        Ok((thread, env))
+        Ok((thread, (f, env)))
     }
 
     /// Resumes the run; `None` if the hook suspended it (its slice is over).
-    fn step(&self, thread: &Thread, args: Option<mlua::Table>) -> Option<mlua::Result<()>> {
+    fn step(&self, thread: &Thread, args: Option<Start>) -> Option<mlua::Result<()>> {
         let _metering = meter::Metering::new(&self.meter);
         let outcome = match args {
-            Some(env) => thread.resume::<()>(env),
+            Some(start) => thread.resume::<()>(start),
             None => thread.resume::<()>(()),
         };
         match outcome {
@@ -391,7 +400,7 @@ impl State {
 
     /// Runs a run to its end with no more suspensions: a suspended one, or
     /// one not started yet (`env` given).
-    fn run_to_end(&self, thread: &Thread, mut env: Option<mlua::Table>) -> mlua::Result<()> {
+    fn run_to_end(&self, thread: &Thread, mut env: Option<Start>) -> mlua::Result<()> {
         self.meter.end_slice();
         loop {
             if let Some(outcome) = self.step(thread, env.take()) {

@@ -94,6 +94,59 @@ return function(env_mt, kvdb_mt, scope_mt)
 end
 "#;
 
+/// What each run's thread runs: the chunk under a `pcall` of the host's
+/// own, re-raising its error. A run stopped by a limit is caught there
+/// first: Lua's recovery turns hooks back on before it closes the pending
+/// to-be-closed values (a generic `for`'s closing value), which the hook
+/// then stops; without it, the dead thread's stack is cleared by mlua with
+/// hooks off, which runs them unchecked (see `meter`). The handler adds the
+/// script's line to a message without one (see `position_handler`).
+const RUNNER: &str = r#"
+local handler = ...
+local xpcall, error = xpcall, error
+return function(chunk, env)
+  local ok, err = xpcall(chunk, handler, env)
+  if not ok then error(err, 0) end
+end
+"#;
+
+/// The runner's message handler: a string error without a position (one
+/// raised inside a library function written in C, as `ipairs(nil)`), or
+/// with the sandbox's, gets the script's innermost line; anything else is
+/// left as it is.
+fn position_handler(lua: &Lua, err: Value) -> mlua::Result<Value> {
+    let Value::String(text) = &err else {
+        return Ok(err);
+    };
+    let text = text.to_string_lossy();
+    // A message from inside the sandbox's own Lua (a library wrapper, see
+    // `SCANS`) names the script's line instead.
+    let message = match text.strip_prefix("sandbox:") {
+        Some(rest) if super::has_position(&text) => rest.split_once(": ").map_or(rest, |(_, m)| m),
+        _ if super::has_position(&text) => return Ok(err),
+        _ => &text,
+    };
+    for level in 1.. {
+        let Some(found) = lua.inspect_stack(level, |frame| {
+            let source = frame.source();
+            let name = source.source.as_deref().unwrap_or_default().to_owned();
+            (name, frame.current_line())
+        }) else {
+            break;
+        };
+        // The script's own chunk is named "=NAME" (see `compile`).
+        if let (Some(name), Some(line)) = (found.0.strip_prefix('='), found.1)
+            && name != "sandbox"
+            && name != "[C]"
+        {
+            return Ok(Value::String(
+                lua.create_string(format!("{name}:{line}: {message}"))?,
+            ));
+        }
+    }
+    Ok(err)
+}
+
 /// A Lua state with only the whitelisted libraries, the string metatable
 /// locked, and the limit hook installed.
 pub(super) fn new_lua() -> mlua::Result<Lua> {
@@ -250,6 +303,8 @@ pub(super) struct Base {
     scope_mt: Table,
     /// [`BUILD_ENV`], loaded.
     build_env: Function,
+    /// [`RUNNER`], loaded.
+    runner: Function,
     /// The state's own `math.randomseed`: the generator behind
     /// `math.random` belongs to the state, which runs the scripts of every
     /// bucket in turn, so each run starts it afresh (else one run could
@@ -302,13 +357,24 @@ impl Base {
             .set_name("=sandbox")
             .set_mode(ChunkMode::Text)
             .call(())?;
+        let runner = lua
+            .load(RUNNER)
+            .set_name("=sandbox")
+            .set_mode(ChunkMode::Text)
+            .call(lua.create_function(position_handler)?)?;
         Ok(Self {
             env_mt,
             kvdb_mt,
             scope_mt,
             build_env,
+            runner,
             randomseed,
         })
+    }
+
+    /// What each run's thread runs ([`RUNNER`]).
+    pub(super) fn runner(&self) -> Function {
+        self.runner.clone()
     }
 
     /// A fresh global table for one run, with its own `kvdb` table, and
