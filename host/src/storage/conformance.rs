@@ -164,6 +164,7 @@ conformance!(
     purge_prefix_removes_only_that_prefix,
     backup_and_restore_round_trip,
     incremental_backup_carries_deletes_and_new_writes,
+    an_increment_deletes_a_prefix_of_more_keys_than_a_chunk,
     an_increment_removes_what_an_expired_overwrite_replaced,
     a_restored_store_refuses_backups_from_before_its_restore,
     a_restored_store_written_to_since_refuses_the_next_increment,
@@ -601,6 +602,26 @@ fn incremental_backup_carries_deletes_and_new_writes(f: Fixture) {
     assert_eq!(
         target.keys(Bound::Unbounded, Bound::Unbounded, false),
         ["c"]
+    );
+}
+
+/// A deleted bucket in an increment removes all its keys from the restored
+/// store, however many chunks they take.
+fn an_increment_deletes_a_prefix_of_more_keys_than_a_chunk(f: Fixture) {
+    for i in 0..2500 {
+        f.put(&format!("b1/{i:05}"), "x", 0);
+    }
+    f.put("b2/keep", "x", 0);
+    let (full, v1) = backup_bytes(&f, 0);
+    f.store
+        .write_blocking(|ctx| ctx.purge_prefix(b"b1/"))
+        .expect("commit")
+        .expect("purge");
+    let (incr, _) = backup_bytes(&f, v1);
+    let target = restored_on_redb(&[&full, &incr]);
+    assert_eq!(
+        target.keys(Bound::Unbounded, Bound::Unbounded, false),
+        ["b2/keep"]
     );
 }
 

@@ -1239,6 +1239,24 @@ fn any_in(raw: &dyn RawWrite, lower: &[u8], upper: &[u8]) -> Result<bool, Storag
     Ok(found)
 }
 
+/// The first `GC_CHUNK` keys (without namespace) of the entries under
+/// `prefix`.
+fn first_keys_under(raw: &dyn RawWrite, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StorageError> {
+    let lo = ns_key(NS_DATA, prefix);
+    let hi = prefix_end(&lo);
+    let mut keys = Vec::new();
+    raw.scan(
+        Bound::Included(&lo),
+        hi.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+        false,
+        &mut |k, _| {
+            keys.push(k[1..].to_vec());
+            keys.len() < GC_CHUNK
+        },
+    )?;
+    Ok(keys)
+}
+
 fn batch_aborted() -> StorageError {
     StorageError::Engine("the write batch was aborted".into())
 }
@@ -1248,22 +1266,17 @@ fn apply_record(ctx: &mut WriteCtx<'_>, record: Record) -> Result<(), StorageErr
         Record::Put { key, entry } => ctx.put_entry(&key, &entry),
         Record::Delete { key, .. } => ctx.remove(&key).map(drop),
         Record::DeletePrefix { prefix, .. } => {
-            let lo = ns_key(NS_DATA, &prefix);
-            let hi = prefix_end(&lo);
-            let mut keys = Vec::new();
-            ctx.raw.scan(
-                Bound::Included(&lo),
-                hi.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
-                false,
-                &mut |k, _| {
-                    keys.push(k[1..].to_vec());
-                    true
-                },
-            )?;
-            for key in keys {
-                ctx.remove(&key)?;
+            // A chunk of keys at a time, so that a bucket of millions of
+            // keys never has all its keys in memory at once.
+            loop {
+                let keys = first_keys_under(ctx.raw, &prefix)?;
+                if keys.is_empty() {
+                    return Ok(());
+                }
+                for key in keys {
+                    ctx.remove(&key)?;
+                }
             }
-            Ok(())
         }
     }
 }
@@ -1318,19 +1331,8 @@ fn gc_purge_step(ctx: &mut WriteCtx<'_>) -> Result<(usize, bool), StorageError> 
     let Some(prefix) = prefix else {
         return Ok((0, false));
     };
-    let lo = ns_key(NS_DATA, &prefix);
-    let hi = prefix_end(&lo);
-    let mut keys = Vec::new();
-    let r = ctx.raw.scan(
-        Bound::Included(&lo),
-        hi.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
-        false,
-        &mut |k, _| {
-            keys.push(k[1..].to_vec());
-            keys.len() < GC_CHUNK
-        },
-    );
-    ctx.check(r)?;
+    let r = first_keys_under(ctx.raw, &prefix);
+    let keys = ctx.check(r)?;
     let n = keys.len();
     for key in keys {
         let r = ctx.remove(&key);
