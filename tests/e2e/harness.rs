@@ -450,3 +450,19 @@ fn read_all(mut file: std::fs::File) -> String {
     file.read_to_string(&mut text).expect("read output");
     text
 }
+
+/// What a script's log must look like after it logged "one\nFORGED log
+/// line" and then far more than its budget: the newline escaped (no line of
+/// its own), one notice that the rest is dropped, and the whole bounded.
+pub fn assert_log_escaped_and_bounded(log: &str) {
+    assert!(
+        log.contains("one\\nFORGED log line"),
+        "escaped in one line: {log:.3000}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "no forged line"
+    );
+    assert!(log.contains("the rest of this run's log is dropped"));
+    assert!(log.len() < 200_000, "the log holds {} bytes", log.len());
+}

@@ -11,7 +11,6 @@ use mlua::{Function, Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
 
 use super::{Run, RunCell};
 use crate::bucket::{Number, Typing, Value as KvValue};
-use crate::script::Limit;
 use crate::script::api::{CallError, ListOptions, permissions};
 
 /// Token validity when a script names none (as over HTTP).
@@ -221,15 +220,11 @@ fn tostring_bytes(tostring: &Function, v: Value) -> mlua::Result<Vec<u8>> {
 
 fn write_body(run: &mut Run, bytes: &[u8]) -> mlua::Result<()> {
     if run.body.len().saturating_add(bytes.len()) > run.limits.response_bytes {
-        run.meter.stop();
-        run.exceeded.get_or_insert((
-            Limit::Response,
-            format!(
-                "the response grew beyond {} bytes",
-                run.limits.response_bytes
-            ),
-        ));
-        return Err(mlua::Error::runtime("the response size limit was exceeded"));
+        let detail = format!(
+            "the response grew beyond {} bytes",
+            run.limits.response_bytes
+        );
+        return Err(run.over_response_limit(detail));
     }
     run.body.extend_from_slice(bytes);
     Ok(())
@@ -525,9 +520,7 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
                 if let Err(detail) = crate::script::check_header_total(&run.headers) {
                     // Not kept: they count against no other limit.
                     run.headers.pop();
-                    run.meter.stop();
-                    run.exceeded.get_or_insert((Limit::Response, detail));
-                    return Err(mlua::Error::runtime("the response size limit was exceeded"));
+                    return Err(run.over_response_limit(detail));
                 }
                 Ok(())
             })

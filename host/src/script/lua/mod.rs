@@ -98,8 +98,17 @@ type Start = (Function, mlua::Table);
 impl Run {
     /// Whether the run was stopped (a limit, or `kvdb.exit`): it does
     /// nothing more, even if the script caught the error that stopped it.
+    /// Every stop goes through the meter, which the hook looks at too.
     pub fn stopped(&self) -> bool {
-        self.exceeded.is_some() || self.exited || self.meter.stopped()
+        self.meter.stopped()
+    }
+
+    /// Stops the run over the response limit (the first `detail` is kept);
+    /// the error to raise.
+    pub fn over_response_limit(&mut self, detail: String) -> mlua::Error {
+        self.meter.stop();
+        self.exceeded.get_or_insert((Limit::Response, detail));
+        mlua::Error::runtime("the response size limit was exceeded")
     }
 }
 

@@ -617,7 +617,7 @@ fn log_output(script: &StoredScript, stream: &str, bytes: &[u8]) {
         return;
     }
     let label = Label::of(script);
-    // At most CAPTURED_OUTPUT bytes a stream; escaped as the log calls are.
+    // At most LOG_BUDGET bytes a stream, escaped as the log calls are.
     let mut budget = crate::script::LogBudget::default();
     for line in String::from_utf8_lossy(bytes).lines() {
         if let Some(line) = budget.line(line) {
