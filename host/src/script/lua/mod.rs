@@ -20,6 +20,7 @@
 mod bindings;
 mod bytecode;
 mod meter;
+mod pattern;
 mod sandbox;
 
 use std::cell::RefCell;

@@ -23,8 +23,9 @@
 //!   outside the limits (see `meter`).
 //! - The library functions whose one call can take long look at the limits
 //!   as they start ([`SCANS`]); `table.move` over an absurd range is
-//!   refused. Known limit: a pattern that backtracks without end runs
-//!   inside one C call, where no hook fires; the time limit can't stop it.
+//!   refused. The pattern functions are KVdb's own (see `pattern`), which
+//!   look at the limits as they match too, so that a pattern that
+//!   backtracks without end is stopped.
 
 use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
@@ -167,13 +168,14 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
         .set_name("=sandbox")
         .set_mode(ChunkMode::Text)
         .call::<()>((lua.create_function(check_scan)?, TABLE_MOVE_MAX))?;
+    super::pattern::install(&lua, &lua.globals().get::<Table>("string")?)?;
     // The limits' hook is installed on the main state and on each run's
     // thread (see `meter`), not here: mlua's hooks can't stop a run safely.
     Ok(lua)
 }
 
 /// Wrappers of the library functions whose one call can take long: they
-/// scan a long string (the pattern functions, `rep`, `upper`, `lower`,
+/// scan a long string (`rep`, `upper`, `lower`,
 /// `reverse`, `format`, `byte`, the `utf8` functions) or loop over a table or
 /// a range they are given (`sort`, `concat`, `unpack`, `move`). Installed in
 /// the state's own `string`, `table` and `utf8` (string methods use them
@@ -184,8 +186,8 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
 /// most one call past its time; nothing is charged by length, which would
 /// make a loop over the parts of a long string quadratic. `table.move` over
 /// more than [`TABLE_MOVE_MAX`] elements is refused (`table.move({}, 1,
-/// 1e15, 1, {})` never ended). Not covered: a single call whose pattern
-/// backtracks without end (see the module doc).
+/// 1e15, 1, {})` never ended). The pattern functions are replaced by
+/// `pattern`'s, which also look at the limits while they match.
 ///
 /// Each wrapper calls the original through a local of the same name, not as
 /// a tail call, so that Lua's messages still name it (`bad argument #1 to
@@ -195,13 +197,8 @@ const SCANS: &str = r#"
 local check, move_max = ...
 local tonumber, error = tonumber, error
 local function pass(...) return ... end
-local find, match, gmatch, gsub = string.find, string.match, string.gmatch, string.gsub
 local rep, upper, lower, reverse = string.rep, string.upper, string.lower, string.reverse
 local format, byte = string.format, string.byte
-string.find = function(...) check() return pass(find(...)) end
-string.match = function(...) check() return pass(match(...)) end
-string.gmatch = function(...) check() return pass(gmatch(...)) end
-string.gsub = function(...) check() return pass(gsub(...)) end
 string.rep = function(...) check() return pass(rep(...)) end
 string.upper = function(...) check() return pass(upper(...)) end
 string.lower = function(...) check() return pass(lower(...)) end
