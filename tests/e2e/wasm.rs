@@ -9,7 +9,7 @@
 //! guests of `tests/guests/` (`hostile`: misbehaves or probes its scope on
 //! request; `otherworld`: a component of another world).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -729,6 +729,60 @@ fn a_guest_sleeping_in_the_host_ends_with_the_time_limit() {
         );
     }
     assert_server_still_answers(&s, &b);
+}
+
+/// One bucket's runs hold at most a quarter of the pool (64 of its 256
+/// slots) at once: past that, its next run is a 503 `script-busy` with
+/// `Retry-After`, while another bucket's run still gets a slot; the share
+/// comes back as its runs end.
+#[test]
+fn one_bucket_holds_at_most_a_quarter_of_the_pool() {
+    const SHARE: usize = 64;
+    let s = limited("2000", "1000000000000000");
+    let b = hostile_bucket(&s);
+    let other = hostile_bucket(&s);
+    std::thread::scope(|scope| {
+        let (s, b) = (&s, &b);
+        let sleepers: Vec<_> = (0..SHARE)
+            .map(|_| scope.spawn(move || s.get(&format!("/{b}/scripts/h?do=sleep"))))
+            .collect();
+        // Once all of them are in flight, the bucket's next run is refused.
+        let started = Instant::now();
+        let refused = loop {
+            let r = s.get(&format!("/{b}/scripts/h?do=ok"));
+            if r.status == 503 {
+                break r;
+            }
+            assert_eq!((r.status, r.text()), (200, "ok\n".to_owned()));
+            assert!(
+                started.elapsed() < Duration::from_millis(1500),
+                "{SHARE} sleeping runs never filled the bucket's share"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let doc = refused.json();
+        assert_eq!(doc["type"], "urn:kvdb:problem:script-busy", "{doc}");
+        assert!(
+            doc["detail"].as_str().is_some_and(|d| d.contains("64")),
+            "{doc}"
+        );
+        assert_eq!(
+            refused
+                .headers
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        // Another bucket is not held up by this one's runs.
+        let t = misbehave(s, &other, "ok");
+        assert_eq!((t.status, t.body.as_str()), (200, "ok\n"));
+        for sleeper in sleepers {
+            let r = sleeper.join().expect("a sleeper");
+            assert_eq!(r.status, 504, "{}", r.text());
+        }
+    });
+    let t = misbehave(&s, &b, "ok");
+    assert_eq!((t.status, t.body.as_str()), (200, "ok\n"));
 }
 
 /// Context switches so far of the server's WebAssembly epoch ticker thread.

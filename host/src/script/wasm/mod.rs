@@ -19,6 +19,9 @@
 //!   stdout/stderr go to the log, tagged with the script.
 //! - Data calls go through [`crate::script::api::Host`] (see the `host` module).
 //!
+//! - One bucket's runs may hold at most [`BUCKET_SHARE`] of the pool's
+//!   slots at once (see [`Shares`]): a bucket whose scripts are slow, or
+//!   flooded, gets 503s, not every other bucket.
 //! - Runs are async calls (the guest on a fiber) that hand control back every
 //!   `YIELD_FUEL`: a run starts on the async worker that took the request
 //!   and moves to a blocking thread once it has used [`INLINE_SLICE`] of
@@ -47,7 +50,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::SourceLoader;
 use super::api::Host;
 use super::{INLINE_SLICE, Label, Limit, Limits, Request, Response, ScriptError, SlowScripts};
-use crate::bucket::StoredScript;
+use crate::bucket::{BucketId, StoredScript};
 use bindings::kvdb::script::types::Response as WitResponse;
 use bindings::{Script, ScriptPre};
 
@@ -64,6 +67,11 @@ const CAPTURED_OUTPUT: usize = 64 * 1024;
 /// Concurrent instances the pool holds: above the number of threads that run
 /// scripts at once on this class of machine; a run beyond it is refused.
 const POOLED_INSTANCES: u32 = 256;
+
+/// Runs of one bucket that may be in flight at once: a quarter of the pool,
+/// so that a bucket with slow (or many) runs can't take every slot from the
+/// others. A run beyond it is a 503 `script-busy`, as a full pool.
+const BUCKET_SHARE: u32 = POOLED_INSTANCES / 4;
 
 /// Linear memories, tables and core instances one component may have.
 /// Components built by `cargo` for `wasm32-wasip2` have one memory, two
@@ -181,6 +189,51 @@ pub struct WasmRuntime {
     cache: Mutex<HashMap<[u8; 32], Prepared>>,
     slow: SlowScripts,
     ticker: Ticker,
+    shares: Shares,
+}
+
+/// Runs in flight per bucket, each held to [`BUCKET_SHARE`].
+#[derive(Clone, Default)]
+struct Shares(Arc<Mutex<HashMap<BucketId, u32>>>);
+
+/// One run's place in its bucket's share, given back when dropped.
+struct Share {
+    shares: Shares,
+    bucket: BucketId,
+}
+
+impl Shares {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BucketId, u32>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place for one more run of `bucket`, unless it has its whole share.
+    fn take(&self, bucket: BucketId) -> Option<Share> {
+        let mut counts = self.lock();
+        let n = counts.entry(bucket).or_insert(0);
+        if *n >= BUCKET_SHARE {
+            return None;
+        }
+        *n += 1;
+        Some(Share {
+            shares: self.clone(),
+            bucket,
+        })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut counts = self.shares.lock();
+        if let Some(n) = counts.get_mut(&self.bucket) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.bucket);
+            }
+        }
+    }
 }
 
 /// The epoch ticker thread, which advances the engine's epoch every
@@ -311,6 +364,7 @@ impl WasmRuntime {
             cache: Mutex::new(HashMap::new()),
             slow: SlowScripts::default(),
             ticker,
+            shares: Shares::default(),
         })
     }
 
@@ -411,6 +465,12 @@ impl WasmRuntime {
             // block_in_place (compiling takes milliseconds).
             None => tokio::task::block_in_place(|| self.prepared(script, source))?,
         };
+        let share = self.shares.take(script.bucket).ok_or_else(|| {
+            ScriptError::Busy(format!(
+                "this bucket already has {BUCKET_SHARE} WebAssembly script runs in flight: \
+                 retry in a moment"
+            ))
+        })?;
         let stdout = MemoryOutputPipe::new(CAPTURED_OUTPUT);
         let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT);
         let wasi = WasiCtx::builder()
@@ -473,6 +533,10 @@ impl WasmRuntime {
         let deadline = tokio::time::Instant::now() + self.limits.time + 2 * EPOCH_TICK;
         let call: Call = Box::pin(async move {
             let _ticking = ticking;
+            // Given back after the store (and its pool slot): locals drop in
+            // reverse order.
+            let _share = share;
+            let mut store = store;
             let run = async {
                 match prepared.0.instantiate_async(&mut store).await {
                     Ok(instance) => instance.call_handle(&mut store, &wit_request).await,
