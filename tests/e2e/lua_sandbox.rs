@@ -610,6 +610,9 @@ fn a_pathological_pattern_ends_with_the_time_limit() {
         r#"kvdb.say((("a"):rep(40):gsub(("a*"):rep(12) .. "b", "x")))"#,
         r#"kvdb.say((("a"):rep(40):gsub(("a*"):rep(12) .. "b", string.upper)))"#,
         r#"kvdb.say(tostring(pcall(string.find, ("a"):rep(40), ("a*"):rep(12) .. "b")))"#,
+        // Steps that each scan a long set, or compare a long capture.
+        r#"kvdb.say(tostring(("a"):rep(1e6):find("[" .. ("b"):rep(2^20) .. "]")))"#,
+        r#"kvdb.say(tostring(("a"):rep(2^24):find("(.*)%1x")))"#,
     ];
     for (i, source) in calls.iter().enumerate() {
         let t = eval_within(&s, &b, &format!("pattern{i}"), source);
@@ -633,6 +636,9 @@ fn a_memory_bomb_ends_with_the_memory_limit() {
         // in a Lua table: both are held to the limit.
         r#"kvdb.say(#(("x"):rep(100000):gsub("x", ("y"):rep(1000))))"#,
         r#"kvdb.say(#(("x"):rep(100000):gsub("x", function() return ("y"):rep(1000) end)))"#,
+        // One match whose replacement copies it half a million times
+        // (512 GiB): held to the limit as it grows.
+        r#"kvdb.say(#(("x"):rep(2^20):gsub(".+", ("%0"):rep(2^19))))"#,
     ];
     for (i, source) in bombs.iter().enumerate() {
         let t = eval_within(&s, &b, &format!("bomb{i}"), source);

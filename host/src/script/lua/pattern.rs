@@ -270,11 +270,13 @@ impl<'a> Matcher<'a> {
     }
 
     fn max_expand(&mut self, s: usize, p: usize, ep: usize) -> Result<Option<usize>, Fail> {
+        // Each test of a character scans the class (a set may be long).
+        let cost = ep - p;
         let mut i = 0;
         while self.single_match(s + i, p, ep) {
             i += 1;
+            self.tick(cost)?;
         }
-        self.tick(i)?;
         loop {
             if let Some(res) = self.do_match(s + i, ep + 1)? {
                 return Ok(Some(res));
@@ -292,6 +294,7 @@ impl<'a> Matcher<'a> {
             if let Some(res) = self.do_match(s, ep + 1)? {
                 return Ok(Some(res));
             }
+            self.tick(ep - p)?;
             if self.single_match(s, p, ep) {
                 s += 1;
             } else {
@@ -325,7 +328,7 @@ impl<'a> Matcher<'a> {
         Ok(res)
     }
 
-    fn match_capture(&self, s: usize, l: u8) -> Result<Option<usize>, Fail> {
+    fn match_capture(&mut self, s: usize, l: u8) -> Result<Option<usize>, Fail> {
         let l = self.check_capture(l)?;
         let (init, len) = self.capture[l];
         // A position capture's length is negative: C compares it as a huge
@@ -333,7 +336,12 @@ impl<'a> Matcher<'a> {
         let Ok(len) = usize::try_from(len) else {
             return Ok(None);
         };
-        if self.src.len() - s >= len && self.src[init..init + len] == self.src[s..s + len] {
+        if self.src.len() - s < len {
+            return Ok(None);
+        }
+        // The comparison may be long.
+        self.tick(len)?;
+        if self.src[init..init + len] == self.src[s..s + len] {
             Ok(Some(s + len))
         } else {
             Ok(None)
@@ -372,6 +380,9 @@ impl<'a> Matcher<'a> {
                         return error("missing '[' after '%f' in pattern");
                     }
                     let ep = self.class_end(p)?;
+                    // Finding the set's end and testing two characters
+                    // against it scan the set three times.
+                    self.tick(3 * (ep - p))?;
                     let previous = if s == 0 { 0 } else { self.src[s - 1] };
                     if !self.bracket_class(previous, p, ep - 1)
                         && self.bracket_class(self.s(s), p, ep - 1)
@@ -390,6 +401,9 @@ impl<'a> Matcher<'a> {
                 },
                 _ => {
                     let ep = self.class_end(p)?;
+                    // Finding the class's end and testing a character
+                    // against it scan the class (a set may be long).
+                    self.tick(2 * (ep - p))?;
                     let suffix = self.p(ep);
                     if !self.single_match(s, p, ep) {
                         if matches!(suffix, b'*' | b'?' | b'-') {
@@ -730,7 +744,10 @@ fn gsub(lua: &Lua, args: MultiValue) -> Result<Vec<Value>, Fail> {
         .app_data_ref::<RunCell>()
         .and_then(|cell| cell.try_borrow().ok().map(|run| run.limits.memory_bytes));
     let mut m = Matcher::new(src, pat_body, meter.as_deref());
-    let mut out: Vec<u8> = Vec::new();
+    let mut out = Output {
+        bytes: Vec::new(),
+        limit: memory_limit.unwrap_or(usize::MAX),
+    };
     let mut n: i64 = 0;
     let mut at = 0;
     let mut last = None;
@@ -739,15 +756,8 @@ fn gsub(lua: &Lua, args: MultiValue) -> Result<Vec<Value>, Fail> {
             break;
         };
         n += 1;
-        out.extend_from_slice(&src[at..start]);
-        add_replacement(&m, repl, start, end, &mut out)?;
-        // The result is built outside Lua's allocator: held to the run's
-        // memory limit here, then counted by Lua when it becomes a string.
-        if memory_limit.is_some_and(|limit| out.len() > limit) {
-            return Err(Fail::Lua(mlua::Error::MemoryError(
-                "not enough memory".to_owned(),
-            )));
-        }
+        out.append(&mut m, &src[at..start])?;
+        add_replacement(&mut m, repl, start, end, &mut out)?;
         at = end;
         last = Some(end);
         if anchored {
@@ -757,36 +767,66 @@ fn gsub(lua: &Lua, args: MultiValue) -> Result<Vec<Value>, Fail> {
     if n == 0 {
         return Ok(vec![Value::String(subject.clone()), Value::Integer(0)]);
     }
-    out.extend_from_slice(&src[at..]);
-    let result = lua.create_string(&out).map_err(|e| lua_fail(&e))?;
+    out.append(&mut m, &src[at..])?;
+    let result = lua.create_string(&out.bytes).map_err(|e| lua_fail(&e))?;
     Ok(vec![Value::String(result), Value::Integer(n)])
+}
+
+/// `gsub`'s result, built outside Lua's allocator: held to the run's memory
+/// limit as it grows (Lua counts it again when it becomes a string), its
+/// copying counted as matcher steps (one replacement may copy a long
+/// capture many times).
+struct Output {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl Output {
+    fn append(&mut self, m: &mut Matcher<'_>, piece: &[u8]) -> Result<(), Fail> {
+        m.tick(piece.len())?;
+        let needed = self.bytes.len().saturating_add(piece.len());
+        if needed > self.limit {
+            return Err(Fail::Lua(mlua::Error::MemoryError(
+                "not enough memory".to_owned(),
+            )));
+        }
+        if needed > self.bytes.capacity() {
+            // Doubling, but never past the limit.
+            let target = needed
+                .max(self.bytes.capacity().saturating_mul(2))
+                .min(self.limit);
+            self.bytes.reserve_exact(target - self.bytes.len());
+        }
+        self.bytes.extend_from_slice(piece);
+        Ok(())
+    }
 }
 
 /// Lua's `add_s`: the replacement string with `%0`–`%9` and `%%` expanded.
 fn add_replacement(
-    m: &Matcher<'_>,
+    m: &mut Matcher<'_>,
     repl: &[u8],
     s: usize,
     e: usize,
-    out: &mut Vec<u8>,
+    out: &mut Output,
 ) -> Result<(), Fail> {
+    let src = m.src;
     let mut rest = repl;
     while let Some(at) = memchr::memchr(b'%', rest) {
-        out.extend_from_slice(&rest[..at]);
+        out.append(m, &rest[..at])?;
         let c = rest.get(at + 1).copied().unwrap_or(0);
         match c {
-            b'%' => out.push(b'%'),
-            b'0' => out.extend_from_slice(&m.src[s..e]),
+            b'%' => out.append(m, b"%")?,
+            b'0' => out.append(m, &src[s..e])?,
             d if d.is_ascii_digit() => match m.capture(usize::from(d - b'1'), s, e)? {
-                Capture::Text(a, b) => out.extend_from_slice(&m.src[a..b]),
-                Capture::Position(p) => out.extend_from_slice(p.to_string().as_bytes()),
+                Capture::Text(a, b) => out.append(m, &src[a..b])?,
+                Capture::Position(p) => out.append(m, p.to_string().as_bytes())?,
             },
             _ => return error("invalid use of '%' in replacement string"),
         }
         rest = rest.get(at + 2..).unwrap_or_default();
     }
-    out.extend_from_slice(rest);
-    Ok(())
+    out.append(m, rest)
 }
 
 /// The next match for the wrapper's `gsub` loop: from 0-based `from`, not
