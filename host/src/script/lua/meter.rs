@@ -32,6 +32,10 @@ use crate::script::{Limit, Limits};
 /// to cost little, often enough to stop a run within microseconds of one.
 pub(super) const HOOK_EVERY: u32 = 1000;
 
+/// The message a stopped run's next library call raises (the hook's own is
+/// the same, as a C string).
+pub(super) const STOPPED: &str = "the script was stopped by a limit";
+
 /// No time set (`slice_end`).
 const NEVER: u64 = u64::MAX;
 

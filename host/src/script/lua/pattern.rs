@@ -22,7 +22,7 @@ use std::sync::Arc;
 use mlua::{Lua, MultiValue, Table, Value};
 
 use super::RunCell;
-use super::meter::Meter;
+use super::meter::{Meter, STOPPED};
 
 /// How many matcher steps pass between two looks at the meter: a step is a
 /// few nanoseconds, a look one clock read.
@@ -33,10 +33,6 @@ const MAX_CAPTURES: usize = 32;
 
 /// Lua's `MAXCCALLS` for the matcher: how deep a match may recurse.
 const MAX_DEPTH: u32 = 200;
-
-/// The message of a run stopped inside a match (as the other library
-/// wrappers' `check`).
-const STOPPED: &str = "the script was stopped by a limit";
 
 /// Why a call failed: an error with Lua's message, the run's meter said
 /// stop, or Lua itself failed (out of memory), which is raised as it is so

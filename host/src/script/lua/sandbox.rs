@@ -191,7 +191,7 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
 ///
 /// Each wrapper calls the original through a local of the same name, not as
 /// a tail call, so that Lua's messages still name it (`bad argument #1 to
-/// 'find'`); their position, this chunk's, is replaced by the script's line
+/// 'rep'`); their position, this chunk's, is replaced by the script's line
 /// (see `position_handler`).
 const SCANS: &str = r#"
 local check, move_max = ...
@@ -240,7 +240,7 @@ fn check_scan(lua: &Lua, (): ()) -> mlua::Result<()> {
         return Ok(());
     };
     if run.meter.check(0) {
-        return Err(mlua::Error::runtime("the script was stopped by a limit"));
+        return Err(mlua::Error::runtime(super::meter::STOPPED));
     }
     Ok(())
 }
