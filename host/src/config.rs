@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// Largest WebAssembly component accepted on upload, in bytes.
     #[arg(long, env = "KVDB_SCRIPT_COMPONENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub script_component_bytes: usize,
+    /// Script runs in flight at once, per runtime (Lua, WebAssembly); one
+    /// bucket may have a quarter of them (503 beyond, with Retry-After).
+    #[arg(long, env = "KVDB_SCRIPT_RUNS", default_value_t = crate::script::DEFAULT_RUNS, value_parser = clap::value_parser!(u32).range(4..=4096))]
+    pub script_runs: u32,
 }
 
 impl ServeArgs {
@@ -106,6 +110,7 @@ impl ServeArgs {
             response_bytes: self.script_response_bytes,
             source_bytes: self.script_source_bytes,
             component_bytes: self.script_component_bytes,
+            runs: self.script_runs,
         }
     }
 }

@@ -242,6 +242,20 @@ impl TestServer {
         self.request("GET", path, &[], None)
     }
 
+    /// Sends `GET path` and hangs up `after` without reading the answer (a
+    /// client that gave up on a long script run).
+    pub fn get_and_hang_up(&self, path: &str, after: Duration) {
+        use std::io::Write;
+        let addr = self.base().trim_start_matches("http://").to_owned();
+        let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        std::thread::sleep(after);
+    }
+
     pub fn put(&self, path: &str, body: &str) -> Resp {
         self.request("PUT", path, &[], Some(body.as_bytes()))
     }
@@ -449,6 +463,26 @@ fn read_all(mut file: std::fs::File) -> String {
     file.rewind().expect("rewind");
     file.read_to_string(&mut text).expect("read output");
     text
+}
+
+/// Asserts a script run refused for want of a place among the runs in
+/// flight: 503 `script-busy` with `Retry-After: 1`, its detail holding
+/// `detail_has`.
+#[track_caller]
+pub fn assert_script_busy(r: &Resp, detail_has: &str) {
+    assert_eq!(r.status, 503, "{}", r.text());
+    let doc = r.json();
+    assert_eq!(doc["type"], "urn:kvdb:problem:script-busy", "{doc}");
+    assert!(
+        doc["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(detail_has)),
+        "{doc}"
+    );
+    assert_eq!(
+        r.headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
 }
 
 /// What a script's log must look like after it logged "one\nFORGED log

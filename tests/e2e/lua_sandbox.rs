@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{TestServer, assert_log_escaped_and_bounded};
+use crate::harness::{TestServer, assert_log_escaped_and_bounded, assert_script_busy};
 use crate::lua_api::{
     SK, Timed, assert_body, assert_problem_type, eval, eval_as, get_in_background, get_within,
     install, run, script_bucket, try_get_within, upload,
@@ -546,6 +546,66 @@ fn endless_runs_on_every_worker_do_not_hold_up_other_requests() {
     for spin in spinning {
         assert_eq!(spin.join().expect("thread").expect("the endless run"), 504);
     }
+}
+
+/// With `--script-runs 8`, one bucket's Lua runs hold at most 2 (a quarter)
+/// at once: two endless runs whose clients hung up still hold the share
+/// until their time limit, so the bucket's next run, even a quick one, is a
+/// 503 `script-busy` with `Retry-After: 1` at once, while plain requests and
+/// another bucket's scripts go on; the share comes back as the runs end.
+#[test]
+fn one_bucket_holds_at_most_a_quarter_of_the_lua_runs() {
+    use std::time::Instant;
+    const TIME: Duration = Duration::from_millis(2500);
+    let s = TestServer::start_with(&[
+        "--script-runs",
+        "8",
+        "--script-time-ms",
+        "2500",
+        "--script-instructions",
+        "1000000000000",
+    ]);
+    let b = limit_bucket(&s);
+    install(&s, &b, "spin", "while true do end");
+    install(&s, &b, "quick", "kvdb.say('quick')");
+    let quick = format!("/{b}/scripts/quick");
+    assert_eq!(s.get(&quick).text(), "quick\n");
+    let started = Instant::now();
+    for _ in 0..2 {
+        // Hang up once the run has left the async worker.
+        s.get_and_hang_up(&format!("/{b}/scripts/spin"), Duration::from_millis(100));
+    }
+    let refused = s.get(&quick);
+    assert!(
+        started.elapsed() < TIME,
+        "the check came too late: {:?}",
+        started.elapsed()
+    );
+    assert_script_busy(&refused, "this bucket already has 2 Lua script runs");
+    // Nothing else is held to this bucket's share.
+    let t = get_within(&s, &format!("/{b}/plain"), BOUND);
+    assert_eq!((t.status, t.body.as_str()), (200, "value"));
+    let other = script_bucket(&s, "");
+    install(&s, &other, "other", "kvdb.say(1 + 1)");
+    let t = get_within(&s, &format!("/{other}/scripts/other"), BOUND);
+    assert_eq!((t.status, t.body.as_str()), (200, "2\n"));
+    // The endless runs end at their time limit and give their places back.
+    let deadline = Instant::now() + TIME + BOUND;
+    loop {
+        let t = get_within(&s, &quick, BOUND);
+        if t.status == 200 {
+            assert_eq!(t.body, "quick\n");
+            break;
+        }
+        assert_eq!(t.status, 503, "{}", t.body);
+        assert!(
+            Instant::now() < deadline,
+            "the share never came back: {}",
+            t.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(started.elapsed() >= TIME, "{:?}", started.elapsed());
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{Resp, TestServer, assert_log_escaped_and_bounded};
+use crate::harness::{Resp, TestServer, assert_log_escaped_and_bounded, assert_script_busy};
 use crate::lua_api::{
     SK, Timed, assert_body, assert_problem_type, get_in_background, get_within, install, raw, run,
     run_as, script_bucket, try_get_within, whoami_cases,
@@ -774,18 +774,9 @@ fn one_bucket_holds_at_most_a_quarter_of_the_pool() {
             );
             std::thread::sleep(Duration::from_millis(10));
         };
-        let doc = refused.json();
-        assert_eq!(doc["type"], "urn:kvdb:problem:script-busy", "{doc}");
-        assert!(
-            doc["detail"].as_str().is_some_and(|d| d.contains("64")),
-            "{doc}"
-        );
-        assert_eq!(
-            refused
-                .headers
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok()),
-            Some("1")
+        assert_script_busy(
+            &refused,
+            "this bucket already has 64 WebAssembly script runs",
         );
         // Another bucket is not held up by this one's runs.
         let t = misbehave(s, &other, "ok");
@@ -859,19 +850,13 @@ fn server_cpu_ticks(pid: u32) -> u64 {
 #[test]
 #[cfg(target_os = "linux")]
 fn a_run_whose_client_hung_up_still_ends_at_its_time_limit() {
-    use std::io::Write;
     let s = limited("300", "1000000000000000");
     let b = hostile_bucket(&s);
-    let addr = s.base().trim_start_matches("http://").to_owned();
-    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
-    write!(
-        conn,
-        "GET /{b}/scripts/h?do=loop HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    // The loop is running (and has left the async worker); hang up.
-    std::thread::sleep(Duration::from_millis(100));
-    drop(conn);
+    // Hang up once the loop is running (and has left the async worker).
+    s.get_and_hang_up(
+        &format!("/{b}/scripts/h?do=loop"),
+        Duration::from_millis(100),
+    );
     // Well past the 300 ms limit, the server must be idle again: an endless
     // loop would burn a whole core (~100 ticks a second).
     std::thread::sleep(Duration::from_millis(1200));

@@ -2,23 +2,26 @@
 //! [`Response`]), its [`Limits`], how it fails ([`ScriptError`]), and the
 //! [`api::Host`] that every runtime calls for every data operation.
 //!
-//! Runtimes (`lua`, later `wasm`) own their interpreters and sandboxes and
+//! Runtimes (`lua`, `wasm`) own their interpreters and sandboxes and
 //! translate values; they never touch storage or decide permissions: all data
 //! calls go through [`api::Host`], which goes through the run's
 //! [`Scoped`](crate::bucket::Scoped) bucket. A run starts on the async
 //! worker that took the request and moves to a blocking thread if it runs
 //! longer than [`INLINE_SLICE`] (see [`lua`] and [`wasm`] for how each
 //! runtime suspends a run); scripts whose runs do not fit are remembered in
-//! [`SlowScripts`] and start on a blocking thread for a while.
+//! [`SlowScripts`] and start on a blocking thread for a while. Each runtime
+//! holds its runs in flight, and each bucket's, to [`RunShares`].
 
 pub mod api;
 pub mod lua;
 pub mod wasm;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::bucket::BucketId;
 
 /// The HTTP statuses a script may answer: final ones. An informational
 /// status (1xx) is not a response (hyper would answer it with an empty 500,
@@ -166,6 +169,99 @@ impl Runtimes {
     }
 }
 
+/// Runs of one runtime in flight at once, in all and per bucket: a run
+/// takes a [`RunShare`] before it starts and gives it back when it ends.
+///
+/// A runtime holds at most `total` runs (the WebAssembly pool's slots; for
+/// Lua, the states and threads that runs waiting on a blocking thread hold),
+/// and one bucket at most a quarter of them, so that a bucket whose scripts
+/// are slow, or flooded, gets 503s (`script-busy`, with `Retry-After`), not
+/// every other bucket. A run beyond either is refused at once, not queued.
+pub struct RunShares {
+    counts: Arc<Mutex<RunCounts>>,
+    /// "Lua" or "WebAssembly", for the messages.
+    runtime: &'static str,
+    total: u32,
+    per_bucket: u32,
+}
+
+#[derive(Default)]
+struct RunCounts {
+    total: u32,
+    buckets: HashMap<BucketId, u32>,
+}
+
+/// One run's place among its runtime's runs, given back when dropped.
+pub struct RunShare {
+    counts: Arc<Mutex<RunCounts>>,
+    bucket: BucketId,
+}
+
+fn lock_counts(counts: &Mutex<RunCounts>) -> std::sync::MutexGuard<'_, RunCounts> {
+    counts
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl RunShares {
+    /// At most `total` runs in flight, a quarter of them (at least one) per
+    /// bucket.
+    pub fn new(runtime: &'static str, total: u32) -> Self {
+        Self {
+            counts: Arc::default(),
+            runtime,
+            total,
+            per_bucket: (total / 4).max(1),
+        }
+    }
+
+    /// Runs one bucket may have in flight at once.
+    pub fn per_bucket(&self) -> u32 {
+        self.per_bucket
+    }
+
+    /// A place for one more run of `bucket`.
+    ///
+    /// # Errors
+    /// [`ScriptError::Busy`]: the bucket has its whole share in flight, or
+    /// the runtime all its runs.
+    pub fn take(&self, bucket: BucketId) -> Result<RunShare, ScriptError> {
+        let mut counts = lock_counts(&self.counts);
+        if counts.total >= self.total {
+            return Err(ScriptError::Busy(format!(
+                "the server already has {} {} script runs in flight: retry in a moment",
+                self.total, self.runtime
+            )));
+        }
+        let n = counts.buckets.entry(bucket).or_insert(0);
+        if *n >= self.per_bucket {
+            return Err(ScriptError::Busy(format!(
+                "this bucket already has {} {} script runs in flight: retry in a moment",
+                self.per_bucket, self.runtime
+            )));
+        }
+        *n += 1;
+        counts.total += 1;
+        Ok(RunShare {
+            counts: self.counts.clone(),
+            bucket,
+        })
+    }
+}
+
+impl Drop for RunShare {
+    fn drop(&mut self) {
+        let mut counts = lock_counts(&self.counts);
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(n) = counts.buckets.get_mut(&self.bucket) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.buckets.remove(&self.bucket);
+            }
+        }
+    }
+}
+
 /// How long a run may execute on the async worker that took its request
 /// before it moves to a blocking thread: long enough for a typical script,
 /// short enough not to hold up the worker's other requests noticeably.
@@ -260,7 +356,14 @@ pub struct Limits {
     /// Largest WebAssembly component accepted on upload (a Python guest
     /// carries its interpreter: ~18 MB).
     pub component_bytes: usize,
+    /// Runs in flight at once per runtime; a quarter of them per bucket
+    /// (see [`RunShares`]). The WebAssembly pool has as many slots.
+    pub runs: u32,
 }
+
+/// Default [`Limits::runs`]: above the number of threads that run scripts at
+/// once on this class of machine.
+pub const DEFAULT_RUNS: u32 = 256;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -272,6 +375,7 @@ impl Default for Limits {
             response_bytes: 1024 * 1024,
             source_bytes: 256 * 1024,
             component_bytes: 64 * 1024 * 1024,
+            runs: DEFAULT_RUNS,
         }
     }
 }
@@ -443,7 +547,8 @@ pub enum ScriptError {
     Failed(String),
     #[error("the script exceeded its {} limit: {detail}", limit.name())]
     Limit { limit: Limit, detail: String },
-    /// The runtime is at capacity (every pooled instance slot in use).
+    /// The runtime is at capacity: its runs, or the bucket's share of them,
+    /// are all in flight (see [`RunShares`]).
     #[error("{0}")]
     Busy(String),
     #[error("the script runtime failed: {0}")]
@@ -454,6 +559,52 @@ pub enum ScriptError {
 mod tests {
     use super::{Ordering, Request, SLOW_FOR, SlowScripts};
     use std::time::Instant;
+
+    /// A bucket holds at most a quarter of the runs, the runtime at most
+    /// all of them; a place comes back when its share is dropped.
+    #[test]
+    fn runs_are_held_to_the_bucket_share_and_the_total() {
+        use super::{BucketId, RunShares, ScriptError};
+        let shares = RunShares::new("Lua", 8);
+        assert_eq!(shares.per_bucket(), 2);
+        let busy = |r: Result<super::RunShare, ScriptError>| match r {
+            Err(ScriptError::Busy(m)) => m,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a run past the share was let in"),
+        };
+        let a = BucketId::random();
+        let a1 = shares.take(a).expect("first");
+        let a2 = shares.take(a).expect("second");
+        let m = busy(shares.take(a));
+        assert!(
+            m.contains("this bucket already has 2 Lua script runs"),
+            "{m}"
+        );
+        drop(a1);
+        let a3 = shares.take(a).expect("a place came back");
+        // Three more buckets fill the runtime's 8.
+        let others: Vec<_> = (0..3)
+            .flat_map(|_| {
+                let b = BucketId::random();
+                [shares.take(b).expect("b1"), shares.take(b).expect("b2")]
+            })
+            .collect();
+        let m = busy(shares.take(BucketId::random()));
+        assert!(
+            m.contains("the server already has 8 Lua script runs"),
+            "{m}"
+        );
+        drop(others);
+        drop((a2, a3));
+        let all: Vec<_> = (0..4)
+            .flat_map(|_| {
+                let b = BucketId::random();
+                [shares.take(b).expect("b1"), shares.take(b).expect("b2")]
+            })
+            .collect();
+        assert_eq!(all.len(), 8);
+        assert!(RunShares::new("Lua", 4).per_bucket() == 1);
+    }
 
     #[test]
     fn long_error_messages_are_cut_at_a_character_boundary() {

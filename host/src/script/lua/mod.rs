@@ -16,6 +16,11 @@
 //! commit) waits in `block_in_place` (see [`Host`]). Either way its script is
 //! remembered as slow and its later runs start on a blocking thread. Data calls go
 //! through [`Host`], never to storage directly.
+//!
+//! Runs in flight are held to [`Limits::runs`], and one bucket's to a
+//! quarter of them ([`RunShares`]): each holds a state, and may hold a
+//! blocking thread, until it ends (a run on a blocking thread goes on after
+//! its client has gone, to its limit).
 
 mod bindings;
 mod bytecode;
@@ -33,7 +38,10 @@ use mlua::{Function, Lua, Thread};
 
 use super::SourceLoader;
 use super::api::Host;
-use super::{INLINE_SLICE, Label, Limit, Limits, Request, Response, ScriptError, SlowScripts};
+use super::{
+    INLINE_SLICE, Label, Limit, Limits, Request, Response, RunShare, RunShares, ScriptError,
+    SlowScripts,
+};
 use crate::bucket::{ScriptName, StoredScript};
 
 /// Compiled scripts cached per state; past it the cache starts over.
@@ -47,6 +55,9 @@ pub struct LuaRuntime {
     limits: Limits,
     idle: Mutex<Vec<State>>,
     slow: SlowScripts,
+    /// Runs in flight, in all and per bucket: each holds a state (and may
+    /// hold a blocking thread) until it ends.
+    shares: RunShares,
 }
 
 /// One sandboxed Lua state with what it needs to start runs quickly.
@@ -191,6 +202,7 @@ impl LuaRuntime {
             limits,
             idle: Mutex::new(Vec::new()),
             slow: SlowScripts::default(),
+            shares: RunShares::new("Lua", limits.runs),
         }
     }
 
@@ -244,8 +256,11 @@ impl LuaRuntime {
         host: Host,
         request: Request,
     ) -> Result<Response, ScriptError> {
+        let share = self.shares.take(script.bucket)?;
         let state = self.take()?;
-        let (state, result) = self.execute(state, script, source, host, request).await;
+        let (state, result) = self
+            .execute(state, share, script, source, host, request)
+            .await;
         // A state that hit a limit or failed inside is not trusted again.
         if let (Ok(_) | Err(ScriptError::Failed(_)), Some(state)) = (&result, state) {
             self.give_back(state);
@@ -253,9 +268,12 @@ impl LuaRuntime {
         result
     }
 
+    /// `share` is held until the run has ended, on whichever thread: a run
+    /// on a blocking thread goes on if its client goes away.
     async fn execute(
         &self,
         mut state: State,
+        share: RunShare,
         script: &StoredScript,
         source: SourceLoader<'_>,
         host: Host,
@@ -288,6 +306,7 @@ impl LuaRuntime {
                     self.slow.mark(script.digest);
                 }
                 let moved = tokio::task::spawn_blocking(move || {
+                    let _share = share;
                     let outcome = state.run_to_end(&thread, env);
                     (state, outcome)
                 })

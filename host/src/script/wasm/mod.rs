@@ -19,9 +19,10 @@
 //!   stdout/stderr go to the log, tagged with the script.
 //! - Data calls go through [`crate::script::api::Host`] (see the `host` module).
 //!
-//! - One bucket's runs may hold at most [`BUCKET_SHARE`] of the pool's
-//!   slots at once (see [`Shares`]): a bucket whose scripts are slow, or
-//!   flooded, gets 503s, not every other bucket.
+//! - The pool has a slot for each of [`Limits::runs`] runs in flight, and
+//!   one bucket's runs may hold at most a quarter of them at once (see
+//!   [`RunShares`]): a bucket whose scripts are slow, or flooded, gets 503s,
+//!   not every other bucket.
 //! - Runs are async calls (the guest on a fiber) that hand control back every
 //!   `YIELD_FUEL`: a run starts on the async worker that took the request
 //!   and moves to a blocking thread once it has used [`INLINE_SLICE`] of
@@ -49,8 +50,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::SourceLoader;
 use super::api::Host;
-use super::{INLINE_SLICE, Label, Limit, Limits, Request, Response, ScriptError, SlowScripts};
-use crate::bucket::{BucketId, StoredScript};
+use super::{
+    INLINE_SLICE, Label, Limit, Limits, Request, Response, RunShares, ScriptError, SlowScripts,
+};
+use crate::bucket::StoredScript;
 use bindings::kvdb::script::types::Response as WitResponse;
 use bindings::{Script, ScriptPre};
 
@@ -63,15 +66,6 @@ const IDLE_TICKER_CHECK: Duration = Duration::from_secs(1);
 
 /// Guest output kept per run for the log (and for a panic's message).
 const CAPTURED_OUTPUT: usize = 64 * 1024;
-
-/// Concurrent instances the pool holds: above the number of threads that run
-/// scripts at once on this class of machine; a run beyond it is refused.
-const POOLED_INSTANCES: u32 = 256;
-
-/// Runs of one bucket that may be in flight at once: a quarter of the pool,
-/// so that a bucket with slow (or many) runs can't take every slot from the
-/// others. A run beyond it is a 503 `script-busy`, as a full pool.
-const BUCKET_SHARE: u32 = POOLED_INSTANCES / 4;
 
 /// Linear memories, tables and core instances one component may have.
 /// Components built by `cargo` for `wasm32-wasip2` have one memory, two
@@ -189,51 +183,7 @@ pub struct WasmRuntime {
     cache: Mutex<HashMap<[u8; 32], Prepared>>,
     slow: SlowScripts,
     ticker: Ticker,
-    shares: Shares,
-}
-
-/// Runs in flight per bucket, each held to [`BUCKET_SHARE`].
-#[derive(Clone, Default)]
-struct Shares(Arc<Mutex<HashMap<BucketId, u32>>>);
-
-/// One run's place in its bucket's share, given back when dropped.
-struct Share {
-    shares: Shares,
-    bucket: BucketId,
-}
-
-impl Shares {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BucketId, u32>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// A place for one more run of `bucket`, unless it has its whole share.
-    fn take(&self, bucket: BucketId) -> Option<Share> {
-        let mut counts = self.lock();
-        let n = counts.entry(bucket).or_insert(0);
-        if *n >= BUCKET_SHARE {
-            return None;
-        }
-        *n += 1;
-        Some(Share {
-            shares: self.clone(),
-            bucket,
-        })
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        let mut counts = self.shares.lock();
-        if let Some(n) = counts.get_mut(&self.bucket) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                counts.remove(&self.bucket);
-            }
-        }
-    }
+    shares: RunShares,
 }
 
 /// The epoch ticker thread, which advances the engine's epoch every
@@ -328,14 +278,16 @@ impl WasmRuntime {
         config.wasm_component_model(true);
         config.consume_fuel(true);
         config.epoch_interruption(true);
+        // The pool has a slot for every run the shares let in.
+        let slots = limits.runs;
         let mut pool = PoolingAllocationConfig::default();
         // Enough core instances, memories and tables for every instance
         // slot to hold a component at the per-component caps: one component
         // can't take the pool's share of another kind (found by a review).
-        pool.total_component_instances(POOLED_INSTANCES)
-            .total_core_instances(POOLED_INSTANCES * MAX_CORE_INSTANCES)
-            .total_memories(POOLED_INSTANCES * MAX_MEMORIES)
-            .total_tables(POOLED_INSTANCES * MAX_TABLES)
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * MAX_CORE_INSTANCES)
+            .total_memories(slots * MAX_MEMORIES)
+            .total_tables(slots * MAX_TABLES)
             .max_memory_size(limits.memory_bytes)
             .max_memories_per_component(MAX_MEMORIES)
             .max_tables_per_component(MAX_TABLES)
@@ -350,7 +302,7 @@ impl WasmRuntime {
             // PAGEMAP_SCAN ioctl) instead of every kept-resident page.
             .pagemap_scan(wasmtime::Enabled::Auto)
             // Each run's fiber stack (runs are async calls).
-            .total_stacks(POOLED_INSTANCES);
+            .total_stacks(slots);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(internal)?;
         let mut linker = Linker::new(&engine);
@@ -364,7 +316,7 @@ impl WasmRuntime {
             cache: Mutex::new(HashMap::new()),
             slow: SlowScripts::default(),
             ticker,
-            shares: Shares::default(),
+            shares: RunShares::new("WebAssembly", limits.runs),
         })
     }
 
@@ -465,12 +417,7 @@ impl WasmRuntime {
             // block_in_place (compiling takes milliseconds).
             None => tokio::task::block_in_place(|| self.prepared(script, source))?,
         };
-        let share = self.shares.take(script.bucket).ok_or_else(|| {
-            ScriptError::Busy(format!(
-                "this bucket already has {BUCKET_SHARE} WebAssembly script runs in flight: \
-                 retry in a moment"
-            ))
-        })?;
+        let share = self.shares.take(script.bucket)?;
         let stdout = MemoryOutputPipe::new(CAPTURED_OUTPUT);
         let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT);
         let wasi = WasiCtx::builder()
