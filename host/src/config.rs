@@ -95,7 +95,7 @@ pub struct ServeArgs {
     pub script_component_bytes: usize,
     /// Script runs in flight at once, per runtime (Lua, WebAssembly); one
     /// bucket may have a quarter of them (503 beyond, with Retry-After).
-    #[arg(long, env = "KVDB_SCRIPT_RUNS", default_value_t = crate::script::DEFAULT_RUNS, value_parser = clap::value_parser!(u32).range(4..=4096))]
+    #[arg(long, env = "KVDB_SCRIPT_RUNS", default_value_t = crate::script::DEFAULT_RUNS, value_parser = clap::value_parser!(u32).range(i64::from(*crate::script::RUNS_RANGE.start())..=i64::from(*crate::script::RUNS_RANGE.end())))]
     pub script_runs: u32,
 }
 

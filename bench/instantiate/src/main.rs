@@ -66,7 +66,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const TARGET: Duration = Duration::from_micros(10);
 
 // --- copied from host/src/script/wasm/mod.rs and script::Limits::default() ---
-const POOLED_INSTANCES: u32 = 256;
+const POOLED_INSTANCES: u32 = kvdb::script::DEFAULT_RUNS;
+const MAX_MEMORIES: u32 = 2;
+const MAX_TABLES: u32 = 8;
+const MAX_CORE_INSTANCES: u32 = 32;
 const CAPTURED_OUTPUT: usize = 64 * 1024;
 const EPOCH_TICK_MS: u64 = 10;
 const YIELD_FUEL: u64 = 100_000;
@@ -87,10 +90,13 @@ fn config(pooled: bool) -> Config {
         // `total_stacks` (the async variants' fiber stacks) as in the host.
         pool.total_stacks(POOLED_INSTANCES);
         pool.total_component_instances(POOLED_INSTANCES)
-            .total_core_instances(POOLED_INSTANCES * 8)
-            .total_memories(POOLED_INSTANCES * 2)
-            .total_tables(POOLED_INSTANCES * 4)
+            .total_core_instances(POOLED_INSTANCES * MAX_CORE_INSTANCES)
+            .total_memories(POOLED_INSTANCES * MAX_MEMORIES)
+            .total_tables(POOLED_INSTANCES * MAX_TABLES)
             .max_memory_size(limits().memory_bytes)
+            .max_memories_per_component(MAX_MEMORIES)
+            .max_tables_per_component(MAX_TABLES)
+            .max_core_instances_per_component(MAX_CORE_INSTANCES)
             .linear_memory_keep_resident(4 * 1024 * 1024)
             .table_keep_resident(64 * 1024)
             .decommit_batch_size(64)

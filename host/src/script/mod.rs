@@ -365,6 +365,15 @@ pub struct Limits {
 /// once on this class of machine.
 pub const DEFAULT_RUNS: u32 = 256;
 
+/// The range of [`Limits::runs`]: at least one run per bucket; at most
+/// 1024, for which the WebAssembly pool reserves 2048 linear-memory slots of
+/// ~4 GiB of address space each (reserved, not used).
+pub const RUNS_RANGE: std::ops::RangeInclusive<u32> = 4..=1024;
+
+/// Blocking threads the server keeps beyond those its script runs may hold
+/// (two runtimes of [`Limits::runs`] each).
+pub const SPARE_BLOCKING_THREADS: usize = 128;
+
 impl Default for Limits {
     fn default() -> Self {
         Self {

@@ -508,3 +508,73 @@ impl State {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{LuaRuntime, ScriptError};
+    use crate::bucket::{Buckets, PolicyChange, Scope, ScriptKind, ScriptName, StoredScript};
+    use crate::script::api::Host;
+    use crate::script::{Limits, Request};
+    use crate::storage::{Durability, Store, memory::MemoryBackend};
+
+    /// A run whose caller stopped waiting (its future dropped once the run
+    /// was on a blocking thread) keeps its bucket's place until it ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_keeps_its_place_after_its_caller_has_gone() {
+        let time = Duration::from_millis(800);
+        let runtime = LuaRuntime::new(Limits {
+            time,
+            instructions: u64::MAX,
+            runs: 4,
+            ..Limits::default()
+        });
+        let store =
+            Store::open(Arc::new(MemoryBackend::new()), Durability::Relaxed).expect("store");
+        let buckets = Buckets::new(
+            store,
+            crate::bucket::Limits {
+                max_value_bytes: 1024,
+            },
+        );
+        let (id, _) = buckets
+            .create(PolicyChange::default())
+            .await
+            .expect("bucket");
+        let bucket = buckets.open(id).expect("open");
+        let source = b"while true do end".to_vec();
+        let script = StoredScript {
+            bucket: id,
+            name: ScriptName::new("spin").expect("name"),
+            kind: ScriptKind::Lua,
+            size: source.len() as u64,
+            version: 1,
+            digest: sha2::Digest::finalize(sha2::Digest::chain_update(
+                <sha2::Sha256 as sha2::Digest>::new(),
+                &source,
+            ))
+            .into(),
+            updated_at: 0,
+        };
+        let load = move || -> Result<Vec<u8>, ScriptError> { Ok(source.clone()) };
+        let host = Host::new(
+            bucket.scoped(Scope::admin()),
+            tokio::runtime::Handle::current(),
+        );
+        let run = runtime.run(&script, &load, host, Request::default());
+        // Long past the inline slice: the run is on a blocking thread.
+        let gone = tokio::time::timeout(Duration::from_millis(200), run).await;
+        assert!(gone.is_err(), "the endless run ended");
+        assert!(
+            matches!(runtime.shares.take(id), Err(ScriptError::Busy(_))),
+            "the run's place was given back while it still ran"
+        );
+        tokio::time::sleep(time + Duration::from_millis(500)).await;
+        runtime
+            .shares
+            .take(id)
+            .expect("the place came back when the run ended");
+    }
+}

@@ -278,8 +278,11 @@ impl WasmRuntime {
         config.wasm_component_model(true);
         config.consume_fuel(true);
         config.epoch_interruption(true);
-        // The pool has a slot for every run the shares let in.
-        let slots = limits.runs;
+        // The pool has a slot for every run the shares let in (the flag
+        // holds it to this range; a library caller might not).
+        let slots = limits
+            .runs
+            .clamp(*super::RUNS_RANGE.start(), *super::RUNS_RANGE.end());
         let mut pool = PoolingAllocationConfig::default();
         // Enough core instances, memories and tables for every instance
         // slot to hold a component at the per-component caps: one component
@@ -316,7 +319,7 @@ impl WasmRuntime {
             cache: Mutex::new(HashMap::new()),
             slow: SlowScripts::default(),
             ticker,
-            shares: RunShares::new("WebAssembly", limits.runs),
+            shares: RunShares::new("WebAssembly", slots),
         })
     }
 
