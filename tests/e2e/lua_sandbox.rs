@@ -41,6 +41,17 @@ fn timed() -> TestServer {
     ])
 }
 
+/// A server where a run may take 6 s of wall time and practically any number
+/// of instructions: runs that other requests must not wait for.
+fn long_runs_server() -> TestServer {
+    TestServer::start_with(&[
+        "--script-time-ms",
+        "6000",
+        "--script-instructions",
+        "1000000000000",
+    ])
+}
+
 /// Uploads `source` and runs it, failing if no answer comes within [`BOUND`].
 #[track_caller]
 fn eval_within(s: &TestServer, b: &str, name: &str, source: &str) -> Timed {
@@ -522,29 +533,37 @@ fn escapes_past(s: &TestServer, status: u16, kind: &str) -> Vec<String> {
 fn endless_runs_on_every_worker_do_not_hold_up_other_requests() {
     // More endless runs at once than the server has async workers: each
     // leaves its worker after its first slice, so the server still answers.
-    let s = TestServer::start_with(&[
-        "--script-time-ms",
-        "6000",
-        "--script-instructions",
-        "1000000000000",
-    ]);
+    let s = long_runs_server();
     let b = limit_bucket(&s);
     install(&s, &b, "spin", "while true do end");
     let url = s.url(&format!("/{b}/scripts/spin"));
     let spinning: Vec<_> = (0..4).map(|_| get_in_background(url.clone())).collect();
+    assert_not_held_up_by(&s, &b, spinning, "the endless runs");
+}
+
+/// While the `running` requests (runs of 6 s on `s`, started just before)
+/// go on, a plain GET of `b` and another bucket's script answer well before
+/// they end; then each of them ends with the time limit.
+#[track_caller]
+fn assert_not_held_up_by(
+    s: &TestServer,
+    b: &str,
+    running: Vec<std::thread::JoinHandle<Result<u16, ureq::Error>>>,
+    what: &str,
+) {
     std::thread::sleep(Duration::from_millis(300));
-    // Far below the spinning runs' 6 s, with room for a loaded machine.
+    // Far below the runs' 6 s, with room for a loaded machine.
     let quick = Duration::from_millis(4000);
-    let t = try_get_within(&s, &format!("/{b}/plain"), quick)
-        .expect("a plain GET waited for the endless runs");
+    let t = try_get_within(s, &format!("/{b}/plain"), quick)
+        .unwrap_or_else(|| panic!("a plain GET waited for {what}"));
     assert_eq!((t.status, t.body.as_str()), (200, "value"));
-    let other = script_bucket(&s, "");
-    install(&s, &other, "other", "kvdb.say(1 + 1)");
-    let t = try_get_within(&s, &format!("/{other}/scripts/other"), quick)
-        .expect("another bucket's script waited for the endless runs");
+    let other = script_bucket(s, "");
+    install(s, &other, "other", "kvdb.say(1 + 1)");
+    let t = try_get_within(s, &format!("/{other}/scripts/other"), quick)
+        .unwrap_or_else(|| panic!("another bucket's script waited for {what}"));
     assert_eq!((t.status, t.body.as_str()), (200, "2\n"));
-    for spin in spinning {
-        assert_eq!(spin.join().expect("thread").expect("the endless run"), 504);
+    for run in running {
+        assert_eq!(run.join().expect("thread").expect(what), 504);
     }
 }
 
@@ -685,6 +704,37 @@ fn a_pathological_pattern_ends_with_the_time_limit() {
         assert_limit(&t, 504, &["script-time-limit"]);
     }
     assert_server_still_answers(&s, &b);
+}
+
+/// A pattern call that runs long on the async worker that took its request
+/// goes on in `block_in_place` once the run's slice is over, and a `gsub`
+/// replacement function is Lua code the hook suspends (the port calls it
+/// from Lua), as any Lua code: more such runs at once than the server has
+/// workers do not hold up other requests.
+#[test]
+fn long_pattern_calls_on_every_worker_do_not_hold_up_other_requests() {
+    let s = long_runs_server();
+    let b = limit_bucket(&s);
+    // Each first run of a script starts on a worker: one script each.
+    let runs = 2 * std::thread::available_parallelism().map_or(2, usize::from);
+    let running = (0..runs)
+        .map(|i| {
+            let name = format!("long{i}");
+            let call = if i % 2 == 0 {
+                r#"("a"):rep(40):find(("a*"):rep(12) .. "b")"#
+            } else {
+                r#"("a"):gsub("a", function() while true do end end)"#
+            };
+            install(
+                &s,
+                &b,
+                &name,
+                &format!("-- {i}\nkvdb.say(tostring({call}))"),
+            );
+            get_in_background(s.url(&format!("/{b}/scripts/{name}")))
+        })
+        .collect();
+    assert_not_held_up_by(&s, &b, running, "the long pattern calls");
 }
 
 #[test]

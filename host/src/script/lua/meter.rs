@@ -59,6 +59,9 @@ pub(super) struct Meter {
     hit: AtomicU8,
     /// Stopped for good: a limit, the response limit, or `kvdb.exit`.
     stopped: AtomicBool,
+    /// A library call went on past the slice in `block_in_place` (see
+    /// [`Meter::left_worker`]).
+    left_worker: AtomicBool,
 }
 
 /// What the hook does next.
@@ -78,6 +81,7 @@ impl Meter {
             slice_end: AtomicU64::new(NEVER),
             hit: AtomicU8::new(HIT_NONE),
             stopped: AtomicBool::new(false),
+            left_worker: AtomicBool::new(false),
         }
     }
 
@@ -100,6 +104,26 @@ impl Meter {
             .store(slice_end.map_or(NEVER, |t| self.at(t)), Ordering::Relaxed);
         self.hit.store(HIT_NONE, Ordering::Relaxed);
         self.stopped.store(false, Ordering::Relaxed);
+        self.left_worker.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the run's slice on its async worker is over (never on a
+    /// blocking thread): a library call that can't be suspended, as the
+    /// hook suspends Lua code, goes on in `block_in_place`.
+    pub(super) fn slice_over(&self) -> bool {
+        self.elapsed() >= self.slice_end.load(Ordering::Relaxed)
+    }
+
+    /// A library call of this run went on past its slice in
+    /// `block_in_place`: like a write that waited, a cost its script's later
+    /// runs avoid by starting on a blocking thread.
+    pub(super) fn mark_left_worker(&self) {
+        self.left_worker.store(true, Ordering::Relaxed);
+    }
+
+    /// See [`Meter::mark_left_worker`].
+    pub(super) fn left_worker(&self) -> bool {
+        self.left_worker.load(Ordering::Relaxed)
     }
 
     /// The run goes on where no slice ends (a blocking thread).
@@ -160,7 +184,7 @@ impl Meter {
         if self.check(u64::from(HOOK_EVERY)) {
             return Next::Stop(c"the script was stopped by a limit");
         }
-        if self.elapsed() >= self.slice_end.load(Ordering::Relaxed) {
+        if self.slice_over() {
             return Next::Suspend;
         }
         Next::Continue

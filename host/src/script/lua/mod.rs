@@ -438,11 +438,14 @@ impl State {
         }
     }
 
-    /// Whether the current run's data calls had to wait for the store.
+    /// Whether the current run's data calls had to wait for the store, or
+    /// a library call went on past the slice (both in `block_in_place`).
     fn waited(&self) -> bool {
-        self.lua
-            .app_data_ref::<RunCell>()
-            .is_some_and(|cell| cell.borrow().host.waited())
+        self.meter.left_worker()
+            || self
+                .lua
+                .app_data_ref::<RunCell>()
+                .is_some_and(|cell| cell.borrow().host.waited())
     }
 
     /// Clears what [`State::prepare`] set, returning the run's record.

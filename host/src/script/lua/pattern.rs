@@ -7,7 +7,11 @@
 //! rep(12).."b")`) held its thread until it ended, past every limit. This
 //! one counts its steps and, every [`CHECK_EVERY`] of them and as each call
 //! starts, asks the run's meter whether the run is over its time or was
-//! stopped, and then ends the call with the meter's error.
+//! stopped, and then ends the call with the meter's error. A match that
+//! runs past the run's slice on an async worker (see `lua`'s module doc) is
+//! done again from its start in `block_in_place`, so that the worker's
+//! other requests go to another thread instead of waiting for it (a match
+//! has no effects; the slice is 200 µs).
 //!
 //! It matches exactly as Lua 5.4 does, with the same results and error
 //! messages (a test compares the two over thousands of generated cases).
@@ -42,6 +46,9 @@ enum Fail {
     Error(String),
     Stopped,
     Lua(mlua::Error),
+    /// The run's slice on its async worker ended during a match (only where
+    /// [`Matcher::slice`] is set): [`matching`] does it again off the slice.
+    SliceOver,
 }
 
 fn error<T>(message: impl Into<String>) -> Result<T, Fail> {
@@ -72,6 +79,9 @@ struct Matcher<'a> {
     capture: [(usize, isize); MAX_CAPTURES],
     steps: u32,
     meter: Option<&'a Meter>,
+    /// Whether to give up ([`Fail::SliceOver`]) once the run's slice on
+    /// its async worker is over.
+    slice: bool,
 }
 
 /// Lua's `match_class` in the C locale.
@@ -108,6 +118,15 @@ impl<'a> Matcher<'a> {
             capture: [(0, 0); MAX_CAPTURES],
             steps: 0,
             meter,
+            slice: false,
+        }
+    }
+
+    /// A matcher that gives up once the run's slice is over, if `slice`.
+    fn watched(src: &'a [u8], pat: &'a [u8], meter: Option<&'a Meter>, slice: bool) -> Self {
+        Self {
+            slice,
+            ..Self::new(src, pat, meter)
         }
     }
 
@@ -124,8 +143,13 @@ impl<'a> Matcher<'a> {
             .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
         if self.steps >= CHECK_EVERY {
             self.steps = 0;
-            if self.meter.is_some_and(|m| m.check(0)) {
-                return Err(Fail::Stopped);
+            if let Some(meter) = self.meter {
+                if meter.check(0) {
+                    return Err(Fail::Stopped);
+                }
+                if self.slice && meter.slice_over() {
+                    return Err(Fail::SliceOver);
+                }
             }
         }
         Ok(())
@@ -595,6 +619,22 @@ fn meter(lua: &Lua) -> Option<Arc<Meter>> {
     Some(Arc::clone(&run.meter))
 }
 
+/// Runs `work`, a match (no Lua code, no effects), given whether to give up
+/// at the end of the run's slice: first so, then, if it gave up, again from
+/// its start in `block_in_place` (the worker's other tasks go on on another
+/// thread; on a blocking thread it just runs), where no slice ends.
+fn matching<T>(meter: Option<&Meter>, work: impl Fn(bool) -> Result<T, Fail>) -> Result<T, Fail> {
+    match work(true) {
+        Err(Fail::SliceOver) => {
+            if let Some(meter) = meter {
+                meter.mark_left_worker();
+            }
+            tokio::task::block_in_place(|| work(false))
+        }
+        done => done,
+    }
+}
+
 /// Looks at the meter as a call starts: a loop of short calls ends too.
 fn check_start(meter: Option<&Meter>) -> Result<(), Fail> {
     if meter.is_some_and(|m| m.check(0)) {
@@ -621,7 +661,10 @@ fn outcome(lua: &Lua, r: Result<Vec<Value>, Fail>) -> mlua::Result<MultiValue> {
     let (ok, values) = match r {
         Ok(values) => (true, values),
         Err(Fail::Error(message)) => (false, vec![Value::String(lua.create_string(message)?)]),
-        Err(Fail::Stopped) => (false, vec![Value::String(lua.create_string(STOPPED)?)]),
+        // `matching` takes `SliceOver`; were it to come here, the run ends.
+        Err(Fail::Stopped | Fail::SliceOver) => {
+            (false, vec![Value::String(lua.create_string(STOPPED)?)])
+        }
         Err(Fail::Lua(e)) => return Err(e),
     };
     let mut out = Vec::with_capacity(values.len() + 1);
@@ -656,8 +699,15 @@ fn find_aux(lua: &Lua, args: MultiValue, find: bool) -> Result<Vec<Value>, Fail>
         });
     }
     let (pat_body, anchored) = strip_anchor(pat);
-    let mut m = Matcher::new(src, pat_body, meter.as_deref());
-    let Some((start, end)) = m.search(init, None, anchored)? else {
+    let meter = meter.as_deref();
+    let found = matching(meter, |slice| {
+        let mut m = Matcher::watched(src, pat_body, meter, slice);
+        let Some((start, end)) = m.search(init, None, anchored)? else {
+            return Ok(None);
+        };
+        Ok(Some((start, end, m.captures(start, end, !find)?)))
+    })?;
+    let Some((start, end, captures)) = found else {
         return Ok(vec![Value::Nil]);
     };
     let mut out = Vec::new();
@@ -665,7 +715,7 @@ fn find_aux(lua: &Lua, args: MultiValue, find: bool) -> Result<Vec<Value>, Fail>
         out.push(position(start + 1));
         out.push(position(end));
     }
-    for c in m.captures(start, end, !find)? {
+    for c in captures {
         push_capture(lua, src, &c, &mut out).map_err(|e| lua_fail(&e))?;
     }
     Ok(out)
@@ -688,15 +738,22 @@ fn gmatch(lua: &Lua, args: MultiValue) -> Result<Vec<Value>, Fail> {
                 check_start(meter.as_deref())?;
                 let (src_bytes, pat_bytes) = (subject.as_bytes(), pattern.as_bytes());
                 let (src, pat): (&[u8], &[u8]) = (&src_bytes, &pat_bytes);
-                let mut m = Matcher::new(src, pat, meter.as_deref());
-                let Some((start, end)) = m.search(from, last, false)? else {
+                let meter = meter.as_deref();
+                let found = matching(meter, |slice| {
+                    let mut m = Matcher::watched(src, pat, meter, slice);
+                    let Some((start, end)) = m.search(from, last, false)? else {
+                        return Ok(None);
+                    };
+                    Ok(Some((start, end, m.captures(start, end, true)?)))
+                })?;
+                let Some((_, end, captures)) = found else {
                     from = src.len() + 1;
                     return Ok(Vec::new());
                 };
                 from = end;
                 last = Some(end);
                 let mut out = Vec::new();
-                for c in m.captures(start, end, true)? {
+                for c in captures {
                     push_capture(lua, src, &c, &mut out).map_err(|e| lua_fail(&e))?;
                 }
                 Ok(out)
@@ -739,31 +796,37 @@ fn gsub(lua: &Lua, args: MultiValue) -> Result<Vec<Value>, Fail> {
     let memory_limit = lua
         .app_data_ref::<RunCell>()
         .and_then(|cell| cell.try_borrow().ok().map(|run| run.limits.memory_bytes));
-    let mut m = Matcher::new(src, pat_body, meter.as_deref());
-    let mut out = Output {
-        bytes: Vec::new(),
-        limit: memory_limit.unwrap_or(usize::MAX),
-    };
-    let mut n: i64 = 0;
-    let mut at = 0;
-    let mut last = None;
-    while n < max {
-        let Some((start, end)) = m.search(at, last, anchored)? else {
-            break;
+    let meter = meter.as_deref();
+    let (out, n) = matching(meter, |slice| {
+        let mut m = Matcher::watched(src, pat_body, meter, slice);
+        let mut out = Output {
+            bytes: Vec::new(),
+            limit: memory_limit.unwrap_or(usize::MAX),
         };
-        n += 1;
-        out.append(&mut m, &src[at..start])?;
-        add_replacement(&mut m, repl, start, end, &mut out)?;
-        at = end;
-        last = Some(end);
-        if anchored {
-            break;
+        let mut n: i64 = 0;
+        let mut at = 0;
+        let mut last = None;
+        while n < max {
+            let Some((start, end)) = m.search(at, last, anchored)? else {
+                break;
+            };
+            n += 1;
+            out.append(&mut m, &src[at..start])?;
+            add_replacement(&mut m, repl, start, end, &mut out)?;
+            at = end;
+            last = Some(end);
+            if anchored {
+                break;
+            }
         }
-    }
+        if n > 0 {
+            out.append(&mut m, &src[at..])?;
+        }
+        Ok((out, n))
+    })?;
     if n == 0 {
         return Ok(vec![Value::String(subject.clone()), Value::Integer(0)]);
     }
-    out.append(&mut m, &src[at..])?;
     let result = lua.create_string(&out.bytes).map_err(|e| lua_fail(&e))?;
     Ok(vec![Value::String(result), Value::Integer(n)])
 }
@@ -842,16 +905,23 @@ fn next_match(lua: &Lua, args: MultiValue) -> Result<Vec<Value>, Fail> {
     let (src_bytes, pat_bytes) = (subject.as_bytes(), pattern.as_bytes());
     let (src, pat): (&[u8], &[u8]) = (&src_bytes, &pat_bytes);
     let (pat_body, anchored) = strip_anchor(pat);
-    let mut m = Matcher::new(src, pat_body, meter.as_deref());
-    let Some((start, end)) = m.search(from, last, anchored)? else {
+    let meter = meter.as_deref();
+    let found = matching(meter, |slice| {
+        let mut m = Matcher::watched(src, pat_body, meter, slice);
+        let Some((start, end)) = m.search(from, last, anchored)? else {
+            return Ok(None);
+        };
+        let captures = if first_only {
+            vec![m.capture(0, start, end)?]
+        } else {
+            m.captures(start, end, true)?
+        };
+        Ok(Some((start, end, captures)))
+    })?;
+    let Some((start, end, captures)) = found else {
         return Ok(Vec::new());
     };
     let mut out = vec![position(start), position(end)];
-    let captures = if first_only {
-        vec![m.capture(0, start, end)?]
-    } else {
-        m.captures(start, end, true)?
-    };
     for c in captures {
         push_capture(lua, src, &c, &mut out).map_err(|e| lua_fail(&e))?;
     }
