@@ -13,8 +13,10 @@
 //! the request, inside a Lua thread (coroutine). If it is still running after
 //! [`INLINE_SLICE`], the instruction hook suspends it and it goes on on a
 //! blocking thread. A data call that has to wait (a write waiting for its
-//! commit) waits in `block_in_place` (see [`Host`]). Either way its script is
-//! remembered as slow and its later runs start on a blocking thread. Data calls go
+//! commit) waits in `block_in_place` (see [`Host`]), and a pattern call
+//! still matching when the slice ends goes on there (see `pattern`). Either
+//! way its script is remembered as slow and its later runs start on a
+//! blocking thread. Data calls go
 //! through [`Host`], never to storage directly.
 //!
 //! Runs in flight are held to [`Limits::runs`], and one bucket's to a
@@ -322,8 +324,9 @@ impl LuaRuntime {
                 }
             }
         };
-        // A run that waited for a write on the worker (in block_in_place)
-        // cost a thread hand-off there: later runs start on a blocking thread.
+        // A run that waited for a write on the worker, or went on with a
+        // pattern call past its slice (in block_in_place), cost a thread
+        // hand-off there: later runs start on a blocking thread.
         if inline && state.waited() {
             self.slow.mark(script.digest);
         }

@@ -661,8 +661,12 @@ fn outcome(lua: &Lua, r: Result<Vec<Value>, Fail>) -> mlua::Result<MultiValue> {
     let (ok, values) = match r {
         Ok(values) => (true, values),
         Err(Fail::Error(message)) => (false, vec![Value::String(lua.create_string(message)?)]),
-        // `matching` takes `SliceOver`; were it to come here, the run ends.
-        Err(Fail::Stopped | Fail::SliceOver) => {
+        Err(Fail::Stopped) => (false, vec![Value::String(lua.create_string(STOPPED)?)]),
+        // `matching` takes it; were it to come here, the run is stopped.
+        Err(Fail::SliceOver) => {
+            if let Some(meter) = meter(lua) {
+                meter.stop();
+            }
             (false, vec![Value::String(lua.create_string(STOPPED)?)])
         }
         Err(Fail::Lua(e)) => return Err(e),
