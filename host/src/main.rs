@@ -93,14 +93,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         buckets,
         admin_token,
     };
-    // Every script run in flight (both runtimes' caps) may hold a blocking
-    // thread, with threads to spare for the rest of the server's blocking
-    // work (listings, JSON operations, uploads, writes waiting in
-    // block_in_place).
-    let runs = args.script_runs as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .max_blocking_threads(2 * runs + kvdb::script::SPARE_BLOCKING_THREADS)
+        .max_blocking_threads(kvdb::script::blocking_threads(args.script_runs))
         .build()?;
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.listen)

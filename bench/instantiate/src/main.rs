@@ -65,11 +65,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The target: instantiate + call of a small guest, pooled, median.
 const TARGET: Duration = Duration::from_micros(10);
 
-// --- copied from host/src/script/wasm/mod.rs and script::Limits::default() ---
+// --- as in host/src/script/wasm/mod.rs (the pool's caps are the host's own
+// constants; the rest copied) and script::Limits::default() ---
 const POOLED_INSTANCES: u32 = kvdb::script::DEFAULT_RUNS;
-const MAX_MEMORIES: u32 = 2;
-const MAX_TABLES: u32 = 8;
-const MAX_CORE_INSTANCES: u32 = 32;
+use kvdb::script::wasm::{MAX_CORE_INSTANCES, MAX_MEMORIES, MAX_TABLES};
 const CAPTURED_OUTPUT: usize = 64 * 1024;
 const EPOCH_TICK_MS: u64 = 10;
 const YIELD_FUEL: u64 = 100_000;

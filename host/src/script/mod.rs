@@ -204,15 +204,21 @@ fn lock_counts(counts: &Mutex<RunCounts>) -> std::sync::MutexGuard<'_, RunCounts
 }
 
 impl RunShares {
-    /// At most `total` runs in flight, a quarter of them (at least one) per
-    /// bucket.
+    /// At most `total` runs in flight (held to [`RUNS_RANGE`]), a quarter
+    /// of them per bucket.
     pub fn new(runtime: &'static str, total: u32) -> Self {
+        let total = runs_in_range(total);
         Self {
             counts: Arc::default(),
             runtime,
             total,
-            per_bucket: (total / 4).max(1),
+            per_bucket: total / 4,
         }
+    }
+
+    /// Runs the runtime may have in flight at once.
+    pub fn total(&self) -> u32 {
+        self.total
     }
 
     /// Runs one bucket may have in flight at once.
@@ -370,9 +376,23 @@ pub const DEFAULT_RUNS: u32 = 256;
 /// ~4 GiB of address space each (reserved, not used).
 pub const RUNS_RANGE: std::ops::RangeInclusive<u32> = 4..=1024;
 
-/// Blocking threads the server keeps beyond those its script runs may hold
-/// (two runtimes of [`Limits::runs`] each).
-pub const SPARE_BLOCKING_THREADS: usize = 128;
+/// Blocking threads the server keeps beyond those its script runs may hold.
+const SPARE_BLOCKING_THREADS: usize = 128;
+
+/// `runs` held to [`RUNS_RANGE`] (the flag is; a library caller might not
+/// be).
+fn runs_in_range(runs: u32) -> u32 {
+    runs.clamp(*RUNS_RANGE.start(), *RUNS_RANGE.end())
+}
+
+/// The blocking threads a server with `runs` runs in flight per runtime
+/// needs: one for every run of both runtimes (each may go on on one), and
+/// [`SPARE_BLOCKING_THREADS`] for the rest of the server's blocking work
+/// (listings, JSON operations, uploads, writes waiting in
+/// `block_in_place`), which runs then can't take.
+pub fn blocking_threads(runs: u32) -> usize {
+    2 * runs_in_range(runs) as usize + SPARE_BLOCKING_THREADS
+}
 
 impl Default for Limits {
     fn default() -> Self {
@@ -612,7 +632,9 @@ mod tests {
             })
             .collect();
         assert_eq!(all.len(), 8);
-        assert!(RunShares::new("Lua", 4).per_bucket() == 1);
+        assert_eq!(RunShares::new("Lua", 4).per_bucket(), 1);
+        // Below the range, the least the range allows.
+        assert_eq!(RunShares::new("Lua", 0).total(), 4);
     }
 
     #[test]

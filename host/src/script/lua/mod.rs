@@ -557,11 +557,7 @@ mod tests {
             kind: ScriptKind::Lua,
             size: source.len() as u64,
             version: 1,
-            digest: sha2::Digest::finalize(sha2::Digest::chain_update(
-                <sha2::Sha256 as sha2::Digest>::new(),
-                &source,
-            ))
-            .into(),
+            digest: <sha2::Sha256 as sha2::Digest>::digest(&source).into(),
             updated_at: 0,
         };
         let load = move || -> Result<Vec<u8>, ScriptError> { Ok(source.clone()) };

@@ -635,6 +635,29 @@ fn matching<T>(meter: Option<&Meter>, work: impl Fn(bool) -> Result<T, Fail>) ->
     }
 }
 
+/// A match's start, end and the captures taken from it.
+type Found = Option<(usize, usize, Vec<Capture>)>;
+
+/// The first match of `pat` in `src` from `from` (not ending at `last`;
+/// only at `from` where `anchored`), with the captures `take` takes from
+/// it, through [`matching`].
+fn first_match(
+    meter: Option<&Meter>,
+    (src, pat): (&[u8], &[u8]),
+    from: usize,
+    last: Option<usize>,
+    anchored: bool,
+    take: impl Fn(&Matcher<'_>, usize, usize) -> Result<Vec<Capture>, Fail>,
+) -> Result<Found, Fail> {
+    matching(meter, |slice| {
+        let mut m = Matcher::watched(src, pat, meter, slice);
+        let Some((start, end)) = m.search(from, last, anchored)? else {
+            return Ok(None);
+        };
+        Ok(Some((start, end, take(&m, start, end)?)))
+    })
+}
+
 /// Looks at the meter as a call starts: a loop of short calls ends too.
 fn check_start(meter: Option<&Meter>) -> Result<(), Fail> {
     if meter.is_some_and(|m| m.check(0)) {
@@ -703,14 +726,14 @@ fn find_aux(lua: &Lua, args: MultiValue, find: bool) -> Result<Vec<Value>, Fail>
         });
     }
     let (pat_body, anchored) = strip_anchor(pat);
-    let meter = meter.as_deref();
-    let found = matching(meter, |slice| {
-        let mut m = Matcher::watched(src, pat_body, meter, slice);
-        let Some((start, end)) = m.search(init, None, anchored)? else {
-            return Ok(None);
-        };
-        Ok(Some((start, end, m.captures(start, end, !find)?)))
-    })?;
+    let found = first_match(
+        meter.as_deref(),
+        (src, pat_body),
+        init,
+        None,
+        anchored,
+        |m, s, e| m.captures(s, e, !find),
+    )?;
     let Some((start, end, captures)) = found else {
         return Ok(vec![Value::Nil]);
     };
@@ -742,14 +765,14 @@ fn gmatch(lua: &Lua, args: MultiValue) -> Result<Vec<Value>, Fail> {
                 check_start(meter.as_deref())?;
                 let (src_bytes, pat_bytes) = (subject.as_bytes(), pattern.as_bytes());
                 let (src, pat): (&[u8], &[u8]) = (&src_bytes, &pat_bytes);
-                let meter = meter.as_deref();
-                let found = matching(meter, |slice| {
-                    let mut m = Matcher::watched(src, pat, meter, slice);
-                    let Some((start, end)) = m.search(from, last, false)? else {
-                        return Ok(None);
-                    };
-                    Ok(Some((start, end, m.captures(start, end, true)?)))
-                })?;
+                let found = first_match(
+                    meter.as_deref(),
+                    (src, pat),
+                    from,
+                    last,
+                    false,
+                    |m, s, e| m.captures(s, e, true),
+                )?;
                 let Some((_, end, captures)) = found else {
                     from = src.len() + 1;
                     return Ok(Vec::new());
@@ -909,19 +932,20 @@ fn next_match(lua: &Lua, args: MultiValue) -> Result<Vec<Value>, Fail> {
     let (src_bytes, pat_bytes) = (subject.as_bytes(), pattern.as_bytes());
     let (src, pat): (&[u8], &[u8]) = (&src_bytes, &pat_bytes);
     let (pat_body, anchored) = strip_anchor(pat);
-    let meter = meter.as_deref();
-    let found = matching(meter, |slice| {
-        let mut m = Matcher::watched(src, pat_body, meter, slice);
-        let Some((start, end)) = m.search(from, last, anchored)? else {
-            return Ok(None);
-        };
-        let captures = if first_only {
-            vec![m.capture(0, start, end)?]
-        } else {
-            m.captures(start, end, true)?
-        };
-        Ok(Some((start, end, captures)))
-    })?;
+    let found = first_match(
+        meter.as_deref(),
+        (src, pat_body),
+        from,
+        last,
+        anchored,
+        |m, s, e| {
+            if first_only {
+                Ok(vec![m.capture(0, s, e)?])
+            } else {
+                m.captures(s, e, true)
+            }
+        },
+    )?;
     let Some((start, end, captures)) = found else {
         return Ok(Vec::new());
     };

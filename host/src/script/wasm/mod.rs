@@ -74,9 +74,11 @@ const CAPTURED_OUTPUT: usize = 64 * 1024;
 /// Without these caps a single run could take
 /// every slot of the pool (every other run would fail) and, with a memory
 /// limit per memory, the memory limit many times over.
-const MAX_MEMORIES: u32 = 2;
-const MAX_TABLES: u32 = 8;
-const MAX_CORE_INSTANCES: u32 = 32;
+pub const MAX_MEMORIES: u32 = 2;
+/// See [`MAX_MEMORIES`].
+pub const MAX_TABLES: u32 = 8;
+/// See [`MAX_MEMORIES`].
+pub const MAX_CORE_INSTANCES: u32 = 32;
 
 /// Fuel between the guest's hand-backs to the async runtime (about as many
 /// instructions: tens of microseconds).
@@ -278,11 +280,9 @@ impl WasmRuntime {
         config.wasm_component_model(true);
         config.consume_fuel(true);
         config.epoch_interruption(true);
-        // The pool has a slot for every run the shares let in (the flag
-        // holds it to this range; a library caller might not).
-        let slots = limits
-            .runs
-            .clamp(*super::RUNS_RANGE.start(), *super::RUNS_RANGE.end());
+        // The pool has a slot for every run the shares let in.
+        let shares = RunShares::new("WebAssembly", limits.runs);
+        let slots = shares.total();
         let mut pool = PoolingAllocationConfig::default();
         // Enough core instances, memories and tables for every instance
         // slot to hold a component at the per-component caps: one component
@@ -319,7 +319,7 @@ impl WasmRuntime {
             cache: Mutex::new(HashMap::new()),
             slow: SlowScripts::default(),
             ticker,
-            shares: RunShares::new("WebAssembly", slots),
+            shares,
         })
     }
 
