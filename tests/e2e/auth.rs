@@ -774,6 +774,20 @@ fn a_caller_that_may_not_read_a_counter_adds_small_steps_only() {
     let rw = s.token(&b, "sk", "permissions=read,write");
     let r = as_(&s, "PATCH", &format!("/{b}/n"), &rw, Some("+1000000000000"));
     assert_eq!(r.status, 200, "{}", r.text());
+    // Where writing is open and reading needs a key, a caller without one
+    // lacks a credential: 401, as API.md has it, and nothing added.
+    let open = s.create_bucket("secret_key=sk&read_key=rk");
+    let path = format!("/{open}/n");
+    assert_eq!(anon(&s, "PUT", &path, Some("5")).status, 204);
+    let r = anon(&s, "PATCH", &path, Some("+1000001"));
+    assert_unauthorized(&r);
+    let detail = r.assert_problem(401);
+    assert!(
+        detail.contains("at most 1000000") && detail.contains("without a key"),
+        "{detail}"
+    );
+    assert_eq!(anon(&s, "PATCH", &path, Some("+1")).status, 204);
+    assert_eq!(as_(&s, "GET", &path, "rk", None).text(), "6");
 }
 
 #[test]

@@ -709,10 +709,20 @@ impl Scoped {
             && step.exceeds(BLIND_STEP_MAX)
             && self.scope.allows(Permission::Write, key.as_str())
         {
-            return Err(BucketError::Forbidden(format!(
-                "this credential may not read {:?}, so it adds at most {BLIND_STEP_MAX} (or -{BLIND_STEP_MAX}) in one request: with larger steps, which of them overflow would tell the value; send smaller steps, or use a credential that can read the key",
-                key.as_str()
-            )));
+            let why = format!(
+                "so it adds at most {BLIND_STEP_MAX} (or -{BLIND_STEP_MAX}) in one request: with larger steps, which of them overflow would tell the value"
+            );
+            // Without a credential, one that can read is what it lacks (401).
+            return Err(match self.scope.principal {
+                Principal::Anonymous => BucketError::Unauthorized(format!(
+                    "a request without a key or an access token may not read {:?}, {why}; send smaller steps, or a key or access token that can read the key",
+                    key.as_str()
+                )),
+                Principal::Credential => BucketError::Forbidden(format!(
+                    "this credential may not read {:?}, {why}; send smaller steps, or use a credential that can read the key",
+                    key.as_str()
+                )),
+            });
         }
         let stored = self
             .apply_op(key, op, ttl_s, condition)

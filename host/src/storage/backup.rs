@@ -31,6 +31,12 @@ pub type Lineage = [u8; 16];
 /// the server enforces, so only corruption trips it.
 const MAX_FIELD: u32 = 1 << 30;
 
+/// The highest version a backup may name: a store would take centuries of
+/// writes to count this far, and a restore takes its numbering on from the
+/// backup's version, which must leave it room (found by a review: a version
+/// near `u64::MAX` in a damaged or made-up header wrapped the numbering).
+pub const MAX_VERSION: u64 = u64::MAX / 2;
+
 /// What a backup covers: changes after `since`, up to and including `version`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackupInfo {
@@ -213,6 +219,11 @@ impl<'a> Reader<'a> {
         }
         let since = r.u64()?;
         let version = r.u64()?;
+        if version > MAX_VERSION || since > version {
+            return Err(corrupt(&format!(
+                "the header says it holds the changes after version {since} up to version {version}"
+            )));
+        }
         let (lineage, base) = if magic == MAGIC {
             let mut lineage = || -> Result<Lineage, StorageError> {
                 Lineage::try_from(r.bytes(16)?.as_slice()).map_err(|_| corrupt("lineage"))
@@ -254,6 +265,18 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(b))
     }
 
+    /// A record's version, which is no later than the backup's own.
+    fn record_version(&mut self) -> Result<u64, StorageError> {
+        let version = self.u64()?;
+        if version > self.info.version {
+            return Err(corrupt(&format!(
+                "a record of version {version} in a backup up to version {}",
+                self.info.version
+            )));
+        }
+        Ok(version)
+    }
+
     fn field(&mut self) -> Result<Vec<u8>, StorageError> {
         let mut b = [0; 4];
         self.raw(&mut b)?;
@@ -291,7 +314,7 @@ impl<'a> Reader<'a> {
             }
             t @ (b'D' | b'R') => {
                 self.crc.update(&tag);
-                let version = self.u64()?;
+                let version = self.record_version()?;
                 let deleted_at = self.u64()?;
                 let key = self.field()?;
                 if t == b'D' {
@@ -313,7 +336,7 @@ impl<'a> Reader<'a> {
                 let key = self.field()?;
                 let kind = self.bytes(1)?[0];
                 let expires_at = self.u64()?;
-                let version = self.u64()?;
+                let version = self.record_version()?;
                 let value = self.field()?;
                 Record::Put {
                     key,
@@ -427,6 +450,71 @@ mod tests {
             Some(Record::Put { .. })
         ));
         assert_eq!(r.next_record().expect("footer"), None);
+    }
+
+    fn header_only(since: u64, version: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        let info = BackupInfo {
+            since,
+            version,
+            lineage: Some([5; 16]),
+            base: Some([6; 16]),
+        };
+        Writer::new(&mut out, info)
+            .expect("header")
+            .finish()
+            .expect("footer");
+        out
+    }
+
+    /// A restore numbers its writes on from the backup's version, and takes
+    /// its records' versions as they are: a header past [`MAX_VERSION`] or
+    /// before its own `since`, or a record newer than its header, is
+    /// corruption.
+    #[test]
+    fn versions_outside_the_headers_range_are_refused() {
+        for (since, version) in [(0, MAX_VERSION + 1), (0, u64::MAX), (10, 9)] {
+            let bytes = header_only(since, version);
+            let refused = Reader::new(&mut bytes.as_slice()).err();
+            assert!(
+                refused.is_some_and(|e| e.to_string().contains("corrupt")),
+                "{since}..{version}"
+            );
+        }
+        let bytes = header_only(MAX_VERSION, MAX_VERSION);
+        verify(&mut bytes.as_slice()).expect("the highest version is a backup's");
+        for record in [
+            Record::Put {
+                key: b"k".to_vec(),
+                entry: Entry {
+                    kind: 1,
+                    expires_at: 0,
+                    version: 10,
+                    value: b"v".to_vec(),
+                },
+            },
+            Record::Delete {
+                key: b"k".to_vec(),
+                version: 10,
+                deleted_at: 0,
+            },
+        ] {
+            let mut out = Vec::new();
+            let info = BackupInfo {
+                since: 0,
+                version: 9,
+                lineage: None,
+                base: None,
+            };
+            let mut w = Writer::new(&mut out, info).expect("header");
+            w.record(&record).expect("record");
+            w.finish().expect("footer");
+            let refused = verify(&mut out.as_slice()).err();
+            assert!(
+                refused.is_some_and(|e| e.to_string().contains("a record of version 10")),
+                "{record:?}"
+            );
+        }
     }
 
     #[test]
