@@ -141,6 +141,32 @@ fn integer_overflow_is_409_and_keeps_the_value() {
     assert_text(&s.patch(&path, "-7"), "9223372036854775800");
 }
 
+/// A whole-number step outside the 64-bit range read as a float would turn
+/// an integer counter into a float (found by a review): it is refused, and
+/// the same step with an exponent adds as a float.
+#[test]
+fn an_integer_step_outside_64_bits_is_400_and_keeps_the_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    s.put(&path, "5");
+    for step in ["+99999999999999999999", "-9223372036854775809"] {
+        let detail = s.patch(&path, step).assert_problem(400);
+        assert!(
+            detail.contains("64-bit integer range") && detail.contains("1e20"),
+            "{step}: {detail}"
+        );
+    }
+    assert_eq!(current(&s, &path).as_deref(), Some("5"));
+    // The ends of the range are steps.
+    assert_text(
+        &s.patch(&path, "-9223372036854775808"),
+        "-9223372036854775803",
+    );
+    assert_text(&s.patch(&path, "+9223372036854775807"), "4");
+    assert_text(&s.patch(&path, "+1e20"), "100000000000000000000");
+}
+
 #[test]
 fn integer_underflow_is_409_and_keeps_the_value() {
     let s = TestServer::start();

@@ -131,6 +131,11 @@ fn head_bucket_is_200_or_404_without_credentials() {
         404
     );
     assert_eq!(s.request("HEAD", "/zzz", &[], None).status, 404);
+    // Not UTF-8 once decoded: no bucket id either (it was axum's 400).
+    assert_eq!(s.request("HEAD", "/%FF", &[], None).status, 404);
+    // A percent-encoded id is the id.
+    let encoded = format!("/%{:02X}{}", b.as_bytes()[0], &b[1..]);
+    assert_eq!(s.request("HEAD", &encoded, &[], None).status, 200);
 }
 
 #[test]

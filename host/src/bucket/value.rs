@@ -108,6 +108,61 @@ pub enum OpConflict {
     Withheld,
 }
 
+/// JSON text that every reader of a JSON value takes (`serde_json::Value`:
+/// the listing, merge and JSON patch), checked without building it.
+/// `serde::de::IgnoredAny` skips numbers and escapes unchecked, so that a
+/// number out of range (`[1e400]`) or a lone surrogate (`["\ud800"]`) was
+/// stored as JSON that no reader could read (found by a review).
+struct ReadableJson;
+
+impl<'de> serde::Deserialize<'de> for ReadableJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ReadableJson)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ReadableJson {
+    type Value = Self;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<Self>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<Self, Self>()?.is_some() {}
+        Ok(self)
+    }
+}
+
 fn parse_number(text: &str) -> Option<Number> {
     let t = text.trim();
     if let Ok(i) = t.parse::<i64>() {
@@ -249,7 +304,7 @@ impl Value {
             }
             let t = text.trim_start();
             if (t.starts_with('{') || t.starts_with('['))
-                && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+                && serde_json::from_str::<ReadableJson>(text).is_ok()
             {
                 return Self::Json(body.to_vec());
             }
@@ -722,6 +777,29 @@ mod tests {
 
     fn coerce(s: &str) -> Value {
         Value::from_body(s.as_bytes(), &Typing::Coerce).expect("coerces")
+    }
+
+    /// Untyped text is JSON only if every reader of JSON values reads it.
+    #[test]
+    fn coerced_json_is_json_that_serde_json_values_read() {
+        for text in [
+            r#"[1e400]"#,
+            r#"{"n":-1e400}"#,
+            r#"{"a":"\ud800"}"#,
+            r#"{"\udc00":1}"#,
+        ] {
+            assert!(
+                matches!(coerce(text), Value::Raw { .. }),
+                "{text} was typed as JSON"
+            );
+        }
+        for text in [
+            r#"[1e300, -0.5, 18446744073709551615, -9223372036854775808, true, null]"#,
+            r#"{"a":"\ud83d\ude00","b":{"c":[[],{}]},"\n":"\u00e9"}"#,
+        ] {
+            assert_eq!(coerce(text), Value::Json(text.as_bytes().to_vec()));
+            serde_json::from_str::<Json>(text).expect("reads back");
+        }
     }
 
     #[test]

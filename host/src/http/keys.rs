@@ -179,6 +179,18 @@ fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, Ap
             .map_err(|e| ApiError::bad_request(format!("the body is not a JSON patch: {e}"))),
         _ => {
             let text = std::str::from_utf8(body).unwrap_or("").trim();
+            let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
+            if !digits.is_empty()
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && text.parse::<i64>().is_err()
+            {
+                // Read as a float, it would turn an integer counter into a
+                // float instead of overflowing it (found by a review).
+                return Err(ApiError::bad_request(format!(
+                    "the step {text} is outside the 64-bit integer range (±{}): to add it as a float, write it with an exponent (e.g. +1e20)",
+                    i64::MAX
+                )));
+            }
             match (text.chars().next(), Number::parse(text)) {
                 (Some('+' | '-'), Some(n)) => Ok(Op::Add(n)),
                 // The kvdb.io client sends `incr(key, 0)` as a bare `0`.

@@ -37,6 +37,11 @@ const MAX_FIELD: u32 = 1 << 30;
 /// near `u64::MAX` in a damaged or made-up header wrapped the numbering).
 pub const MAX_VERSION: u64 = u64::MAX / 2;
 
+/// The highest version a restore takes: half of [`MAX_VERSION`], so that the
+/// store restored goes on numbering its writes for centuries before its own
+/// backups could pass [`MAX_VERSION`].
+pub const MAX_RESTORED_VERSION: u64 = MAX_VERSION / 2;
+
 /// What a backup covers: changes after `since`, up to and including `version`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackupInfo {

@@ -861,34 +861,45 @@ fn versions_grow_across_a_reopen_and_backups_name_the_last_version() {
 }
 
 /// A backup names its version in its header, which a restore takes its
-/// numbering on from: the highest version a backup may name
-/// ([`super::backup::MAX_VERSION`]) must not wrap the stored ceiling.
+/// numbering on from: the highest version a restore takes
+/// ([`super::backup::MAX_RESTORED_VERSION`]) must not wrap the stored
+/// ceiling, and the restored store's own backups must be readable; one
+/// version more is refused.
 #[test]
 fn a_restored_version_at_the_top_does_not_wrap_the_sequence() {
-    let top = super::backup::MAX_VERSION;
-    let mut bytes = Vec::new();
-    let info = super::BackupInfo {
-        since: 0,
-        version: top,
-        lineage: Some([1; 16]),
-        base: Some([1; 16]),
+    let top = super::backup::MAX_RESTORED_VERSION;
+    let header = |version| {
+        let mut bytes = Vec::new();
+        let info = super::BackupInfo {
+            since: 0,
+            version,
+            lineage: Some([1; 16]),
+            base: Some([1; 16]),
+        };
+        super::backup::Writer::new(&mut bytes, info)
+            .expect("writer")
+            .finish()
+            .expect("finish");
+        bytes
     };
-    super::backup::Writer::new(&mut bytes, info)
-        .expect("writer")
-        .finish()
-        .expect("finish");
+    let refused = memory().store.restore(&mut header(top + 1).as_slice());
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("past the highest")),
+        "a version past the top was restored"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let backend: Arc<dyn Backend> = Arc::new(RedbBackend::open(dir.path()).expect("open redb"));
     let f = with_backend(backend.clone(), None);
-    f.store.restore(&mut bytes.as_slice()).expect("restore");
+    f.store
+        .restore(&mut header(top).as_slice())
+        .expect("restore");
     let v = f.put("a", "v", 0);
     assert_eq!(v, top + 1);
     f.store.close();
     drop(f);
     let f = with_backend(backend, None);
-    assert!(
-        backup_bytes(&f, 0).1 >= v,
-        "the sequence went back after a reopen"
-    );
+    let (bytes, version) = backup_bytes(&f, 0);
+    assert!(version >= v, "the sequence went back after a reopen");
+    super::backup::verify(&mut bytes.as_slice()).expect("its own backup reads");
     f.store.close();
 }

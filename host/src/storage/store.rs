@@ -74,11 +74,14 @@ pub const MAX_BATCH: usize = 1024;
 /// many (versions only need to grow).
 const SEQ_BLOCK: u64 = 4096;
 
-/// A relaxed write is committed on its caller's thread only while the
-/// sequence is at least this far below the ceiling: the commit that raises
-/// the ceiling is synced before its answers (see [`Writer::run_batch`]), and
-/// that fsync belongs on the writer thread.
-const CEILING_MARGIN: u64 = 64;
+/// A relaxed batch (one that waits for no fsync) first puts a new ceiling on
+/// disk, with a durable commit of its own, when fewer versions than this are
+/// left below the one there: its versions are visible to readers once it
+/// commits, and a crash must not hand them out again (see
+/// [`Writer::run_batch`]). A batch of [`MAX_BATCH`] one-version writes fits.
+/// A relaxed write is committed on its caller's thread only while no such
+/// commit is due: that fsync belongs on the writer thread.
+const RESERVE_AHEAD: u64 = 1024;
 
 /// How many entries one background step (expiry, purge, tombstones) touches:
 /// small enough that the step never holds the writer for more than a few ms.
@@ -957,7 +960,7 @@ impl Store {
             && durable
             && self.inner.pace.calm(alone)
             && let Ok(mut writer) = self.inner.core.try_lock()
-            && writer.seq.saturating_add(CEILING_MARGIN) < writer.durable_ceiling
+            && writer.seq.saturating_add(RESERVE_AHEAD) < writer.durable_ceiling
         {
             // Writes don't overlap, this is the only one in flight, and
             // nobody is committing: commit it now, on this thread. Other
@@ -1128,6 +1131,14 @@ impl Store {
     pub fn restore(&self, input: &mut dyn std::io::Read) -> Result<BackupInfo, StorageError> {
         let mut reader = backup::Reader::new(input)?;
         let info = reader.info();
+        if info.version > backup::MAX_RESTORED_VERSION {
+            return Err(StorageError::Restore(format!(
+                "this backup ends at version {}, past the highest a restore takes ({}): the file \
+                 is damaged or was not written by KVdb",
+                info.version,
+                backup::MAX_RESTORED_VERSION
+            )));
+        }
         let increment = info.since != 0;
         let (restored, seq, has_data, written_since, chain) =
             self.write_blocking(move |ctx| -> Result<_, StorageError> {
@@ -1681,7 +1692,29 @@ impl Writer {
         Ok(())
     }
 
+    /// Puts a new block of versions on disk with a durable commit (which
+    /// also makes every commit before it durable).
+    fn reserve_versions(&mut self) -> Result<(), StorageError> {
+        let ceiling = self.seq.saturating_add(SEQ_BLOCK).max(self.ceiling);
+        self.backend
+            .write(true, &mut |raw| raw.put(META_SEQ, &ceiling.to_be_bytes()))?;
+        self.ceiling = ceiling;
+        self.durable_ceiling = ceiling;
+        self.unsynced_since = None;
+        Ok(())
+    }
+
     fn run_batch(&mut self, batch: Vec<Job>, durable: bool) {
+        if !durable && self.seq.saturating_add(RESERVE_AHEAD) >= self.durable_ceiling {
+            // Before the batch hands out versions (which readers see as soon
+            // as it commits) from a block that a crash could take back (found
+            // by a review). Without it, the batch is not run: dropping its
+            // jobs answers each that the batch was aborted.
+            if let Err(e) = self.reserve_versions() {
+                tracing::error!(error = %e, "reserving versions failed: the batch is answered with an error, its writes not made");
+                return;
+            }
+        }
         let start_seq = self.seq;
         let now = self.snapshots.start_batch(&self.clock);
         let mut jobs: Vec<JobFn> = batch.into_iter().map(|j| j.run).collect();
@@ -1729,15 +1762,13 @@ impl Writer {
                 if durable {
                     self.durable_ceiling = new_ceiling;
                 } else if end_seq > self.durable_ceiling {
-                    // This commit hands out versions above the ceiling on
-                    // disk, and a relaxed commit may be lost in a crash: sync
-                    // before answering, or after a restart those versions
-                    // (ETags, backup versions that were answered) could be
-                    // handed out again for other writes. Once per SEQ_BLOCK
-                    // versions; until a sync succeeds, every such batch tries
-                    // again, and a failed one answers the error (found by a
-                    // review: a failed sync was logged and the batch
-                    // answered).
+                    // A relaxed batch that took more than RESERVE_AHEAD
+                    // versions (a rare one, reserved for above): its commit
+                    // raised the ceiling, and is synced before it is
+                    // answered, or after a crash those versions (ETags,
+                    // backup versions that were answered) could be handed
+                    // out again for other writes; a failed sync answers the
+                    // error.
                     if let Err(e) = self.try_sync() {
                         tracing::error!(error = %e, "syncing the store failed: the batch's writes are answered with the error");
                         sync_failed = Some(e);
@@ -1765,8 +1796,8 @@ mod tests {
     use std::time::Duration;
 
     use super::{
-        CALM_AFTER, Durability, META_HORIZON, META_RESTORING, META_SEQ, Pace, SEQ_BLOCK, Store,
-        be_u64,
+        CALM_AFTER, Durability, META_CHAIN, META_HORIZON, META_RESTORED, META_RESTORING, META_SEQ,
+        Pace, RESERVE_AHEAD, SEQ_BLOCK, Store, be_u64,
     };
     use crate::storage::memory::MemoryBackend;
     use crate::storage::{Backend, RawChange, RawRead, RawWrite, StorageError};
@@ -1781,7 +1812,8 @@ mod tests {
         durable_commits: AtomicUsize,
         durable_ceiling: AtomicU64,
         syncs: AtomicUsize,
-        fail_syncs: std::sync::atomic::AtomicBool,
+        /// Syncs and durable commits fail (and commit nothing).
+        fail_fsyncs: std::sync::atomic::AtomicBool,
         fail_puts_of: std::sync::Mutex<Option<&'static [u8]>>,
     }
 
@@ -1852,7 +1884,7 @@ mod tests {
                 durable_commits: AtomicUsize::new(0),
                 durable_ceiling: AtomicU64::new(0),
                 syncs: AtomicUsize::new(0),
-                fail_syncs: std::sync::atomic::AtomicBool::new(false),
+                fail_fsyncs: std::sync::atomic::AtomicBool::new(false),
                 fail_puts_of: std::sync::Mutex::new(None),
             })
         }
@@ -1878,6 +1910,9 @@ mod tests {
             durable: bool,
             body: &mut dyn FnMut(&mut dyn RawWrite) -> Result<(), StorageError>,
         ) -> Result<(), StorageError> {
+            if durable && self.fail_fsyncs.load(Ordering::SeqCst) {
+                return Err(injected());
+            }
             let fail = *self.fail_puts_of.lock().expect("lock");
             let result = self.inner.write(durable, &mut |raw| {
                 body(&mut FailingPuts { inner: raw, fail })
@@ -1893,7 +1928,7 @@ mod tests {
         }
 
         fn sync(&self) -> Result<(), StorageError> {
-            if self.fail_syncs.load(Ordering::SeqCst) {
+            if self.fail_fsyncs.load(Ordering::SeqCst) {
                 return Err(injected());
             }
             self.inner.sync()?;
@@ -1998,10 +2033,6 @@ mod tests {
         );
     }
 
-    /// A restore applies a backup in transactions of at most
-    /// `RESTORE_CHUNK_BYTES` of keys and values (64 KiB in tests), not only
-    /// of at most `GC_CHUNK` records: its memory does not grow with the size
-    /// of the values.
     /// A full backup of a store holding `values` under the keys `k0`, `k1`…
     fn full_backup_of(values: Vec<Vec<u8>>) -> Vec<u8> {
         let source = Store::open(Arc::new(MemoryBackend::new()), Durability::Strict).expect("open");
@@ -2020,6 +2051,10 @@ mod tests {
         stream
     }
 
+    /// A restore applies a backup in transactions of at most
+    /// `RESTORE_CHUNK_BYTES` of keys and values (64 KiB in tests), not only
+    /// of at most `GC_CHUNK` records: its memory does not grow with the size
+    /// of the values.
     #[test]
     fn a_restore_of_large_values_commits_in_bounded_chunks() {
         let value = vec![7u8; 40 * 1024];
@@ -2052,25 +2087,32 @@ mod tests {
         *disk.fail_puts_of.lock().expect("lock") = Some(META_HORIZON);
         let failed = target.restore(&mut stream.as_slice());
         assert!(failed.is_err(), "the horizon could not be written");
-        let marked = disk.inner.snapshot().expect("snapshot").get(META_RESTORING);
-        assert!(marked.expect("get").is_some(), "the restoring mark went");
+        let disk_now = disk.inner.snapshot().expect("snapshot");
+        let marked = disk_now.get(META_RESTORING).expect("get");
+        assert!(marked.is_some(), "the restoring mark went");
+        for step in [META_RESTORED, META_CHAIN] {
+            assert_eq!(disk_now.get(step).expect("get"), None, "part of the step");
+        }
     }
 
-    /// A relaxed batch that hands out versions above the ceiling on disk is
-    /// answered only once a sync has put the new ceiling there: while syncs
-    /// fail, such writes are answered with the error (found by a review: the
-    /// failure was logged and the versions answered, and after a crash they
-    /// could be handed out again).
+    /// A relaxed batch hands out versions only from a block on disk: while
+    /// the disk can't put a new block there, writes that need one are
+    /// answered with an error and not made, so no reader sees their versions
+    /// (found by reviews: the failed sync was logged and the versions
+    /// answered; then, answered with the error, the writes were made and
+    /// readable, and after a crash their versions could come again).
     #[test]
-    fn a_relaxed_write_whose_ceiling_sync_fails_is_answered_with_the_error() {
+    fn a_relaxed_write_that_finds_no_versions_on_disk_is_refused_unmade() {
         let disk = TestDisk::new(false);
         let store = Store::open(disk.clone(), Durability::Relaxed).expect("open");
-        disk.fail_syncs.store(true, Ordering::SeqCst);
+        disk.fail_fsyncs.store(true, Ordering::SeqCst);
         for i in 0..3u8 {
             let answer = store.write_blocking(move |ctx| ctx.put(&[i], 0, b"v", 0));
             assert!(answer.is_err(), "write {i} answered {answer:?}");
+            let seen = store.snapshot().expect("snapshot").get(&[i]).expect("get");
+            assert!(seen.is_none(), "write {i} was made");
         }
-        disk.fail_syncs.store(false, Ordering::SeqCst);
+        disk.fail_fsyncs.store(false, Ordering::SeqCst);
         let version = store
             .write_blocking(|ctx| ctx.put(b"k", 0, b"v", 0))
             .expect("commit")
@@ -2195,6 +2237,19 @@ mod tests {
             }
         }
         assert!(crossed >= 3, "the ceiling moved {crossed} times");
+        // One write of more versions than are reserved ahead.
+        let version = store
+            .write_blocking(|ctx| {
+                let mut last = 0;
+                for i in 0..3 * RESERVE_AHEAD {
+                    last = ctx.put(&i.to_le_bytes(), 0, b"w", 0)?;
+                }
+                Ok::<_, StorageError>(last)
+            })
+            .expect("commit")
+            .expect("puts");
+        let ceiling = disk.durable_ceiling.load(Ordering::SeqCst);
+        assert!(version <= ceiling, "version {version}, ceiling {ceiling}");
     }
 
     #[test]
