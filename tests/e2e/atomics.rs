@@ -526,6 +526,38 @@ fn min_keeps_the_smaller_number() {
     assert_eq!(current(&s, &path).as_deref(), Some("-2"));
 }
 
+/// An operand read as a float would compare an integer value through a
+/// float (and store a float where the value was an integer): a whole
+/// number outside 64 bits is refused, as a step is.
+#[test]
+fn a_max_or_min_operand_outside_64_bits_is_400_and_keeps_the_value() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/n");
+    s.put(&path, "5");
+    for (op, operand) in [
+        ("max", "99999999999999999999"),
+        ("min", "-9223372036854775809"),
+    ] {
+        let detail = s
+            .patch(&format!("{path}?op={op}"), operand)
+            .assert_problem(400);
+        assert!(
+            detail.contains("64-bit integer range") && detail.contains("1e20"),
+            "{op} {operand}: {detail}"
+        );
+    }
+    s.patch(&format!("/{b}/fresh?op=max"), "99999999999999999999")
+        .assert_problem(400);
+    assert_eq!(current(&s, &path).as_deref(), Some("5"));
+    s.get(&format!("/{b}/fresh")).assert_problem(404);
+    // With an exponent it is a float, compared by value.
+    assert_text(
+        &s.patch(&format!("{path}?op=max"), "1e20"),
+        "100000000000000000000",
+    );
+}
+
 #[test]
 fn max_and_min_work_with_floats() {
     let s = TestServer::start();

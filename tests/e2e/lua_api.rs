@@ -1250,14 +1250,16 @@ kvdb.say(kvdb.get("fl"))
 local err = kvdb.incr("word", 1)
 kvdb.say(type(err), " ", kvdb.get("word"))
 kvdb.say(type(kvdb.incr("c", "lots")))
+kvdb.say(kvdb.incr("c", "99999999999999999999"))
+kvdb.say(tostring(kvdb.incr("c", " +2 ")))
 kvdb.say("still running")"#,
     );
     assert_body(
         &r,
-        "true\nnil\nfalse\nnil\nnil\nnil\nnil\ninteger 4\nnil\n1.75\nstring hello\nstring\nstill running\n",
+        "true\nnil\nfalse\nnil\nnil\nnil\nnil\ninteger 4\nnil\n1.75\nstring hello\nstring\ninvalid input: 99999999999999999999 is a whole number outside the 64-bit integer range (±9223372036854775807): to use it as a float, write it with an exponent (e.g. 1e20)\nnil\nstill running\n",
     );
     s.get(&format!("/{b}/gone")).assert_problem(404);
-    assert_eq!(s.get(&format!("/{b}/c")).text(), "4");
+    assert_eq!(s.get(&format!("/{b}/c")).text(), "6");
     assert_eq!(s.get(&format!("/{b}/fl")).text(), "1.75");
 }
 

@@ -32,7 +32,8 @@ pub use policy::{Policy, PolicyChange, PolicyError};
 pub use scope::{Grant, Permission, Permissions, Principal, Scope};
 pub use scripts::{MAX_SCRIPT_NAME, ScriptKind, ScriptName, StoredScript};
 pub use value::{
-    MAX_JSON_DEPTH, Number, Op, OpConflict, Typing, Value, ValueError, check_json_depth,
+    MAX_JSON_DEPTH, Number, Op, OpConflict, OperandError, Typing, Value, ValueError,
+    check_json_depth,
 };
 
 use crate::auth::{self, TokenError};

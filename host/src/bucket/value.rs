@@ -85,6 +85,19 @@ pub enum ValueError {
     InvalidJson(String),
 }
 
+/// An operand (a step, a bound) that can't be used as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OperandError {
+    #[error("the operand must be a number")]
+    NotANumber,
+    /// Read as a float it would silently turn an integer counter into a
+    /// float instead of overflowing it, so it is refused with the fix.
+    #[error(
+        "{0} is a whole number outside the 64-bit integer range (±9223372036854775807): to use it as a float, write it with an exponent (e.g. 1e20)"
+    )]
+    OutOfRange(String),
+}
+
 /// An atomic operation that does not apply to the current value (409).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpConflict {
@@ -186,6 +199,24 @@ impl Number {
     /// Parses an operand such as `+1`, `-2.5`, `10`.
     pub fn parse(text: &str) -> Option<Self> {
         parse_number(text)
+    }
+
+    /// Parses an operand of an atomic operation (a step, a bound): as
+    /// [`Number::parse`], but a whole number written without a fraction or
+    /// exponent must fit in 64 bits.
+    ///
+    /// # Errors
+    /// Text that is not a number, or a whole number outside the `i64` range.
+    pub fn parse_operand(text: &str) -> Result<Self, OperandError> {
+        let t = text.trim();
+        let digits = t.strip_prefix(['+', '-']).unwrap_or(t);
+        if !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && t.parse::<i64>().is_err()
+        {
+            return Err(OperandError::OutOfRange(t.to_owned()));
+        }
+        parse_number(t).ok_or(OperandError::NotANumber)
     }
 
     /// Whether the number is larger than `bound` in magnitude.
@@ -925,6 +956,22 @@ mod tests {
         assert_eq!(Number::parse("+3"), Some(Number::Int(3)));
         assert_eq!(Number::parse("-2.5"), Some(Number::Float(-2.5)));
         assert_eq!(Number::parse("abc"), None);
+        assert_eq!(Number::parse_operand(" +3 "), Ok(Number::Int(3)));
+        assert_eq!(
+            Number::parse_operand("-9223372036854775808"),
+            Ok(Number::Int(i64::MIN))
+        );
+        assert_eq!(Number::parse_operand("1e20"), Ok(Number::Float(1e20)));
+        assert_eq!(Number::parse_operand("abc"), Err(OperandError::NotANumber));
+        for big in [
+            "99999999999999999999",
+            "+9223372036854775808",
+            "-9223372036854775809",
+        ] {
+            let err = Number::parse_operand(big).expect_err("out of range");
+            assert_eq!(err, OperandError::OutOfRange(big.to_owned()));
+            assert!(err.to_string().contains("1e20"), "{err}");
+        }
     }
 
     #[test]

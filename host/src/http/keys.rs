@@ -9,7 +9,7 @@ use super::{
     Access, ApiError, AppState, condition, content_type, etag_list, query_pairs, query_param,
     read_body, ttl_param,
 };
-use crate::bucket::{BucketError, Key, Number, Op, Scoped, Typing, Value};
+use crate::bucket::{BucketError, Key, Number, Op, OperandError, Scoped, Typing, Value};
 
 /// The `{key}` path segment, percent-decoded and validated.
 fn key_param(params: &RawPathParams) -> Result<Key, ApiError> {
@@ -139,10 +139,10 @@ pub async fn put_key(
 
 fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, ApiError> {
     let number = || {
-        std::str::from_utf8(body)
-            .ok()
-            .and_then(Number::parse)
-            .ok_or_else(|| ApiError::bad_request("the body must be a number"))
+        Number::parse_operand(std::str::from_utf8(body).unwrap_or("")).map_err(|e| match e {
+            OperandError::NotANumber => ApiError::bad_request("the body must be a number"),
+            e @ OperandError::OutOfRange(_) => ApiError::bad_request(e.to_string()),
+        })
     };
     match op {
         Some("append") => {
@@ -179,26 +179,17 @@ fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, Ap
             .map_err(|e| ApiError::bad_request(format!("the body is not a JSON patch: {e}"))),
         _ => {
             let text = std::str::from_utf8(body).unwrap_or("").trim();
-            let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
-            if !digits.is_empty()
-                && digits.bytes().all(|b| b.is_ascii_digit())
-                && text.parse::<i64>().is_err()
-            {
-                // Read as a float, it would turn an integer counter into a
-                // float instead of overflowing it (found by a review).
-                return Err(ApiError::bad_request(format!(
-                    "the step {text} is outside the 64-bit integer range (±{}): to add it as a float, write it with an exponent (e.g. +1e20)",
-                    i64::MAX
-                )));
-            }
-            match (text.chars().next(), Number::parse(text)) {
-                (Some('+' | '-'), Some(n)) => Ok(Op::Add(n)),
+            match (text.chars().next(), Number::parse_operand(text)) {
+                (Some('+' | '-'), Ok(n)) => Ok(Op::Add(n)),
                 // The kvdb.io client sends `incr(key, 0)` as a bare `0`.
-                (_, Some(Number::Int(0))) => Ok(Op::Add(Number::Int(0))),
-                (_, Some(_)) => Err(ApiError::bad_request(
+                (_, Ok(Number::Int(0))) => Ok(Op::Add(Number::Int(0))),
+                (Some('+' | '-'), Err(e @ OperandError::OutOfRange(_))) => Err(
+                    ApiError::bad_request(format!("{e}; as a step, signed: +1e20")),
+                ),
+                (_, Ok(_) | Err(OperandError::OutOfRange(_))) => Err(ApiError::bad_request(
                     "to add a number, sign it (+5 or -5; a bare 0 adds nothing); to set the value, use PUT",
                 )),
-                _ => Err(ApiError::bad_request(
+                (_, Err(OperandError::NotANumber)) => Err(ApiError::bad_request(
                     "PATCH needs a body of +N or -N to add, ?op=append|max|min, or a Content-Type of application/merge-patch+json or application/json-patch+json",
                 )),
             }

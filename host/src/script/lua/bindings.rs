@@ -10,7 +10,7 @@
 use mlua::{Function, Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
 
 use super::{Run, RunCell};
-use crate::bucket::{Number, Typing, Value as KvValue};
+use crate::bucket::{Number, OperandError, Typing, Value as KvValue};
 use crate::script::api::{CallError, ListOptions, permissions};
 
 /// Token validity when a script names none (as over HTTP).
@@ -189,11 +189,15 @@ fn number(v: Option<Value>) -> Result<Number, CallError> {
         Some(Value::Integer(i)) => Ok(Number::Int(i)),
         Some(Value::Number(f)) if f.is_finite() => Ok(Number::Float(f)),
         Some(Value::Number(_)) => Err(CallError::Invalid("the amount must be finite".into())),
-        Some(Value::String(s)) => s
-            .to_str()
-            .ok()
-            .and_then(|t| Number::parse(&t))
-            .ok_or_else(|| CallError::Invalid("the amount must be a number".into())),
+        Some(Value::String(s)) => {
+            let text = s.to_str().map(|t| t.to_owned()).unwrap_or_default();
+            Number::parse_operand(&text).map_err(|e| match e {
+                OperandError::NotANumber => {
+                    CallError::Invalid("the amount must be a number".into())
+                }
+                e @ OperandError::OutOfRange(_) => CallError::Invalid(e.to_string()),
+            })
+        }
         Some(_) => Err(CallError::Invalid("the amount must be a number".into())),
     }
 }
