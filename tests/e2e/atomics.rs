@@ -156,6 +156,9 @@ fn an_integer_step_outside_64_bits_is_400_and_keeps_the_value() {
             detail.contains("64-bit integer range") && detail.contains("1e20"),
             "{step}: {detail}"
         );
+        // The fix keeps the step's sign.
+        let fix = format!("{}1e20", &step[..1]);
+        assert!(detail.contains(&fix), "{step}: {detail}");
     }
     assert_eq!(current(&s, &path).as_deref(), Some("5"));
     // The ends of the range are steps.

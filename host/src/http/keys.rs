@@ -183,8 +183,8 @@ fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, Ap
                 (Some('+' | '-'), Ok(n)) => Ok(Op::Add(n)),
                 // The kvdb.io client sends `incr(key, 0)` as a bare `0`.
                 (_, Ok(Number::Int(0))) => Ok(Op::Add(Number::Int(0))),
-                (Some('+' | '-'), Err(e @ OperandError::OutOfRange(_))) => Err(
-                    ApiError::bad_request(format!("{e}; as a step, signed: +1e20")),
+                (Some(sign @ ('+' | '-')), Err(e @ OperandError::OutOfRange(_))) => Err(
+                    ApiError::bad_request(format!("{e}; as a step, signed: {sign}1e20")),
                 ),
                 (_, Ok(_) | Err(OperandError::OutOfRange(_))) => Err(ApiError::bad_request(
                     "to add a number, sign it (+5 or -5; a bare 0 adds nothing); to set the value, use PUT",

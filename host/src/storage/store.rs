@@ -72,20 +72,38 @@ pub const MAX_BATCH: usize = 1024;
 /// path to every commit (a fifth of a one-key commit's cost); instead it is
 /// written once per this many versions, and a restart skips at most this
 /// many (versions only need to grow).
-const SEQ_BLOCK: u64 = 4096;
+const SEQ_BLOCK: u64 = 16384;
 
-/// A relaxed batch (one that waits for no fsync) first puts a new ceiling on
-/// disk, with a durable commit of its own, when fewer versions than this are
-/// left below the one there: its versions are visible to readers once it
-/// commits, and a crash must not hand them out again (see
-/// [`Writer::run_batch`]). A batch of [`MAX_BATCH`] one-version writes fits.
-/// A relaxed write is committed on its caller's thread only while no such
-/// commit is due: that fsync belongs on the writer thread.
-const RESERVE_AHEAD: u64 = 1024;
+/// A batch that waits for no fsync (a relaxed store's, or a strict store's
+/// background steps) first puts a new ceiling on disk, with a durable commit
+/// of its own, when fewer versions than this are left below the one there:
+/// its versions are visible to readers once it commits, and a crash must
+/// not hand them out again (see [`Writer::run_batch`]). The largest batch
+/// fits: [`MAX_BATCH`] jobs, where a caller's write takes at most
+/// [`MAX_JOB_VERSIONS`] and the one background step in flight (steps run
+/// one after another) at most [`GC_CHUNK`] (found by a review: at 1024, an
+/// expiry step and queued writes could pass the ceiling). A relaxed write is
+/// committed on its caller's thread only while no such commit is due: that
+/// fsync belongs on the writer thread.
+const RESERVE_AHEAD: u64 = 4096;
+
+/// The most versions one caller's write job takes (a script's upload or
+/// removal: its entry and its source; a bucket's removal: its policy and
+/// the purge of its prefix).
+const MAX_JOB_VERSIONS: u64 = 2;
 
 /// How many entries one background step (expiry, purge, tombstones) touches:
 /// small enough that the step never holds the writer for more than a few ms.
 const GC_CHUNK: usize = 1000;
+
+const _: () = assert!(
+    RESERVE_AHEAD >= MAX_BATCH as u64 * MAX_JOB_VERSIONS + GC_CHUNK as u64,
+    "the largest batch must fit in the versions reserved ahead"
+);
+const _: () = assert!(
+    SEQ_BLOCK >= 2 * RESERVE_AHEAD,
+    "a reservation must last for more than one batch"
+);
 
 /// The most bytes of keys and values one restore transaction applies (as
 /// well as at most [`GC_CHUNK`] records): a restore holds about this much in
@@ -1723,6 +1741,13 @@ impl Writer {
         let ceiling = self.ceiling;
         let mut new_ceiling = ceiling;
         let started = Instant::now();
+        // What a batch that waits for no fsync may hand out: versions above
+        // it would be visible before a crash could no longer take them back.
+        let limit = if durable {
+            u64::MAX
+        } else {
+            self.durable_ceiling
+        };
         let result = self.backend.write(durable, &mut |raw| {
             let mut ctx = WriteCtx {
                 raw,
@@ -1741,6 +1766,18 @@ impl Writer {
                     return Err(e);
                 }
             }
+            if ctx.seq > limit {
+                // RESERVE_AHEAD is sized for the largest batch, so only a
+                // job that takes more versions than MAX_JOB_VERSIONS gets
+                // here: rolled back and answered with the error, not made
+                // (committing and syncing after would show readers its
+                // versions before they are on disk).
+                return Err(StorageError::Engine(format!(
+                    "a write batch took {} versions, more than the {} reserved for it",
+                    ctx.seq - start_seq,
+                    limit - start_seq
+                )));
+            }
             if ctx.seq > ceiling {
                 new_ceiling = ctx.seq.saturating_add(SEQ_BLOCK);
                 ctx.raw.put(META_SEQ, &new_ceiling.to_be_bytes())?;
@@ -1754,34 +1791,18 @@ impl Writer {
             self.gather
                 .committed(started.elapsed(), self.in_flight.load(Ordering::Acquire));
         }
-        let mut sync_failed = None;
         match &result {
             Ok(()) => {
                 self.seq = end_seq;
                 self.ceiling = new_ceiling;
                 if durable {
                     self.durable_ceiling = new_ceiling;
-                } else if end_seq > self.durable_ceiling {
-                    // A relaxed batch that took more than RESERVE_AHEAD
-                    // versions (a rare one, reserved for above): its commit
-                    // raised the ceiling, and is synced before it is
-                    // answered, or after a crash those versions (ETags,
-                    // backup versions that were answered) could be handed
-                    // out again for other writes; a failed sync answers the
-                    // error.
-                    if let Err(e) = self.try_sync() {
-                        tracing::error!(error = %e, "syncing the store failed: the batch's writes are answered with the error");
-                        sync_failed = Some(e);
-                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "a write batch failed and was rolled back"),
         }
         self.snapshots.invalidate(now);
-        let answer = match &sync_failed {
-            Some(e) => Err(e),
-            None => result.as_ref().map(|_| ()),
-        };
+        let answer = result.as_ref().map(|_| ());
         for done in completions {
             done(answer);
         }
@@ -2237,19 +2258,36 @@ mod tests {
             }
         }
         assert!(crossed >= 3, "the ceiling moved {crossed} times");
-        // One write of more versions than are reserved ahead.
-        let version = store
+    }
+
+    #[test]
+    fn a_relaxed_batch_of_more_versions_than_reserved_is_not_made() {
+        // Committed and synced after, its versions were visible before they
+        // were on disk, and kept (and readable) when the sync failed.
+        let disk = TestDisk::new(false);
+        let store = Store::open(disk.clone(), Durability::Relaxed).expect("open");
+        let put = |k: &'static [u8]| {
+            store
+                .write_blocking(move |ctx| ctx.put(k, 0, b"v", 0))
+                .expect("commit")
+                .expect("put")
+        };
+        let before = put(b"before");
+        let err = store
             .write_blocking(|ctx| {
-                let mut last = 0;
-                for i in 0..3 * RESERVE_AHEAD {
-                    last = ctx.put(&i.to_le_bytes(), 0, b"w", 0)?;
+                for i in 0..SEQ_BLOCK + RESERVE_AHEAD {
+                    ctx.put(&i.to_le_bytes(), 0, b"w", 0)?;
                 }
-                Ok::<_, StorageError>(last)
+                Ok::<_, StorageError>(())
             })
-            .expect("commit")
-            .expect("puts");
-        let ceiling = disk.durable_ceiling.load(Ordering::SeqCst);
-        assert!(version <= ceiling, "version {version}, ceiling {ceiling}");
+            .expect_err("more versions than reserved");
+        assert!(err.to_string().contains("reserved"), "{err}");
+        let snapshot = store.snapshot().expect("snapshot");
+        assert!(snapshot.get(&0u64.to_le_bytes()).expect("read").is_none());
+        // The store goes on, below a durable ceiling.
+        let after = put(b"after");
+        assert_eq!(after, before + 1, "the refused batch took no versions");
+        assert!(after <= disk.durable_ceiling.load(Ordering::SeqCst));
     }
 
     #[test]
