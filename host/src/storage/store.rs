@@ -2173,15 +2173,20 @@ mod tests {
     /// A backup of a relaxed store first syncs what is committed but not
     /// synced yet: a crash could still take those writes back, and a backup
     /// must not keep them.
+    /// Writes `v` under `key` and answers its version.
+    fn put_blocking(store: &Store, key: &'static [u8]) -> u64 {
+        store
+            .write_blocking(move |ctx| ctx.put(key, 0, b"v", 0))
+            .expect("commit")
+            .expect("put")
+    }
+
     #[test]
     fn a_backup_of_a_relaxed_store_syncs_first() {
         let disk = TestDisk::new(false);
         let store = Store::open(disk.clone(), Durability::Relaxed).expect("open");
         let put = |k: &'static [u8]| {
-            store
-                .write_blocking(move |ctx| ctx.put(k, 0, b"v", 0))
-                .expect("commit")
-                .expect("put");
+            put_blocking(&store, k);
         };
         // The first write raises the version ceiling, which is synced.
         put(b"a");
@@ -2266,12 +2271,7 @@ mod tests {
         // were on disk, and kept (and readable) when the sync failed.
         let disk = TestDisk::new(false);
         let store = Store::open(disk.clone(), Durability::Relaxed).expect("open");
-        let put = |k: &'static [u8]| {
-            store
-                .write_blocking(move |ctx| ctx.put(k, 0, b"v", 0))
-                .expect("commit")
-                .expect("put")
-        };
+        let put = |k: &'static [u8]| put_blocking(&store, k);
         let before = put(b"before");
         let err = store
             .write_blocking(|ctx| {
