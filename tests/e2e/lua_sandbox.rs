@@ -1012,6 +1012,103 @@ fn long_scans_and_moves_stay_within_the_limits() {
     assert_server_still_answers(&s, &b);
 }
 
+/// Library calls that loop in C, where the limits' hook never looks, as
+/// long as a script says (found by a review, each held a server thread for
+/// seconds to for ever): `string.rep` of an empty piece, `table.insert` and
+/// `table.remove` on a table whose `__len` is huge, `table.sort` of copies
+/// of a long string, and a loop of `kvdb` calls on long text. Each stays
+/// within the limits, and the functions still work.
+#[test]
+fn c_loops_a_script_can_make_long_stay_within_the_limits() {
+    let s = timed();
+    let b = limit_bucket(&s);
+    let t = eval_within(
+        &s,
+        &b,
+        "rep",
+        "kvdb.say(#string.rep('', math.maxinteger), ' ', #(''):rep(1e18, ''), ' ', ('ab'):rep(2, ','), ' ', ('x'):rep(0))",
+    );
+    assert_eq!((t.status, t.body.as_str()), (200, "0 0 ab,ab \n"));
+    let t = eval_within(&s, &b, "rep2", "string.rep('', 1.5)");
+    assert_limit(&t, 500, &["script-error"]);
+    let huge = "local t = setmetatable({}, {__len = function() return math.maxinteger end})";
+    for (name, call) in [
+        ("ins", "table.insert(t, 1, 0)"),
+        ("rm", "table.remove(t, 1)"),
+    ] {
+        let t = eval_within(&s, &b, name, &format!("{huge}\n{call}"));
+        assert_limit(&t, 500, &["script-error"]);
+        let detail = t.json()["detail"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            detail.contains(&format!("{name}:2: table.")) && detail.contains("shifting more than"),
+            "{detail}"
+        );
+    }
+    let t = eval_within(
+        &s,
+        &b,
+        "shift",
+        "local t = {1, 2, 3}\ntable.insert(t, 1, 0)\nlocal last = table.remove(t)\n\
+         table.insert(t, 9)\nlocal first = table.remove(t, 1)\n\
+         kvdb.say(table.concat(t, ','), ' ', last, ' ', first)",
+    );
+    assert_eq!((t.status, t.body.as_str()), (200, "1,2,9 3 0\n"));
+    let t = eval_within(
+        &s,
+        &b,
+        "longsort",
+        "local s = string.rep('a', 2000000)\nlocal t = {}\nfor i = 1, 10000 do t[i] = s end\n\
+         while true do table.sort(t) end",
+    );
+    assert_limit(&t, 504, &["script-time-limit"]);
+    let t = eval_within(
+        &s,
+        &b,
+        "escapes",
+        "local s = string.rep('\"', 1048576)\nwhile true do kvdb.escape_html(s) end",
+    );
+    assert_limit(&t, 504, &["script-time-limit"]);
+    let t = eval_within(
+        &s,
+        &b,
+        "sorted",
+        "local t = {'b', 'c', 'a'}\ntable.sort(t)\nlocal n = {3, 1, 2}\n\
+         table.sort(n, function(x, y) return x > y end)\n\
+         kvdb.say(table.concat(t), table.concat(n))",
+    );
+    assert_eq!((t.status, t.body.as_str()), (200, "abc321\n"));
+    assert_server_still_answers(&s, &b);
+}
+
+/// `kvdb.escape_html` builds its result outside Lua's memory limit, up to 6
+/// times as long as the text: over the limit it raises instead.
+#[test]
+fn escape_html_refuses_a_result_over_the_memory_limit() {
+    let s = limited();
+    let b = limit_bucket(&s);
+    let t = eval_within(
+        &s,
+        &b,
+        "big",
+        "local ok, err = pcall(kvdb.escape_html, string.rep('\"', 2000000))\n\
+         kvdb.say(tostring(ok), ' ', err)\nkvdb.say(kvdb.escape_html('<a href=\"/\">'))",
+    );
+    assert_eq!(t.status, 200, "{}", t.body);
+    assert!(
+        t.body.starts_with("false ")
+            && t.body.contains(
+                "kvdb.escape_html: the escaped text would be 12000000 bytes, over the script's memory limit"
+            ),
+        "{}",
+        t.body
+    );
+    assert!(
+        t.body.ends_with("&lt;a href=&quot;&#x2F;&quot;&gt;\n"),
+        "{}",
+        t.body
+    );
+}
+
 /// CPU time (user + system, in clock ticks) the process has used (Linux).
 #[cfg(target_os = "linux")]
 fn cpu_ticks(pid: u32) -> u64 {

@@ -28,6 +28,12 @@ fn with_run<R>(lua: &Lua, f: impl FnOnce(&mut Run) -> mlua::Result<R>) -> mlua::
     if run.stopped() {
         return Err(mlua::Error::runtime("the script was stopped"));
     }
+    // A call is one VM instruction to the hook: a loop of long calls (JSON
+    // of a big table, escaping a long string) ran 20 times past its time
+    // limit (found by a review). Each looks at the clock as it starts.
+    if run.meter.check(0) {
+        return Err(mlua::Error::runtime(super::meter::STOPPED));
+    }
     f(&mut run)
 }
 
@@ -576,8 +582,25 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "escape_html",
-        lua.create_function(|_, s: Option<mlua::LuaString>| {
+        lua.create_function(|lua, s: Option<mlua::LuaString>| {
+            let memory = with_run(lua, |run| Ok(run.limits.memory_bytes))?;
             let s = s.map(|s| s.to_string_lossy()).unwrap_or_default();
+            // Built outside Lua's memory limit, and up to 6 times as long
+            // as the text (`"` is `&quot;`; found by a review).
+            let escaped_len = s.len()
+                + s.bytes()
+                    .map(|b| match b {
+                        b'&' => 4,
+                        b'<' | b'>' => 3,
+                        b'"' | b'\'' | b'/' => 5,
+                        _ => 0,
+                    })
+                    .sum::<usize>();
+            if escaped_len > memory {
+                return Err(mlua::Error::runtime(format!(
+                    "kvdb.escape_html: the escaped text would be {escaped_len} bytes, over the script's memory limit ({memory} bytes)"
+                )));
+            }
             Ok(html_escape::encode_safe(&s).into_owned())
         })?,
     )?;
@@ -599,6 +622,7 @@ pub(super) fn json(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "decode",
         lua.create_function(|lua, s: mlua::LuaString| {
+            with_run(lua, |_| Ok(()))?;
             let json: serde_json::Value = serde_json::from_slice(&s.as_bytes())
                 .map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))?;
             lua.to_value(&json)

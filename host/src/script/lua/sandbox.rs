@@ -195,18 +195,55 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
 /// (see `position_handler`).
 const SCANS: &str = r#"
 local check, move_max = ...
-local tonumber, error = tonumber, error
+local tonumber, error, type, select, floor = tonumber, error, type, select, math.floor
 local function pass(...) return ... end
 local rep, upper, lower, reverse = string.rep, string.upper, string.lower, string.reverse
 local format, byte = string.format, string.byte
-string.rep = function(...) check() return pass(rep(...)) end
+-- Lua copies an empty piece n times without allocating anything:
+-- rep("", math.maxinteger) never ended (found by a review). It is "".
+string.rep = function(s, n, sep, ...)
+  check()
+  if s == "" and (sep == nil or sep == "") then
+    local k = tonumber(n)
+    if k and k > 1 and k == floor(k) then n = 1 end
+  end
+  return pass(rep(s, n, sep, ...))
+end
 string.upper = function(...) check() return pass(upper(...)) end
 string.lower = function(...) check() return pass(lower(...)) end
 string.reverse = function(...) check() return pass(reverse(...)) end
 string.format = function(...) check() return pass(format(...)) end
 string.byte = function(...) check() return pass(byte(...)) end
 local sort, concat, unpack, move = table.sort, table.concat, table.unpack, table.move
-table.sort = function(...) check() return pass(sort(...)) end
+local insert, remove = table.insert, table.remove
+-- Without a comparator, table.sort compares in C, where the hook never
+-- looks: sorting copies of one long string ran for minutes (found by a
+-- review). The same order, compared in Lua.
+local function less(a, b) return a < b end
+table.sort = function(t, comp, ...)
+  check()
+  if comp == nil then comp = less end
+  return pass(sort(t, comp, ...))
+end
+-- Both shift the elements after a position one by one in C, as many as #t
+-- says: a __len of math.maxinteger never ended (found by a review).
+local function shifts(name, t, pos)
+  local n = type(t) == "table" and #t
+  pos = tonumber(pos)
+  if type(n) == "number" and pos and n - pos >= move_max then
+    error("table." .. name .. " shifting more than " .. move_max .. " elements", 3)
+  end
+end
+table.insert = function(t, ...)
+  check()
+  if select('#', ...) >= 2 then shifts("insert", t, (...)) end
+  return pass(insert(t, ...))
+end
+table.remove = function(t, ...)
+  check()
+  if select('#', ...) >= 1 then shifts("remove", t, (...)) end
+  return pass(remove(t, ...))
+end
 table.concat = function(...) check() return pass(concat(...)) end
 table.unpack = function(...) check() return pass(unpack(...)) end
 table.move = function(a1, f, e, ...)
