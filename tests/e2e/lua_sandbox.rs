@@ -917,6 +917,43 @@ fn many_references_to_a_large_string_are_not_copied_out_whole() {
     assert_server_still_answers(&s, &b);
 }
 
+/// JSON text a script decodes (or a stored JSON value it reads) is built
+/// into Lua values as it is read, under the run's memory limit: read into
+/// a whole document first, 2.6 MB of `[0,0,…]` took ~70 MB outside it.
+#[cfg(target_os = "linux")]
+#[test]
+fn decoding_json_stays_within_the_memory_limit() {
+    let s = limited();
+    let b = limit_bucket(&s);
+    let before = peak_memory(s.pid());
+    let t = eval_within(
+        &s,
+        &b,
+        "decode",
+        "local text = '[' .. string.rep('0,', 1300000) .. '0]'\nkvdb.json.decode(text)",
+    );
+    assert_limit(&t, 500, &["script-memory-limit"]);
+    let grown = peak_memory(s.pid()).saturating_sub(before);
+    assert!(grown < 30_000_000, "the server grew by {grown} bytes");
+    let t = eval_within(
+        &s,
+        &b,
+        "small",
+        "local v = kvdb.json.decode('{\"a\": [1, 2.5, \"x\", null, true], \"b\": {}}')\n\
+         kvdb.say(#v.a, ' ', math.type(v.a[1]), ' ', v.a[2], ' ', v.a[3], ' ', tostring(v.a[5]), ' ', type(v.b))\n\
+         local ok, err = pcall(kvdb.json.decode, '[1] x')\nkvdb.say(tostring(ok), ' ', err)",
+    );
+    assert_eq!(t.status, 200, "{}", t.body);
+    assert!(
+        t.body.starts_with("5 integer 2.5 x true table\nfalse ")
+            && t.body
+                .contains("json.decode: trailing characters at line 1 column 5"),
+        "{}",
+        t.body
+    );
+    assert_server_still_answers(&s, &b);
+}
+
 /// A script's error message is cut in the response: an error can't make an
 /// answer larger than the response limit.
 #[test]
