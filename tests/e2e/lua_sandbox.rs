@@ -861,7 +861,7 @@ fn a_runtime_error_after_output_is_a_script_error_not_a_partial_body() {
 
 /// The peak resident memory of a process, in bytes (Linux).
 #[cfg(target_os = "linux")]
-fn peak_memory(pid: u32) -> u64 {
+pub fn peak_memory(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     status
         .lines()

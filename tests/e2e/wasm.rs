@@ -731,6 +731,37 @@ fn a_guest_sleeping_in_the_host_ends_with_the_time_limit() {
     assert_server_still_answers(&s, &b);
 }
 
+/// Runs whose host calls copy a lot (an 8 MiB log line, for ever) and use
+/// little fuel don't hold the server: other requests are answered while
+/// more of them go on than there are async workers, and each ends with the
+/// time limit. (A review reasoned they would hold their workers for the
+/// whole limit; they don't, and this keeps it so.)
+#[test]
+fn guests_copying_in_host_calls_do_not_hold_the_server() {
+    let s = limited("2500", "1000000000000000");
+    let b = hostile_bucket(&s);
+    std::thread::scope(|scope| {
+        let (s, b) = (&s, &b);
+        let runs: Vec<_> = (0..4)
+            .map(|_| scope.spawn(move || misbehave(s, b, "copies")))
+            .collect();
+        // Time for the runs to start (if they have not, this proves less,
+        // but does not fail).
+        std::thread::sleep(Duration::from_millis(500));
+        let r = s.get("/");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            runs.iter().all(|run| !run.is_finished()),
+            "a plain request was answered only after the runs ended"
+        );
+        for run in runs {
+            let t = run.join().expect("run");
+            assert_limit(&t, &[(504, "script-time-limit")]);
+        }
+    });
+    assert_server_still_answers(&s, &b);
+}
+
 /// One bucket's runs hold at most a quarter of the pool (64 of its 256
 /// slots) at once: past that, its next run is a 503 `script-busy` with
 /// `Retry-After`, while another bucket's run still gets a slot; the share

@@ -63,6 +63,13 @@ impl Handler for Hostile {
                 }
                 Response::text("logged\n")
             }
+            "copies" => {
+                // Host calls that copy a lot and use little fuel, for ever.
+                let line = "c".repeat(8 << 20);
+                loop {
+                    kvdb_guest::log::info(black_box(&line));
+                }
+            }
             "sleep" => {
                 let turns: u64 = req.var("work").and_then(|w| w.parse().ok()).unwrap_or(0);
                 let mut n: u64 = 0;
