@@ -1263,6 +1263,36 @@ kvdb.say("still running")"#,
     assert_eq!(s.get(&format!("/{b}/fl")).text(), "1.75");
 }
 
+/// A merge or patch given as text is refused unread over the value size
+/// limit: the document it builds takes up to 16 times the text, outside
+/// the script's memory limit (found by a review). The same check serves
+/// WebAssembly's `merge` and `patch`.
+#[test]
+fn a_json_text_argument_over_the_value_size_limit_is_refused_unread() {
+    let s = TestServer::start_with(&["--max-value-bytes", "1000"]);
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"local big = '{"a":"' .. string.rep('x', 2000) .. '"}'
+kvdb.say(kvdb.merge('k', big))
+kvdb.say(kvdb.patch('k', big))
+kvdb.say(tostring(kvdb.merge('k', '{"b":1}')))"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for line in &lines[..2] {
+        assert!(
+            line.contains("the JSON text is 2008 bytes, over the value size limit (1000 bytes)"),
+            "{text}"
+        );
+    }
+    assert_eq!(lines[2], "nil");
+    assert_eq!(s.get(&format!("/{b}/k?key=sk")).text(), r#"{"b":1}"#);
+}
+
 #[test]
 fn list_honours_prefix_limit_start_end_reverse_and_values() {
     let s = TestServer::start();

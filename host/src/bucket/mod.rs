@@ -431,6 +431,11 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// The largest value this server stores, in bytes.
+    pub fn max_value_bytes(&self) -> usize {
+        self.buckets.limits.max_value_bytes
+    }
+
     pub fn id(&self) -> BucketId {
         self.id
     }

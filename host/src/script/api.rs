@@ -166,6 +166,24 @@ impl Host {
         self.op(k, Op::Add(n))
     }
 
+    /// A JSON argument given as text (a merge or JSON patch), read. Text
+    /// over the value size limit is refused unread: the document it builds
+    /// takes up to 16 times the text, outside a script's memory limit
+    /// (found by a review).
+    ///
+    /// # Errors
+    /// Text over the limit, or not JSON.
+    pub fn json_arg(&self, text: &[u8]) -> Result<serde_json::Value, CallError> {
+        let limit = self.scoped.bucket().max_value_bytes();
+        if text.len() > limit {
+            return Err(CallError::Limit(format!(
+                "the JSON text is {} bytes, over the value size limit ({limit} bytes)",
+                text.len()
+            )));
+        }
+        serde_json::from_slice(text).map_err(|e| CallError::Invalid(format!("not JSON: {e}")))
+    }
+
     /// RFC 7396 merge into a JSON value; the new value.
     ///
     /// # Errors

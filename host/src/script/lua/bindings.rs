@@ -237,11 +237,13 @@ fn number(v: Option<Value>) -> Result<Number, CallError> {
 /// A merge or JSON patch argument: a table, or a string of JSON text (as
 /// the WebAssembly calls take it, and as an HTTP body is).
 fn json_arg(lua: &Lua, v: Value) -> Result<serde_json::Value, CallError> {
-    let parsed = match v {
-        Value::String(text) => serde_json::from_slice(&text.as_bytes()).map_err(|e| e.to_string()),
-        other => json_of(lua, &other),
+    let json = match v {
+        // Read by the shared host, which refuses text over the value size
+        // limit unread.
+        Value::String(text) => with_run(lua, |run| Ok(run.host.json_arg(&text.as_bytes())))
+            .map_err(|e| CallError::Invalid(e.to_string()))??,
+        other => json_of(lua, &other).map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?,
     };
-    let json = parsed.map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?;
     crate::bucket::check_json_depth(&json)
         .map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?;
     Ok(json)

@@ -86,10 +86,6 @@ fn wit_permissions(p: Permissions) -> Vec<types::Permission> {
         .collect()
 }
 
-fn json(text: &str) -> Result<serde_json::Value, CallError> {
-    serde_json::from_str(text).map_err(|e| CallError::Invalid(format!("not JSON: {e}")))
-}
-
 impl types::Host for WasmState {}
 
 impl kv::Host for WasmState {
@@ -127,11 +123,17 @@ impl kv::Host for WasmState {
     }
 
     fn merge(&mut self, key: String, patch: String) -> Result<types::Value, types::Error> {
-        Ok(to_wit(self.host.merge(&key, json(&patch)?)?))
+        Ok(to_wit(
+            self.host
+                .merge(&key, self.host.json_arg(patch.as_bytes())?)?,
+        ))
     }
 
     fn patch(&mut self, key: String, patch: String) -> Result<types::Value, types::Error> {
-        Ok(to_wit(self.host.patch(&key, json(&patch)?)?))
+        Ok(to_wit(
+            self.host
+                .patch(&key, self.host.json_arg(patch.as_bytes())?)?,
+        ))
     }
 
     fn append(&mut self, key: String, bytes: Vec<u8>) -> Result<types::Value, types::Error> {
