@@ -709,6 +709,25 @@ fn a_guests_log_is_escaped_and_bounded() {
     assert_log_escaped_and_bounded(&log);
 }
 
+/// A guest that prints more than the host keeps of its stdout (128 KiB
+/// against 64 KiB) goes on: the rest is dropped, and the log says so. The
+/// pipe refused writes past its cap, and Rust's `println!` panicked on that
+/// (found by a review: a 500).
+#[test]
+fn a_guest_printing_past_the_kept_output_goes_on() {
+    let mut answered = None;
+    let log = TestServer::log_while(&[], |s| {
+        let b = hostile_bucket(s);
+        answered = Some(misbehave(s, &b, "print"));
+    });
+    let t = answered.expect("ran");
+    assert_eq!((t.status, t.body.as_str()), (200, "printed\n"));
+    assert!(
+        log.contains("is dropped"),
+        "no notice of the dropped output in the log"
+    );
+}
+
 /// A guest that waits in the host (a WASI sleep) runs no guest code, where
 /// the epoch deadline is looked at: the time limit ends it all the same,
 /// started on the async worker or moved to a blocking thread after some

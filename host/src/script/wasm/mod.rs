@@ -30,6 +30,7 @@
 
 mod bindings;
 mod host;
+mod output;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,7 +46,6 @@ use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError,
     PoolingAllocationConfig, ResourceLimiter, Store, Trap,
 };
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::SourceLoader;
@@ -421,8 +421,8 @@ impl WasmRuntime {
             None => tokio::task::block_in_place(|| self.prepared(script, source))?,
         };
         let share = self.shares.take(script.bucket)?;
-        let stdout = MemoryOutputPipe::new(CAPTURED_OUTPUT);
-        let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT);
+        let stdout = output::CappedOutput::new(CAPTURED_OUTPUT);
+        let stderr = output::CappedOutput::new(CAPTURED_OUTPUT);
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -517,10 +517,10 @@ impl WasmRuntime {
                 }
             }
         };
-        let stdout = stdout.contents();
-        let stderr = stderr.contents();
-        log_output(script, "stdout", &stdout);
-        log_output(script, "stderr", &stderr);
+        let (stdout, stdout_dropped) = stdout.contents();
+        let (stderr, stderr_dropped) = stderr.contents();
+        log_output(script, "stdout", &stdout, stdout_dropped);
+        log_output(script, "stderr", &stderr, stderr_dropped);
         let response = result.map_err(|e| self.classify(&e, &stderr))?;
         if response.body.len() > self.limits.response_bytes {
             return Err(ScriptError::Limit {
@@ -626,7 +626,7 @@ impl WasmRuntime {
     }
 }
 
-fn log_output(script: &StoredScript, stream: &str, bytes: &[u8]) {
+fn log_output(script: &StoredScript, stream: &str, bytes: &[u8], dropped: bool) {
     if bytes.is_empty() {
         return;
     }
@@ -637,6 +637,13 @@ fn log_output(script: &StoredScript, stream: &str, bytes: &[u8]) {
         if let Some(line) = budget.line(line) {
             tracing::info!(script = %label, stream, "{line}");
         }
+    }
+    if dropped && !budget.spent() {
+        tracing::info!(
+            script = %label,
+            stream,
+            "(the rest of this run's {stream} is dropped: a run keeps at most {CAPTURED_OUTPUT} bytes of it)"
+        );
     }
 }
 

@@ -63,6 +63,14 @@ impl Handler for Hostile {
                 }
                 Response::text("logged\n")
             }
+            "print" => {
+                // 128 KiB to stdout, past what the host keeps of it.
+                let line = "p".repeat(1023);
+                for _ in 0..128 {
+                    println!("{line}");
+                }
+                Response::text("printed\n")
+            }
             "copies" => {
                 // Host calls that copy a lot and use little fuel, for ever.
                 let line = "c".repeat(8 << 20);
