@@ -2198,9 +2198,6 @@ mod tests {
         assert_eq!(inline, 0, "background steps ran inline");
     }
 
-    /// A backup of a relaxed store first syncs what is committed but not
-    /// synced yet: a crash could still take those writes back, and a backup
-    /// must not keep them.
     /// Writes `v` under `key` and answers its version.
     fn put_blocking(store: &Store, key: &'static [u8]) -> u64 {
         store
@@ -2209,6 +2206,9 @@ mod tests {
             .expect("put")
     }
 
+    /// A backup of a relaxed store first syncs what is committed but not
+    /// synced yet: a crash could still take those writes back, and a backup
+    /// must not keep them.
     #[test]
     fn a_backup_of_a_relaxed_store_syncs_first() {
         let disk = TestDisk::new(false);
