@@ -202,24 +202,38 @@ fn wat_component(before: &str, prelude: &str) -> Vec<u8> {
       (local.get $p))
     (func (export "handle") (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
       {prelude}
-      (i32.store16 (i32.const 0) (i32.const 200))
+      {ANSWER_OK}))
+  (core instance $main (instantiate $Main))
+  {export})"#,
+        export = handle_export("$main"),
+    );
+    wat::parse_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// The end of a hand-written `handle`: answers 200 `ok\n` (the bytes at
+/// 100) with no headers, the response record at address 0.
+const ANSWER_OK: &str = "(i32.store16 (i32.const 0) (i32.const 200))
       (i32.store (i32.const 4) (i32.const 0))
       (i32.store (i32.const 8) (i32.const 0))
       (i32.store (i32.const 12) (i32.const 100))
       (i32.store (i32.const 16) (i32.const 3))
-      (i32.const 0)))
-  (core instance $main (instantiate $Main))
-  (type $req (record (field "method" string) (field "path" string)
+      (i32.const 0)";
+
+/// The kvdb:script `request` and `response` types and the `handle` export,
+/// lifted from the core instance `$main`'s `handle` with the memory and
+/// `cabi_realloc` of the core instance `memory`.
+fn handle_export(memory: &str) -> String {
+    format!(
+        r#"(type $req (record (field "method" string) (field "path" string)
      (field "vars" (list (tuple string string))) (field "headers" (list (tuple string string)))
      (field "body" (list u8))))
   (type $resp (record (field "status" u16) (field "headers" (list (tuple string string))) (field "body" (list u8))))
   (export $reqt "request" (type $req))
   (export $respt "response" (type $resp))
   (func (export "handle") (param "request" $reqt) (result $respt)
-    (canon lift (core func $main "handle") (memory (core memory $main "memory"))
-      (realloc (core func $main "cabi_realloc")))))"#
-    );
-    wat::parse_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    (canon lift (core func $main "handle") (memory (core memory {memory} "memory"))
+      (realloc (core func {memory} "cabi_realloc"))))"#
+    )
 }
 
 /// Core instances of a module with a memory of `pages` 64 KiB pages.
@@ -1181,6 +1195,103 @@ fn too_many_or_too_large_headers_end_the_run_with_the_response_limit() {
         let detail = assert_limit(&t, &[(500, "script-response-limit")]);
         assert!(detail.contains("the limit is 100 headers"), "{detail}");
     }
+    assert_server_still_answers(&s, &b);
+}
+
+/// Found by a review: wasmtime copies a guest's response (and each call's
+/// arguments) out of the guest before any of the host's checks, with room
+/// for 128 MiB a call, and the host's copy of a header is three times the
+/// guest's 16 bytes before its strings. Two million empty headers (32 MiB of
+/// zeros that the guest never even wrote) took ~100 MB of server memory a
+/// run before the header limit refused them. A run now hands over at most
+/// the larger of the value and response limits, plus 1 MiB, at once, and
+/// wasmtime checks that before it allocates.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_response_of_millions_of_headers_is_refused_before_the_host_copies_it() {
+    let s = TestServer::start();
+    let b = hostile_bucket(&s);
+    // Memory grown to the default limit (32 MiB); the headers are every 16
+    // bytes from 64 KiB on: (ptr 0, len 0) pairs, empty strings.
+    let headers = ((32 << 20) - 65_536) / 16;
+    let prelude = format!(
+        "(drop (memory.grow (i32.const 511)))
+      (i32.store16 (i32.const 0) (i32.const 200))
+      (i32.store (i32.const 4) (i32.const 65536))
+      (i32.store (i32.const 8) (i32.const {headers}))
+      (i32.store (i32.const 12) (i32.const 100))
+      (i32.store (i32.const 16) (i32.const 3))
+      (return (i32.const 0))"
+    );
+    install_wasm(&s, &b, "flood", &wat_component("", &prelude));
+    let before = crate::lua_sandbox::peak_memory(s.pid());
+    let runs: Vec<Timed> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| get_within(&s, &format!("/{b}/scripts/flood"), BOUND)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("run"))
+            .collect()
+    });
+    let grown = crate::lua_sandbox::peak_memory(s.pid()).saturating_sub(before);
+    for t in &runs {
+        let detail = assert_limit(t, &[(500, "script-memory-limit")]);
+        assert!(detail.contains("handed the host more than"), "{detail}");
+    }
+    assert!(grown < 100_000_000, "the server grew by {grown} bytes");
+    assert_server_still_answers(&s, &b);
+}
+
+/// A hand-written component that asks WASI for `len` random bytes (into a
+/// memory grown to room for them), then answers `ok`.
+fn random_bytes_component(len: u64) -> Vec<u8> {
+    let text = format!(
+        r#"(component
+  (import "wasi:random/random@0.2.0" (instance $random
+    (export "get-random-bytes" (func (param "len" u64) (result (list u8))))))
+  (core module $Mem
+    (memory (export "memory") 1)
+    (global $bump (mut i32) (i32.const 1024))
+    (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32)
+      (local $p i32)
+      (local.set $p (i32.and (i32.add (global.get $bump) (i32.const 7)) (i32.const -8)))
+      (global.set $bump (i32.add (local.get $p) (local.get 3)))
+      (local.get $p)))
+  (core instance $mem (instantiate $Mem))
+  (core func $bytes (canon lower (func $random "get-random-bytes")
+    (memory (core memory $mem "memory")) (realloc (core func $mem "cabi_realloc"))))
+  (core module $Main
+    (import "mem" "memory" (memory 1))
+    (import "random" "bytes" (func $bytes (param i64 i32)))
+    (data (i32.const 100) "ok\n")
+    (func (export "handle") (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
+      (drop (memory.grow (i32.const {pages})))
+      (call $bytes (i64.const {len}) (i32.const 200))
+      {ANSWER_OK}))
+  (core instance $main (instantiate $Main
+    (with "mem" (instance $mem))
+    (with "random" (instance (export "bytes" (func $bytes))))))
+  {export})"#,
+        pages = len.div_ceil(65_536) + 1,
+        export = handle_export("$mem"),
+    );
+    wat::parse_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// WASI lets a guest ask for up to 64 MiB of random bytes in one call, which
+/// the host allocates before the guest's memory limit can refuse them: a run
+/// may ask for at most 1 MiB at a time (a guest needs a few bytes).
+#[test]
+fn a_guest_gets_at_most_a_mebibyte_of_random_bytes_at_a_time() {
+    let s = TestServer::start();
+    let b = hostile_bucket(&s);
+    install_wasm(&s, &b, "some", &random_bytes_component(1 << 20));
+    assert_body(&run(&s, &b, "some"), "ok\n");
+    install_wasm(&s, &b, "more", &random_bytes_component((1 << 20) + 1));
+    let t = get_within(&s, &format!("/{b}/scripts/more"), BOUND);
+    let detail = assert_limit(&t, &[(500, "script-error")]);
+    assert!(detail.contains("exceeds limit 1048576"), "{detail}");
     assert_server_still_answers(&s, &b);
 }
 

@@ -97,6 +97,12 @@ impl Host {
         self.waited.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The bucket's value size limit: the most a script may hand over as one
+    /// value.
+    pub fn max_value_bytes(&self) -> usize {
+        self.scoped.bucket().max_value_bytes()
+    }
+
     /// Waits for a store future from a synchronous data call. Most are ready
     /// at once (a relaxed write committed inline); one that is not (a write
     /// waiting for its group commit) is waited for in
@@ -174,7 +180,7 @@ impl Host {
     /// # Errors
     /// Text over the limit, or not JSON.
     pub fn json_arg(&self, text: &[u8]) -> Result<serde_json::Value, CallError> {
-        let limit = self.scoped.bucket().max_value_bytes();
+        let limit = self.max_value_bytes();
         if text.len() > limit {
             return Err(CallError::Limit(format!(
                 "the JSON text is {} bytes, over the value size limit ({limit} bytes)",

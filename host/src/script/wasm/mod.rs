@@ -16,7 +16,10 @@
 //!   deadline (a 10 ms ticker thread that
 //!   ticks only while runs are in flight), and WASI with nothing granted: no
 //!   files, sockets or environment; clocks and random only. Guest
-//!   stdout/stderr go to the log, tagged with the script.
+//!   stdout/stderr go to the log, tagged with the script. What a run hands
+//!   the host at once (its response, one call's arguments) is bounded before
+//!   wasmtime copies it out (see [`HANDOVER_SLACK`]), and so is the
+//!   randomness it asks for in one call.
 //! - Data calls go through [`crate::script::api::Host`] (see the `host` module).
 //!
 //! - The pool has a slot for each of [`Limits::runs`] runs in flight, and
@@ -86,6 +89,26 @@ const YIELD_FUEL: u64 = 100_000;
 
 /// Compiled components kept in memory; past it the cache starts over.
 const MAX_CACHED: usize = 256;
+
+/// What a run may hand the host in one go (its response, or the arguments of
+/// one call) beyond the larger of the value size and response limits: keys,
+/// options and response headers. wasmtime copies such data out of the guest
+/// before any of KVdb's checks see it, and the host's copy can be several
+/// times the guest's bytes (a response header is 16 bytes in the guest and
+/// 48 in the host before its strings); wasmtime's own bound is 128 MiB a
+/// call. Found by a review: a guest within a 32 MiB memory limit answered
+/// two million empty headers, ~100 MB of host memory a run before the
+/// header limit refused them.
+const HANDOVER_SLACK: usize = 1 << 20;
+
+/// The most bytes of randomness a run may ask for in one call (WASI's
+/// default is 64 MiB, allocated by the host before the guest's memory limit
+/// can refuse it).
+const MAX_RANDOM_BYTES: u64 = 1 << 20;
+
+/// The start of the message of wasmtime's error (a private type) for a
+/// guest that handed the host more than its hostcall fuel allows at once.
+const HANDOVER_EXCEEDED: &str = "too much data is being copied between the host and the guest";
 
 /// What a run's store holds.
 pub struct WasmState {
@@ -421,6 +444,10 @@ impl WasmRuntime {
             None => tokio::task::block_in_place(|| self.prepared(script, source))?,
         };
         let share = self.shares.take(script.bucket)?;
+        let handover = host
+            .max_value_bytes()
+            .max(self.limits.response_bytes)
+            .saturating_add(HANDOVER_SLACK);
         let stdout = output::CappedOutput::new(CAPTURED_OUTPUT);
         let stderr = output::CappedOutput::new(CAPTURED_OUTPUT);
         let wasi = WasiCtx::builder()
@@ -429,6 +456,7 @@ impl WasmRuntime {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES)
             .build();
         let limits = RunLimits {
             memory_bytes: self.limits.memory_bytes,
@@ -447,6 +475,10 @@ impl WasmRuntime {
         );
         store.limiter(|s| &mut s.limits);
         store.set_fuel(self.limits.fuel).map_err(internal)?;
+        // wasmtime's "hostcall fuel": the bytes (as the host holds them) it
+        // lifts out of the guest for one call's arguments or for the
+        // response, checked before it allocates.
+        store.set_hostcall_fuel(handover);
         // The guest hands control back every so often, so that a long run
         // can leave the async worker (see below).
         store
@@ -521,7 +553,7 @@ impl WasmRuntime {
         let (stderr, stderr_dropped) = stderr.contents();
         log_output(script, "stdout", &stdout, stdout_dropped);
         log_output(script, "stderr", &stderr, stderr_dropped);
-        let response = result.map_err(|e| self.classify(&e, &stderr))?;
+        let response = result.map_err(|e| self.classify(&e, &stderr, handover))?;
         if response.body.len() > self.limits.response_bytes {
             return Err(ScriptError::Limit {
                 limit: Limit::Response,
@@ -556,11 +588,21 @@ impl WasmRuntime {
         })
     }
 
-    fn classify(&self, e: &wasmtime::Error, stderr: &[u8]) -> ScriptError {
+    fn classify(&self, e: &wasmtime::Error, stderr: &[u8], handover: usize) -> ScriptError {
         let limit = |limit, detail: String| ScriptError::Limit { limit, detail };
         if e.chain().any(|c| c.is::<PoolConcurrencyLimitError>()) {
             return ScriptError::Busy(
                 "too many WebAssembly scripts are running at once: retry in a moment".into(),
+            );
+        }
+        if e.chain()
+            .any(|c| c.to_string().starts_with(HANDOVER_EXCEEDED))
+        {
+            return limit(
+                Limit::Memory,
+                format!(
+                    "the script handed the host more than {handover} bytes at once (in its response or in one call); a run may hand over at most the larger of the value size limit and the response limit, plus {HANDOVER_SLACK} bytes"
+                ),
             );
         }
         if e.chain().any(|c| c.is::<OverMemory>()) {
