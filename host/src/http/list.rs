@@ -31,10 +31,14 @@ fn flag(pairs: &[(String, String)], name: &str) -> Result<bool, ApiError> {
     }
 }
 
+/// A count (`limit`, `skip`); digits past what 64 bits hold count as the
+/// most there is (a larger `limit` lists a full page, as any over 10000).
 fn number(pairs: &[(String, String)], name: &str, default: usize) -> Result<usize, ApiError> {
     query_param(pairs, name).map_or(Ok(default), |v| {
+        let digits = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
         crate::bucket::whole_number(v)
-            .and_then(|n| usize::try_from(n).ok())
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+            .or(digits.then_some(usize::MAX))
             .ok_or_else(|| {
                 ApiError::bad_request(format!(
                     "{name} must be a whole number (digits only), not {v:?}"
@@ -73,8 +77,10 @@ fn parse(pairs: &[(String, String)], headers: &HeaderMap) -> Result<(ListQuery, 
     };
     let query = ListQuery {
         prefix: text_param(pairs, "prefix")?.unwrap_or_default(),
-        start: text_param(pairs, "start")?,
-        end: text_param(pairs, "end")?,
+        // Empty is no bound, as an empty prefix is no prefix (a client's
+        // empty placeholder listed nothing; found by a review).
+        start: text_param(pairs, "start")?.filter(|s| !s.is_empty()),
+        end: text_param(pairs, "end")?.filter(|s| !s.is_empty()),
         reverse: flag(pairs, "reverse")?,
         limit: number(pairs, "limit", MAX_LIMIT)?.min(MAX_LIMIT),
         skip: number(pairs, "skip", 0)?,
@@ -83,27 +89,74 @@ fn parse(pairs: &[(String, String)], headers: &HeaderMap) -> Result<(ListQuery, 
     Ok((query, format))
 }
 
-/// A value in JSON output: typed, with non-UTF-8 bytes as base64.
-fn json_value(value: &Value) -> (serde_json::Value, bool) {
+/// A listed value in JSON output.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Listed {
+    /// A JSON value's stored text, whitespace between tokens taken out (or
+    /// a number's).
+    Json(Box<serde_json::value::RawValue>),
+    Typed(serde_json::Value),
+}
+
+/// One entry of a JSON listing: `"key"`, `["key", value]` or
+/// `["key", "<base64>", "base64"]`.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Item<'a> {
+    Key(&'a str),
+    Value(&'a str, Listed),
+    Base64(&'a str, String, &'static str),
+}
+
+fn json_item<'a>(key: &'a str, value: Option<&Value>) -> Item<'a> {
+    let Some(value) = value else {
+        return Item::Key(key);
+    };
+    // A document, or a number whose text is a JSON number (`1e3`,
+    // `12345678901234567890123`; not `+5` or `007`), as stored.
+    let text = match value {
+        Value::Json(text) => Some(compact_json(text)),
+        Value::Number { text, .. } => Some(text.trim().to_owned()),
+        _ => None,
+    };
+    if let Some(Ok(raw)) = text.map(serde_json::value::RawValue::from_string) {
+        return Item::Value(key, Listed::Json(raw));
+    }
     match value.to_json() {
-        Some(v) => (v, false),
-        None => (
-            serde_json::Value::String(
-                base64::engine::general_purpose::STANDARD.encode(value.body()),
-            ),
-            true,
+        Some(v) => Item::Value(key, Listed::Typed(v)),
+        None => Item::Base64(
+            key,
+            base64::engine::general_purpose::STANDARD.encode(value.body()),
+            "base64",
         ),
     }
 }
 
-fn json_item(key: &str, value: Option<&Value>) -> serde_json::Value {
-    match value {
-        None => serde_json::Value::String(key.to_owned()),
-        Some(v) => match json_value(v) {
-            (v, false) => serde_json::json!([key, v]),
-            (v, true) => serde_json::json!([key, v, "base64"]),
-        },
+/// JSON text without the whitespace between its tokens, as it is
+/// otherwise: a listing embeds a stored document so, rather than read into
+/// a `serde_json::Value`, which would round integers past 64 bits and
+/// decimals longer than a double holds, and take several times the text in
+/// memory (found by a review). Not valid UTF-8: the caller's check fails.
+fn compact_json(text: &[u8]) -> String {
+    let mut out = Vec::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in text {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = b == b'"';
+            out.push(b);
+        }
     }
+    String::from_utf8(out).unwrap_or_default()
 }
 
 fn render(listing: &Listing, format: Format) -> (Vec<u8>, &'static str) {
@@ -128,14 +181,14 @@ fn render(listing: &Listing, format: Format) -> (Vec<u8>, &'static str) {
                 .iter()
                 .map(|(k, v)| json_item(k, v.as_ref()))
                 .collect();
-            (
-                serde_json::Value::Array(items).to_string().into_bytes(),
-                "application/json",
-            )
+            // Serializing strings, JSON text and `serde_json` values into
+            // memory can't fail.
+            let _ = serde_json::to_writer(&mut out, &items);
+            (out, "application/json")
         }
         Format::Jsonl => {
             for (k, v) in &listing.entries {
-                out.extend_from_slice(json_item(k, v.as_ref()).to_string().as_bytes());
+                let _ = serde_json::to_writer(&mut out, &json_item(k, v.as_ref()));
                 out.push(b'\n');
             }
             (out, "application/jsonl")
