@@ -356,8 +356,8 @@ fn json_patch_that_would_nest_too_deep_is_409_and_the_server_stays_up() {
         .map(|i| format!(r#"{{"op":"copy","from":"","path":"/c{i}"}}"#))
         .collect();
     let r = patch_typed(&s, &path, JSON_PATCH, &format!("[{}]", ops.join(",")));
-    r.assert_problem(409);
-    assert!(r.text().contains("past the value limit"), "{}", r.text());
+    r.assert_problem(413);
+    assert!(r.text().contains("the limit is"), "{}", r.text());
     assert_eq!(
         s.get(&path).json()["a"].as_str().map(str::len),
         Some(64 * 1024)
@@ -716,6 +716,59 @@ fn put_with_if_none_match_star_creates_only_when_absent() {
     assert_eq!(r.status, 204, "{}", r.text());
     with_header(&s, "PUT", &path, ("if-none-match", "*"), "second").assert_problem(412);
     assert_eq!(current(&s, &path).as_deref(), Some("first"));
+}
+
+/// Found by a review: with both headers, `If-None-Match: *` alone was
+/// checked, so a PUT with an `If-Match` created an absent key. RFC 9110
+/// checks `If-Match` first, and no value can meet both.
+#[test]
+fn if_match_with_if_none_match_star_never_writes() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    let both = |etag: &str, method: &str, body: &[u8]| {
+        s.request(
+            method,
+            &path,
+            &[("if-match", etag), ("if-none-match", "*")],
+            Some(body),
+        )
+    };
+    both("\"0000000000000000\"", "PUT", b"created").assert_problem(412);
+    both("*", "PUT", b"created").assert_problem(412);
+    assert_eq!(current(&s, &path), None);
+    let etag = s.put(&path, "v1").header("etag").expect("etag");
+    both(&etag, "PUT", b"v2").assert_problem(412);
+    both(&etag, "PATCH", b"+1").assert_problem(412);
+    assert_eq!(current(&s, &path).as_deref(), Some("v1"));
+}
+
+/// Found by a review: the size bound of a JSON patch never took away what
+/// a `remove` frees, so a patch that removed a large member and added a
+/// smaller one was refused (409) with the result far under the limit; a
+/// result over the limit is a 413, as for every other write. And `test`
+/// compares numbers by value (RFC 6902): `3.0` equals `3`.
+#[test]
+fn a_json_patch_is_judged_by_the_size_it_makes_and_tests_numbers_by_value() {
+    let s = TestServer::start_with(&["--max-value-bytes", "1000"]);
+    let b = s.create_bucket("");
+    let path = format!("/{b}/doc");
+    s.put(&path, &format!(r#"{{"a":"{}","qty":3}}"#, "x".repeat(880)));
+    let swap = format!(
+        r#"[{{"op":"remove","path":"/a"}},{{"op":"add","path":"/b","value":"{}"}},{{"op":"test","path":"/qty","value":3.0}}]"#,
+        "y".repeat(200)
+    );
+    let r = patch_typed(&s, &path, JSON_PATCH, &swap);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["b"].as_str().map(str::len), Some(200));
+    let etag = s.get(&path).header("etag").expect("etag");
+    let grow = format!(
+        r#"[{{"op":"add","path":"/c","value":"{}"}}]"#,
+        "z".repeat(900)
+    );
+    let r = patch_typed(&s, &path, JSON_PATCH, &grow);
+    r.assert_problem(413);
+    assert_eq!(s.get(&path).header("etag"), Some(etag), "nothing changed");
 }
 
 #[test]

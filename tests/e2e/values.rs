@@ -573,3 +573,46 @@ fn a_stored_html_page_is_served_sandboxed_and_never_sniffed() {
         Some("sandbox")
     );
 }
+
+/// Found by a review: a media type past the 255 bytes kept with a value was
+/// cut short without a word; it is a 400 now, and nothing is stored.
+#[test]
+fn a_media_type_too_long_to_keep_is_refused() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let long = format!("application/x-test; p={}", "a".repeat(300));
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/mt"),
+        &[("content-type", &long)],
+        Some(b"hi"),
+    );
+    assert!(
+        r.assert_problem(400).contains("Content-Type"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(s.get(&format!("/{b}/mt")).status, 404);
+    let r = s.request(
+        "PATCH",
+        &format!("/{b}/mt?op=append"),
+        &[("content-type", &long)],
+        Some(b"hi"),
+    );
+    r.assert_problem(400);
+    assert_eq!(s.get(&format!("/{b}/mt")).status, 404);
+}
+
+/// Found by a review: a float far from 1 came back as hundreds of digits
+/// (`PATCH +1e-300` answered 302 bytes of `0.000…1`), longer than the size
+/// limit it was counted against.
+#[test]
+fn a_float_far_from_one_is_written_with_an_exponent() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let r = s.patch(&format!("/{b}/tiny"), "+1e-300");
+    assert_eq!((r.status, r.text().as_str()), (200, "1e-300"));
+    assert_eq!(s.get(&format!("/{b}/tiny")).text(), "1e-300");
+    let r = s.patch(&format!("/{b}/tiny"), "+0.5");
+    assert_eq!(r.text(), "0.5");
+}

@@ -111,6 +111,10 @@ pub enum Condition {
     IfMatch(Vec<String>),
     /// The key must be absent (`If-None-Match: *`).
     IfAbsent,
+    /// Both `If-Match` (checked first, as RFC 9110 orders them) and
+    /// `If-None-Match: *`: no value can meet both (found by a review: the
+    /// second alone was checked).
+    IfMatchAndAbsent(Vec<String>),
 }
 
 /// The largest step, up or down, that a caller who may not read a key adds
@@ -181,6 +185,10 @@ impl Condition {
             Condition::IfAbsent => Err(BucketError::PreconditionFailed(
                 "If-None-Match: * but the key exists",
             )),
+            Condition::IfMatchAndAbsent(tags) => {
+                Condition::IfMatch(tags.clone()).check(current, etag_key)?;
+                Condition::IfAbsent.check(current, etag_key)
+            }
             Condition::IfMatch(tags) => {
                 let Some(cur) = current else {
                     return Err(BucketError::PreconditionFailed(

@@ -16,6 +16,19 @@ const KIND_RAW_TYPED: u8 = 4;
 /// characters each).
 const MAX_MEDIA_TYPE: usize = 255;
 
+/// How a float is written (a `GET`, the stored text): the shortest digits
+/// that read back as the same float, in exponent form outside
+/// `1e-7 <= |f| < 1e21` as JavaScript writes numbers (`1e-300`, not 302
+/// characters of `0.000…1`; found by a review).
+fn float_text(f: f64) -> String {
+    let magnitude = f.abs();
+    if magnitude == 0.0 || (1e-7..1e21).contains(&magnitude) {
+        f.to_string()
+    } else {
+        format!("{f:e}")
+    }
+}
+
 /// A stored value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -58,9 +71,12 @@ pub enum Typing {
 impl Typing {
     /// The typing a `Content-Type` header asks for. Parameters such as
     /// `charset` do not change it.
-    pub fn from_content_type(content_type: Option<&str>) -> Self {
+    ///
+    /// # Errors
+    /// A media type longer than the 255 characters kept with a value.
+    pub fn from_content_type(content_type: Option<&str>) -> Result<Self, MediaTypeTooLong> {
         let Some(ct) = content_type else {
-            return Self::Coerce;
+            return Ok(Self::Coerce);
         };
         let essence = ct
             .split(';')
@@ -68,13 +84,19 @@ impl Typing {
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        match essence.as_str() {
+        Ok(match essence.as_str() {
             "" | "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data" => {
                 Self::Coerce
             }
             "application/json" => Self::Json,
-            _ => Self::Raw(ct.trim().chars().take(MAX_MEDIA_TYPE).collect()),
-        }
+            _ => {
+                let media_type = ct.trim();
+                if media_type.len() > MAX_MEDIA_TYPE {
+                    return Err(MediaTypeTooLong(media_type.len()));
+                }
+                Self::Raw(media_type.to_owned())
+            }
+        })
     }
 }
 
@@ -84,6 +106,13 @@ pub enum ValueError {
     #[error("the body is not valid JSON: {0}")]
     InvalidJson(String),
 }
+
+/// A `Content-Type` too long to keep with a raw value (its length).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the Content-Type is {0} bytes long; a value keeps a media type of at most 255 (RFC 6838 allows 127 for each of its two names)"
+)]
+pub struct MediaTypeTooLong(pub usize);
 
 /// An operand (a step, a bound) that can't be used as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -274,7 +303,7 @@ impl Number {
     fn with_text(self, text: &str) -> Value {
         let canonical = match self {
             Number::Int(i) => i.to_string(),
-            Number::Float(f) => f.to_string(),
+            Number::Float(f) => float_text(f),
         };
         if canonical == text {
             self.into_value()
@@ -381,7 +410,7 @@ impl Value {
                 (KIND_RAW_TYPED, out)
             }
             Value::Int(i) => (KIND_INT, i.to_string().into_bytes()),
-            Value::Float(f) => (KIND_FLOAT, f.to_string().into_bytes()),
+            Value::Float(f) => (KIND_FLOAT, float_text(*f).into_bytes()),
             Value::Number {
                 number: Number::Int(_),
                 text,
@@ -475,7 +504,7 @@ impl Value {
         match self {
             Value::Raw { bytes, .. } | Value::Json(bytes) => bytes.clone(),
             Value::Int(i) => i.to_string().into_bytes(),
-            Value::Float(f) => f.to_string().into_bytes(),
+            Value::Float(f) => float_text(*f).into_bytes(),
             Value::Number { text, .. } => text.clone().into_bytes(),
         }
     }
@@ -484,7 +513,7 @@ impl Value {
     pub fn size(&self) -> usize {
         match self {
             Value::Raw { bytes, .. } | Value::Json(bytes) => bytes.len(),
-            Value::Int(_) | Value::Float(_) => 8,
+            Value::Int(_) | Value::Float(_) => self.body().len(),
             Value::Number { text, .. } => text.len(),
         }
     }
@@ -698,11 +727,16 @@ fn shifted(doc: &Json, path: &json_patch::jsonptr::Pointer) -> usize {
 
 /// Applies a JSON patch one operation at a time, refusing (before it runs)
 /// an operation that could make the document nest deeper than
-/// [`MAX_JSON_DEPTH`] or grow past `max_bytes`, and a patch that would do
-/// more than [`MAX_PATCH_WORK`]. JSON pointers are flat strings, so a patch
-/// of small operations can otherwise build a document deeper than any stack
-/// can serialize, double one with each `copy`, or shift a large array back
-/// and forth for hours.
+/// [`MAX_JSON_DEPTH`], and a patch that would do more than
+/// [`MAX_PATCH_WORK`]. JSON pointers are flat strings, so a patch of small
+/// operations can otherwise build a document deeper than any stack can
+/// serialize, double one with each `copy`, or shift a large array back and
+/// forth for hours. The document's size is bounded from above as it goes;
+/// an operation that may take it past `max_bytes` is applied and the
+/// document measured, and a document past it is answered at once (the
+/// caller refuses it as too large, 413): a single operation at most doubles
+/// it. A `test` compares numbers by value, as RFC 6902 says (`2` equals
+/// `2.0`).
 fn apply_json_patch(
     mut doc: Json,
     patch: &json_patch::Patch,
@@ -742,9 +776,10 @@ fn apply_json_patch(
             P::Copy(op) => {
                 if let Some(from) = doc.pointer(op.from.as_str()) {
                     let (d, b) = json_extent(from);
+                    let old = existing(&doc, &op.path, true);
                     depth = depth.max(op.path.count() + d);
-                    bytes = bytes.saturating_add(b);
-                    work = work.saturating_add(2 * b + shifted(&doc, &op.path));
+                    bytes = (bytes - old.min(bytes)).saturating_add(b);
+                    work = work.saturating_add(2 * b + old + shifted(&doc, &op.path));
                 }
             }
             // What moves is at most as deep as the document below `from`;
@@ -757,10 +792,21 @@ fn apply_json_patch(
                     .saturating_add(shifted(&doc, &op.path));
             }
             P::Remove(op) => {
-                work = work.saturating_add(shifted(&doc, &op.path));
+                let old = existing(&doc, &op.path, false);
+                bytes -= old.min(bytes);
+                work = work.saturating_add(old + shifted(&doc, &op.path));
             }
             P::Test(op) => {
                 work = work.saturating_add(json_extent(&op.value).1);
+                if doc
+                    .pointer(op.path.as_str())
+                    .is_some_and(|found| numerically_equal(found, &op.value))
+                {
+                    continue;
+                }
+                // Not equal (or no such path): the crate's test fails with
+                // its own message, as `==` on `serde_json` values is
+                // stricter than equality by value.
             }
         }
         if depth > MAX_JSON_DEPTH {
@@ -768,10 +814,11 @@ fn apply_json_patch(
                 "nest the document deeper than {MAX_JSON_DEPTH} levels"
             )));
         }
-        if bytes > max_bytes {
-            return Err(refuse(format!(
-                "grow the document past the value limit of {max_bytes} bytes"
-            )));
+        let measure = bytes > max_bytes;
+        if measure {
+            // The bound is loose (it leaves out keys and commas, and what
+            // some operations take away): measure instead.
+            work = work.saturating_add(bytes);
         }
         if work > MAX_PATCH_WORK {
             return Err(refuse(
@@ -783,8 +830,48 @@ fn apply_json_patch(
             e.operation = i;
             OpConflict::Patch(e.to_string())
         })?;
+        if measure {
+            bytes = json_extent(&doc).1;
+            if bytes > max_bytes {
+                return Ok(doc);
+            }
+        }
     }
     Ok(doc)
+}
+
+/// JSON equality with numbers compared by value (RFC 6902's `test`): `2`,
+/// `2.0` and `2e0` are equal; an integer and a float are equal only if the
+/// float is exactly that integer.
+fn numerically_equal(a: &Json, b: &Json) -> bool {
+    match (a, b) {
+        (Json::Number(x), Json::Number(y)) => {
+            let int = |n: &serde_json::Number| {
+                n.as_i64()
+                    .map(i128::from)
+                    .or_else(|| n.as_u64().map(i128::from))
+            };
+            match (int(x), int(y), x.as_f64(), y.as_f64()) {
+                (Some(i), Some(j), _, _) => i == j,
+                (Some(i), None, _, Some(f)) | (None, Some(i), Some(f), _) => {
+                    // Exact: a float past 2^127 is no i64 or u64 either.
+                    f.fract() == 0.0 && f.abs() < 2f64.powi(127) && f as i128 == i
+                }
+                (None, None, Some(f), Some(g)) => f == g,
+                _ => false,
+            }
+        }
+        (Json::Array(xs), Json::Array(ys)) => {
+            xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| numerically_equal(x, y))
+        }
+        (Json::Object(xs), Json::Object(ys)) => {
+            xs.len() == ys.len()
+                && xs
+                    .iter()
+                    .all(|(k, x)| ys.get(k).is_some_and(|y| numerically_equal(x, y)))
+        }
+        _ => a == b,
+    }
 }
 
 fn add(a: Number, b: Number) -> Result<Number, OpConflict> {
@@ -884,22 +971,27 @@ mod tests {
 
     #[test]
     fn content_type_decides_typing_and_parameters_do_not() {
-        assert_eq!(Typing::from_content_type(None), Typing::Coerce);
+        assert_eq!(Typing::from_content_type(None), Ok(Typing::Coerce));
         assert_eq!(
             Typing::from_content_type(Some("text/plain; charset=utf-8")),
-            Typing::Coerce
+            Ok(Typing::Coerce)
         );
         assert_eq!(
             Typing::from_content_type(Some("application/x-www-form-urlencoded")),
-            Typing::Coerce
+            Ok(Typing::Coerce)
         );
         assert_eq!(
             Typing::from_content_type(Some("Application/JSON; charset=utf-8")),
-            Typing::Json
+            Ok(Typing::Json)
         );
         assert_eq!(
             Typing::from_content_type(Some("image/png")),
-            Typing::Raw("image/png".into())
+            Ok(Typing::Raw("image/png".into()))
+        );
+        let long = format!("application/x-{}", "a".repeat(250));
+        assert_eq!(
+            Typing::from_content_type(Some(&long)),
+            Err(MediaTypeTooLong(264))
         );
         assert!(Value::from_body(b"{nope", &Typing::Json).is_err());
         assert_eq!(
@@ -1155,11 +1247,15 @@ mod tests {
         let ops: Vec<_> = (0..40)
             .map(|i| serde_json::json!({"op": "copy", "from": "", "path": format!("/c{i}")}))
             .collect();
-        let refused = json_patch(serde_json::Value::Array(ops)).apply(Some(doc.clone()), 100_000);
-        let message = refused.expect_err("too large").to_string();
+        // It stops at the first operation that takes it past the limit, with
+        // what it made (the caller refuses that as too large, 413).
+        let grown = json_patch(serde_json::Value::Array(ops))
+            .apply(Some(doc.clone()), 100_000)
+            .expect("stopped");
         assert!(
-            message.contains("would grow the document past the value limit of 100000 bytes"),
-            "{message}"
+            (100_000..=200_100).contains(&grown.size()),
+            "{}",
+            grown.size()
         );
         // A few copies fit.
         let ops = serde_json::json!([{"op": "copy", "from": "", "path": "/c"}]);
@@ -1189,15 +1285,81 @@ mod tests {
         assert!(same.apply(Some(doc()), limit).is_ok());
         let longer =
             json_patch(serde_json::json!([{"op": "replace", "path": "/0", "value": false}]));
-        assert!(longer.apply(Some(doc()), limit).is_err(), "one byte over");
+        let over =
+            |patch: &Op, limit| patch.apply(Some(doc()), limit).expect("applies").size() > limit;
+        assert!(over(&longer, limit), "one byte over");
         // An add that inserts into an array replaces nothing.
         let insert = json_patch(serde_json::json!([{"op": "add", "path": "/0", "value": true}]));
-        assert!(insert.apply(Some(doc()), limit).is_err());
+        assert!(over(&insert, limit));
         let remove_then_insert = json_patch(serde_json::json!([
             {"op": "remove", "path": "/0"},
             {"op": "add", "path": "/0", "value": true},
         ]));
-        assert!(remove_then_insert.apply(Some(doc()), limit + 5).is_ok());
+        assert!(!over(&remove_then_insert, limit));
+        // What a remove takes away makes room (found by a review: a patch
+        // that removed a large member and added a smaller one was refused).
+        let big = Value::Json(format!(r#"{{"a":"{}"}}"#, "x".repeat(880)).into_bytes());
+        let swap = json_patch(serde_json::json!([
+            {"op": "remove", "path": "/a"},
+            {"op": "add", "path": "/b", "value": "y".repeat(200)},
+        ]));
+        let swapped = swap.apply(Some(big.clone()), 1000).expect("fits");
+        assert_eq!(swapped.size(), 208);
+        // And so does what a copy replaces.
+        let copy = json_patch(serde_json::json!([
+            {"op": "add", "path": "/b", "value": 1},
+            {"op": "copy", "from": "/b", "path": "/a"},
+            {"op": "add", "path": "/c", "value": "z".repeat(500)},
+        ]));
+        assert!(copy.apply(Some(big), 1000).expect("fits").size() < 1000);
+    }
+
+    /// RFC 6902: a `test` compares numbers by value (found by a review: `2`
+    /// did not equal `2.0`, so a compare-and-set on a float that GET shows
+    /// as `4` kept failing).
+    #[test]
+    fn a_json_patch_test_compares_numbers_by_value() {
+        let doc = || {
+            Value::Json(
+                br#"{"qty":3,"price":2.0,"big":18446744073709551615,"list":[1,{"f":4.0}]}"#
+                    .to_vec(),
+            )
+        };
+        let passes = |path: &str, value: Json| {
+            json_patch(serde_json::json!([{"op": "test", "path": path, "value": value}]))
+                .apply(Some(doc()), usize::MAX)
+                .is_ok()
+        };
+        assert!(passes("/qty", serde_json::json!(3.0)));
+        assert!(passes("/price", serde_json::json!(2)));
+        assert!(passes("/big", serde_json::json!(18446744073709551615u64)));
+        assert!(passes("/list", serde_json::json!([1.0, {"f": 4}])));
+        assert!(!passes("/qty", serde_json::json!(3.5)));
+        assert!(!passes("/big", serde_json::json!(18446744073709551614u64)));
+        assert!(!passes("/qty", serde_json::json!("3")));
+        assert!(!passes("/list", serde_json::json!([1, {"f": 4, "g": 1}])));
+        assert!(!passes("/missing", serde_json::json!(3)));
+        assert!(numerically_equal(
+            &serde_json::json!(-0.0),
+            &serde_json::json!(0)
+        ));
+        assert!(!numerically_equal(
+            &serde_json::json!(9_007_199_254_740_993i64),
+            &serde_json::json!(9_007_199_254_740_992.0)
+        ));
+    }
+
+    #[test]
+    fn floats_far_from_one_are_written_with_an_exponent() {
+        assert_eq!(Value::Float(1e-300).body(), b"1e-300");
+        assert_eq!(Value::Float(-1.5e300).body(), b"-1.5e300");
+        assert_eq!(Value::Float(0.5).body(), b"0.5");
+        assert_eq!(Value::Float(4.0).body(), b"4");
+        assert_eq!(Value::Float(1e20).body(), b"100000000000000000000");
+        assert_eq!(Value::Float(1e21).body(), b"1e21");
+        // The size limit counts the number as written.
+        assert_eq!(Value::Float(1e-300).size(), 6);
+        assert_eq!(Value::Int(-12).size(), 3);
     }
 
     #[test]

@@ -128,8 +128,10 @@ pub async fn put_key(
         body,
         ..
     } = Write::parse(&state, &bucket, &params, &uri, &headers, body).await?;
-    let value = Value::from_body(&body, &Typing::from_content_type(content_type(&headers)))
+    let typing = Typing::from_content_type(content_type(&headers))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let value =
+        Value::from_body(&body, &typing).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let version = bucket.set(&key, value, ttl, condition).await?;
     Ok(with_etag(
         StatusCode::NO_CONTENT.into_response(),
@@ -149,7 +151,9 @@ fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, Ap
             // A value the append creates keeps the request's raw media
             // type, as a PUT of these bytes would (JSON and untyped bodies
             // make plain text: appending makes raw bytes).
-            let media_type = match Typing::from_content_type(content_type(headers)) {
+            let typing = Typing::from_content_type(content_type(headers))
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let media_type = match typing {
                 Typing::Raw(media_type) => Some(media_type),
                 Typing::Coerce | Typing::Json => None,
             };

@@ -572,15 +572,16 @@ impl<'de> serde::Deserialize<'de> for UniqueFields {
 /// # Errors
 /// An `If-None-Match` other than `*` on a write.
 pub(crate) fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
+    let if_match = etag_list(headers, &header::IF_MATCH)?;
     if let Some(tags) = etag_list(headers, &header::IF_NONE_MATCH)? {
-        if tags.iter().all(|t| t == "*") {
-            return Ok(Condition::IfAbsent);
+        if !tags.iter().all(|t| t == "*") {
+            return Err(ApiError::bad_request(
+                "on a write, If-None-Match supports only `*` (set only if absent)",
+            ));
         }
-        return Err(ApiError::bad_request(
-            "on a write, If-None-Match supports only `*` (set only if absent)",
-        ));
+        return Ok(if_match.map_or(Condition::IfAbsent, Condition::IfMatchAndAbsent));
     }
-    Ok(etag_list(headers, &header::IF_MATCH)?.map_or(Condition::Always, Condition::IfMatch))
+    Ok(if_match.map_or(Condition::Always, Condition::IfMatch))
 }
 
 /// The entity tags of `If-Match` or `If-None-Match` (all their header lines),
