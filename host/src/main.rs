@@ -61,10 +61,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     // A blank token (an unset variable in a deployment file) turns the
     // operator routes off rather than stopping the server.
+    // Trimmed, as the token a request presents is (found by a review: a
+    // token given with a space around it could never match).
     let admin_token = args
         .admin_token
         .as_deref()
-        .filter(|t| !t.trim().is_empty())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
         .map(Arc::from);
     if args.admin_token.is_some() && admin_token.is_none() {
         tracing::warn!(
@@ -195,14 +198,21 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
         indicatif::ProgressBar::hidden()
     };
     let mut reader = progress.wrap_read(response.body_mut().as_reader());
-    let bytes = match &args.output {
-        // A device or a pipe (`/dev/null`, `/dev/stdout`, a FIFO) is written
-        // as it is: the rename below would replace it with a regular file
-        // (run as root, `--output /dev/null` replaced the system's
-        // /dev/null: found in this project's own test runs).
-        Some(path) if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) => {
+    // `--output` naming this command's own standard output (`/dev/stdout`,
+    // `/dev/fd/1`) writes there, as without `--output`: opened again by
+    // name it would be written from its start, and the `version` line
+    // would land in the backup (found by a review).
+    let output = args.output.as_deref().filter(|path| !is_stdout(path));
+    let bytes = match output {
+        // Anything but a regular file (a device such as `/dev/null`, a FIFO,
+        // a symbolic link) is written as it is: the rename below would
+        // replace it with a regular file (run as root, `--output /dev/null`
+        // replaced the system's /dev/null: found in this project's own test
+        // runs; a review found the same of a symbolic link).
+        Some(path) if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) => {
             let mut out = std::fs::OpenOptions::new()
                 .write(true)
+                .truncate(std::fs::metadata(path).is_ok_and(|m| m.is_file()))
                 .open(path)
                 .with_context(|| format!("opening {}", path.display()))?;
             let n = std::io::copy(&mut reader, &mut out).context("receiving the backup")?;
@@ -243,10 +253,27 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
         "backup of versions {}..={version} complete ({bytes} bytes); for the next incremental backup use --since {version}",
         since + 1
     );
-    if args.output.is_some() {
+    if output.is_some() {
         println!("version {version}");
     }
     Ok(())
+}
+
+/// Whether `path` is this process's standard output (the same file).
+fn is_stdout(path: &std::path::Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(path), std::fs::metadata("/dev/stdout")) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
 }
 
 fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
@@ -262,6 +289,14 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
     let mut previous: Option<(&std::path::Path, kvdb::storage::BackupInfo)> = None;
     let mut first = None;
     for path in &args.files {
+        // Each file is read twice (checked whole first): a pipe would be
+        // empty the second time (found by a review: the error then called
+        // a good backup corrupt, and left a data directory behind).
+        anyhow::ensure!(
+            !std::fs::metadata(path).is_ok_and(|m| !m.is_file()),
+            "{} is not a regular file (a pipe or a device?): kvdb restore reads each backup twice, checking it whole before it touches the data directory; save the backup to a file first (kvdb backup --output FILE)",
+            path.display()
+        );
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let info =

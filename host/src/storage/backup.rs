@@ -250,6 +250,25 @@ impl<'a> Reader<'a> {
         self.info
     }
 
+    /// Refuses anything after the footer: two backups in one file (`cat
+    /// full inc > f`) would otherwise restore the first and drop the rest
+    /// without a word (found by a review).
+    fn end_of_input(&mut self) -> Result<(), StorageError> {
+        let mut more = [0u8; 1];
+        loop {
+            match self.input.read(&mut more) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {
+                    return Err(StorageError::Restore(
+                        "there is more after the end of the backup: a file holds one backup (give each backup of a chain as a file of its own, in the order they were taken)".into(),
+                    ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(corrupt(&e.to_string())),
+            }
+        }
+    }
+
     fn raw(&mut self, buf: &mut [u8]) -> Result<(), StorageError> {
         self.input
             .read_exact(buf)
@@ -314,6 +333,7 @@ impl<'a> Reader<'a> {
                 if u32::from_be_bytes(c) != expected || count != self.count {
                     return Err(corrupt("checksum mismatch"));
                 }
+                self.end_of_input()?;
                 self.done = true;
                 return Ok(None);
             }
@@ -554,6 +574,20 @@ mod tests {
             result = r.next_record();
         }
         assert!(result.is_err(), "a corrupted stream must fail");
+    }
+
+    /// Two backups in one file (or anything after the footer) are refused,
+    /// not restored as the first alone.
+    #[test]
+    fn anything_after_the_footer_is_refused() {
+        let mut twice = sample();
+        twice.extend(sample());
+        let err = verify(&mut twice.as_slice()).expect_err("two backups");
+        assert!(err.to_string().contains("a file holds one backup"), "{err}");
+        let mut trailing = sample();
+        trailing.extend(b"version 9\n");
+        assert!(verify(&mut trailing.as_slice()).is_err());
+        assert!(verify(&mut sample().as_slice()).is_ok());
     }
 
     /// Streams of the first format (no lineage in the header) are still

@@ -777,16 +777,26 @@ impl SnapshotCache {
         Ok((raw, now))
     }
 
+    /// The time the current generation's readers judge expiry by (it never
+    /// goes back, whatever the clock does).
+    fn reached(&self, clock: &Clock) -> u64 {
+        judge(&self.current_time(), clock)
+    }
+
+    /// The current generation's time.
+    fn current_time(&self) -> Arc<AtomicU64> {
+        self.latest
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .time
+            .clone()
+    }
+
     /// Called by the writer as a batch starts: closes the current generation
     /// and returns the time the batch judges expiry by, which its readers
     /// judge by from now on.
     fn start_batch(&self, clock: &Clock) -> u64 {
-        let time = self
-            .latest
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .time
-            .clone();
+        let time = self.current_time();
         let reached = time.fetch_or(CLOSED, Ordering::SeqCst) & !CLOSED;
         let now = (clock.now_ms() & !CLOSED).max(reached);
         time.store(CLOSED | now, Ordering::SeqCst);
@@ -1101,14 +1111,19 @@ impl Store {
     pub fn backup(&self, since: u64) -> Result<Backup, StorageError> {
         // Under the writer's lock, no commit is under way: the snapshot and
         // the sequence agree.
-        let (raw, version) = {
+        let (raw, version, now) = {
             let mut writer = lock(&self.inner.core);
             // Relaxed commits not synced yet could still be lost in a crash:
             // a backup must not keep writes the store may take back.
             if writer.unsynced_since.is_some() {
                 writer.try_sync()?;
             }
-            (self.inner.backend.snapshot()?, writer.seq)
+            // Expiry judged as readers judge it (no batch is under way):
+            // with the clock stepped back, the clock alone would put a key
+            // readers already see as expired in the backup as live (found
+            // by a review).
+            let now = self.inner.snapshots.reached(&self.inner.clock);
+            (self.inner.backend.snapshot()?, writer.seq, now)
         };
         let horizon = raw.get(META_HORIZON)?.map_or(0, |v| be_u64(&v));
         // An increment from the version a restore ended at continues the
@@ -1136,7 +1151,7 @@ impl Store {
                 lineage: Some(self.inner.lineage),
                 base: Some(base),
             },
-            now: self.now_ms(),
+            now,
         })
     }
 
@@ -1998,6 +2013,19 @@ mod tests {
         assert_eq!(judged(&cache), 6_000);
     }
 
+    /// A store on a manual clock at 1,000 ms holding `value` under `k`
+    /// until `expires_at`.
+    fn store_at_1000_with_k(value: &'static [u8], expires_at: u64) -> (Store, Arc<AtomicU64>) {
+        let clock = Arc::new(AtomicU64::new(1_000));
+        let store = Store::open_with_manual_clock(Arc::new(MemoryBackend::new()), clock.clone())
+            .expect("open");
+        store
+            .write_blocking(move |ctx| ctx.put(b"k", 0, value, expires_at))
+            .expect("commit")
+            .expect("put");
+        (store, clock)
+    }
+
     /// A batch judges expiry at its start, and its writes show at its
     /// commit: until then, readers of the state before it judge expiry no
     /// later than it did. Otherwise a key that expires while a batch that
@@ -2005,13 +2033,7 @@ mod tests {
     /// back (found by a review: PATCH +1 at the moment of expiry).
     #[test]
     fn readers_judge_expiry_no_later_than_the_batch_in_progress() {
-        let clock = Arc::new(AtomicU64::new(1_000));
-        let store = Store::open_with_manual_clock(Arc::new(MemoryBackend::new()), clock.clone())
-            .expect("open");
-        store
-            .write_blocking(|ctx| ctx.put(b"k", 0, b"old", 1_500))
-            .expect("commit")
-            .expect("put");
+        let (store, clock) = store_at_1000_with_k(b"old", 1_500);
         let (started, in_batch) = std::sync::mpsc::channel();
         let (go, release) = std::sync::mpsc::channel::<()>();
         let writer = {
@@ -2061,6 +2083,28 @@ mod tests {
                 .expect("get")
                 .is_none()
         );
+    }
+
+    /// A key readers see as expired stays out of a backup when the clock
+    /// then steps back (an NTP correction): the backup judges expiry as
+    /// readers do, by a time that never goes back.
+    #[test]
+    fn a_backup_leaves_out_what_readers_saw_expire_though_the_clock_stepped_back() {
+        let (store, clock) = store_at_1000_with_k(b"brief", 1_500);
+        clock.store(2_000, Ordering::SeqCst);
+        let live = |store: &Store| store.snapshot().expect("snapshot").get(b"k").expect("get");
+        assert!(live(&store).is_none());
+        clock.store(1_000, Ordering::SeqCst);
+        let mut stream = Vec::new();
+        store
+            .backup(0)
+            .expect("backup")
+            .write_to(&mut stream)
+            .expect("stream");
+        let target =
+            Store::open_with_manual_clock(Arc::new(MemoryBackend::new()), clock).expect("open");
+        target.restore(&mut stream.as_slice()).expect("restore");
+        assert!(live(&target).is_none());
     }
 
     /// A full backup of a store holding `values` under the keys `k0`, `k1`…
