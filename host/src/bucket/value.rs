@@ -29,6 +29,18 @@ fn float_text(f: f64) -> String {
     }
 }
 
+/// How many characters `i` takes in decimal (counted, not written out: a
+/// `PATCH +1` checks its result's size).
+fn decimal_len(i: i64) -> usize {
+    let mut rest = i.unsigned_abs();
+    let mut len = usize::from(i < 0) + 1;
+    while rest >= 10 {
+        rest /= 10;
+        len += 1;
+    }
+    len
+}
+
 /// A stored value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -513,7 +525,8 @@ impl Value {
     pub fn size(&self) -> usize {
         match self {
             Value::Raw { bytes, .. } | Value::Json(bytes) => bytes.len(),
-            Value::Int(_) | Value::Float(_) => self.body().len(),
+            Value::Int(i) => decimal_len(*i),
+            Value::Float(f) => float_text(*f).len(),
             Value::Number { text, .. } => text.len(),
         }
     }
@@ -1360,6 +1373,9 @@ mod tests {
         // The size limit counts the number as written.
         assert_eq!(Value::Float(1e-300).size(), 6);
         assert_eq!(Value::Int(-12).size(), 3);
+        for i in [0, 9, 10, -10, i64::MAX, i64::MIN] {
+            assert_eq!(Value::Int(i).size(), i.to_string().len(), "{i}");
+        }
     }
 
     #[test]
