@@ -203,23 +203,34 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
     // name it would be written from its start, and the `version` line
     // would land in the backup (found by a review).
     let output = args.output.as_deref().filter(|path| !is_stdout(path));
-    let bytes = match output {
-        // Anything but a regular file (a device such as `/dev/null`, a FIFO,
-        // a symbolic link) is written as it is: the rename below would
-        // replace it with a regular file (run as root, `--output /dev/null`
-        // replaced the system's /dev/null: found in this project's own test
-        // runs; a review found the same of a symbolic link).
-        Some(path) if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) => {
+    // Anything but a regular file (a device such as `/dev/null`, a FIFO,
+    // bash's `>(gzip > f)`) is written as it is: the rename below would
+    // replace it with a regular file (run as root, `--output /dev/null`
+    // replaced the system's /dev/null: found in this project's own test
+    // runs). A symbolic link to a file is followed: the backup goes to what
+    // it names, and the link stays (found by a review: it was replaced).
+    let target = output.map(|path| match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => (true, path.to_owned()),
+        Ok(_) => (
+            false,
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()),
+        ),
+        Err(_) => (false, resolve_link(path)),
+    });
+    let bytes = match target
+        .as_ref()
+        .map(|(direct, path)| (*direct, path.as_path()))
+    {
+        Some((true, path)) => {
             let mut out = std::fs::OpenOptions::new()
                 .write(true)
-                .truncate(std::fs::metadata(path).is_ok_and(|m| m.is_file()))
                 .open(path)
                 .with_context(|| format!("opening {}", path.display()))?;
             let n = std::io::copy(&mut reader, &mut out).context("receiving the backup")?;
             out.flush()?;
             n
         }
-        Some(path) => {
+        Some((false, path)) => {
             // FILE.partial until complete (not `with_extension`, which would
             // take `b.partial` for `b.kvdb`, a file of the user's).
             let mut partial = path.as_os_str().to_owned();
@@ -257,6 +268,23 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
         println!("version {version}");
     }
     Ok(())
+}
+
+/// What a `path` that does not exist names once its symbolic links are
+/// followed: a link whose target does not exist yet names that target.
+fn resolve_link(path: &std::path::Path) -> std::path::PathBuf {
+    let mut path = path.to_owned();
+    // A bounded number of links, as the system follows them.
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&path) else {
+            break;
+        };
+        path = match path.parent() {
+            Some(dir) => dir.join(target),
+            None => target,
+        };
+    }
+    path
 }
 
 /// Whether `path` is this process's standard output (the same file).

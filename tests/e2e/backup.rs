@@ -903,6 +903,12 @@ fn backup_to_stdout(s: &TestServer, file: &Path, args: &[&str]) -> Output {
     child.wait_with_output().expect("wait")
 }
 
+#[track_caller]
+fn assert_symlink(path: &Path) {
+    let kind = std::fs::symlink_metadata(path).expect("link").file_type();
+    assert!(kind.is_symlink(), "{} is no longer a link", path.display());
+}
+
 /// Found by a review: `--output` naming the command's own standard output
 /// wrote the backup to a new file in its place (as root, `/dev/stdout` of
 /// the machine), and the `version` line into the redirected output; a
@@ -929,13 +935,15 @@ fn backup_into_its_own_stdout_or_a_symbolic_link_writes_through_it() {
     let link = dir.path().join("link.kvdb");
     std::os::unix::fs::symlink(&target, &link).expect("symlink");
     backup(&s, 0, &link);
-    assert!(
-        std::fs::symlink_metadata(&link)
-            .expect("link")
-            .file_type()
-            .is_symlink()
-    );
+    assert_symlink(&link);
     restore_ok(&dir.path().join("from-link"), &[&target]);
+    // A link whose target does not exist yet makes it.
+    let later = dir.path().join("later.kvdb");
+    let dangling = dir.path().join("dangling.kvdb");
+    std::os::unix::fs::symlink(&later, &dangling).expect("symlink");
+    backup(&s, 0, &dangling);
+    assert_symlink(&dangling);
+    restore_ok(&dir.path().join("from-later"), &[&later]);
 }
 
 /// Found by a review: two backups in one file (`cat full inc > f`)

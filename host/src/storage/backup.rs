@@ -196,6 +196,10 @@ pub struct Reader<'a> {
     done: bool,
 }
 
+/// The longest `version N` line taken after a footer (see
+/// `Reader::end_of_input`).
+const MAX_TRAILER: usize = 32;
+
 fn corrupt(what: &str) -> StorageError {
     StorageError::Restore(format!("the backup stream is corrupt or truncated: {what}"))
 }
@@ -252,21 +256,26 @@ impl<'a> Reader<'a> {
 
     /// Refuses anything after the footer: two backups in one file (`cat
     /// full inc > f`) would otherwise restore the first and drop the rest
-    /// without a word (found by a review).
+    /// without a word (found by a review). One `version N` line is taken:
+    /// `kvdb backup -o /dev/stdout` into a pipe used to print it after the
+    /// backup.
     fn end_of_input(&mut self) -> Result<(), StorageError> {
-        let mut more = [0u8; 1];
-        loop {
-            match self.input.read(&mut more) {
-                Ok(0) => return Ok(()),
-                Ok(_) => {
-                    return Err(StorageError::Restore(
-                        "there is more after the end of the backup: a file holds one backup (give each backup of a chain as a file of its own, in the order they were taken)".into(),
-                    ));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(corrupt(&e.to_string())),
-            }
+        let mut rest = Vec::new();
+        (&mut *self.input)
+            .take(MAX_TRAILER as u64 + 1)
+            .read_to_end(&mut rest)
+            .map_err(|e| corrupt(&e.to_string()))?;
+        let version_line = rest.len() <= MAX_TRAILER
+            && rest
+                .strip_prefix(b"version ")
+                .and_then(|r| r.strip_suffix(b"\n"))
+                .is_some_and(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit));
+        if rest.is_empty() || version_line {
+            return Ok(());
         }
+        Err(StorageError::Restore(
+            "there is more after the end of the backup: a file holds one backup (give each backup of a chain as a file of its own, in the order they were taken)".into(),
+        ))
     }
 
     fn raw(&mut self, buf: &mut [u8]) -> Result<(), StorageError> {
@@ -585,9 +594,15 @@ mod tests {
         let err = verify(&mut twice.as_slice()).expect_err("two backups");
         assert!(err.to_string().contains("a file holds one backup"), "{err}");
         let mut trailing = sample();
-        trailing.extend(b"version 9\n");
+        trailing.extend(b"more");
         assert!(verify(&mut trailing.as_slice()).is_err());
         assert!(verify(&mut sample().as_slice()).is_ok());
+        // What `kvdb backup -o /dev/stdout | ...` used to leave after it.
+        let mut versioned = sample();
+        versioned.extend(b"version 9\n");
+        assert!(verify(&mut versioned.as_slice()).is_ok());
+        versioned.extend(b"version 9\n");
+        assert!(verify(&mut versioned.as_slice()).is_err());
     }
 
     /// Streams of the first format (no lineage in the header) are still

@@ -91,8 +91,9 @@ const YIELD_FUEL: u64 = 100_000;
 const MAX_CACHED: usize = 256;
 
 /// What a run may hand the host in one go (its response, or the arguments of
-/// one call) beyond the larger of the value size and response limits: keys,
-/// options and response headers. wasmtime copies such data out of the guest
+/// one call) beyond twice the larger of the value size and response limits
+/// (a UTF-16 string counts two bytes a character): keys, options and
+/// response headers. wasmtime copies such data out of the guest
 /// before any of KVdb's checks see it, and the host's copy can be several
 /// times the guest's bytes (a response header is 16 bytes in the guest and
 /// 48 in the host before its strings); wasmtime's own bound is 128 MiB a
@@ -444,9 +445,12 @@ impl WasmRuntime {
             None => tokio::task::block_in_place(|| self.prepared(script, source))?,
         };
         let share = self.shares.take(script.bucket)?;
+        // Twice the larger limit: wasmtime counts a string in the guest's
+        // encoding, two bytes a character in UTF-16.
         let handover = host
             .max_value_bytes()
             .max(self.limits.response_bytes)
+            .saturating_mul(2)
             .saturating_add(HANDOVER_SLACK);
         let stdout = output::CappedOutput::new(CAPTURED_OUTPUT);
         let stderr = output::CappedOutput::new(CAPTURED_OUTPUT);
@@ -601,7 +605,7 @@ impl WasmRuntime {
             return limit(
                 Limit::Memory,
                 format!(
-                    "the script handed the host more than {handover} bytes at once (in its response or in one call); a run may hand over at most the larger of the value size limit and the response limit, plus {HANDOVER_SLACK} bytes"
+                    "the script handed the host more than {handover} bytes at once (in its response or in one call); a run may hand over at most twice the larger of the value size limit and the response limit, plus {HANDOVER_SLACK} bytes"
                 ),
             );
         }
