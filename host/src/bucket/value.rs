@@ -758,6 +758,8 @@ fn apply_json_patch(
 ) -> Result<Json, OpConflict> {
     use json_patch::PatchOperation as P;
     let (mut depth, mut bytes) = json_extent(&doc);
+    // Whether the document, as last measured, is past `max_bytes`.
+    let mut over = false;
     let mut work = bytes;
     // The size of what sits at `path` now, which a replace replaces, and an
     // add too unless it inserts into an array.
@@ -835,6 +837,10 @@ fn apply_json_patch(
             work = work.saturating_add(bytes);
         }
         if work > MAX_PATCH_WORK {
+            if over {
+                // Already past the limit: the caller refuses it as too large.
+                return Ok(doc);
+            }
             return Err(refuse(
                 "take too long: split the patch, or patch a smaller document".to_owned(),
             ));
@@ -846,6 +852,7 @@ fn apply_json_patch(
         })?;
         if measure {
             bytes = json_extent(&doc).1;
+            over = bytes > max_bytes;
             if bytes > max_bytes.saturating_mul(2) {
                 return Ok(doc);
             }
