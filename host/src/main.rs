@@ -217,10 +217,7 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
         ),
         Err(_) => (false, resolve_link(path)),
     });
-    let bytes = match target
-        .as_ref()
-        .map(|(direct, path)| (*direct, path.as_path()))
-    {
+    let bytes = match &target {
         Some((true, path)) => {
             let mut out = std::fs::OpenOptions::new()
                 .write(true)

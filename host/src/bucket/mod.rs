@@ -186,30 +186,37 @@ impl Condition {
                 "If-None-Match: * but the key exists",
             )),
             Condition::IfMatchAndAbsent(tags) => {
-                Condition::IfMatch(tags.clone()).check(current, etag_key)?;
+                if_match(tags, current, etag_key)?;
                 Condition::IfAbsent.check(current, etag_key)
             }
-            Condition::IfMatch(tags) => {
-                let Some(cur) = current else {
-                    return Err(BucketError::PreconditionFailed(
-                        "If-Match: the key does not exist (deleted, expired or never written); to write it only if it is absent, send If-None-Match: * instead",
-                    ));
-                };
-                let mine = etag_key.etag(cur.version);
-                // If-Match compares strongly (RFC 9110): a weak tag never matches.
-                if tags.iter().any(|t| t == "*" || *t == mine) {
-                    Ok(())
-                } else if tags.iter().any(|t| t.strip_prefix("W/") == Some(&mine)) {
-                    Err(BucketError::PreconditionFailed(
-                        "If-Match compares ETags strongly: send the ETag as answered, without W/ (a cache or proxy may have weakened it)",
-                    ))
-                } else {
-                    Err(BucketError::PreconditionFailed(
-                        "If-Match: the value has changed since that ETag; GET the key for its current ETag",
-                    ))
-                }
-            }
+            Condition::IfMatch(tags) => if_match(tags, current, etag_key),
         }
+    }
+}
+
+/// `If-Match: tags` against the current value.
+fn if_match(
+    tags: &[String],
+    current: Option<&Stored>,
+    etag_key: EtagKey,
+) -> Result<(), BucketError> {
+    let Some(cur) = current else {
+        return Err(BucketError::PreconditionFailed(
+            "If-Match: the key does not exist (deleted, expired or never written); to write it only if it is absent, send If-None-Match: * instead",
+        ));
+    };
+    let mine = etag_key.etag(cur.version);
+    // If-Match compares strongly (RFC 9110): a weak tag never matches.
+    if tags.iter().any(|t| t == "*" || *t == mine) {
+        Ok(())
+    } else if tags.iter().any(|t| t.strip_prefix("W/") == Some(&mine)) {
+        Err(BucketError::PreconditionFailed(
+            "If-Match compares ETags strongly: send the ETag as answered, without W/ (a cache or proxy may have weakened it)",
+        ))
+    } else {
+        Err(BucketError::PreconditionFailed(
+            "If-Match: the value has changed since that ETag; GET the key for its current ETag",
+        ))
     }
 }
 

@@ -35,15 +35,12 @@ fn flag(pairs: &[(String, String)], name: &str) -> Result<bool, ApiError> {
 /// most there is (a larger `limit` lists a full page, as any over 10000).
 fn number(pairs: &[(String, String)], name: &str, default: usize) -> Result<usize, ApiError> {
     query_param(pairs, name).map_or(Ok(default), |v| {
-        let digits = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
-        crate::bucket::whole_number(v)
-            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
-            .or(digits.then_some(usize::MAX))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "{name} must be a whole number (digits only), not {v:?}"
-                ))
-            })
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ApiError::bad_request(format!(
+                "{name} must be a whole number (digits only), not {v:?}"
+            )));
+        }
+        Ok(v.parse().unwrap_or(usize::MAX))
     })
 }
 

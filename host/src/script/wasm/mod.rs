@@ -479,9 +479,10 @@ impl WasmRuntime {
         );
         store.limiter(|s| &mut s.limits);
         store.set_fuel(self.limits.fuel).map_err(internal)?;
-        // wasmtime's "hostcall fuel": the bytes (as the host holds them) it
-        // lifts out of the guest for one call's arguments or for the
-        // response, checked before it allocates.
+        // wasmtime's "hostcall fuel": what it lifts out of the guest for one
+        // call's arguments or for the response (a list at its elements'
+        // host size, a string at its bytes in the guest), checked before it
+        // allocates.
         store.set_hostcall_fuel(handover);
         // The guest hands control back every so often, so that a long run
         // can leave the async worker (see below).
