@@ -167,7 +167,12 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
         .get(&url)
         .header("Authorization", &format!("Bearer {}", args.admin_token))
         .call()
-        .with_context(|| format!("connecting to {}", args.server))?;
+        .with_context(|| {
+            format!(
+                "connecting to {} (the server to back up is named with --server or KVDB_SERVER; is it running?)",
+                args.server
+            )
+        })?;
     if !response.status().is_success() {
         let detail = response.body_mut().read_to_string().unwrap_or_default();
         bail!(

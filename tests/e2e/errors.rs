@@ -250,6 +250,10 @@ fn value_over_the_limit_is_413_and_changes_nothing() {
         &[0u8; 5000],
     )
     .assert_problem(413);
+    // The answer says which limit, and where it is set.
+    let detail = s.put(&format!("/{b}/k"), &over).assert_problem(413);
+    assert!(detail.contains("limit of 100 bytes"), "{detail}");
+    assert!(detail.contains("--max-value-bytes"), "{detail}");
     assert_unchanged(&s, &b);
 }
 
@@ -391,6 +395,18 @@ fn if_none_match_other_than_star_on_a_write_is_rejected_without_writing() {
         r.text()
     );
     r.assert_problem(r.status);
+    // Empty or unquoted, the answer names the one thing a write takes
+    // there (it offered ETags, which the next try refused).
+    for value in ["", "abc", "\"abc\""] {
+        let r = s.request(
+            "PUT",
+            &format!("/{b}/k"),
+            &[("if-none-match", value)],
+            Some(b"changed"),
+        );
+        let detail = r.assert_problem(400);
+        assert!(detail.contains("supports only `*`"), "{value:?}: {detail}");
+    }
     assert_unchanged(&s, &b);
 }
 

@@ -435,7 +435,8 @@ fn upload_beyond_the_source_limit_is_413() {
     let r = upload(&s, &b, "fits", at_limit.as_bytes());
     assert_eq!(r.status, 200, "{}", r.text());
     let over = format!("{at_limit}x");
-    upload(&s, &b, "big", over.as_bytes()).assert_problem(413);
+    let detail = upload(&s, &b, "big", over.as_bytes()).assert_problem(413);
+    assert!(detail.contains("--script-source-bytes"), "{detail}");
     assert_problem_type(&run(&s, &b, "big"), 404, "script-not-found");
     assert_body(&run(&s, &b, "fits"), "a\n");
 }
@@ -1852,6 +1853,40 @@ kvdb.say(tostring(pcall(function() kvdb.scope.prefix = 5 end)))"#,
         "read \nv\nstring\nstring\nstring\nwrite,delete\nstring\nfalse\nfalse\nfalse\n",
     );
     assert_eq!(s.get(&format!("/{b}/k")).text(), "v");
+}
+
+/// `kvdb.scope = {prefix = ..., permissions = {...}}` sets the scope, as
+/// setting its fields one by one does (it replaced the table and left the
+/// scope as it was: the write outside the prefix went through).
+#[test]
+fn assigning_a_table_to_kvdb_scope_sets_the_scope() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval_as(
+        &s,
+        &b,
+        r#"kvdb.scope = {prefix = "users:1:", permissions = {"write"}}
+kvdb.say(kvdb.scope.prefix, " ", table.concat(kvdb.scope.permissions, ","))
+kvdb.say(tostring(kvdb.set("users:1:name", "ann")))
+kvdb.say(type(kvdb.set("users:2:name", "kim")))
+kvdb.say(type(select(2, kvdb.get("users:1:name"))))
+kvdb.scope = {permissions = "read, write"}
+kvdb.say(kvdb.scope.prefix, " ", table.concat(kvdb.scope.permissions, ","))
+kvdb.scope = kvdb.scope
+kvdb.say(kvdb.scope.prefix, " ", table.concat(kvdb.scope.permissions, ","))
+kvdb.say(tostring(pcall(function() kvdb.scope = "users:3:" end)))
+kvdb.say(tostring(pcall(function() kvdb.scope = {prefix = "x", other = 1} end)))
+kvdb.say(kvdb.scope.prefix)
+kvdb.mine = 5
+kvdb.say(kvdb.mine)"#,
+        SK,
+    );
+    assert_body(
+        &r,
+        "users:1: write\nnil\nstring\nstring\nusers:1: read,write\nusers:1: read,write\nfalse\nfalse\nusers:1:\n5\n",
+    );
+    assert_eq!(s.get(&format!("/{b}/users:1:name")).text(), "ann");
+    s.get(&format!("/{b}/users:2:name")).assert_problem(404);
 }
 
 #[test]

@@ -198,6 +198,27 @@ kvdb.say(type(os.date("%c")))"#,
     assert_body(&r, "false\nfalse\nstring\n");
 }
 
+/// `os.date` works its format in C, where the run's limits never look: a
+/// format of millions of conversions held a worker seconds past the time
+/// limit. A format is at most 4096 bytes; one that long still works.
+#[test]
+fn an_os_date_format_of_millions_of_conversions_is_refused() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"local ok, err = pcall(os.date, string.rep("%%", 7000000))
+kvdb.say(tostring(ok), " ", (string.gsub(tostring(err), "^[^:]*:%d+: ", "")))
+kvdb.say(#os.date(string.rep("%%", 2048)))
+kvdb.say(os.date("!%Y", 0))"#,
+    );
+    assert_body(
+        &r,
+        "false os.date: a format of more than 4096 bytes\n2048\n1970\n",
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Isolation between runs and buckets
 

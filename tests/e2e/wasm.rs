@@ -397,7 +397,21 @@ fn a_component_beyond_the_component_size_limit_is_413_and_stores_nothing() {
     let s = TestServer::start_with(&["--script-component-bytes", "100000"]);
     let b = script_bucket(&s, "");
     let r = upload_bytes(&s, &b, "big", &visitors, Some("application/wasm"));
-    r.assert_problem(413);
+    let detail = r.assert_problem(413);
+    assert!(detail.contains("--script-component-bytes"), "{detail}");
+    // Without the media type, the body is read up to the larger limit (the
+    // Lua one, 256 KiB, here), and a component is still held to its own.
+    let r = upload_bytes(&s, &b, "big", &visitors, None);
+    let detail = r.assert_problem(413);
+    assert!(detail.contains("--script-component-bytes"), "{detail}");
+    // Past both, both limits are named.
+    let mut huge = visitors.clone();
+    huge.resize(300 * 1024, 0);
+    let detail = upload_bytes(&s, &b, "big", &huge, None).assert_problem(413);
+    assert!(
+        detail.contains("--script-source-bytes") && detail.contains("--script-component-bytes"),
+        "{detail}"
+    );
     assert_problem_type(&run(&s, &b, "big"), 404, "script-not-found");
     install_wasm(&s, &b, "small", &hello);
     assert_body(&run(&s, &b, "small?name=s"), "Hello s\n");

@@ -185,17 +185,24 @@ impl Scope {
 
     /// What the scope grants, for an error message: `read, enumerate on keys
     /// starting with "users:1:"`, `read on every key`, `nothing`.
+    /// Grants of one prefix (what the bucket leaves open and what the key
+    /// adds) are named together.
     pub fn describe(&self) -> String {
-        let grants: Vec<String> = self
-            .grants
-            .iter()
-            .filter(|g| !g.permissions.is_empty())
-            .map(|g| {
-                let perms = g.permissions.names().join(", ");
-                if g.prefix.is_empty() {
+        let mut by_prefix: Vec<(&str, Permissions)> = Vec::new();
+        for g in self.grants.iter().filter(|g| !g.permissions.is_empty()) {
+            match by_prefix.iter_mut().find(|(prefix, _)| *prefix == g.prefix) {
+                Some((_, perms)) => *perms = g.permissions.iter().fold(*perms, Permissions::with),
+                None => by_prefix.push((&g.prefix, g.permissions)),
+            }
+        }
+        let grants: Vec<String> = by_prefix
+            .into_iter()
+            .map(|(prefix, permissions)| {
+                let perms = permissions.names().join(", ");
+                if prefix.is_empty() {
                     format!("{perms} on every key")
                 } else {
-                    format!("{perms} on keys starting with {:?}", g.prefix)
+                    format!("{perms} on keys starting with {prefix:?}")
                 }
             })
             .collect();
@@ -262,6 +269,24 @@ mod tests {
             "write on every key"
         );
         assert_eq!(token_scope("a", &[]).describe(), "nothing");
+    }
+
+    #[test]
+    fn grants_of_one_prefix_are_described_together() {
+        // What a bucket leaves open (read) and what its write key adds.
+        let mut s = token_scope("", &[Permission::Read]);
+        s.grants.push(Grant {
+            prefix: String::new(),
+            permissions: Permissions::of(&[Permission::Write, Permission::Delete]),
+        });
+        s.grants.push(Grant {
+            prefix: "a:".into(),
+            permissions: Permissions::of(&[Permission::Enumerate]),
+        });
+        assert_eq!(
+            s.describe(),
+            r#"read, write, delete on every key; enumerate on keys starting with "a:""#
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
-use super::{Access, ApiError, AppState, body_fields, read_body};
+use super::{Access, ApiError, AppState, BodyLimit, body_fields, read_body};
 use crate::bucket::{BucketError, BucketId, Grant, Permissions, PolicyChange, check_key_text};
 
 /// Largest policy or token request body: a handful of short fields.
@@ -31,7 +31,7 @@ pub async fn post_bucket(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(&headers, body, MAX_FORM_BYTES).await?;
+    let body = read_body(&headers, body, MAX_FORM_BYTES, BodyLimit::Fields).await?;
     let change =
         PolicyChange::from_fields(body_fields(&headers, &body)?).map_err(BucketError::from)?;
     let (id, policy) = state.buckets.create(change).await?;
@@ -88,7 +88,7 @@ pub async fn patch_bucket(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     // 401/403 before any complaint about the body, and before reading it.
     bucket.ensure_admin()?;
-    let body = read_body(&headers, body, MAX_FORM_BYTES).await?;
+    let body = read_body(&headers, body, MAX_FORM_BYTES, BodyLimit::Fields).await?;
     let change =
         PolicyChange::from_fields(body_fields(&headers, &body)?).map_err(BucketError::from)?;
     Ok(Json(bucket.update_policy(change).await?))
@@ -182,7 +182,7 @@ pub async fn post_token(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     // 401/403 before any complaint about the body, and before reading it.
     bucket.ensure_admin()?;
-    let body = read_body(&headers, body, MAX_FORM_BYTES).await?;
+    let body = read_body(&headers, body, MAX_FORM_BYTES, BodyLimit::Fields).await?;
     let (grant, ttl) = token_grant(&body_fields(&headers, &body)?)?;
     let (token, expires_at) = bucket.issue_token(&grant, ttl)?;
     Ok(Json(serde_json::json!({

@@ -31,8 +31,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
-    #[error("the request body is larger than the limit of {limit} bytes")]
-    PayloadTooLarge { limit: usize },
+    #[error("the request body is larger than the limit of {limit} bytes: {what}")]
+    PayloadTooLarge { limit: usize, what: BodyLimit },
     /// The client stopped sending its request body (see `http::serve`).
     #[error("{0}: send the whole body (as long as Content-Length says) without long pauses")]
     BodyStalled(#[from] super::serve::BodyStalled),
@@ -42,6 +42,53 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     Internal(String),
+}
+
+/// Which limit a request body passed, and so what the client can do: the
+/// second half of a 413's detail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLimit {
+    /// A value, or a script's request body (which the value limit bounds).
+    Value,
+    /// A bucket's fields (create, change the policy, issue a token).
+    Fields,
+    /// A Lua script's source.
+    LuaSource,
+    /// A WebAssembly component, sent as `application/wasm`.
+    Component,
+    /// A script upload without `application/wasm`, which may be either.
+    Script { lua_source: usize, component: usize },
+}
+
+impl std::fmt::Display for BodyLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyLimit::Value => f.write_str(
+                "a value (and a script's request body) may be at most that large on this server \
+                 (`kvdb serve --max-value-bytes`); send less, or split it over several keys",
+            ),
+            BodyLimit::Fields => {
+                f.write_str("send only the bucket's fields (form or JSON), a few short strings")
+            }
+            BodyLimit::LuaSource => f.write_str(
+                "a Lua script may be at most that large on this server \
+                 (`kvdb serve --script-source-bytes`); keep data in keys, not in the source",
+            ),
+            BodyLimit::Component => f.write_str(
+                "a WebAssembly component may be at most that large on this server \
+                 (`kvdb serve --script-component-bytes`); build it with `--release` and strip it",
+            ),
+            BodyLimit::Script {
+                lua_source,
+                component,
+            } => write!(
+                f,
+                "a Lua script may have at most {lua_source} bytes \
+                 (`kvdb serve --script-source-bytes`), a WebAssembly component sent as \
+                 `application/wasm` at most {component} (`kvdb serve --script-component-bytes`)"
+            ),
+        }
+    }
 }
 
 impl ApiError {
@@ -167,7 +214,13 @@ mod tests {
             (BucketError::PreconditionFailed("x").into(), 412),
             (BucketError::Conflict(OpConflict::Overflow).into(), 409),
             (BucketError::TooLarge { size: 2, limit: 1 }.into(), 413),
-            (ApiError::PayloadTooLarge { limit: 1 }, 413),
+            (
+                ApiError::PayloadTooLarge {
+                    limit: 1,
+                    what: BodyLimit::Value,
+                },
+                413,
+            ),
             (InvalidKey::Empty.into(), 400),
             (ApiError::bad_request("x"), 400),
             (ApiError::MethodNotAllowed("x".into()), 405),

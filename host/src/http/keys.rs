@@ -6,8 +6,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{
-    Access, ApiError, AppState, condition, content_type, etag_list, query_pairs, query_param,
-    read_body, ttl_param,
+    Access, ApiError, AppState, BodyLimit, condition, content_type, etag_list, query_pairs,
+    query_param, read_body, ttl_param,
 };
 use crate::bucket::{BucketError, Key, Number, Op, OperandError, Scoped, Typing, Value};
 
@@ -100,7 +100,7 @@ impl Write {
         let ttl = ttl_param(&pairs)?;
         let condition = condition(headers)?;
         let limit = state.buckets.limits().max_value_bytes;
-        let body = read_body(headers, body, limit).await?;
+        let body = read_body(headers, body, limit, BodyLimit::Value).await?;
         Ok(Self {
             key,
             pairs,

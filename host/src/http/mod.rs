@@ -30,7 +30,7 @@ use tower_http::cors::CorsLayer;
 use crate::auth;
 use crate::bucket::{BucketId, Buckets, Condition, Scoped};
 pub use admin::{SINCE_HEADER as BACKUP_SINCE_HEADER, VERSION_HEADER as BACKUP_VERSION_HEADER};
-pub use error::ApiError;
+pub use error::{ApiError, BodyLimit};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -453,8 +453,9 @@ pub(crate) async fn read_body(
     headers: &HeaderMap,
     mut body: Body,
     limit: usize,
+    what: BodyLimit,
 ) -> Result<Bytes, ApiError> {
-    let too_large = ApiError::PayloadTooLarge { limit };
+    let too_large = ApiError::PayloadTooLarge { limit, what };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -573,11 +574,14 @@ impl<'de> serde::Deserialize<'de> for UniqueFields {
 /// An `If-None-Match` other than `*` on a write.
 pub(crate) fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
     let if_match = etag_list(headers, &header::IF_MATCH)?;
-    if let Some(tags) = etag_list(headers, &header::IF_NONE_MATCH)? {
+    // Empty, unquoted or a list of ETags: one answer, which names the one
+    // thing a write takes there (the list's own advice would offer ETags).
+    let only_star = || {
+        ApiError::bad_request("on a write, If-None-Match supports only `*` (set only if absent)")
+    };
+    if let Some(tags) = etag_list(headers, &header::IF_NONE_MATCH).map_err(|_| only_star())? {
         if !tags.iter().all(|t| t == "*") {
-            return Err(ApiError::bad_request(
-                "on a write, If-None-Match supports only `*` (set only if absent)",
-            ));
+            return Err(only_star());
         }
         return Ok(if_match.map_or(Condition::IfAbsent, Condition::IfMatchAndAbsent));
     }

@@ -15,7 +15,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 
 use super::{
-    Access, ApiError, AppState, MAX_FIELDS, content_type, form_pairs, query_pairs, read_body,
+    Access, ApiError, AppState, BodyLimit, MAX_FIELDS, content_type, form_pairs, query_pairs,
+    read_body,
 };
 use crate::bucket::{BucketError, ScriptKind, ScriptName};
 use crate::script::Request;
@@ -79,21 +80,40 @@ pub async fn put_script(
     bucket.ensure_admin()?;
     let limits = state.scripts.limits;
     let declared_wasm = content_type(&headers).is_some_and(|ct| ct.starts_with("application/wasm"));
-    let ceiling = if declared_wasm {
-        limits.component_bytes
+    let (ceiling, what) = if declared_wasm {
+        (limits.component_bytes, BodyLimit::Component)
     } else {
-        limits.source_bytes.max(limits.component_bytes)
+        (
+            limits.source_bytes.max(limits.component_bytes),
+            BodyLimit::Script {
+                lua_source: limits.source_bytes,
+                component: limits.component_bytes,
+            },
+        )
     };
-    let source = read_body(&headers, body, ceiling).await?;
+    let source = read_body(&headers, body, ceiling, what).await?;
     let kind = if declared_wasm || source.starts_with(b"\0asm") {
         ScriptKind::Wasm
     } else {
         ScriptKind::Lua
     };
-    if kind == ScriptKind::Lua && source.len() > limits.source_bytes {
-        return Err(ApiError::PayloadTooLarge {
-            limit: limits.source_bytes,
-        });
+    // Read up to the larger limit when the kind was not declared: each
+    // kind is held to its own (a component sent without `application/wasm`
+    // passed its limit up to the Lua one).
+    match kind {
+        ScriptKind::Lua if source.len() > limits.source_bytes => {
+            return Err(ApiError::PayloadTooLarge {
+                limit: limits.source_bytes,
+                what: BodyLimit::LuaSource,
+            });
+        }
+        ScriptKind::Wasm if source.len() > limits.component_bytes => {
+            return Err(ApiError::PayloadTooLarge {
+                limit: limits.component_bytes,
+                what: BodyLimit::Component,
+            });
+        }
+        _ => {}
     }
     // Compile once, at upload, off the async threads.
     let runtimes = state.scripts.clone();
@@ -292,7 +312,7 @@ pub async fn run_script(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     let limit = state.buckets.limits().max_value_bytes;
-    let body = read_body(&parts.headers, body, limit).await?;
+    let body = read_body(&parts.headers, body, limit, BodyLimit::Value).await?;
     let script = bucket
         .bucket()
         .load_script(&name)?

@@ -328,10 +328,13 @@ fn exit_now(run: &mut Run) -> mlua::Error {
 }
 
 /// The `__index` of the shared `kvdb` functions: the request fields
-/// (`var`, `method`, `path`, `headers`, `body`) of the current run, built on
-/// first use (most scripts read few of them) and kept for the run.
-pub(super) fn request_field_function(lua: &Lua) -> mlua::Result<Function> {
-    lua.create_function(|lua, (_, key): (Value, mlua::LuaString)| {
+/// (`var`, `method`, `path`, `headers`, `body`) of the current run, and its
+/// `kvdb.scope` (a table of its own with `scope_mt`, so that what a run
+/// `rawset`s there stays in it), built on first use (most scripts read few
+/// of them) and kept for the run. Not a field of each run's `kvdb` table,
+/// so that assigning `kvdb.scope` reaches its `__newindex`.
+pub(super) fn request_field_function(lua: &Lua, scope_mt: Table) -> mlua::Result<Function> {
+    lua.create_function(move |lua, (_, key): (Value, mlua::LuaString)| {
         let Some(cell) = lua.app_data_ref::<RunCell>() else {
             return Ok(Value::Nil);
         };
@@ -372,6 +375,15 @@ pub(super) fn request_field_function(lua: &Lua) -> mlua::Result<Function> {
                     t.raw_set(k.as_str(), joined)?;
                 }
                 run.headers_table = Some(t.clone());
+                Value::Table(t)
+            }
+            b"scope" => {
+                if let Some(t) = &run.scope_table {
+                    return Ok(Value::Table(t.clone()));
+                }
+                let t = lua.create_table()?;
+                t.set_metatable(Some(scope_mt.clone()))?;
+                run.scope_table = Some(t.clone());
                 Value::Table(t)
             }
             _ => Value::Nil,
@@ -694,41 +706,74 @@ pub(super) fn scope_metatable(lua: &Lua) -> mlua::Result<Table> {
     )?;
     mt.raw_set(
         "__newindex",
-        lua.create_function(|lua, (_t, k, v): (Value, String, Value)| {
-            let perms = if k == "permissions" {
-                Some(scope_permissions(lua, v.clone())?)
-            } else {
-                None
-            };
-            with_run(lua, |run| {
-                let (mut prefix, mut permissions) =
-                    run.script_scope.clone().unwrap_or_else(|| run.host.scope());
-                match k.as_str() {
-                    "prefix" => {
-                        prefix = match v {
-                            Value::String(s) => s.to_str()?.to_owned(),
-                            _ => {
-                                return Err(mlua::Error::runtime(
-                                    "kvdb.scope.prefix must be a string",
-                                ));
-                            }
-                        };
-                    }
-                    "permissions" => permissions = perms.unwrap_or_default(),
-                    other => {
-                        return Err(mlua::Error::runtime(format!(
-                            "kvdb.scope has only prefix and permissions, not {other:?}"
-                        )));
-                    }
-                }
-                run.host
-                    .set_scope(&prefix, permissions)
-                    .map_err(|e| mlua::Error::runtime(e.to_string()))?;
-                run.script_scope = Some((prefix, permissions));
-                Ok(())
-            })
+        lua.create_function(|lua, (_t, k, v): (Value, String, Value)| match k.as_str() {
+            "prefix" => set_scope(lua, Some(v), None),
+            "permissions" => set_scope(lua, None, Some(v)),
+            other => Err(mlua::Error::runtime(format!(
+                "kvdb.scope has only prefix and permissions, not {other:?}"
+            ))),
         })?,
     )?;
     mt.raw_set("__metatable", false)?;
     Ok(mt)
+}
+
+/// `__newindex` of each run's `kvdb` table: `kvdb.scope = {prefix = ...,
+/// permissions = {...}}` sets the fields it has (as assigning them one by
+/// one does; it replaced the table and left the scope as it was, found by
+/// a review); any other name is set on the table as usual.
+pub(super) fn kvdb_newindex_function(lua: &Lua) -> mlua::Result<Function> {
+    lua.create_function(|lua, (t, k, v): (Table, Value, Value)| {
+        if !matches!(&k, Value::String(s) if s.as_bytes() == b"scope") {
+            return t.raw_set(k, v);
+        }
+        let Value::Table(fields) = v else {
+            return Err(mlua::Error::runtime(
+                "kvdb.scope takes a table {prefix = ..., permissions = {...}}, or set kvdb.scope.prefix and kvdb.scope.permissions one at a time",
+            ));
+        };
+        let (mut prefix, mut permissions) = (None, None);
+        for pair in fields.pairs::<Value, Value>() {
+            let (name, value) = pair?;
+            match &name {
+                Value::String(s) if s.as_bytes() == b"prefix" => prefix = Some(value),
+                Value::String(s) if s.as_bytes() == b"permissions" => permissions = Some(value),
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "kvdb.scope has only prefix and permissions, not {}",
+                        other.to_string().unwrap_or_else(|_| other.type_name().to_owned())
+                    )));
+                }
+            }
+        }
+        // `kvdb.scope = kvdb.scope`: the proxy has no fields of its own; its
+        // current values are read through it.
+        if prefix.is_none() && permissions.is_none() {
+            prefix = fields.get::<Option<Value>>("prefix")?;
+            permissions = fields.get::<Option<Value>>("permissions")?;
+        }
+        set_scope(lua, prefix, permissions)
+    })
+}
+
+/// Replaces the run's scope: the given prefix and permissions, the current
+/// ones where `None`.
+fn set_scope(lua: &Lua, prefix: Option<Value>, permissions: Option<Value>) -> mlua::Result<()> {
+    let permissions = permissions.map(|v| scope_permissions(lua, v)).transpose()?;
+    let prefix = match prefix {
+        None => None,
+        Some(Value::String(s)) => Some(s.to_str()?.to_owned()),
+        Some(_) => return Err(mlua::Error::runtime("kvdb.scope.prefix must be a string")),
+    };
+    with_run(lua, |run| {
+        let (current_prefix, current_permissions) =
+            run.script_scope.clone().unwrap_or_else(|| run.host.scope());
+        let prefix = prefix.unwrap_or(current_prefix);
+        let permissions = permissions.unwrap_or(current_permissions);
+        run.host
+            .set_scope(&prefix, permissions)
+            .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+        run.script_scope = Some((prefix, permissions));
+        Ok(())
+    })
 }

@@ -102,6 +102,7 @@ pub(crate) struct Run {
     pub log: crate::script::LogBudget,
     pub var: Option<mlua::Table>,
     pub headers_table: Option<mlua::Table>,
+    pub scope_table: Option<mlua::Table>,
 }
 
 pub(crate) type RunCell = RefCell<Run>;
@@ -411,6 +412,7 @@ impl State {
             log: crate::script::LogBudget::default(),
             var: None,
             headers_table: None,
+            scope_table: None,
         }));
         lua.set_memory_limit(lua.used_memory().saturating_add(limits.memory_bytes))
             .map_err(internal)?;

@@ -82,13 +82,13 @@ return safe_pcall, safe_xpcall, safe_setmetatable
 "#;
 
 /// Builds one run's globals in one call (far cheaper than a Rust call per
-/// table): the environment, its `kvdb` table and `kvdb.scope`. Takes the
-/// three metatables. The request fields of `kvdb` are filled in when first
+/// table): the environment and its `kvdb` table. Takes their two
+/// metatables. The request fields of `kvdb` are filled in when first
 /// read (see `bindings::request_field`).
 const BUILD_ENV: &str = r#"
 local setmetatable = setmetatable
-return function(env_mt, kvdb_mt, scope_mt)
-  local kvdb = setmetatable({ scope = setmetatable({}, scope_mt) }, kvdb_mt)
+return function(env_mt, kvdb_mt)
+  local kvdb = setmetatable({}, kvdb_mt)
   local env = setmetatable({ kvdb = kvdb }, env_mt)
   env._G = env
   return env
@@ -167,7 +167,11 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
     lua.load(SCANS)
         .set_name("=sandbox")
         .set_mode(ChunkMode::Text)
-        .call::<()>((lua.create_function(check_scan)?, TABLE_MOVE_MAX))?;
+        .call::<()>((
+            lua.create_function(check_scan)?,
+            TABLE_MOVE_MAX,
+            DATE_FORMAT_MAX,
+        ))?;
     super::pattern::install(&lua, &lua.globals().get::<Table>("string")?)?;
     // The limits' hook is installed on the main state and on each run's
     // thread (see `meter`), not here: mlua's hooks can't stop a run safely.
@@ -194,7 +198,7 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
 /// 'rep'`); their position, this chunk's, is replaced by the script's line
 /// (see `position_handler`).
 const SCANS: &str = r#"
-local check, move_max = ...
+local check, move_max, date_max = ...
 local tonumber, error, type, select, floor = tonumber, error, type, select, math.floor
 local function pass(...) return ... end
 local rep, upper, lower, reverse = string.rep, string.upper, string.lower, string.reverse
@@ -255,6 +259,17 @@ table.move = function(a1, f, e, ...)
   end
   return pass(move(a1, f, e, ...))
 end
+-- os.date reads its format in C, a conversion at a time, and its result
+-- grows with it: 7 million "%%" held a worker two seconds past the run's
+-- time limit (found by a review). A format is a few conversions.
+local date = os.date
+os.date = function(fmt, ...)
+  check()
+  if type(fmt) == "string" and #fmt > date_max then
+    error("os.date: a format of more than " .. date_max .. " bytes", 2)
+  end
+  return pass(date(fmt, ...))
+end
 local len, offset, codepoint, char = utf8.len, utf8.offset, utf8.codepoint, utf8.char
 utf8.len = function(...) check() return pass(len(...)) end
 utf8.offset = function(...) check() return pass(offset(...)) end
@@ -265,6 +280,9 @@ utf8.char = function(...) check() return pass(char(...)) end
 /// The most elements one `table.move` may move: a table that large is over
 /// any memory limit, and a call over that many takes about a second.
 const TABLE_MOVE_MAX: i64 = 10_000_000;
+
+/// The longest format `os.date` takes (`%Y-%m-%d %H:%M:%S` is 17 bytes).
+const DATE_FORMAT_MAX: i64 = 4096;
 
 /// `check()`: looks at the current run's limits (the wall clock), and
 /// raises if the run is over one or was stopped (an ordinary error raised
@@ -331,10 +349,9 @@ pub(super) struct Base {
     /// Metatable of each run's globals: reads through to the base, locked.
     env_mt: Table,
     /// Metatable of each run's `kvdb` table: reads through to the shared
-    /// functions (so a run needs no copy of them), locked.
+    /// functions (so a run needs no copy of them), sets the scope on
+    /// `kvdb.scope = {...}`, locked.
     kvdb_mt: Table,
-    /// Metatable of each run's `kvdb.scope`.
-    scope_mt: Table,
     /// [`BUILD_ENV`], loaded.
     build_env: Function,
     /// [`RUNNER`], loaded.
@@ -376,16 +393,20 @@ impl Base {
         env_mt.raw_set("__index", base)?;
         env_mt.raw_set("__metatable", false)?;
         let kvdb = bindings::functions(lua)?;
-        // What `kvdb` does not hold is a request field, read on first use.
+        // What `kvdb` does not hold is a request field or `kvdb.scope`, made
+        // on first use.
         let fields_mt = lua.create_table()?;
-        fields_mt.raw_set("__index", bindings::request_field_function(lua)?)?;
+        fields_mt.raw_set(
+            "__index",
+            bindings::request_field_function(lua, bindings::scope_metatable(lua)?)?,
+        )?;
         fields_mt.raw_set("__metatable", false)?;
         kvdb.set_metatable(Some(fields_mt))?;
         kvdb.raw_set("json", read_only(lua, bindings::json(lua)?)?)?;
         let kvdb_mt = lua.create_table()?;
         kvdb_mt.raw_set("__index", kvdb)?;
+        kvdb_mt.raw_set("__newindex", bindings::kvdb_newindex_function(lua)?)?;
         kvdb_mt.raw_set("__metatable", false)?;
-        let scope_mt = bindings::scope_metatable(lua)?;
         let build_env = lua
             .load(BUILD_ENV)
             .set_name("=sandbox")
@@ -399,7 +420,6 @@ impl Base {
         Ok(Self {
             env_mt,
             kvdb_mt,
-            scope_mt,
             build_env,
             runner,
             randomseed,
@@ -417,7 +437,6 @@ impl Base {
     pub(super) fn environment(&self) -> mlua::Result<Table> {
         self.randomseed
             .call::<()>((rand::random::<i64>(), rand::random::<i64>()))?;
-        self.build_env
-            .call((&self.env_mt, &self.kvdb_mt, &self.scope_mt))
+        self.build_env.call((&self.env_mt, &self.kvdb_mt))
     }
 }
