@@ -1486,6 +1486,56 @@ kvdb.say(kvdb.incr("n", -1/0))"#,
     assert_eq!(s.get(&format!("/{b}/n")).status, 404);
 }
 
+/// A table that is not a plain sequence keeps everything it holds, the
+/// same in `json.encode` and in what `kvdb.set` and `kvdb.merge` store:
+/// holes are `null`, and a table with other keys is an object whose number
+/// keys are strings (Lua's length operator had `{"first", name = "bob"}`
+/// stored as `["first"]`, and `set` refused what `json.encode` wrote).
+#[test]
+fn tables_with_holes_or_mixed_keys_keep_every_entry() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"local sparse = {} sparse[1] = "a" sparse[3] = "c"
+local mixed = {"first", name = "bob"}
+local far = {[10] = 1, [1] = 2}
+kvdb.say(kvdb.json.encode(sparse), " ", kvdb.json.encode(mixed), " ", kvdb.json.encode(far))
+kvdb.say(kvdb.json.encode({[2] = "b"}), " ", kvdb.json.encode({}), " ", kvdb.json.encode({1, 2}))
+kvdb.say(tostring(kvdb.set("sparse", sparse)), " ", tostring(kvdb.set("mixed", mixed)))
+kvdb.say(tostring(kvdb.set("two", {[2] = "b"})))
+kvdb.say(tostring(kvdb.merge("doc", {tags = {"x", extra = true}})))
+kvdb.say(tostring(pcall(kvdb.json.encode, {0/0})))
+kvdb.say(tostring(kvdb.set("nan", {n = 0/0})))
+kvdb.say(tostring(pcall(kvdb.json.encode, {[true] = 1})))
+kvdb.say(tostring(pcall(kvdb.json.encode, "\255")))"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[..5],
+        [
+            r#"["a",null,"c"] {"1":"first","name":"bob"} {"1":2,"10":1}"#,
+            r#"[null,"b"] {} [1,2]"#,
+            "nil nil",
+            "nil",
+            "nil",
+        ],
+        "{text}"
+    );
+    assert_eq!(lines[5], "false", "{text}");
+    assert!(lines[6].contains("finite"), "{text}");
+    assert_eq!(lines[7..], ["false", "false"], "{text}");
+    let get = |k: &str| s.get(&format!("/{b}/{k}")).json();
+    assert_eq!(get("sparse"), json!(["a", null, "c"]));
+    assert_eq!(get("mixed"), json!({"1": "first", "name": "bob"}));
+    assert_eq!(get("two"), json!([null, "b"]));
+    assert_eq!(get("doc"), json!({"tags": {"1": "x", "extra": true}}));
+    s.get(&format!("/{b}/nan")).assert_problem(404);
+}
+
 #[test]
 fn json_encode_and_decode_round_trip() {
     let s = TestServer::start();

@@ -166,20 +166,20 @@ impl std::io::Write for Capped {
     }
 }
 
-/// The JSON text of a Lua value (`None` if only `keep` is false, to check
-/// its size), no longer than the run's memory limit: a table can hold one
-/// large string many times over, which the host would otherwise copy out
-/// in full (found by a review: 100 references to an 8 MB string took
-/// gigabytes).
-fn json_text(lua: &Lua, v: &Value, keep: bool) -> Result<Option<Vec<u8>>, String> {
+/// Checks that the JSON text of a Lua value is no longer than the run's
+/// memory limit, without keeping it: a table can hold one large string many
+/// times over, which the host would otherwise copy out in full (found by a
+/// review: 100 references to an 8 MB string took gigabytes). Tables are
+/// written as mlua reads mixed tables, close to what [`json_of`] makes.
+fn check_json_size(lua: &Lua, v: &Value) -> Result<(), String> {
     let cap = with_run(lua, |run| Ok(run.limits.memory_bytes)).map_err(|e| e.to_string())?;
     let mut out = Capped {
-        out: keep.then(Vec::new),
+        out: None,
         len: 0,
         cap,
     };
-    match serde_json::to_writer(&mut out, v) {
-        Ok(()) => Ok(out.out),
+    match serde_json::to_writer(&mut out, &v.to_serializable().detect_mixed_tables(true)) {
+        Ok(()) => Ok(()),
         Err(e) if e.is_io() => Err(format!(
             "its JSON text would be over {cap} bytes (the script's memory limit)"
         )),
@@ -187,12 +187,117 @@ fn json_text(lua: &Lua, v: &Value, keep: bool) -> Result<Option<Vec<u8>>, String
     }
 }
 
-/// A Lua value as JSON, once [`json_text`] found it within the limit (read
-/// as before: a string that is not UTF-8 is refused, not made an array of
-/// bytes).
+/// A Lua value as JSON, once [`check_json_size`] found it within the limit;
+/// what `kvdb.set` and `kvdb.merge` store and `json.encode` writes. A table
+/// decoded from a JSON array is an array; an empty table is an object; a
+/// table whose keys are whole numbers from 1, with at most as many holes as
+/// values (or no key past 10), is an array, its holes `null`; any other is
+/// an object, its number keys written as strings. (mlua goes by Lua's
+/// length operator, and dropped what a table held past its first hole or
+/// besides its sequence: `{"a", name = "b"}` was stored as `["a"]`; found
+/// by a review.) A string that is not UTF-8 or a float that is not finite
+/// is refused, not made an array of bytes or `null`.
 fn json_of(lua: &Lua, v: &Value) -> Result<serde_json::Value, String> {
-    json_text(lua, v, false)?;
-    lua.from_value(v.clone()).map_err(|e| e.to_string())
+    check_json_size(lua, v)?;
+    to_json(&lua.array_metatable(), v, &mut Vec::new())
+}
+
+/// [`json_of`], below the tables in `path` (to refuse a table inside itself).
+fn to_json(
+    array_mt: &Table,
+    v: &Value,
+    path: &mut Vec<*const std::ffi::c_void>,
+) -> Result<serde_json::Value, String> {
+    use serde_json::Value as Json;
+    Ok(match v {
+        Value::Nil => Json::Null,
+        // `null` decoded from JSON.
+        Value::LightUserData(ud) if ud.0.is_null() => Json::Null,
+        Value::Boolean(b) => Json::Bool(*b),
+        Value::Integer(i) => Json::from(*i),
+        Value::Number(f) => serde_json::Number::from_f64(*f)
+            .map(Json::Number)
+            .ok_or("a float must be finite")?,
+        Value::String(s) => Json::String(
+            s.to_str()
+                .map_err(|_| "a string that is not UTF-8 can't be JSON text")?
+                .to_owned(),
+        ),
+        Value::Table(t) => {
+            let table = t.to_pointer();
+            if path.contains(&table) {
+                return Err("a table that contains itself can't be JSON".into());
+            }
+            if path.len() > crate::bucket::MAX_JSON_DEPTH {
+                return Err(format!(
+                    "tables nest more than {} deep",
+                    crate::bucket::MAX_JSON_DEPTH
+                ));
+            }
+            path.push(table);
+            let json = table_to_json(array_mt, t, path);
+            path.pop();
+            json?
+        }
+        other => return Err(format!("a {} can't be JSON", other.type_name())),
+    })
+}
+
+fn table_to_json(
+    array_mt: &Table,
+    t: &Table,
+    path: &mut Vec<*const std::ffi::c_void>,
+) -> Result<serde_json::Value, String> {
+    use serde_json::Value as Json;
+    let e = |e: mlua::Error| e.to_string();
+    if t.metatable().is_some_and(|mt| mt == *array_mt) {
+        let items = (1..=t.raw_len())
+            .map(|i| to_json(array_mt, &t.raw_get::<Value>(i).map_err(e)?, path))
+            .collect::<Result<_, _>>()?;
+        return Ok(Json::Array(items));
+    }
+    let entries = t
+        .pairs::<Value, Value>()
+        .collect::<mlua::Result<Vec<_>>>()
+        .map_err(e)?;
+    let positions: Option<Vec<usize>> = entries
+        .iter()
+        .map(|(k, _)| match k {
+            Value::Integer(i) => usize::try_from(*i).ok().filter(|i| *i >= 1),
+            _ => None,
+        })
+        .collect();
+    if let Some(positions) = positions.filter(|p| !p.is_empty()) {
+        let last = positions.iter().copied().max().unwrap_or(0);
+        if last < 10 || positions.len() * 2 >= last {
+            let mut items = vec![Json::Null; last];
+            for (position, (_, value)) in positions.into_iter().zip(&entries) {
+                items[position - 1] = to_json(array_mt, value, path)?;
+            }
+            return Ok(Json::Array(items));
+        }
+    }
+    let mut object = serde_json::Map::new();
+    for (key, value) in &entries {
+        let name = match key {
+            Value::String(s) => s
+                .to_str()
+                .map_err(|_| "a table key that is not UTF-8 can't be JSON text")?
+                .to_owned(),
+            Value::Integer(i) => i.to_string(),
+            Value::Number(f) => serde_json::Number::from_f64(*f)
+                .ok_or("a table key must be a finite number")?
+                .to_string(),
+            other => {
+                return Err(format!(
+                    "a table key must be a string or a number to be JSON, not a {}",
+                    other.type_name()
+                ));
+            }
+        };
+        object.insert(name, to_json(array_mt, value, path)?);
+    }
+    Ok(Json::Object(object))
 }
 
 /// A whole number of 0 or more (a ttl, a limit), or `None` for nil; a bad
@@ -653,9 +758,12 @@ pub(super) fn json(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "encode",
         lua.create_function(|lua, v: Value| {
-            let text = json_text(lua, &v, true)
-                .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?
-                .unwrap_or_default();
+            // Through the same reading as a stored table, so that what
+            // json.encode writes is what kvdb.set would store.
+            let json =
+                json_of(lua, &v).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
+            let text = serde_json::to_vec(&json)
+                .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
             lua.create_string(text)
         })?,
     )?;
