@@ -518,6 +518,23 @@ fn max_and_min_tell_apart_integers_a_float_cannot() {
     assert_eq!(current(&s, &path).as_deref(), Some("1700000000000000000"));
 }
 
+/// A stored number a double does not hold exactly stays as it was sent when
+/// a `max`, a `min` or a `+0` keeps it (it was written again from a double:
+/// `18446744073709551615` became `18446744073709552000`).
+#[test]
+fn a_number_that_stays_is_kept_as_sent() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    for text in ["18446744073709551615", "0.1000000000000000000000001"] {
+        let path = format!("/{b}/n");
+        s.put(&path, text);
+        assert_text(&s.patch(&format!("{path}?op=max"), "0"), text);
+        assert_text(&s.patch(&format!("{path}?op=min"), "1e30"), text);
+        assert_text(&s.patch(&path, "+0"), text);
+        assert_eq!(current(&s, &path).as_deref(), Some(text));
+    }
+}
+
 #[test]
 fn min_keeps_the_smaller_number() {
     let s = TestServer::start();
@@ -1032,7 +1049,8 @@ fn malformed_conditional_headers_are_400_and_change_nothing() {
     let path = format!("/{b}/k");
     let etag = s.put(&path, "v1").header("etag").expect("etag");
     for (name, value, says) in [
-        ("if-none-match", "", "If-None-Match is empty"),
+        // On a write it takes only `*`, and says so.
+        ("if-none-match", "", "If-None-Match supports only `*`"),
         ("if-match", "", "If-Match is empty"),
         ("if-match", "garbage", "takes ETags in quotes"),
         ("if-match", etag.trim_matches('"'), "takes ETags in quotes"),

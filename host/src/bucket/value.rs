@@ -607,22 +607,34 @@ impl Op {
     /// The operation does not apply to the current value.
     pub fn apply(&self, current: Option<Value>, max_bytes: usize) -> Result<Value, OpConflict> {
         match self {
+            // Adding zero keeps a number as it is stored: one that a double
+            // does not hold exactly (an integer past 64 bits, a long
+            // decimal) is not rounded by a `+0` (found by a review).
+            Op::Add(n) if n.cmp_exact(Number::Int(0)).is_eq() => match current {
+                None => Ok(Number::Int(0).into_value()),
+                Some(cur) => {
+                    cur.as_number()?;
+                    Ok(cur)
+                }
+            },
             Op::Add(n) => {
                 let cur = current.map_or(Ok(Number::Int(0)), |v| v.as_number())?;
                 add(cur, *n).map(Number::into_value)
             }
             Op::Max(n) | Op::Min(n) => {
-                let Some(cur) = current else {
+                let Some(current) = current else {
                     return Ok(n.into_value());
                 };
-                let cur = cur.as_number()?;
-                let order = n.cmp_exact(cur);
+                let order = n.cmp_exact(current.as_number()?);
                 let take_new = if matches!(self, Op::Max(_)) {
                     order.is_gt()
                 } else {
                     order.is_lt()
                 };
-                Ok(if take_new { *n } else { cur }.into_value())
+                // The value that stays is kept as it is stored, not written
+                // again from a double (`18446744073709551615` with `max 0`
+                // became `18446744073709552000`; found by a review).
+                Ok(if take_new { n.into_value() } else { current })
             }
             Op::Append { bytes, media_type } => match current {
                 None => Ok(Value::Raw {
@@ -1116,6 +1128,48 @@ mod tests {
             Op::Max(Number::Int(i64::MAX))
                 .apply(Some(Value::Float(9.223_372_036_854_776e18)), usize::MAX),
             Ok(Value::Float(9.223_372_036_854_776e18))
+        );
+    }
+
+    #[test]
+    fn a_number_that_stays_is_kept_as_stored() {
+        for text in [
+            "18446744073709551615",
+            "12345678901234567890123",
+            "0.1000000000000000000000001",
+        ] {
+            let stored = Value::from_body(text.as_bytes(), &Typing::Coerce).expect("a number");
+            for op in [
+                Op::Max(Number::Int(0)),
+                Op::Min(Number::Int(1_000_000_000_000_000_000)),
+                Op::Add(Number::Int(0)),
+                Op::Add(Number::Float(0.0)),
+            ] {
+                // 1e18 is the smaller of the two there: it is taken.
+                if !text.starts_with("0.") && matches!(op, Op::Min(_)) {
+                    continue;
+                }
+                assert_eq!(
+                    op.apply(Some(stored.clone()), usize::MAX),
+                    Ok(stored.clone()),
+                    "{op:?} on {text}"
+                );
+            }
+        }
+        // The new number, when it wins or there is none.
+        let stored = Value::from_body(b"18446744073709551615", &Typing::Coerce).expect("a number");
+        assert_eq!(
+            Op::Min(Number::Int(7)).apply(Some(stored), usize::MAX),
+            Ok(Value::Int(7))
+        );
+        assert_eq!(
+            Op::Add(Number::Int(0)).apply(None, usize::MAX),
+            Ok(Value::Int(0))
+        );
+        assert!(
+            Op::Add(Number::Int(0))
+                .apply(Some(Value::Json(b"{}".to_vec())), usize::MAX)
+                .is_err()
         );
     }
 
