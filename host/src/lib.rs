@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bucket::Buckets;
+use storage::StorageError;
 
 /// How often expired entries and deleted buckets are reclaimed when nothing
 /// asks sooner: expired entries are invisible at once, so this only bounds
@@ -61,7 +62,7 @@ pub async fn gc_loop(buckets: Arc<Buckets>) {
 /// accepting, lets requests in flight finish, and closes (syncs) the store.
 ///
 /// # Errors
-/// The listener fails.
+/// The listener fails, or the store's last sync (see [`storage::Store::close`]).
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: http::AppState,
@@ -78,7 +79,7 @@ pub async fn run(
     };
     let serve = async move {
         http::serve::serve(listener, app, read_timeout, signal).await;
-        Ok(())
+        Ok::<(), std::io::Error>(())
     };
     let grace = async move {
         let _ = stopped.wait_for(|s| *s).await;
@@ -94,6 +95,17 @@ pub async fn run(
     gc.abort();
     let store = buckets.store().clone();
     // Closing joins the writer thread (it drains and syncs): off the runtime.
-    let _ = tokio::task::spawn_blocking(move || store.close()).await;
-    served
+    let closed = tokio::task::spawn_blocking(move || store.close())
+        .await
+        .map_err(|e| StorageError::Engine(format!("closing the store: {e}")))
+        .and_then(|closed| closed);
+    served?;
+    // A server that could not put what it acknowledged on disk does not
+    // say it stopped cleanly (a relaxed store's last second, or any store
+    // after a disk error: found by a review).
+    closed.map_err(|e| {
+        std::io::Error::other(format!(
+            "the store's last sync failed ({e}): writes acknowledged since its last good sync may be lost; look at the disk, then restart"
+        ))
+    })
 }

@@ -385,6 +385,6 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
             info.version
         );
     }
-    store.close();
+    store.close().context("syncing the restored store")?;
     Ok(())
 }

@@ -148,6 +148,34 @@ fn sigterm_exits_zero_and_the_data_survives_a_restart() {
     assert!(s.terminate().success());
 }
 
+/// A full disk: writes it refuses are 500s that change nothing, reads go
+/// on, and the stop that can't sync says so with a failing exit status
+/// (with relaxed durability the writes answered since the last good sync
+/// are lost then; it logged the error and exited 0 as if all was well).
+#[test]
+fn a_stop_whose_last_sync_fails_exits_non_zero() {
+    for durability in ["relaxed", "strict"] {
+        let status = TestServer::on_a_small_disk(2048, &["--durability", durability], |s| {
+            let b = s.create_bucket("");
+            let value = "v".repeat(100_000);
+            let mut answered = Vec::new();
+            for i in 0..60 {
+                let r = s.put(&format!("/{b}/k{i}"), &value);
+                answered.push(r.status);
+                if r.status == 500 {
+                    r.assert_problem(500);
+                    s.get(&format!("/{b}/k{i}")).assert_problem(404);
+                    break;
+                }
+            }
+            assert_eq!(answered.first(), Some(&204), "{durability}: {answered:?}");
+            assert_eq!(answered.last(), Some(&500), "{durability}: {answered:?}");
+            assert_eq!(s.get(&format!("/{b}/k0")).text().len(), 100_000);
+        });
+        assert_eq!(status.code(), Some(1), "{durability}: {status:?}");
+    }
+}
+
 #[test]
 fn memory_backend_sets_and_gets() {
     let s = TestServer::start_with(&["--backend", "memory"]);

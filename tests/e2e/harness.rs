@@ -107,6 +107,7 @@ impl TestServer {
             args.iter().map(|s| (*s).to_owned()).collect(),
             Stdio::piped(),
             level,
+            None,
         );
         let log = server
             .child
@@ -142,7 +143,29 @@ impl TestServer {
     }
 
     fn spawn(data: PathBuf, dir: Option<tempfile::TempDir>, args: Vec<String>) -> Self {
-        Self::spawn_logging_to(data, dir, args, Stdio::inherit(), "warn")
+        Self::spawn_logging_to(data, dir, args, Stdio::inherit(), "warn", None)
+    }
+
+    /// A server (with extra `serve` arguments) on a disk that is full once
+    /// a file is `kib` KiB (a write past it fails with `EFBIG`: bash's
+    /// `ulimit -f`, `SIGXFSZ` ignored), and its exit status on SIGTERM.
+    pub fn on_a_small_disk(
+        kib: u64,
+        args: &[&str],
+        use_it: impl FnOnce(&Self),
+    ) -> std::process::ExitStatus {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let server = Self::spawn_logging_to(
+            data,
+            Some(dir),
+            args.iter().map(|s| (*s).to_owned()).collect(),
+            Stdio::inherit(),
+            "warn",
+            Some(kib),
+        );
+        use_it(&server);
+        server.terminate()
     }
 
     fn spawn_logging_to(
@@ -151,8 +174,19 @@ impl TestServer {
         args: Vec<String>,
         log: Stdio,
         level: &str,
+        file_size_kib: Option<u64>,
     ) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kvdb"))
+        let mut command = match file_size_kib {
+            None => Command::new(env!("CARGO_BIN_EXE_kvdb")),
+            Some(kib) => {
+                let mut bash = Command::new("bash");
+                bash.arg("-c")
+                    .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_kvdb"));
+                bash
+            }
+        };
+        let mut child = command
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")

@@ -783,7 +783,7 @@ fn an_increment_of_a_restored_copy_does_not_continue_the_original_chain(f: Fixtu
 
 fn writes_after_close_are_refused(f: Fixture) {
     f.put("a", "1", 0);
-    f.store.close();
+    f.store.close().expect("close");
     let r = f.store.write_blocking(|ctx| ctx.put(b"b", 0, b"x", 0));
     assert!(matches!(r, Err(StorageError::Closed)));
     assert!(f.get("a").is_some(), "reads still work after close");
@@ -802,7 +802,7 @@ fn a_restore_cut_short_leaves_a_store_that_refuses_to_open() {
         let target = Store::open(backend, super::Durability::Strict).expect("store");
         let cut = &bytes[..bytes.len() * 3 / 4];
         assert!(target.restore(&mut &cut[..]).is_err());
-        target.close();
+        target.close().expect("close");
     }
     let backend = Arc::new(RedbBackend::open(dir.path()).expect("reopen"));
     let reopened = Store::open(backend, super::Durability::Strict);
@@ -821,7 +821,7 @@ fn relaxed_writers_inline_or_queued_never_lose_an_increment() {
     for backend in both_backends(dir.path()) {
         let store = Store::open(backend, super::Durability::Relaxed).expect("store");
         assert_eq!(grow_concurrently(&store, 8, 100), 800);
-        store.close();
+        store.close().expect("close");
     }
 }
 
@@ -836,7 +836,7 @@ fn versions_grow_across_a_reopen_and_backups_name_the_last_version() {
         let v1 = f.put("a", "v", 0);
         let (full, version) = backup_bytes(&f, 0);
         assert_eq!(version, v1, "a backup names the last version");
-        f.store.close();
+        f.store.close().expect("close");
         drop(f);
 
         let f = with_backend(backend, None);
@@ -845,7 +845,7 @@ fn versions_grow_across_a_reopen_and_backups_name_the_last_version() {
         let (incr, version) = backup_bytes(&f, v1);
         assert_eq!(version, v2);
         assert!(f.put("c", "v", 0) > v2);
-        f.store.close();
+        f.store.close().expect("close");
 
         let target = memory();
         target.store.restore(&mut full.as_slice()).expect("full");
@@ -895,11 +895,11 @@ fn a_restored_version_at_the_top_does_not_wrap_the_sequence() {
         .expect("restore");
     let v = f.put("a", "v", 0);
     assert_eq!(v, top + 1);
-    f.store.close();
+    f.store.close().expect("close");
     drop(f);
     let f = with_backend(backend, None);
     let (bytes, version) = backup_bytes(&f, 0);
     assert!(version >= v, "the sequence went back after a reopen");
     super::backup::verify(&mut bytes.as_slice()).expect("its own backup reads");
-    f.store.close();
+    f.store.close().expect("close");
 }

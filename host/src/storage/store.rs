@@ -617,7 +617,7 @@ struct Job {
 struct Inner {
     backend: Arc<dyn Backend>,
     sender: RwLock<Option<mpsc::Sender<Job>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: Mutex<Option<JoinHandle<Result<(), StorageError>>>>,
     clock: Clock,
     snapshots: Arc<SnapshotCache>,
     /// The writer's state: held by whoever commits (the writer thread, or a
@@ -1085,7 +1085,11 @@ impl Store {
 
     /// Stops the writer after the jobs already queued, syncs and returns.
     /// Later writes fail with [`StorageError::Closed`].
-    pub fn close(&self) {
+    ///
+    /// # Errors
+    /// The last sync failed (commits since the one before may not be on
+    /// disk), or the writer thread panicked. Closing again is `Ok`.
+    pub fn close(&self) -> Result<(), StorageError> {
         self.inner
             .sender
             .write()
@@ -1097,8 +1101,10 @@ impl Store {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        if let Some(handle) = handle {
-            let _ = handle.join();
+        match handle.map(JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(synced)) => synced,
+            Some(Err(_)) => Err(StorageError::Engine("the writer thread panicked".into())),
         }
     }
 
@@ -1673,9 +1679,13 @@ fn lock(core: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
 }
 
 /// The writer thread: batches queued jobs until every sender is gone, then
-/// syncs. With relaxed durability it also wakes regularly to sync commits
-/// that callers made inline.
-fn writer_loop(core: &Mutex<Writer>, rx: &mpsc::Receiver<Job>, durability: Durability) {
+/// syncs (what that sync answered). With relaxed durability it also wakes
+/// regularly to sync commits that callers made inline.
+fn writer_loop(
+    core: &Mutex<Writer>,
+    rx: &mpsc::Receiver<Job>,
+    durability: Durability,
+) -> Result<(), StorageError> {
     loop {
         let first = if durability == Durability::Relaxed {
             match rx.recv_timeout(RELAXED_POLL) {
@@ -1704,7 +1714,7 @@ fn writer_loop(core: &Mutex<Writer>, rx: &mpsc::Receiver<Job>, durability: Durab
         }
         writer.sync_if_due();
     }
-    lock(core).sync();
+    lock(core).try_sync()
 }
 
 impl Writer {
@@ -2212,6 +2222,27 @@ mod tests {
             .expect("put");
         let ceiling = disk.durable_ceiling.load(Ordering::SeqCst);
         assert!(version <= ceiling, "version {version}, ceiling {ceiling}");
+    }
+
+    /// Closing says whether the last sync put everything on disk: a relaxed
+    /// store's acknowledged writes are lost if it did not, and the server
+    /// said it stopped cleanly and exited 0 (found by a review).
+    #[test]
+    fn closing_reports_a_last_sync_that_failed() {
+        for durability in [Durability::Relaxed, Durability::Strict] {
+            let disk = TestDisk::new(false);
+            let store = Store::open(disk.clone(), durability).expect("open");
+            store
+                .write_blocking(|ctx| ctx.put(b"k", 0, b"v", 0))
+                .expect("commit")
+                .expect("put");
+            disk.fail_fsyncs.store(true, Ordering::SeqCst);
+            assert!(store.close().is_err(), "{durability:?}");
+            // Closed once: closing again has nothing left to report.
+            assert!(store.close().is_ok(), "{durability:?}");
+        }
+        let store = Store::open(TestDisk::new(false), Durability::Relaxed).expect("open");
+        store.close().expect("a good last sync");
     }
 
     /// Relaxed writes of a lone client commit on its own thread; background
