@@ -892,6 +892,43 @@ pub fn peak_memory(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
+/// Compiled scripts kept for the next run are bounded by their size, not
+/// only by their number: 256 scripts of 250 KB compiled in each pooled
+/// state (a table of short string literals takes ~7 times its source)
+/// grew a server by gigabytes, outside every run's memory limit (found by
+/// a review). Here 24 such scripts, each run by 4 clients at once, twice:
+/// ~170 MB more if each state kept them all.
+#[cfg(target_os = "linux")]
+#[test]
+fn compiled_scripts_kept_for_later_runs_are_bounded_in_size() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let names: Vec<String> = (0..24).map(|n| format!("big{n}")).collect();
+    for (n, name) in names.iter().enumerate() {
+        let mut source = String::from("local t = {");
+        for i in 0..20_000 {
+            source.push_str(&format!("\"{n:02}x{i:06}\","));
+        }
+        source.push_str("}\nkvdb.say(#t)");
+        assert!(source.len() < 250_000);
+        install(&s, &b, name, &source);
+    }
+    let before = peak_memory(s.pid());
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..2 {
+                    for name in &names {
+                        assert_body(&run(&s, &b, name), "20000\n");
+                    }
+                }
+            });
+        }
+    });
+    let grown = peak_memory(s.pid()).saturating_sub(before);
+    assert!(grown < 80_000_000, "the server grew by {grown} bytes");
+}
+
 /// A script may hold one large string many times over (references cost it
 /// nothing): the host never copies them all out at once. `kvdb.say` writes
 /// each argument against the response limit as it comes, and a table made

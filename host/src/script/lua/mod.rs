@@ -49,6 +49,14 @@ use crate::bucket::{ScriptName, StoredScript};
 /// Compiled scripts cached per state; past it the cache starts over.
 const MAX_CACHED_CHUNKS: usize = 256;
 
+/// The most source bytes of the scripts a state keeps compiled; past it the
+/// cache starts over. A compiled chunk takes up to ~7 times its source (a
+/// table of short string literals), outside every run's memory limit: 256
+/// chunks of 255 KB each in each of the idle states grew a server by
+/// gigabytes (found by a review). Hundreds of small scripts fit; at most
+/// ~4 MiB a state, ~120 MiB for all the idle ones.
+const MAX_CACHED_SOURCE_BYTES: usize = 512 * 1024;
+
 /// Idle states kept for reuse (more exist while that many runs are in flight).
 const MAX_IDLE_STATES: usize = 32;
 
@@ -69,6 +77,8 @@ struct State {
     /// Compiled chunks by the SHA-256 of their source and the script name
     /// (the name is in error messages).
     chunks: HashMap<([u8; 32], ScriptName), Function>,
+    /// The source bytes of the cached chunks.
+    cached_source_bytes: usize,
     /// The Lua thread of the last run that finished normally, for the next.
     spare_thread: Option<Thread>,
     /// The limits of the state's current run, for its hook.
@@ -347,6 +357,7 @@ impl State {
             lua,
             base,
             chunks: HashMap::new(),
+            cached_source_bytes: 0,
             spare_thread: None,
             meter: Arc::new(meter::Meter::new()),
         })
@@ -361,11 +372,21 @@ impl State {
         if let Some(f) = self.chunks.get(&key) {
             return Ok(f.clone());
         }
-        let f = sandbox::compile(&self.lua, script.name.as_str(), &source()?)
+        let source = source()?;
+        let f = sandbox::compile(&self.lua, script.name.as_str(), &source)
             .map_err(|e| ScriptError::Failed(lua_error(&e)))?;
-        if self.chunks.len() >= MAX_CACHED_CHUNKS {
+        if self.chunks.len() >= MAX_CACHED_CHUNKS
+            || self.cached_source_bytes + source.len() > MAX_CACHED_SOURCE_BYTES
+        {
             self.chunks.clear();
+            self.cached_source_bytes = 0;
+            // What the cache held goes now, not when the next run's garbage
+            // makes Lua collect.
+            self.lua
+                .gc_collect()
+                .map_err(|e| ScriptError::Internal(e.to_string()))?;
         }
+        self.cached_source_bytes += source.len();
         self.chunks.insert(key, f.clone());
         Ok(f)
     }
