@@ -1536,6 +1536,80 @@ kvdb.say(tostring(pcall(kvdb.json.encode, "\255")))"#,
     s.get(&format!("/{b}/nan")).assert_problem(404);
 }
 
+/// A key that is not UTF-8 (or not a string at all) is the call's error,
+/// returned like any other bad key; it ended the run.
+#[test]
+fn a_key_that_is_not_utf8_text_is_the_calls_error() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.say(select(2, kvdb.get("\255")))
+kvdb.say(kvdb.set("\255", "v"))
+kvdb.say(kvdb.set({}, "v"))
+kvdb.say(kvdb.delete(true))
+kvdb.say(kvdb.incr("\255", 1), " ", kvdb.append("\255", "x"), " ", kvdb.merge("\255", {}))
+kvdb.say(select(2, kvdb.exists(nil)))
+kvdb.say(tostring(kvdb.set(42, "v")), " ", kvdb.get(42))
+kvdb.say("completed")"#,
+    );
+    assert_body(
+        &r,
+        "invalid input: a key must be UTF-8 text\n\
+         invalid input: a key must be UTF-8 text\n\
+         invalid input: a key must be a string, not table\n\
+         invalid input: a key must be a string, not boolean\n\
+         invalid input: a key must be UTF-8 text invalid input: a key must be UTF-8 text invalid input: a key must be UTF-8 text\n\
+         invalid input: a key must be a string, not nil\n\
+         nil v\n\
+         completed\n",
+    );
+}
+
+/// A script that raises a table (or a boolean, nil…) is answered with a
+/// message that says so, at its line, not with the table's address.
+#[test]
+fn an_error_raised_with_a_table_is_answered_with_a_message() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    for (raised, kind) in [("{}", "table"), ("true", "boolean"), ("nil", "nil")] {
+        let r = eval(&s, &b, &format!("kvdb.say('x')\nerror({raised})"));
+        let detail = assert_problem_type(&r, 500, "script-error");
+        assert!(
+            detail.contains(&format!(":2: the script raised a {kind} as its error")),
+            "{raised}: {detail}"
+        );
+        assert!(!detail.contains("0x"), "{detail}");
+    }
+    // With __tostring, its own words.
+    let r = eval(
+        &s,
+        &b,
+        "error(setmetatable({}, {__tostring = function() return 'custom words' end}))",
+    );
+    let detail = assert_problem_type(&r, 500, "script-error");
+    assert!(detail.contains("custom words"), "{detail}");
+}
+
+/// 204, 205 and 304 answers carry no content: what the script said is
+/// dropped, with no Content-Length for it.
+#[test]
+fn a_no_content_status_sends_no_body() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    for code in [204, 205, 304] {
+        let r = eval(&s, &b, &format!("kvdb.say('hello') kvdb.status({code})"));
+        assert_eq!(r.status, code);
+        assert_eq!(r.text(), "");
+        assert!(
+            r.header("content-length").is_none_or(|l| l == "0"),
+            "{code}: {:?}",
+            r.header("content-length")
+        );
+    }
+}
+
 #[test]
 fn json_encode_and_decode_round_trip() {
     let s = TestServer::start();

@@ -359,7 +359,14 @@ pub async fn run_script(
     };
     let status = StatusCode::from_u16(response.status)
         .map_err(|e| ApiError::Internal(format!("script status: {e}")))?;
-    let mut out = (status, response.body).into_response();
+    // These answers have no content (RFC 9110): what the script said is
+    // not sent, nor a Content-Length for it (it was; found by a review).
+    let body = if matches!(response.status, 204 | 205 | 304) {
+        Vec::new()
+    } else {
+        response.body
+    };
+    let mut out = (status, body).into_response();
     for (k, v) in response.headers {
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),

@@ -59,6 +59,30 @@ fn returned(lua: &Lua, r: Result<Value, CallError>) -> mlua::Result<MultiValue> 
     }
 }
 
+/// A key (or a prefix) as a data call takes it: a string, or a number as
+/// Lua writes it. Anything else, or a string that is not UTF-8, is the
+/// call's error, returned like a key with a control character (it raised
+/// "error converting Lua string to String" and ended the run; found by a
+/// review).
+struct KeyArg(Result<String, CallError>);
+
+impl mlua::FromLua for KeyArg {
+    fn from_lua(value: Value, lua: &Lua) -> mlua::Result<Self> {
+        Ok(KeyArg(match value {
+            Value::String(s) => s
+                .to_str()
+                .map(|s| s.to_owned())
+                .map_err(|_| CallError::Invalid("a key must be UTF-8 text".into())),
+            // As Lua writes it (`1e+20`), as before.
+            number @ (Value::Integer(_) | Value::Number(_)) => Ok(String::from_lua(number, lua)?),
+            other => Err(CallError::Invalid(format!(
+                "a key must be a string, not {}",
+                other.type_name()
+            ))),
+        }))
+    }
+}
+
 /// `nil` on success, the message on a call error.
 fn status_of(lua: &Lua, r: Result<(), CallError>) -> mlua::Result<Value> {
     match r {
@@ -503,8 +527,11 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.raw_set(
         "get",
-        lua.create_function(|lua, key: String| {
-            let r = with_run(lua, |run| Ok(run.host.get(&key)))?;
+        lua.create_function(|lua, KeyArg(key): KeyArg| {
+            let r = match key {
+                Ok(key) => with_run(lua, |run| Ok(run.host.get(&key)))?,
+                Err(e) => Err(e),
+            };
             let r = match r {
                 Ok(Some(v)) => Ok(to_lua(lua, v)?),
                 Ok(None) => Err(CallError::NotFound),
@@ -515,17 +542,23 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "exists",
-        lua.create_function(|lua, key: String| {
-            let r = with_run(lua, |run| Ok(run.host.exists(&key)))?;
+        lua.create_function(|lua, KeyArg(key): KeyArg| {
+            let r = match key {
+                Ok(key) => with_run(lua, |run| Ok(run.host.exists(&key)))?,
+                Err(e) => Err(e),
+            };
             returned(lua, r.map(Value::Boolean))
         })?,
     )?;
     t.raw_set(
         "set",
-        lua.create_function(|lua, (key, value, ttl): (String, Value, Value)| {
-            let r = match whole(&ttl, "ttl").and_then(|ttl| Ok((from_lua(lua, value)?, ttl))) {
+        lua.create_function(|lua, (KeyArg(key), value, ttl): (KeyArg, Value, Value)| {
+            let r = match key.and_then(|key| {
+                let ttl = whole(&ttl, "ttl")?;
+                Ok((key, from_lua(lua, value)?, ttl))
+            }) {
                 // A stopped run raises here, as from every call.
-                Ok((v, ttl)) => with_run(lua, |run| Ok(run.host.set(&key, v, ttl)))?,
+                Ok((key, v, ttl)) => with_run(lua, |run| Ok(run.host.set(&key, v, ttl)))?,
                 Err(e) => Err(e),
             };
             status_of(lua, r)
@@ -533,16 +566,19 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "delete",
-        lua.create_function(|lua, key: String| {
-            let r = with_run(lua, |run| Ok(run.host.delete(&key)))?;
+        lua.create_function(|lua, KeyArg(key): KeyArg| {
+            let r = match key {
+                Ok(key) => with_run(lua, |run| Ok(run.host.delete(&key)))?,
+                Err(e) => Err(e),
+            };
             status_of(lua, r.map(drop))
         })?,
     )?;
     t.raw_set(
         "incr",
-        lua.create_function(|lua, (key, n): (String, Option<Value>)| {
-            let r = match number(n) {
-                Ok(n) => with_run(lua, |run| Ok(run.host.incr(&key, n)))?,
+        lua.create_function(|lua, (KeyArg(key), n): (KeyArg, Option<Value>)| {
+            let r = match key.and_then(|key| Ok((key, number(n)?))) {
+                Ok((key, n)) => with_run(lua, |run| Ok(run.host.incr(&key, n)))?,
                 Err(e) => Err(e),
             };
             status_of(lua, r.map(drop))
@@ -550,9 +586,9 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "merge",
-        lua.create_function(|lua, (key, patch): (String, Value)| {
-            let r = match json_arg(lua, patch) {
-                Ok(p) => with_run(lua, |run| Ok(run.host.merge(&key, p)))?,
+        lua.create_function(|lua, (KeyArg(key), patch): (KeyArg, Value)| {
+            let r = match key.and_then(|key| Ok((key, json_arg(lua, patch)?))) {
+                Ok((key, p)) => with_run(lua, |run| Ok(run.host.merge(&key, p)))?,
                 Err(e) => Err(e),
             };
             status_of(lua, r.map(drop))
@@ -560,9 +596,9 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "patch",
-        lua.create_function(|lua, (key, patch): (String, Value)| {
-            let r = match json_arg(lua, patch) {
-                Ok(p) => with_run(lua, |run| Ok(run.host.patch(&key, p)))?,
+        lua.create_function(|lua, (KeyArg(key), patch): (KeyArg, Value)| {
+            let r = match key.and_then(|key| Ok((key, json_arg(lua, patch)?))) {
+                Ok((key, p)) => with_run(lua, |run| Ok(run.host.patch(&key, p)))?,
                 Err(e) => Err(e),
             };
             status_of(lua, r.map(drop))
@@ -570,9 +606,12 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "append",
-        lua.create_function(|lua, (key, bytes): (String, mlua::LuaString)| {
+        lua.create_function(|lua, (KeyArg(key), bytes): (KeyArg, mlua::LuaString)| {
             let bytes = bytes.as_bytes().to_vec();
-            let r = with_run(lua, |run| Ok(run.host.append(&key, bytes)))?;
+            let r = match key {
+                Ok(key) => with_run(lua, |run| Ok(run.host.append(&key, bytes)))?,
+                Err(e) => Err(e),
+            };
             status_of(lua, r.map(drop))
         })?,
     )?;

@@ -113,13 +113,31 @@ end
 
 /// The runner's message handler: a string error without a position (one
 /// raised inside a library function written in C, as `ipairs(nil)`), or
-/// with the sandbox's, gets the script's innermost line; anything else is
-/// left as it is.
+/// with the sandbox's, gets the script's innermost line. A table without
+/// `__tostring`, a boolean, nil or a function raised as the error becomes a
+/// message saying so (it was answered as `table: 0x…`, an address; found by
+/// a review). Anything else is left as it is (a number, a table with
+/// `__tostring`, and the host's own errors).
 fn position_handler(lua: &Lua, err: Value) -> mlua::Result<Value> {
-    let Value::String(text) = &err else {
-        return Ok(err);
+    let text = match &err {
+        Value::String(text) => text.to_string_lossy(),
+        Value::Table(t)
+            if t.metatable()
+                .is_some_and(|mt| !matches!(mt.raw_get("__tostring"), Ok(Value::Nil))) =>
+        {
+            return Ok(err);
+        }
+        Value::Table(_)
+        | Value::Nil
+        | Value::Boolean(_)
+        | Value::Function(_)
+        | Value::Thread(_) => format!(
+            "the script raised a {} as its error, not a message (raise a string: error(\"what went wrong\"))",
+            err.type_name()
+        ),
+        _ => return Ok(err),
     };
-    let text = text.to_string_lossy();
+    let converted = !matches!(err, Value::String(_));
     // A message from inside the sandbox's own Lua (a library wrapper, see
     // `SCANS`) names the script's line instead.
     let message = match text.strip_prefix("sandbox:") {
@@ -144,6 +162,9 @@ fn position_handler(lua: &Lua, err: Value) -> mlua::Result<Value> {
                 lua.create_string(format!("{name}:{line}: {message}"))?,
             ));
         }
+    }
+    if converted {
+        return Ok(Value::String(lua.create_string(text)?));
     }
     Ok(err)
 }
