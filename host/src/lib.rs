@@ -105,7 +105,7 @@ pub async fn run(
     // after a disk error: found by a review).
     closed.map_err(|e| {
         std::io::Error::other(format!(
-            "the store's last sync failed ({e}): writes acknowledged since its last good sync may be lost; look at the disk, then restart"
+            "closing the store: {e}; free space or fix the disk, then restart"
         ))
     })
 }

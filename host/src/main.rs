@@ -385,6 +385,8 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
             info.version
         );
     }
-    store.close().context("syncing the restored store")?;
+    store.close().context(
+        "syncing the restored store (free space or fix the disk, then run the restore again into an empty directory)",
+    )?;
     Ok(())
 }

@@ -160,7 +160,9 @@ impl TestServer {
             data,
             Some(dir),
             args.iter().map(|s| (*s).to_owned()).collect(),
-            Stdio::inherit(),
+            // Not the test's own stderr: the file size limit would hold for
+            // it too.
+            Stdio::null(),
             "warn",
             Some(kib),
         );

@@ -1534,6 +1534,40 @@ kvdb.say(tostring(pcall(kvdb.json.encode, "\255")))"#,
     assert_eq!(get("two"), json!([null, "b"]));
     assert_eq!(get("doc"), json!({"tags": {"1": "x", "extra": true}}));
     s.get(&format!("/{b}/nan")).assert_problem(404);
+
+    // A decoded array keeps what is added besides its elements; an empty
+    // one stays an array. Nesting past 127 is refused (json.decode would
+    // refuse the text).
+    let r = eval(
+        &s,
+        &b,
+        r#"local t = kvdb.json.decode("[1]") t.name = "x"
+kvdb.say(kvdb.json.encode(t), " ", kvdb.json.encode(kvdb.json.decode("[]")))
+local deep = {} local at = deep for i = 1, 127 do at[1] = {} at = at[1] end
+kvdb.say(tostring(pcall(kvdb.json.encode, deep)))
+local ok = {} at = ok for i = 1, 126 do at[1] = {} at = at[1] end
+kvdb.say(#kvdb.json.encode(ok))"#,
+    );
+    assert_body(&r, "{\"1\":1,\"name\":\"x\"} []\nfalse\n254\n");
+}
+
+/// A table of more entries than mlua has references for (a million) is
+/// stored: it is written as it is walked, holding one entry at a time (all
+/// of its entries held at once, it failed with an error about Lua's stack).
+#[test]
+fn a_table_of_a_million_entries_is_stored() {
+    // The debug build's Lua takes a few seconds for it.
+    let s = TestServer::start_with(&["--script-time-ms", "60000"]);
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"local many = {} for i = 1, 1040000 do many[i] = "a" end
+kvdb.say(tostring(kvdb.set("many", many)))"#,
+    );
+    assert_body(&r, "nil\n");
+    let many = s.get(&format!("/{b}/many")).json();
+    assert_eq!(many.as_array().map(Vec::len), Some(1_040_000));
 }
 
 /// A key that is not UTF-8 (or not a string at all) is the call's error,
@@ -2000,6 +2034,7 @@ kvdb.scope = kvdb.scope
 kvdb.say(kvdb.scope.prefix, " ", table.concat(kvdb.scope.permissions, ","))
 kvdb.say(tostring(pcall(function() kvdb.scope = "users:3:" end)))
 kvdb.say(tostring(pcall(function() kvdb.scope = {prefix = "x", other = 1} end)))
+kvdb.say(tostring(pcall(function() kvdb.scope = {} end)))
 kvdb.say(kvdb.scope.prefix)
 kvdb.mine = 5
 kvdb.say(kvdb.mine)"#,
@@ -2007,7 +2042,7 @@ kvdb.say(kvdb.mine)"#,
     );
     assert_body(
         &r,
-        "users:1: write\nnil\nstring\nstring\nusers:1: read,write\nusers:1: read,write\nfalse\nfalse\nusers:1:\n5\n",
+        "users:1: write\nnil\nstring\nstring\nusers:1: read,write\nusers:1: read,write\nfalse\nfalse\nfalse\nusers:1:\n5\n",
     );
     assert_eq!(s.get(&format!("/{b}/users:1:name")).text(), "ann");
     s.get(&format!("/{b}/users:2:name")).assert_problem(404);

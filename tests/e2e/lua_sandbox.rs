@@ -215,7 +215,7 @@ kvdb.say(os.date("!%Y", 0))"#,
     );
     assert_body(
         &r,
-        "false os.date: a format of more than 4096 bytes\n2048\n1970\n",
+        "false os.date: a format of more than 4096 bytes: use a shorter one, or several calls\n2048\n1970\n",
     );
 }
 
@@ -926,7 +926,7 @@ fn compiled_scripts_kept_for_later_runs_are_bounded_in_size() {
         }
     });
     let grown = peak_memory(s.pid()).saturating_sub(before);
-    assert!(grown < 80_000_000, "the server grew by {grown} bytes");
+    assert!(grown < 120_000_000, "the server grew by {grown} bytes");
 }
 
 /// A script may hold one large string many times over (references cost it

@@ -750,42 +750,38 @@ impl SnapshotCache {
         backend: &dyn Backend,
         clock: &Clock,
     ) -> Result<(Arc<dyn RawRead>, u64), StorageError> {
-        loop {
-            let (generation, time) = {
-                let latest = self
-                    .latest
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if let Some(raw) = &latest.raw {
-                    return Ok((raw.clone(), judge(&latest.time, clock)));
-                }
-                (latest.generation, latest.time.clone())
-            };
-            // Made after the generation's time was taken: if a commit lands
-            // in between, this snapshot holds the newer state, judged at the
-            // time of the batch that made it (its generation is closed by
-            // then).
-            let raw: Arc<dyn RawRead> = Arc::from(backend.snapshot()?);
-            let mut latest = self
+        {
+            let latest = self
                 .latest
-                .write()
+                .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if latest.generation != generation {
-                // A batch committed and the next generation began: more
-                // than one may have, and the snapshot may hold a state
-                // later than the one this generation's time judges (found
-                // by a review: it showed a key alive that a reader of a
-                // later state had seen expire). Again, from the current
-                // one: that takes two batches ending within a snapshot's
-                // making, microseconds.
-                continue;
+            if let Some(raw) = &latest.raw {
+                return Ok((raw.clone(), judge(&latest.time, clock)));
             }
-            let now = judge(&time, clock);
-            if latest.raw.is_none() {
-                latest.raw = Some(raw.clone());
-            }
-            return Ok((raw, now));
         }
+        // Made under the lock, so that the generation can't change while it
+        // is (one snapshot a generation, for every reader of it). Made
+        // outside, two batches could end meanwhile, and the snapshot held a
+        // state later than the one its generation's time judges (found by
+        // a review: it showed a key alive that a reader of a later state
+        // had seen expire). A commit may still land before it is made (the
+        // writer moves to the next generation after its commit): then it
+        // holds the newer state, judged at the time of the batch that made
+        // it, which closed this generation at its start.
+        let mut latest = self
+            .latest
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let raw = match &latest.raw {
+            // Made by another reader meanwhile.
+            Some(raw) => raw.clone(),
+            None => {
+                let raw: Arc<dyn RawRead> = Arc::from(backend.snapshot()?);
+                latest.raw = Some(raw.clone());
+                raw
+            }
+        };
+        Ok((raw, judge(&latest.time, clock)))
     }
 
     /// The time the current generation's readers judge expiry by (it never
@@ -1112,10 +1108,20 @@ impl Store {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
+        let lost = match self.inner.durability {
+            Durability::Relaxed => {
+                "the writes answered since the last good sync (at most a second of them) may be lost"
+            }
+            Durability::Strict => "every write answered was on disk already",
+        };
         match handle.map(JoinHandle::join) {
-            None => Ok(()),
-            Some(Ok(synced)) => synced,
-            Some(Err(_)) => Err(StorageError::Engine("the writer thread panicked".into())),
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(StorageError::Engine(format!(
+                "the last sync failed ({e}): {lost}"
+            ))),
+            Some(Err(_)) => Err(StorageError::Engine(format!(
+                "the writer thread panicked: {lost}"
+            ))),
         }
     }
 
@@ -2042,10 +2048,12 @@ mod tests {
         assert_eq!(judged(&cache), 6_000);
     }
 
-    /// A reader whose snapshot is made while two batches end, and a reader
-    /// of the later generation in between, judges by a time no earlier than
-    /// that reader's (it judged by its first generation's time, earlier
-    /// than the state it read: found by a review).
+    /// While a reader makes its snapshot, no batch moves the generation on:
+    /// two batches ending meanwhile, with a reader of the later state in
+    /// between, had the first reader judge its (later) state by its first
+    /// generation's time, earlier than that other reader's (found by a
+    /// review). Other threads try it during the snapshot; whatever of it
+    /// they finish before the reader returns, the reader judges no earlier.
     #[test]
     fn a_reader_of_a_later_state_judges_by_a_later_time() {
         let ms = Arc::new(AtomicU64::new(1_000));
@@ -2053,27 +2061,40 @@ mod tests {
         let cache = Arc::new(super::SnapshotCache::default());
         let between = Arc::new(AtomicU64::new(0));
         let disk = TestDisk::new(false);
+        let others = Arc::new(std::sync::Mutex::new(None));
         let meanwhile: Box<dyn FnOnce() + Send> = {
-            let (cache, clock, ms, between) =
-                (cache.clone(), clock.clone(), ms.clone(), between.clone());
+            let (cache, clock, ms, between, others) = (
+                cache.clone(),
+                clock.clone(),
+                ms.clone(),
+                between.clone(),
+                others.clone(),
+            );
             Box::new(move || {
-                let t1 = cache.start_batch(&clock);
-                cache.invalidate(t1);
-                ms.store(2_000, Ordering::SeqCst);
-                let other = MemoryBackend::new();
-                between.store(cache.get(&other, &clock).expect("read").1, Ordering::SeqCst);
-                let t2 = cache.start_batch(&clock);
-                cache.invalidate(t2);
+                let batches = std::thread::spawn(move || {
+                    let t1 = cache.start_batch(&clock);
+                    cache.invalidate(t1);
+                    ms.store(2_000, Ordering::SeqCst);
+                    let other = MemoryBackend::new();
+                    between.store(cache.get(&other, &clock).expect("read").1, Ordering::SeqCst);
+                    let t2 = cache.start_batch(&clock);
+                    cache.invalidate(t2);
+                });
+                *others.lock().expect("lock") = Some(batches);
+                // Time for them to get as far as they can.
+                std::thread::sleep(Duration::from_millis(100));
             })
         };
         *disk.before_snapshot.lock().expect("lock") = Some(meanwhile);
         let (_, judged) = cache.get(&*disk, &clock).expect("read");
-        let seen_between = between.load(Ordering::SeqCst);
-        assert_eq!(seen_between, 2_000);
+        let seen_before_it_returned = between.load(Ordering::SeqCst);
         assert!(
-            judged >= seen_between,
-            "judged at {judged}, after {seen_between}"
+            judged >= seen_before_it_returned,
+            "judged at {judged}, after a reader at {seen_before_it_returned}"
         );
+        let batches = others.lock().expect("lock").take().expect("spawned");
+        batches.join().expect("the other threads");
+        assert_eq!(between.load(Ordering::SeqCst), 2_000);
     }
 
     /// A store on a manual clock at 1,000 ms holding `value` under `k`

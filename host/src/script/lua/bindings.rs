@@ -148,12 +148,11 @@ fn from_lua(lua: &Lua, v: Value) -> Result<KvValue, CallError> {
         Value::String(s) => KvValue::from_body(&s.as_bytes(), &Typing::Coerce)
             .map_err(|e| CallError::Invalid(e.to_string())),
         Value::Boolean(b) => Ok(KvValue::Json(b.to_string().into_bytes())),
+        // An object or an array (see `LuaJson`), never a bare number.
         Value::Table(_) => {
-            let json = json_of(lua, &v)
-                .map_err(|e| CallError::Invalid(format!("the table is not JSON: {e}")))?;
-            crate::bucket::check_json_depth(&json)
-                .map_err(|e| CallError::Invalid(format!("the table is not JSON: {e}")))?;
-            Ok(KvValue::from_json(&json))
+            Ok(KvValue::Json(json_text(lua, &v).map_err(|e| {
+                CallError::Invalid(format!("the table is not JSON: {e}"))
+            })?))
         }
         Value::Nil => Err(CallError::Invalid(
             "can't store nil: use kvdb.delete to remove a key".into(),
@@ -165,23 +164,18 @@ fn from_lua(lua: &Lua, v: Value) -> Result<KvValue, CallError> {
     }
 }
 
-/// A writer that refuses to grow past `cap` bytes (keeping them, or only
-/// counting them).
+/// A writer that refuses to grow past `cap` bytes.
 struct Capped {
-    out: Option<Vec<u8>>,
-    len: usize,
+    out: Vec<u8>,
     cap: usize,
 }
 
 impl std::io::Write for Capped {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.len = self.len.saturating_add(bytes.len());
-        if self.len > self.cap {
+        if self.out.len().saturating_add(bytes.len()) > self.cap {
             return Err(std::io::Error::other("over the cap"));
         }
-        if let Some(out) = &mut self.out {
-            out.extend_from_slice(bytes);
-        }
+        self.out.extend_from_slice(bytes);
         Ok(bytes.len())
     }
 
@@ -190,20 +184,26 @@ impl std::io::Write for Capped {
     }
 }
 
-/// Checks that the JSON text of a Lua value is no longer than the run's
-/// memory limit, without keeping it: a table can hold one large string many
-/// times over, which the host would otherwise copy out in full (found by a
-/// review: 100 references to an 8 MB string took gigabytes). Tables are
-/// written as mlua reads mixed tables, close to what [`json_of`] makes.
-fn check_json_size(lua: &Lua, v: &Value) -> Result<(), String> {
+/// The JSON text of a Lua value, what `kvdb.set` stores, `kvdb.merge` and
+/// `kvdb.patch` read and `json.encode` writes; written as the value is
+/// walked (see [`LuaJson`]), and no longer than the run's memory limit: a
+/// table can hold one large string, or one large table, many times over,
+/// which would otherwise be copied out in full (found by reviews: 100
+/// references to an 8 MB string took gigabytes, and a tree built first took
+/// ten times its text).
+fn json_text(lua: &Lua, v: &Value) -> Result<Vec<u8>, String> {
     let cap = with_run(lua, |run| Ok(run.limits.memory_bytes)).map_err(|e| e.to_string())?;
     let mut out = Capped {
-        out: None,
-        len: 0,
+        out: Vec::new(),
         cap,
     };
-    match serde_json::to_writer(&mut out, &v.to_serializable().detect_mixed_tables(true)) {
-        Ok(()) => Ok(()),
+    let walk = LuaJson {
+        value: v,
+        array_mt: &lua.array_metatable(),
+        path: &std::cell::RefCell::new(Vec::new()),
+    };
+    match serde_json::to_writer(&mut out, &walk) {
+        Ok(()) => Ok(out.out),
         Err(e) if e.is_io() => Err(format!(
             "its JSON text would be over {cap} bytes (the script's memory limit)"
         )),
@@ -211,117 +211,183 @@ fn check_json_size(lua: &Lua, v: &Value) -> Result<(), String> {
     }
 }
 
-/// A Lua value as JSON, once [`check_json_size`] found it within the limit;
-/// what `kvdb.set` and `kvdb.merge` store and `json.encode` writes. A table
-/// decoded from a JSON array is an array; an empty table is an object; a
-/// table whose keys are whole numbers from 1, with at most as many holes as
-/// values (or no key past 10), is an array, its holes `null`; any other is
-/// an object, its number keys written as strings. (mlua goes by Lua's
-/// length operator, and dropped what a table held past its first hole or
-/// besides its sequence: `{"a", name = "b"}` was stored as `["a"]`; found
-/// by a review.) A string that is not UTF-8 or a float that is not finite
-/// is refused, not made an array of bytes or `null`.
-fn json_of(lua: &Lua, v: &Value) -> Result<serde_json::Value, String> {
-    check_json_size(lua, v)?;
-    to_json(&lua.array_metatable(), v, &mut Vec::new())
+/// A Lua value written as JSON. A table whose keys are whole numbers from 1,
+/// with at most as many holes as values (or all keys below 10), is an
+/// array, its holes `null`; so is an empty table decoded from a JSON array.
+/// Any other table is an object, its members in name order, its number
+/// keys written as strings; an
+/// empty plain table is `{}`. (mlua goes by Lua's length operator, and
+/// dropped what a table held past its first hole or besides its sequence:
+/// `{"a", name = "b"}` was stored as `["a"]`; found by a review.) A string
+/// that is not UTF-8, a float that is not finite, or tables nested deeper
+/// than [`MAX_JSON_DEPTH`](crate::bucket::MAX_JSON_DEPTH) are refused.
+/// Walks the table with no references kept but the entry at hand.
+struct LuaJson<'a> {
+    value: &'a Value,
+    array_mt: &'a Table,
+    /// The tables being written, outermost first (to refuse a table inside
+    /// itself, and to count the depth).
+    path: &'a std::cell::RefCell<Vec<*const std::ffi::c_void>>,
 }
 
-/// [`json_of`], below the tables in `path` (to refuse a table inside itself).
-fn to_json(
-    array_mt: &Table,
-    v: &Value,
-    path: &mut Vec<*const std::ffi::c_void>,
-) -> Result<serde_json::Value, String> {
-    use serde_json::Value as Json;
-    Ok(match v {
-        Value::Nil => Json::Null,
-        // `null` decoded from JSON.
-        Value::LightUserData(ud) if ud.0.is_null() => Json::Null,
-        Value::Boolean(b) => Json::Bool(*b),
-        Value::Integer(i) => Json::from(*i),
-        Value::Number(f) => serde_json::Number::from_f64(*f)
-            .map(Json::Number)
-            .ok_or("a float must be finite")?,
-        Value::String(s) => Json::String(
-            s.to_str()
-                .map_err(|_| "a string that is not UTF-8 can't be JSON text")?
-                .to_owned(),
-        ),
-        Value::Table(t) => {
-            let table = t.to_pointer();
-            if path.contains(&table) {
-                return Err("a table that contains itself can't be JSON".into());
-            }
-            if path.len() > crate::bucket::MAX_JSON_DEPTH {
-                return Err(format!(
-                    "tables nest more than {} deep",
-                    crate::bucket::MAX_JSON_DEPTH
-                ));
-            }
-            path.push(table);
-            let json = table_to_json(array_mt, t, path);
-            path.pop();
-            json?
-        }
-        other => return Err(format!("a {} can't be JSON", other.type_name())),
-    })
+/// How [`LuaJson`] writes a table.
+enum Shape {
+    Array(usize),
+    Object,
 }
 
-fn table_to_json(
-    array_mt: &Table,
-    t: &Table,
-    path: &mut Vec<*const std::ffi::c_void>,
-) -> Result<serde_json::Value, String> {
-    use serde_json::Value as Json;
-    let e = |e: mlua::Error| e.to_string();
-    if t.metatable().is_some_and(|mt| mt == *array_mt) {
-        let items = (1..=t.raw_len())
-            .map(|i| to_json(array_mt, &t.raw_get::<Value>(i).map_err(e)?, path))
-            .collect::<Result<_, _>>()?;
-        return Ok(Json::Array(items));
-    }
-    let entries = t
-        .pairs::<Value, Value>()
-        .collect::<mlua::Result<Vec<_>>>()
-        .map_err(e)?;
-    let positions: Option<Vec<usize>> = entries
-        .iter()
-        .map(|(k, _)| match k {
-            Value::Integer(i) => usize::try_from(*i).ok().filter(|i| *i >= 1),
-            _ => None,
+impl LuaJson<'_> {
+    fn shape(&self, t: &Table) -> mlua::Result<Shape> {
+        let (mut count, mut last, mut positions_only) = (0_usize, 0_usize, true);
+        t.for_each::<Value, Value>(|k, _| {
+            count += 1;
+            match k {
+                Value::Integer(i) if i >= 1 => {
+                    last = last.max(usize::try_from(i).unwrap_or(usize::MAX));
+                }
+                _ => positions_only = false,
+            }
+            Ok(())
+        })?;
+        Ok(if count == 0 {
+            if t.metatable().is_some_and(|mt| mt == *self.array_mt) {
+                Shape::Array(0)
+            } else {
+                Shape::Object
+            }
+        } else if positions_only && (last < 10 || count.saturating_mul(2) >= last) {
+            Shape::Array(last)
+        } else {
+            Shape::Object
         })
-        .collect();
-    if let Some(positions) = positions.filter(|p| !p.is_empty()) {
-        let last = positions.iter().copied().max().unwrap_or(0);
-        if last < 10 || positions.len() * 2 >= last {
-            let mut items = vec![Json::Null; last];
-            for (position, (_, value)) in positions.into_iter().zip(&entries) {
-                items[position - 1] = to_json(array_mt, value, path)?;
-            }
-            return Ok(Json::Array(items));
+    }
+
+    fn inner<'b>(&'b self, value: &'b Value) -> LuaJson<'b> {
+        LuaJson {
+            value,
+            array_mt: self.array_mt,
+            path: self.path,
         }
     }
-    let mut object = serde_json::Map::new();
-    for (key, value) in &entries {
-        let name = match key {
-            Value::String(s) => s
-                .to_str()
-                .map_err(|_| "a table key that is not UTF-8 can't be JSON text")?
-                .to_owned(),
-            Value::Integer(i) => i.to_string(),
-            Value::Number(f) => serde_json::Number::from_f64(*f)
-                .ok_or("a table key must be a finite number")?
-                .to_string(),
-            other => {
-                return Err(format!(
-                    "a table key must be a string or a number to be JSON, not a {}",
-                    other.type_name()
-                ));
+
+    fn table<S: serde::Serializer>(&self, t: &Table, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap, SerializeSeq};
+        let e = |e: mlua::Error| S::Error::custom(e.to_string());
+        match self.shape(t).map_err(e)? {
+            Shape::Array(len) => {
+                let mut seq = s.serialize_seq(Some(len))?;
+                for i in 1..=len {
+                    let item: Value = t.raw_get(i).map_err(e)?;
+                    seq.serialize_element(&self.inner(&item))?;
+                }
+                seq.end()
             }
-        };
-        object.insert(name, to_json(array_mt, value, path)?);
+            Shape::Object => {
+                // Members in name order, as JSON documents are stored (and
+                // the same table is always the same text); the keys are
+                // copied out, the values read one at a time.
+                let mut keys: Vec<(String, TableKey)> = Vec::new();
+                let mut refused = None;
+                t.for_each::<Value, Value>(|k, _| {
+                    let key = match k {
+                        Value::String(s) => match s.to_str() {
+                            Ok(s) => (s.to_owned(), TableKey::Text(s.to_owned())),
+                            Err(_) => {
+                                refused =
+                                    Some("a table key that is not UTF-8 can't be JSON text".into());
+                                return Err(mlua::Error::runtime(""));
+                            }
+                        },
+                        Value::Integer(i) => (i.to_string(), TableKey::Integer(i)),
+                        Value::Number(f) => match serde_json::Number::from_f64(f) {
+                            Some(n) => (n.to_string(), TableKey::Float(f)),
+                            None => {
+                                refused = Some("a table key must be a finite number".into());
+                                return Err(mlua::Error::runtime(""));
+                            }
+                        },
+                        other => {
+                            refused = Some(format!(
+                                "a table key must be a string or a number to be JSON, not a {}",
+                                other.type_name()
+                            ));
+                            return Err(mlua::Error::runtime(""));
+                        }
+                    };
+                    keys.push(key);
+                    Ok(())
+                })
+                .map_err(|err| refused.take().map_or_else(|| e(err), S::Error::custom))?;
+                keys.sort_by(|a, b| a.0.cmp(&b.0));
+                // `1` and `"1"` are one name: the first in order is kept.
+                keys.dedup_by(|later, first| later.0 == first.0);
+                let mut map = s.serialize_map(Some(keys.len()))?;
+                for (name, key) in keys {
+                    let value: Value = match key {
+                        TableKey::Text(k) => t.raw_get(k),
+                        TableKey::Integer(k) => t.raw_get(k),
+                        TableKey::Float(k) => t.raw_get(k),
+                    }
+                    .map_err(e)?;
+                    map.serialize_entry(&name, &self.inner(&value))?;
+                }
+                map.end()
+            }
+        }
     }
-    Ok(Json::Object(object))
+}
+
+/// A table key, copied out of Lua.
+enum TableKey {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+}
+
+impl serde::Serialize for LuaJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        match self.value {
+            // `null` decoded from JSON is a null light userdata.
+            Value::Nil => s.serialize_unit(),
+            Value::LightUserData(ud) if ud.0.is_null() => s.serialize_unit(),
+            Value::Boolean(b) => s.serialize_bool(*b),
+            Value::Integer(i) => s.serialize_i64(*i),
+            Value::Number(f) if f.is_finite() => s.serialize_f64(*f),
+            Value::Number(_) => Err(S::Error::custom("a float must be finite")),
+            Value::String(text) => match text.to_str() {
+                Ok(text) => s.serialize_str(&text),
+                Err(_) => Err(S::Error::custom(
+                    "a string that is not UTF-8 can't be JSON text",
+                )),
+            },
+            Value::Table(t) => {
+                let table = t.to_pointer();
+                {
+                    let mut path = self.path.borrow_mut();
+                    if path.contains(&table) {
+                        return Err(S::Error::custom(
+                            "a table that contains itself can't be JSON",
+                        ));
+                    }
+                    if path.len() >= crate::bucket::MAX_JSON_DEPTH {
+                        return Err(S::Error::custom(format!(
+                            "it nests deeper than {} levels",
+                            crate::bucket::MAX_JSON_DEPTH
+                        )));
+                    }
+                    path.push(table);
+                }
+                let written = self.table(t, s);
+                self.path.borrow_mut().pop();
+                written
+            }
+            other => Err(S::Error::custom(format!(
+                "a {} can't be JSON",
+                other.type_name()
+            ))),
+        }
+    }
 }
 
 /// A whole number of 0 or more (a ttl, a limit), or `None` for nil; a bad
@@ -371,7 +437,13 @@ fn json_arg(lua: &Lua, v: Value) -> Result<serde_json::Value, CallError> {
         // limit unread.
         Value::String(text) => with_run(lua, |run| Ok(run.host.json_arg(&text.as_bytes())))
             .map_err(|e| CallError::Invalid(e.to_string()))??,
-        other => json_of(lua, &other).map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?,
+        // Its text read as the text of a string is.
+        other => {
+            let text =
+                json_text(lua, &other).map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?;
+            with_run(lua, |run| Ok(run.host.json_arg(&text)))
+                .map_err(|e| CallError::Invalid(e.to_string()))??
+        }
     };
     crate::bucket::check_json_depth(&json)
         .map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?;
@@ -617,7 +689,11 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "list",
-        lua.create_function(|lua, (prefix, opts): (Option<String>, Option<Table>)| {
+        lua.create_function(|lua, (prefix, opts): (Option<KeyArg>, Option<Table>)| {
+            let prefix = match prefix.map(|KeyArg(p)| p).transpose() {
+                Ok(prefix) => prefix,
+                Err(e) => return returned(lua, Err(e)),
+            };
             let mut o = ListOptions::default();
             if let Some(opts) = &opts {
                 match whole(&opts.get::<Value>("limit")?, "limit") {
@@ -797,11 +873,8 @@ pub(super) fn json(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "encode",
         lua.create_function(|lua, v: Value| {
-            // Through the same reading as a stored table, so that what
-            // json.encode writes is what kvdb.set would store.
-            let json =
-                json_of(lua, &v).map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
-            let text = serde_json::to_vec(&json)
+            // What kvdb.set would store.
+            let text = json_text(lua, &v)
                 .map_err(|e| mlua::Error::runtime(format!("json.encode: {e}")))?;
             lua.create_string(text)
         })?,
@@ -885,10 +958,16 @@ pub(super) fn kvdb_newindex_function(lua: &Lua) -> mlua::Result<Function> {
             match &name {
                 Value::String(s) if s.as_bytes() == b"prefix" => prefix = Some(value),
                 Value::String(s) if s.as_bytes() == b"permissions" => permissions = Some(value),
+                Value::String(other) => {
+                    return Err(mlua::Error::runtime(format!(
+                        "kvdb.scope has only prefix and permissions, not {:?}",
+                        other.to_string_lossy()
+                    )));
+                }
                 other => {
                     return Err(mlua::Error::runtime(format!(
-                        "kvdb.scope has only prefix and permissions, not {}",
-                        other.to_string().unwrap_or_else(|_| other.type_name().to_owned())
+                        "kvdb.scope has only prefix and permissions, not a {} key",
+                        other.type_name()
                     )));
                 }
             }
@@ -898,6 +977,11 @@ pub(super) fn kvdb_newindex_function(lua: &Lua) -> mlua::Result<Function> {
         if prefix.is_none() && permissions.is_none() {
             prefix = fields.get::<Option<Value>>("prefix")?;
             permissions = fields.get::<Option<Value>>("permissions")?;
+        }
+        if prefix.is_none() && permissions.is_none() {
+            return Err(mlua::Error::runtime(
+                "kvdb.scope = {...} needs prefix, permissions or both: {prefix = \"users:1:\", permissions = {\"read\"}}",
+            ));
         }
         set_scope(lua, prefix, permissions)
     })

@@ -31,7 +31,7 @@ mod pattern;
 mod sandbox;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -46,15 +46,15 @@ use super::{
 };
 use crate::bucket::{ScriptName, StoredScript};
 
-/// Compiled scripts cached per state; past it the cache starts over.
+/// Compiled scripts cached per state; past it the oldest go.
 const MAX_CACHED_CHUNKS: usize = 256;
 
-/// The most source bytes of the scripts a state keeps compiled; past it the
-/// cache starts over. A compiled chunk takes up to ~7 times its source (a
-/// table of short string literals), outside every run's memory limit: 256
-/// chunks of 255 KB each in each of the idle states grew a server by
-/// gigabytes (found by a review). Hundreds of small scripts fit; at most
-/// ~4 MiB a state, ~120 MiB for all the idle ones.
+/// The most source bytes of the scripts a state keeps compiled: past it the
+/// oldest go (a larger script is not kept at all). A compiled chunk takes
+/// up to ~7 times its source (a table of short string literals), outside
+/// every run's memory limit: 256 chunks of 255 KB each in each of the idle
+/// states grew a server by gigabytes (found by a review). Hundreds of small
+/// scripts fit; at most ~4 MiB a state, ~120 MiB for all the idle ones.
 const MAX_CACHED_SOURCE_BYTES: usize = 512 * 1024;
 
 /// Idle states kept for reuse (more exist while that many runs are in flight).
@@ -76,7 +76,9 @@ struct State {
     base: sandbox::Base,
     /// Compiled chunks by the SHA-256 of their source and the script name
     /// (the name is in error messages).
-    chunks: HashMap<([u8; 32], ScriptName), Function>,
+    chunks: HashMap<ChunkKey, Function>,
+    /// The cached chunks' keys and source sizes, oldest first.
+    cached: VecDeque<(ChunkKey, usize)>,
     /// The source bytes of the cached chunks.
     cached_source_bytes: usize,
     /// The Lua thread of the last run that finished normally, for the next.
@@ -84,6 +86,9 @@ struct State {
     /// The limits of the state's current run, for its hook.
     meter: Arc<meter::Meter>,
 }
+
+/// A compiled chunk's key: the SHA-256 of its source, and the script's name.
+type ChunkKey = ([u8; 32], ScriptName);
 
 /// What a run accumulates; lives in the state's app data during the run.
 pub(crate) struct Run {
@@ -357,6 +362,7 @@ impl State {
             lua,
             base,
             chunks: HashMap::new(),
+            cached: VecDeque::new(),
             cached_source_bytes: 0,
             spare_thread: None,
             meter: Arc::new(meter::Meter::new()),
@@ -375,18 +381,29 @@ impl State {
         let source = source()?;
         let f = sandbox::compile(&self.lua, script.name.as_str(), &source)
             .map_err(|e| ScriptError::Failed(lua_error(&e)))?;
-        if self.chunks.len() >= MAX_CACHED_CHUNKS
+        if source.len() > MAX_CACHED_SOURCE_BYTES {
+            return Ok(f);
+        }
+        let mut evicted = 0;
+        while self.chunks.len() >= MAX_CACHED_CHUNKS
             || self.cached_source_bytes + source.len() > MAX_CACHED_SOURCE_BYTES
         {
-            self.chunks.clear();
-            self.cached_source_bytes = 0;
-            // What the cache held goes now, not when the next run's garbage
-            // makes Lua collect.
+            let Some((oldest, size)) = self.cached.pop_front() else {
+                break;
+            };
+            self.chunks.remove(&oldest);
+            self.cached_source_bytes -= size;
+            evicted += size;
+        }
+        if evicted >= MAX_CACHED_SOURCE_BYTES / 4 {
+            // Large chunks go now, not when later runs' garbage makes Lua
+            // collect (in an idle state, never).
             self.lua
                 .gc_collect()
                 .map_err(|e| ScriptError::Internal(e.to_string()))?;
         }
         self.cached_source_bytes += source.len();
+        self.cached.push_back((key.clone(), source.len()));
         self.chunks.insert(key, f.clone());
         Ok(f)
     }

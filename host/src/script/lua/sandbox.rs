@@ -287,7 +287,7 @@ local date = os.date
 os.date = function(fmt, ...)
   check()
   if type(fmt) == "string" and #fmt > date_max then
-    error("os.date: a format of more than " .. date_max .. " bytes", 2)
+    error("os.date: a format of more than " .. date_max .. " bytes: use a shorter one, or several calls", 2)
   end
   return pass(date(fmt, ...))
 end
