@@ -97,7 +97,7 @@ pub async fn run(
     // Closing joins the writer thread (it drains and syncs): off the runtime.
     let closed = tokio::task::spawn_blocking(move || store.close())
         .await
-        .map_err(|e| StorageError::Engine(format!("closing the store: {e}")))
+        .map_err(|e| StorageError::Engine(format!("its task failed: {e}")))
         .and_then(|closed| closed);
     served?;
     // A server that could not put what it acknowledged on disk does not

@@ -83,6 +83,18 @@ impl mlua::FromLua for KeyArg {
     }
 }
 
+/// `call` with the run and the key, or the key's own error.
+fn keyed<T>(
+    lua: &Lua,
+    KeyArg(key): KeyArg,
+    call: impl FnOnce(&mut Run, &str) -> Result<T, CallError>,
+) -> mlua::Result<Result<T, CallError>> {
+    match key {
+        Ok(key) => with_run(lua, |run| Ok(call(run, &key))),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
 /// `nil` on success, the message on a call error.
 fn status_of(lua: &Lua, r: Result<(), CallError>) -> mlua::Result<Value> {
     match r {
@@ -215,10 +227,10 @@ fn json_text(lua: &Lua, v: &Value) -> Result<Vec<u8>, String> {
 /// with at most as many holes as values (or all keys below 10), is an
 /// array, its holes `null`; so is an empty table decoded from a JSON array.
 /// Any other table is an object, its members in name order, its number
-/// keys written as strings; an
-/// empty plain table is `{}`. (mlua goes by Lua's length operator, and
-/// dropped what a table held past its first hole or besides its sequence:
-/// `{"a", name = "b"}` was stored as `["a"]`; found by a review.) A string
+/// keys written as strings; an empty plain table is `{}`. (mlua goes by
+/// Lua's length operator, and dropped what a table held past its first
+/// hole or besides its sequence: `{"a", name = "b"}` was stored as
+/// `["a"]`; found by a review.) A string
 /// that is not UTF-8, a float that is not finite, or tables nested deeper
 /// than [`MAX_JSON_DEPTH`](crate::bucket::MAX_JSON_DEPTH) are refused.
 /// Walks the table with no references kept but the entry at hand.
@@ -599,11 +611,8 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.raw_set(
         "get",
-        lua.create_function(|lua, KeyArg(key): KeyArg| {
-            let r = match key {
-                Ok(key) => with_run(lua, |run| Ok(run.host.get(&key)))?,
-                Err(e) => Err(e),
-            };
+        lua.create_function(|lua, key: KeyArg| {
+            let r = keyed(lua, key, |run, key| run.host.get(key))?;
             let r = match r {
                 Ok(Some(v)) => Ok(to_lua(lua, v)?),
                 Ok(None) => Err(CallError::NotFound),
@@ -614,11 +623,8 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "exists",
-        lua.create_function(|lua, KeyArg(key): KeyArg| {
-            let r = match key {
-                Ok(key) => with_run(lua, |run| Ok(run.host.exists(&key)))?,
-                Err(e) => Err(e),
-            };
+        lua.create_function(|lua, key: KeyArg| {
+            let r = keyed(lua, key, |run, key| run.host.exists(key))?;
             returned(lua, r.map(Value::Boolean))
         })?,
     )?;
@@ -638,11 +644,8 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "delete",
-        lua.create_function(|lua, KeyArg(key): KeyArg| {
-            let r = match key {
-                Ok(key) => with_run(lua, |run| Ok(run.host.delete(&key)))?,
-                Err(e) => Err(e),
-            };
+        lua.create_function(|lua, key: KeyArg| {
+            let r = keyed(lua, key, |run, key| run.host.delete(key))?;
             status_of(lua, r.map(drop))
         })?,
     )?;
@@ -678,12 +681,9 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "append",
-        lua.create_function(|lua, (KeyArg(key), bytes): (KeyArg, mlua::LuaString)| {
+        lua.create_function(|lua, (key, bytes): (KeyArg, mlua::LuaString)| {
             let bytes = bytes.as_bytes().to_vec();
-            let r = match key {
-                Ok(key) => with_run(lua, |run| Ok(run.host.append(&key, bytes)))?,
-                Err(e) => Err(e),
-            };
+            let r = keyed(lua, key, |run, key| run.host.append(key, bytes))?;
             status_of(lua, r.map(drop))
         })?,
     )?;
