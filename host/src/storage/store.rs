@@ -2053,7 +2053,7 @@ mod tests {
     /// between, had the first reader judge its (later) state by its first
     /// generation's time, earlier than that other reader's (found by a
     /// review). Other threads try it during the snapshot; whatever of it
-    /// they finish before the reader returns, the reader judges no earlier.
+    /// they finish meanwhile, the reader judges no earlier.
     #[test]
     fn a_reader_of_a_later_state_judges_by_a_later_time() {
         let ms = Arc::new(AtomicU64::new(1_000));
@@ -2062,14 +2062,18 @@ mod tests {
         let between = Arc::new(AtomicU64::new(0));
         let disk = TestDisk::new(false);
         let others = Arc::new(std::sync::Mutex::new(None));
+        // How far they got while the snapshot was being made.
+        let seen_meanwhile = Arc::new(AtomicU64::new(0));
         let meanwhile: Box<dyn FnOnce() + Send> = {
-            let (cache, clock, ms, between, others) = (
+            let (cache, clock, ms, between, others, seen_meanwhile) = (
                 cache.clone(),
                 clock.clone(),
                 ms.clone(),
                 between.clone(),
                 others.clone(),
+                seen_meanwhile.clone(),
             );
+            let between_now = between.clone();
             Box::new(move || {
                 let batches = std::thread::spawn(move || {
                     let t1 = cache.start_batch(&clock);
@@ -2083,14 +2087,15 @@ mod tests {
                 *others.lock().expect("lock") = Some(batches);
                 // Time for them to get as far as they can.
                 std::thread::sleep(Duration::from_millis(100));
+                seen_meanwhile.store(between_now.load(Ordering::SeqCst), Ordering::SeqCst);
             })
         };
         *disk.before_snapshot.lock().expect("lock") = Some(meanwhile);
         let (_, judged) = cache.get(&*disk, &clock).expect("read");
-        let seen_before_it_returned = between.load(Ordering::SeqCst);
+        let seen = seen_meanwhile.load(Ordering::SeqCst);
         assert!(
-            judged >= seen_before_it_returned,
-            "judged at {judged}, after a reader at {seen_before_it_returned}"
+            judged >= seen,
+            "judged at {judged}, after a reader at {seen}"
         );
         let batches = others.lock().expect("lock").take().expect("spawned");
         batches.join().expect("the other threads");
