@@ -6,7 +6,8 @@
 //!
 //! - `host, awaited on a worker`: the real code path,
 //!   `kvdb::script::wasm::WasmRuntime::run` (the pooled allocator, the cached
-//!   `ScriptPre`, a fresh store with WASI, fuel, limits and an epoch deadline,
+//!   `ScriptPre`, a fresh store with fuel, limits and an epoch deadline, WASI
+//!   made only at the guest's first WASI call (the hello guest makes none),
 //!   an async call on a fiber, output capture, response checks), on a bucket
 //!   of an in-memory store, awaited in a task on a tokio worker as the HTTP
 //!   handler awaits it. Also builds the run's `Host` (a scoped bucket) and

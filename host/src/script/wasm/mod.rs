@@ -15,7 +15,8 @@
 //!   [`MAX_CORE_INSTANCES`] core instances (checked at upload), and an epoch
 //!   deadline (a 10 ms ticker thread that
 //!   ticks only while runs are in flight), and WASI with nothing granted: no
-//!   files, sockets or environment; clocks and random only. Guest
+//!   files, sockets or environment; clocks and random only (made at the
+//!   guest's first WASI call: most small handlers make none). Guest
 //!   stdout/stderr go to the log, tagged with the script. What a run hands
 //!   the host at once (its response, one call's arguments) is bounded before
 //!   wasmtime copies it out (see [`HANDOVER_SLACK`]), and so is the
@@ -116,7 +117,10 @@ pub struct WasmState {
     host: Host,
     /// What is left of the run's log (the `log` calls).
     log: crate::script::LogBudget,
-    wasi: WasiCtx,
+    /// WASI, made at the guest's first WASI call: a guest that makes none
+    /// (a small handler) does not pay for its set-up (random generators
+    /// seeded, streams and clocks boxed) on every run.
+    wasi: Option<Wasi>,
     table: ResourceTable,
     limits: RunLimits,
     label: Label,
@@ -186,10 +190,54 @@ impl ResourceLimiter for RunLimits {
     }
 }
 
+/// A run's WASI: nothing granted but clocks and random, and stdout/stderr
+/// kept for the log.
+struct Wasi {
+    ctx: WasiCtx,
+    stdout: output::CappedOutput,
+    stderr: output::CappedOutput,
+}
+
+impl Wasi {
+    fn new() -> Self {
+        let stdout = output::CappedOutput::new(CAPTURED_OUTPUT);
+        let stderr = output::CappedOutput::new(CAPTURED_OUTPUT);
+        let ctx = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES)
+            .build();
+        Self {
+            ctx,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// What a run wrote to stdout and stderr, and whether some was dropped.
+#[derive(Default)]
+struct Output {
+    stdout: (Vec<u8>, bool),
+    stderr: (Vec<u8>, bool),
+}
+
+impl Output {
+    fn of(wasi: Option<Wasi>) -> Self {
+        wasi.map_or_else(Self::default, |w| Self {
+            stdout: w.stdout.contents(),
+            stderr: w.stderr.contents(),
+        })
+    }
+}
+
 impl WasiView for WasmState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: &mut self.wasi.get_or_insert_with(Wasi::new).ctx,
             table: &mut self.table,
         }
     }
@@ -452,16 +500,6 @@ impl WasmRuntime {
             .max(self.limits.response_bytes)
             .saturating_mul(2)
             .saturating_add(HANDOVER_SLACK);
-        let stdout = output::CappedOutput::new(CAPTURED_OUTPUT);
-        let stderr = output::CappedOutput::new(CAPTURED_OUTPUT);
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .max_random_size(MAX_RANDOM_BYTES)
-            .build();
         let limits = RunLimits {
             memory_bytes: self.limits.memory_bytes,
             used: 0,
@@ -471,7 +509,7 @@ impl WasmRuntime {
             WasmState {
                 host,
                 log: crate::script::LogBudget::default(),
-                wasi,
+                wasi: None,
                 table: ResourceTable::new(),
                 limits,
                 label: Label::of(script),
@@ -533,9 +571,11 @@ impl WasmRuntime {
             let result = tokio::time::timeout_at(deadline, run)
                 .await
                 .unwrap_or_else(|_| Err(wasmtime::Error::new(Trap::Interrupt)));
-            (result, store.data().host.waited())
+            let waited = store.data().host.waited();
+            let output = Output::of(store.data_mut().wasi.take());
+            (result, waited, output)
         });
-        let (result, _) = if self.slow.contains(&script.digest) {
+        let (result, _, output) = if self.slow.contains(&script.digest) {
             off_the_worker(call).await?
         } else {
             let mut call = call;
@@ -554,11 +594,10 @@ impl WasmRuntime {
                 }
             }
         };
-        let (stdout, stdout_dropped) = stdout.contents();
-        let (stderr, stderr_dropped) = stderr.contents();
-        log_output(script, "stdout", &stdout, stdout_dropped);
-        log_output(script, "stderr", &stderr, stderr_dropped);
-        let response = result.map_err(|e| self.classify(&e, &stderr, handover))?;
+        let Output { stdout, stderr } = output;
+        log_output(script, "stdout", &stdout.0, stdout.1);
+        log_output(script, "stderr", &stderr.0, stderr.1);
+        let response = result.map_err(|e| self.classify(&e, &stderr.0, handover))?;
         if response.body.len() > self.limits.response_bytes {
             return Err(ScriptError::Limit {
                 limit: Limit::Response,
@@ -695,14 +734,15 @@ fn log_output(script: &StoredScript, stream: &str, bytes: &[u8], dropped: bool) 
 }
 
 /// A run in progress: its result, and whether it waited for a write.
-type Call = Pin<Box<dyn Future<Output = (wasmtime::Result<WitResponse>, bool)> + Send>>;
+type Call = Pin<Box<dyn Future<Output = Ran> + Send>>;
+
+/// A run's result, whether it waited for a write, and its output.
+type Ran = (wasmtime::Result<WitResponse>, bool, Output);
 
 /// Polls `call` on this async worker until it ends (`Some`) or has used
 /// [`INLINE_SLICE`] of guest time (`None`: the rest is for a blocking thread).
 /// Only time inside the guest counts, not time waiting to be polled again.
-async fn on_the_worker_for_a_slice(
-    call: &mut Call,
-) -> Option<(wasmtime::Result<WitResponse>, bool)> {
+async fn on_the_worker_for_a_slice(call: &mut Call) -> Option<Ran> {
     let mut used = Duration::ZERO;
     std::future::poll_fn(|cx| {
         let started = Instant::now();
@@ -718,7 +758,7 @@ async fn on_the_worker_for_a_slice(
 }
 
 /// Runs `call` to its end on a blocking thread.
-async fn off_the_worker(call: Call) -> Result<(wasmtime::Result<WitResponse>, bool), ScriptError> {
+async fn off_the_worker(call: Call) -> Result<Ran, ScriptError> {
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || runtime.block_on(call))
         .await
