@@ -463,7 +463,12 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large);
     }
-    let mut buf = bytes::BytesMut::new();
+    // Sized for the declared length at once (hyper holds the body to it):
+    // grown by doubling, a 12 MB body left ~16 MB of dropped buffers behind
+    // it. Pages of it the body never fills are never touched.
+    let mut buf = bytes::BytesMut::with_capacity(
+        declared.map_or(0, |n| usize::try_from(n).map_or(limit, |n| n.min(limit))),
+    );
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(body_error)?;
         if let Ok(data) = frame.into_data() {
