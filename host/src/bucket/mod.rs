@@ -688,7 +688,7 @@ impl Scoped {
         let etag_key = self.bucket.etag_key;
         let dkey = data_key(&id, key.as_str());
         let default_ttl = self.bucket.policy.default_ttl;
-        let (kind, bytes) = value.encode();
+        let (kind, bytes) = value.into_encoded();
         self.store()
             .write(move |ctx| -> Result<u64, BucketError> {
                 ensure_bucket(ctx, &id)?;

@@ -435,6 +435,20 @@ impl Value {
         }
     }
 
+    /// [`Value::encode`], taking the value: its bytes are moved, not copied,
+    /// where the storage form is the bytes themselves (untyped raw bytes and
+    /// JSON), so that a large value is not held twice.
+    pub fn into_encoded(self) -> (u8, Vec<u8>) {
+        match self {
+            Value::Raw {
+                bytes,
+                media_type: None,
+            } => (KIND_RAW, bytes),
+            Value::Json(j) => (KIND_JSON, j),
+            other => other.encode(),
+        }
+    }
+
     /// The value from its storage form. Unreadable data becomes raw bytes
     /// rather than an error: the bytes are still the user's.
     pub fn decode(kind: u8, bytes: Vec<u8>) -> Self {

@@ -132,6 +132,8 @@ pub async fn put_key(
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let value =
         Value::from_body(&body, &typing).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // Not held while the write waits: a large value would be held twice.
+    drop(body);
     let version = bucket.set(&key, value, ttl, condition).await?;
     Ok(with_etag(
         StatusCode::NO_CONTENT.into_response(),
