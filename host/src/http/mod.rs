@@ -463,12 +463,12 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large);
     }
-    // Sized for the declared length at once (hyper holds the body to it):
-    // grown by doubling, a 12 MB body left ~16 MB of dropped buffers behind
-    // it. Pages of it the body never fills are never touched.
-    let mut buf = bytes::BytesMut::with_capacity(
-        declared.map_or(0, |n| usize::try_from(n).map_or(limit, |n| n.min(limit))),
-    );
+    // Sized for the declared length (at most `limit`, checked above) at
+    // once; hyper holds the body to it. Grown by doubling, a 12 MB body
+    // left ~16 MB of dropped buffers behind it. Pages of it the body never
+    // fills are never touched.
+    let mut buf =
+        bytes::BytesMut::with_capacity(declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(body_error)?;
         if let Ok(data) = frame.into_data() {

@@ -594,10 +594,13 @@ impl WasmRuntime {
                 }
             }
         };
-        let Output { stdout, stderr } = output;
-        log_output(script, "stdout", &stdout.0, stdout.1);
-        log_output(script, "stderr", &stderr.0, stderr.1);
-        let response = result.map_err(|e| self.classify(&e, &stderr.0, handover))?;
+        let Output {
+            stdout: (stdout, stdout_dropped),
+            stderr: (stderr, stderr_dropped),
+        } = output;
+        log_output(script, "stdout", &stdout, stdout_dropped);
+        log_output(script, "stderr", &stderr, stderr_dropped);
+        let response = result.map_err(|e| self.classify(&e, &stderr, handover))?;
         if response.body.len() > self.limits.response_bytes {
             return Err(ScriptError::Limit {
                 limit: Limit::Response,
