@@ -892,6 +892,37 @@ pub fn peak_memory(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
+/// The fields of a JSON object body are read without building the document:
+/// a `serde_json::Value` of a 15 MB `{"a":[0,0,…]}` grew the server by
+/// 400 MB, for anyone who could run a script, before any of its limits
+/// applied (found by a review). A field that is not a string comes as its
+/// JSON text, as sent.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_large_json_object_body_is_read_as_fields_without_building_the_document() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &b,
+        "fields",
+        r#"kvdb.say(#kvdb.var.a, " ", kvdb.var.s, " ", kvdb.var.l, " ", kvdb.var.o)"#,
+    );
+    let mut body = br#"{"s": "x\u00e9", "l": [1, 2], "o": {"k": null}, "a": ["#.to_vec();
+    body.extend(b"0,".repeat(6_000_000));
+    body.extend(b"0]}");
+    let before = crate::lua_sandbox::peak_memory(s.pid());
+    let r = s.request(
+        "POST",
+        &format!("/{b}/scripts/fields"),
+        &[("content-type", "application/json")],
+        Some(&body),
+    );
+    let grown = crate::lua_sandbox::peak_memory(s.pid()).saturating_sub(before);
+    assert!(grown < 100_000_000, "the server grew by {grown} bytes");
+    assert_body(&r, "12000003 x\u{e9} [1, 2] {\"k\": null}\n");
+}
+
 /// Compiled scripts kept for the next run are bounded by their size, not
 /// only by their number: 256 scripts of 250 KB compiled in each pooled
 /// state (a table of short string literals takes ~7 times its source)
