@@ -923,6 +923,81 @@ fn a_large_json_object_body_is_read_as_fields_without_building_the_document() {
     assert_body(&r, "12000003 x\u{e9} [1, 2] {\"k\": null}\n");
 }
 
+/// Runs `run` while `n` clients merge into a JSON value of ~4 MB under `key`
+/// in bucket `b` (secret key `sk`): JSON operations on large values are made
+/// one at a time, so a script's own merge into it waits behind theirs.
+/// Returns what `run` returned, when it returned and when the last merge was
+/// answered (both from when the merges started).
+pub fn with_merges_queued<T: Send>(
+    s: &TestServer,
+    b: &str,
+    key: &str,
+    n: usize,
+    run: impl FnOnce() -> T + Send,
+) -> (T, Duration, Duration) {
+    let doc = format!("{{\"a\":[{}0]}}", "0,".repeat(2_000_000));
+    let r = s.request(
+        "PUT",
+        &format!("/{b}/{key}"),
+        &[("authorization", "Bearer sk")],
+        Some(doc.as_bytes()),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        let merges: Vec<_> = (0..n)
+            .map(|_| {
+                scope.spawn(|| {
+                    let r = s.request(
+                        "PATCH",
+                        &format!("/{b}/{key}"),
+                        &[
+                            ("authorization", "Bearer sk"),
+                            ("content-type", "application/merge-patch+json"),
+                        ],
+                        Some(br#"{"x":1}"#),
+                    );
+                    assert_eq!(r.status, 200, "{}", r.text());
+                })
+            })
+            .collect();
+        // Time for the merges to be queued.
+        std::thread::sleep(Duration::from_millis(300));
+        let out = run();
+        let answered = started.elapsed();
+        for m in merges {
+            m.join().expect("merge");
+        }
+        (out, answered, started.elapsed())
+    })
+}
+
+/// A write a script waits for (a merge into a large JSON value, queued
+/// behind others) stops waiting at the run's time limit, and the run ends
+/// with it: no script code runs while it waits, so the hook could not end
+/// it, and a run with a 1 s limit answered after 12 s, holding its thread
+/// (found by a review).
+#[test]
+fn a_write_waiting_for_the_store_ends_with_the_time_limit() {
+    let s = timed();
+    let b = script_bucket(&s, "");
+    install(
+        &s,
+        &b,
+        "merge",
+        r#"local err = kvdb.merge("big", {w = 1}) kvdb.say("merge: ", tostring(err))"#,
+    );
+    let (r, answered, drained) = with_merges_queued(&s, &b, "big", 8, || {
+        get_within(&s, &format!("/{b}/scripts/merge"), BOUND)
+    });
+    assert!(
+        drained > answered + Duration::from_millis(500),
+        "the merges ({drained:?}) did not outlast the run ({answered:?}): this proves nothing"
+    );
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(r.elapsed < Duration::from_secs(2), "took {:?}", r.elapsed);
+}
+
 /// Compiled scripts kept for the next run are bounded by their size, not
 /// only by their number: 256 scripts of 250 KB compiled in each pooled
 /// state (a table of short string literals takes ~7 times its source)

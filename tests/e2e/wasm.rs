@@ -778,6 +778,31 @@ fn a_guest_sleeping_in_the_host_ends_with_the_time_limit() {
     assert_server_still_answers(&s, &b);
 }
 
+/// A guest's write that waits for the store (a merge into a large JSON
+/// value, queued behind others) stops waiting at the run's time limit, and
+/// the run ends with it: no guest code runs while it waits, where the epoch
+/// would be looked at (a run with a 1 s limit answered after 12 s, holding
+/// its pool slot and a thread; found by a review).
+#[test]
+fn a_guest_write_waiting_for_the_store_ends_with_the_time_limit() {
+    let s = limited("300", "1000000000000000");
+    let b = hostile_bucket(&s);
+    let (t, answered, drained) = crate::lua_sandbox::with_merges_queued(&s, &b, "big", 8, || {
+        misbehave(&s, &b, "merge&at=big")
+    });
+    assert!(
+        drained > answered + Duration::from_millis(500),
+        "the merges ({drained:?}) did not outlast the run ({answered:?}): this proves nothing"
+    );
+    let detail = assert_limit(&t, &[(504, "script-time-limit")]);
+    assert!(detail.contains("300"), "{detail}");
+    assert!(t.elapsed < Duration::from_secs(2), "took {:?}", t.elapsed);
+    // A merge that does not wait is unaffected.
+    put_sk(&s, &b, "small", "{}");
+    assert_eq!(misbehave(&s, &b, "merge&at=small").body, "merged\n");
+    assert_server_still_answers(&s, &b);
+}
+
 /// Runs whose host calls copy a lot (an 8 MiB log line, for ever) and use
 /// little fuel don't hold the server: other requests are answered while
 /// more of them go on than there are async workers, and each ends with the

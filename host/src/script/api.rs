@@ -73,6 +73,9 @@ pub struct Host {
     runtime: tokio::runtime::Handle,
     /// A data call of this run had to wait (see [`Host::wait`]).
     waited: std::sync::atomic::AtomicBool,
+    /// When the run's time is up: a call waiting for the store stops
+    /// waiting then ([`Host::wait`]).
+    deadline: Option<tokio::time::Instant>,
 }
 
 fn key(k: &str) -> Result<Key, CallError> {
@@ -87,7 +90,16 @@ impl Host {
             scoped,
             runtime,
             waited: std::sync::atomic::AtomicBool::new(false),
+            deadline: None,
         }
+    }
+
+    /// The same host for a run whose time is up at `deadline`: set by the
+    /// runtime as the run starts.
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: tokio::time::Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
     }
 
     /// Whether a data call of this run had to wait for the store (a write
@@ -109,15 +121,38 @@ impl Host {
     /// [`tokio::task::block_in_place`], so that a run on a worker thread
     /// hands that worker's other tasks to another thread instead of stalling
     /// them. On a blocking thread `block_in_place` just runs the closure.
-    fn wait<F: std::future::Future>(&self, fut: F) -> F::Output {
+    ///
+    /// The wait ends at the run's deadline: while the thread waits here no
+    /// script code runs, so neither the Lua hook nor the WebAssembly epoch
+    /// can stop the run (a guest's merge queued behind 30 large merges
+    /// answered after 12 s with a 1 s limit, holding its pool slot and a
+    /// thread; found by a review). The call then fails with a limit error,
+    /// and the run's own time check ends the run.
+    fn wait<T, F>(&self, fut: F) -> Result<T, CallError>
+    where
+        F: std::future::Future<Output = Result<T, BucketError>>,
+    {
         let mut fut = std::pin::pin!(fut);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-            return out;
+            return Ok(out?);
         }
         self.waited
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        tokio::task::block_in_place(|| self.runtime.block_on(fut))
+        let Some(deadline) = self.deadline else {
+            return Ok(tokio::task::block_in_place(|| self.runtime.block_on(fut))?);
+        };
+        tokio::task::block_in_place(|| {
+            self.runtime
+                .block_on(tokio::time::timeout_at(deadline, fut))
+        })
+        .map_err(|_| {
+            CallError::Limit(
+                "the script's time limit ran out while this write waited for the store (it may still be applied)"
+                    .into(),
+            )
+        })?
+        .map_err(CallError::from)
     }
 
     /// The value under `key`, if any.
@@ -152,11 +187,13 @@ impl Host {
     /// Permission denied, an invalid key.
     pub fn delete(&self, k: &str) -> Result<bool, CallError> {
         let k = key(k)?;
-        match self.wait(self.scoped.delete(&k, Condition::Always)) {
-            Ok(()) => Ok(true),
-            Err(BucketError::KeyNotFound(_)) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        self.wait(async {
+            match self.scoped.delete(&k, Condition::Always).await {
+                Ok(()) => Ok(true),
+                Err(BucketError::KeyNotFound(_)) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
     }
 
     fn op(&self, k: &str, op: Op) -> Result<Value, CallError> {

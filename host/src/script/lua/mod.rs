@@ -299,6 +299,9 @@ impl LuaRuntime {
     ) -> (Option<State>, Result<Response, ScriptError>) {
         let inline = !self.slow.contains(&script.digest);
         let slice_end = inline.then(|| Instant::now() + INLINE_SLICE);
+        // A write the run waits for stops waiting when its time is up
+        // (`Host::wait`); the hook then ends the run.
+        let host = host.with_deadline(tokio::time::Instant::now() + self.limits.time);
         let (thread, env) =
             match state.prepare(script, source, host, request, self.limits, slice_end) {
                 Ok(prepared) => prepared,

@@ -504,10 +504,18 @@ impl WasmRuntime {
             memory_bytes: self.limits.memory_bytes,
             used: 0,
         };
+        // The epoch deadline stops guest code; this one also stops a run
+        // waiting in the host, on a WASI pollable (a sleep, found by a
+        // review: a guest slept past its limit, holding a pool slot and a
+        // thread after its client had gone) or a write (`Host::wait`), where
+        // no guest code runs and the epoch is never looked at. A little
+        // later than the epoch's, so that a run in guest code ends with its
+        // own trap.
+        let deadline = tokio::time::Instant::now() + self.limits.time + 2 * EPOCH_TICK;
         let mut store = Store::new(
             &self.engine,
             WasmState {
-                host,
+                host: host.with_deadline(deadline),
                 log: crate::script::LogBudget::default(),
                 wasi: None,
                 table: ResourceTable::new(),
@@ -549,13 +557,6 @@ impl WasmRuntime {
         // run. It moves with the run, which outlives this function if the
         // client goes away once the run is on a blocking thread.
         let ticking = self.ticker.start();
-        // The epoch deadline stops guest code; this one also stops a run
-        // waiting in the host, on a WASI pollable (a sleep) or a write,
-        // where no guest code runs and the epoch is never looked at (found
-        // by a review: a guest slept past its limit, holding a pool slot and
-        // a thread after its client had gone). A little later than the
-        // epoch's, so that a run in guest code ends with its own trap.
-        let deadline = tokio::time::Instant::now() + self.limits.time + 2 * EPOCH_TICK;
         let call: Call = Box::pin(async move {
             let _ticking = ticking;
             // Given back after the store (and its pool slot): locals drop in

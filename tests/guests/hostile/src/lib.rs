@@ -12,6 +12,9 @@
 //!   `content-length` (`length`), a header value with a line break
 //!   (`inject`), an invalid header name (`name`), 101 headers (`many`), a
 //!   70 KB header (`big`));
+//! - `merge`: merges `{"w":1}` into the JSON value under `at` (answers
+//!   `merged` or the error), a write that may wait for the store;
+//! - `pollables`: holds `n` WASI pollables (default 90,000) at once;
 //! - `ok` (or nothing): answers `ok\n`;
 //! - `set-json`: sets the key `at` to the JSON value `json` (as text);
 //! - `remember` (keeps `secret`, repeated to fill several pages, in a static
@@ -88,6 +91,15 @@ impl Handler for Hostile {
                 Response::text(format!("woke after {n}\n"))
             }
             "grow" => grow(),
+            "merge" => match kvdb_guest::merge(req.var("at").unwrap_or("big"), r#"{"w":1}"#) {
+                Ok(_) => Response::text("merged\n"),
+                Err(e) => Response::text(format!("merge: {e}\n")),
+            },
+            "pollables" => {
+                let n: usize = req.var("n").and_then(|n| n.parse().ok()).unwrap_or(90_000);
+                let kept: Vec<i32> = (0..n).map(|_| pollable()).collect();
+                Response::text(format!("{} pollables\n", black_box(kept.len())))
+            }
             "recurse" => {
                 let depth = recurse(black_box(u32::MAX));
                 Response::text(format!("{depth}\n"))
@@ -287,4 +299,19 @@ fn narrow_perms() -> String {
 fn plain_get() -> String {
     let (v, e) = lua_get("k");
     format!("{v} {e}\n")
+}
+
+/// A new pollable (a handle in the host's table), straight from WASI: the
+/// standard library has no use for one.
+#[allow(unsafe_code)]
+fn pollable() -> i32 {
+    // SAFETY: a WASI call with a plain integer argument.
+    unsafe { subscribe_duration(1_000_000_000_000) }
+}
+
+#[allow(unsafe_code)]
+#[link(wasm_import_module = "wasi:clocks/monotonic-clock@0.2.6")]
+unsafe extern "C" {
+    #[link_name = "subscribe-duration"]
+    fn subscribe_duration(nanoseconds: i64) -> i32;
 }
