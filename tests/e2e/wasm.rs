@@ -803,6 +803,24 @@ fn a_guest_write_waiting_for_the_store_ends_with_the_time_limit() {
     assert_server_still_answers(&s, &b);
 }
 
+/// The handles a run holds (WASI pollables here) take host memory, outside
+/// the memory limit: past 1024 at once the run ends with the memory limit
+/// (wasmtime's default of 100,000 let a guest hold ~28 MB a run; found by a
+/// review).
+#[test]
+fn a_guest_holding_too_many_handles_ends_with_the_memory_limit() {
+    let s = limited("10000", "1000000000000000");
+    let b = hostile_bucket(&s);
+    assert_eq!(
+        misbehave(&s, &b, "pollables&n=1000").body,
+        "1000 pollables\n"
+    );
+    let t = misbehave(&s, &b, "pollables&n=90000");
+    let detail = assert_limit(&t, &[(500, "script-memory-limit")]);
+    assert!(detail.contains("1024 handles"), "{detail}");
+    assert_server_still_answers(&s, &b);
+}
+
 /// Runs whose host calls copy a lot (an 8 MiB log line, for ever) and use
 /// little fuel don't hold the server: other requests are answered while
 /// more of them go on than there are async workers, and each ends with the

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable, ResourceTableError};
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError,
     PoolingAllocationConfig, ResourceLimiter, Store, Trap,
@@ -87,6 +87,10 @@ pub const MAX_CORE_INSTANCES: u32 = 32;
 /// Fuel between the guest's hand-backs to the async runtime (about as many
 /// instructions: tens of microseconds).
 const YIELD_FUEL: u64 = 100_000;
+
+/// Handles a run may hold at once (WASI streams, pollables and the like):
+/// each takes host memory, outside the run's memory limit.
+pub const MAX_HANDLES: usize = 1024;
 
 /// Compiled components kept in memory; past it the cache starts over.
 const MAX_CACHED: usize = 256;
@@ -518,12 +522,22 @@ impl WasmRuntime {
                 host: host.with_deadline(deadline),
                 log: crate::script::LogBudget::default(),
                 wasi: None,
-                table: ResourceTable::new(),
+                table: {
+                    let mut table = ResourceTable::new();
+                    // A WASI pollable takes two entries (it and what it
+                    // polls): the guest's handle limit comes first.
+                    table.set_max_capacity(4 * MAX_HANDLES);
+                    table
+                },
                 limits,
                 label: Label::of(script),
             },
         );
         store.limiter(|s| &mut s.limits);
+        // Handles (WASI streams and pollables, resources) live in host
+        // memory, outside the memory limit: wasmtime's default of 100,000
+        // let a guest hold ~28 MB a run (found by a review).
+        store.set_max_component_handles(MAX_HANDLES);
         store.set_fuel(self.limits.fuel).map_err(internal)?;
         // wasmtime's "hostcall fuel": what it lifts out of the guest for one
         // call's arguments or for the response (a list at its elements'
@@ -650,6 +664,17 @@ impl WasmRuntime {
                 Limit::Memory,
                 format!(
                     "the script handed the host more than {handover} bytes at once (in its response or in one call); a run may hand over at most twice the larger of the value size limit and the response limit, plus {HANDOVER_SLACK} bytes"
+                ),
+            );
+        }
+        if e.chain().any(|c| {
+            matches!(c.downcast_ref(), Some(ResourceTableError::Full))
+                || c.to_string().contains("store handle limit exceeded")
+        }) {
+            return limit(
+                Limit::Memory,
+                format!(
+                    "the script held more than {MAX_HANDLES} handles at once (WASI streams, pollables, resources); drop those it no longer needs"
                 ),
             );
         }
