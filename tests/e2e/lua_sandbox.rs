@@ -998,6 +998,51 @@ fn a_write_waiting_for_the_store_ends_with_the_time_limit() {
     assert!(r.elapsed < Duration::from_secs(2), "took {:?}", r.elapsed);
 }
 
+/// A script's listing with values holds at most one page's budget of values
+/// (32 MiB), even when it is read in two steps (the first 1000 keys, then
+/// the rest): the second step had a whole budget of its own, so one call
+/// built up to twice that (found by a review). 1100 values of 32 KiB: the
+/// first 1000 are 31.25 MiB, and 24 more fill the budget.
+#[test]
+fn a_script_listing_with_values_holds_one_budget_of_values() {
+    let s = TestServer::start_with(&[
+        "--durability",
+        "relaxed",
+        "--script-memory-bytes",
+        "200000000",
+    ]);
+    let b = script_bucket(&s, "");
+    let value = "v".repeat(32 * 1024);
+    std::thread::scope(|scope| {
+        for part in 0..4 {
+            let (s, b, value) = (&s, &b, &value);
+            scope.spawn(move || {
+                for i in (part..1100).step_by(4) {
+                    let r = s.request(
+                        "PUT",
+                        &format!("/{b}/v:{i:04}"),
+                        &[("authorization", "Bearer sk")],
+                        Some(value.as_bytes()),
+                    );
+                    assert_eq!(r.status, 204, "{}", r.text());
+                }
+            });
+        }
+    });
+    let r = eval_as(
+        &s,
+        &b,
+        r#"local page = kvdb.list("v:", {values = true})
+local last = page[#page]
+kvdb.say(#page, " ", last.key, " ", #last.value)"#,
+        SK,
+    );
+    assert_body(&r, "1024 v:1023 32768\n");
+    // Without values, all of them.
+    let r = eval_as(&s, &b, r#"kvdb.say(#kvdb.list("v:"))"#, SK);
+    assert_body(&r, "1100\n");
+}
+
 /// Compiled scripts kept for the next run are bounded by their size, not
 /// only by their number: 256 scripts of 250 KB compiled in each pooled
 /// state (a table of short string literals takes ~7 times its source)

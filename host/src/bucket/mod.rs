@@ -262,6 +262,9 @@ pub struct ListQuery {
     pub limit: usize,
     pub skip: usize,
     pub values: bool,
+    /// Bytes of values after which a page ends early; `None`:
+    /// [`LIST_VALUE_BYTES`] or the value limit, whichever is larger.
+    pub value_bytes: Option<usize>,
 }
 
 /// One page of a listing.
@@ -955,6 +958,12 @@ impl Scoped {
             .await?
     }
 
+    /// The bytes of values after which a page of a listing ends early:
+    /// [`LIST_VALUE_BYTES`], or the value limit if that is larger.
+    pub fn list_value_bytes(&self) -> usize {
+        LIST_VALUE_BYTES.max(self.bucket.buckets.limits.max_value_bytes)
+    }
+
     /// Lists keys (and values) as `query` asks, confined to what the scope may
     /// enumerate. Blocking: call it off the async threads for large limits.
     ///
@@ -1007,7 +1016,7 @@ impl Scoped {
         );
         let mut listing = Listing::default();
         let mut skipped = 0;
-        let budget = LIST_VALUE_BYTES.max(self.bucket.buckets.limits.max_value_bytes);
+        let budget = query.value_bytes.unwrap_or_else(|| self.list_value_bytes());
         let mut value_bytes = 0usize;
         self.store()
             .snapshot()?

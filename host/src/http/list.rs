@@ -82,6 +82,7 @@ fn parse(pairs: &[(String, String)], headers: &HeaderMap) -> Result<(ListQuery, 
         limit: number(pairs, "limit", MAX_LIMIT)?.min(MAX_LIMIT),
         skip: number(pairs, "skip", 0)?,
         values: flag(pairs, "values")?,
+        value_bytes: None,
     };
     Ok((query, format))
 }

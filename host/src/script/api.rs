@@ -279,6 +279,7 @@ impl Host {
             limit: opts.limit.unwrap_or(MAX_LIST).min(MAX_LIST),
             skip: 0,
             values: opts.values,
+            value_bytes: None,
         };
         // The first INLINE_LIST keys on this thread; a longer scan is
         // blocking work, continued in `block_in_place` (off the async worker,
@@ -289,13 +290,25 @@ impl Host {
             ..query.clone()
         };
         let mut listing = self.scoped.list(&first)?;
+        // One listing, one budget of values: the second page gets what the
+        // first left (it had a whole budget of its own, so one call could
+        // build twice as much; found by a review).
+        let left = self.scoped.list_value_bytes().saturating_sub(
+            listing
+                .entries
+                .iter()
+                .filter_map(|(_, v)| v.as_ref().map(Value::size))
+                .sum(),
+        );
         if let Some(next) = listing.next_start.take()
             && limit > INLINE_LIST
             && listing.entries.len() == INLINE_LIST
+            && left > 0
         {
             let rest = ListQuery {
                 start: Some(next),
                 limit: limit - INLINE_LIST,
+                value_bytes: Some(left),
                 ..query
             };
             let more = tokio::task::block_in_place(|| self.scoped.list(&rest))?;
