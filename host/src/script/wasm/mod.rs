@@ -92,7 +92,8 @@ const YIELD_FUEL: u64 = 100_000;
 /// each takes host memory, outside the run's memory limit.
 pub const MAX_HANDLES: usize = 1024;
 
-/// Compiled components kept in memory; past it the cache starts over.
+/// Compiled components kept in memory; past it the one run least recently
+/// makes way.
 const MAX_CACHED: usize = 256;
 
 /// What a run may hand the host in one go (its response, or the arguments of
@@ -258,10 +259,63 @@ pub struct WasmRuntime {
     linker: Linker<WasmState>,
     limits: Limits,
     /// Compiled scripts by the SHA-256 of their bytes.
-    cache: Mutex<HashMap<[u8; 32], Prepared>>,
+    cache: Mutex<Compiled>,
+    /// One lock per component being compiled for a run, so that the runs
+    /// that find it missing compile it once, not each.
+    compiling: Mutex<HashMap<[u8; 32], Arc<Mutex<()>>>>,
     slow: SlowScripts,
     ticker: Ticker,
     shares: RunShares,
+}
+
+/// Compiled components by the SHA-256 of their bytes, each with when it was
+/// last asked for. Full, the least recently asked for makes way: one tenant
+/// uploading many components does not empty it for everyone else (it was
+/// cleared whole; found by a review).
+struct Compiled<P = Prepared> {
+    entries: HashMap<[u8; 32], (P, u64)>,
+    clock: u64,
+}
+
+impl<P> Default for Compiled<P> {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            clock: 0,
+        }
+    }
+}
+
+impl<P: Clone> Compiled<P> {
+    fn get(&mut self, digest: &[u8; 32]) -> Option<P> {
+        self.clock += 1;
+        let now = self.clock;
+        self.entries.get_mut(digest).map(|(prepared, used)| {
+            *used = now;
+            prepared.clone()
+        })
+    }
+
+    fn insert(&mut self, digest: [u8; 32], prepared: P) {
+        if self.entries.len() >= MAX_CACHED && !self.entries.contains_key(&digest) {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(d, _)| *d);
+            if let Some(oldest) = oldest {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.clock += 1;
+        self.entries.insert(digest, (prepared, self.clock));
+    }
+}
+
+/// Locks `m`; a panic elsewhere while it was held leaves nothing half done
+/// in what these locks guard.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The epoch ticker thread, which advances the engine's epoch every
@@ -392,7 +446,8 @@ impl WasmRuntime {
             engine,
             linker,
             limits,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Compiled::default()),
+            compiling: Mutex::new(HashMap::new()),
             slow: SlowScripts::default(),
             ticker,
             shares,
@@ -443,25 +498,16 @@ impl WasmRuntime {
             return Ok(prepared);
         }
         let prepared = self.compile(bytes)?;
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.len() >= MAX_CACHED {
-            cache.clear();
-        }
-        cache.insert(digest, prepared.clone());
+        lock(&self.cache).insert(digest, prepared.clone());
         Ok(prepared)
     }
 
     fn cached(&self, digest: &[u8; 32]) -> Option<Prepared> {
-        self.cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(digest)
-            .cloned()
+        lock(&self.cache).get(digest)
     }
 
+    /// `script` compiled: from the cache, or compiled once however many
+    /// runs ask for it at the same time.
     fn prepared(
         &self,
         script: &StoredScript,
@@ -470,11 +516,30 @@ impl WasmRuntime {
         if let Some(prepared) = self.cached(&script.digest) {
             return Ok(prepared);
         }
-        // Not compiled in this process yet (a restart): compile once.
-        self.compile_cached(&source()?).map_err(|e| match e {
-            ScriptError::Invalid(m) => ScriptError::Failed(m),
-            other => other,
-        })
+        let gate = lock(&self.compiling)
+            .entry(script.digest)
+            .or_default()
+            .clone();
+        let compiled = {
+            let _one_at_a_time = lock(&gate);
+            match self.cached(&script.digest) {
+                Some(prepared) => Ok(prepared),
+                // Not compiled in this process yet (a restart, or made way
+                // for others): compile once.
+                None => source().and_then(|bytes| {
+                    self.compile_cached(&bytes).map_err(|e| match e {
+                        ScriptError::Invalid(m) => ScriptError::Failed(m),
+                        other => other,
+                    })
+                }),
+            }
+        };
+        let mut compiling = lock(&self.compiling);
+        // Nobody else waits on this gate (they would hold a clone).
+        if Arc::strong_count(&gate) == 2 {
+            compiling.remove(&script.digest);
+        }
+        compiled
     }
 
     /// Runs `script` for `request` in a fresh instance: on this (async)
@@ -490,13 +555,16 @@ impl WasmRuntime {
         host: Host,
         mut request: Request,
     ) -> Result<Response, ScriptError> {
+        // Taken before compiling: a compile is work a bucket's share bounds
+        // (runs of components evicted from the cache compiled them before
+        // any share was taken; found by a review).
+        let share = self.shares.take(script.bucket)?;
         let prepared = match self.cached(&script.digest) {
             Some(prepared) => prepared,
             // Not compiled in this process yet (a restart): compile once, in
             // block_in_place (compiling takes milliseconds).
             None => tokio::task::block_in_place(|| self.prepared(script, source))?,
         };
-        let share = self.shares.take(script.bucket)?;
         // Twice the larger limit: wasmtime counts a string in the guest's
         // encoding, two bytes a character in UTF-16.
         let handover = host
@@ -792,4 +860,40 @@ async fn off_the_worker(call: Call) -> Result<Ran, ScriptError> {
     tokio::task::spawn_blocking(move || runtime.block_on(call))
         .await
         .map_err(|e| ScriptError::Internal(format!("script thread: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Compiled, MAX_CACHED};
+
+    fn digest(n: usize) -> [u8; 32] {
+        let mut d = [0; 32];
+        d[..8].copy_from_slice(&(n as u64).to_le_bytes());
+        d
+    }
+
+    #[test]
+    fn a_full_cache_lets_the_least_recently_asked_for_make_way() {
+        let mut cache = Compiled::<usize>::default();
+        for n in 0..MAX_CACHED {
+            cache.insert(digest(n), n);
+        }
+        // The first one is in use; the others are not.
+        assert_eq!(cache.get(&digest(0)), Some(0));
+        for n in MAX_CACHED..MAX_CACHED + 10 {
+            cache.insert(digest(n), n);
+        }
+        assert_eq!(cache.entries.len(), MAX_CACHED);
+        assert_eq!(cache.get(&digest(0)), Some(0), "the one in use was dropped");
+        for n in 1..=10 {
+            assert_eq!(cache.get(&digest(n)), None, "{n} stayed");
+        }
+        for n in 11..MAX_CACHED + 10 {
+            assert_eq!(cache.get(&digest(n)), Some(n));
+        }
+        // Inserting what is there replaces it and drops nothing.
+        cache.insert(digest(0), 7);
+        assert_eq!(cache.entries.len(), MAX_CACHED);
+        assert_eq!(cache.get(&digest(0)), Some(7));
+    }
 }
