@@ -1075,6 +1075,15 @@ fn bad_token_requests_are_400() {
         assert_eq!(r.status, 400, "{body}: {}", r.text());
         r.assert_problem(400);
     }
+    // The message says what a ttl may be, and what was sent.
+    let detail = form("ttl=abc").json()["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        detail.contains("digits only") && detail.contains("3153600000") && detail.contains("abc"),
+        "{detail}"
+    );
     let r = form("ttl=3153600000");
     assert_eq!(r.status, 200, "100 years: {}", r.text());
     for body in [

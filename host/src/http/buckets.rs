@@ -146,7 +146,10 @@ fn token_grant(
                 }
                 .filter(|t| *t > 0)
                 .ok_or_else(|| {
-                    ApiError::bad_request("ttl must be a positive integer number of seconds")
+                    ApiError::bad_request(format!(
+                        "a token's ttl must be a whole number of seconds (digits only) from 1 to {} (100 years), not {v}",
+                        crate::bucket::MAX_TOKEN_TTL_S
+                    ))
                 })?;
             }
             ("prefix" | "permissions", _) => {
