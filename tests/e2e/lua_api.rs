@@ -894,6 +894,18 @@ fn redirect_answers_302_with_location_and_stops() {
     install(&s, &b, "badcode", r#"kvdb.redirect("/x", 200)"#);
     let (status, _, _) = raw(&s, "GET", &format!("/{b}/scripts/badcode"));
     assert_eq!(status, 500);
+
+    // A redirect's Location is held to the header limits like any header
+    // (a 30 MB URL went out; found by a review).
+    let r = eval(&s, &b, r#"kvdb.redirect("/" .. ("a"):rep(100000))"#);
+    let detail = assert_problem_type(&r, 500, "script-response-limit");
+    assert!(detail.contains("65536 bytes"), "{detail}");
+    let r = eval(
+        &s,
+        &b,
+        r#"for i = 1, 100 do kvdb.header("x-h" .. i, "1") end kvdb.redirect("/x")"#,
+    );
+    assert_problem_type(&r, 500, "script-response-limit");
 }
 
 #[test]

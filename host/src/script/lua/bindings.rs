@@ -203,23 +203,85 @@ impl std::io::Write for Capped {
 /// which would otherwise be copied out in full (found by reviews: 100
 /// references to an 8 MB string took gigabytes, and a tree built first took
 /// ten times its text).
+///
+/// The walk looks at the run's meter every [`JSON_CHECK_EVERY`] tables, so
+/// a table that holds one table many times over (2^24 visits for 24 lines
+/// of Lua) ends with the time limit; and one that goes on past the run's
+/// slice on an async worker is walked again from its start in
+/// `block_in_place`, as a long pattern match is (found by a review: such a
+/// walk held a worker for seconds).
 fn json_text(lua: &Lua, v: &Value) -> Result<Vec<u8>, String> {
-    let cap = with_run(lua, |run| Ok(run.limits.memory_bytes)).map_err(|e| e.to_string())?;
-    let mut out = Capped {
-        out: Vec::new(),
-        cap,
+    let (cap, meter) = with_run(lua, |run| Ok((run.limits.memory_bytes, run.meter.clone())))
+        .map_err(|e| e.to_string())?;
+    let array_mt = lua.array_metatable();
+    let attempt = |slice: bool| {
+        let mut out = Capped {
+            out: Vec::new(),
+            cap,
+        };
+        let watch = JsonWatch {
+            meter: &meter,
+            slice,
+            tables: std::cell::Cell::new(0),
+            slice_over: std::cell::Cell::new(false),
+        };
+        let walk = LuaJson {
+            value: v,
+            array_mt: &array_mt,
+            path: &std::cell::RefCell::new(Vec::new()),
+            watch: &watch,
+        };
+        let written = serde_json::to_writer(&mut out, &walk);
+        (written.map(|()| out.out), watch.slice_over.get())
     };
-    let walk = LuaJson {
-        value: v,
-        array_mt: &lua.array_metatable(),
-        path: &std::cell::RefCell::new(Vec::new()),
+    let written = match attempt(true) {
+        (Err(_), true) => {
+            meter.mark_left_worker();
+            tokio::task::block_in_place(|| attempt(false)).0
+        }
+        (written, _) => written,
     };
-    match serde_json::to_writer(&mut out, &walk) {
-        Ok(()) => Ok(out.out),
+    match written {
+        Ok(text) => Ok(text),
         Err(e) if e.is_io() => Err(format!(
             "its JSON text would be over {cap} bytes (the script's memory limit)"
         )),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Tables a JSON walk writes between two looks at the run's meter.
+const JSON_CHECK_EVERY: u64 = 256;
+
+/// The run's meter, as a JSON walk looks at it.
+struct JsonWatch<'a> {
+    meter: &'a super::meter::Meter,
+    /// Whether to give up once the run's slice on its worker is over.
+    slice: bool,
+    tables: std::cell::Cell<u64>,
+    /// The walk gave up because the slice was over.
+    slice_over: std::cell::Cell<bool>,
+}
+
+impl JsonWatch<'_> {
+    /// Counts a table; every [`JSON_CHECK_EVERY`] tables, whether the run
+    /// must stop (its limits; the error's message) or, where `slice`, its
+    /// slice is over.
+    fn table(&self) -> Result<(), &'static str> {
+        let n = self.tables.get() + 1;
+        self.tables.set(n);
+        if !n.is_multiple_of(JSON_CHECK_EVERY) {
+            return Ok(());
+        }
+        // A table written counts as an instruction.
+        if self.meter.check(JSON_CHECK_EVERY) {
+            return Err(super::meter::STOPPED);
+        }
+        if self.slice && self.meter.slice_over() {
+            self.slice_over.set(true);
+            return Err("the run's slice is over");
+        }
+        Ok(())
     }
 }
 
@@ -240,6 +302,7 @@ struct LuaJson<'a> {
     /// The tables being written, outermost first (to refuse a table inside
     /// itself, and to count the depth).
     path: &'a std::cell::RefCell<Vec<*const std::ffi::c_void>>,
+    watch: &'a JsonWatch<'a>,
 }
 
 /// How [`LuaJson`] writes a table.
@@ -279,6 +342,7 @@ impl LuaJson<'_> {
             value,
             array_mt: self.array_mt,
             path: self.path,
+            watch: self.watch,
         }
     }
 
@@ -374,6 +438,7 @@ impl serde::Serialize for LuaJson<'_> {
                 )),
             },
             Value::Table(t) => {
+                self.watch.table().map_err(S::Error::custom)?;
                 let table = t.to_pointer();
                 {
                     let mut path = self.path.borrow_mut();
@@ -831,10 +896,18 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
                 if axum::http::HeaderValue::from_str(&url).is_err() {
                     return Err(mlua::Error::runtime("invalid redirect URL"));
                 }
+                // The header limits hold for a redirect's Location as for
+                // any header (a 30 MB URL went out; found by a review).
+                let lower =
+                    crate::script::check_header("Location", &url).map_err(mlua::Error::runtime)?;
                 with_run(lua, |run| {
+                    run.headers.retain(|(k, _)| *k != lower);
+                    run.headers.push((lower, url));
+                    if let Err(detail) = crate::script::check_header_total(&run.headers) {
+                        run.headers.pop();
+                        return Err(run.over_response_limit(detail));
+                    }
                     run.status = code;
-                    run.headers.retain(|(k, _)| k != "location");
-                    run.headers.push(("location".into(), url));
                     Err(exit_now(run))
                 })
             },

@@ -85,6 +85,14 @@ struct State {
     spare_thread: Option<Thread>,
     /// The limits of the state's current run, for its hook.
     meter: Arc<meter::Meter>,
+    /// The memory the state keeps between runs (libraries, cached chunks),
+    /// measured after a full collection: a run may allocate up to its
+    /// memory limit above it. Earlier runs' garbage is not kept: it counts
+    /// against the run, and Lua collects it before failing an allocation.
+    /// (The limit was set above what the state used when the run started,
+    /// garbage included, so a pooled state's runs could keep more each
+    /// time; found by a review.)
+    kept: usize,
 }
 
 /// A compiled chunk's key: the SHA-256 of its source, and the script's name.
@@ -361,6 +369,8 @@ impl State {
         // The main state runs script code too: a run's error object is
         // turned into text there (its `__tostring` is the script's).
         meter::install_on_main(&lua)?;
+        lua.gc_collect()?;
+        let kept = lua.used_memory();
         Ok(Self {
             lua,
             base,
@@ -369,6 +379,7 @@ impl State {
             cached_source_bytes: 0,
             spare_thread: None,
             meter: Arc::new(meter::Meter::new()),
+            kept,
         })
     }
 
@@ -387,7 +398,6 @@ impl State {
         if source.len() > MAX_CACHED_SOURCE_BYTES {
             return Ok(f);
         }
-        let mut evicted = 0;
         while self.chunks.len() >= MAX_CACHED_CHUNKS
             || self.cached_source_bytes + source.len() > MAX_CACHED_SOURCE_BYTES
         {
@@ -396,18 +406,17 @@ impl State {
             };
             self.chunks.remove(&oldest);
             self.cached_source_bytes -= size;
-            evicted += size;
-        }
-        if evicted >= MAX_CACHED_SOURCE_BYTES / 4 {
-            // Large chunks go now, not when later runs' garbage makes Lua
-            // collect (in an idle state, never).
-            self.lua
-                .gc_collect()
-                .map_err(|e| ScriptError::Internal(e.to_string()))?;
         }
         self.cached_source_bytes += source.len();
         self.cached.push_back((key.clone(), source.len()));
         self.chunks.insert(key, f.clone());
+        // What the state keeps changed: measure it again (evicted chunks go
+        // now, not when later runs' garbage makes Lua collect). Once per
+        // script a state compiles.
+        self.lua
+            .gc_collect()
+            .map_err(|e| ScriptError::Internal(e.to_string()))?;
+        self.kept = self.lua.used_memory();
         Ok(f)
     }
 
@@ -455,7 +464,7 @@ impl State {
             headers_table: None,
             scope_table: None,
         }));
-        lua.set_memory_limit(lua.used_memory().saturating_add(limits.memory_bytes))
+        lua.set_memory_limit(self.kept.saturating_add(limits.memory_bytes))
             .map_err(internal)?;
         Ok((thread, (f, env)))
     }
