@@ -987,7 +987,9 @@ fn a_write_waiting_for_the_store_ends_with_the_time_limit() {
         &s,
         &b,
         "merge",
-        r#"local err = kvdb.merge("big", {w = 1}) kvdb.say("merge: ", tostring(err))"#,
+        // Nothing after the merge looks at the time: the run ends with the
+        // time limit all the same.
+        r#"local err = kvdb.merge("big", {w = 1}) return"#,
     );
     let (r, answered, drained) = with_merges_queued(&s, &b, "big", 8, || {
         get_within(&s, &format!("/{b}/scripts/merge"), BOUND)

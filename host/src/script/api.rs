@@ -76,6 +76,9 @@ pub struct Host {
     /// When the run's time is up: a call waiting for the store stops
     /// waiting then ([`Host::wait`]).
     deadline: Option<tokio::time::Instant>,
+    /// A call stopped waiting at the deadline: the run is over its time,
+    /// whatever the script does next.
+    timed_out: std::sync::atomic::AtomicBool,
 }
 
 fn key(k: &str) -> Result<Key, CallError> {
@@ -91,7 +94,14 @@ impl Host {
             runtime,
             waited: std::sync::atomic::AtomicBool::new(false),
             deadline: None,
+            timed_out: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether a data call of this run stopped waiting for the store at the
+    /// run's deadline: the run ends with its time limit.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The same host for a run whose time is up at `deadline`: set by the
@@ -147,6 +157,8 @@ impl Host {
                 .block_on(tokio::time::timeout_at(deadline, fut))
         })
         .map_err(|_| {
+            self.timed_out
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             CallError::Limit(
                 "the script's time limit ran out while this write waited for the store (it may still be applied)"
                     .into(),

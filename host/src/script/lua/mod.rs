@@ -77,17 +77,18 @@ struct State {
     /// Compiled chunks by the SHA-256 of their source and the script name
     /// (the name is in error messages).
     chunks: HashMap<ChunkKey, Function>,
-    /// The cached chunks' keys and source sizes, oldest first.
-    cached: VecDeque<(ChunkKey, usize)>,
+    /// The cached chunks' keys, source sizes and the memory each took
+    /// when compiled, oldest first.
+    cached: VecDeque<(ChunkKey, usize, usize)>,
     /// The source bytes of the cached chunks.
     cached_source_bytes: usize,
     /// The Lua thread of the last run that finished normally, for the next.
     spare_thread: Option<Thread>,
     /// The limits of the state's current run, for its hook.
     meter: Arc<meter::Meter>,
-    /// The memory the state keeps between runs (libraries, cached chunks),
-    /// measured after a full collection: a run may allocate up to its
-    /// memory limit above it. Earlier runs' garbage is not kept: it counts
+    /// The memory the state keeps between runs: its libraries, measured
+    /// after a full collection, and its cached chunks, each as much as its
+    /// compile took. A run may allocate up to its memory limit above it. Earlier runs' garbage is not kept: it counts
     /// against the run, and Lua collects it before failing an allocation.
     /// (The limit was set above what the state used when the run started,
     /// garbage included, so a pooled state's runs could keep more each
@@ -393,30 +394,36 @@ impl State {
             return Ok(f.clone());
         }
         let source = source()?;
+        let before = self.lua.used_memory();
         let f = sandbox::compile(&self.lua, script.name.as_str(), &source)
             .map_err(|e| ScriptError::Failed(lua_error(&e)))?;
+        let took = self.lua.used_memory().saturating_sub(before);
         if source.len() > MAX_CACHED_SOURCE_BYTES {
             return Ok(f);
         }
+        let mut evicted = 0;
         while self.chunks.len() >= MAX_CACHED_CHUNKS
             || self.cached_source_bytes + source.len() > MAX_CACHED_SOURCE_BYTES
         {
-            let Some((oldest, size)) = self.cached.pop_front() else {
+            let Some((oldest, size, kept)) = self.cached.pop_front() else {
                 break;
             };
             self.chunks.remove(&oldest);
             self.cached_source_bytes -= size;
+            self.kept = self.kept.saturating_sub(kept);
+            evicted += size;
+        }
+        if evicted >= MAX_CACHED_SOURCE_BYTES / 4 {
+            // Large chunks go now, not when later runs' garbage makes Lua
+            // collect (in an idle state, never).
+            self.lua
+                .gc_collect()
+                .map_err(|e| ScriptError::Internal(e.to_string()))?;
         }
         self.cached_source_bytes += source.len();
-        self.cached.push_back((key.clone(), source.len()));
+        self.cached.push_back((key.clone(), source.len(), took));
+        self.kept = self.kept.saturating_add(took);
         self.chunks.insert(key, f.clone());
-        // What the state keeps changed: measure it again (evicted chunks go
-        // now, not when later runs' garbage makes Lua collect). Once per
-        // script a state compiles.
-        self.lua
-            .gc_collect()
-            .map_err(|e| ScriptError::Internal(e.to_string()))?;
-        self.kept = self.lua.used_memory();
         Ok(f)
     }
 
@@ -526,6 +533,14 @@ impl State {
         let run = self
             .end_run()
             .ok_or_else(|| ScriptError::Internal("the run's state vanished".into()))?;
+        if run.host.timed_out() {
+            // A write stopped waiting at the deadline, which may have come
+            // a little before the hook's (it is set before the compile).
+            return Err(ScriptError::Limit {
+                limit: Limit::Time,
+                detail: format!("the script ran longer than {} ms", limits.time.as_millis()),
+            });
+        }
         if let Some((limit, detail)) = run.meter.limit_hit(&limits).or(run.exceeded) {
             return Err(ScriptError::Limit { limit, detail });
         }

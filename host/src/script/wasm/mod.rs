@@ -535,8 +535,12 @@ impl WasmRuntime {
             }
         };
         let mut compiling = lock(&self.compiling);
-        // Nobody else waits on this gate (they would hold a clone).
-        if Arc::strong_count(&gate) == 2 {
+        // Nobody else waits on this gate (they would hold a clone). Ours
+        // goes while the map is locked, so that of two runs finishing at
+        // once the second sees itself as the last (found by a review).
+        let last = Arc::strong_count(&gate) == 2;
+        drop(gate);
+        if last {
             compiling.remove(&script.digest);
         }
         compiled
@@ -654,6 +658,13 @@ impl WasmRuntime {
             let result = tokio::time::timeout_at(deadline, run)
                 .await
                 .unwrap_or_else(|_| Err(wasmtime::Error::new(Trap::Interrupt)));
+            // A write stopped waiting at the deadline: the run is over its
+            // time even if the guest answered before the epoch stopped it.
+            let result = if store.data().host.timed_out() {
+                Err(wasmtime::Error::new(Trap::Interrupt))
+            } else {
+                result
+            };
             let waited = store.data().host.waited();
             let output = Output::of(store.data_mut().wasi.take());
             (result, waited, output)
