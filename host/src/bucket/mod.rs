@@ -295,7 +295,7 @@ pub struct Buckets {
     /// time ([`Scoped::make_outside`]): as when the writer made them, a
     /// document is held in memory once, and concurrent operations on one
     /// document don't each make it from the same version in vain.
-    outside: tokio::sync::Semaphore,
+    outside: Arc<tokio::sync::Semaphore>,
 }
 
 fn policy_key(id: &BucketId) -> Vec<u8> {
@@ -332,7 +332,7 @@ impl Buckets {
             cache: RwLock::new(HashMap::new()),
             scripts: scripts::ScriptCache::default(),
             purge_wanted: tokio::sync::Notify::new(),
-            outside: tokio::sync::Semaphore::new(1),
+            outside: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
 
@@ -799,15 +799,18 @@ impl Scoped {
         let limit = self.bucket.buckets.limits.max_value_bytes;
         let op = Arc::new(op);
         if matches!(*op, Op::MergePatch(_) | Op::JsonPatch(_)) && self.is_large(&dkey)? {
-            let _one_at_a_time = self
+            let mut turn = self
                 .bucket
                 .buckets
                 .outside
-                .acquire()
+                .clone()
+                .acquire_owned()
                 .await
                 .map_err(|_| StorageError::Closed)?;
             for _ in 0..OUTSIDE_TRIES {
-                let Some(made) = self.make_outside(&dkey, &op).await? else {
+                let (made, back) = self.make_outside(&dkey, &op, turn).await?;
+                turn = back;
+                let Some(made) = made else {
                     break;
                 };
                 if let Some(stored) = self.store_made(&dkey, made, ttl_s, &condition).await? {
@@ -861,28 +864,42 @@ impl Scoped {
     /// review). So the new value is made from a snapshot on a blocking
     /// thread ([`Scoped::store_made`] stores it). `None`: no such value
     /// (absent, or under [`OUTSIDE_BYTES`]).
-    async fn make_outside(&self, dkey: &[u8], op: &Arc<Op>) -> Result<Option<Made>, BucketError> {
+    ///
+    /// `turn` is the one-at-a-time permit ([`Buckets::outside`]): the
+    /// blocking work holds it and hands it back, so that a caller that goes
+    /// away (a client hanging up, a script at its deadline) does not let
+    /// the next operation start while this one still holds its document
+    /// (found by a review).
+    async fn make_outside(
+        &self,
+        dkey: &[u8],
+        op: &Arc<Op>,
+        turn: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(Option<Made>, tokio::sync::OwnedSemaphorePermit), BucketError> {
         let current = self.store().snapshot()?.get(dkey)?.map(Stored::from_entry);
         let Some(current) = current.filter(|c| c.value.size() >= OUTSIDE_BYTES) else {
-            return Ok(None);
+            return Ok((None, turn));
         };
         let based_on = current.version;
         let limit = self.bucket.buckets.limits.max_value_bytes;
         let change = op.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let value = change.apply(Some(current.value), limit)?;
-            if value.size() > limit {
-                return Err(BucketError::TooLarge {
-                    size: value.size(),
-                    limit,
-                });
-            }
-            let (kind, bytes) = value.encode();
-            Ok((value, kind, bytes))
+        let (result, turn) = tokio::task::spawn_blocking(move || {
+            let made = (|| {
+                let value = change.apply(Some(current.value), limit)?;
+                if value.size() > limit {
+                    return Err(BucketError::TooLarge {
+                        size: value.size(),
+                        limit,
+                    });
+                }
+                let (kind, bytes) = value.encode();
+                Ok((value, kind, bytes))
+            })();
+            (made, turn)
         })
         .await
         .map_err(|e| StorageError::Engine(format!("a JSON operation's thread failed: {e}")))?;
-        Ok(Some(Made { based_on, result }))
+        Ok((Some(Made { based_on, result }), turn))
     }
 
     /// Second step of [`Scoped::make_outside`]: the writer stores what was
@@ -1206,7 +1223,8 @@ mod tests {
             .await
             .expect("set");
         let op = Arc::new(Op::MergePatch(serde_json::json!({"m": 2})));
-        let made = admin.make_outside(&dkey, &op).await.expect("make");
+        let turn = || buckets.outside.clone().try_acquire_owned().expect("turn");
+        let (made, _) = admin.make_outside(&dkey, &op, turn()).await.expect("make");
         let made = made.expect("a large value");
         // Another write meanwhile: what was made from the old version is
         // not stored.
@@ -1219,7 +1237,7 @@ mod tests {
             .await;
         assert!(stale.expect("store").is_none(), "stored over a newer value");
         // Made again from the new version, it is.
-        let made = admin.make_outside(&dkey, &op).await.expect("make");
+        let (made, _) = admin.make_outside(&dkey, &op, turn()).await.expect("make");
         let stored = admin
             .store_made(
                 &dkey,
@@ -1233,7 +1251,7 @@ mod tests {
         let now = stored.value.to_json().expect("JSON");
         assert_eq!((now["n"].clone(), now["m"].clone()), (5.into(), 2.into()));
         // A failed condition is checked against the value it would replace.
-        let made = admin.make_outside(&dkey, &op).await.expect("make");
+        let (made, _) = admin.make_outside(&dkey, &op, turn()).await.expect("make");
         let refused = admin
             .store_made(
                 &dkey,
@@ -1249,8 +1267,46 @@ mod tests {
             .set(&small, Value::Json(b"{}".to_vec()), None, Condition::Always)
             .await
             .expect("set");
-        let made = admin.make_outside(&data_key(&id, "small"), &op).await;
-        assert!(made.expect("make").is_none());
+        let made = admin
+            .make_outside(&data_key(&id, "small"), &op, turn())
+            .await;
+        assert!(made.expect("make").0.is_none());
+    }
+
+    /// A JSON operation on a large value whose caller goes away (a client
+    /// hanging up, a script at its deadline) keeps its turn until its
+    /// blocking work ends: the next one does not start beside it, holding
+    /// another document (found by a review).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_json_operation_on_a_large_value_keeps_its_turn_until_made() {
+        let (buckets, id) = one_bucket(64 << 20).await;
+        let admin = buckets.open(id).expect("open").scoped(Scope::admin());
+        let key = Key::new("doc").expect("key");
+        let mut doc = b"{\"a\":[".to_vec();
+        doc.extend(b"0,".repeat(2_000_000));
+        doc.extend(b"0]}");
+        admin
+            .set(&key, Value::Json(doc), None, Condition::Always)
+            .await
+            .expect("set");
+        let merge = admin.patch_for_script(&key, Op::MergePatch(serde_json::json!({"m": 1})));
+        let gone = tokio::time::timeout(std::time::Duration::from_millis(5), merge).await;
+        assert!(
+            gone.is_err(),
+            "the merge was made within 5 ms: this proves nothing"
+        );
+        assert_eq!(
+            buckets.outside.available_permits(),
+            0,
+            "the turn was given back while the merge was still being made"
+        );
+        for _ in 0..600 {
+            if buckets.outside.available_permits() == 1 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the turn was never given back");
     }
 
     #[test]
