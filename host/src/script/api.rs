@@ -137,7 +137,7 @@ impl Host {
     /// can stop the run (a guest's merge queued behind 30 large merges
     /// answered after 12 s with a 1 s limit, holding its pool slot and a
     /// thread; found by a review). The call then fails with a limit error,
-    /// and the run's own time check ends the run.
+    /// and the run ends with its time limit ([`Host::timed_out`]).
     fn wait<T, F>(&self, fut: F) -> Result<T, CallError>
     where
         F: std::future::Future<Output = Result<T, BucketError>>,
