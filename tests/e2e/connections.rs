@@ -242,3 +242,76 @@ fn a_refused_request_that_expects_100_continue_is_told_the_connection_closes() {
         "{headers:?}"
     );
 }
+
+/// What hyper could not parse gets a problem document (it answered a bare
+/// head with no body), with its status and a detail that says what to do;
+/// the connection closes, nothing is written, and the server goes on.
+#[test]
+fn a_request_that_cannot_be_parsed_gets_a_json_problem_and_changes_nothing() {
+    let s = server();
+    let b = s.create_bucket("");
+    let many_headers: String = (0..150).map(|i| format!("X-H{i}: 1\r\n")).collect();
+    let long_url = format!("/{b}/{}", "a".repeat(70_000));
+    let cases = [
+        // A raw < in the query, as curl sends an unencoded URL.
+        (
+            format!("GET /{b}/scripts/hello?name=<b> HTTP/1.1\r\nHost: x\r\n\r\n"),
+            400,
+            "bad-request",
+            "percent-encode",
+        ),
+        // A malformed header on a write.
+        (
+            format!("PUT /{b}/k HTTP/1.1\r\nHost: x\r\nBad Header\r\nContent-Length: 1\r\n\r\nv"),
+            400,
+            "bad-request",
+            "percent-encode",
+        ),
+        (
+            format!("PUT /{b}/k HTTP/1.1\r\nHost: x\r\n{many_headers}Content-Length: 1\r\n\r\nv"),
+            431,
+            "headers-too-large",
+            "at most 100 header fields",
+        ),
+        (
+            format!("GET {long_url} HTTP/1.1\r\nHost: x\r\n\r\n"),
+            414,
+            "uri-too-long",
+            "65,534 bytes",
+        ),
+    ];
+    for (request, status, kind, hint) in cases {
+        let mut c = connect(&s);
+        c.write_all(request.as_bytes()).expect("write");
+        let (answer, _) = read_until_closed(&mut c);
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no head in {answer:?}"));
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{status} expected: {head}"
+        );
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("\r\ncontent-type: application/problem+json\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+            "{head}"
+        );
+        let problem: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        assert_eq!(problem["status"], status, "{problem}");
+        assert_eq!(
+            problem["type"],
+            format!("urn:kvdb:problem:{kind}"),
+            "{problem}"
+        );
+        let detail = problem["detail"].as_str().expect("a detail");
+        assert!(detail.contains(hint), "{detail}");
+    }
+    assert_eq!(s.get(&format!("/{b}/k")).status, 404, "nothing was written");
+    assert_eq!(s.put(&format!("/{b}/k"), "v").status, 204);
+    assert_eq!(s.get(&format!("/{b}/k")).text(), "v");
+}

@@ -172,15 +172,20 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A problem document.
-pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
-    let body = serde_json::json!({
+/// The JSON text of a problem document.
+pub fn problem_body(status: StatusCode, kind: &str, detail: &str) -> String {
+    serde_json::json!({
         "type": format!("urn:kvdb:problem:{kind}"),
         "title": status.canonical_reason().unwrap_or("Error"),
         "status": status.as_u16(),
         "detail": detail,
-    });
-    let mut response = (status, body.to_string()).into_response();
+    })
+    .to_string()
+}
+
+/// A problem document.
+pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
+    let mut response = (status, problem_body(status, kind, detail)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

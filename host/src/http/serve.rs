@@ -8,6 +8,8 @@
 //! request: one watchdog timer per connection, and one per body read that
 //! has to wait. A connection task's wakes of itself during its own poll are
 //! answered by polling again at once ([`SelfWakes`]), not by the scheduler.
+//! A request hyper can't parse gets a problem document, written by the
+//! socket's writer in place of hyper's bare answer ([`rewritten_parse_error`]).
 //!
 //! It does not route, authorize or read bodies for their content: that is
 //! the router's, the `Access` extractor's and the handlers'.
@@ -261,6 +263,7 @@ pub async fn serve(
         let io = Watched {
             inner: stream,
             progress: progress.clone(),
+            replaced: None,
         };
         let connection = http.serve_connection(TokioIo::new(io), service);
         let mut stop = stop.clone();
@@ -454,10 +457,15 @@ impl Drop for InFlight {
     }
 }
 
-/// The connection's socket, counting writes that made progress.
+/// The connection's socket, counting writes that made progress, and
+/// answering a request hyper could not parse with a problem document
+/// ([`rewritten_parse_error`]).
 struct Watched {
     inner: TcpStream,
     progress: Arc<Progress>,
+    /// The problem document written in place of hyper's bare answer, and
+    /// how much of it has gone out.
+    replaced: Option<(Vec<u8>, usize)>,
 }
 
 impl Watched {
@@ -470,6 +478,96 @@ impl Watched {
         }
         written
     }
+
+    /// Writes what is left of a replaced answer; ready once it is all out.
+    fn poll_replaced(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while let Some((answer, at)) = self.replaced.as_mut() {
+            if *at >= answer.len() {
+                self.replaced = None;
+                break;
+            }
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[*at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            *at += n;
+            self.progress.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// If `head` is hyper's bare answer to a request it could not parse,
+    /// takes it whole and writes the problem document in its place (what
+    /// does not go out at once goes on the flush hyper does next).
+    fn replace(
+        &mut self,
+        cx: &mut Context<'_>,
+        head: &[u8],
+    ) -> Option<Poll<std::io::Result<usize>>> {
+        let answer = rewritten_parse_error(head)?;
+        self.replaced = Some((answer, 0));
+        Some(match self.poll_replaced(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(head.len())),
+        })
+    }
+}
+
+/// The tail of hyper's answer to a request it could not parse, after its
+/// status line and before the date.
+const PARSE_ERROR_HEADERS: &[u8] = b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ";
+
+/// The problem document for a request hyper could not parse, given what
+/// hyper wrote for it; `None` for any other write.
+///
+/// hyper answers a request line or header it can't parse with `400`, a URL
+/// over 65,534 bytes with `414`, and a head over its limits (100 header
+/// fields, about 400 KiB) with `431`: a bare head (`connection: close`,
+/// `content-length: 0`, `date`), written alone, before the connection
+/// closes. It has no hook for that answer, so the socket's writer knows
+/// that exact head and writes the JSON error in its place, with the same
+/// status, `connection: close` and date. Every answer of the routes has a
+/// `content-type` and so never matches; anything else is written as it is.
+fn rewritten_parse_error(head: &[u8]) -> Option<Vec<u8>> {
+    use axum::http::StatusCode;
+    // The first check every write makes: the routes' answers fail it at
+    // once (a 2xx or 3xx, or longer than such a head).
+    if head.len() > 128 || !head.starts_with(b"HTTP/1.1 4") {
+        return None;
+    }
+    let status = StatusCode::from_bytes(head.get(9..12)?).ok()?;
+    let (kind, detail) = match status {
+        StatusCode::BAD_REQUEST => (
+            "bad-request",
+            "the request could not be read as HTTP/1.1 (its request line or a header is malformed), so nothing was done: percent-encode the URL's path and query (a space, quotes, <, >, \\, ^, `, {, |, } and control characters as %XX; curl -G --data-urlencode 'name=value' does it for a query), and send header names and values without control characters",
+        ),
+        StatusCode::URI_TOO_LONG => (
+            "uri-too-long",
+            "the URL is longer than 65,534 bytes, so nothing was done: send long data as the request's body (POST or PUT) instead of in the URL",
+        ),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
+            "headers-too-large",
+            "the request's headers are too many or too large (at most 100 header fields, and about 400 KiB for the request line and headers together), so nothing was done: send data as the request's body instead",
+        ),
+        _ => return None,
+    };
+    let rest = head[12..]
+        .strip_prefix(b" ")?
+        .strip_prefix(status.canonical_reason()?.as_bytes())?
+        .strip_prefix(PARSE_ERROR_HEADERS)?;
+    let date = rest.strip_suffix(b"\r\n\r\n")?;
+    if date.len() != 29 || date.contains(&b'\r') {
+        return None;
+    }
+    let date = std::str::from_utf8(date).ok()?;
+    let body = super::error::problem_body(status, kind, detail);
+    Some(
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nconnection: close\r\ndate: {date}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
 }
 
 impl AsyncRead for Watched {
@@ -484,33 +582,50 @@ impl AsyncRead for Watched {
 
 impl AsyncWrite for Watched {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.count(written)
+        let this = self.get_mut();
+        ready!(this.poll_replaced(cx))?;
+        if let Some(taken) = this.replace(cx, buf) {
+            return taken;
+        }
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.count(written)
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.count(written)
+        let this = self.get_mut();
+        ready!(this.poll_replaced(cx))?;
+        let mut filled = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (filled.next(), filled.next())
+            && let Some(taken) = this.replace(cx, only)
+        {
+            return taken;
+        }
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.count(written)
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_replaced(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_replaced(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -705,5 +820,49 @@ mod tests {
             .expect("waking thread");
         assert_eq!(task.0.load(Ordering::SeqCst), 1, "the wake got through");
         assert!(f.as_mut().poll(&mut Context::from_waker(&waker)).is_ready());
+    }
+
+    #[test]
+    fn only_hypers_bare_answer_to_an_unparsed_request_is_rewritten() {
+        use super::rewritten_parse_error;
+        let date = "Thu, 03 Dec 2026 20:28:46 GMT";
+        for (status, kind) in [
+            ("400 Bad Request", "bad-request"),
+            ("414 URI Too Long", "uri-too-long"),
+            ("431 Request Header Fields Too Large", "headers-too-large"),
+        ] {
+            let bare = format!(
+                "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"
+            );
+            let answer = rewritten_parse_error(bare.as_bytes()).expect("rewritten");
+            let answer = String::from_utf8(answer).expect("UTF-8");
+            let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+            assert!(
+                head.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+                "{head}"
+            );
+            assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())));
+            assert!(head.contains("\r\nconnection: close\r\n"));
+            assert!(head.ends_with(&format!("\r\ndate: {date}")), "{head}");
+            assert!(body.contains(&format!("urn:kvdb:problem:{kind}")), "{body}");
+        }
+        for other in [
+            // The routes' answers: with a content type, or another status.
+            format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\ncontent-length: 99\r\ndate: {date}\r\n\r\n"
+            ),
+            format!(
+                "HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"
+            ),
+            format!("HTTP/1.1 200 OK\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"),
+            // The bare head with anything after it (a body, another answer).
+            format!(
+                "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\nx"
+            ),
+            // Cut short.
+            "HTTP/1.1 400 Bad Request\r\nconnection: close\r\n".to_owned(),
+        ] {
+            assert!(rewritten_parse_error(other.as_bytes()).is_none(), "{other}");
+        }
     }
 }
