@@ -105,7 +105,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, backend = ?args.backend, ?durability, data = %args.data.display(), "kvdb is ready");
+        match args.backend {
+            BackendKind::Redb => tracing::info!(%addr, backend = ?args.backend, ?durability, data = %args.data.display(), "kvdb is ready"),
+            // No directory is used: naming one would say data is kept there.
+            BackendKind::Memory => tracing::info!(
+                %addr,
+                backend = ?args.backend,
+                "kvdb is ready; everything is kept in memory and lost when it stops"
+            ),
+        }
         println!("listening on http://{addr}");
         std::io::stdout().flush()?;
         kvdb::run(

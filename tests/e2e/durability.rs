@@ -195,6 +195,24 @@ fn memory_backend_sets_and_gets() {
     assert!(s.terminate().success());
 }
 
+/// The memory backend's start-up line says nothing is kept, and names no
+/// data directory (it named the default one, as if data were kept there);
+/// the redb backend's names its directory.
+#[test]
+fn the_ready_line_names_a_data_directory_only_when_one_is_used() {
+    let ready = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("kvdb is ready"))
+            .unwrap_or_else(|| panic!("no ready line in {log}"))
+            .to_owned()
+    };
+    let memory = ready(&TestServer::log_while(&["--backend", "memory"], |_| {}));
+    assert!(!memory.contains("data="), "{memory}");
+    assert!(memory.contains("lost when it stops"), "{memory}");
+    let redb = ready(&TestServer::log_while(&[], |_| {}));
+    assert!(redb.contains("data="), "{redb}");
+}
+
 #[test]
 fn relaxed_durability_sets_gets_and_keeps_data_after_sigterm() {
     let dir = tempfile::tempdir().expect("temp dir");
