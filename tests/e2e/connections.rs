@@ -311,6 +311,25 @@ fn a_request_that_cannot_be_parsed_gets_a_json_problem_and_changes_nothing() {
         let detail = problem["detail"].as_str().expect("a detail");
         assert!(detail.contains(hint), "{detail}");
     }
+    // HTTP/1.0 kept alive: the answer after a good request, in HTTP/1.0.
+    let mut c = connect(&s);
+    c.write_all(
+        format!(
+            "GET /{b}/k HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /{b}/x<y HTTP/1.0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("write");
+    let (answer, _) = read_until_closed(&mut c);
+    let second = answer
+        .find("HTTP/1.0 400 Bad Request\r\n")
+        .map(|at| &answer[at..])
+        .unwrap_or_else(|| panic!("no 400 in {answer:?}"));
+    assert!(
+        second.contains("content-type: application/problem+json"),
+        "{second}"
+    );
+    assert!(second.contains("urn:kvdb:problem:bad-request"), "{second}");
     assert_eq!(s.get(&format!("/{b}/k")).status, 404, "nothing was written");
     assert_eq!(s.put(&format!("/{b}/k"), "v").status, 204);
     assert_eq!(s.get(&format!("/{b}/k")).text(), "v");

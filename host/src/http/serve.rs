@@ -264,6 +264,7 @@ pub async fn serve(
             inner: stream,
             progress: progress.clone(),
             replaced: None,
+            short: false,
         };
         let connection = http.serve_connection(TokioIo::new(io), service);
         let mut stop = stop.clone();
@@ -466,15 +467,24 @@ struct Watched {
     /// The problem document written in place of hyper's bare answer, and
     /// how much of it has gone out.
     replaced: Option<(Vec<u8>, usize)>,
+    /// The last write took less than it was given: the next one goes on
+    /// with the same answer, so it is never a head of hyper's own.
+    short: bool,
 }
 
 impl Watched {
-    /// Counts a write that moved bytes as progress.
-    fn count(&self, written: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
-        if let Poll::Ready(Ok(n)) = written
-            && n > 0
-        {
-            self.progress.moved.fetch_add(1, Ordering::Relaxed);
+    /// Counts a write that moved bytes as progress, and notes whether it
+    /// took all of the `offered` bytes.
+    fn count(
+        &mut self,
+        written: Poll<std::io::Result<usize>>,
+        offered: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                self.progress.moved.fetch_add(1, Ordering::Relaxed);
+            }
+            self.short = n < offered;
         }
         written
     }
@@ -504,6 +514,9 @@ impl Watched {
         cx: &mut Context<'_>,
         head: &[u8],
     ) -> Option<Poll<std::io::Result<usize>>> {
+        if self.short {
+            return None;
+        }
         let answer = rewritten_parse_error(head)?;
         self.replaced = Some((answer, 0));
         Some(match self.poll_replaced(cx) {
@@ -513,33 +526,36 @@ impl Watched {
     }
 }
 
-/// The tail of hyper's answer to a request it could not parse, after its
-/// status line and before the date.
-const PARSE_ERROR_HEADERS: &[u8] = b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ";
-
 /// The problem document for a request hyper could not parse, given what
 /// hyper wrote for it; `None` for any other write.
 ///
 /// hyper answers a request line or header it can't parse with `400`, a URL
 /// over 65,534 bytes with `414`, and a head over its limits (100 header
-/// fields, about 400 KiB) with `431`: a bare head (`connection: close`,
-/// `content-length: 0`, `date`), written alone, before the connection
-/// closes. It has no hook for that answer, so the socket's writer knows
-/// that exact head and writes the JSON error in its place, with the same
-/// status, `connection: close` and date. Every answer of the routes has a
-/// `content-type` and so never matches; anything else is written as it is.
+/// fields, about 400 KiB, a far longer URL included) with `431`: a bare
+/// head (`connection: close` on HTTP/1.1, `content-length: 0`, `date`),
+/// written alone, before the connection closes. It has no hook for that
+/// answer, so the socket's writer knows that exact head and writes the JSON
+/// error in its place, with the same version, status and date, and
+/// `connection: close`. No answer of the routes can match: every one
+/// carries `vary` or other headers of the CORS layer, and more besides;
+/// anything else is written as it is.
 fn rewritten_parse_error(head: &[u8]) -> Option<Vec<u8>> {
     use axum::http::StatusCode;
     // The first check every write makes: the routes' answers fail it at
     // once (a 2xx or 3xx, or longer than such a head).
-    if head.len() > 128 || !head.starts_with(b"HTTP/1.1 4") {
+    if head.len() > 160 || head.get(8..10) != Some(b" 4") {
         return None;
     }
+    let version = match &head[..8] {
+        b"HTTP/1.1" => "HTTP/1.1",
+        b"HTTP/1.0" => "HTTP/1.0",
+        _ => return None,
+    };
     let status = StatusCode::from_bytes(head.get(9..12)?).ok()?;
     let (kind, detail) = match status {
         StatusCode::BAD_REQUEST => (
             "bad-request",
-            "the request could not be read as HTTP/1.1 (its request line or a header is malformed), so nothing was done: percent-encode the URL's path and query (a space, quotes, <, >, \\, ^, `, {, |, } and control characters as %XX; curl -G --data-urlencode 'name=value' does it for a query), and send header names and values without control characters",
+            "the request could not be read as HTTP/1.1 (its request line or a header is malformed), so nothing was done: percent-encode the URL's path and query (a space, quotes, <, >, \\, ^, `, {, |, }, control characters and bytes that are not ASCII as %XX; curl -G --data-urlencode 'name=value' does it for a query), and send well-formed headers (no control characters; one valid Content-Length, or Transfer-Encoding: chunked)",
         ),
         StatusCode::URI_TOO_LONG => (
             "uri-too-long",
@@ -547,15 +563,22 @@ fn rewritten_parse_error(head: &[u8]) -> Option<Vec<u8>> {
         ),
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
             "headers-too-large",
-            "the request's headers are too many or too large (at most 100 header fields, and about 400 KiB for the request line and headers together), so nothing was done: send data as the request's body instead",
+            "the request's head is too large (at most 100 header fields, and about 400 KiB for the request line and headers together), so nothing was done: send data as the request's body instead of in the URL or headers",
         ),
         _ => return None,
     };
     let rest = head[12..]
         .strip_prefix(b" ")?
         .strip_prefix(status.canonical_reason()?.as_bytes())?
-        .strip_prefix(PARSE_ERROR_HEADERS)?;
-    let date = rest.strip_suffix(b"\r\n\r\n")?;
+        .strip_prefix(b"\r\n")?;
+    // HTTP/1.0 closes by default: hyper says so only on HTTP/1.1.
+    let rest = match version {
+        "HTTP/1.1" => rest.strip_prefix(b"connection: close\r\n")?,
+        _ => rest,
+    };
+    let date = rest
+        .strip_prefix(b"content-length: 0\r\ndate: ")?
+        .strip_suffix(b"\r\n\r\n")?;
     if date.len() != 29 || date.contains(&b'\r') {
         return None;
     }
@@ -563,7 +586,7 @@ fn rewritten_parse_error(head: &[u8]) -> Option<Vec<u8>> {
     let body = super::error::problem_body(status, kind, detail);
     Some(
         format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nconnection: close\r\ndate: {date}\r\n\r\n{body}",
+            "{version} {status}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nconnection: close\r\ndate: {date}\r\n\r\n{body}",
             body.len()
         )
         .into_bytes(),
@@ -592,7 +615,7 @@ impl AsyncWrite for Watched {
             return taken;
         }
         let written = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.count(written)
+        this.count(written, buf.len())
     }
 
     fn poll_write_vectored(
@@ -609,7 +632,8 @@ impl AsyncWrite for Watched {
             return taken;
         }
         let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.count(written)
+        let offered = bufs.iter().map(|b| b.len()).sum();
+        this.count(written, offered)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -864,5 +888,56 @@ mod tests {
         ] {
             assert!(rewritten_parse_error(other.as_bytes()).is_none(), "{other}");
         }
+        // HTTP/1.0 (hyper names no connection header: it closes by default).
+        let bare = format!("HTTP/1.0 400 Bad Request\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n");
+        let answer = rewritten_parse_error(bare.as_bytes()).expect("rewritten");
+        let answer = String::from_utf8(answer).expect("UTF-8");
+        assert!(
+            answer.starts_with("HTTP/1.0 400 Bad Request\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    }
+
+    /// A write that goes on with an answer whose last write was short is
+    /// part of that answer (a body, say a stored value that reads as
+    /// hyper's bare head), never a head of hyper's own: it is not replaced.
+    #[tokio::test]
+    async fn a_write_that_goes_on_after_a_short_one_is_not_replaced() {
+        use super::{Progress, Watched};
+        use tokio::io::AsyncWrite;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        // Never read: the socket's buffers fill up.
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let mut watched = Watched {
+            inner: server,
+            progress: Arc::new(Progress::default()),
+            replaced: None,
+            short: false,
+        };
+        let bare = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Thu, 03 Dec 2026 20:28:46 GMT\r\n\r\n";
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let big = vec![b'x'; 1 << 20];
+        let mut written = 0;
+        loop {
+            match Pin::new(&mut watched).poll_write(&mut cx, &big) {
+                Poll::Ready(Ok(n)) if n < big.len() => break,
+                Poll::Ready(Ok(n)) => written += n,
+                other => panic!("{other:?} after {written} bytes"),
+            }
+            assert!(written < 1 << 30, "the socket took a gigabyte");
+        }
+        assert!(watched.short);
+        let _ = Pin::new(&mut watched).poll_write(&mut cx, bare);
+        assert!(watched.replaced.is_none(), "a body was taken for a head");
+        // At the start of an answer, the same bytes are hyper's head.
+        watched.short = false;
+        let _ = Pin::new(&mut watched).poll_write(&mut cx, bare);
+        assert!(watched.replaced.is_some());
     }
 }
