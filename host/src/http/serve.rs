@@ -555,7 +555,7 @@ fn rewritten_parse_error(head: &[u8]) -> Option<Vec<u8>> {
     let (kind, detail) = match status {
         StatusCode::BAD_REQUEST => (
             "bad-request",
-            "the request could not be read as HTTP/1.1 (its request line or a header is malformed), so nothing was done: percent-encode the URL's path and query (a space, quotes, <, >, \\, ^, `, {, |, }, control characters and bytes that are not ASCII as %XX; curl -G --data-urlencode 'name=value' does it for a query), and send well-formed headers (no control characters; one valid Content-Length, or Transfer-Encoding: chunked)",
+            "the request could not be read as HTTP (its request line or a header is malformed), so nothing was done: percent-encode the URL's path and query (a space, quotes, <, >, \\, ^, `, {, |, }, control characters and bytes that are not ASCII as %XX; curl -G --data-urlencode 'name=value' does it for a query), and send well-formed headers (no control characters; one valid Content-Length, or Transfer-Encoding: chunked)",
         ),
         StatusCode::URI_TOO_LONG => (
             "uri-too-long",

@@ -409,6 +409,14 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// What a run stopped at its time limit is told (either runtime,
+    /// however it was stopped).
+    pub fn time_detail(&self) -> String {
+        format!("the script ran longer than {} ms", self.time.as_millis())
+    }
+}
+
 /// Which limit a run hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {

@@ -172,10 +172,7 @@ impl Meter {
                     limits.instructions
                 ),
             )),
-            HIT_TIME => Some((
-                Limit::Time,
-                format!("the script ran longer than {} ms", limits.time.as_millis()),
-            )),
+            HIT_TIME => Some((Limit::Time, limits.time_detail())),
             _ => None,
         }
     }

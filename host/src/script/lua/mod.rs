@@ -88,8 +88,9 @@ struct State {
     meter: Arc<meter::Meter>,
     /// The memory the state keeps between runs: its libraries, measured
     /// after a full collection, and its cached chunks, each as much as its
-    /// compile took. A run may allocate up to its memory limit above it. Earlier runs' garbage is not kept: it counts
-    /// against the run, and Lua collects it before failing an allocation.
+    /// compile took. A run may allocate up to its memory limit above it.
+    /// Earlier runs' garbage is not kept: it counts against the run, and
+    /// Lua collects it before failing an allocation.
     /// (The limit was set above what the state used when the run started,
     /// garbage included, so a pooled state's runs could keep more each
     /// time; found by a review.)
@@ -538,7 +539,7 @@ impl State {
             // a little before the hook's (it is set before the compile).
             return Err(ScriptError::Limit {
                 limit: Limit::Time,
-                detail: format!("the script ran longer than {} ms", limits.time.as_millis()),
+                detail: limits.time_detail(),
             });
         }
         if let Some((limit, detail)) = run.meter.limit_hit(&limits).or(run.exceeded) {

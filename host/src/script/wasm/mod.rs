@@ -775,13 +775,7 @@ impl WasmRuntime {
                 );
             }
             Some(Trap::Interrupt) => {
-                return limit(
-                    Limit::Time,
-                    format!(
-                        "the script ran longer than {} ms",
-                        self.limits.time.as_millis()
-                    ),
-                );
+                return limit(Limit::Time, self.limits.time_detail());
             }
             Some(Trap::StackOverflow) => {
                 return limit(Limit::Stack, "the script overflowed its stack".into());
