@@ -238,7 +238,14 @@ fn write_key_grants_reading_writing_and_deleting() {
 fn read_key_cannot_write_or_delete() {
     let s = TestServer::start();
     let b = locked_bucket(&s);
-    as_(&s, "PUT", &format!("/{b}/k"), "rk", Some("x")).assert_problem(403);
+    let detail = as_(&s, "PUT", &format!("/{b}/k"), "rk", Some("x")).assert_problem(403);
+    // What would be allowed, as the 401s say what to send.
+    assert!(
+        detail.contains(
+            "which grants read on every key; the secret key, or an access token that grants it, may"
+        ),
+        "{detail}"
+    );
     as_(&s, "PUT", &format!("/{b}/new"), "rk", Some("x")).assert_problem(403);
     as_(&s, "PATCH", &format!("/{b}/n"), "rk", Some("+1")).assert_problem(403);
     as_(&s, "DELETE", &format!("/{b}/k"), "rk", None).assert_problem(403);

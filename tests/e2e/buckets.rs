@@ -554,3 +554,50 @@ fn form_fields_that_are_not_utf8_are_400_not_replaced() {
     );
     assert!(r.assert_problem(400).contains("not valid UTF-8"));
 }
+
+/// Fields come as a form (also `text/plain`, what a browser's `fetch` sends
+/// with a string) or as a JSON object; a body of any other type is a 415
+/// that says so, not an error about the fields a form reading made of it.
+#[test]
+fn fields_of_another_media_type_are_415_and_change_nothing() {
+    let s = TestServer::start();
+    for ct in ["application/xml", "multipart/form-data; boundary=x"] {
+        let r = s.request("POST", "/", &[("content-type", ct)], Some(b"<a/>"));
+        let detail = r.assert_problem(415);
+        assert!(
+            detail.contains("URL-encoded form") && detail.contains(ct),
+            "{detail}"
+        );
+        assert_eq!(r.header("location"), None);
+    }
+    let r = s.request(
+        "POST",
+        "/",
+        &[("content-type", "text/plain;charset=UTF-8")],
+        Some(b"secret_key=sk"),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let b = r.text().trim().to_owned();
+    let before = policy(&s, &b, "sk");
+    let r = s.request(
+        "PATCH",
+        &format!("/{b}"),
+        &[
+            ("authorization", "Bearer sk"),
+            ("content-type", "application/xml"),
+        ],
+        Some(b"read_key=rk"),
+    );
+    r.assert_problem(415);
+    assert_eq!(policy(&s, &b, "sk"), before);
+    let r = s.request(
+        "POST",
+        &format!("/{b}/tokens/"),
+        &[
+            ("authorization", "Bearer sk"),
+            ("content-type", "multipart/form-data; boundary=x"),
+        ],
+        Some(b"permissions=write"),
+    );
+    r.assert_problem(415);
+}

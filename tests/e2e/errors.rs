@@ -302,7 +302,55 @@ fn unknown_route_is_a_404_problem() {
     s.get(&format!("/{b}/k/extra/segments")).assert_problem(404);
     s.put(&format!("/{b}/a/b/c/d"), "v").assert_problem(404);
     s.get("/favicon.ico/x/y").assert_problem(404);
+    // A key with a `/` (or one followed by a slash) is not a route: the
+    // answer says how to write one.
+    for path in [format!("/{b}/k/"), format!("/{b}/users/1")] {
+        for method in ["GET", "PUT"] {
+            let detail = s
+                .request(method, &path, &[], Some(b"v"))
+                .assert_problem(404);
+            assert!(detail.contains("%2F"), "{method} {path}: {detail}");
+        }
+    }
     assert_unchanged(&s, &b);
+}
+
+/// A media type to keep with a raw value must be one: it is served back.
+#[test]
+fn a_content_type_that_is_no_media_type_is_400_and_changes_nothing() {
+    let (s, b) = setup();
+    for ct in ["garbage", "image/", "text/csv; charset"] {
+        for (method, path) in [("PUT", "k"), ("POST", "new"), ("PATCH", "k?op=append")] {
+            let detail = send(&s, method, &format!("/{b}/{path}"), ct, b"x").assert_problem(400);
+            assert!(
+                detail.contains("is not a media type") && detail.contains("type/subtype"),
+                "{method} {ct}: {detail}"
+            );
+        }
+    }
+    // Not visible ASCII (no HTTP client library sends it): it was taken
+    // as no type at all.
+    let mut stream =
+        std::net::TcpStream::connect(s.base().trim_start_matches("http://")).expect("connect");
+    let head = format!(
+        "PUT /{b}/k HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 1\r\ncontent-type: image/p"
+    );
+    let mut request = head.into_bytes();
+    request.extend_from_slice(b"\xe9ng\r\n\r\nx");
+    std::io::Write::write_all(&mut stream, &request).expect("send");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("not visible ASCII"), "{answer}");
+    assert_unchanged(&s, &b);
+    // Still kept, served back: parameters, and a trailing `;`.
+    for ct in ["text/csv; charset=utf-8", "image/png;"] {
+        assert_eq!(send(&s, "PUT", &format!("/{b}/t"), ct, b"x").status, 204);
+        assert_eq!(
+            s.get(&format!("/{b}/t")).header("content-type").as_deref(),
+            Some(ct)
+        );
+    }
 }
 
 #[test]

@@ -69,7 +69,9 @@ pub enum BucketError {
     NotFound,
     #[error("there is no key {0:?} in this bucket")]
     KeyNotFound(String),
-    #[error("there is no script {0:?} in this bucket")]
+    #[error(
+        "there is no script {0:?} in this bucket: a script is uploaded with PUT and the secret key (`curl -u SECRET: -T FILE` to this URL), and `GET /BUCKET/scripts/` lists them"
+    )]
     ScriptNotFound(String),
     #[error("{0}")]
     Unauthorized(String),
@@ -576,7 +578,7 @@ impl Scoped {
                 "{what} needs a key or an access token for this bucket"
             )),
             Principal::Credential => BucketError::Forbidden(format!(
-                "{what} is not allowed with this credential, which grants {}",
+                "{what} is not allowed with this credential, which grants {}; the secret key, or an access token that grants it, may",
                 self.scope.describe()
             )),
         }

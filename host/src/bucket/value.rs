@@ -85,8 +85,9 @@ impl Typing {
     /// `charset` do not change it.
     ///
     /// # Errors
-    /// A media type longer than the 255 characters kept with a value.
-    pub fn from_content_type(content_type: Option<&str>) -> Result<Self, MediaTypeTooLong> {
+    /// A media type to keep that is not one (`type/subtype`, parameters
+    /// well formed), or is longer than the 255 characters kept with a value.
+    pub fn from_content_type(content_type: Option<&str>) -> Result<Self, BadMediaType> {
         let Some(ct) = content_type else {
             return Ok(Self::Coerce);
         };
@@ -104,7 +105,21 @@ impl Typing {
             _ => {
                 let media_type = ct.trim();
                 if media_type.len() > MAX_MEDIA_TYPE {
-                    return Err(MediaTypeTooLong(media_type.len()));
+                    return Err(BadMediaType::TooLong(media_type.len()));
+                }
+                // Kept and served back with the value: `garbage` would be
+                // answered as a Content-Type no client can read.
+                let why = match media_type.parse::<mime::Mime>() {
+                    Err(e) => Some(e.to_string()),
+                    // mime reads `image/` as a type with an empty subtype.
+                    Ok(m) if m.subtype().as_str().is_empty() => Some("no subtype".into()),
+                    Ok(_) => None,
+                };
+                if let Some(why) = why {
+                    return Err(BadMediaType::Malformed {
+                        given: media_type.to_owned(),
+                        why,
+                    });
                 }
                 Self::Raw(media_type.to_owned())
             }
@@ -119,12 +134,20 @@ pub enum ValueError {
     InvalidJson(String),
 }
 
-/// A `Content-Type` too long to keep with a raw value (its length).
+/// A `Content-Type` that can't be kept with a raw value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "the Content-Type is {0} bytes long; a value keeps a media type of at most 255 (RFC 6838 allows 127 for each of its two names)"
-)]
-pub struct MediaTypeTooLong(pub usize);
+pub enum BadMediaType {
+    /// Longer than a value keeps (its length).
+    #[error(
+        "the Content-Type is {0} bytes long; a value keeps a media type of at most 255 (RFC 6838 allows 127 for each of its two names)"
+    )]
+    TooLong(usize),
+    /// Not a media type.
+    #[error(
+        "the Content-Type {given:?} is not a media type ({why}): send type/subtype with optional `; name=value` parameters, e.g. `application/octet-stream` or `text/csv; charset=utf-8`, or none at all to have the value typed from its text"
+    )]
+    Malformed { given: String, why: String },
+}
 
 /// An operand (a step, a bound) that can't be used as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -1038,8 +1061,35 @@ mod tests {
         let long = format!("application/x-{}", "a".repeat(250));
         assert_eq!(
             Typing::from_content_type(Some(&long)),
-            Err(MediaTypeTooLong(264))
+            Err(BadMediaType::TooLong(264))
         );
+        for kept in [
+            "image/png;",
+            "text/csv; charset=utf-8",
+            "application/vnd.api+json; profile=\"a b\"",
+        ] {
+            assert_eq!(
+                Typing::from_content_type(Some(kept)),
+                Ok(Typing::Raw(kept.into())),
+                "{kept}"
+            );
+        }
+        for bad in [
+            "garbage",
+            "image/",
+            "/png",
+            "a b/c",
+            "text/csv; charset",
+            "x/y; =1",
+        ] {
+            assert!(
+                matches!(
+                    Typing::from_content_type(Some(bad)),
+                    Err(BadMediaType::Malformed { .. })
+                ),
+                "{bad}"
+            );
+        }
         assert!(Value::from_body(b"{nope", &Typing::Json).is_err());
         assert_eq!(
             Value::from_body(b"5", &Typing::Json).expect("json"),

@@ -31,6 +31,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("the request body is larger than the limit of {limit} bytes: {what}")]
     PayloadTooLarge { limit: usize, what: BodyLimit },
     /// The client stopped sending its request body (see `http::serve`).
@@ -122,6 +124,9 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             ApiError::BodyStalled(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
+            }
             ApiError::Script(ScriptError::Invalid(_)) => {
                 (StatusCode::BAD_REQUEST, "script-invalid")
             }
@@ -229,6 +234,7 @@ mod tests {
             (InvalidKey::Empty.into(), 400),
             (ApiError::bad_request("x"), 400),
             (ApiError::MethodNotAllowed("x".into()), 405),
+            (ApiError::UnsupportedMediaType("x".into()), 415),
             (StorageError::Closed.into(), 500),
             (
                 StorageError::BackupTooOld {

@@ -128,8 +128,7 @@ pub async fn put_key(
         body,
         ..
     } = Write::parse(&state, &bucket, &params, &uri, &headers, body).await?;
-    let typing = Typing::from_content_type(content_type(&headers))
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let typing = typing(&headers)?;
     let value =
         Value::from_body(&body, &typing).map_err(|e| ApiError::bad_request(e.to_string()))?;
     // Not held while the write waits: a large value would be held twice.
@@ -139,6 +138,23 @@ pub async fn put_key(
         StatusCode::NO_CONTENT.into_response(),
         &bucket.etag(version),
     ))
+}
+
+/// How a write's body is typed, from its `Content-Type`.
+///
+/// # Errors
+/// A `Content-Type` that is not visible ASCII (which was taken as none),
+/// or one to keep with the value that is not a media type.
+fn typing(headers: &HeaderMap) -> Result<Typing, ApiError> {
+    let declared = match headers.get(header::CONTENT_TYPE) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::bad_request(
+                "the Content-Type has bytes that are not visible ASCII: send a media type such as application/octet-stream",
+            )
+        })?),
+    };
+    Typing::from_content_type(declared).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, ApiError> {
@@ -153,8 +169,7 @@ fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, Ap
             // A value the append creates keeps the request's raw media
             // type, as a PUT of these bytes would (JSON and untyped bodies
             // make plain text: appending makes raw bytes).
-            let typing = Typing::from_content_type(content_type(headers))
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let typing = typing(headers)?;
             let media_type = match typing {
                 Typing::Raw(media_type) => Some(media_type),
                 Typing::Coerce | Typing::Json => None,

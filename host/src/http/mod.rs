@@ -22,6 +22,7 @@ use axum::body::Body;
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, Uri, header};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -147,7 +148,7 @@ pub fn router(state: AppState) -> Router {
         .route("/{bucket}/tokens/", post(buckets::post_token))
         .route("/{bucket}/scripts/", get(scripts::get_scripts))
         .route(
-            "/{bucket}/scripts/{script}",
+            scripts::SCRIPT_ROUTE,
             get(scripts::run_script)
                 .post(scripts::run_script)
                 .put(scripts::put_script)
@@ -169,22 +170,44 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn not_found(uri: Uri) -> ApiError {
+    let path = uri.path();
+    // `/BUCKET/a/b` or `/BUCKET/a/`: most likely a key with a `/` in it.
+    let under_a_bucket = path.trim_start_matches('/').split('/').nth(2).is_some();
+    let hint = if under_a_bucket && !path.starts_with("/_admin/") {
+        "a key is one path segment, so write a `/` in a key as `%2F`; "
+    } else {
+        ""
+    };
     ApiError::NotFound(format!(
-        "no route for {}: see the API routes in the README",
-        uri.path()
+        "no route for {path}: {hint}see the API routes in the README"
     ))
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+async fn method_not_allowed(
+    method: Method,
+    uri: Uri,
+    matched: Option<axum::extract::MatchedPath>,
+) -> axum::response::Response {
     let path = uri.path();
     if path.ends_with("/tokens/") {
         return ApiError::MethodNotAllowed(format!(
             "{method} is not supported on {path}: tokens are issued with POST and the bucket's secret key, and are not kept (they can't be listed or deleted; a new signing_key revokes them all)"
-        ));
+        ))
+        .into_response();
     }
-    ApiError::MethodNotAllowed(format!(
+    let mut refused = ApiError::MethodNotAllowed(format!(
         "{method} is not supported on {path}: the Allow header lists the methods that are"
     ))
+    .into_response();
+    // axum's Allow lists HEAD with every GET route, but HEAD does not run a
+    // script (see `scripts::run_script`); set here, axum leaves it alone.
+    if matched.is_some_and(|m| m.as_str() == scripts::SCRIPT_ROUTE) {
+        refused.headers_mut().insert(
+            header::ALLOW,
+            axum::http::HeaderValue::from_static(scripts::SCRIPT_METHODS),
+        );
+    }
+    refused
 }
 
 /// Query parameters as pairs, percent-decoded (`+` is a space).
@@ -510,17 +533,43 @@ pub(crate) fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
 
 /// Fields of a form or JSON object body (policy, tokens), as JSON values.
 ///
+/// A body with no `Content-Type`, a form's or `text/plain` (what a
+/// browser's `fetch` sends with a string) is read as a form.
+///
 /// # Errors
-/// A JSON body that is not an object, or a form that can't be decoded.
+/// A JSON body that is not an object, a form that can't be decoded, or a
+/// body of another type (415).
 pub(crate) fn body_fields(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<BTreeMap<String, serde_json::Value>, ApiError> {
-    let is_json = content_type(headers).is_some_and(|ct| {
-        ct.split(';')
+    let declared = headers.get(header::CONTENT_TYPE).map(|v| {
+        let text = String::from_utf8_lossy(v.as_bytes());
+        let essence = text
+            .split(';')
             .next()
-            .is_some_and(|e| e.trim().eq_ignore_ascii_case("application/json"))
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        (essence, text.into_owned())
     });
+    let is_json = match &declared {
+        None => false,
+        Some((essence, _)) if essence == "application/json" => true,
+        Some((essence, _))
+            if matches!(
+                essence.as_str(),
+                "" | "application/x-www-form-urlencoded" | "text/plain"
+            ) =>
+        {
+            false
+        }
+        Some((_, given)) => {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "the fields were sent as {given:?}: send them as a URL-encoded form (`curl -d 'name=value'`) or as a JSON object with Content-Type: application/json"
+            )));
+        }
+    };
     if is_json {
         return serde_json::from_slice::<UniqueFields>(body)
             .map(|fields| fields.0)

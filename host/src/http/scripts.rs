@@ -290,6 +290,13 @@ fn request_fields(
     Ok(vars)
 }
 
+/// The route of one script.
+pub(crate) const SCRIPT_ROUTE: &str = "/{bucket}/scripts/{script}";
+
+/// What [`SCRIPT_ROUTE`] answers, for `Allow` (not HEAD: see
+/// [`run_script`]), in axum's form.
+pub(crate) const SCRIPT_METHODS: &str = "GET,POST,PUT,DELETE";
+
 /// `GET`/`POST /:bucket/scripts/:script`: run the script in the caller's scope.
 pub async fn run_script(
     State(state): State<AppState>,
@@ -307,10 +314,9 @@ pub async fn run_script(
             parts.uri.path()
         ))
         .into_response();
-        refused.headers_mut().insert(
-            header::ALLOW,
-            HeaderValue::from_static("GET, POST, PUT, DELETE"),
-        );
+        refused
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(SCRIPT_METHODS));
         return Ok(refused);
     }
     let remote = parts
