@@ -91,6 +91,14 @@ fn bad_ttl_is_400_on_put_post_and_patch_and_changes_nothing() {
         s.patch(&format!("/{b}/n?ttl={ttl}"), "+1")
             .assert_problem(400);
     }
+    // `+5` is read as " 5" (form decoding): the answer says why.
+    let detail = s
+        .put(&format!("/{b}/k?ttl=+5"), "changed")
+        .assert_problem(400);
+    assert!(
+        detail.contains("a `+` in a URL's query is a space"),
+        "{detail}"
+    );
     assert_eq!(s.get(&format!("/{b}/k")).text(), "original");
     assert_eq!(s.get(&format!("/{b}/n")).text(), "1");
     assert_eq!(keys(&s, &b), ["k", "n"]);

@@ -686,8 +686,14 @@ pub(crate) fn ttl_param(pairs: &[(String, String)]) -> Result<Option<u64>, ApiEr
     query_param(pairs, "ttl")
         .map(|t| {
             crate::bucket::whole_number(t).ok_or_else(|| {
+                // `?ttl=+5` arrives as " 5": a `+` in a query is a space.
+                let plus = if t.contains(' ') {
+                    " (a `+` in a URL's query is a space)"
+                } else {
+                    ""
+                };
                 ApiError::bad_request(format!(
-                    "ttl must be a whole number of seconds (digits only; 0: no expiry), not {t:?}"
+                    "ttl must be a whole number of seconds (digits only; 0: no expiry), not {t:?}{plus}"
                 ))
             })
         })
