@@ -75,10 +75,14 @@ struct State {
     lua: Lua,
     base: sandbox::Base,
     /// Compiled chunks by the SHA-256 of their source and the script name
-    /// (the name is in error messages).
-    chunks: HashMap<ChunkKey, Function>,
+    /// (the name is in error messages), each with whether a run used it
+    /// since it was cached or last spared.
+    chunks: HashMap<ChunkKey, (Function, bool)>,
     /// The cached chunks' keys, source sizes and the memory each took
-    /// when compiled, oldest first.
+    /// when compiled, oldest first. Eviction gives a chunk used since a
+    /// second chance (to the back, unmarked), so that a script run often
+    /// stays compiled while many others come and go ("second chance", an
+    /// O(1) approximation of least recently used).
     cached: VecDeque<(ChunkKey, usize, usize)>,
     /// The source bytes of the cached chunks.
     cached_source_bytes: usize,
@@ -391,7 +395,8 @@ impl State {
         source: SourceLoader<'_>,
     ) -> Result<Function, ScriptError> {
         let key = (script.digest, script.name.clone());
-        if let Some(f) = self.chunks.get(&key) {
+        if let Some((f, used)) = self.chunks.get_mut(&key) {
+            *used = true;
             return Ok(f.clone());
         }
         let source = source()?;
@@ -409,6 +414,12 @@ impl State {
             let Some((oldest, size, kept)) = self.cached.pop_front() else {
                 break;
             };
+            // Each chunk is spared once a pass at most: the loop ends.
+            if let Some((_, used @ true)) = self.chunks.get_mut(&oldest) {
+                *used = false;
+                self.cached.push_back((oldest, size, kept));
+                continue;
+            }
             self.chunks.remove(&oldest);
             self.cached_source_bytes -= size;
             self.kept = self.kept.saturating_sub(kept);
@@ -424,7 +435,7 @@ impl State {
         self.cached_source_bytes += source.len();
         self.cached.push_back((key.clone(), source.len(), took));
         self.kept = self.kept.saturating_add(took);
-        self.chunks.insert(key, f.clone());
+        self.chunks.insert(key, (f.clone(), false));
         Ok(f)
     }
 
@@ -593,6 +604,52 @@ mod tests {
     use crate::script::api::Host;
     use crate::script::{Limits, Request};
     use crate::storage::{Durability, Store, memory::MemoryBackend};
+
+    /// A script run often stays compiled while more than the cache holds
+    /// come and go (it was first in, first out: evicted in its turn).
+    #[test]
+    fn a_chunk_in_use_stays_cached_while_others_come_and_go() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let mut state = super::State::new().expect("state");
+        let script = |n: usize| {
+            let source = format!("return {n}").into_bytes();
+            StoredScript {
+                bucket: crate::bucket::BucketId::random(),
+                name: ScriptName::new(&format!("s{n}")).expect("name"),
+                kind: ScriptKind::Lua,
+                size: source.len() as u64,
+                version: 1,
+                digest: <sha2::Sha256 as sha2::Digest>::digest(&source).into(),
+                updated_at: 0,
+            }
+        };
+        let compiles = AtomicUsize::new(0);
+        let load = |n: usize| {
+            let compiles = &compiles;
+            move || -> Result<Vec<u8>, ScriptError> {
+                compiles.fetch_add(1, Ordering::Relaxed);
+                Ok(format!("return {n}").into_bytes())
+            }
+        };
+        let hot = script(0);
+        state.chunk(&hot, &load(0)).expect("chunk");
+        for n in 1..3 * super::MAX_CACHED_CHUNKS {
+            state.chunk(&script(n), &load(n)).expect("chunk");
+            state.chunk(&hot, &load(0)).expect("chunk");
+        }
+        assert_eq!(
+            compiles.load(Ordering::Relaxed),
+            3 * super::MAX_CACHED_CHUNKS,
+            "the hot chunk was compiled again"
+        );
+        assert!(state.chunks.len() <= super::MAX_CACHED_CHUNKS);
+        // The others were evicted in turn: the first is compiled again.
+        state.chunk(&script(1), &load(1)).expect("chunk");
+        assert_eq!(
+            compiles.load(Ordering::Relaxed),
+            3 * super::MAX_CACHED_CHUNKS + 1
+        );
+    }
 
     /// A run whose caller stopped waiting (its future dropped once the run
     /// was on a blocking thread) keeps its bucket's place until it ends.
