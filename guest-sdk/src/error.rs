@@ -19,7 +19,10 @@ use crate::wit::kvdb::script::types as wit;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// The key (or bucket) does not exist.
+    /// The bucket is gone (deleted while the run went on). A missing key
+    /// is not an error: [`get`](crate::get) answers `None`,
+    /// [`delete`](crate::delete) `false`, and `incr`, `merge` and `append`
+    /// start from nothing.
     NotFound,
     /// The run's scope does not allow this call on this key.
     PermissionDenied(String),

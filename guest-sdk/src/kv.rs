@@ -218,8 +218,9 @@ pub fn append(key: &str, bytes: impl AsRef<[u8]>) -> Result<Value, Error> {
     Ok(kv::append(key, bytes.as_ref())?.into())
 }
 
-/// Options of [`list`]: build them from [`ListOptions::default`] (all keys
-/// under the prefix, without values, in byte order).
+/// Options of [`list`]: build them from [`ListOptions::default`] (the
+/// first page of keys under the prefix, without values, in byte order; see
+/// [`list`] for pages).
 ///
 /// # Example
 ///
@@ -334,6 +335,12 @@ pub struct Entry {
 /// The keys (and values) under `prefix`, in byte order. Needs `enumerate`
 /// (and `read` with values).
 ///
+/// One call answers one page: at most 10,000 keys (fewer with a smaller
+/// [`ListOptions::limit`]), and with values it ends early once it holds
+/// 32 MiB of them. A full page may not be the last: nothing says there
+/// are more, so ask for the next one with [`ListOptions::with_start`] and
+/// the page's last key until a page comes back empty.
+///
 /// # Errors
 ///
 /// [`Error::PermissionDenied`] without the permissions.
@@ -345,6 +352,16 @@ pub struct Entry {
 ///     .into_iter()
 ///     .map(|e| e.key)
 ///     .collect();
+///
+/// // Every key, page by page.
+/// let mut all = Vec::new();
+/// let mut options = kvdb_guest::ListOptions::default();
+/// loop {
+///     let page = kvdb_guest::list("log:", options.clone())?;
+///     let Some(last) = page.last() else { break };
+///     options = options.with_start(last.key.clone());
+///     all.extend(page.into_iter().map(|e| e.key));
+/// }
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn list(prefix: &str, options: ListOptions) -> Result<Vec<Entry>, Error> {
@@ -455,12 +472,15 @@ pub struct Token {
 }
 
 /// An access token for the keys under `prefix` with `permissions`, valid
-/// `ttl` seconds. The current scope must hold what it grants.
+/// `ttl` seconds. The current scope must hold what it grants. A caller's
+/// token bounds it: the new token expires no later than the caller's
+/// (`expires_at` says when), whatever `ttl` asks.
 ///
 /// # Errors
 ///
 /// [`Error::PermissionDenied`] if the scope does not cover `prefix` and
-/// `permissions`.
+/// `permissions`; [`Error::InvalidInput`] for no permissions, a `ttl` of 0
+/// or over 100 years, or a prefix no key could have.
 ///
 /// # Example
 ///

@@ -1,6 +1,9 @@
 //! Lines in the server log, tagged with the bucket and script (as `print`
 //! in Lua). The response is built with [`Response`](crate::Response).
 //!
+//! The server logs at `info` and above unless its `KVDB_LOG` filter says
+//! otherwise: debug lines appear with `KVDB_LOG=info,kvdb::script=debug`.
+//!
 //! ```no_run
 //! kvdb_guest::log::info("starting");
 //! kvdb_guest::log(kvdb_guest::Level::Debug, "details");

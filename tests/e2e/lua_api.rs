@@ -1770,6 +1770,36 @@ kvdb.say(select(2, kvdb.access_token{permissions = {"admin"}}))"#,
     assert!(lines[3].starts_with("invalid input"), "{lines:?}");
 }
 
+/// A caller may hand on permissions that come from different grants of its
+/// scope in one token: read the bucket leaves open, enumerate its token
+/// adds (each could be handed on alone, not both together).
+#[test]
+fn a_token_handed_on_may_combine_what_the_bucket_and_the_caller_grant() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = s.request(
+        "POST",
+        &format!("/{b}/tokens/"),
+        &[("authorization", "Bearer sk")],
+        Some(b"prefix=todo:&permissions=enumerate"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let caller = r.json()["access_token"].as_str().expect("token").to_owned();
+    let r = eval_as(
+        &s,
+        &b,
+        r#"local t, err = kvdb.access_token{prefix = "todo:items:", permissions = {"read", "enumerate"}}
+kvdb.say(t ~= nil, " ", type(err))
+kvdb.say(select(2, kvdb.access_token{prefix = "", permissions = {"read", "enumerate"}}))"#,
+        &caller,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "true number", "{lines:?}");
+    assert!(lines[1].starts_with("permission denied"), "{lines:?}");
+}
+
 #[test]
 fn a_token_handed_on_expires_no_later_than_the_callers() {
     let s = TestServer::start();
@@ -2002,6 +2032,13 @@ kvdb.say("completed")"#,
     assert_eq!(lines[0], "users:1:");
     assert_eq!(lines[1], "nil");
     assert!(lines[2].starts_with("permission denied"), "{lines:?}");
+    // The refusal names the scope the script set, not the caller's key.
+    assert!(
+        lines[2].ends_with(
+            r#"is not allowed in the scope the script set, which grants read, write, delete, enumerate on keys starting with "users:1:""#
+        ),
+        "{lines:?}"
+    );
     assert!(lines[3].starts_with("nil permission denied"), "{lines:?}");
     assert_eq!(lines[4..], ["alice", "completed"]);
     assert_eq!(s.get(&format!("/{b}/users:1:name")).text(), "alice");

@@ -737,6 +737,44 @@ fn a_guests_log_is_escaped_and_bounded() {
     assert_log_escaped_and_bounded(&log);
 }
 
+/// A run that fails is in the log with its bucket and script (its caller
+/// got the error; the admin would otherwise never see it), in both
+/// runtimes; a long error is cut.
+#[test]
+fn a_failed_run_is_logged_with_its_script() {
+    let mut bucket = String::new();
+    let log = TestServer::log_while(&["--script-fuel", "5000000"], |s| {
+        let b = hostile_bucket(s);
+        let t = misbehave(s, &b, "loop");
+        assert_limit(&t, &[(500, "script-fuel-limit")]);
+        crate::lua_api::install(
+            s,
+            &b,
+            "oops",
+            "error('bad input ' .. string.rep('z', 5000))",
+        );
+        let r = run(s, &b, "oops");
+        r.assert_problem(500);
+        bucket = b;
+    });
+    let fuel = format!("script={bucket}/h");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&fuel) && l.contains("run failed") && l.contains("fuel")),
+        "{log}"
+    );
+    let lua = format!("script={bucket}/oops");
+    let line = log
+        .lines()
+        .find(|l| l.contains(&lua) && l.contains("run failed"))
+        .unwrap_or_else(|| panic!("no line for the Lua run: {log}"));
+    assert!(
+        line.contains("bad input zzz") && line.contains("(cut)"),
+        "{line}"
+    );
+    assert!(line.len() < 2000, "{line}");
+}
+
 /// A guest that prints more than the host keeps of its stdout (128 KiB
 /// against 64 KiB) goes on: the rest is dropped, and the log says so. The
 /// pipe refused writes past its cap, and Rust's `println!` panicked on that
@@ -997,6 +1035,22 @@ fn endless_allocation_ends_with_the_memory_limit() {
     let b = hostile_bucket(&s);
     let t = misbehave(&s, &b, "grow");
     assert_limit(&t, &[(500, "script-memory-limit")]);
+    assert_server_still_answers(&s, &b);
+}
+
+/// Frames in linear memory run out of the guest's own 64 KiB stack before
+/// the host's stack limit: the trap is an out-of-bounds access, and the
+/// error says what most often causes it (found by a review).
+#[test]
+fn recursion_past_the_guests_own_stack_is_an_error_that_says_so() {
+    let s = limited("5000", "1000000000");
+    let b = hostile_bucket(&s);
+    let t = misbehave(&s, &b, "recurse-frames");
+    let detail = assert_limit(&t, &[(500, "script-error")]);
+    assert!(
+        detail.contains("out of bounds memory access") && detail.contains("stack overflowing"),
+        "{detail}"
+    );
     assert_server_still_answers(&s, &b);
 }
 

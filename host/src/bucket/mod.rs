@@ -581,6 +581,10 @@ impl Scoped {
                 "{what} is not allowed with this credential, which grants {}; the secret key, or an access token that grants it, may",
                 self.scope.describe()
             )),
+            Principal::Script => BucketError::Forbidden(format!(
+                "{what} is not allowed in the scope the script set, which grants {}",
+                self.scope.describe()
+            )),
         }
     }
 
@@ -619,6 +623,9 @@ impl Scoped {
             Principal::Credential => BucketError::Forbidden(format!(
                 "{what}; the credential given is not the secret key"
             )),
+            Principal::Script => BucketError::Forbidden(
+                "this operation needs the bucket's secret key, which a scope the script set never is".into(),
+            ),
         })
     }
 
@@ -746,6 +753,10 @@ impl Scoped {
                 )),
                 Principal::Credential => BucketError::Forbidden(format!(
                     "this credential may not read {:?}, {why}; send smaller steps, or use a credential that can read the key",
+                    key.as_str()
+                )),
+                Principal::Script => BucketError::Forbidden(format!(
+                    "the scope the script set may not read {:?}, {why}; add smaller steps, or set a scope that can read the key",
                     key.as_str()
                 )),
             });

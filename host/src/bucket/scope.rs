@@ -133,6 +133,9 @@ pub enum Principal {
     Anonymous,
     /// A key or token: a refusal is 403.
     Credential,
+    /// A scope a script set for itself: a refusal is 403, and names that
+    /// scope rather than the caller's credential.
+    Script,
 }
 
 /// What the holder may do in one bucket.
@@ -213,12 +216,19 @@ impl Scope {
         }
     }
 
-    /// Could this scope hand `grant` on to someone else (it holds all of it)?
+    /// Could this scope hand `grant` on to someone else (it holds all of
+    /// it)? Each permission is looked at on its own: it may come from a
+    /// different grant of this scope (what the bucket leaves open, what the
+    /// token adds) than the others; found by a review (read and enumerate
+    /// held in two grants could each be handed on, not both in one token).
     pub fn covers(&self, grant: &Grant) -> bool {
         self.admin
-            || self.grants.iter().any(|g| {
-                grant.prefix.starts_with(&g.prefix) && g.permissions.contains(grant.permissions)
-            })
+            || !grant.permissions.is_empty()
+                && grant.permissions.iter().all(|p| {
+                    self.grants
+                        .iter()
+                        .any(|g| grant.prefix.starts_with(&g.prefix) && g.permissions.has(p))
+                })
     }
 }
 
@@ -287,6 +297,28 @@ mod tests {
             s.describe(),
             r#"read, write, delete on every key; enumerate on keys starting with "a:""#
         );
+    }
+
+    #[test]
+    fn a_grant_is_covered_permission_by_permission() {
+        // The bucket leaves read open everywhere; the token adds enumerate
+        // on "todo:".
+        let mut s = token_scope("", &[Permission::Read]);
+        s.grants.push(Grant {
+            prefix: "todo:".into(),
+            permissions: Permissions::of(&[Permission::Enumerate]),
+        });
+        let grant = |prefix: &str, perms: &[Permission]| Grant {
+            prefix: prefix.into(),
+            permissions: Permissions::of(perms),
+        };
+        let both = [Permission::Read, Permission::Enumerate];
+        assert!(s.covers(&grant("todo:", &both)));
+        assert!(s.covers(&grant("todo:items:", &both)));
+        assert!(s.covers(&grant("", &[Permission::Read])));
+        assert!(!s.covers(&grant("", &both)), "enumerate is only on todo:");
+        assert!(!s.covers(&grant("todo:", &[Permission::Write])));
+        assert!(!s.covers(&grant("todo:", &[Permission::Read, Permission::Write])));
     }
 
     #[test]

@@ -352,23 +352,13 @@ pub async fn run_script(
     let runtimes = state.scripts.clone();
     let owner = bucket.bucket().clone();
     let host = Host::new(bucket, tokio::runtime::Handle::current());
-    let response = match script.kind {
-        ScriptKind::Lua => {
-            // Read only when the runtime has not compiled this version yet.
-            let source = || owner.script_source(&script).map_err(script_load_error);
-            runtimes
-                .lua
-                .run(&script, &source, host, run_request)
-                .await?
-        }
-        ScriptKind::Wasm => {
-            let source = || owner.script_source(&script).map_err(script_load_error);
-            runtimes
-                .wasm
-                .run(&script, &source, host, run_request)
-                .await?
-        }
+    // Read only when the runtime has not compiled this version yet.
+    let source = || owner.script_source(&script).map_err(script_load_error);
+    let ran = match script.kind {
+        ScriptKind::Lua => runtimes.lua.run(&script, &source, host, run_request).await,
+        ScriptKind::Wasm => runtimes.wasm.run(&script, &source, host, run_request).await,
     };
+    let response = ran.inspect_err(|e| log_failed_run(&script, e))?;
     let status = StatusCode::from_u16(response.status)
         .map_err(|e| ApiError::Internal(format!("script status: {e}")))?;
     // These answers have no content (RFC 9110): what the script said is
@@ -398,6 +388,29 @@ pub async fn run_script(
         HeaderValue::from_static("nosniff"),
     );
     Ok(out)
+}
+
+/// A run that failed or passed a limit, in the log with its bucket and
+/// script: its caller got the error, which the admin would otherwise never
+/// see. The detail (which may quote the script's own text) is escaped and
+/// bounded as the script's own log lines are.
+fn log_failed_run(script: &crate::bucket::StoredScript, e: &crate::script::ScriptError) {
+    use crate::script::ScriptError;
+    /// The most characters of a detail logged (a script's error may be
+    /// as long as its memory allows).
+    const SHOWN: usize = 1024;
+    if !matches!(e, ScriptError::Failed(_) | ScriptError::Limit { .. }) {
+        return;
+    }
+    let detail = e.to_string();
+    let cut = detail
+        .char_indices()
+        .nth(SHOWN)
+        .map_or(detail.len(), |(i, _)| i);
+    let more = if cut < detail.len() { " (cut)" } else { "" };
+    if let Some(line) = crate::script::LogBudget::default().line(&detail[..cut]) {
+        tracing::info!(script = %crate::script::Label::of(script), "run failed: {line}{more}");
+    }
 }
 
 /// The sandbox every script response is served in. Anyone can create a

@@ -394,7 +394,7 @@ impl Host {
                 prefix: prefix.to_owned(),
                 permissions,
             }],
-            principal: Principal::Credential,
+            principal: Principal::Script,
             expires_at: self.scoped.scope().expires_at,
         });
         Ok(())

@@ -806,6 +806,15 @@ impl WasmRuntime {
             .find(|l| !l.is_empty())
             .unwrap_or("the script trapped")
             .to_owned();
+        if matches!(trap, Some(Trap::MemoryOutOfBounds)) {
+            // A Rust (or C) guest keeps its stack at the start of its
+            // memory, below its data: recursing past it wraps the stack
+            // pointer, and the next access traps here, not as a stack
+            // overflow (found by a review, with the examples' 64 KiB stack).
+            message.push_str(
+                " (in a Rust or C guest most often its stack overflowing, whose size is set when it is linked, e.g. `-C link-arg=-zstack-size=65536`: recurse less, or link it with a larger stack)",
+            );
+        }
         if let Some(last) = output.lines().map(str::trim).rfind(|l| !l.is_empty()) {
             message.push_str("; its last line on stderr: ");
             message.push_str(last);

@@ -6,7 +6,9 @@
 //!   1000 lines of 4 KB), `sleep` (sleeps 60 s in WASI's clock, in the
 //!   host; with `work`, after that many million loop turns), `grow`
 //!   (allocates without end), `recurse`
-//!   (unbounded recursion), `panic` (panics with [`PANIC_MESSAGE`]), `huge`
+//!   (unbounded recursion), `recurse-frames` (unbounded recursion of frames
+//!   kept in linear memory, which run out of the 64 KiB stack there first),
+//!   `panic` (panics with [`PANIC_MESSAGE`]), `huge`
 //!   (a body of `bytes` bytes, default 1 MB), `status` (answers the status
 //!   `code`), `headers` (`x-test: 1`, and with `which`: a lying
 //!   `content-length` (`length`), a header value with a line break
@@ -104,6 +106,10 @@ impl Handler for Hostile {
                 let depth = recurse(black_box(u32::MAX));
                 Response::text(format!("{depth}\n"))
             }
+            "recurse-frames" => {
+                let depth = recurse_with_frames(black_box(u32::MAX));
+                Response::text(format!("{depth}\n"))
+            }
             "panic" => panic!("{PANIC_MESSAGE}"),
             "huge" => {
                 let bytes = req
@@ -190,6 +196,18 @@ fn recurse(n: u32) -> u32 {
         return 1;
     }
     recurse(n - 1).rotate_left(3) ^ n
+}
+
+/// Recursion whose frames are in linear memory (their address is taken),
+/// on the stack the linker put below the data.
+fn recurse_with_frames(n: u32) -> u32 {
+    let mut frame = [0_u8; 512];
+    frame[0] = n.to_le_bytes()[0];
+    let frame = black_box(&mut frame);
+    if n == 0 {
+        return u32::from(frame[0]);
+    }
+    recurse_with_frames(n - 1).wrapping_add(u32::from(frame[1]))
 }
 
 /// `nil` for success, else the error's text: what a Lua data call returns.
