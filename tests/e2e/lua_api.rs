@@ -1281,7 +1281,7 @@ kvdb.say("still running")"#,
     );
     assert_body(
         &r,
-        "true\nnil\nfalse\nnil\nnil\nnil\nnil\ninteger 4\nnil\n1.75\nstring hello\nstring\ninvalid input: 99999999999999999999 is a whole number outside the 64-bit integer range (±9223372036854775807): to use it as a float, write it with an exponent (e.g. 1e20)\nnil\nstill running\n",
+        "true\nnil\nfalse\nnil\nnil\nnil\nnil\ninteger 4\nnil\n1.75\nstring hello\nstring\ninvalid input: 99999999999999999999 is a whole number outside the 64-bit integer range (-9223372036854775808 to 9223372036854775807): to use it as a float, write it with an exponent (e.g. 1e20)\nnil\nstill running\n",
     );
     s.get(&format!("/{b}/gone")).assert_problem(404);
     assert_eq!(s.get(&format!("/{b}/c")).text(), "6");
@@ -2285,4 +2285,198 @@ kvdb.say(kvdb.json.encode({s = "ok"}))"#,
     assert!(lines[1].starts_with("invalid input: not JSON"), "{body}");
     assert_eq!(lines[2], r#"{"s":"ok"}"#);
     assert_eq!(s.get(&format!("/{b}/k")).status, 404, "nothing stored");
+}
+
+// ----- found by a walk-through of writing Lua scripts ----------------------
+
+/// A merge without its patch is refused: a Lua nil would be JSON `null`,
+/// which makes the whole value null (it did, and created a key holding
+/// `null` when there was none).
+#[test]
+fn a_merge_without_a_patch_is_an_error_and_changes_nothing() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.set("doc", {a = 1})
+kvdb.say(kvdb.merge("doc", nil))
+kvdb.say(kvdb.merge("fresh"))
+kvdb.say(kvdb.patch("doc", nil))
+kvdb.say(kvdb.merge("doc", kvdb.json.null) == nil)"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    for refused in &lines[..3] {
+        assert_eq!(
+            *refused, "invalid input: needs a table, or a string of JSON text, not nil",
+            "{lines:?}"
+        );
+    }
+    // `kvdb.json.null` says it on purpose: RFC 7396 makes the value null.
+    assert_eq!(lines[3], "true");
+    assert_eq!(s.get(&format!("/{b}/doc")).text(), "null");
+    s.get(&format!("/{b}/fresh")).assert_problem(404);
+}
+
+/// `1` and `"1"` are one name in JSON: such a table is refused, not stored
+/// with one of its values dropped.
+#[test]
+fn a_table_with_two_keys_of_one_json_name_is_refused() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"local t = {name = "x"}
+t[1] = "int-key"
+t["1"] = "string-key"
+kvdb.say(kvdb.set("dk", t))
+kvdb.say(kvdb.set("fk", {["1.5"] = "s", [1.5] = "f"}))
+kvdb.say(select(2, pcall(kvdb.json.encode, t)) ~= nil)
+kvdb.say(kvdb.set("ok", {[1] = "a", [2] = "b"}))"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].contains(r#"two keys that are the name "1" in JSON"#),
+        "{lines:?}"
+    );
+    assert!(lines[1].contains(r#"the name "1.5""#), "{lines:?}");
+    assert_eq!(lines[2..], ["true", "nil"]);
+    s.get(&format!("/{b}/dk")).assert_problem(404);
+    s.get(&format!("/{b}/fk")).assert_problem(404);
+}
+
+/// A data call given the wrong type of argument returns its error, as
+/// README says of every data call, instead of ending the run; unknown
+/// option names and mistyped option values are errors, not ignored.
+#[test]
+fn wrong_arguments_of_data_calls_are_returned_errors() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    for key in ["L:1", "L:2", "L:3"] {
+        assert_eq!(s.put(&format!("/{b}/{key}"), "v").status, 204);
+    }
+    let r = eval_as(
+        &s,
+        &b,
+        r#"kvdb.say(kvdb.append("ap"))
+kvdb.say(kvdb.append("ap", {}))
+kvdb.say(kvdb.append("ap", 42))
+kvdb.say(select(2, kvdb.list("L:", "x")))
+kvdb.say(select(2, kvdb.list("L:", {limt = 2})))
+kvdb.say(select(2, kvdb.list("L:", {reverse = "false"})))
+kvdb.say(select(2, kvdb.list("L:", {start = {}})))
+kvdb.say(#kvdb.list("L:", {limit = 2, reverse = true, start = "L:3"}))
+kvdb.say(select(2, kvdb.access_token("x")))
+kvdb.say(select(2, kvdb.access_token{permission = {"write"}}))
+kvdb.say(select(2, kvdb.access_token{prefix = 5}))
+kvdb.say("still running")"#,
+        SK,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "invalid input: append needs a string to add, not nil",
+            "invalid input: append needs a string to add, not table",
+            "nil",
+            "invalid input: list options must be a table, not string",
+            r#"invalid input: unknown list option "limt": the options are limit, start, end, reverse and values"#,
+            "invalid input: reverse must be true or false, not string",
+            "invalid input: start must be a string, not table",
+            "2",
+            "invalid input: access_token takes a table ({prefix = ..., permissions = {...}, ttl = ...}), not string",
+            r#"invalid input: unknown access_token field "permission": the fields are prefix, permissions and ttl"#,
+            "invalid input: prefix must be a string, not integer",
+            "still running",
+        ]
+    );
+    assert_eq!(s.get(&format!("/{b}/ap")).text(), "42");
+}
+
+/// JSON helpers: `kvdb.json.null` is what `null` decodes to; a decode error
+/// says what is wrong once (it said "serialize error: " once a level).
+#[test]
+fn json_null_has_a_name_and_decode_errors_are_short() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"local t = kvdb.json.decode('{"a":null,"b":[1,null]}')
+kvdb.say(t.a == kvdb.json.null, " ", t.b[2] == kvdb.json.null, " ", t.c == kvdb.json.null)
+local ok, e = pcall(kvdb.json.decode, ("["):rep(200) .. ("]"):rep(200))
+kvdb.say(ok, " ", tostring(e))
+ok, e = pcall(kvdb.json.decode, "[1e400]")
+kvdb.say(tostring(e))
+ok, e = pcall(kvdb.json.decode, "{bad")
+kvdb.say("bad: " .. e)
+xpcall(kvdb.header, function(m) kvdb.say(type(m), " ", m) end, "x-a", nil)"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "true true false", "{lines:?}");
+    assert!(lines[1].starts_with("false "), "{lines:?}");
+    assert!(!text.contains("serialize error"), "{text}");
+    assert!(lines[1].len() < 300, "{}", lines[1]);
+    assert!(lines[1].contains("json.decode: not JSON"), "{lines:?}");
+    assert!(
+        lines[2].contains("json.decode: not JSON: number out of range"),
+        "{lines:?}"
+    );
+    // What pcall and an xpcall handler get is the message, a string, as
+    // for Lua's own errors (it was mlua's error object, with a traceback).
+    assert!(
+        lines[3].starts_with("bad: ") && lines[3].contains("json.decode: not JSON"),
+        "{lines:?}"
+    );
+    assert!(lines[4].starts_with("string "), "{lines:?}");
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(!text.contains("traceback"), "{text}");
+}
+
+/// A source as the `lua` command reads it: a byte order mark and a `#!`
+/// first line are skipped, and line numbers still count from the file's
+/// first line.
+#[test]
+fn a_bom_and_a_shebang_line_are_skipped_keeping_line_numbers() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let source = b"\xEF\xBB\xBF#!/usr/bin/env lua\nkvdb.say('ran')\nif kvdb.var.fail then error('boom') end\n";
+    let r = upload(&s, &b, "sheb", source);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_body(&run(&s, &b, "sheb"), "ran\n");
+    let detail = run(&s, &b, "sheb?fail=1").assert_problem(500);
+    assert!(detail.contains("sheb:3: boom"), "{detail}");
+}
+
+/// `pairs` over a library table lists its functions, without handing out
+/// the table behind the read-only view.
+#[test]
+fn pairs_lists_a_library_tables_fields() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"local n, seen = 0, false
+for k, v in pairs(string) do
+  n = n + 1
+  if k == "format" and v == string.format then seen = true end
+end
+kvdb.say(n > 10, " ", seen, " ", select(2, pairs(string)) == nil)
+kvdb.say(pcall(function() string.x = 1 end))"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "true true true", "{lines:?}");
+    assert!(lines[1].starts_with("false"), "{lines:?}");
 }

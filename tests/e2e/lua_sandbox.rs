@@ -1212,7 +1212,7 @@ fn decoding_json_stays_within_the_memory_limit() {
     assert!(
         t.body.starts_with("5 integer 2.5 x true table\nfalse ")
             && t.body
-                .contains("json.decode: trailing characters at line 1 column 5"),
+                .contains("json.decode: not JSON: trailing characters at line 1 column 5"),
         "{}",
         t.body
     );

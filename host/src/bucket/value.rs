@@ -157,7 +157,7 @@ pub enum OperandError {
     /// Read as a float it would silently turn an integer counter into a
     /// float instead of overflowing it, so it is refused with the fix.
     #[error(
-        "{0} is a whole number outside the 64-bit integer range (±9223372036854775807): to use it as a float, write it with an exponent (e.g. 1e20)"
+        "{0} is a whole number outside the 64-bit integer range (-9223372036854775808 to 9223372036854775807): to use it as a float, write it with an exponent (e.g. 1e20)"
     )]
     OutOfRange(String),
 }

@@ -143,11 +143,19 @@ fn lua_of_json(lua: &Lua, text: &[u8]) -> mlua::Result<Result<Value, String>> {
         Err(mlua::Error::SerializeError(message)) if message.starts_with("memory error: ") => {
             return Err(mlua::Error::MemoryError(message));
         }
-        // The reader's own error, passed through the Lua serializer.
-        Err(mlua::Error::SerializeError(message)) => return Ok(Err(message)),
+        // The reader's own error, passed through the Lua serializer once a
+        // level of nesting, each time with mlua's prefix (found by a review:
+        // 127 of them before "recursion limit exceeded").
+        Err(mlua::Error::SerializeError(message)) => {
+            let cause = message.trim_start_matches("serialize error: ");
+            return Ok(Err(format!("not JSON: {cause}")));
+        }
         Err(e) => return Err(e),
     };
-    Ok(de.end().map(|()| value).map_err(|e| e.to_string()))
+    Ok(de
+        .end()
+        .map(|()| value)
+        .map_err(|e| format!("not JSON: {e}")))
 }
 
 /// A Lua value to store.
@@ -395,8 +403,14 @@ impl LuaJson<'_> {
                 })
                 .map_err(|err| refused.take().map_or_else(|| e(err), S::Error::custom))?;
                 keys.sort_by(|a, b| a.0.cmp(&b.0));
-                // `1` and `"1"` are one name: the first in order is kept.
-                keys.dedup_by(|later, first| later.0 == first.0);
+                // `1` and `"1"` are one name in JSON: refused rather than
+                // one of them dropped (it was; found by a review).
+                if let Some(pair) = keys.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+                    return Err(S::Error::custom(format!(
+                        "the table has two keys that are the name {:?} in JSON (a number and a string): keep one",
+                        pair[0].0
+                    )));
+                }
                 let mut map = s.serialize_map(Some(keys.len()))?;
                 for (name, key) in keys {
                     let value: Value = match key {
@@ -467,6 +481,67 @@ impl serde::Serialize for LuaJson<'_> {
     }
 }
 
+/// The options of `kvdb.list`, each checked: a mistyped name or a value of
+/// the wrong type is the call's error, not ignored (`{limt = 2}`,
+/// `{reverse = "false"}`; found by a review).
+fn list_options(lua: &Lua, opts: Value) -> Result<ListOptions, CallError> {
+    let mut o = ListOptions::default();
+    let opts = match opts {
+        Value::Nil => return Ok(o),
+        Value::Table(t) => t,
+        other => {
+            return Err(CallError::Invalid(format!(
+                "list options must be a table, not {}",
+                other.type_name()
+            )));
+        }
+    };
+    let text = |v: Value, name: &str| match v {
+        Value::Nil => Ok(None),
+        Value::String(s) => s
+            .to_str()
+            .map(|s| Some(s.to_owned()))
+            .map_err(|_| CallError::Invalid(format!("{name} must be UTF-8 text"))),
+        n @ (Value::Integer(_) | Value::Number(_)) => <String as mlua::FromLua>::from_lua(n, lua)
+            .map(Some)
+            .map_err(|e| CallError::Internal(e.to_string())),
+        other => Err(CallError::Invalid(format!(
+            "{name} must be a string, not {}",
+            other.type_name()
+        ))),
+    };
+    let flag = |v: Value, name: &str| match v {
+        Value::Nil => Ok(false),
+        Value::Boolean(b) => Ok(b),
+        other => Err(CallError::Invalid(format!(
+            "{name} must be true or false, not {}",
+            other.type_name()
+        ))),
+    };
+    for pair in opts.pairs::<Value, Value>() {
+        let (name, value) = pair.map_err(|e| CallError::Internal(e.to_string()))?;
+        let name = match &name {
+            Value::String(s) => s.to_string_lossy(),
+            other => format!("{other:?}"),
+        };
+        match name.as_str() {
+            "limit" => {
+                o.limit = whole(&value, "limit")?.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+            }
+            "start" => o.start = text(value, "start")?,
+            "end" => o.end = text(value, "end")?,
+            "reverse" => o.reverse = flag(value, "reverse")?,
+            "values" => o.values = flag(value, "values")?,
+            other => {
+                return Err(CallError::Invalid(format!(
+                    "unknown list option {other:?}: the options are limit, start, end, reverse and values"
+                )));
+            }
+        }
+    }
+    Ok(o)
+}
+
 /// A whole number of 0 or more (a ttl, a limit), or `None` for nil; a bad
 /// one is the call's error, as in WebAssembly, not a raised error. A string
 /// of digits counts (`kvdb.var` values are strings).
@@ -510,6 +585,14 @@ fn number(v: Option<Value>) -> Result<Number, CallError> {
 /// the WebAssembly calls take it, and as an HTTP body is).
 fn json_arg(lua: &Lua, v: Value) -> Result<serde_json::Value, CallError> {
     let json = match v {
+        // A forgotten argument would be JSON `null`: a merge with it makes
+        // the whole value null (found by a review). `kvdb.json.null` still
+        // says so on purpose.
+        Value::Nil => {
+            return Err(CallError::Invalid(
+                "needs a table, or a string of JSON text, not nil".into(),
+            ));
+        }
         // Read by the shared host, which refuses text over the value size
         // limit unread.
         Value::String(text) => with_run(lua, |run| Ok(run.host.json_arg(&text.as_bytes())))
@@ -746,30 +829,37 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "append",
-        lua.create_function(|lua, (key, bytes): (KeyArg, mlua::LuaString)| {
-            let bytes = bytes.as_bytes().to_vec();
+        lua.create_function(|lua, (key, bytes): (KeyArg, Value)| {
+            // Text, or a number as Lua writes it; anything else is the
+            // call's error, not a raised one.
+            let bytes = match bytes {
+                Value::String(s) => s.as_bytes().to_vec(),
+                n @ (Value::Integer(_) | Value::Number(_)) => {
+                    <String as mlua::FromLua>::from_lua(n, lua)?.into_bytes()
+                }
+                other => {
+                    let e = CallError::Invalid(format!(
+                        "append needs a string to add, not {}",
+                        other.type_name()
+                    ));
+                    return status_of(lua, Err(e));
+                }
+            };
             let r = keyed(lua, key, |run, key| run.host.append(key, bytes))?;
             status_of(lua, r.map(drop))
         })?,
     )?;
     t.raw_set(
         "list",
-        lua.create_function(|lua, (prefix, opts): (Option<KeyArg>, Option<Table>)| {
+        lua.create_function(|lua, (prefix, opts): (Option<KeyArg>, Value)| {
             let prefix = match prefix.map(|KeyArg(p)| p).transpose() {
                 Ok(prefix) => prefix,
                 Err(e) => return returned(lua, Err(e)),
             };
-            let mut o = ListOptions::default();
-            if let Some(opts) = &opts {
-                match whole(&opts.get::<Value>("limit")?, "limit") {
-                    Ok(limit) => o.limit = limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX)),
-                    Err(e) => return returned(lua, Err(e)),
-                }
-                o.start = opts.get("start")?;
-                o.end = opts.get("end")?;
-                o.reverse = opts.get::<Option<bool>>("reverse")?.unwrap_or(false);
-                o.values = opts.get::<Option<bool>>("values")?.unwrap_or(false);
-            }
+            let o = match list_options(lua, opts) {
+                Ok(o) => o,
+                Err(e) => return returned(lua, Err(e)),
+            };
             let values = o.values;
             let r = with_run(lua, |run| {
                 Ok(run.host.list(prefix.as_deref().unwrap_or(""), o))
@@ -798,10 +888,45 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "access_token",
-        lua.create_function(|lua, opts: Option<Table>| {
-            let prefix: String = match &opts {
-                Some(o) => o.get::<Option<String>>("prefix")?.unwrap_or_default(),
-                None => String::new(),
+        lua.create_function(|lua, opts: Value| {
+            let opts = match opts {
+                Value::Nil => None,
+                Value::Table(t) => Some(t),
+                other => {
+                    let e = CallError::Invalid(format!(
+                        "access_token takes a table ({{prefix = ..., permissions = {{...}}, ttl = ...}}), not {}",
+                        other.type_name()
+                    ));
+                    return returned(lua, Err(e));
+                }
+            };
+            if let Some(o) = &opts {
+                for pair in o.pairs::<Value, Value>() {
+                    let (name, _) = pair?;
+                    let known = matches!(&name, Value::String(s)
+                        if matches!(s.as_bytes().as_ref(), b"prefix" | b"permissions" | b"ttl"));
+                    if !known {
+                        let e = CallError::Invalid(format!(
+                            "unknown access_token field {}: the fields are prefix, permissions and ttl",
+                            match &name {
+                                Value::String(s) => format!("{:?}", s.to_string_lossy()),
+                                other => other.type_name().to_owned(),
+                            }
+                        ));
+                        return returned(lua, Err(e));
+                    }
+                }
+            }
+            let prefix: String = match opts.as_ref().map(|o| o.get::<Value>("prefix")).transpose()? {
+                None | Some(Value::Nil) => String::new(),
+                Some(Value::String(s)) => s.to_string_lossy(),
+                Some(other) => {
+                    let e = CallError::Invalid(format!(
+                        "prefix must be a string, not {}",
+                        other.type_name()
+                    ));
+                    return returned(lua, Err(e));
+                }
             };
             let ttl = match &opts {
                 Some(o) => whole(&o.get::<Value>("ttl")?, "ttl"),
@@ -941,8 +1066,11 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
 }
 
 /// `kvdb.json`: `encode(value)` and `decode(text)`; both raise on bad input.
+/// `null` is what a JSON `null` decodes to (a value, unlike `nil`, so that
+/// an array keeps its place): compare with it, `v == kvdb.json.null`.
 pub(super) fn json(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
+    t.raw_set("null", mlua::LuaSerdeExt::null(lua))?;
     t.raw_set(
         "encode",
         lua.create_function(|lua, v: Value| {

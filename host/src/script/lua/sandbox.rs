@@ -54,22 +54,28 @@ const BASIC: &[&str] = &[
 ];
 
 /// Wrappers of `pcall`, `xpcall` and `setmetatable` (see the module doc).
-/// Takes the `stopped()` function; returns the three wrappers.
+/// Takes the `stopped()` function and [`error_message`]; returns the three
+/// wrappers. An error a host function raised reaches the script as its
+/// message, a string, as Lua's own errors do.
 const GUARDS: &str = r#"
-local stopped = ...
+local stopped, message = ...
 local pcall, xpcall, setmetatable, rawget, type, error =
   pcall, xpcall, setmetatable, rawget, type, error
 local function check(...)
   if stopped() then error("the script was stopped", 0) end
   return ...
 end
+local function plain(ok, ...)
+  if ok then return ok, ... end
+  return false, message((...))
+end
 local function safe_pcall(f, ...)
-  return check(pcall(f, ...))
+  return plain(check(pcall(f, ...)))
 end
 local function safe_xpcall(f, handler, ...)
   return check(xpcall(f, function(e)
     if stopped() then return e end
-    return handler(e)
+    return handler(message(e))
   end, ...))
 end
 local function safe_setmetatable(t, mt)
@@ -344,6 +350,19 @@ fn check_scan(lua: &Lua, (): ()) -> mlua::Result<()> {
 /// one compiled chunk serves every run with a fresh environment; the prefix is
 /// on the first line, so error lines match the source.
 pub(super) fn compile(lua: &Lua, name: &str, source: &[u8]) -> mlua::Result<Function> {
+    // As the `lua` command reads a file (found by a review): a UTF-8 byte
+    // order mark, and a first line starting with `#` (`#!/usr/bin/env
+    // lua`), are skipped; the line break stays, so line numbers hold.
+    let source = source.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(source);
+    let source = if source.starts_with(b"#") {
+        let end = source
+            .iter()
+            .position(|&b| b == b'\n')
+            .unwrap_or(source.len());
+        &source[end..]
+    } else {
+        source
+    };
     let mut chunk = Vec::with_capacity(source.len() + 24);
     chunk.extend_from_slice(b"local _ENV = ...; ");
     chunk.extend_from_slice(source);
@@ -364,14 +383,32 @@ pub(super) fn compile(lua: &Lua, name: &str, source: &[u8]) -> mlua::Result<Func
     }
 }
 
+/// What `pcall` and an `xpcall` handler hand a script for an error a host
+/// function raised (`kvdb.json.decode` of bad text, a bad argument): its
+/// message with the script's line, as Lua's own errors are, not mlua's
+/// error object, which a script could not concatenate and whose text held
+/// the traceback and the sandbox's frames (found by a review). Any other
+/// error value is left as it is.
+fn error_message(lua: &Lua, e: Value) -> mlua::Result<Value> {
+    match e {
+        Value::Error(e) => Ok(Value::String(lua.create_string(super::lua_error(&e))?)),
+        other => Ok(other),
+    }
+}
+
 /// A read-only view of `table`: reads go through, writes raise (at the
-/// writer's line), and the metatable can't be read or replaced.
+/// writer's line), `pairs` lists the fields (without handing out `table`
+/// itself: found by a review, `pairs(string)` listed nothing), and the
+/// metatable can't be read or replaced.
 fn read_only(lua: &Lua, table: Table) -> mlua::Result<Table> {
     lua.load(
         r#"
         local t = ...
+        local next = next
+        local function step(_, k) return next(t, k) end
         return setmetatable({}, {
           __index = t,
+          __pairs = function() return step, nil, nil end,
           __newindex = function(_, k)
             error("attempt to modify a read-only library table (field " .. tostring(k) .. ")", 2)
           end,
@@ -425,7 +462,10 @@ impl Base {
             .load(GUARDS)
             .set_name("=sandbox")
             .set_mode(ChunkMode::Text)
-            .call(bindings::stopped_function(lua)?)?;
+            .call((
+                bindings::stopped_function(lua)?,
+                lua.create_function(error_message)?,
+            ))?;
         base.raw_set("pcall", pcall)?;
         base.raw_set("xpcall", xpcall)?;
         base.raw_set("setmetatable", setmetatable)?;
