@@ -2480,3 +2480,20 @@ kvdb.say(pcall(function() string.x = 1 end))"#,
     assert_eq!(lines[0], "true true true", "{lines:?}");
     assert!(lines[1].starts_with("false"), "{lines:?}");
 }
+
+/// A stored negative zero reads back into Lua as negative zero (it came
+/// back as 0.0: its text `-0` was read as the integer 0).
+#[test]
+fn negative_zero_keeps_its_sign() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let r = eval(
+        &s,
+        &b,
+        r#"kvdb.set("z", -0.0)
+local v = kvdb.get("z")
+kvdb.say(math.type(v), " ", 1 / v)"#,
+    );
+    assert_body(&r, "float -inf\n");
+    assert_eq!(s.get(&format!("/{b}/z")).text(), "-0");
+}

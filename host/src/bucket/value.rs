@@ -485,10 +485,18 @@ impl Value {
                 }
             }
             KIND_FLOAT => {
+                // Read as a float first: `-0` is negative zero, which the
+                // number reading takes for the integer 0 (a Lua script got
+                // 0.0 back; found by a review).
                 if let Some(t) = text
-                    && let Some(n) = parse_number(t)
+                    && let Some(f) = t
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|f| f.is_finite())
+                        .or_else(|| parse_number(t).map(Number::as_f64))
                 {
-                    return Number::Float(n.as_f64()).with_text(t);
+                    return Number::Float(f).with_text(t);
                 }
             }
             KIND_JSON => return Value::Json(bytes),
@@ -1122,6 +1130,17 @@ mod tests {
             let (kind, bytes) = v.encode();
             assert_eq!(Value::decode(kind, bytes), v);
         }
+        // Negative zero keeps its sign (0.0 == -0.0, so said apart here).
+        let (kind, bytes) = Value::Float(-0.0).encode();
+        let sign_kept = match Value::decode(kind, bytes) {
+            Value::Float(f)
+            | Value::Number {
+                number: Number::Float(f),
+                ..
+            } => f.is_sign_negative(),
+            _ => false,
+        };
+        assert!(sign_kept);
     }
 
     #[test]
