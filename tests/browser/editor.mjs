@@ -135,17 +135,19 @@ async function freshBrowserRun(browser, problems) {
   await page.context().close();
 }
 
-/** A page opened with ?key= (no Basic credentials at all) saves too. */
+/** A page opened with ?key= (no Basic credentials at all) saves, and runs, with it. */
 async function keyInQuery(browser, problems) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
   context.setDefaultTimeout(15_000);
   page = await context.newPage();
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
   await page.goto(`${base}/${bucket}/scripts/viakey/edit?key=${encodeURIComponent(secret)}`);
-  await page.fill('#source', 'kvdb.say("via key")');
+  await page.fill('#source', WHOAMI);
   const outcome = await save(page);
   check(outcome.status === 'Saved.', 'a page opened with ?key= saves with that key', outcome);
   check((await storedScripts()).includes('viakey'), 'the script saved through ?key= is stored', await storedScripts());
+  const result = await run(page);
+  check(result.includes('write: allowed'), 'a page opened with ?key= runs the script with that key (it ran anonymously)', result);
   await context.close();
 }
 

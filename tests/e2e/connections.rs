@@ -297,6 +297,11 @@ fn a_request_that_cannot_be_parsed_gets_a_json_problem_and_changes_nothing() {
             "{head}"
         );
         assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        // A page elsewhere can read it, as the routes' errors.
+        assert!(
+            head.contains("\r\naccess-control-allow-origin: *\r\n"),
+            "{head}"
+        );
         assert!(
             head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
             "{head}"

@@ -106,6 +106,26 @@ fn bad_ttl_is_400_on_put_post_and_patch_and_changes_nothing() {
 
 // ----- keys --------------------------------------------------------------------
 
+/// `.` and `..` are no keys: clients take them as path steps (the kvdb.io
+/// client's `delete('.')` sends `DELETE /B/`, which deletes the bucket), so
+/// only a percent-encoded one reaches the server, and it is refused.
+#[test]
+fn dot_keys_are_400_and_change_nothing() {
+    let (s, b) = setup();
+    for dots in ["%2e", "%2E", "%2e%2e", ".%2e"] {
+        for method in ["PUT", "GET", "DELETE", "PATCH"] {
+            let detail = s
+                .request(method, &format!("/{b}/{dots}"), &[], Some(b"+1"))
+                .assert_problem(400);
+            assert!(
+                detail.contains("can't be `.` or `..`"),
+                "{method} {dots}: {detail}"
+            );
+        }
+    }
+    assert_unchanged(&s, &b);
+}
+
 #[test]
 fn key_of_exactly_1024_bytes_is_accepted() {
     let (s, b) = setup();
@@ -379,6 +399,21 @@ fn wrong_method_is_a_405_problem_with_allow() {
             "{method} {path}: a 405 names the allowed methods"
         );
     }
+    // A method in lower case (as a browser sends `patch`; no client
+    // library here sends one): case matters.
+    let mut stream =
+        std::net::TcpStream::connect(s.base().trim_start_matches("http://")).expect("connect");
+    let request = format!(
+        "patch /{b}/k HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\n+1"
+    );
+    std::io::Write::write_all(&mut stream, request.as_bytes()).expect("send");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(
+        answer.contains("methods are case-sensitive: send PATCH"),
+        "{answer}"
+    );
     assert_unchanged(&s, &b);
 }
 

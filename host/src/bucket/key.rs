@@ -20,6 +20,14 @@ pub enum InvalidKey {
     TooLong(usize),
     #[error("a key must not contain control characters (found U+{0:04X})")]
     Control(u32),
+    /// `.` or `..`: browsers and HTTP clients (the kvdb.io one too) take
+    /// them as path steps, so `DELETE /B/.` reaches `DELETE /B/`, which
+    /// deletes the bucket (found by a review). No such key can be reached
+    /// without percent-encoding it, so none may be made.
+    #[error(
+        "a key can't be `.` or `..`: clients take them as steps in the URL's path (a DELETE of the key `.` is a DELETE of the bucket itself); choose another name"
+    )]
+    Dots,
 }
 
 impl Key {
@@ -30,6 +38,9 @@ impl Key {
         check_key_text(&s)?;
         if s.is_empty() {
             return Err(InvalidKey::Empty);
+        }
+        if s == "." || s == ".." {
+            return Err(InvalidKey::Dots);
         }
         Ok(Self(s))
     }
@@ -79,5 +90,8 @@ mod tests {
         assert_eq!(Key::new("a\u{85}"), Err(InvalidKey::Control(0x85)));
         assert!(Key::new("é".repeat(512)).is_ok(), "1024 bytes is fine");
         assert_eq!(Key::new("é".repeat(513)), Err(InvalidKey::TooLong(1026)));
+        assert_eq!(Key::new("."), Err(InvalidKey::Dots));
+        assert_eq!(Key::new(".."), Err(InvalidKey::Dots));
+        assert!(Key::new("...").is_ok() && Key::new(".a").is_ok());
     }
 }

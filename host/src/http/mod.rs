@@ -58,13 +58,14 @@ fn cors() -> CorsLayer {
             Method::PATCH,
             Method::DELETE,
         ])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            header::IF_MATCH,
-            header::IF_NONE_MATCH,
-        ])
-        .expose_headers([header::ETAG, header::LINK, header::LOCATION])
+        // Whatever headers a page sends (a script reads them), and every
+        // header of the answer readable (a script's own, `Retry-After`):
+        // found by a review, a page could send a script no header of its
+        // own nor read one a script set. Safe without the browser's
+        // credentials: any client can send and read these anyway. (`*`
+        // would not allow `Authorization`; mirrored, it is.)
+        .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
+        .expose_headers(tower_http::cors::ExposeHeaders::any())
         .max_age(std::time::Duration::from_secs(24 * 3600))
 }
 
@@ -195,8 +196,16 @@ async fn method_not_allowed(
         ))
         .into_response();
     }
+    // Browsers send `patch` as written (they upper-case only the methods
+    // of the fetch standard's list, which PATCH is not).
+    let upper = method.as_str().to_ascii_uppercase();
+    let case = if upper != method.as_str() {
+        format!(" (methods are case-sensitive: send {upper})")
+    } else {
+        String::new()
+    };
     let mut refused = ApiError::MethodNotAllowed(format!(
-        "{method} is not supported on {path}: the Allow header lists the methods that are"
+        "{method} is not supported on {path}{case}: the Allow header lists the methods that are"
     ))
     .into_response();
     // axum's Allow lists HEAD with every GET route, but HEAD does not run a

@@ -584,9 +584,11 @@ fn rewritten_parse_error(head: &[u8]) -> Option<Vec<u8>> {
     }
     let date = std::str::from_utf8(date).ok()?;
     let body = super::error::problem_body(status, kind, detail);
+    // Readable by a page elsewhere, as the routes' errors are (a fetch of a
+    // URL over 64 KiB saw only "Failed to fetch"; found by a review).
     Some(
         format!(
-            "{version} {status}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nconnection: close\r\ndate: {date}\r\n\r\n{body}",
+            "{version} {status}\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nconnection: close\r\naccess-control-allow-origin: *\r\ndate: {date}\r\n\r\n{body}",
             body.len()
         )
         .into_bytes(),
@@ -867,6 +869,7 @@ mod tests {
             );
             assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())));
             assert!(head.contains("\r\nconnection: close\r\n"));
+            assert!(head.contains("\r\naccess-control-allow-origin: *\r\n"));
             assert!(head.ends_with(&format!("\r\ndate: {date}")), "{head}");
             assert!(body.contains(&format!("urn:kvdb:problem:{kind}")), "{body}");
         }
