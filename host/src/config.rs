@@ -13,7 +13,8 @@ pub const DEFAULT_MAX_VALUE_BYTES: usize = 16 * 1024 * 1024;
 #[command(
     name = "kvdb",
     version,
-    about = "KVdb: a key-value database as a service"
+    about = "KVdb: a key-value database as a service",
+    after_help = "Environment: every flag has its variable (shown with the flag); KVDB_LOG sets the log filter (default info; e.g. KVDB_LOG=debug, or KVDB_LOG=info,kvdb::script=debug). Logs go to stderr."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -69,29 +70,32 @@ pub struct ServeArgs {
     /// request body may pause (408 beyond).
     #[arg(long, env = "KVDB_READ_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub read_timeout_secs: u64,
-    /// Largest value in bytes (larger writes are answered 413).
-    #[arg(long, env = "KVDB_MAX_VALUE_BYTES", default_value_t = DEFAULT_MAX_VALUE_BYTES)]
+    /// Largest value in bytes (larger writes are answered 413), at least 1.
+    #[arg(long, env = "KVDB_MAX_VALUE_BYTES", default_value_t = DEFAULT_MAX_VALUE_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_value_bytes: usize,
-    /// Wall-clock time a script run may take, in milliseconds (504 beyond).
-    #[arg(long, env = "KVDB_SCRIPT_TIME_MS", default_value_t = 1000)]
+    /// Wall-clock time a script run may take, in milliseconds (504 beyond),
+    /// at least 1.
+    #[arg(long, env = "KVDB_SCRIPT_TIME_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub script_time_ms: u64,
-    /// Lua VM instructions a script run may execute.
-    #[arg(long, env = "KVDB_SCRIPT_INSTRUCTIONS", default_value_t = 50_000_000)]
+    /// Lua VM instructions a script run may execute, at least 1.
+    #[arg(long, env = "KVDB_SCRIPT_INSTRUCTIONS", default_value_t = 50_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub script_instructions: u64,
-    /// WebAssembly fuel a script run may use (about one unit per instruction).
-    #[arg(long, env = "KVDB_SCRIPT_FUEL", default_value_t = 500_000_000)]
+    /// WebAssembly fuel a script run may use (about one unit per
+    /// instruction), at least 1.
+    #[arg(long, env = "KVDB_SCRIPT_FUEL", default_value_t = 500_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub script_fuel: u64,
-    /// Memory a script run may allocate, in bytes.
-    #[arg(long, env = "KVDB_SCRIPT_MEMORY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    /// Memory a script run may allocate, in bytes: 65536 (one WebAssembly
+    /// page) to 4294967296 (4 GiB, what a WebAssembly memory can address).
+    #[arg(long, env = "KVDB_SCRIPT_MEMORY_BYTES", default_value_t = 32 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(65536..=4_294_967_296))]
     pub script_memory_bytes: usize,
-    /// Response body a script run may produce, in bytes.
-    #[arg(long, env = "KVDB_SCRIPT_RESPONSE_BYTES", default_value_t = 1024 * 1024)]
+    /// Response body a script run may produce, in bytes, at least 1.
+    #[arg(long, env = "KVDB_SCRIPT_RESPONSE_BYTES", default_value_t = 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub script_response_bytes: usize,
-    /// Largest Lua script accepted on upload, in bytes.
-    #[arg(long, env = "KVDB_SCRIPT_SOURCE_BYTES", default_value_t = 256 * 1024)]
+    /// Largest Lua script accepted on upload, in bytes, at least 1.
+    #[arg(long, env = "KVDB_SCRIPT_SOURCE_BYTES", default_value_t = 256 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub script_source_bytes: usize,
-    /// Largest WebAssembly component accepted on upload, in bytes.
-    #[arg(long, env = "KVDB_SCRIPT_COMPONENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    /// Largest WebAssembly component accepted on upload, in bytes, at least 1.
+    #[arg(long, env = "KVDB_SCRIPT_COMPONENT_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub script_component_bytes: usize,
     /// Script runs in flight at once, per runtime (Lua, WebAssembly); one
     /// bucket may have a quarter of them (503 beyond, with Retry-After).

@@ -19,10 +19,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         // Colours for a terminal only: a log file or a pipe gets plain text.
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KVDB_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter())
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
@@ -40,11 +37,31 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The log filter: `KVDB_LOG`, else `info`. One that can't be read is said
+/// on stderr rather than silently replaced (found by a review).
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    match std::env::var("KVDB_LOG") {
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+        Ok(text) => tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {
+            eprintln!(
+                "warning: KVDB_LOG={text:?} is not a log filter ({e}); logging at info (e.g. KVDB_LOG=debug, or KVDB_LOG=info,kvdb::script=debug)"
+            );
+            tracing_subscriber::EnvFilter::new("info")
+        }),
+    }
+}
+
 /// The data directory's folder of compiled WebAssembly (a cache: deleting
 /// it only makes the next run of each component compile it again).
 const COMPILED_DIR: &str = "compiled";
 
 fn open_backend(kind: BackendKind, data: &std::path::Path) -> anyhow::Result<Arc<dyn Backend>> {
+    if kind == BackendKind::Redb && data.exists() && !data.is_dir() {
+        bail!(
+            "the data directory {} is not a directory: give --data (KVDB_DATA) a directory, which is created if missing",
+            data.display()
+        );
+    }
     Ok(match kind {
         BackendKind::Redb => Arc::new(
             RedbBackend::open(data)
@@ -106,7 +123,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
         match args.backend {
-            BackendKind::Redb => tracing::info!(%addr, backend = ?args.backend, ?durability, data = %args.data.display(), "kvdb is ready"),
+            // The absolute path: a service manager's log says where the
+            // data is whatever directory the server was started in.
+            BackendKind::Redb => tracing::info!(
+                %addr,
+                backend = ?args.backend,
+                ?durability,
+                data = %std::fs::canonicalize(&args.data).unwrap_or_else(|_| args.data.clone()).display(),
+                "kvdb is ready"
+            ),
             // No directory is used: naming one would say data is kept there.
             BackendKind::Memory => tracing::info!(
                 %addr,
@@ -160,6 +185,13 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
     if args.admin_token.trim().is_empty() {
         bail!(
             "--admin-token (KVDB_ADMIN_TOKEN) is empty (is the variable you passed set?): give the operator token the server was started with (its --admin-token)"
+        );
+    }
+    if !(args.server.starts_with("http://") || args.server.starts_with("https://")) {
+        bail!(
+            "--server {} is not a URL: name the server with its scheme, e.g. --server http://{}",
+            args.server,
+            args.server
         );
     }
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -246,8 +278,19 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
             let mut partial = path.as_os_str().to_owned();
             partial.push(".partial");
             let partial = std::path::PathBuf::from(partial);
-            let mut file = std::fs::File::create(&partial)
-                .with_context(|| format!("creating {}", partial.display()))?;
+            // Readable by its owner only: a backup holds every bucket's keys
+            // in the clear (found by a review: it was made world-readable
+            // under the usual umask).
+            let mut file = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&partial)
+            }
+            .with_context(|| format!("creating {}", partial.display()))?;
             let n = std::io::copy(&mut reader, &mut file).context("receiving the backup")?;
             file.sync_all()?;
             std::fs::rename(&partial, path)?;

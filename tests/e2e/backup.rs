@@ -712,6 +712,14 @@ fn backup_needs_the_operator_token() {
         )
         .assert_problem(401);
 
+    // A backup is readable by its owner only: it holds the buckets' keys.
+    let kept = f.file("kept.kvdb");
+    backup(&f.live, 0, &kept);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&kept).expect("backup file").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+
     let file = f.file("refused.kvdb");
     let out = backup_cmd(&f.live, "wrong", 0, &file);
     assert!(!out.status.success());

@@ -134,3 +134,126 @@ fn web_pages_on_other_origins_may_call_the_api_without_the_browsers_credentials(
     let r = s.request("GET", "/_admin/backup", &[origin], None);
     assert_eq!(r.header("access-control-allow-origin"), None);
 }
+
+/// A limit of 0 (every write 413, every script stopped) or past what the
+/// runtime can do is refused at start, saying the range (0 was taken; a
+/// memory limit over 4 GiB was refused in wasmtime's words, in hex).
+#[test]
+fn limits_out_of_range_are_refused_at_start() {
+    for (flag, value, range) in [
+        ("--max-value-bytes", "0", "1.."),
+        ("--script-time-ms", "0", "1.."),
+        ("--script-instructions", "0", "1.."),
+        ("--script-fuel", "0", "1.."),
+        ("--script-response-bytes", "0", "1.."),
+        ("--script-source-bytes", "0", "1.."),
+        ("--script-component-bytes", "0", "1.."),
+        ("--script-memory-bytes", "4294967297", "65536..=4294967296"),
+        ("--script-memory-bytes", "1000", "65536..=4294967296"),
+    ] {
+        let mut command = crate::harness::kvdb_command();
+        command.args([
+            "serve",
+            "--backend",
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            flag,
+            value,
+        ]);
+        let out = exited(command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(range),
+            "{flag} {value}: {stderr}"
+        );
+    }
+}
+
+/// What an operator gets wrong is said plainly: a data directory that is a
+/// file (the system's error, twice), a backup `--server` without a scheme
+/// (blamed on the connection), a `KVDB_LOG` that is no filter (silently
+/// replaced); a wrong operator token is logged, without the token.
+#[test]
+fn operator_mistakes_are_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("afile");
+    std::fs::write(&file, "x").expect("write");
+    let mut command = crate::harness::kvdb_command();
+    command
+        .env_remove("KVDB_BACKEND")
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&file);
+    let out = exited(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is not a directory"), "{stderr}");
+    let mut command = crate::harness::kvdb_command();
+    command
+        .env("KVDB_LOG", "[[[bad")
+        .env_remove("KVDB_SERVER")
+        .args(["backup", "--server", "127.0.0.1:1", "--admin-token", "t"]);
+    let out = exited(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is not a URL") && stderr.contains("--server http://127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("KVDB_LOG=\"[[[bad\" is not a log filter"),
+        "{stderr}"
+    );
+    let log = TestServer::log_while(&["--admin-token", "optoken"], |s| {
+        let r = s.request(
+            "GET",
+            "/_admin/backup",
+            &[("authorization", "Bearer guess123")],
+            None,
+        );
+        r.assert_problem(401);
+    });
+    assert!(log.contains("the operator token given is wrong"), "{log}");
+    assert!(
+        !log.contains("guess123") && !log.contains("optoken"),
+        "{log}"
+    );
+    // The ready line names the data directory as an absolute path, when
+    // it was given as a relative one (a service manager's log).
+    let mut command = crate::harness::kvdb_command();
+    command
+        .current_dir(dir.path())
+        .env_remove("KVDB_BACKEND")
+        .env("KVDB_LOG", "info")
+        .args(["serve", "--listen", "127.0.0.1:0", "--data", "rel-data"]);
+    let out = exited(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ready = stderr
+        .lines()
+        .find(|l| l.contains("kvdb is ready"))
+        .unwrap_or_else(|| panic!("no ready line: {stderr}"));
+    let absolute = dir.path().join("rel-data");
+    assert!(
+        ready.contains(&format!("data={}", absolute.display())),
+        "{ready}"
+    );
+}
+
+/// Runs `command` until it exits, or for 5 seconds (a server that started
+/// when it should not have is stopped: the test fails, it does not hang).
+fn exited(mut command: std::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kvdb");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("output")
+}

@@ -35,7 +35,12 @@ fn check_operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError>
             "this route needs the operator token as `Authorization: Bearer TOKEN`".into(),
         )),
         Some(t) if bool::from(t.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
-        Some(_) => Err(ApiError::Unauthorized("the operator token is wrong".into())),
+        Some(_) => {
+            // In the log, without the token tried: an operator sees someone
+            // guessing (found by a review: nothing was logged).
+            tracing::warn!("an operator route was refused: the operator token given is wrong");
+            Err(ApiError::Unauthorized("the operator token is wrong".into()))
+        }
     }
 }
 

@@ -53,7 +53,9 @@ pub enum StorageError {
     BackupAhead { since: u64, version: u64 },
     #[error("restore: {0}")]
     Restore(String),
-    #[error("I/O: {0}")]
+    /// The system's error as it is (`{:#}` of a message with it as its
+    /// source said it twice).
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
