@@ -187,7 +187,12 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
             "--admin-token (KVDB_ADMIN_TOKEN) is empty (is the variable you passed set?): give the operator token the server was started with (its --admin-token)"
         );
     }
-    if !(args.server.starts_with("http://") || args.server.starts_with("https://")) {
+    let scheme = args
+        .server
+        .get(..8)
+        .unwrap_or(&args.server)
+        .to_ascii_lowercase();
+    if !(scheme.starts_with("http://") || scheme.starts_with("https://")) {
         bail!(
             "--server {} is not a URL: name the server with its scheme, e.g. --server http://{}",
             args.server,
@@ -281,16 +286,17 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
             // Readable by its owner only: a backup holds every bucket's keys
             // in the clear (found by a review: it was made world-readable
             // under the usual umask).
-            let mut file = {
-                use std::os::unix::fs::OpenOptionsExt;
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&partial)
+            // Set on the open file, not only at creation: a `.partial`
+            // left by an earlier run keeps its mode otherwise (found by a
+            // review), and nothing is written before.
+            let mut file = std::fs::File::create(&partial)
+                .with_context(|| format!("creating {}", partial.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("making {} private", partial.display()))?;
             }
-            .with_context(|| format!("creating {}", partial.display()))?;
             let n = std::io::copy(&mut reader, &mut file).context("receiving the backup")?;
             file.sync_all()?;
             std::fs::rename(&partial, path)?;

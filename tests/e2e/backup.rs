@@ -714,6 +714,15 @@ fn backup_needs_the_operator_token() {
 
     // A backup is readable by its owner only: it holds the buckets' keys.
     let kept = f.file("kept.kvdb");
+    // Also over a world-readable `.partial` an earlier run left behind.
+    let mut partial = kept.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, "old").expect("stale partial");
+    std::fs::set_permissions(
+        &partial,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
     backup(&f.live, 0, &kept);
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&kept).expect("backup file").permissions(),

@@ -110,10 +110,10 @@ fn bad_ttl_is_400_on_put_post_and_patch_and_changes_nothing() {
 /// client's `delete('.')` sends `DELETE /B/`, which deletes the bucket), so
 /// only a percent-encoded one reaches the server, and it is refused.
 #[test]
-fn dot_keys_are_400_and_change_nothing() {
+fn writing_a_dot_key_is_400_and_changes_nothing() {
     let (s, b) = setup();
     for dots in ["%2e", "%2E", "%2e%2e", ".%2e"] {
-        for method in ["PUT", "GET", "DELETE", "PATCH"] {
+        for method in ["PUT", "POST", "PATCH"] {
             let detail = s
                 .request(method, &format!("/{b}/{dots}"), &[], Some(b"+1"))
                 .assert_problem(400);
@@ -122,6 +122,10 @@ fn dot_keys_are_400_and_change_nothing() {
                 "{method} {dots}: {detail}"
             );
         }
+        // Reading and deleting one are not refused (there is none here; one
+        // written before the refusal can still be read and deleted).
+        s.get(&format!("/{b}/{dots}")).assert_problem(404);
+        s.delete(&format!("/{b}/{dots}")).assert_problem(404);
     }
     assert_unchanged(&s, &b);
 }
@@ -347,7 +351,7 @@ fn unknown_route_is_a_404_problem() {
 #[test]
 fn a_content_type_that_is_no_media_type_is_400_and_changes_nothing() {
     let (s, b) = setup();
-    for ct in ["garbage", "image/", "text/csv; charset"] {
+    for ct in ["garbage", "image/", "garbage; charset=utf-8"] {
         for (method, path) in [("PUT", "k"), ("POST", "new"), ("PATCH", "k?op=append")] {
             let detail = send(&s, method, &format!("/{b}/{path}"), ct, b"x").assert_problem(400);
             assert!(

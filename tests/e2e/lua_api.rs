@@ -2374,6 +2374,9 @@ kvdb.say(#kvdb.list("L:", {limit = 2, reverse = true, start = "L:3"}))
 kvdb.say(select(2, kvdb.access_token("x")))
 kvdb.say(select(2, kvdb.access_token{permission = {"write"}}))
 kvdb.say(select(2, kvdb.access_token{prefix = 5}))
+kvdb.say(#kvdb.list("L:", setmetatable({}, {__index = {limit = 1}})))
+kvdb.say(select(2, kvdb.list("L:", {[1] = true})))
+kvdb.say(kvdb.set(".", 1))
 kvdb.say("still running")"#,
         SK,
     );
@@ -2394,6 +2397,9 @@ kvdb.say("still running")"#,
             "invalid input: access_token takes a table ({prefix = ..., permissions = {...}, ttl = ...}), not string",
             r#"invalid input: unknown access_token field "permission": the fields are prefix, permissions and ttl"#,
             "invalid input: prefix must be a string, not integer",
+            "1",
+            "invalid input: unknown list option of type integer: the options are limit, start, end, reverse and values",
+            "invalid input: a key can't be `.` or `..`: clients take them as steps in the URL's path (a DELETE of the key `.` is a DELETE of the bucket itself); choose another name",
             "still running",
         ]
     );

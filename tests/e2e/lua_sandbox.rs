@@ -1200,6 +1200,17 @@ fn decoding_json_stays_within_the_memory_limit() {
     assert_limit(&t, 500, &["script-memory-limit"]);
     let grown = peak_memory(s.pid()).saturating_sub(before);
     assert!(grown < 30_000_000, "the server grew by {grown} bytes");
+    // Caught by pcall and raised again, it is still the memory limit (pcall
+    // hands a script other host errors as their message, a string).
+    let t = eval_within(
+        &s,
+        &b,
+        "decode-again",
+        "local text = '[' .. string.rep('0,', 1300000) .. '0]'\n\
+         local ok, e = pcall(kvdb.json.decode, text)\n\
+         if not ok then error(e) end",
+    );
+    assert_limit(&t, 500, &["script-memory-limit"]);
     let t = eval_within(
         &s,
         &b,

@@ -221,19 +221,31 @@ fn operator_mistakes_are_named() {
     );
     // The ready line names the data directory as an absolute path, when
     // it was given as a relative one (a service manager's log).
-    let mut command = crate::harness::kvdb_command();
-    command
+    let mut child = crate::harness::kvdb_command()
         .current_dir(dir.path())
         .env_remove("KVDB_BACKEND")
         .env("KVDB_LOG", "info")
-        .args(["serve", "--listen", "127.0.0.1:0", "--data", "rel-data"]);
-    let out = exited(command);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let ready = stderr
-        .lines()
-        .find(|l| l.contains("kvdb is ready"))
-        .unwrap_or_else(|| panic!("no ready line: {stderr}"));
-    let absolute = dir.path().join("rel-data");
+        .args(["serve", "--listen", "127.0.0.1:0", "--data", "rel-data"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kvdb");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.contains("kvdb is ready") {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let ready = rx.recv_timeout(std::time::Duration::from_secs(60));
+    let _ = child.kill();
+    let _ = child.wait();
+    let ready = ready.expect("a ready line");
+    let absolute = std::fs::canonicalize(dir.path().join("rel-data")).expect("made");
     assert!(
         ready.contains(&format!("data={}", absolute.display())),
         "{ready}"

@@ -20,10 +20,11 @@ pub enum InvalidKey {
     TooLong(usize),
     #[error("a key must not contain control characters (found U+{0:04X})")]
     Control(u32),
-    /// `.` or `..`: browsers and HTTP clients (the kvdb.io one too) take
-    /// them as path steps, so `DELETE /B/.` reaches `DELETE /B/`, which
-    /// deletes the bucket (found by a review). No such key can be reached
-    /// without percent-encoding it, so none may be made.
+    /// `.` or `..`, as the name of a key to write: browsers and HTTP
+    /// clients (the kvdb.io one too) take them as path steps, so `DELETE
+    /// /B/.` reaches `DELETE /B/`, which deletes the bucket (found by a
+    /// review). No such key can be reached without percent-encoding it, so
+    /// none is made; one made before can still be read and deleted.
     #[error(
         "a key can't be `.` or `..`: clients take them as steps in the URL's path (a DELETE of the key `.` is a DELETE of the bucket itself); choose another name"
     )]
@@ -39,14 +40,20 @@ impl Key {
         if s.is_empty() {
             return Err(InvalidKey::Empty);
         }
-        if s == "." || s == ".." {
-            return Err(InvalidKey::Dots);
-        }
         Ok(Self(s))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// # Errors
+    /// A name no key may be written under ([`InvalidKey::Dots`]).
+    pub fn check_writable(&self) -> Result<(), InvalidKey> {
+        if self.0 == "." || self.0 == ".." {
+            return Err(InvalidKey::Dots);
+        }
+        Ok(())
     }
 }
 
@@ -90,8 +97,9 @@ mod tests {
         assert_eq!(Key::new("a\u{85}"), Err(InvalidKey::Control(0x85)));
         assert!(Key::new("é".repeat(512)).is_ok(), "1024 bytes is fine");
         assert_eq!(Key::new("é".repeat(513)), Err(InvalidKey::TooLong(1026)));
-        assert_eq!(Key::new("."), Err(InvalidKey::Dots));
-        assert_eq!(Key::new(".."), Err(InvalidKey::Dots));
-        assert!(Key::new("...").is_ok() && Key::new(".a").is_ok());
+        let writable = |s: &str| Key::new(s).expect("a key").check_writable();
+        assert_eq!(writable("."), Err(InvalidKey::Dots));
+        assert_eq!(writable(".."), Err(InvalidKey::Dots));
+        assert!(writable("...").is_ok() && writable(".a").is_ok());
     }
 }

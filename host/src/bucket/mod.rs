@@ -695,6 +695,8 @@ impl Scoped {
         condition: Condition,
     ) -> Result<u64, BucketError> {
         self.require(Permission::Write, key.as_str())?;
+        key.check_writable()
+            .map_err(|e| BucketError::Invalid(e.to_string()))?;
         self.check_size(&value)?;
         let id = self.bucket.id;
         let etag_key = self.bucket.etag_key;
@@ -799,6 +801,8 @@ impl Scoped {
         condition: Condition,
     ) -> Result<Stored, BucketError> {
         self.require(Permission::Write, key.as_str())?;
+        key.check_writable()
+            .map_err(|e| BucketError::Invalid(e.to_string()))?;
         if op.reads() && !self.scope.allows(Permission::Read, key.as_str()) {
             return Err(self.refuse(format!(
                 "a JSON patch of key {:?} reads the value (a test, copy, move or remove succeeds or fails on what it holds), so it needs read as well as write (a merge patch needs write only); it",

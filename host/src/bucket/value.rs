@@ -85,8 +85,8 @@ impl Typing {
     /// `charset` do not change it.
     ///
     /// # Errors
-    /// A media type to keep that is not one (`type/subtype`, parameters
-    /// well formed), or is longer than the 255 characters kept with a value.
+    /// A media type to keep whose essence is not `type/subtype`, or one
+    /// longer than the 255 characters kept with a value.
     pub fn from_content_type(content_type: Option<&str>) -> Result<Self, BadMediaType> {
         let Some(ct) = content_type else {
             return Ok(Self::Coerce);
@@ -109,7 +109,11 @@ impl Typing {
                 }
                 // Kept and served back with the value: `garbage` would be
                 // answered as a Content-Type no client can read.
-                let why = match media_type.parse::<mime::Mime>() {
+                // The essence only: mime reads parameters more strictly
+                // than RFC 9110 (no space before `;`, no `""`), and they are
+                // kept as sent (found by a review).
+                let essence = media_type.split(';').next().unwrap_or("").trim();
+                let why = match essence.parse::<mime::Mime>() {
                     Err(e) => Some(e.to_string()),
                     // mime reads `image/` as a type with an empty subtype.
                     Ok(m) if m.subtype().as_str().is_empty() => Some("no subtype".into()),
@@ -1074,7 +1078,11 @@ mod tests {
         for kept in [
             "image/png;",
             "text/csv; charset=utf-8",
+            "text/csv ; charset=utf-8",
+            "text/csv;\tcharset=utf-8",
             "application/vnd.api+json; profile=\"a b\"",
+            "application/x; a=\"\"",
+            "application/x; a=\"x\\\"y\"",
         ] {
             assert_eq!(
                 Typing::from_content_type(Some(kept)),
@@ -1087,8 +1095,8 @@ mod tests {
             "image/",
             "/png",
             "a b/c",
-            "text/csv; charset",
-            "x/y; =1",
+            "text/c,sv",
+            "garbage; charset=utf-8",
         ] {
             assert!(
                 matches!(

@@ -518,27 +518,31 @@ fn list_options(lua: &Lua, opts: Value) -> Result<ListOptions, CallError> {
             other.type_name()
         ))),
     };
+    // Its own fields are checked by name; each option is read with `get`,
+    // so that one a metatable supplies (`__index = defaults`) counts.
     for pair in opts.pairs::<Value, Value>() {
-        let (name, value) = pair.map_err(|e| CallError::Internal(e.to_string()))?;
-        let name = match &name {
-            Value::String(s) => s.to_string_lossy(),
-            other => format!("{other:?}"),
-        };
-        match name.as_str() {
-            "limit" => {
-                o.limit = whole(&value, "limit")?.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
-            }
-            "start" => o.start = text(value, "start")?,
-            "end" => o.end = text(value, "end")?,
-            "reverse" => o.reverse = flag(value, "reverse")?,
-            "values" => o.values = flag(value, "values")?,
-            other => {
-                return Err(CallError::Invalid(format!(
-                    "unknown list option {other:?}: the options are limit, start, end, reverse and values"
-                )));
-            }
+        let (name, _) = pair.map_err(|e| CallError::Internal(e.to_string()))?;
+        let known = matches!(&name, Value::String(s)
+            if matches!(s.as_bytes().as_ref(), b"limit" | b"start" | b"end" | b"reverse" | b"values"));
+        if !known {
+            let shown = match &name {
+                Value::String(s) => format!("{:?}", s.to_string_lossy()),
+                other => format!("of type {}", other.type_name()),
+            };
+            return Err(CallError::Invalid(format!(
+                "unknown list option {shown}: the options are limit, start, end, reverse and values"
+            )));
         }
     }
+    let get = |name: &str| {
+        opts.get::<Value>(name)
+            .map_err(|e| CallError::Invalid(format!("list option {name}: {e}")))
+    };
+    o.limit = whole(&get("limit")?, "limit")?.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+    o.start = text(get("start")?, "start")?;
+    o.end = text(get("end")?, "end")?;
+    o.reverse = flag(get("reverse")?, "reverse")?;
+    o.values = flag(get("values")?, "values")?;
     Ok(o)
 }
 

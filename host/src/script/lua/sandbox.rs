@@ -56,7 +56,7 @@ const BASIC: &[&str] = &[
 /// Wrappers of `pcall`, `xpcall` and `setmetatable` (see the module doc).
 /// Takes the `stopped()` function and [`error_message`]; returns the three
 /// wrappers. An error a host function raised reaches the script as its
-/// message, a string, as Lua's own errors do.
+/// message, a string, as Lua's own errors do (see [`error_message`]).
 const GUARDS: &str = r#"
 local stopped, message = ...
 local pcall, xpcall, setmetatable, rawget, type, error =
@@ -385,13 +385,17 @@ pub(super) fn compile(lua: &Lua, name: &str, source: &[u8]) -> mlua::Result<Func
 
 /// What `pcall` and an `xpcall` handler hand a script for an error a host
 /// function raised (`kvdb.json.decode` of bad text, a bad argument): its
-/// message with the script's line, as Lua's own errors are, not mlua's
-/// error object, which a script could not concatenate and whose text held
-/// the traceback and the sandbox's frames (found by a review). Any other
-/// error value is left as it is.
+/// message, a string, as Lua's own errors are (without a position: the
+/// host function has none), not mlua's error object, which a script could
+/// not concatenate and whose text held the traceback and the sandbox's
+/// frames (found by a review). A memory error stays the error object, so
+/// that a script raising it again still ends with the memory limit (found
+/// by a review of this change). Any other error value is left as it is.
 fn error_message(lua: &Lua, e: Value) -> mlua::Result<Value> {
     match e {
-        Value::Error(e) => Ok(Value::String(lua.create_string(super::lua_error(&e))?)),
+        Value::Error(e) if !super::is_memory_error(&e) => {
+            Ok(Value::String(lua.create_string(super::lua_error(&e))?))
+        }
         other => Ok(other),
     }
 }
