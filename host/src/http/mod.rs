@@ -63,9 +63,17 @@ fn cors() -> CorsLayer {
         // found by a review, a page could send a script no header of its
         // own nor read one a script set. Safe without the browser's
         // credentials: any client can send and read these anyway. (`*`
-        // would not allow `Authorization`; mirrored, it is.)
+        // would not allow `Authorization`; mirrored, it is.) The API's own
+        // headers are also named, for a browser that takes `*` as a name
+        // (older ones did).
         .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
-        .expose_headers(tower_http::cors::ExposeHeaders::any())
+        .expose_headers([
+            header::HeaderName::from_static("*"),
+            header::ETAG,
+            header::LINK,
+            header::LOCATION,
+            header::RETRY_AFTER,
+        ])
         .max_age(std::time::Duration::from_secs(24 * 3600))
 }
 
