@@ -68,38 +68,38 @@ pub struct ServeArgs {
     /// Seconds a connection may stall (no request answered or started, nothing
     /// sent: idle, or headers never finished) before it is closed, and a
     /// request body may pause (408 beyond).
-    #[arg(long, env = "KVDB_READ_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, allow_negative_numbers = true, env = "KVDB_READ_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub read_timeout_secs: u64,
     /// Largest value in bytes (larger writes are answered 413), at least 1.
-    #[arg(long, env = "KVDB_MAX_VALUE_BYTES", default_value_t = DEFAULT_MAX_VALUE_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, allow_negative_numbers = true, env = "KVDB_MAX_VALUE_BYTES", default_value_t = DEFAULT_MAX_VALUE_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_value_bytes: usize,
     /// Wall-clock time a script run may take, in milliseconds (504 beyond),
     /// at least 1.
-    #[arg(long, env = "KVDB_SCRIPT_TIME_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, allow_negative_numbers = true, env = "KVDB_SCRIPT_TIME_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub script_time_ms: u64,
     /// Lua VM instructions a script run may execute, at least 1.
-    #[arg(long, env = "KVDB_SCRIPT_INSTRUCTIONS", default_value_t = 50_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, allow_negative_numbers = true, env = "KVDB_SCRIPT_INSTRUCTIONS", default_value_t = 50_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub script_instructions: u64,
     /// WebAssembly fuel a script run may use (about one unit per
     /// instruction), at least 1.
-    #[arg(long, env = "KVDB_SCRIPT_FUEL", default_value_t = 500_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, allow_negative_numbers = true, env = "KVDB_SCRIPT_FUEL", default_value_t = 500_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub script_fuel: u64,
     /// Memory a script run may allocate, in bytes: 65536 (one WebAssembly
     /// page) to 4294967296 (4 GiB, what a WebAssembly memory can address).
-    #[arg(long, env = "KVDB_SCRIPT_MEMORY_BYTES", default_value_t = 32 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(65536..=4_294_967_296))]
+    #[arg(long, allow_negative_numbers = true, env = "KVDB_SCRIPT_MEMORY_BYTES", default_value_t = 32 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(65536..=4_294_967_296))]
     pub script_memory_bytes: usize,
     /// Response body a script run may produce, in bytes, at least 1.
-    #[arg(long, env = "KVDB_SCRIPT_RESPONSE_BYTES", default_value_t = 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, allow_negative_numbers = true, env = "KVDB_SCRIPT_RESPONSE_BYTES", default_value_t = 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub script_response_bytes: usize,
     /// Largest Lua script accepted on upload, in bytes, at least 1.
-    #[arg(long, env = "KVDB_SCRIPT_SOURCE_BYTES", default_value_t = 256 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, allow_negative_numbers = true, env = "KVDB_SCRIPT_SOURCE_BYTES", default_value_t = 256 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub script_source_bytes: usize,
     /// Largest WebAssembly component accepted on upload, in bytes, at least 1.
-    #[arg(long, env = "KVDB_SCRIPT_COMPONENT_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, allow_negative_numbers = true, env = "KVDB_SCRIPT_COMPONENT_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub script_component_bytes: usize,
     /// Script runs in flight at once, per runtime (Lua, WebAssembly); one
     /// bucket may have a quarter of them (503 beyond, with Retry-After).
-    #[arg(long, env = "KVDB_SCRIPT_RUNS", default_value_t = crate::script::DEFAULT_RUNS, value_parser = clap::value_parser!(u32).range(i64::from(*crate::script::RUNS_RANGE.start())..=i64::from(*crate::script::RUNS_RANGE.end())))]
+    #[arg(long, allow_negative_numbers = true, env = "KVDB_SCRIPT_RUNS", default_value_t = crate::script::DEFAULT_RUNS, value_parser = clap::value_parser!(u32).range(i64::from(*crate::script::RUNS_RANGE.start())..=i64::from(*crate::script::RUNS_RANGE.end())))]
     pub script_runs: u32,
 }
 
@@ -128,7 +128,7 @@ pub struct BackupArgs {
     #[arg(long, env = "KVDB_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: String,
     /// Only changes after this version: the version a previous backup printed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     pub since: u64,
     /// Write the backup here (else to standard output).
     #[arg(short, long)]

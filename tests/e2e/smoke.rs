@@ -141,7 +141,9 @@ fn web_pages_on_other_origins_may_call_the_api_without_the_browsers_credentials(
 
 /// A limit of 0 (every write 413, every script stopped) or past what the
 /// runtime can do is refused at start, saying the range (0 was taken; a
-/// memory limit over 4 GiB was refused in wasmtime's words, in hex).
+/// memory limit over 4 GiB was refused in wasmtime's words, in hex); a
+/// negative one is named as a bad value of its flag (clap took `-5` for an
+/// unknown option).
 #[test]
 fn limits_out_of_range_are_refused_at_start() {
     for (flag, value, range) in [
@@ -154,6 +156,9 @@ fn limits_out_of_range_are_refused_at_start() {
         ("--script-component-bytes", "0", "1.."),
         ("--script-memory-bytes", "4294967297", "65536..=4294967296"),
         ("--script-memory-bytes", "1000", "65536..=4294967296"),
+        ("--script-fuel", "-5", "-5"),
+        ("--script-runs", "-1", "-1"),
+        ("--read-timeout-secs", "-30", "-30"),
     ] {
         let mut command = crate::harness::kvdb_command();
         command.args([
@@ -169,10 +174,20 @@ fn limits_out_of_range_are_refused_at_start() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
         assert!(
-            stderr.contains(flag) && stderr.contains(range),
+            stderr.contains(flag) && stderr.contains(range) && stderr.contains("invalid value"),
             "{flag} {value}: {stderr}"
         );
     }
+    // `kvdb backup --since -1` likewise.
+    let mut command = crate::harness::kvdb_command();
+    command.args(["backup", "--admin-token", "t", "--since", "-1"]);
+    let out = exited(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value '-1' for '--since"),
+        "{stderr}"
+    );
 }
 
 /// What an operator gets wrong is said plainly: a data directory that is a
