@@ -38,17 +38,43 @@ fn main() -> std::process::ExitCode {
 }
 
 /// The log filter: `KVDB_LOG`, else `info`. One that can't be read is said
-/// on stderr rather than silently replaced (found by a review).
+/// on stderr rather than silently replaced (found by a review), and so is
+/// a bare word that is no level (`KVDB_LOG=verbose`): the filter takes it
+/// for a module's name and logs nothing else, the server's own lines
+/// included.
 fn log_filter() -> tracing_subscriber::EnvFilter {
+    const LEVELS: &str = "off, error, warn, info, debug, trace";
     match std::env::var("KVDB_LOG") {
         Err(_) => tracing_subscriber::EnvFilter::new("info"),
-        Ok(text) => tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {
-            eprintln!(
-                "warning: KVDB_LOG={text:?} is not a log filter ({e}); logging at info (e.g. KVDB_LOG=debug, or KVDB_LOG=info,kvdb::script=debug)"
-            );
-            tracing_subscriber::EnvFilter::new("info")
-        }),
+        Ok(text) => match tracing_subscriber::EnvFilter::try_new(&text) {
+            Ok(filter) => {
+                for word in text.split(',').map(str::trim).filter(|d| is_bare_module(d)) {
+                    eprintln!(
+                        "note: KVDB_LOG names {word:?}, which is read as a module's name (every event of that module, nothing else); a level is one of {LEVELS} (e.g. KVDB_LOG=debug, or KVDB_LOG=info,{word}=debug)"
+                    );
+                }
+                filter
+            }
+            Err(e) => {
+                eprintln!(
+                    "warning: KVDB_LOG={text:?} is not a log filter ({e}); logging at info (a level is one of {LEVELS}; e.g. KVDB_LOG=debug, or KVDB_LOG=info,kvdb::script=debug)"
+                );
+                tracing_subscriber::EnvFilter::new("info")
+            }
+        },
     }
+}
+
+/// Whether a directive of a log filter is a bare word that is not a level
+/// (nor a level's number) nor our own crate: what a user who meant a level
+/// wrote.
+fn is_bare_module(directive: &str) -> bool {
+    !directive.is_empty()
+        && !directive.starts_with("kvdb")
+        && !directive.contains(['=', '[', ':'])
+        && directive
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_err()
 }
 
 /// The data directory's folder of compiled WebAssembly (a cache: deleting

@@ -193,7 +193,9 @@ fn limits_out_of_range_are_refused_at_start() {
 /// What an operator gets wrong is said plainly: a data directory that is a
 /// file (the system's error, twice), a backup `--server` without a scheme
 /// (blamed on the connection), a `KVDB_LOG` that is no filter (silently
-/// replaced); a wrong operator token is logged, without the token.
+/// replaced) or a word that is no level (read as a module's name, so
+/// nothing was logged); a wrong operator token is logged, without the
+/// token.
 #[test]
 fn operator_mistakes_are_named() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -224,6 +226,24 @@ fn operator_mistakes_are_named() {
         stderr.contains("KVDB_LOG=\"[[[bad\" is not a log filter"),
         "{stderr}"
     );
+    for (filter, noted) in [("verbose", true), ("info,Debug,hyper=debug,kvdb", false)] {
+        let mut command = crate::harness::kvdb_command();
+        command
+            .env("KVDB_LOG", filter)
+            .env_remove("KVDB_SERVER")
+            .args(["backup", "--server", "127.0.0.1:1", "--admin-token", "t"]);
+        let out = exited(command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.contains("note: KVDB_LOG names \"verbose\", which is read as a module's name"),
+            noted,
+            "{filter}: {stderr}"
+        );
+        assert!(
+            noted || !stderr.contains("note: KVDB_LOG"),
+            "{filter}: {stderr}"
+        );
+    }
     let log = TestServer::log_while(&["--admin-token", "optoken"], |s| {
         let r = s.request(
             "GET",
