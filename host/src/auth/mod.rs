@@ -73,6 +73,47 @@ pub fn presented<'a>(
         .collect())
 }
 
+/// Why an operator route (`/_admin/…`) refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OperatorError {
+    /// The server was started without an operator token (403).
+    #[error(
+        "operator routes are disabled: start the server with --admin-token (or KVDB_ADMIN_TOKEN)"
+    )]
+    Disabled,
+    /// No `Authorization: Bearer` header (401).
+    #[error("this route needs the operator token as `Authorization: Bearer TOKEN`")]
+    Missing,
+    /// A token that is not the operator's (401).
+    #[error("the operator token is wrong")]
+    Wrong,
+}
+
+/// The operator routes' check: the `Authorization` header must carry the
+/// server's `--admin-token` (`expected`; `None`: the routes are disabled)
+/// as a Bearer token, the scheme's name in any case (RFC 9110). A bucket's
+/// keys never pass it. Compared in constant time; a wrong token is logged,
+/// without the token (an operator sees someone guessing).
+///
+/// # Errors
+/// Disabled, missing or wrong, as [`OperatorError`] says.
+pub fn operator(expected: Option<&str>, authorization: Option<&str>) -> Result<(), OperatorError> {
+    let expected = expected.ok_or(OperatorError::Disabled)?;
+    let presented = authorization
+        .and_then(|header| header.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .filter(|token| !token.is_empty());
+    match presented {
+        None => Err(OperatorError::Missing),
+        Some(token) if same(expected, Some(token)) => Ok(()),
+        Some(_) => {
+            tracing::warn!("an operator route was refused: the operator token given is wrong");
+            Err(OperatorError::Wrong)
+        }
+    }
+}
+
 fn same(a: &str, b: Option<&str>) -> bool {
     b.is_some_and(|b| bool::from(a.as_bytes().ct_eq(b.as_bytes())))
 }

@@ -7,7 +7,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, OperatorError};
 use crate::bucket::{BucketError, InvalidKey};
 use crate::script::{Limit, ScriptError};
 use crate::storage::StorageError;
@@ -19,6 +19,18 @@ pub enum ApiError {
     Bucket(#[from] BucketError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Operator(#[from] OperatorError),
+    /// A 401 of a request from another site whose Basic login the browser
+    /// keeps was ignored (see `http::ambient_login`): answered without a
+    /// Basic challenge, which would have the browser drop its login and ask
+    /// again, in vain, since the next try comes from the same site.
+    #[error(
+        "this request came from another site, so the Basic login your browser keeps for this \
+         server was not used (any site could act with it): open the page on this server, or \
+         send the key as Authorization: Bearer or ?key="
+    )]
+    LoginIgnored,
     #[error(transparent)]
     Key(#[from] InvalidKey),
     #[error(transparent)]
@@ -105,13 +117,14 @@ impl ApiError {
             ApiError::Bucket(B::NotFound) => (StatusCode::NOT_FOUND, "bucket-not-found"),
             ApiError::Bucket(B::KeyNotFound(_)) => (StatusCode::NOT_FOUND, "key-not-found"),
             ApiError::Bucket(B::ScriptNotFound(_)) => (StatusCode::NOT_FOUND, "script-not-found"),
-            ApiError::Bucket(B::Unauthorized(_)) | ApiError::Unauthorized(_) => {
-                (StatusCode::UNAUTHORIZED, "unauthorized")
-            }
+            ApiError::Bucket(B::Unauthorized(_))
+            | ApiError::Unauthorized(_)
+            | ApiError::Operator(OperatorError::Missing | OperatorError::Wrong)
+            | ApiError::LoginIgnored => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "invalid-credential"),
-            ApiError::Bucket(B::Forbidden(_)) | ApiError::Forbidden(_) => {
-                (StatusCode::FORBIDDEN, "forbidden")
-            }
+            ApiError::Bucket(B::Forbidden(_))
+            | ApiError::Forbidden(_)
+            | ApiError::Operator(OperatorError::Disabled) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Bucket(B::PreconditionFailed(_)) => {
                 (StatusCode::PRECONDITION_FAILED, "precondition-failed")
             }
@@ -173,7 +186,24 @@ impl IntoResponse for ApiError {
         } else {
             self.to_string()
         };
-        problem(status, kind, &detail)
+        let mut response = problem(status, kind, &detail);
+        if status == StatusCode::UNAUTHORIZED {
+            // The schemes that can answer this 401: a bucket takes its keys
+            // and tokens as Basic or Bearer; the operator token only as
+            // Bearer.
+            let challenge = match self {
+                ApiError::LoginIgnored => None,
+                ApiError::Operator(_) => Some("Bearer realm=\"kvdb operator\""),
+                _ => Some("Basic realm=\"kvdb\", Bearer realm=\"kvdb\""),
+            };
+            if let Some(challenge) = challenge {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
+            }
+        }
+        response
     }
 }
 
@@ -196,12 +226,6 @@ pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
-    if status == StatusCode::UNAUTHORIZED {
-        headers.insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"kvdb\", Bearer realm=\"kvdb\""),
-        );
-    }
     if status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -220,6 +244,10 @@ mod tests {
             (BucketError::KeyNotFound("k".into()).into(), 404),
             (BucketError::Unauthorized("x".into()).into(), 401),
             (AuthError::WrongKey.into(), 401),
+            (OperatorError::Missing.into(), 401),
+            (OperatorError::Wrong.into(), 401),
+            (OperatorError::Disabled.into(), 403),
+            (ApiError::LoginIgnored, 401),
             (BucketError::Forbidden("x".into()).into(), 403),
             (BucketError::PreconditionFailed("x").into(), 412),
             (BucketError::Conflict(OpConflict::Overflow).into(), 409),

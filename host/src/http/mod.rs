@@ -406,21 +406,16 @@ fn ambient_login(parts: &Parts) -> bool {
     !(page && is("sec-fetch-mode", "navigate") && is("sec-fetch-dest", "document"))
 }
 
-/// The 401 of a request whose Basic login [`Access`] ignored: no Basic
-/// challenge (see [`LoginIgnored`]), and a detail that says why and what
-/// to do instead. The response's other headers (CORS, `Vary`) stay.
+/// The 401 of a request whose Basic login [`Access`] ignored
+/// ([`ApiError::LoginIgnored`]: no Basic challenge, and a detail that says
+/// why and what to do instead). The response's other headers (CORS,
+/// `Vary`) stay.
 fn login_ignored_answer(response: axum::response::Response) -> axum::response::Response {
     let (mut parts, _) = response.into_parts();
+    let (answer, body) = ApiError::LoginIgnored.into_response().into_parts();
     parts.headers.remove(header::WWW_AUTHENTICATE);
     parts.headers.remove(header::CONTENT_LENGTH);
-    let (_, body) = error::problem(
-        axum::http::StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "this request came from another site, so the Basic login your browser keeps for this \
-         server was not used (any site could act with it): open the page on this server, or \
-         send the key as Authorization: Bearer or ?key=",
-    )
-    .into_parts();
+    parts.headers.extend(answer.headers);
     axum::response::Response::from_parts(parts, body)
 }
 
