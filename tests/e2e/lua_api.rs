@@ -1447,6 +1447,10 @@ kvdb.say(select(2, kvdb.list("", {limit = -1})))
 kvdb.say(select(2, kvdb.access_token{ttl = -1}))
 kvdb.say(select(2, kvdb.access_token{permissions = true}))
 kvdb.say(select(2, kvdb.access_token{permissions = {{}}}))
+kvdb.say(select(2, kvdb.access_token{prefix = "p\255"}))
+kvdb.say(select(2, kvdb.access_token{ttl = 0}))
+kvdb.say(select(2, kvdb.access_token{permissions = {}}))
+kvdb.say(select(2, kvdb.access_token{permissions = ","}))
 kvdb.say(tostring(kvdb.set("k", 1, 60.0)), " ", #kvdb.list("", {limit = 1.0}))
 kvdb.say(tostring(kvdb.set("k", 1, " 60")), " ", #kvdb.list("", {limit = "1"}))"#,
         SK,
@@ -1461,6 +1465,10 @@ kvdb.say(tostring(kvdb.set("k", 1, " 60")), " ", #kvdb.list("", {limit = "1"}))"
          invalid input: ttl must be a whole number, 0 or more\n\
          invalid input: permissions must be a list of names\n\
          invalid input: permissions must be a list of names\n\
+         invalid input: a token's prefix must be UTF-8 text\n\
+         invalid input: a token's ttl is a whole number of seconds from 1 to 3153600000 (100 years), not 0\n\
+         invalid input: a token's permissions must name at least one of read, write, delete, enumerate\n\
+         invalid input: a token's permissions must name at least one of read, write, delete, enumerate\n\
          nil 1\n\
          nil 1\n",
     );
@@ -1722,6 +1730,23 @@ kvdb.say(exp)"#,
     let r = eval_as(&s, &b, "kvdb.print((kvdb.access_token()))", SK);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(get_as(&s, &format!("/{b}/q:k"), &r.text()).text(), "w");
+    // Permissions as a string are read as over HTTP (a trailing comma
+    // was an unknown permission "" in Lua only).
+    let r = eval_as(
+        &s,
+        &b,
+        r#"kvdb.print((kvdb.access_token{prefix = "p:", permissions = "read, write,"}))"#,
+        SK,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let auth = format!("Bearer {}", r.text());
+    let w = s.request(
+        "PUT",
+        &format!("/{b}/p:k"),
+        &[("authorization", auth.as_str())],
+        Some(b"x"),
+    );
+    assert_eq!(w.status, 204, "{}", w.text());
 }
 
 #[test]

@@ -46,6 +46,10 @@ const KIND_POLICY: u8 = 0x10;
 /// years (a number every JSON client reads exactly).
 pub const MAX_TOKEN_TTL_S: u64 = 100 * 365 * 24 * 3600;
 
+/// A token's validity when its request names none (API.md: 3600 seconds),
+/// over HTTP and in scripts.
+pub const DEFAULT_TOKEN_TTL_S: u64 = 3600;
+
 /// A whole number as a query or form field gives one (`ttl`, `limit`,
 /// `default_ttl`…): ASCII digits only, without sign or spaces (API.md: "a
 /// non-negative integer (else 400)").
@@ -1157,6 +1161,7 @@ impl Scoped {
         grant: &Grant,
         ttl_s: u64,
     ) -> Result<(String, u64), BucketError> {
+        check_token_request(grant, ttl_s)?;
         if !self.scope.covers(grant) {
             return Err(self.refuse(format!(
                 "issuing a token for {:?} on prefix {:?}",
@@ -1173,11 +1178,6 @@ impl Scoped {
         ttl_s: u64,
         not_after: Option<u64>,
     ) -> Result<(String, u64), BucketError> {
-        if ttl_s > MAX_TOKEN_TTL_S {
-            return Err(BucketError::Invalid(format!(
-                "a token's ttl is at most {MAX_TOKEN_TTL_S} seconds (100 years)"
-            )));
-        }
         let now = now_s(self.store().now_ms());
         let expires_at = now.saturating_add(ttl_s).min(not_after.unwrap_or(u64::MAX));
         let token = auth::token::issue(
@@ -1197,8 +1197,28 @@ impl Scoped {
     /// Not the admin.
     pub fn issue_token(&self, grant: &Grant, ttl_s: u64) -> Result<(String, u64), BucketError> {
         self.require_admin()?;
+        check_token_request(grant, ttl_s)?;
         self.sign_token(grant, ttl_s, None)
     }
+}
+
+/// What every token request must be, over HTTP and from a script alike: a
+/// prefix a key could have, at least one permission, a ttl of 1 second to
+/// [`MAX_TOKEN_TTL_S`].
+fn check_token_request(grant: &Grant, ttl_s: u64) -> Result<(), BucketError> {
+    check_key_text(&grant.prefix)
+        .map_err(|e| BucketError::Invalid(format!("a token's prefix: {e}")))?;
+    if grant.permissions.is_empty() {
+        return Err(BucketError::Invalid(
+            "a token's permissions must name at least one of read, write, delete, enumerate".into(),
+        ));
+    }
+    if !(1..=MAX_TOKEN_TTL_S).contains(&ttl_s) {
+        return Err(BucketError::Invalid(format!(
+            "a token's ttl is a whole number of seconds from 1 to {MAX_TOKEN_TTL_S} (100 years), not {ttl_s}"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

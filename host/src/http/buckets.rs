@@ -8,13 +8,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{Access, ApiError, AppState, BodyLimit, body_fields, read_body};
-use crate::bucket::{BucketError, BucketId, Grant, Permissions, PolicyChange, check_key_text};
+use crate::bucket::{BucketError, BucketId, Grant, Permissions, PolicyChange};
 
 /// Largest policy or token request body: a handful of short fields.
 const MAX_FORM_BYTES: usize = 64 * 1024;
-
-/// Token validity when the request names none, as kvdb.io.
-const DEFAULT_TOKEN_TTL_S: u64 = 3600;
 
 /// `GET /`: what this server is.
 pub async fn get_root() -> Json<serde_json::Value> {
@@ -117,7 +114,7 @@ fn token_grant(
 ) -> Result<(Grant, u64), ApiError> {
     let mut prefix = String::new();
     let mut permissions = Permissions::of(&[crate::bucket::Permission::Read]);
-    let mut ttl = DEFAULT_TOKEN_TTL_S;
+    let mut ttl = crate::bucket::DEFAULT_TOKEN_TTL_S;
     for (name, value) in fields {
         match (name.as_str(), value) {
             ("prefix", serde_json::Value::String(p)) => prefix.clone_from(p),
@@ -161,12 +158,6 @@ fn token_grant(
                 )));
             }
         }
-    }
-    check_key_text(&prefix).map_err(|e| ApiError::bad_request(format!("prefix: {e}")))?;
-    if permissions.is_empty() {
-        return Err(ApiError::bad_request(
-            "permissions must name at least one of read, write, delete, enumerate",
-        ));
     }
     Ok((
         Grant {

@@ -340,12 +340,6 @@ impl Host {
         permissions: Permissions,
         ttl: u64,
     ) -> Result<(String, u64), CallError> {
-        crate::bucket::check_key_text(prefix).map_err(|e| CallError::Invalid(e.to_string()))?;
-        if permissions.is_empty() || ttl == 0 {
-            return Err(CallError::Invalid(
-                "a token needs at least one permission and a ttl of at least 1 second".into(),
-            ));
-        }
         let grant = Grant {
             prefix: prefix.to_owned(),
             permissions,

@@ -10,11 +10,8 @@
 use mlua::{Function, Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
 
 use super::{Run, RunCell};
-use crate::bucket::{Number, OperandError, Typing, Value as KvValue};
+use crate::bucket::{Number, OperandError, Permission, Permissions, Typing, Value as KvValue};
 use crate::script::api::{CallError, ListOptions, permissions};
-
-/// Token validity when a script names none (as over HTTP).
-const DEFAULT_TOKEN_TTL_S: u64 = 3600;
 
 fn with_run<R>(lua: &Lua, f: impl FnOnce(&mut Run) -> mlua::Result<R>) -> mlua::Result<R> {
     let cell = lua
@@ -923,7 +920,15 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
             }
             let prefix: String = match opts.as_ref().map(|o| o.get::<Value>("prefix")).transpose()? {
                 None | Some(Value::Nil) => String::new(),
-                Some(Value::String(s)) => s.to_string_lossy(),
+                // Refused rather than replaced, as every key (a token for
+                // another prefix than the one asked for; found by a review).
+                Some(Value::String(s)) => match s.to_str() {
+                    Ok(text) => text.to_owned(),
+                    Err(_) => {
+                        let e = CallError::Invalid("a token's prefix must be UTF-8 text".into());
+                        return returned(lua, Err(e));
+                    }
+                },
                 Some(other) => {
                     let e = CallError::Invalid(format!(
                         "prefix must be a string, not {}",
@@ -937,25 +942,27 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
                 None => Ok(None),
             };
             let not_names = || CallError::Invalid("permissions must be a list of names".into());
-            let names: Result<Vec<String>, CallError> = match opts
+            // A string is read as HTTP reads the field ("read,write").
+            let asked_permissions: Result<Permissions, CallError> = match opts
                 .as_ref()
                 .map(|o| o.get::<Value>("permissions"))
                 .transpose()?
             {
-                None | Some(Value::Nil) => Ok(vec!["read".into()]),
-                Some(Value::String(s)) => Ok(s
-                    .to_str()?
-                    .split(',')
-                    .map(|p| p.trim().to_owned())
-                    .collect()),
-                Some(v @ Value::Table(_)) => lua.from_value(v).map_err(|_| not_names()),
+                None | Some(Value::Nil) => Ok(Permissions::of(&[Permission::Read])),
+                Some(Value::String(s)) => s
+                    .to_str()
+                    .map_err(|_| not_names())
+                    .and_then(|list| Permissions::parse_list(&list).map_err(CallError::Invalid)),
+                Some(v @ Value::Table(_)) => lua
+                    .from_value::<Vec<String>>(v)
+                    .map_err(|_| not_names())
+                    .and_then(|names| permissions(names.iter().map(String::as_str))),
                 Some(_) => Err(not_names()),
             };
             let asked = ttl.and_then(|ttl| {
-                let names = names?;
                 Ok((
-                    ttl.unwrap_or(DEFAULT_TOKEN_TTL_S),
-                    permissions(names.iter().map(String::as_str))?,
+                    ttl.unwrap_or(crate::bucket::DEFAULT_TOKEN_TTL_S),
+                    asked_permissions?,
                 ))
             });
             let r = match asked {
