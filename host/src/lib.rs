@@ -9,7 +9,7 @@
 //!   [`Scoped`](bucket::Scoped), the one place where permissions are checked.
 //! - [`auth`]: credentials (keys, JWT access tokens) to a scope.
 //! - [`script`]: scripts that run next to the data: the shared host API,
-//!   limits, and the Lua runtime.
+//!   limits, the Lua runtime and the WebAssembly runtime.
 //! - [`http`]: the axum routes of API.md, mapping errors to problem documents.
 //! - [`config`]: the command line.
 //!

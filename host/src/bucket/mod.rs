@@ -3,11 +3,12 @@
 //! [`Buckets`] creates and opens buckets (caching their policies); a
 //! [`Bucket`] is an opened bucket; [`Scoped`] is a bucket seen through a
 //! [`Scope`], and is the *only* code that decides whether an operation is
-//! allowed. HTTP handlers (and, later, script runtimes) build a scope with
-//! `auth` and call `Scoped`; they never check permissions themselves.
+//! allowed. HTTP handlers and the script runtimes (Lua, WebAssembly) build a
+//! scope with `auth` and call `Scoped`; they never check permissions
+//! themselves.
 //!
 //! Storage keys: `id(16) 'p'` holds the policy, `id(16) 'k' key` the values,
-//! `id(16) 's' name` the scripts;
+//! `id(16) 's' name` a script's metadata and `id(16) 'c' name` its source;
 //! deleting a bucket purges the prefix `id(16)` in the background.
 //! Reads are snapshot reads on the calling thread (microseconds for one key);
 //! writes are jobs for the store's writer, which serialises them, so every
@@ -31,10 +32,7 @@ pub use key::{InvalidKey, Key, MAX_KEY_BYTES, check_key_text};
 pub use policy::{Policy, PolicyChange, PolicyError};
 pub use scope::{Grant, Permission, Permissions, Principal, Scope};
 pub use scripts::{MAX_SCRIPT_NAME, ScriptKind, ScriptName, StoredScript};
-pub use value::{
-    MAX_JSON_DEPTH, Number, Op, OpConflict, OperandError, Typing, Value, ValueError,
-    check_json_depth,
-};
+pub use value::{MAX_JSON_DEPTH, Number, Op, OpConflict, OperandError, Typing, Value, ValueError};
 
 use crate::auth::{self, TokenError};
 use crate::storage::{NewValue, Snapshot, StorageError, Store, WriteCtx};
@@ -394,13 +392,14 @@ impl Buckets {
             .store
             .write(move |ctx| -> Result<_, BucketError> {
                 let policy = change.create(now_s(ctx.now_ms()));
-                let bytes =
-                    serde_json::to_vec(&policy).map_err(|e| BucketError::Invalid(e.to_string()))?;
+                let bytes = encode_policy(&policy)?;
                 if ctx.get(&policy_key(&id))?.is_some() {
-                    // 122 random bits collided: refuse rather than overwrite.
-                    return Err(BucketError::Invalid(
-                        "bucket id collision; try again".into(),
-                    ));
+                    // 122 random bits collided: refuse rather than overwrite
+                    // (the server's failure, not the client's: a 500).
+                    return Err(StorageError::Engine(
+                        "a new bucket's random id is taken; try again".into(),
+                    )
+                    .into());
                 }
                 let version = ctx.put(&policy_key(&id), KIND_POLICY, &bytes, 0)?;
                 Ok((policy, version))
@@ -1107,8 +1106,7 @@ impl Scoped {
             .write(move |ctx| -> Result<_, BucketError> {
                 let entry = ctx.get(&policy_key(&id))?.ok_or(BucketError::NotFound)?;
                 let policy = decode_policy(&entry.value)?.apply(change);
-                let bytes =
-                    serde_json::to_vec(&policy).map_err(|e| BucketError::Invalid(e.to_string()))?;
+                let bytes = encode_policy(&policy)?;
                 let version = ctx.put(&policy_key(&id), KIND_POLICY, &bytes, 0)?;
                 Ok((policy, version))
             })
@@ -1200,6 +1198,13 @@ impl Scoped {
         check_token_request(grant, ttl_s)?;
         self.sign_token(grant, ttl_s, None)
     }
+}
+
+/// A policy as stored. Failing is the server's fault (a 500), never the
+/// client's.
+fn encode_policy(policy: &Policy) -> Result<Vec<u8>, BucketError> {
+    serde_json::to_vec(policy)
+        .map_err(|e| StorageError::Engine(format!("encoding a policy: {e}")).into())
 }
 
 /// What every token request must be, over HTTP and from a script alike: a

@@ -1,7 +1,11 @@
 //! A bucket's policy: its master keys, signing key, default TTL and contact.
 //!
-//! Parsing of policy fields from clients happens here, once: a [`PolicyChange`]
-//! is valid by construction and [`Policy::apply`] cannot fail.
+//! Parsing of policy fields from clients happens here, once: a parsed
+//! [`PolicyChange`] has fields of the right types and [`Policy::apply`]
+//! cannot fail; what a change may not do (a key given empty at creation,
+//! unsetting the secret or signing key) is refused by
+//! [`PolicyChange::check_create`] and [`PolicyChange::check_update`], which
+//! `Buckets::create` and `Scoped::update_policy` run first.
 
 use std::collections::BTreeMap;
 

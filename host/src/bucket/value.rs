@@ -264,13 +264,8 @@ fn parse_number(text: &str) -> Option<Number> {
 }
 
 impl Number {
-    /// Parses an operand such as `+1`, `-2.5`, `10`.
-    pub fn parse(text: &str) -> Option<Self> {
-        parse_number(text)
-    }
-
-    /// Parses an operand of an atomic operation (a step, a bound): as
-    /// [`Number::parse`], but a whole number written without a fraction or
+    /// Parses an operand of an atomic operation (a step, a bound) such as
+    /// `+1`, `-2.5`, `10`, as a number's text is read, but a whole number written without a fraction or
     /// exponent must fit in 64 bits.
     ///
     /// # Errors
@@ -726,18 +721,6 @@ impl Op {
 /// level), so that every stored document can be read back.
 pub const MAX_JSON_DEPTH: usize = 127;
 
-/// Refuses JSON that nests deeper than [`MAX_JSON_DEPTH`] (what could not
-/// be read back), counted without recursion.
-///
-/// # Errors
-/// What is wrong, for the caller's error.
-pub fn check_json_depth(v: &Json) -> Result<(), String> {
-    if json_extent(v).0 > MAX_JSON_DEPTH {
-        return Err(format!("it nests deeper than {MAX_JSON_DEPTH} levels"));
-    }
-    Ok(())
-}
-
 /// How deeply `v` nests (arrays and objects inside each other, as
 /// `serde_json` counts: a scalar 0, `{}` 1, `[[]]` 2) and how many bytes
 /// it takes as compact JSON (strings without their escapes)
@@ -1171,9 +1154,9 @@ mod tests {
             add(Some(Value::Json(b"{}".to_vec())), Number::Int(1)),
             Err(OpConflict::NotANumber("JSON"))
         );
-        assert_eq!(Number::parse("+3"), Some(Number::Int(3)));
-        assert_eq!(Number::parse("-2.5"), Some(Number::Float(-2.5)));
-        assert_eq!(Number::parse("abc"), None);
+        assert_eq!(parse_number("+3"), Some(Number::Int(3)));
+        assert_eq!(parse_number("-2.5"), Some(Number::Float(-2.5)));
+        assert_eq!(parse_number("abc"), None);
         assert_eq!(Number::parse_operand(" +3 "), Ok(Number::Int(3)));
         assert_eq!(
             Number::parse_operand("-9223372036854775808"),

@@ -574,31 +574,6 @@ impl WriteCtx<'_> {
         self.check(r)
     }
 
-    /// Counts live entries under `prefix`, up to `max`.
-    ///
-    /// # Errors
-    /// An engine failure (the batch is then aborted).
-    pub fn count_prefix(&mut self, prefix: &[u8], max: usize) -> Result<usize, StorageError> {
-        let lo = ns_key(NS_DATA, prefix);
-        let hi = prefix_end(&lo);
-        let now = self.now;
-        let mut n = 0;
-        let r = self.raw.scan(
-            Bound::Included(&lo),
-            hi.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
-            false,
-            &mut |_, record| {
-                let exp = record_expiry(record);
-                if exp == 0 || exp > now {
-                    n += 1;
-                }
-                n < max
-            },
-        );
-        self.check(r)?;
-        Ok(n)
-    }
-
     fn meta(&self, name: &[u8]) -> Result<u64, StorageError> {
         Ok(self.raw.get(name)?.map_or(0, |v| be_u64(&v)))
     }

@@ -606,8 +606,8 @@ fn json_arg(lua: &Lua, v: Value) -> Result<serde_json::Value, CallError> {
                 .map_err(|e| CallError::Invalid(e.to_string()))??
         }
     };
-    crate::bucket::check_json_depth(&json)
-        .map_err(|e| CallError::Invalid(format!("not JSON: {e}")))?;
+    // Not deeper than bucket::MAX_JSON_DEPTH either: serde_json refuses
+    // the 128th level as it reads.
     Ok(json)
 }
 
@@ -1127,7 +1127,7 @@ pub(super) fn scope_metatable(lua: &Lua) -> mlua::Result<Table> {
         "__index",
         lua.create_function(|lua, (_t, k): (Value, String)| {
             with_run(lua, |run| {
-                let (prefix, perms) = run.script_scope.clone().unwrap_or_else(|| run.host.scope());
+                let (prefix, perms) = run.host.scope();
                 match k.as_str() {
                     "prefix" => Ok(Value::String(lua.create_string(prefix)?)),
                     "permissions" => Ok(Value::Table(lua.create_sequence_from(perms.names())?)),
@@ -1209,14 +1209,12 @@ fn set_scope(lua: &Lua, prefix: Option<Value>, permissions: Option<Value>) -> ml
         Some(_) => return Err(mlua::Error::runtime("kvdb.scope.prefix must be a string")),
     };
     with_run(lua, |run| {
-        let (current_prefix, current_permissions) =
-            run.script_scope.clone().unwrap_or_else(|| run.host.scope());
+        let (current_prefix, current_permissions) = run.host.scope();
         let prefix = prefix.unwrap_or(current_prefix);
         let permissions = permissions.unwrap_or(current_permissions);
         run.host
             .set_scope(&prefix, permissions)
             .map_err(|e| mlua::Error::runtime(e.to_string()))?;
-        run.script_scope = Some((prefix, permissions));
         Ok(())
     })
 }

@@ -120,8 +120,6 @@ pub(crate) struct Run {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
-    /// The scope the script set (prefix, permissions), once it sets one.
-    pub script_scope: Option<(String, crate::bucket::Permissions)>,
     /// Bucket and script, for the log.
     pub label: Label,
     /// The request, and the tables built from it once read (see
@@ -475,7 +473,6 @@ impl State {
             status: 200,
             headers: Vec::new(),
             body: Vec::new(),
-            script_scope: None,
             label: Label::of(script),
             request,
             log: crate::script::LogBudget::default(),
