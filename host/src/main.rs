@@ -326,6 +326,15 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
             let n = std::io::copy(&mut reader, &mut file).context("receiving the backup")?;
             file.sync_all()?;
             std::fs::rename(&partial, path)?;
+            // The rename itself on disk too: after a power cut the backup
+            // is there under its name (found by a review).
+            let folder = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => std::path::Path::new("."),
+            };
+            std::fs::File::open(folder)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("syncing the directory {}", folder.display()))?;
             n
         }
         None => {

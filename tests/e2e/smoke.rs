@@ -289,6 +289,15 @@ fn operator_mistakes_are_named() {
         ready.contains(&format!("data={}", absolute.display())),
         "{ready}"
     );
+    // The data directory it made and its database are its owner's only:
+    // they hold every bucket's keys, as a backup (0600) does (both were
+    // world-readable under the usual umask; found by a review).
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).expect("made").permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&absolute), 0o700);
+    assert_eq!(mode(&absolute.join("kvdb.redb")), 0o600);
 }
 
 /// Runs `command` until it exits, or for 5 seconds (a server that started

@@ -390,7 +390,7 @@ impl Buckets {
         let id = BucketId::random();
         let (policy, version) = self
             .store
-            .write(move |ctx| -> Result<_, BucketError> {
+            .write_durable(move |ctx| -> Result<_, BucketError> {
                 let policy = change.create(now_s(ctx.now_ms()));
                 let bytes = encode_policy(&policy)?;
                 if ctx.get(&policy_key(&id))?.is_some() {
@@ -1103,7 +1103,7 @@ impl Scoped {
         let id = self.bucket.id;
         let (policy, version) = self
             .store()
-            .write(move |ctx| -> Result<_, BucketError> {
+            .write_durable(move |ctx| -> Result<_, BucketError> {
                 let entry = ctx.get(&policy_key(&id))?.ok_or(BucketError::NotFound)?;
                 let policy = decode_policy(&entry.value)?.apply(change);
                 let bytes = encode_policy(&policy)?;
@@ -1127,7 +1127,7 @@ impl Scoped {
         self.require_admin()?;
         let id = self.bucket.id;
         self.store()
-            .write(move |ctx| -> Result<(), BucketError> {
+            .write_durable(move |ctx| -> Result<(), BucketError> {
                 ensure_bucket(ctx, &id)?;
                 ctx.delete(&policy_key(&id))?;
                 ctx.purge_prefix(&id.to_bytes())?;

@@ -279,7 +279,7 @@ impl Scoped {
         let name = name.clone();
         let stored = self
             .store()
-            .write(move |ctx| -> Result<StoredScript, BucketError> {
+            .write_durable(move |ctx| -> Result<StoredScript, BucketError> {
                 ensure_bucket(ctx, &id)?;
                 let updated_at = now_s(ctx.now_ms());
                 let size = source.len() as u64;
@@ -329,7 +329,7 @@ impl Scoped {
         let shown = name.to_string();
         let deleted = self
             .store()
-            .write(move |ctx| -> Result<(), BucketError> {
+            .write_durable(move |ctx| -> Result<(), BucketError> {
                 ensure_bucket(ctx, &id)?;
                 if ctx.get(&key)?.is_none() {
                     return Err(BucketError::ScriptNotFound(shown));

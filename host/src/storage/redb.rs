@@ -25,15 +25,34 @@ fn engine(e: impl std::fmt::Display) -> StorageError {
     StorageError::Engine(e.to_string())
 }
 
+/// Where a new database file is made before it takes [`FILE_NAME`].
+const NEW_FILE_NAME: &str = "kvdb.redb.new";
+
 impl RedbBackend {
     /// Opens (or creates) the database in `dir`.
+    ///
+    /// A new database is made whole before it takes its name: initialised
+    /// as [`NEW_FILE_NAME`], committed, then renamed (and the directory
+    /// synced), so that a server killed while it makes one leaves no file
+    /// that is not a database (one was left, refused at every start after,
+    /// found by a review). A directory and file it makes are its owner's
+    /// only (0700, 0600): they hold every bucket's keys, as a backup does.
     ///
     /// # Errors
     /// The directory can't be created, or the file can't be opened (another
     /// process holds it, or it is not a redb file).
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(dir)?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
         let path = dir.join(FILE_NAME);
+        if !path.exists() {
+            Self::create(dir)?;
+        }
         let db = Database::builder()
             .create(&path)
             .map_err(|e| match e {
@@ -47,6 +66,30 @@ impl RedbBackend {
         // Create the table so that read transactions can always open it.
         backend.write(true, &mut |_| Ok(()))?;
         Ok(backend)
+    }
+
+    /// Makes a new, empty database as `dir`/[`FILE_NAME`] (see
+    /// [`RedbBackend::open`]). A [`NEW_FILE_NAME`] left by a process killed
+    /// while making one is made again.
+    fn create(dir: &Path) -> Result<(), StorageError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let new = dir.join(NEW_FILE_NAME);
+        match std::fs::remove_file(&new) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&new)?;
+        let db = Database::builder()
+            .create(&new)
+            .map_err(|e| StorageError::Engine(format!("creating {}: {e}", new.display())))?;
+        Self { db }.write(true, &mut |_| Ok(()))?;
+        std::fs::rename(&new, dir.join(FILE_NAME))?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
     }
 }
 
@@ -221,6 +264,49 @@ mod tests {
             })
             .expect("scan");
         all
+    }
+
+    /// A new database appears whole or not at all, its owner's only: what
+    /// a process killed while making one left (here a file that is not a
+    /// database, as redb leaves one half made) is made again, and the file
+    /// is never opened under its name before it is a database (one killed
+    /// in the middle was refused at every start after).
+    #[test]
+    fn a_new_database_is_made_whole_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("data");
+        std::fs::create_dir(&dir).expect("dir");
+        std::fs::write(dir.join(super::NEW_FILE_NAME), vec![0u8; 72 * 1024]).expect("stale");
+        let backend = RedbBackend::open(&dir).expect("open over a half-made file");
+        backend
+            .write(true, &mut |w: &mut dyn RawWrite| w.put(b"k", b"v"))
+            .expect("write");
+        drop(backend);
+        assert!(!dir.join(super::NEW_FILE_NAME).exists());
+        let mode = |p: &std::path::Path| {
+            std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+        };
+        assert_eq!(mode(&dir.join(FILE_NAME)), 0o600);
+        let backend = RedbBackend::open(&dir).expect("reopen");
+        assert_eq!(contents(&backend).get(&b"k"[..]), Some(&b"v".to_vec()));
+        // A directory it makes is private too (not one that was there).
+        let fresh = root.path().join("a").join("b");
+        drop(RedbBackend::open(&fresh).expect("open a new directory"));
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&fresh.join(FILE_NAME)), 0o600);
+        assert_eq!(mode(&dir), 0o755 & !umask());
+    }
+
+    /// The process's file mode creation mask.
+    fn umask() -> u32 {
+        let probe = tempfile::tempdir().expect("tempdir");
+        let made = probe.path().join("probe");
+        std::fs::create_dir(&made).expect("probe");
+        0o777
+            & !(std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(&made).expect("metadata").permissions(),
+            ) & 0o777)
     }
 
     /// Values that an update makes longer go through a normal insert, which

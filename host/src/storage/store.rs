@@ -583,10 +583,22 @@ type Completion = Box<dyn FnOnce(Result<(), &StorageError>) + Send>;
 type JobFn = Box<dyn FnOnce(&mut WriteCtx<'_>) -> Completion + Send>;
 
 struct Job {
-    /// Whether the job's writes must be on stable storage before it is answered
-    /// (background clean-up is not: it is redone after a crash).
-    durable: bool,
+    durable: JobDurability,
     run: JobFn,
+}
+
+/// When a job's writes must be on stable storage before it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobDurability {
+    /// Never waited for: background clean-up, redone after a crash.
+    Background,
+    /// As the store's [`Durability`] says: a client's data.
+    AsConfigured,
+    /// Even with relaxed durability: changes of what may be done (policies,
+    /// bucket deletions, scripts), rare, and worse undone by a crash than
+    /// lost (a revoked token or a locked bucket open again; found by a
+    /// review).
+    Always,
 }
 
 struct Inner {
@@ -940,7 +952,7 @@ impl Store {
 
     fn submit<T, F>(
         &self,
-        durable: bool,
+        durable: JobDurability,
         op: F,
     ) -> Result<oneshot::Receiver<Result<T, StorageError>>, StorageError>
     where
@@ -967,7 +979,7 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let sender = sender.as_ref().ok_or(StorageError::Closed)?;
         if self.inner.durability == Durability::Relaxed
-            && durable
+            && durable == JobDurability::AsConfigured
             && self.inner.pace.calm(alone)
             && let Ok(mut writer) = self.inner.core.try_lock()
             && writer.seq.saturating_add(RESERVE_AHEAD) < writer.durable_ceiling
@@ -1000,7 +1012,22 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> T + Send + 'static,
     {
-        self.submit(true, op)?.await.map_err(|_| batch_aborted())?
+        self.written(JobDurability::AsConfigured, op).await
+    }
+
+    /// [`Store::write`] that is on stable storage before it is answered
+    /// even with relaxed durability: for changes of what may be done
+    /// (policies, bucket deletions, scripts), which a crash must not undo
+    /// once answered.
+    ///
+    /// # Errors
+    /// The batch failed to commit, or the store is closed.
+    pub async fn write_durable<T, F>(&self, op: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> T + Send + 'static,
+    {
+        self.written(JobDurability::Always, op).await
     }
 
     /// [`Store::write`] for code outside the async runtime.
@@ -1012,7 +1039,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> T + Send + 'static,
     {
-        self.submit(true, op)?
+        self.submit(JobDurability::AsConfigured, op)?
             .blocking_recv()
             .map_err(|_| batch_aborted())?
     }
@@ -1022,7 +1049,17 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> T + Send + 'static,
     {
-        self.submit(false, op)?.await.map_err(|_| batch_aborted())?
+        self.written(JobDurability::Background, op).await
+    }
+
+    async fn written<T, F>(&self, durable: JobDurability, op: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> T + Send + 'static,
+    {
+        self.submit(durable, op)?
+            .await
+            .map_err(|_| batch_aborted())?
     }
 
     /// Reclaims expired entries, purges scheduled prefixes and forgets
@@ -1698,7 +1735,11 @@ fn writer_loop(
             if durability == Durability::Strict {
                 writer.gather.fill(&mut batch, rx);
             }
-            let durable = durability == Durability::Strict && batch.iter().any(|j| j.durable);
+            let durable = batch.iter().any(|j| {
+                j.durable == JobDurability::Always
+                    || (durability == Durability::Strict
+                        && j.durable == JobDurability::AsConfigured)
+            });
             writer.run_batch(batch, durable);
             if !durable {
                 writer.mark_unsynced();
@@ -1843,8 +1884,8 @@ mod tests {
     use std::time::Duration;
 
     use super::{
-        CALM_AFTER, Durability, META_CHAIN, META_HORIZON, META_RESTORED, META_RESTORING, META_SEQ,
-        Pace, RESERVE_AHEAD, SEQ_BLOCK, Store, be_u64,
+        CALM_AFTER, Durability, JobDurability, META_CHAIN, META_HORIZON, META_RESTORED,
+        META_RESTORING, META_SEQ, Pace, RESERVE_AHEAD, SEQ_BLOCK, Store, be_u64,
     };
     use crate::storage::memory::MemoryBackend;
     use crate::storage::{Backend, RawChange, RawRead, RawWrite, StorageError};
@@ -2308,10 +2349,17 @@ mod tests {
         let here = std::thread::current().id();
         let ran_on = |user_write: bool| {
             store
-                .submit(user_write, |ctx| {
-                    ctx.put(b"k", 0, b"v", 0).expect("put");
-                    std::thread::current().id()
-                })
+                .submit(
+                    if user_write {
+                        JobDurability::AsConfigured
+                    } else {
+                        JobDurability::Background
+                    },
+                    |ctx| {
+                        ctx.put(b"k", 0, b"v", 0).expect("put");
+                        std::thread::current().id()
+                    },
+                )
                 .expect("submit")
                 .blocking_recv()
                 .expect("answered")
@@ -2407,6 +2455,38 @@ mod tests {
             "{commits} durable commits for {ROUNDS} rounds of {WRITERS} writers"
         );
         assert!(commits >= ROUNDS, "{commits} durable commits");
+    }
+
+    /// With relaxed durability a client's write is answered before any
+    /// fsync, but a change of what may be done (`write_durable`: policies,
+    /// bucket deletions, scripts) only after a durable commit: a crash
+    /// undid an answered revocation (found by a review).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_relaxed_store_commits_write_durable_durably() {
+        let disk = TestDisk::new(false);
+        let store = Store::open(disk.clone(), Durability::Relaxed).expect("open");
+        // The first write reserves versions (a durable commit of its own).
+        store
+            .write(|ctx| ctx.put(b"a", 0, b"v", 0))
+            .await
+            .expect("commit")
+            .expect("put");
+        let before = disk.durable_commits.load(Ordering::SeqCst);
+        for key in [b"b", b"c", b"d"] {
+            store
+                .write(move |ctx| ctx.put(key, 0, b"v", 0))
+                .await
+                .expect("commit")
+                .expect("put");
+        }
+        assert_eq!(disk.durable_commits.load(Ordering::SeqCst), before);
+        store
+            .write_durable(|ctx| ctx.put(b"policy", 0, b"locked", 0))
+            .await
+            .expect("commit")
+            .expect("put");
+        assert_eq!(disk.durable_commits.load(Ordering::SeqCst), before + 1);
+        store.close().expect("close");
     }
 
     #[test]
