@@ -823,6 +823,54 @@ fn delete_is_refused_for_credentials_before_its_headers_are_checked() {
     assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
 }
 
+/// A credential that may write or delete a key but not read it can't tell
+/// from a failed `If-Match` whether the key exists: the 412 says the same
+/// for a missing key and a changed one (it said which, an existence test
+/// that wrote nothing; found by a review). One that can read is told.
+#[test]
+fn a_failed_if_match_does_not_tell_a_non_reader_whether_the_key_exists() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let if_match = |method: &str, key: &str, credential: &str| {
+        let auth = format!("Bearer {credential}");
+        let body = (method == "PUT").then_some(&b"w"[..]);
+        s.request(
+            method,
+            &format!("/{b}/{key}"),
+            &[("authorization", auth.as_str()), ("if-match", "\"nope\"")],
+            body,
+        )
+        .assert_problem(412)
+    };
+    for (method, permission) in [("PUT", "write"), ("DELETE", "delete")] {
+        let t = s.token(&b, "sk", &format!("permissions={permission}"));
+        let present = if_match(method, "k", &t);
+        let absent = if_match(method, "absent", &t);
+        assert_eq!(present, absent, "{method} with {permission}");
+        assert!(present.contains("is not said"), "{present}");
+    }
+    // PATCH +1 blind, too.
+    let t = s.token(&b, "sk", "permissions=write");
+    let auth = format!("Bearer {t}");
+    let patch = |key: &str| {
+        s.request(
+            "PATCH",
+            &format!("/{b}/{key}"),
+            &[("authorization", auth.as_str()), ("if-match", "\"nope\"")],
+            Some(b"+1"),
+        )
+        .assert_problem(412)
+    };
+    assert_eq!(patch("k"), patch("absent"));
+    // The write key also reads: it is told why.
+    let present = if_match("PUT", "k", "wk");
+    let absent = if_match("PUT", "absent", "wk");
+    assert!(present.contains("has changed"), "{present}");
+    assert!(absent.contains("does not exist"), "{absent}");
+    assert_eq!(as_(&s, "GET", &format!("/{b}/k"), "rk", None).text(), "v");
+    as_(&s, "GET", &format!("/{b}/absent"), "rk", None).assert_problem(404);
+}
+
 #[test]
 fn delete_only_token_deletes_but_cannot_read_or_write() {
     let s = TestServer::start();

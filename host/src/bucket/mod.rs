@@ -80,7 +80,7 @@ pub enum BucketError {
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
-    PreconditionFailed(&'static str),
+    PreconditionFailed(#[from] Precondition),
     #[error("{0}")]
     Conflict(#[from] OpConflict),
     #[error("the value would be {size} bytes; the limit is {limit} bytes")]
@@ -186,9 +186,7 @@ impl Condition {
         match self {
             Condition::Always => Ok(()),
             Condition::IfAbsent if current.is_none() => Ok(()),
-            Condition::IfAbsent => Err(BucketError::PreconditionFailed(
-                "If-None-Match: * but the key exists",
-            )),
+            Condition::IfAbsent => Err(Precondition::Exists.into()),
             Condition::IfMatchAndAbsent(tags) => {
                 if_match(tags, current, etag_key)?;
                 Condition::IfAbsent.check(current, etag_key)
@@ -205,23 +203,44 @@ fn if_match(
     etag_key: EtagKey,
 ) -> Result<(), BucketError> {
     let Some(cur) = current else {
-        return Err(BucketError::PreconditionFailed(
-            "If-Match: the key does not exist (deleted, expired or never written); to write it only if it is absent, send If-None-Match: * instead",
-        ));
+        return Err(Precondition::Missing.into());
     };
     let mine = etag_key.etag(cur.version);
     // If-Match compares strongly (RFC 9110): a weak tag never matches.
     if tags.iter().any(|t| t == "*" || *t == mine) {
         Ok(())
     } else if tags.iter().any(|t| t.strip_prefix("W/") == Some(&mine)) {
-        Err(BucketError::PreconditionFailed(
-            "If-Match compares ETags strongly: send the ETag as answered, without W/ (a cache or proxy may have weakened it)",
-        ))
+        Err(Precondition::Weak.into())
     } else {
-        Err(BucketError::PreconditionFailed(
-            "If-Match: the value has changed since that ETag; GET the key for its current ETag",
-        ))
+        Err(Precondition::Changed.into())
     }
+}
+
+/// Why a conditional write was refused (412).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Precondition {
+    #[error(
+        "If-None-Match: * but the key exists; to overwrite it, send the write without If-None-Match (or with If-Match and its current ETag)"
+    )]
+    Exists,
+    #[error(
+        "If-Match: the key does not exist (deleted, expired or never written); to write it only if it is absent, send If-None-Match: * instead"
+    )]
+    Missing,
+    #[error(
+        "If-Match compares ETags strongly: send the ETag as answered, without W/ (a cache or proxy may have weakened it)"
+    )]
+    Weak,
+    #[error("If-Match: the value has changed since that ETag; GET the key for its current ETag")]
+    Changed,
+    /// [`Precondition::Missing`], [`Precondition::Weak`] or
+    /// [`Precondition::Changed`] as a caller who may not read the key
+    /// learns it: which one would tell whether the key exists, without
+    /// writing anything (found by a review).
+    #[error(
+        "If-Match: that ETag is not the key's current one (why is not said to a credential that can't read the key); send the ETag the last write of it answered"
+    )]
+    Withheld,
 }
 
 /// A value with its metadata.
@@ -717,6 +736,20 @@ impl Scoped {
                 Ok(ctx.put(&dkey, kind, &bytes, expires_at)?)
             })
             .await?
+            .map_err(|e| self.withheld(key, e))
+    }
+
+    /// `e` as this scope may learn it about `key`: why an `If-Match`
+    /// failed only if it may read the key ([`Precondition::Withheld`]).
+    fn withheld(&self, key: &Key, e: BucketError) -> BucketError {
+        match e {
+            BucketError::PreconditionFailed(
+                Precondition::Missing | Precondition::Weak | Precondition::Changed,
+            ) if !self.scope.allows(Permission::Read, key.as_str()) => {
+                Precondition::Withheld.into()
+            }
+            other => other,
+        }
     }
 
     /// Applies an atomic operation to `key` (HTTP `PATCH`); returns the new
@@ -771,6 +804,7 @@ impl Scoped {
             .await
             .map_err(|e| match e {
                 BucketError::Conflict(_) if !readable => OpConflict::Withheld.into(),
+                e @ BucketError::PreconditionFailed(_) => self.withheld(key, e),
                 BucketError::TooLarge { limit, .. } if !readable => {
                     BucketError::ResultTooLarge { limit }
                 }
@@ -993,6 +1027,7 @@ impl Scoped {
                 Ok(())
             })
             .await?
+            .map_err(|e| self.withheld(key, e))
     }
 
     /// The bytes of values after which a page of a listing ends early:

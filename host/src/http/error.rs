@@ -249,7 +249,10 @@ mod tests {
             (OperatorError::Disabled.into(), 403),
             (ApiError::LoginIgnored, 401),
             (BucketError::Forbidden("x".into()).into(), 403),
-            (BucketError::PreconditionFailed("x").into(), 412),
+            (
+                BucketError::PreconditionFailed(crate::bucket::Precondition::Changed).into(),
+                412,
+            ),
             (BucketError::Conflict(OpConflict::Overflow).into(), 409),
             (BucketError::TooLarge { size: 2, limit: 1 }.into(), 413),
             (

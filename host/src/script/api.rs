@@ -37,7 +37,7 @@ impl From<BucketError> for CallError {
                 CallError::PermissionDenied(m)
             }
             BucketError::Conflict(c) => CallError::TypeMismatch(c.to_string()),
-            BucketError::PreconditionFailed(m) => CallError::TypeMismatch(m.to_owned()),
+            BucketError::PreconditionFailed(m) => CallError::TypeMismatch(m.to_string()),
             BucketError::TooLarge { .. } | BucketError::ResultTooLarge { .. } => {
                 CallError::Limit(e.to_string())
             }
