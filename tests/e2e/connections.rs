@@ -339,3 +339,28 @@ fn a_request_that_cannot_be_parsed_gets_a_json_problem_and_changes_nothing() {
     assert_eq!(s.put(&format!("/{b}/k"), "v").status, 204);
     assert_eq!(s.get(&format!("/{b}/k")).text(), "v");
 }
+
+/// A run of a script that does not exist is answered 404 at once, without
+/// waiting for (or taking) the body its request announced: the body was
+/// read first, up to the value limit.
+#[test]
+fn a_run_of_a_missing_script_is_answered_before_its_body() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=sk");
+    let host = s.base().trim_start_matches("http://");
+    let mut stream = TcpStream::connect(host).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    write!(
+        stream,
+        "POST /{b}/scripts/missing HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    .expect("send the head");
+    let mut head = [0u8; 64];
+    let n = stream
+        .read(&mut head)
+        .expect("answered without the body being sent");
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}

@@ -145,6 +145,35 @@ fn garbage_declared_as_wasm_is_400_saying_it_is_not_webassembly() {
     );
     let detail = r.assert_problem(400);
     assert!(detail.contains("not WebAssembly"), "{detail}");
+    // The media type's essence, in any case and with parameters, is what
+    // declares it (a prefix did: `application/wasmx` declared WebAssembly,
+    // `Application/WASM` did not).
+    let detail = upload_bytes(
+        &s,
+        &b,
+        "g",
+        b"kvdb.say('not wasm')",
+        Some("Application/WASM; x=1"),
+    )
+    .assert_problem(400);
+    assert!(detail.contains("not WebAssembly"), "{detail}");
+    assert_eq!(scripts_of(&s, &b), json!([]));
+    let r = upload_bytes(
+        &s,
+        &b,
+        "lua",
+        b"kvdb.say('lua after all')",
+        Some("application/wasmx"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(run(&s, &b, "lua").text(), "lua after all\n");
+    let r = s.request(
+        "DELETE",
+        &format!("/{b}/scripts/lua"),
+        &[("authorization", "Bearer sk")],
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
     // The magic and then garbage: WebAssembly, but not a valid component.
     let mut broken = b"\0asm\x0d\0\x01\0".to_vec();
     broken.extend_from_slice(&[0xff; 64]);

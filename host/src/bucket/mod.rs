@@ -32,7 +32,9 @@ pub use key::{InvalidKey, Key, MAX_KEY_BYTES, check_key_text};
 pub use policy::{Policy, PolicyChange, PolicyError};
 pub use scope::{Grant, Permission, Permissions, Principal, Scope};
 pub use scripts::{MAX_SCRIPT_NAME, ScriptKind, ScriptName, StoredScript};
-pub use value::{MAX_JSON_DEPTH, Number, Op, OpConflict, OperandError, Typing, Value, ValueError};
+pub use value::{
+    MAX_JSON_DEPTH, Number, Op, OpConflict, OperandError, Typing, Value, ValueError, media_essence,
+};
 
 use crate::auth::{self, TokenError};
 use crate::storage::{NewValue, Snapshot, StorageError, Store, WriteCtx};
@@ -83,11 +85,15 @@ pub enum BucketError {
     PreconditionFailed(#[from] Precondition),
     #[error("{0}")]
     Conflict(#[from] OpConflict),
-    #[error("the value would be {size} bytes; the limit is {limit} bytes")]
+    #[error(
+        "the value would be {size} bytes; the limit is {limit} bytes on this server (`kvdb serve --max-value-bytes`): store less, or split it over several keys"
+    )]
     TooLarge { size: usize, limit: usize },
     /// [`BucketError::TooLarge`] as a caller who may not read the value
     /// learns it: the size would tell the value's.
-    #[error("the result would be over the limit of {limit} bytes")]
+    #[error(
+        "the result would be over the limit of {limit} bytes on this server (`kvdb serve --max-value-bytes`): store less, or split it over several keys"
+    )]
     ResultTooLarge { limit: usize },
     #[error(transparent)]
     Policy(#[from] PolicyError),

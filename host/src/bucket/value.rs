@@ -80,6 +80,18 @@ pub enum Typing {
     Raw(String),
 }
 
+/// A media type's essence (`type/subtype`, RFC 9110): what comes before
+/// its parameters, trimmed and lower-cased. `Text/Plain; charset=utf-8`
+/// is `text/plain`.
+pub fn media_essence(media_type: &str) -> String {
+    media_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
 impl Typing {
     /// The typing a `Content-Type` header asks for. Parameters such as
     /// `charset` do not change it.
@@ -91,12 +103,7 @@ impl Typing {
         let Some(ct) = content_type else {
             return Ok(Self::Coerce);
         };
-        let essence = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        let essence = media_essence(ct);
         Ok(match essence.as_str() {
             "" | "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data" => {
                 Self::Coerce

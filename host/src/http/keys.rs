@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{
-    Access, ApiError, AppState, BodyLimit, condition, content_type, etag_list, query_pairs,
+    Access, ApiError, AppState, BodyLimit, condition, content_essence, etag_list, query_pairs,
     query_param, read_body, ttl_param,
 };
 use crate::bucket::{BucketError, Key, Number, Op, OperandError, Scoped, Typing, Value};
@@ -188,10 +188,7 @@ fn parse_op(headers: &HeaderMap, op: Option<&str>, body: &[u8]) -> Result<Op, Ap
         }
         None => {}
     }
-    let essence = content_type(headers)
-        .and_then(|ct| ct.split(';').next())
-        .map(|e| e.trim().to_ascii_lowercase());
-    match essence.as_deref() {
+    match content_essence(headers).as_deref() {
         Some("application/merge-patch+json") => serde_json::from_slice(body)
             .map(Op::MergePatch)
             .map_err(|e| ApiError::bad_request(format!("the merge patch is not JSON: {e}"))),

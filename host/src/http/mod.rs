@@ -530,6 +530,12 @@ pub(crate) fn content_type(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// The essence of the request's `Content-Type` (`type/subtype`,
+/// lower-cased, without parameters), if it has one.
+pub(crate) fn content_essence(headers: &HeaderMap) -> Option<String> {
+    content_type(headers).map(crate::bucket::media_essence)
+}
+
 /// Whether the request's `Accept` header names `media_type` itself (not a
 /// type that merely starts with it, such as `application/jsonl` for
 /// `application/json`), with any parameters.
@@ -557,13 +563,7 @@ pub(crate) fn body_fields(
 ) -> Result<BTreeMap<String, serde_json::Value>, ApiError> {
     let declared = headers.get(header::CONTENT_TYPE).map(|v| {
         let text = String::from_utf8_lossy(v.as_bytes());
-        let essence = text
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        (essence, text.into_owned())
+        (crate::bucket::media_essence(&text), text.into_owned())
     });
     let is_json = match &declared {
         None => false,

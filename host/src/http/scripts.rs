@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 
 use super::{
-    Access, ApiError, AppState, BodyLimit, MAX_FIELDS, content_type, form_pairs, query_pairs,
+    Access, ApiError, AppState, BodyLimit, MAX_FIELDS, content_essence, form_pairs, query_pairs,
     read_body,
 };
 use crate::bucket::{BucketError, ScriptKind, ScriptName};
@@ -79,7 +79,7 @@ pub async fn put_script(
     // Refuse before reading and compiling anything.
     bucket.ensure_admin()?;
     let limits = state.scripts.limits;
-    let declared_wasm = content_type(&headers).is_some_and(|ct| ct.starts_with("application/wasm"));
+    let declared_wasm = content_essence(&headers).as_deref() == Some("application/wasm");
     let (ceiling, what) = if declared_wasm {
         (limits.component_bytes, BodyLimit::Component)
     } else {
@@ -195,10 +195,17 @@ fn own_page(mut response: Response) -> Response {
     response
 }
 
+/// A script's source that could not be loaded for a run: replaced or
+/// deleted since its record was read (a race a retry settles: 503 with
+/// `Retry-After`), or a storage failure (500).
 fn script_load_error(e: BucketError) -> crate::script::ScriptError {
-    crate::script::ScriptError::Failed(format!(
-        "the script could not be loaded ({e}); it may have just been replaced: try again"
-    ))
+    use crate::script::ScriptError;
+    match e {
+        BucketError::ScriptNotFound(_) => ScriptError::Busy(
+            "the script was replaced or deleted as this run started: try again".into(),
+        ),
+        other => ScriptError::Internal(format!("loading a script's source: {other}")),
+    }
 }
 
 /// The fields of a JSON object body, values that are not strings as their
@@ -260,10 +267,7 @@ fn request_fields(
     // `?key=` and `?access_token=` are the caller's credential, which is not
     // the script's business (like the `Authorization` header).
     vars.retain(|(k, _)| k != "key" && k != "access_token");
-    let essence = content_type(headers)
-        .and_then(|ct| ct.split(';').next())
-        .map(|e| e.trim().to_ascii_lowercase());
-    match essence.as_deref() {
+    match content_essence(headers).as_deref() {
         Some("application/json") => {
             // An object of more than MAX_FIELDS fields is not read as
             // fields (reading stops there), as an untyped body: the script
@@ -323,12 +327,14 @@ pub async fn run_script(
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let limit = state.buckets.limits().max_value_bytes;
-    let body = read_body(&parts.headers, body, limit, BodyLimit::Value).await?;
+    // Looked up before the body is read: a run of a script that does not
+    // exist is answered without taking up to the value limit first.
     let script = bucket
         .bucket()
         .load_script(&name)?
         .ok_or_else(|| BucketError::ScriptNotFound(name.to_string()))?;
+    let limit = state.buckets.limits().max_value_bytes;
+    let body = read_body(&parts.headers, body, limit, BodyLimit::Value).await?;
     let fields = request_fields(&parts.uri, &parts.headers, &body)?;
     let run_request = Request {
         method: parts.method.to_string(),
@@ -423,3 +429,27 @@ fn log_failed_run(script: &crate::bucket::StoredScript, e: &crate::script::Scrip
 /// credentials).
 const SCRIPT_SANDBOX: &str =
     "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads";
+
+#[cfg(test)]
+mod tests {
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    /// A source replaced or deleted as a run starts is a race a retry
+    /// settles (503 with Retry-After), not the script's failure (500).
+    #[test]
+    fn a_source_gone_as_a_run_starts_is_answered_try_again() {
+        let gone = ApiError::from(script_load_error(BucketError::ScriptNotFound("s".into())));
+        let response = gone.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key(header::RETRY_AFTER));
+        let failed = ApiError::from(script_load_error(BucketError::Storage(
+            crate::storage::StorageError::Closed,
+        )));
+        assert_eq!(
+            failed.into_response().status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+}
