@@ -141,7 +141,8 @@ fn head_bucket_is_200_or_404_without_credentials() {
 #[test]
 fn policy_needs_the_secret_key_and_never_shows_the_signing_key() {
     let s = TestServer::start();
-    let b = s.create_bucket("secret_key=sk&read_key=rk&write_key=wk&signing_key=sig");
+    let b =
+        s.create_bucket("secret_key=sk&read_key=rk&write_key=wk&signing_key=sig-0123456789abcdef");
     let path = format!("/{b}");
     s.request("GET", &path, &[], None).assert_problem(401);
     as_(&s, "GET", &path, "rk", None).assert_problem(403);
@@ -520,6 +521,45 @@ fn create_bucket_with_an_empty_key_is_400_naming_it() {
     assert!(detail.starts_with("secret_key is empty"), "{detail}");
     // An empty email is no key: accepted.
     assert_eq!(s.post("/", "secret_key=s&email=").status, 201);
+}
+
+/// A signing key given shorter than 16 characters is refused, at creation
+/// and in an update, saying how to make one (`signing_key=newkey` was
+/// taken, and tokens could be forged from any one it signed).
+#[test]
+fn a_short_signing_key_is_400_saying_how_to_make_one() {
+    let s = TestServer::start();
+    let detail = s
+        .post("/", "secret_key=sk&signing_key=newkey")
+        .assert_problem(400);
+    assert!(
+        detail.contains("signing_key has 6 characters") && detail.contains("openssl rand"),
+        "{detail}"
+    );
+    let b = s.create_bucket("secret_key=sk");
+    let token = s.token(&b, "sk", "permissions=read");
+    patch_policy(&s, &b, "sk", "signing_key=0123456789abcde").assert_problem(400);
+    // Nothing changed: the token still works.
+    let auth = format!("Bearer {token}");
+    let r = s.request(
+        "GET",
+        &format!("/{b}/absent"),
+        &[("authorization", auth.as_str())],
+        None,
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    // Sixteen will do, and revokes it.
+    assert_eq!(
+        patch_policy(&s, &b, "sk", "signing_key=0123456789abcdef").status,
+        200
+    );
+    let r = s.request(
+        "GET",
+        &format!("/{b}/absent"),
+        &[("authorization", auth.as_str())],
+        None,
+    );
+    r.assert_problem(401);
 }
 
 #[test]

@@ -60,7 +60,16 @@ pub enum PolicyError {
     CannotUnset(&'static str),
     #[error("{0} is longer than 1024 bytes")]
     TooLong(&'static str),
+    #[error(
+        "signing_key has {0} characters: it signs access tokens, and one that short can be guessed from any token it signed; give at least {MIN_SIGNING_KEY} random characters (e.g. `openssl rand -hex 16`), or leave it out to have one made"
+    )]
+    WeakSigningKey(usize),
 }
+
+/// The fewest characters of a `signing_key` a client gives: HS256 with a
+/// short key falls to an offline search from one token (found by a
+/// review: `signing_key=newkey` was taken, and tokens forged with it).
+pub const MIN_SIGNING_KEY: usize = 16;
 
 /// Longest accepted key or email: generous for any generated secret.
 const MAX_FIELD: usize = 1024;
@@ -84,7 +93,14 @@ impl PolicyChange {
                     change.secret_key = Some(text(&value, "secret_key")?.unwrap_or_default())
                 }
                 "signing_key" => {
-                    change.signing_key = Some(text(&value, "signing_key")?.unwrap_or_default())
+                    let key = text(&value, "signing_key")?.unwrap_or_default();
+                    // Empty is "unset", refused as that by check_create and
+                    // check_update.
+                    let length = key.chars().count();
+                    if (1..MIN_SIGNING_KEY).contains(&length) {
+                        return Err(PolicyError::WeakSigningKey(length));
+                    }
+                    change.signing_key = Some(key);
                 }
                 "read_key" => change.read_key = Some(text(&value, "read_key")?),
                 "write_key" => change.write_key = Some(text(&value, "write_key")?),
