@@ -70,9 +70,16 @@ impl RedbBackend {
 
     /// Makes a new, empty database as `dir`/[`FILE_NAME`] (see
     /// [`RedbBackend::open`]). A [`NEW_FILE_NAME`] left by a process killed
-    /// while making one is made again.
+    /// while making one is made again. Two processes starting on the same
+    /// new directory take turns (a lock on the directory): the second
+    /// finds the database made.
     fn create(dir: &Path) -> Result<(), StorageError> {
         use std::os::unix::fs::OpenOptionsExt;
+        let turn = std::fs::File::open(dir)?;
+        turn.lock()?;
+        if dir.join(FILE_NAME).exists() {
+            return Ok(());
+        }
         let new = dir.join(NEW_FILE_NAME);
         match std::fs::remove_file(&new) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
@@ -88,7 +95,7 @@ impl RedbBackend {
             .map_err(|e| StorageError::Engine(format!("creating {}: {e}", new.display())))?;
         Self { db }.write(true, &mut |_| Ok(()))?;
         std::fs::rename(&new, dir.join(FILE_NAME))?;
-        std::fs::File::open(dir)?.sync_all()?;
+        turn.sync_all()?;
         Ok(())
     }
 }
@@ -296,6 +303,31 @@ mod tests {
         assert_eq!(mode(&fresh), 0o700);
         assert_eq!(mode(&fresh.join(FILE_NAME)), 0o600);
         assert_eq!(mode(&dir), 0o755 & !umask());
+    }
+
+    /// Openers racing on one new directory take turns making the
+    /// database: each either opens it or finds it in use, never a missing
+    /// or half-made file, and what is left opens.
+    #[test]
+    fn openers_racing_on_a_new_directory_leave_one_database() {
+        for _ in 0..20 {
+            let root = tempfile::tempdir().expect("tempdir");
+            let dir = root.path().join("data");
+            let start = std::sync::Barrier::new(4);
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        start.wait();
+                        match RedbBackend::open(&dir) {
+                            Ok(backend) => drop(backend),
+                            Err(e) => assert!(e.to_string().contains("in use"), "{e}"),
+                        }
+                    });
+                }
+            });
+            assert!(!dir.join(super::NEW_FILE_NAME).exists());
+            drop(RedbBackend::open(&dir).expect("the database made"));
+        }
     }
 
     /// The process's file mode creation mask.
