@@ -862,6 +862,37 @@ fn a_failed_if_match_does_not_tell_a_non_reader_whether_the_key_exists() {
         .assert_problem(412)
     };
     assert_eq!(patch("k"), patch("absent"));
+    // If-Match with If-None-Match: * (never both met), and a DELETE with
+    // If-None-Match: * (never deletes): refused alike, key or no key.
+    let both = |key: &str| {
+        s.request(
+            "PUT",
+            &format!("/{b}/{key}"),
+            &[
+                ("authorization", auth.as_str()),
+                ("if-match", "*"),
+                ("if-none-match", "*"),
+            ],
+            Some(b"w"),
+        )
+        .assert_problem(412)
+    };
+    assert_eq!(both("k"), both("absent"));
+    let d = s.token(&b, "sk", "permissions=delete");
+    let delete_auth = format!("Bearer {d}");
+    let delete_if_absent = |key: &str| {
+        s.request(
+            "DELETE",
+            &format!("/{b}/{key}"),
+            &[
+                ("authorization", delete_auth.as_str()),
+                ("if-none-match", "*"),
+            ],
+            None,
+        )
+        .assert_problem(412)
+    };
+    assert_eq!(delete_if_absent("k"), delete_if_absent("absent"));
     // The write key also reads: it is told why.
     let present = if_match("PUT", "k", "wk");
     let absent = if_match("PUT", "absent", "wk");

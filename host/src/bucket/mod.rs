@@ -193,10 +193,10 @@ impl Condition {
             Condition::Always => Ok(()),
             Condition::IfAbsent if current.is_none() => Ok(()),
             Condition::IfAbsent => Err(Precondition::Exists.into()),
-            Condition::IfMatchAndAbsent(tags) => {
-                if_match(tags, current, etag_key)?;
-                Condition::IfAbsent.check(current, etag_key)
-            }
+            // Never both met: refused alike whatever the key holds (which
+            // failed would tell a caller who may not read it whether the
+            // key exists; found by a review).
+            Condition::IfMatchAndAbsent(_) => Err(Precondition::Never.into()),
             Condition::IfMatch(tags) => if_match(tags, current, etag_key),
         }
     }
@@ -229,6 +229,14 @@ pub enum Precondition {
         "If-None-Match: * but the key exists; to overwrite it, send the write without If-None-Match (or with If-Match and its current ETag)"
     )]
     Exists,
+    #[error(
+        "If-Match and If-None-Match: * together can never both hold (the key must exist and be absent): send one of them"
+    )]
+    Never,
+    #[error(
+        "a DELETE with If-None-Match: * never deletes anything (the key would have to be absent): send it without, or with If-Match"
+    )]
+    DeleteIfAbsent,
     #[error(
         "If-Match: the key does not exist (deleted, expired or never written); to write it only if it is absent, send If-None-Match: * instead"
     )]
@@ -415,7 +423,7 @@ impl Buckets {
         let id = BucketId::random();
         let (policy, version) = self
             .store
-            .write_durable(move |ctx| -> Result<_, BucketError> {
+            .write(move |ctx| -> Result<_, BucketError> {
                 let policy = change.create(now_s(ctx.now_ms()));
                 let bytes = encode_policy(&policy)?;
                 if ctx.get(&policy_key(&id))?.is_some() {
@@ -1017,6 +1025,15 @@ impl Scoped {
     /// ([`BucketError::KeyNotFound`]), or a storage failure.
     pub async fn delete(&self, key: &Key, condition: Condition) -> Result<(), BucketError> {
         self.require(Permission::Delete, key.as_str())?;
+        // Refused unread: it can't delete anything, and whether it found
+        // the key (412) or not (404) would tell a caller who may not read
+        // it (found by a review).
+        if matches!(
+            condition,
+            Condition::IfAbsent | Condition::IfMatchAndAbsent(_)
+        ) {
+            return Err(Precondition::DeleteIfAbsent.into());
+        }
         let id = self.bucket.id;
         let etag_key = self.bucket.etag_key;
         let dkey = data_key(&id, key.as_str());

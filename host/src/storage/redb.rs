@@ -42,13 +42,11 @@ impl RedbBackend {
     /// The directory can't be created, or the file can't be opened (another
     /// process holds it, or it is not a redb file).
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
+        let mut folder = std::fs::DirBuilder::new();
+        folder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut folder, 0o700);
+        folder.create(dir)?;
         let path = dir.join(FILE_NAME);
         if !path.exists() {
             Self::create(dir)?;
@@ -74,7 +72,6 @@ impl RedbBackend {
     /// new directory take turns (a lock on the directory): the second
     /// finds the database made.
     fn create(dir: &Path) -> Result<(), StorageError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let turn = std::fs::File::open(dir)?;
         turn.lock()?;
         if dir.join(FILE_NAME).exists() {
@@ -85,11 +82,11 @@ impl RedbBackend {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
             _ => {}
         }
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&new)?;
+        let mut file = std::fs::OpenOptions::new();
+        file.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+        file.open(&new)?;
         let db = Database::builder()
             .create(&new)
             .map_err(|e| StorageError::Engine(format!("creating {}: {e}", new.display())))?;
@@ -302,7 +299,7 @@ mod tests {
         drop(RedbBackend::open(&fresh).expect("open a new directory"));
         assert_eq!(mode(&fresh), 0o700);
         assert_eq!(mode(&fresh.join(FILE_NAME)), 0o600);
-        assert_eq!(mode(&dir), 0o755 & !umask());
+        assert_eq!(mode(&dir), 0o777 & !umask());
     }
 
     /// Openers racing on one new directory take turns making the

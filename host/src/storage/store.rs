@@ -18,7 +18,8 @@
 //! commit), and jobs are serialised, so a read-modify-write job is atomic.
 //! When fsyncs are slow, a durable batch may wait a little for the writers
 //! the last commit answered, who are likely to write again (see [`Gather`]).
-//! With [`Durability::Relaxed`] (a commit waits for no fsync), a job that is
+//! With [`Durability::Relaxed`] a commit waits for no fsync, but for jobs of
+//! [`Store::write_durable`] (policy, bucket and script changes). A job that is
 //! the only write in flight, finds the writer idle and comes when writes
 //! don't overlap (see [`Pace`]) runs at once on the caller's thread, under
 //! the same lock, sparing two thread hand-offs. A job must make all its
@@ -595,7 +596,7 @@ enum JobDurability {
     /// As the store's [`Durability`] says: a client's data.
     AsConfigured,
     /// Even with relaxed durability: changes of what may be done (policies,
-    /// bucket deletions, scripts), rare, and worse undone by a crash than
+    /// bucket deletions, scripts), rare (admin only), and worse undone by a crash than
     /// lost (a revoked token or a locked bucket open again; found by a
     /// review).
     Always,
