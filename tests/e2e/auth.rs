@@ -1460,3 +1460,187 @@ fn a_remembered_basic_login_does_not_act_for_another_site() {
         Some("frame-ancestors 'none'")
     );
 }
+
+/// Sends `method path` with these headers and the first half of `body`,
+/// waits until the server has surely judged the headers, calls `meanwhile`,
+/// then sends the rest; returns the answer's status line and body.
+fn with_a_slow_body(
+    s: &TestServer,
+    head: &str,
+    body: &str,
+    meanwhile: impl FnOnce(),
+) -> (String, String) {
+    use std::io::{Read, Write};
+    let addr = s.base().trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let (first, rest) = body.split_at(body.len() / 2);
+    write!(
+        conn,
+        "{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{first}",
+        body.len()
+    )
+    .expect("send the head");
+    conn.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(500));
+    meanwhile();
+    conn.write_all(rest.as_bytes()).expect("send the rest");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+fn rotate(s: &TestServer, b: &str, fields: &str) {
+    rotate_with(s, b, "sk", fields);
+}
+
+#[test]
+fn a_write_whose_body_arrives_after_its_token_was_revoked_is_refused() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let token = s.token(&b, "sk", "permissions=write");
+    let (status, body) = with_a_slow_body(
+        &s,
+        &format!("PUT /{b}/late HTTP/1.1\r\nAuthorization: Bearer {token}"),
+        "written by a revoked token",
+        || rotate(&s, &b, "signing_key=a-new-signing-key"),
+    );
+    assert!(status.contains(" 401 "), "{status}: {body}");
+    assert!(body.contains("token"), "{body}");
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/late"), "sk", None).status,
+        404
+    );
+}
+
+#[test]
+fn an_anonymous_write_whose_body_arrives_after_a_write_key_was_set_is_refused() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=sk");
+    let (status, body) = with_a_slow_body(&s, &format!("PATCH /{b}/n HTTP/1.1"), "+5", || {
+        rotate(&s, &b, "write_key=wk")
+    });
+    assert!(status.contains(" 401 "), "{status}: {body}");
+    assert_eq!(as_(&s, "GET", &format!("/{b}/n"), "sk", None).status, 404);
+}
+
+#[test]
+fn a_policy_change_whose_body_arrives_after_the_secret_key_was_rotated_is_refused() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let (status, body) = with_a_slow_body(
+        &s,
+        &format!(
+            "PATCH /{b} HTTP/1.1\r\nAuthorization: Bearer sk\r\nContent-Type: application/x-www-form-urlencoded"
+        ),
+        "secret_key=taken-back-by-a-leak",
+        || rotate(&s, &b, "secret_key=rotated"),
+    );
+    assert!(status.contains(" 401 "), "{status}: {body}");
+    // The rotation stands: the new secret opens the bucket, the old one
+    // and the one the late body asked for don't.
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}"), "rotated", None).status,
+        200
+    );
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}"), "sk", None));
+    assert_unauthorized(&as_(
+        &s,
+        "GET",
+        &format!("/{b}"),
+        "taken-back-by-a-leak",
+        None,
+    ));
+}
+
+#[test]
+fn a_token_request_and_a_script_upload_whose_bodies_arrive_after_a_rotation_are_refused() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let (status, body) = with_a_slow_body(
+        &s,
+        &format!(
+            "POST /{b}/tokens/ HTTP/1.1\r\nAuthorization: Bearer sk\r\nContent-Type: application/x-www-form-urlencoded"
+        ),
+        "permissions=read,write",
+        || rotate(&s, &b, "secret_key=sk2"),
+    );
+    assert!(status.contains(" 401 "), "{status}: {body}");
+    assert!(!body.contains("access_token"), "{body}");
+    let (status, body) = with_a_slow_body(
+        &s,
+        &format!("PUT /{b}/scripts/late HTTP/1.1\r\nAuthorization: Bearer sk2"),
+        "kvdb.say('uploaded by an old secret')",
+        || rotate_with(&s, &b, "sk2", "secret_key=sk3"),
+    );
+    assert!(status.contains(" 401 "), "{status}: {body}");
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/scripts/late"), "sk3", None).status,
+        404
+    );
+}
+
+#[test]
+fn a_script_run_whose_body_arrives_after_its_token_was_revoked_is_refused() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let r = as_(
+        &s,
+        "PUT",
+        &format!("/{b}/scripts/set"),
+        "sk",
+        Some("kvdb.set('ran', kvdb.var.v) kvdb.say('ok')"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let token = s.token(&b, "sk", "permissions=read,write");
+    let (status, body) = with_a_slow_body(
+        &s,
+        &format!(
+            "POST /{b}/scripts/set HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/x-www-form-urlencoded"
+        ),
+        "v=run-by-a-revoked-token",
+        || rotate(&s, &b, "signing_key=a-new-signing-key"),
+    );
+    assert!(status.contains(" 401 "), "{status}: {body}");
+    assert_eq!(as_(&s, "GET", &format!("/{b}/ran"), "sk", None).status, 404);
+}
+
+/// A slow body whose policy did not change is taken as before.
+#[test]
+fn a_slow_body_is_written_when_the_policy_did_not_change() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let token = s.token(&b, "sk", "permissions=read,write");
+    let (status, body) = with_a_slow_body(
+        &s,
+        &format!("PUT /{b}/slow HTTP/1.1\r\nAuthorization: Bearer {token}"),
+        "slow but fine",
+        || {
+            // Another bucket's policy change is no reason to judge again.
+            let other = s.create_bucket("secret_key=sk");
+            rotate(&s, &other, "write_key=x");
+        },
+    );
+    assert!(status.contains(" 204 "), "{status}: {body}");
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/slow"), "sk", None).text(),
+        "slow but fine"
+    );
+}
+
+fn rotate_with(s: &TestServer, b: &str, secret: &str, fields: &str) {
+    let r = typed_as(
+        s,
+        "PATCH",
+        &format!("/{b}"),
+        secret,
+        Some("application/x-www-form-urlencoded"),
+        Some(fields),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -453,10 +453,10 @@ impl Buckets {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&id)
-            .map(|c| c.policy.clone());
-        let (policy, etag_key) = match cached {
-            Some(Some(cached)) => cached,
-            Some(None) => return Err(BucketError::NotFound),
+            .map(|c| (c.version, c.policy.clone()));
+        let (version, (policy, etag_key)) = match cached {
+            Some((version, Some(cached))) => (version, cached),
+            Some((_, None)) => return Err(BucketError::NotFound),
             None => {
                 let entry = self
                     .store
@@ -465,15 +465,29 @@ impl Buckets {
                     .ok_or(BucketError::NotFound)?;
                 let policy = Arc::new(decode_policy(&entry.value)?);
                 self.remember(id, entry.version, Some(policy.clone()));
-                (policy, EtagKey::of(self.store.secret(), &id))
+                (
+                    entry.version,
+                    (policy, EtagKey::of(self.store.secret(), &id)),
+                )
             }
         };
         Ok(Bucket {
             buckets: self.clone(),
             id,
             policy,
+            version,
             etag_key,
         })
+    }
+
+    /// The version of the policy record `id` is known by now (`None`: not
+    /// read yet).
+    fn policy_version(&self, id: BucketId) -> Option<u64> {
+        self.cache
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .map(|c| c.version)
     }
 }
 
@@ -483,6 +497,8 @@ pub struct Bucket {
     buckets: Arc<Buckets>,
     id: BucketId,
     policy: Arc<Policy>,
+    /// The version of the policy record `policy` was read from.
+    version: u64,
     etag_key: EtagKey,
 }
 
@@ -505,7 +521,23 @@ impl Bucket {
         Scoped {
             bucket: self,
             scope,
+            credentials: None,
         }
+    }
+
+    /// The bucket seen through the scope of `credentials` ([`Self::authorize`]),
+    /// which the scope keeps so that [`Scoped::reauthorized`] can judge them
+    /// again under a newer policy.
+    ///
+    /// # Errors
+    /// As [`Self::authorize`].
+    pub fn authorized(self, credentials: Vec<String>) -> Result<Scoped, auth::AuthError> {
+        let scope = self.authorize(&credentials)?;
+        Ok(Scoped {
+            bucket: self,
+            scope,
+            credentials: Some(credentials.into()),
+        })
     }
 
     /// The scope of a request presenting `credentials` (see
@@ -538,6 +570,18 @@ impl Bucket {
 pub struct Scoped {
     bucket: Bucket,
     scope: Scope,
+    /// What the scope was authorized from ([`Bucket::authorized`]); `None`
+    /// for a scope a script set.
+    credentials: Option<Arc<[String]>>,
+}
+
+/// Why [`Scoped::reauthorized`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Reauthorize {
+    #[error(transparent)]
+    Bucket(#[from] BucketError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }
 
 /// Checks, inside a write job, that the bucket still exists: a write racing
@@ -1196,6 +1240,32 @@ impl Scoped {
         self.bucket.buckets.scripts.changed();
         self.bucket.buckets.purge_wanted.notify_one();
         Ok(())
+    }
+
+    /// This scope, judged again if the bucket's policy changed since it was
+    /// authorized: the same credentials under the current policy (a token
+    /// revoked, a key rotated or set meanwhile), or the bucket's deletion.
+    /// For requests that read a body after their headers were authorized:
+    /// a body may trickle in for as long as it keeps coming, and what it
+    /// asks must not be done on a credential that was taken back meanwhile.
+    ///
+    /// # Errors
+    /// The bucket is gone, or the credentials no longer open it.
+    pub fn reauthorized(self) -> Result<Scoped, Reauthorize> {
+        let Some(credentials) = self.credentials.clone() else {
+            return Ok(self);
+        };
+        let buckets = &self.bucket.buckets;
+        if buckets.policy_version(self.bucket.id) == Some(self.bucket.version) {
+            return Ok(self);
+        }
+        let bucket = buckets.open(self.bucket.id)?;
+        let scope = bucket.authorize(&credentials)?;
+        Ok(Scoped {
+            bucket,
+            scope,
+            credentials: Some(credentials),
+        })
     }
 
     /// The same bucket seen through another scope. For script runtimes only:

@@ -86,6 +86,7 @@ pub async fn patch_bucket(
     // 401/403 before any complaint about the body, and before reading it.
     bucket.ensure_admin()?;
     let body = read_body(&headers, body, MAX_FORM_BYTES, BodyLimit::Fields).await?;
+    let bucket = bucket.reauthorized()?;
     let change =
         PolicyChange::from_fields(body_fields(&headers, &body)?).map_err(BucketError::from)?;
     Ok(Json(bucket.update_policy(change).await?))
@@ -177,6 +178,7 @@ pub async fn post_token(
     // 401/403 before any complaint about the body, and before reading it.
     bucket.ensure_admin()?;
     let body = read_body(&headers, body, MAX_FORM_BYTES, BodyLimit::Fields).await?;
+    let bucket = bucket.reauthorized()?;
     let (grant, ttl) = token_grant(&body_fields(&headers, &body)?)?;
     let (token, expires_at) = bucket.issue_token(&grant, ttl)?;
     Ok(Json(serde_json::json!({

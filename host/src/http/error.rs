@@ -8,7 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::{AuthError, OperatorError};
-use crate::bucket::{BucketError, InvalidKey};
+use crate::bucket::{BucketError, InvalidKey, Reauthorize};
 use crate::script::{Limit, ScriptError};
 use crate::storage::StorageError;
 
@@ -101,6 +101,15 @@ impl std::fmt::Display for BodyLimit {
                  (`kvdb serve --script-source-bytes`), a WebAssembly component sent as \
                  `application/wasm` at most {component} (`kvdb serve --script-component-bytes`)"
             ),
+        }
+    }
+}
+
+impl From<Reauthorize> for ApiError {
+    fn from(e: Reauthorize) -> Self {
+        match e {
+            Reauthorize::Bucket(e) => Self::Bucket(e),
+            Reauthorize::Auth(e) => Self::Auth(e),
         }
     }
 }

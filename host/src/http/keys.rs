@@ -128,6 +128,9 @@ pub async fn put_key(
         body,
         ..
     } = Write::parse(&state, &bucket, &params, &uri, &headers, body).await?;
+    // The body may have trickled in for long: judged again if the policy
+    // changed meanwhile (a token revoked, a key rotated).
+    let bucket = bucket.reauthorized()?;
     let typing = typing(&headers)?;
     let value =
         Value::from_body(&body, &typing).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -231,6 +234,9 @@ pub async fn patch_key(
         condition,
         body,
     } = Write::parse(&state, &bucket, &params, &uri, &headers, body).await?;
+    // The body may have trickled in for long: judged again if the policy
+    // changed meanwhile (a token revoked, a key rotated).
+    let bucket = bucket.reauthorized()?;
     let op = parse_op(&headers, query_param(&pairs, "op"), &body)?;
     let is_add = matches!(op, Op::Add(_));
     let patched = bucket.patch(&key, op, ttl, condition).await?;

@@ -476,8 +476,7 @@ impl FromRequestParts<AppState> for Access {
             query_param(&pairs, "access_token"),
             query_param(&pairs, "key"),
         )?;
-        let scope = bucket.authorize(&credentials)?;
-        Ok(Access(bucket.scoped(scope)))
+        Ok(Access(bucket.authorized(credentials)?))
     }
 }
 

@@ -125,6 +125,9 @@ pub async fn put_script(
     })
     .await
     .map_err(|e| ApiError::Internal(format!("validation task: {e}")))??;
+    // The body may have trickled in, and compiling takes a while: judged
+    // again if the policy changed meanwhile (the secret key rotated).
+    let bucket = bucket.reauthorized()?;
     let stored = bucket.put_script(&name, kind, source.to_vec()).await?;
     Ok(Json(stored.summary()).into_response())
 }
@@ -335,6 +338,8 @@ pub async fn run_script(
         .ok_or_else(|| BucketError::ScriptNotFound(name.to_string()))?;
     let limit = state.buckets.limits().max_value_bytes;
     let body = read_body(&parts.headers, body, limit, BodyLimit::Value).await?;
+    // Judged again if the policy changed while the body came in.
+    let bucket = bucket.reauthorized()?;
     let fields = request_fields(&parts.uri, &parts.headers, &body)?;
     let run_request = Request {
         method: parts.method.to_string(),
