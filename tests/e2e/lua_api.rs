@@ -2528,3 +2528,42 @@ kvdb.say(math.type(v), " ", 1 / v)"#,
     assert_body(&r, "float -inf\n");
     assert_eq!(s.get(&format!("/{b}/z")).text(), "-0");
 }
+
+/// API.md: `kvdb.say` as OpenResty's `ngx.say`: arrays written element by
+/// element (nested too), `nil`, booleans and `kvdb.json.null` by name; a
+/// table that is no array, or a function, is an error naming the argument
+/// (it wrote `table: 0x…`, an address in the server's memory).
+#[test]
+fn say_writes_arrays_as_ngx_say_does_and_refuses_other_tables() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    assert_body(
+        &eval(
+            &s,
+            &b,
+            r#"kvdb.say({"a", "b", {"c", 1}}, {}, nil, true, kvdb.json.null, 1.5)
+kvdb.print({"x", {{"y"}}}, "z")
+kvdb.say(setmetatable({}, {__tostring = function() return "shown" end}))"#,
+        ),
+        "abc1niltruenull1.5\nxyzshown\n",
+    );
+    for (source, names) in [
+        (
+            r#"kvdb.say("ok", {k = "v"})"#,
+            "#2 to 'kvdb.say' (a table that is not an array",
+        ),
+        (
+            "kvdb.print(print)",
+            "#1 to 'kvdb.print' (a function is not written",
+        ),
+        (
+            "local t = {} t[1] = t kvdb.say(t)",
+            "does a table hold itself?",
+        ),
+    ] {
+        let r = eval(&s, &b, source);
+        let detail = assert_problem_type(&r, 500, "script-error");
+        assert!(detail.contains(names), "{source}: {detail}");
+        assert!(!detail.contains("0x"), "{detail}");
+    }
+}

@@ -310,6 +310,24 @@ struct LuaJson<'a> {
     watch: &'a JsonWatch<'a>,
 }
 
+/// The length of `t` read as an array: its keys whole numbers from 1, with
+/// at most as many holes as values (or all keys below 10); `None`: it is
+/// not one. An empty table is `Some(0)`.
+fn array_len(t: &Table) -> mlua::Result<Option<usize>> {
+    let (mut count, mut last, mut positions_only) = (0_usize, 0_usize, true);
+    t.for_each::<Value, Value>(|k, _| {
+        count += 1;
+        match k {
+            Value::Integer(i) if i >= 1 => {
+                last = last.max(usize::try_from(i).unwrap_or(usize::MAX));
+            }
+            _ => positions_only = false,
+        }
+        Ok(())
+    })?;
+    Ok((positions_only && (last < 10 || count.saturating_mul(2) >= last)).then_some(last))
+}
+
 /// How [`LuaJson`] writes a table.
 enum Shape {
     Array(usize),
@@ -318,27 +336,10 @@ enum Shape {
 
 impl LuaJson<'_> {
     fn shape(&self, t: &Table) -> mlua::Result<Shape> {
-        let (mut count, mut last, mut positions_only) = (0_usize, 0_usize, true);
-        t.for_each::<Value, Value>(|k, _| {
-            count += 1;
-            match k {
-                Value::Integer(i) if i >= 1 => {
-                    last = last.max(usize::try_from(i).unwrap_or(usize::MAX));
-                }
-                _ => positions_only = false,
-            }
-            Ok(())
-        })?;
-        Ok(if count == 0 {
-            if t.metatable().is_some_and(|mt| mt == *self.array_mt) {
-                Shape::Array(0)
-            } else {
-                Shape::Object
-            }
-        } else if positions_only && (last < 10 || count.saturating_mul(2) >= last) {
-            Shape::Array(last)
-        } else {
-            Shape::Object
+        Ok(match array_len(t)? {
+            Some(0) if t.metatable().is_none_or(|mt| mt != *self.array_mt) => Shape::Object,
+            Some(len) => Shape::Array(len),
+            None => Shape::Object,
         })
     }
 
@@ -632,22 +633,88 @@ fn write_body(run: &mut Run, bytes: &[u8]) -> mlua::Result<()> {
 
 fn output(lua: &Lua, newline: bool) -> mlua::Result<Function> {
     let tostring: Function = lua.globals().raw_get("tostring")?;
+    let name = if newline { "say" } else { "print" };
     lua.create_function(move |lua, args: Variadic<Value>| {
         // Each piece goes to the body as it comes, checked against the
         // response limit: the arguments are never all copied at once (found
         // by a review: 60 references to one 8 MB string took 750 MB).
-        for a in args {
-            let piece = match a {
-                Value::String(s) => s,
-                other => tostring.call::<mlua::LuaString>(other)?,
-            };
-            with_run(lua, |run| write_body(run, &piece.as_bytes()))?;
+        for (i, a) in args.into_iter().enumerate() {
+            write_piece(lua, &tostring, a, 0).map_err(|e| match e {
+                OutputError::Lua(e) => e,
+                OutputError::Refused(what) => mlua::Error::runtime(format!(
+                    "bad argument #{} to 'kvdb.{name}' ({what})",
+                    i + 1
+                )),
+            })?;
         }
         if newline {
             with_run(lua, |run| write_body(run, b"\n"))?;
         }
         Ok(())
     })
+}
+
+/// How deep [`write_piece`] follows arrays in arrays (a table that holds
+/// itself would go on for ever).
+const OUTPUT_DEPTH: usize = 100;
+
+enum OutputError {
+    Lua(mlua::Error),
+    /// An argument `kvdb.say` / `kvdb.print` does not write: what it is.
+    Refused(String),
+}
+
+impl From<mlua::Error> for OutputError {
+    fn from(e: mlua::Error) -> Self {
+        Self::Lua(e)
+    }
+}
+
+/// Writes one argument of `kvdb.say` / `kvdb.print` to the body as
+/// OpenResty's `ngx.say` does (API.md): strings as they are; numbers,
+/// booleans and `nil` as `tostring` writes them; `kvdb.json.null` as
+/// `null`; an array (as [`LuaJson`] reads one), its elements one after the
+/// other, arrays in it too, a hole as `nil`. Any other table (unless its metatable has `__tostring`), a
+/// function or a coroutine is refused, where `tostring` would have written
+/// a heap address.
+fn write_piece(lua: &Lua, tostring: &Function, v: Value, depth: usize) -> Result<(), OutputError> {
+    match v {
+        Value::String(s) => with_run(lua, |run| write_body(run, &s.as_bytes()))?,
+        Value::Nil | Value::Boolean(_) | Value::Integer(_) | Value::Number(_) => {
+            let text = tostring.call::<mlua::LuaString>(v)?;
+            with_run(lua, |run| write_body(run, &text.as_bytes()))?;
+        }
+        v if v.is_null() => with_run(lua, |run| write_body(run, b"null"))?,
+        Value::Table(t)
+            if t.metatable()
+                .is_some_and(|m| !matches!(m.raw_get::<Value>("__tostring"), Ok(Value::Nil))) =>
+        {
+            let text = tostring.call::<mlua::LuaString>(t)?;
+            with_run(lua, |run| write_body(run, &text.as_bytes()))?;
+        }
+        Value::Table(t) => {
+            if depth >= OUTPUT_DEPTH {
+                return Err(OutputError::Refused(format!(
+                    "arrays nested deeper than {OUTPUT_DEPTH}: does a table hold itself?"
+                )));
+            }
+            let Some(last) = array_len(&t)? else {
+                return Err(OutputError::Refused(
+                    "a table that is not an array: write its parts, or kvdb.json.encode(t)".into(),
+                ));
+            };
+            for index in 1..=last {
+                write_piece(lua, tostring, t.raw_get(index)?, depth + 1)?;
+            }
+        }
+        other => {
+            return Err(OutputError::Refused(format!(
+                "a {} is not written: a string, number, boolean, nil, kvdb.json.null or an array of them is",
+                other.type_name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The global `print`: writes a line to the server log, tagged with the
