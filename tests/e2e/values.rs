@@ -320,6 +320,22 @@ fn octet_stream_keeps_digits_raw_and_its_media_type() {
     );
 }
 
+/// API.md: untyped is text/plain, a form as `curl -d` sends it, or no
+/// type; `curl -F`'s multipart/form-data is another media type, kept with
+/// its boundary (it was served as text/plain, and digits became a number).
+#[test]
+fn a_multipart_form_is_stored_raw_with_its_boundary() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let ct = "multipart/form-data; boundary=x";
+    let form = b"--x\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nhello\r\n--x--\r\n";
+    put_typed(&s, &format!("/{b}/form"), ct, form);
+    assert_value(&s.get(&format!("/{b}/form")), form, ct);
+    put_typed(&s, &format!("/{b}/digits"), ct, b"5");
+    s.patch(&format!("/{b}/digits"), "+1").assert_problem(409);
+    assert_value(&s.get(&format!("/{b}/digits")), b"5", ct);
+}
+
 #[test]
 fn other_media_types_are_stored_raw_and_answered_with_that_media_type() {
     let s = TestServer::start();

@@ -105,9 +105,10 @@ impl Typing {
         };
         let essence = media_essence(ct);
         Ok(match essence.as_str() {
-            "" | "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data" => {
-                Self::Coerce
-            }
+            // A form as `curl -d` sends it; `multipart/form-data` (`curl -F`)
+            // is raw bytes like any other type, kept with its boundary,
+            // without which the parts can't be told apart.
+            "" | "text/plain" | "application/x-www-form-urlencoded" => Self::Coerce,
             "application/json" => Self::Json,
             _ => {
                 let media_type = ct.trim();
