@@ -549,20 +549,71 @@ impl Bucket {
     /// token).
     pub fn authorize(&self, credentials: &[String]) -> Result<Scope, auth::AuthError> {
         let now = now_s(self.buckets.store.now_ms());
-        let mut refused = None;
-        for credential in credentials {
-            match auth::authorize(&self.id, &self.policy, Some(credential), now) {
-                Ok(scope) => return Ok(scope),
-                // The last refusal is the one reported: with Basic `api:KEY`
-                // the password is the credential meant (an expired token
-                // says so, not "the key is not valid").
-                Err(e) => refused = Some(e),
+        authorize_first(&self.id, &self.policy, credentials, now)
+    }
+}
+
+/// [`Bucket::authorize`] under any policy of bucket `id`.
+fn authorize_first(
+    id: &BucketId,
+    policy: &Policy,
+    credentials: &[String],
+    now_s: u64,
+) -> Result<Scope, auth::AuthError> {
+    let mut refused = None;
+    for credential in credentials {
+        match auth::authorize(id, policy, Some(credential), now_s) {
+            Ok(scope) => return Ok(scope),
+            // The last refusal is the one reported: with Basic `api:KEY`
+            // the password is the credential meant (an expired token says
+            // so, not "the key is not valid").
+            Err(e) => refused = Some(e),
+        }
+    }
+    match refused {
+        Some(e) => Err(e),
+        None => auth::authorize(id, policy, None, now_s),
+    }
+}
+
+/// What a write job that changes what may be done (the policy, the
+/// scripts, the bucket's deletion) checks first, inside the writer: the
+/// bucket exists and, if its policy changed since the admin's scope was
+/// authorized, the same credentials still make an admin under the stored
+/// one. [`Scoped::reauthorized`] judges a request again once its body is
+/// read; this closes the moment between that and the write, in which a
+/// rotation of the secret key could commit and then be undone by a request
+/// made with the old one.
+#[derive(Clone)]
+pub(crate) struct AdminCheck {
+    id: BucketId,
+    based_on: u64,
+    credentials: Option<Arc<[String]>>,
+}
+
+impl AdminCheck {
+    /// The bucket's policy record, once the check passes.
+    pub(crate) fn check(
+        &self,
+        ctx: &mut WriteCtx<'_>,
+    ) -> Result<crate::storage::Entry, BucketError> {
+        let entry = ctx
+            .get(&policy_key(&self.id))?
+            .ok_or(BucketError::NotFound)?;
+        if entry.version == self.based_on {
+            return Ok(entry);
+        }
+        if let Some(credentials) = &self.credentials {
+            let policy = decode_policy(&entry.value)?;
+            let admin = authorize_first(&self.id, &policy, credentials, now_s(ctx.now_ms()))
+                .is_ok_and(|scope| scope.admin);
+            if !admin {
+                return Err(BucketError::Unauthorized(
+                    "the bucket's policy changed while this request was on its way, and its credential is no longer the secret key: send it again with the current one".into(),
+                ));
             }
         }
-        match refused {
-            Some(e) => Err(e),
-            None => auth::authorize(&self.id, &self.policy, None, now),
-        }
+        Ok(entry)
     }
 }
 
@@ -686,6 +737,17 @@ impl Scoped {
         } else {
             Ok(())
         }
+    }
+
+    /// [`Self::require_admin`], and what the write job checks again
+    /// ([`AdminCheck`]).
+    fn admin_check(&self) -> Result<AdminCheck, BucketError> {
+        self.require_admin()?;
+        Ok(AdminCheck {
+            id: self.bucket.id,
+            based_on: self.bucket.version,
+            credentials: self.credentials.clone(),
+        })
     }
 
     fn require_admin(&self) -> Result<(), BucketError> {
@@ -1200,13 +1262,13 @@ impl Scoped {
         &self,
         change: PolicyChange,
     ) -> Result<serde_json::Value, BucketError> {
-        self.require_admin()?;
+        let admin = self.admin_check()?;
         change.check_update()?;
         let id = self.bucket.id;
         let (policy, version) = self
             .store()
             .write_durable(move |ctx| -> Result<_, BucketError> {
-                let entry = ctx.get(&policy_key(&id))?.ok_or(BucketError::NotFound)?;
+                let entry = admin.check(ctx)?;
                 let policy = decode_policy(&entry.value)?.apply(change);
                 let bytes = encode_policy(&policy)?;
                 let version = ctx.put(&policy_key(&id), KIND_POLICY, &bytes, 0)?;
@@ -1226,11 +1288,11 @@ impl Scoped {
     /// # Errors
     /// Not the admin, or a storage failure.
     pub async fn delete_bucket(&self) -> Result<(), BucketError> {
-        self.require_admin()?;
+        let admin = self.admin_check()?;
         let id = self.bucket.id;
         self.store()
             .write_durable(move |ctx| -> Result<(), BucketError> {
-                ensure_bucket(ctx, &id)?;
+                admin.check(ctx)?;
                 ctx.delete(&policy_key(&id))?;
                 ctx.purge_prefix(&id.to_bytes())?;
                 Ok(())
@@ -1372,6 +1434,80 @@ mod tests {
             .await
             .expect("create");
         (buckets, id)
+    }
+
+    fn change(fields: &[(&str, &str)]) -> PolicyChange {
+        PolicyChange::from_fields(
+            fields
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), serde_json::json!(v)))
+                .collect(),
+        )
+        .expect("policy change")
+    }
+
+    /// An admin's change authorized before a rotation of the secret key
+    /// but written after it is refused in the writer (it would undo the
+    /// rotation); one whose key still opens the bucket goes through.
+    #[tokio::test]
+    async fn an_admin_change_authorized_before_a_rotation_is_judged_again_in_the_writer() {
+        let store =
+            Store::open(Arc::new(MemoryBackend::new()), Durability::Relaxed).expect("store");
+        let buckets = Buckets::new(
+            store,
+            Limits {
+                max_value_bytes: 1 << 20,
+            },
+        );
+        let (id, _) = buckets
+            .create(change(&[("secret_key", "old")]))
+            .await
+            .expect("create");
+        let as_admin = |key: &str| {
+            buckets
+                .open(id)
+                .expect("open")
+                .authorized(vec![key.to_owned()])
+                .expect("admin")
+        };
+        let stale = as_admin("old");
+        let stale_too = as_admin("old");
+        as_admin("old")
+            .update_policy(change(&[("secret_key", "new")]))
+            .await
+            .expect("rotate");
+        let refused = stale
+            .update_policy(change(&[("secret_key", "old-again")]))
+            .await;
+        assert!(
+            matches!(refused, Err(BucketError::Unauthorized(_))),
+            "{refused:?}"
+        );
+        assert!(matches!(
+            stale_too.delete_bucket().await,
+            Err(BucketError::Unauthorized(_))
+        ));
+        // The rotation stands.
+        assert_eq!(
+            buckets
+                .open(id)
+                .expect("open")
+                .policy()
+                .secret_key
+                .as_deref(),
+            Some("new")
+        );
+        // A scope authorized before a change that leaves its key valid is
+        // still the admin's.
+        let before = as_admin("new");
+        as_admin("new")
+            .update_policy(change(&[("default_ttl", "60")]))
+            .await
+            .expect("default_ttl");
+        before
+            .update_policy(change(&[("read_key", "r")]))
+            .await
+            .expect("a change by a key that still opens the bucket");
     }
 
     #[tokio::test]

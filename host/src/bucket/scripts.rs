@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::Digest;
 
-use super::{Bucket, BucketError, BucketId, Scoped, ensure_bucket, now_s};
+use super::{Bucket, BucketError, BucketId, Scoped, now_s};
 
 const KIND_LUA: u8 = 0x20;
 const KIND_WASM: u8 = 0x21;
@@ -272,7 +272,7 @@ impl Scoped {
         kind: ScriptKind,
         source: Vec<u8>,
     ) -> Result<StoredScript, BucketError> {
-        self.require_admin()?;
+        let admin = self.admin_check()?;
         let id = self.bucket.id;
         let key = script_key(&id, name);
         let source_key = source_key(&id, name);
@@ -280,7 +280,7 @@ impl Scoped {
         let stored = self
             .store()
             .write_durable(move |ctx| -> Result<StoredScript, BucketError> {
-                ensure_bucket(ctx, &id)?;
+                admin.check(ctx)?;
                 let updated_at = now_s(ctx.now_ms());
                 let size = source.len() as u64;
                 let digest: [u8; 32] = sha2::Sha256::digest(&source).into();
@@ -322,7 +322,7 @@ impl Scoped {
     /// # Errors
     /// Not the admin, no such script, or a storage failure.
     pub async fn delete_script(&self, name: &ScriptName) -> Result<(), BucketError> {
-        self.require_admin()?;
+        let admin = self.admin_check()?;
         let id = self.bucket.id;
         let key = script_key(&id, name);
         let source_key = source_key(&id, name);
@@ -330,7 +330,7 @@ impl Scoped {
         let deleted = self
             .store()
             .write_durable(move |ctx| -> Result<(), BucketError> {
-                ensure_bucket(ctx, &id)?;
+                admin.check(ctx)?;
                 if ctx.get(&key)?.is_none() {
                     return Err(BucketError::ScriptNotFound(shown));
                 }
