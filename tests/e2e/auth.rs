@@ -1644,3 +1644,22 @@ fn rotate_with(s: &TestServer, b: &str, secret: &str, fields: &str) {
     );
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// README: one credential is used, the first present of the header,
+/// `?access_token=` and `?key=`; the others are ignored.
+#[test]
+fn the_first_credential_present_is_the_one_used() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/k?key=wrong"), "sk", None).text(),
+        "v"
+    );
+    assert_unauthorized(&as_(&s, "GET", &format!("/{b}/k?key=sk"), "wrong", None));
+    assert_unauthorized(&anon(
+        &s,
+        "GET",
+        &format!("/{b}/k?access_token=wrong&key=sk"),
+        None,
+    ));
+}

@@ -1072,7 +1072,7 @@ kvdb.say(#t)"#,
 }
 
 /// A table that holds one table many times over is walked once for each
-/// (2^24 tables for 24 lines of Lua): the walk to JSON looks at the run's
+/// (2^24 tables for 24 lines of Lua): the walk to JSON (or by `kvdb.say`) looks at the run's
 /// meter and ends with the time limit, and does not hold the async worker
 /// past the run's slice (found by a review: seconds, on a worker).
 #[test]
@@ -1082,6 +1082,9 @@ fn a_json_walk_of_a_shared_table_ends_with_the_time_limit() {
     for (name, call) in [
         ("encode", "kvdb.json.encode(t)"),
         ("set", r#"kvdb.set("k", t)"#),
+        // kvdb.say writes an array's elements, as ngx.say: the same walk.
+        ("say", "kvdb.say(t)"),
+        ("print", "kvdb.print({t, {t}})"),
     ] {
         install(
             &s,

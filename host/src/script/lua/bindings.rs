@@ -635,17 +635,44 @@ fn output(lua: &Lua, newline: bool) -> mlua::Result<Function> {
     let tostring: Function = lua.globals().raw_get("tostring")?;
     let name = if newline { "say" } else { "print" };
     lua.create_function(move |lua, args: Variadic<Value>| {
+        let (meter, start) = with_run(lua, |run| Ok((run.meter.clone(), run.body.len())))?;
         // Each piece goes to the body as it comes, checked against the
         // response limit: the arguments are never all copied at once (found
-        // by a review: 60 references to one 8 MB string took 750 MB).
-        for (i, a) in args.into_iter().enumerate() {
-            write_piece(lua, &tostring, a, 0).map_err(|e| match e {
-                OutputError::Lua(e) => e,
-                OutputError::Refused(what) => mlua::Error::runtime(format!(
-                    "bad argument #{} to 'kvdb.{name}' ({what})",
-                    i + 1
-                )),
+        // by a review: 60 references to one 8 MB string took 750 MB). The
+        // walk of arrays looks at the run's meter as a JSON walk does (a
+        // table that holds one table many times over is 2^N visits for N
+        // lines of Lua; found by a review), and one that goes on past the
+        // run's slice on an async worker starts again in `block_in_place`.
+        let attempt = |slice: bool| -> mlua::Result<bool> {
+            let watch = JsonWatch {
+                meter: &meter,
+                slice,
+                tables: std::cell::Cell::new(0),
+                slice_over: std::cell::Cell::new(false),
+            };
+            for (i, a) in args.iter().enumerate() {
+                match write_piece(lua, &tostring, a.clone(), 0, &watch) {
+                    Ok(()) => {}
+                    Err(_) if watch.slice_over.get() => return Ok(false),
+                    Err(OutputError::Lua(e)) => return Err(e),
+                    Err(OutputError::Stopped(why)) => return Err(mlua::Error::runtime(why)),
+                    Err(OutputError::Refused(what)) => {
+                        return Err(mlua::Error::runtime(format!(
+                            "bad argument #{} to 'kvdb.{name}' ({what})",
+                            i + 1
+                        )));
+                    }
+                }
+            }
+            Ok(true)
+        };
+        if !attempt(true)? {
+            with_run(lua, |run| {
+                run.body.truncate(start);
+                Ok(())
             })?;
+            meter.mark_left_worker();
+            tokio::task::block_in_place(|| attempt(false))?;
         }
         if newline {
             with_run(lua, |run| write_body(run, b"\n"))?;
@@ -662,6 +689,8 @@ enum OutputError {
     Lua(mlua::Error),
     /// An argument `kvdb.say` / `kvdb.print` does not write: what it is.
     Refused(String),
+    /// The run's meter says stop, or its slice is over ([`JsonWatch`]).
+    Stopped(&'static str),
 }
 
 impl From<mlua::Error> for OutputError {
@@ -674,10 +703,18 @@ impl From<mlua::Error> for OutputError {
 /// OpenResty's `ngx.say` does (API.md): strings as they are; numbers,
 /// booleans and `nil` as `tostring` writes them; `kvdb.json.null` as
 /// `null`; an array (as [`LuaJson`] reads one), its elements one after the
-/// other, arrays in it too, a hole as `nil`. Any other table (unless its metatable has `__tostring`), a
-/// function or a coroutine is refused, where `tostring` would have written
-/// a heap address.
-fn write_piece(lua: &Lua, tostring: &Function, v: Value, depth: usize) -> Result<(), OutputError> {
+/// other, arrays in it too, a hole as `nil`. Any other table (unless its
+/// metatable has `__tostring`), a function or a coroutine is refused, where
+/// `tostring` would have written a heap address. Every table and element
+/// counts on `watch`.
+fn write_piece(
+    lua: &Lua,
+    tostring: &Function,
+    v: Value,
+    depth: usize,
+    watch: &JsonWatch<'_>,
+) -> Result<(), OutputError> {
+    watch.table().map_err(OutputError::Stopped)?;
     match v {
         Value::String(s) => with_run(lua, |run| write_body(run, &s.as_bytes()))?,
         Value::Nil | Value::Boolean(_) | Value::Integer(_) | Value::Number(_) => {
@@ -704,7 +741,7 @@ fn write_piece(lua: &Lua, tostring: &Function, v: Value, depth: usize) -> Result
                 ));
             };
             for index in 1..=last {
-                write_piece(lua, tostring, t.raw_get(index)?, depth + 1)?;
+                write_piece(lua, tostring, t.raw_get(index)?, depth + 1, watch)?;
             }
         }
         other => {
