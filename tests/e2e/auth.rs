@@ -1663,3 +1663,24 @@ fn the_first_credential_present_is_the_one_used() {
         None,
     ));
 }
+
+/// A token that runs out while its request's body comes in is refused once
+/// the body is read (judged again, as after a policy change).
+#[test]
+fn a_write_whose_body_arrives_after_its_token_expired_is_refused() {
+    let s = TestServer::start();
+    let b = locked_bucket(&s);
+    let token = s.token(&b, "sk", "permissions=write&ttl=1");
+    let (status, body) = with_a_slow_body(
+        &s,
+        &format!("PUT /{b}/late HTTP/1.1\r\nAuthorization: Bearer {token}"),
+        "written by an expired token",
+        || std::thread::sleep(Duration::from_millis(2500)),
+    );
+    assert!(status.contains(" 401 "), "{status}: {body}");
+    assert!(body.contains("expired"), "{body}");
+    assert_eq!(
+        as_(&s, "GET", &format!("/{b}/late"), "sk", None).status,
+        404
+    );
+}

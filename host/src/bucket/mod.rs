@@ -1305,8 +1305,9 @@ impl Scoped {
     }
 
     /// This scope, judged again if the bucket's policy changed since it was
-    /// authorized: the same credentials under the current policy (a token
-    /// revoked, a key rotated or set meanwhile), or the bucket's deletion.
+    /// authorized, or its token has expired since: the same credentials
+    /// under the current policy (a token revoked or run out, a key rotated
+    /// or set meanwhile), or the bucket's deletion.
     /// For requests that read a body after their headers were authorized:
     /// a body may trickle in for as long as it keeps coming, and what it
     /// asks must not be done on a credential that was taken back meanwhile.
@@ -1318,7 +1319,12 @@ impl Scoped {
             return Ok(self);
         };
         let buckets = &self.bucket.buckets;
-        if buckets.policy_version(self.bucket.id) == Some(self.bucket.version) {
+        // A token that ran out while the body came in is judged again too.
+        let expired = self
+            .scope
+            .expires_at
+            .is_some_and(|at| now_s(buckets.store.now_ms()) > at);
+        if !expired && buckets.policy_version(self.bucket.id) == Some(self.bucket.version) {
             return Ok(self);
         }
         let bucket = buckets.open(self.bucket.id)?;
