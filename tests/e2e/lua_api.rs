@@ -2567,3 +2567,26 @@ kvdb.say(setmetatable({}, {__tostring = function() return "shown" end}))"#,
         assert!(!detail.contains("0x"), "{detail}");
     }
 }
+
+/// A `__tostring` that `kvdb.say` calls runs once per element, even when
+/// the call goes past the run's slice on its worker: the walk then
+/// finishes where it is (it started again elsewhere, and a metamethod's
+/// writes happened twice; found by a review).
+#[test]
+fn say_calls_each_tostring_metamethod_once() {
+    let s = TestServer::start_with(&["--backend", "memory"]);
+    let b = script_bucket(&s, "");
+    let source = r#"local n = 0
+local o = setmetatable({}, {__tostring = function()
+  n = n + 1
+  local x = 0
+  for i = 1, 300 do x = x + i end
+  kvdb.incr("calls", 1)
+  return ""
+end})
+local t = {}
+for i = 1, 400 do t[i] = o end
+kvdb.print(t)
+kvdb.say("n=", n, " calls=", kvdb.get("calls"))"#;
+    assert_body(&eval(&s, &b, source), "n=400 calls=400\n");
+}

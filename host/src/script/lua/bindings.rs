@@ -226,7 +226,7 @@ fn json_text(lua: &Lua, v: &Value) -> Result<Vec<u8>, String> {
         };
         let watch = JsonWatch {
             meter: &meter,
-            slice,
+            slice: std::cell::Cell::new(slice),
             tables: std::cell::Cell::new(0),
             slice_over: std::cell::Cell::new(false),
         };
@@ -261,8 +261,9 @@ const JSON_CHECK_EVERY: u64 = 256;
 /// The run's meter, as a JSON walk looks at it.
 struct JsonWatch<'a> {
     meter: &'a super::meter::Meter,
-    /// Whether to give up once the run's slice on its worker is over.
-    slice: bool,
+    /// Whether to give up once the run's slice on its worker is over (to
+    /// start again elsewhere: only while the walk has had no effects).
+    slice: std::cell::Cell<bool>,
     tables: std::cell::Cell<u64>,
     /// The walk gave up because the slice was over.
     slice_over: std::cell::Cell<bool>,
@@ -282,7 +283,7 @@ impl JsonWatch<'_> {
         if self.meter.check(JSON_CHECK_EVERY) {
             return Err(super::meter::STOPPED);
         }
-        if self.slice && self.meter.slice_over() {
+        if self.slice.get() && self.meter.slice_over() {
             self.slice_over.set(true);
             return Err("the run's slice is over");
         }
@@ -646,7 +647,7 @@ fn output(lua: &Lua, newline: bool) -> mlua::Result<Function> {
         let attempt = |slice: bool| -> mlua::Result<bool> {
             let watch = JsonWatch {
                 meter: &meter,
-                slice,
+                slice: std::cell::Cell::new(slice),
                 tables: std::cell::Cell::new(0),
                 slice_over: std::cell::Cell::new(false),
             };
@@ -706,7 +707,8 @@ impl From<mlua::Error> for OutputError {
 /// other, arrays in it too, a hole as `nil`. Any other table (unless its
 /// metatable has `__tostring`), a function or a coroutine is refused, where
 /// `tostring` would have written a heap address. Every table and element
-/// counts on `watch`.
+/// counts on `watch`; a `__tostring` called keeps the walk from giving up
+/// for the slice (its effects would happen twice).
 fn write_piece(
     lua: &Lua,
     tostring: &Function,
@@ -726,6 +728,10 @@ fn write_piece(
             if t.metatable()
                 .is_some_and(|m| !matches!(m.raw_get::<Value>("__tostring"), Ok(Value::Nil))) =>
         {
+            // The script's own code, which may have effects: from here on
+            // this call is never started again, so it finishes where it is
+            // (holding its worker to the run's limits at most).
+            watch.slice.set(false);
             let text = tostring.call::<mlua::LuaString>(t)?;
             with_run(lua, |run| write_body(run, &text.as_bytes()))?;
         }
