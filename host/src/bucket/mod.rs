@@ -536,7 +536,7 @@ impl Bucket {
         Ok(Scoped {
             bucket: self,
             scope,
-            credentials: Some(credentials.into()),
+            credentials: Some(credentials),
         })
     }
 
@@ -588,7 +588,7 @@ fn authorize_first(
 pub(crate) struct AdminCheck {
     id: BucketId,
     based_on: u64,
-    credentials: Option<Arc<[String]>>,
+    credentials: Option<Vec<String>>,
 }
 
 impl AdminCheck {
@@ -623,7 +623,7 @@ pub struct Scoped {
     scope: Scope,
     /// What the scope was authorized from ([`Bucket::authorized`]); `None`
     /// for a scope a script set.
-    credentials: Option<Arc<[String]>>,
+    credentials: Option<Vec<String>>,
 }
 
 /// Why [`Scoped::reauthorized`] refused.
@@ -1314,10 +1314,10 @@ impl Scoped {
     ///
     /// # Errors
     /// The bucket is gone, or the credentials no longer open it.
-    pub fn reauthorized(self) -> Result<Scoped, Reauthorize> {
-        let Some(credentials) = self.credentials.clone() else {
+    pub fn reauthorized(mut self) -> Result<Scoped, Reauthorize> {
+        if self.credentials.is_none() {
             return Ok(self);
-        };
+        }
         let buckets = &self.bucket.buckets;
         // A token that ran out while the body came in is judged again too.
         let expired = self
@@ -1327,13 +1327,9 @@ impl Scoped {
         if !expired && buckets.policy_version(self.bucket.id) == Some(self.bucket.version) {
             return Ok(self);
         }
+        let credentials = self.credentials.take().unwrap_or_default();
         let bucket = buckets.open(self.bucket.id)?;
-        let scope = bucket.authorize(&credentials)?;
-        Ok(Scoped {
-            bucket,
-            scope,
-            credentials: Some(credentials),
-        })
+        Ok(bucket.authorized(credentials)?)
     }
 
     /// The same bucket seen through another scope. For script runtimes only:
