@@ -525,35 +525,27 @@ impl Bucket {
         }
     }
 
-    /// The bucket seen through the scope of `credentials` ([`Self::authorize`]),
-    /// which the scope keeps so that [`Scoped::reauthorized`] can judge them
-    /// again under a newer policy.
+    /// The bucket seen through the scope of `credentials` (see
+    /// [`authorize_first`]), which the scope keeps so that
+    /// [`Scoped::reauthorized`] can judge them again under a newer policy.
     ///
     /// # Errors
-    /// As [`Self::authorize`].
+    /// None is valid: the last one's refusal (a wrong key, an invalid
+    /// token).
     pub fn authorized(self, credentials: Vec<String>) -> Result<Scoped, auth::AuthError> {
-        let scope = self.authorize(&credentials)?;
+        let now = now_s(self.buckets.store.now_ms());
+        let scope = authorize_first(&self.id, &self.policy, &credentials, now)?;
         Ok(Scoped {
             bucket: self,
             scope,
             credentials: Some(credentials),
         })
     }
-
-    /// The scope of a request presenting `credentials` (see
-    /// [`auth::authorize`]): the first one valid for this bucket, tried in
-    /// order ([`auth::presented`]); none is anonymous.
-    ///
-    /// # Errors
-    /// None is valid: the last one's refusal (a wrong key, an invalid
-    /// token).
-    pub fn authorize(&self, credentials: &[String]) -> Result<Scope, auth::AuthError> {
-        let now = now_s(self.buckets.store.now_ms());
-        authorize_first(&self.id, &self.policy, credentials, now)
-    }
 }
 
-/// [`Bucket::authorize`] under any policy of bucket `id`.
+/// The scope of a request presenting `credentials` to bucket `id` under
+/// `policy` (see [`auth::authorize`]): the first one valid for it, tried in
+/// order ([`auth::presented`]); none is anonymous.
 fn authorize_first(
     id: &BucketId,
     policy: &Policy,
@@ -584,7 +576,6 @@ fn authorize_first(
 /// read; this closes the moment between that and the write, in which a
 /// rotation of the secret key could commit and then be undone by a request
 /// made with the old one.
-#[derive(Clone)]
 pub(crate) struct AdminCheck {
     id: BucketId,
     based_on: u64,

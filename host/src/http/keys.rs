@@ -74,8 +74,12 @@ pub async fn get_key(
 }
 
 /// What every key write takes from its request, parsed (and the body read,
-/// up to the value limit) before anything is changed.
+/// up to the value limit) before anything is changed, and the bucket it is
+/// made in, judged again once the body is read ([`Scoped::reauthorized`]:
+/// the body may have trickled in for long, while a token was revoked or a
+/// key rotated).
 struct Write {
+    bucket: Scoped,
     key: Key,
     pairs: Vec<(String, String)>,
     ttl: Option<u64>,
@@ -86,7 +90,7 @@ struct Write {
 impl Write {
     async fn parse(
         state: &AppState,
-        bucket: &Scoped,
+        bucket: Scoped,
         params: &RawPathParams,
         uri: &Uri,
         headers: &HeaderMap,
@@ -102,6 +106,7 @@ impl Write {
         let limit = state.buckets.limits().max_value_bytes;
         let body = read_body(headers, body, limit, BodyLimit::Value).await?;
         Ok(Self {
+            bucket: bucket.reauthorized()?,
             key,
             pairs,
             ttl,
@@ -122,15 +127,13 @@ pub async fn put_key(
     body: Body,
 ) -> Result<Response, ApiError> {
     let Write {
+        bucket,
         key,
         ttl,
         condition,
         body,
         ..
-    } = Write::parse(&state, &bucket, &params, &uri, &headers, body).await?;
-    // The body may have trickled in for long: judged again if the policy
-    // changed meanwhile (a token revoked, a key rotated).
-    let bucket = bucket.reauthorized()?;
+    } = Write::parse(&state, bucket, &params, &uri, &headers, body).await?;
     let typing = typing(&headers)?;
     let value =
         Value::from_body(&body, &typing).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -228,15 +231,13 @@ pub async fn patch_key(
     body: Body,
 ) -> Result<Response, ApiError> {
     let Write {
+        bucket,
         key,
         pairs,
         ttl,
         condition,
         body,
-    } = Write::parse(&state, &bucket, &params, &uri, &headers, body).await?;
-    // The body may have trickled in for long: judged again if the policy
-    // changed meanwhile (a token revoked, a key rotated).
-    let bucket = bucket.reauthorized()?;
+    } = Write::parse(&state, bucket, &params, &uri, &headers, body).await?;
     let op = parse_op(&headers, query_param(&pairs, "op"), &body)?;
     let is_add = matches!(op, Op::Add(_));
     let patched = bucket.patch(&key, op, ttl, condition).await?;
