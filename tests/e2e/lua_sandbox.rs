@@ -588,6 +588,43 @@ fn assert_not_held_up_by(
     }
 }
 
+/// Endless code that Lua calls from C, where it can't suspend a run (a
+/// metamethod called by a library function, a sort comparator, an `xpcall`
+/// handler): a run leaves its async worker before it can get there, so more
+/// such runs at once than the server has workers do not hold up other
+/// requests (two of them held every bucket's requests for their whole time
+/// limit; found by a review).
+#[test]
+fn code_called_from_c_on_every_worker_does_not_hold_up_other_requests() {
+    let s = long_runs_server();
+    let b = limit_bucket(&s);
+    let endless = "function() while true do end end";
+    let calls = [
+        format!("kvdb.say(setmetatable({{}}, {{__tostring = {endless}}}))"),
+        format!("tostring(setmetatable({{}}, {{__tostring = {endless}}}))"),
+        format!("string.format('%s', setmetatable({{}}, {{__tostring = {endless}}}))"),
+        format!("for _ in ipairs(setmetatable({{}}, {{__index = {endless}}})) do end"),
+        format!(
+            "table.concat(setmetatable({{}}, {{__len = function() return 2 end, __index = {endless}}}))"
+        ),
+        format!("table.sort({{3, 2, 1}}, {endless})"),
+        format!("xpcall(function() error('x') end, {endless})"),
+    ];
+    // One script each (a script that held a worker starts its later runs
+    // elsewhere), all uploaded before the first run.
+    let urls: Vec<String> = calls
+        .iter()
+        .enumerate()
+        .map(|(i, call)| {
+            let name = format!("fromc{i}");
+            install(&s, &b, &name, call);
+            s.url(&format!("/{b}/scripts/{name}"))
+        })
+        .collect();
+    let running = urls.into_iter().map(get_in_background).collect();
+    assert_not_held_up_by(&s, &b, running, "the code called from C");
+}
+
 /// With `--script-runs 8`, one bucket's Lua runs hold at most 2 (a quarter)
 /// at once: while two endless runs (whose clients hung up) go on, the
 /// bucket's next run, even a quick one, is a 503 `script-busy` with

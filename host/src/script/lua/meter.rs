@@ -126,6 +126,19 @@ impl Meter {
         self.left_worker.load(Ordering::Relaxed)
     }
 
+    /// Whether the run is on an async worker (a slice is set): it started
+    /// there and has not been moved to a blocking thread.
+    fn on_worker(&self) -> bool {
+        self.slice_end.load(Ordering::Relaxed) != NEVER
+    }
+
+    /// Whether a run still on its async worker is past its slice: it ended
+    /// there late, most often held where the hook can't suspend it (code
+    /// called from C that no wrapper saw coming).
+    pub(super) fn overran_slice(&self) -> bool {
+        self.on_worker() && self.slice_over()
+    }
+
     /// The run goes on where no slice ends (a blocking thread).
     pub(super) fn end_slice(&self) {
         self.slice_end.store(NEVER, Ordering::Relaxed);
@@ -239,6 +252,40 @@ unsafe fn install(state: *mut ffi::lua_State) {
             c_int::try_from(HOOK_EVERY).unwrap_or(c_int::MAX),
         );
     }
+}
+
+/// `leave_worker()`, a Lua function for the sandbox's wrappers: a run on an
+/// async worker is suspended, as the hook suspends one past its slice, so
+/// that it goes on on a blocking thread; elsewhere it does nothing. Called
+/// before the library calls that may run the script's own code where Lua
+/// can't suspend it (a metamethod or comparator called from C): there the
+/// hook can stop a run at its limits but not move it, and two such runs
+/// held both workers of a two-core server for their whole time limit, every
+/// bucket's requests waiting behind them (found by a review).
+///
+/// # Errors
+/// Lua could not create the function (out of memory).
+pub(super) fn leave_worker_function(lua: &mlua::Lua) -> mlua::Result<mlua::Function> {
+    // SAFETY: `leave_worker` has the signature of a Lua C function and
+    // follows its protocol.
+    unsafe { lua.create_c_function(leave_worker) }
+}
+
+unsafe extern "C-unwind" fn leave_worker(state: *mut ffi::lua_State) -> c_int {
+    let meter = RUNNING.with(Cell::get);
+    if meter.is_null() {
+        return 0;
+    }
+    // SAFETY: as in `limits_hook`: the meter is alive while it is set.
+    let on_worker = unsafe { (*meter).on_worker() };
+    // SAFETY: a C function of a live state may yield where the thread is
+    // yieldable (checked); it returns no values when resumed.
+    unsafe {
+        if on_worker && ffi::lua_isyieldable(state) != 0 {
+            return ffi::lua_yield(state, 0);
+        }
+    }
+    0
 }
 
 /// The hook: counts, stops a run over a limit (with `lua_error`, leaving

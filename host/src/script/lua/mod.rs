@@ -12,12 +12,16 @@
 //! short script's whole run, so a run starts on the async worker that took
 //! the request, inside a Lua thread (coroutine). If it is still running after
 //! [`INLINE_SLICE`], the instruction hook suspends it and it goes on on a
-//! blocking thread. A data call that has to wait (a write waiting for its
-//! commit) waits in `block_in_place` (see [`Host`]), and a pattern call
-//! still matching when the slice ends goes on there (see `pattern`). Either
-//! way its script is remembered as slow and its later runs start on a
-//! blocking thread. Data calls go
-//! through [`Host`], never to storage directly.
+//! blocking thread. The hook can't suspend code Lua calls from C (a
+//! metamethod, a sort comparator, an `xpcall` handler), so a run leaves the
+//! worker before the library calls that may get there (see the sandbox's
+//! wrappers and `meter::leave_worker_function`). A data call that has to
+//! wait (a write waiting for its commit) waits in `block_in_place` (see
+//! [`Host`]), and a pattern call still matching when the slice ends goes on
+//! there (see `pattern`). Either way, as when a run ends on the worker past
+//! its slice, its script is remembered as slow and its later runs start on
+//! a blocking thread. Data calls go through [`Host`], never to storage
+//! directly.
 //!
 //! Runs in flight are held to [`Limits::runs`], and one bucket's to a
 //! quarter of them ([`RunShares`]): each holds a state, and may hold a
@@ -357,8 +361,9 @@ impl LuaRuntime {
         };
         // A run that waited for a write on the worker, or went on with a
         // pattern call past its slice (in block_in_place), cost a thread
-        // hand-off there: later runs start on a blocking thread.
-        if inline && state.waited() {
+        // hand-off there, and one that ended on the worker past its slice
+        // held it: later runs start on a blocking thread.
+        if inline && (state.waited() || state.meter.overran_slice()) {
             self.slow.mark(script.digest);
         }
         let result = state.finish(outcome, self.limits);

@@ -54,11 +54,19 @@ const BASIC: &[&str] = &[
 ];
 
 /// Wrappers of `pcall`, `xpcall` and `setmetatable` (see the module doc).
-/// Takes the `stopped()` function and [`error_message`]; returns the three
-/// wrappers. An error a host function raised reaches the script as its
-/// message, a string, as Lua's own errors do (see [`error_message`]).
+/// Takes the `stopped()` function, [`error_message`] and
+/// `meter::leave_worker_function`; returns the three wrappers. An error a
+/// host function raised reaches the script as its message, a string, as
+/// Lua's own errors do (see [`error_message`]).
+///
+/// A run on an async worker leaves it (see `meter::leave_worker_function`)
+/// before `xpcall`, whose handler Lua calls where it can't suspend it, and
+/// before it gives a table a metatable: a metamethod is called from C by
+/// `tostring`, `string.format`, `ipairs`, the `table` functions and
+/// `kvdb.say`, where Lua can't suspend it either. Scripts with metatables
+/// or `xpcall` are few; theirs run on a blocking thread.
 const GUARDS: &str = r#"
-local stopped, message = ...
+local stopped, message, leave = ...
 local pcall, xpcall, setmetatable, rawget, type, error =
   pcall, xpcall, setmetatable, rawget, type, error
 local function check(...)
@@ -73,14 +81,18 @@ local function safe_pcall(f, ...)
   return plain(check(pcall(f, ...)))
 end
 local function safe_xpcall(f, handler, ...)
+  leave()
   return check(xpcall(f, function(e)
     if stopped() then return e end
     return handler(message(e))
   end, ...))
 end
 local function safe_setmetatable(t, mt)
-  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
-    error("__gc metamethods (finalizers) are not allowed in scripts", 2)
+  if type(mt) == "table" then
+    if rawget(mt, "__gc") ~= nil then
+      error("__gc metamethods (finalizers) are not allowed in scripts", 2)
+    end
+    leave()
   end
   return setmetatable(t, mt)
 end
@@ -198,6 +210,9 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
             lua.create_function(check_scan)?,
             TABLE_MOVE_MAX,
             DATE_FORMAT_MAX,
+            super::meter::leave_worker_function(&lua)?,
+            SORT_ON_WORKER_MAX,
+            SORT_STRING_ON_WORKER_MAX,
         ))?;
     super::pattern::install(&lua, &lua.globals().get::<Table>("string")?)?;
     // The limits' hook is installed on the main state and on each run's
@@ -225,8 +240,9 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
 /// 'rep'`); their position, this chunk's, is replaced by the script's line
 /// (see `position_handler`).
 const SCANS: &str = r#"
-local check, move_max, date_max = ...
+local check, move_max, date_max, leave, sort_max, sort_string_max = ...
 local tonumber, error, type, select, floor = tonumber, error, type, select, math.floor
+local rawlen, rawget = rawlen, rawget
 local function pass(...) return ... end
 local rep, upper, lower, reverse = string.rep, string.upper, string.lower, string.reverse
 local format, byte = string.format, string.byte
@@ -251,8 +267,25 @@ local insert, remove = table.insert, table.remove
 -- looks: sorting copies of one long string ran for minutes (found by a
 -- review). The same order, compared in Lua.
 local function less(a, b) return a < b end
+-- Lua can't suspend a run inside sort's comparisons (called from C): a run
+-- on an async worker leaves it first unless the sort is surely short: no
+-- comparator of the script's, at most sort_max elements, none of them a
+-- string longer than sort_string_max (two equal long strings take a
+-- memcmp of their length to compare). A table with a metatable left it
+-- when it got one.
+local function short_sort(t)
+  if type(t) ~= "table" then return true end
+  local n = rawlen(t)
+  if n > sort_max then return false end
+  for i = 1, n do
+    local v = rawget(t, i)
+    if type(v) == "string" and #v > sort_string_max then return false end
+  end
+  return true
+end
 table.sort = function(t, comp, ...)
   check()
+  if comp ~= nil or not short_sort(t) then leave() end
   if comp == nil then comp = less end
   return pass(sort(t, comp, ...))
 end
@@ -326,6 +359,15 @@ utf8.char = function(...) check() return pass(char(...)) end
 /// The most elements one `table.move` may move: a table that large is over
 /// any memory limit, and a call over that many takes about a second.
 const TABLE_MOVE_MAX: i64 = 10_000_000;
+
+/// The most elements a `table.sort` sorts on an async worker (see `SCANS`):
+/// without a comparator of the script's, a few hundred comparisons of
+/// numbers or short strings, microseconds.
+const SORT_ON_WORKER_MAX: i64 = 64;
+
+/// The longest string a `table.sort` sorts on an async worker (see
+/// `SCANS`).
+const SORT_STRING_ON_WORKER_MAX: i64 = 256;
 
 /// The longest format `os.date` takes (`%Y-%m-%d %H:%M:%S` is 17 bytes).
 const DATE_FORMAT_MAX: i64 = 4096;
@@ -469,6 +511,7 @@ impl Base {
             .call((
                 bindings::stopped_function(lua)?,
                 lua.create_function(error_message)?,
+                super::meter::leave_worker_function(lua)?,
             ))?;
         base.raw_set("pcall", pcall)?;
         base.raw_set("xpcall", xpcall)?;
