@@ -53,8 +53,10 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-impl From<wit::Error> for Error {
-    fn from(e: wit::Error) -> Self {
+impl Error {
+    /// The SDK's error of one the bindings answered (not a `From` impl, so
+    /// that the generated type stays out of the compiler's suggestions).
+    pub(crate) fn from_wit(e: wit::Error) -> Self {
         match e {
             wit::Error::NotFound => Error::NotFound,
             wit::Error::PermissionDenied(m) => Error::PermissionDenied(m),

@@ -26,7 +26,7 @@ use crate::{Error, Number, Value};
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn get(key: &str) -> Result<Option<Value>, Error> {
-    Ok(kv::get(key)?.map(Value::from))
+    Ok(kv::get(key).map_err(Error::from_wit)?.map(Value::from_wit))
 }
 
 /// The value under `key` deserialized from JSON, or `None` if there is none.
@@ -69,7 +69,7 @@ pub fn get_json<T: DeserializeOwned>(key: &str) -> Result<Option<T>, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn exists(key: &str) -> Result<bool, Error> {
-    Ok(kv::exists(key)?)
+    kv::exists(key).map_err(Error::from_wit)
 }
 
 /// Sets `key` to `value` with the bucket's default expiry. Needs `write`.
@@ -87,7 +87,7 @@ pub fn exists(key: &str) -> Result<bool, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn set(key: &str, value: impl Into<Value>) -> Result<(), Error> {
-    Ok(kv::set(key, &value.into().into(), None)?)
+    kv::set(key, &value.into().into(), None).map_err(Error::from_wit)
 }
 
 /// Sets `key` to `value`, expiring after `ttl` seconds (0: never). Needs
@@ -104,7 +104,7 @@ pub fn set(key: &str, value: impl Into<Value>) -> Result<(), Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn set_with_ttl(key: &str, value: impl Into<Value>, ttl: u64) -> Result<(), Error> {
-    Ok(kv::set(key, &value.into().into(), Some(ttl))?)
+    kv::set(key, &value.into().into(), Some(ttl)).map_err(Error::from_wit)
 }
 
 /// Sets `key` to `value` serialized as a JSON value. Needs `write`.
@@ -136,7 +136,7 @@ pub fn set_json<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<(), Error
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn delete(key: &str) -> Result<bool, Error> {
-    Ok(kv::delete(key)?)
+    kv::delete(key).map_err(Error::from_wit)
 }
 
 /// Adds `by` to the number under `key` atomically (a missing key counts as
@@ -155,7 +155,7 @@ pub fn delete(key: &str) -> Result<bool, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn incr(key: &str, by: impl Into<Number>) -> Result<Value, Error> {
-    Ok(kv::incr(key, by.into().into())?.into())
+    value(kv::incr(key, by.into().into()))
 }
 
 /// Merges `patch` (JSON text, RFC 7396) into the JSON value under `key`
@@ -173,7 +173,7 @@ pub fn incr(key: &str, by: impl Into<Number>) -> Result<Value, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn merge(key: &str, patch: &str) -> Result<Value, Error> {
-    Ok(kv::merge(key, patch)?.into())
+    value(kv::merge(key, patch))
 }
 
 /// Applies `patch` (JSON text, RFC 6902) to the JSON value under `key`
@@ -197,7 +197,7 @@ pub fn merge(key: &str, patch: &str) -> Result<Value, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn patch(key: &str, patch: &str) -> Result<Value, Error> {
-    Ok(kv::patch(key, patch)?.into())
+    value(kv::patch(key, patch))
 }
 
 /// Appends `bytes` to the raw value under `key` (creating it) and answers
@@ -215,7 +215,7 @@ pub fn patch(key: &str, patch: &str) -> Result<Value, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn append(key: &str, bytes: impl AsRef<[u8]>) -> Result<Value, Error> {
-    Ok(kv::append(key, bytes.as_ref())?.into())
+    value(kv::append(key, bytes.as_ref()))
 }
 
 /// Options of [`list`]: build them from [`ListOptions::default`] (the
@@ -372,11 +372,12 @@ pub fn list(prefix: &str, options: ListOptions) -> Result<Vec<Entry>, Error> {
         reverse: options.reverse,
         values: options.values,
     };
-    Ok(kv::list(prefix, &options)?
+    Ok(kv::list(prefix, &options)
+        .map_err(Error::from_wit)?
         .into_iter()
         .map(|e| Entry {
             key: e.key,
-            value: e.value.map(Value::from),
+            value: e.value.map(Value::from_wit),
         })
         .collect())
 }
@@ -436,8 +437,8 @@ impl From<Permission> for wit::Permission {
     }
 }
 
-impl From<wit::Permission> for Permission {
-    fn from(p: wit::Permission) -> Self {
+impl Permission {
+    fn from_wit(p: wit::Permission) -> Self {
         match p {
             wit::Permission::Read => Permission::Read,
             wit::Permission::Write => Permission::Write,
@@ -445,6 +446,11 @@ impl From<wit::Permission> for Permission {
             wit::Permission::Enumerate => Permission::Enumerate,
         }
     }
+}
+
+/// A new value the bindings answered, as the SDK's.
+fn value(r: Result<wit::Value, wit::Error>) -> Result<Value, Error> {
+    r.map(Value::from_wit).map_err(Error::from_wit)
 }
 
 fn to_wit(permissions: &[Permission]) -> Vec<wit::Permission> {
@@ -491,7 +497,7 @@ pub struct Token {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn access_token(prefix: &str, permissions: &[Permission], ttl: u64) -> Result<Token, Error> {
-    let t = kv::access_token(prefix, &to_wit(permissions), ttl)?;
+    let t = kv::access_token(prefix, &to_wit(permissions), ttl).map_err(Error::from_wit)?;
     Ok(Token {
         token: t.token,
         expires_at: t.expires_at,
@@ -538,7 +544,11 @@ pub fn scope() -> Scope {
     let s = wit_scope::get();
     Scope {
         prefix: s.prefix,
-        permissions: s.permissions.into_iter().map(Into::into).collect(),
+        permissions: s
+            .permissions
+            .into_iter()
+            .map(Permission::from_wit)
+            .collect(),
     }
 }
 
@@ -559,5 +569,5 @@ pub fn scope() -> Scope {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn set_scope(prefix: &str, permissions: &[Permission]) -> Result<(), Error> {
-    Ok(wit_scope::set(prefix, &to_wit(permissions))?)
+    wit_scope::set(prefix, &to_wit(permissions)).map_err(Error::from_wit)
 }

@@ -121,7 +121,7 @@ pub struct __Export<H>(core::marker::PhantomData<H>);
 
 impl<H: Handler> wit::Guest for __Export<H> {
     fn handle(request: wit::Request) -> wit::Response {
-        H::handle(Request::from(request)).into()
+        H::handle(Request::from_wit(request)).into()
     }
 }
 

@@ -222,8 +222,9 @@ impl Request {
     }
 }
 
-impl From<wit::Request> for Request {
-    fn from(r: wit::Request) -> Self {
+impl Request {
+    /// The SDK's request of the one the host gave.
+    pub(crate) fn from_wit(r: wit::Request) -> Self {
         Request {
             method: r.method,
             path: r.path,
