@@ -110,6 +110,39 @@ pub mod wit {
 ///
 /// kvdb_guest::export!(Echo);
 /// ```
+///
+/// A handler that makes several data calls is shortest as a function
+/// answering `Result<Response, Error>`, `?` after each call, and
+/// [`Response::from_result`] in `handle`: a failed call answers its error
+/// as text with the status [`Error::status`] gives (403 for a denied call,
+/// and so on). Map errors yourself where the response must have another
+/// shape.
+///
+/// ```no_run
+/// use kvdb_guest::{Error, Handler, Request, Response};
+///
+/// struct Rename;
+///
+/// fn rename(req: &Request) -> Result<Response, Error> {
+///     let (Some(from), Some(to)) = (req.var("from"), req.var("to")) else {
+///         return Ok(Response::text("from and to are required\n").with_status(400));
+///     };
+///     let Some(value) = kvdb_guest::get(from)? else {
+///         return Ok(Response::text("no such key\n").with_status(404));
+///     };
+///     kvdb_guest::set(to, value)?;
+///     kvdb_guest::delete(from)?;
+///     Ok(Response::text("renamed\n"))
+/// }
+///
+/// impl Handler for Rename {
+///     fn handle(req: Request) -> Response {
+///         Response::from_result(rename(&req))
+///     }
+/// }
+///
+/// kvdb_guest::export!(Rename);
+/// ```
 pub trait Handler {
     /// Handles one request; the response is sent as it is.
     fn handle(req: Request) -> Response;
