@@ -1,7 +1,8 @@
 //! The scoped bucket: the same operations as the Lua `kvdb` table.
 //!
 //! Every call is checked against the run's scope (see [`scope`]) and only
-//! works inside a running script; natively these functions panic.
+//! works inside a running script: natively (a `cargo test`) a call aborts
+//! the whole test process, as the crate's "Testing natively" says.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -72,7 +73,8 @@ pub fn exists(key: &str) -> Result<bool, Error> {
     kv::exists(key).map_err(Error::from_wit)
 }
 
-/// Sets `key` to `value` with the bucket's default expiry. Needs `write`.
+/// Sets `key` to `value` with the bucket's default expiry (`default_ttl`;
+/// by default none), replacing any expiry the key had. Needs `write`.
 ///
 /// # Errors
 ///
@@ -92,6 +94,10 @@ pub fn set(key: &str, value: impl Into<Value>) -> Result<(), Error> {
 
 /// Sets `key` to `value`, expiring after `ttl` seconds (0: never). Needs
 /// `write`.
+///
+/// The expiry lasts until the key's next write: [`set`], [`incr`],
+/// [`merge`], [`patch`] and [`append`] each set it afresh, to the bucket's
+/// `default_ttl`.
 ///
 /// # Errors
 ///
@@ -142,6 +148,12 @@ pub fn delete(key: &str) -> Result<bool, Error> {
 /// Adds `by` to the number under `key` atomically (a missing key counts as
 /// 0) and answers the new value. Needs `write`.
 ///
+/// The key's expiry is set afresh, as by every write: to the bucket's
+/// `default_ttl` (by default none), so a ttl given by [`set_with_ttl`] is
+/// dropped. To keep one, set the answered value again with
+/// [`set_with_ttl`]: a second write, not atomic with this one (a
+/// concurrent change in between would be overwritten).
+///
 /// # Errors
 ///
 /// [`Error::PermissionDenied`] without `write`; [`Error::TypeMismatch`] if
@@ -152,6 +164,11 @@ pub fn delete(key: &str) -> Result<bool, Error> {
 /// ```no_run
 /// let n = kvdb_guest::incr("hits", 1)?;
 /// let total = kvdb_guest::incr("total", 2.5)?;
+///
+/// // A counter that expires an hour after its last hit: the increment
+/// // drops the expiry, so it is set again with the new value.
+/// let n = kvdb_guest::incr("hits:recent", 1)?;
+/// kvdb_guest::set_with_ttl("hits:recent", n, 3600)?;
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn incr(key: &str, by: impl Into<Number>) -> Result<Value, Error> {
@@ -160,6 +177,12 @@ pub fn incr(key: &str, by: impl Into<Number>) -> Result<Value, Error> {
 
 /// Merges `patch` (JSON text, RFC 7396) into the JSON value under `key`
 /// atomically and answers the new value. Needs `write`.
+///
+/// The key's expiry is set afresh, as by every write: to the bucket's
+/// `default_ttl` (by default none), so a ttl given by [`set_with_ttl`] is
+/// dropped. To keep one, set the answered value again with
+/// [`set_with_ttl`]: a second write, not atomic with this one (a
+/// concurrent change in between would be overwritten).
 ///
 /// # Errors
 ///
@@ -177,7 +200,14 @@ pub fn merge(key: &str, patch: &str) -> Result<Value, Error> {
 }
 
 /// Applies `patch` (JSON text, RFC 6902) to the JSON value under `key`
-/// atomically and answers the new value. Needs `write`.
+/// atomically and answers the new value. Needs `read` and `write` (whether
+/// a patch applies tells what the value holds).
+///
+/// The key's expiry is set afresh, as by every write: to the bucket's
+/// `default_ttl` (by default none), so a ttl given by [`set_with_ttl`] is
+/// dropped. To keep one, set the answered value again with
+/// [`set_with_ttl`]: a second write, not atomic with this one (a
+/// concurrent change in between would be overwritten).
 ///
 /// # Errors
 ///
@@ -202,6 +232,12 @@ pub fn patch(key: &str, patch: &str) -> Result<Value, Error> {
 
 /// Appends `bytes` to the raw value under `key` (creating it) and answers
 /// the new value. Needs `write`.
+///
+/// The key's expiry is set afresh, as by every write: to the bucket's
+/// `default_ttl` (by default none), so a ttl given by [`set_with_ttl`] is
+/// dropped. To keep one, set the answered value again with
+/// [`set_with_ttl`]: a second write, not atomic with this one (a
+/// concurrent change in between would be overwritten).
 ///
 /// # Errors
 ///

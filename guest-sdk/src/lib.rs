@@ -41,10 +41,21 @@
 //! | `kvdb.escape_html(s)` | [`escape_html`] |
 //!
 //! Every data call is checked against the run's scope; a denied or failed
-//! call returns an [`Error`] and never ends the run by itself. The functions
-//! only work inside a running script: natively (in unit tests) they panic,
-//! while [`Request`], [`Response`], [`Value`] and [`escape_html`] are plain
-//! Rust and can be tested anywhere.
+//! call returns an [`Error`] and never ends the run by itself.
+//!
+//! # Testing natively
+//!
+//! The functions that call the host, the data functions ([`get`] to
+//! [`access_token`], [`scope`], [`set_scope`]) and the log ([`log()`],
+//! [`log::info`] and friends), only work inside a running script. Natively
+//! (a `cargo test`) the call panics in a function that can't unwind, so the
+//! whole test process aborts (`SIGABRT`, "panic in a function that cannot
+//! unwind"), taking every other test of the run with it; `#[should_panic]`
+//! can't catch it. [`Request`], [`Response`], [`Value`], [`Number`],
+//! [`Error`] and [`escape_html`] are plain Rust and work anywhere: keep the
+//! logic in functions that take and answer those (parse the request, build
+//! the response from values already read) and test them natively; test the
+//! data calls by uploading the component to a server.
 
 #![deny(missing_docs)]
 
