@@ -1,8 +1,9 @@
 /*
  * slowsync: an LD_PRELOAD shim that makes every fsync and fdatasync of the
  * process it is loaded into take at least SLOWSYNC_US microseconds (default
- * 3500: the disk the issue's group-commit target was written for, FACTS.md
- * "one fsync ≈ 3.5 ms"). The real call runs first; the shim then sleeps for
+ * 3500: the disk the issue's group-commit target was written for, measured
+ * before the project started, "one fsync ≈ 3.5 ms": ../shared/FACTS.md,
+ * outside this repository). The real call runs first; the shim then sleeps for
  * whatever is left of the delay, so the file is as durable as without it and
  * the caller blocks as it would on that slower disk.
  *

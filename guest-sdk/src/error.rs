@@ -53,8 +53,40 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-impl From<wit::Error> for Error {
-    fn from(e: wit::Error) -> Self {
+impl Error {
+    /// The HTTP status that answers this error, as the server's own HTTP
+    /// API answers the same failure: [`NotFound`](Error::NotFound) 404,
+    /// [`PermissionDenied`](Error::PermissionDenied) 403,
+    /// [`TypeMismatch`](Error::TypeMismatch) 409 (an operation that does not
+    /// apply to the value, a failed JSON-patch `test`),
+    /// [`Limit`](Error::Limit) 413, [`InvalidInput`](Error::InvalidInput)
+    /// 400, [`Internal`](Error::Internal) 500. It is what
+    /// `From<Error>` for [`Response`](crate::Response)
+    /// answers; use it for a response of your own shape (JSON, say).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use kvdb_guest::Error;
+    ///
+    /// assert_eq!(Error::PermissionDenied("no write".into()).status(), 403);
+    /// assert_eq!(Error::TypeMismatch("not a number".into()).status(), 409);
+    /// ```
+    #[must_use]
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::NotFound => 404,
+            Error::PermissionDenied(_) => 403,
+            Error::TypeMismatch(_) => 409,
+            Error::Limit(_) => 413,
+            Error::InvalidInput(_) => 400,
+            Error::Internal(_) => 500,
+        }
+    }
+
+    /// The SDK's error of one the bindings answered (not a `From` impl, so
+    /// that the generated type stays out of the compiler's suggestions).
+    pub(crate) fn from_wit(e: wit::Error) -> Self {
         match e {
             wit::Error::NotFound => Error::NotFound,
             wit::Error::PermissionDenied(m) => Error::PermissionDenied(m),

@@ -1,7 +1,8 @@
 //! The scoped bucket: the same operations as the Lua `kvdb` table.
 //!
 //! Every call is checked against the run's scope (see [`scope`]) and only
-//! works inside a running script; natively these functions panic.
+//! works inside a running script: natively (a `cargo test`) a call aborts
+//! the whole test process, as the crate's "Testing natively" says.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -26,7 +27,7 @@ use crate::{Error, Number, Value};
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn get(key: &str) -> Result<Option<Value>, Error> {
-    Ok(kv::get(key)?.map(Value::from))
+    Ok(kv::get(key).map_err(Error::from_wit)?.map(Value::from_wit))
 }
 
 /// The value under `key` deserialized from JSON, or `None` if there is none.
@@ -69,10 +70,11 @@ pub fn get_json<T: DeserializeOwned>(key: &str) -> Result<Option<T>, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn exists(key: &str) -> Result<bool, Error> {
-    Ok(kv::exists(key)?)
+    kv::exists(key).map_err(Error::from_wit)
 }
 
-/// Sets `key` to `value` with the bucket's default expiry. Needs `write`.
+/// Sets `key` to `value` with the bucket's default expiry (`default_ttl`;
+/// by default none), replacing any expiry the key had. Needs `write`.
 ///
 /// # Errors
 ///
@@ -87,11 +89,15 @@ pub fn exists(key: &str) -> Result<bool, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn set(key: &str, value: impl Into<Value>) -> Result<(), Error> {
-    Ok(kv::set(key, &value.into().into(), None)?)
+    kv::set(key, &value.into().into(), None).map_err(Error::from_wit)
 }
 
 /// Sets `key` to `value`, expiring after `ttl` seconds (0: never). Needs
 /// `write`.
+///
+/// The expiry lasts until the key's next write: [`set`], [`incr`],
+/// [`merge`], [`patch`] and [`append`] each set it afresh, to the bucket's
+/// `default_ttl`.
 ///
 /// # Errors
 ///
@@ -104,7 +110,7 @@ pub fn set(key: &str, value: impl Into<Value>) -> Result<(), Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn set_with_ttl(key: &str, value: impl Into<Value>, ttl: u64) -> Result<(), Error> {
-    Ok(kv::set(key, &value.into().into(), Some(ttl))?)
+    kv::set(key, &value.into().into(), Some(ttl)).map_err(Error::from_wit)
 }
 
 /// Sets `key` to `value` serialized as a JSON value. Needs `write`.
@@ -136,11 +142,17 @@ pub fn set_json<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<(), Error
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn delete(key: &str) -> Result<bool, Error> {
-    Ok(kv::delete(key)?)
+    kv::delete(key).map_err(Error::from_wit)
 }
 
 /// Adds `by` to the number under `key` atomically (a missing key counts as
 /// 0) and answers the new value. Needs `write`.
+///
+/// The key's expiry is set afresh, as by every write: to the bucket's
+/// `default_ttl` (by default none), so a ttl given by [`set_with_ttl`] is
+/// dropped. To keep one, set the answered value again with
+/// [`set_with_ttl`]: a second write, not atomic with this one (a
+/// concurrent change in between would be overwritten).
 ///
 /// # Errors
 ///
@@ -152,14 +164,25 @@ pub fn delete(key: &str) -> Result<bool, Error> {
 /// ```no_run
 /// let n = kvdb_guest::incr("hits", 1)?;
 /// let total = kvdb_guest::incr("total", 2.5)?;
+///
+/// // A counter that expires an hour after its last hit: the increment
+/// // drops the expiry, so it is set again with the new value.
+/// let n = kvdb_guest::incr("hits:recent", 1)?;
+/// kvdb_guest::set_with_ttl("hits:recent", n, 3600)?;
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn incr(key: &str, by: impl Into<Number>) -> Result<Value, Error> {
-    Ok(kv::incr(key, by.into().into())?.into())
+    value(kv::incr(key, by.into().into()))
 }
 
 /// Merges `patch` (JSON text, RFC 7396) into the JSON value under `key`
 /// atomically and answers the new value. Needs `write`.
+///
+/// The key's expiry is set afresh, as by every write: to the bucket's
+/// `default_ttl` (by default none), so a ttl given by [`set_with_ttl`] is
+/// dropped. To keep one, set the answered value again with
+/// [`set_with_ttl`]: a second write, not atomic with this one (a
+/// concurrent change in between would be overwritten).
 ///
 /// # Errors
 ///
@@ -173,11 +196,18 @@ pub fn incr(key: &str, by: impl Into<Number>) -> Result<Value, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn merge(key: &str, patch: &str) -> Result<Value, Error> {
-    Ok(kv::merge(key, patch)?.into())
+    value(kv::merge(key, patch))
 }
 
 /// Applies `patch` (JSON text, RFC 6902) to the JSON value under `key`
-/// atomically and answers the new value. Needs `write`.
+/// atomically and answers the new value. Needs `read` and `write` (whether
+/// a patch applies tells what the value holds).
+///
+/// The key's expiry is set afresh, as by every write: to the bucket's
+/// `default_ttl` (by default none), so a ttl given by [`set_with_ttl`] is
+/// dropped. To keep one, set the answered value again with
+/// [`set_with_ttl`]: a second write, not atomic with this one (a
+/// concurrent change in between would be overwritten).
 ///
 /// # Errors
 ///
@@ -197,11 +227,17 @@ pub fn merge(key: &str, patch: &str) -> Result<Value, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn patch(key: &str, patch: &str) -> Result<Value, Error> {
-    Ok(kv::patch(key, patch)?.into())
+    value(kv::patch(key, patch))
 }
 
 /// Appends `bytes` to the raw value under `key` (creating it) and answers
 /// the new value. Needs `write`.
+///
+/// The key's expiry is set afresh, as by every write: to the bucket's
+/// `default_ttl` (by default none), so a ttl given by [`set_with_ttl`] is
+/// dropped. To keep one, set the answered value again with
+/// [`set_with_ttl`]: a second write, not atomic with this one (a
+/// concurrent change in between would be overwritten).
 ///
 /// # Errors
 ///
@@ -215,7 +251,7 @@ pub fn patch(key: &str, patch: &str) -> Result<Value, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn append(key: &str, bytes: impl AsRef<[u8]>) -> Result<Value, Error> {
-    Ok(kv::append(key, bytes.as_ref())?.into())
+    value(kv::append(key, bytes.as_ref()))
 }
 
 /// Options of [`list`]: build them from [`ListOptions::default`] (the
@@ -372,11 +408,12 @@ pub fn list(prefix: &str, options: ListOptions) -> Result<Vec<Entry>, Error> {
         reverse: options.reverse,
         values: options.values,
     };
-    Ok(kv::list(prefix, &options)?
+    Ok(kv::list(prefix, &options)
+        .map_err(Error::from_wit)?
         .into_iter()
         .map(|e| Entry {
             key: e.key,
-            value: e.value.map(Value::from),
+            value: e.value.map(Value::from_wit),
         })
         .collect())
 }
@@ -436,8 +473,8 @@ impl From<Permission> for wit::Permission {
     }
 }
 
-impl From<wit::Permission> for Permission {
-    fn from(p: wit::Permission) -> Self {
+impl Permission {
+    fn from_wit(p: wit::Permission) -> Self {
         match p {
             wit::Permission::Read => Permission::Read,
             wit::Permission::Write => Permission::Write,
@@ -445,6 +482,11 @@ impl From<wit::Permission> for Permission {
             wit::Permission::Enumerate => Permission::Enumerate,
         }
     }
+}
+
+/// A new value the bindings answered, as the SDK's.
+fn value(r: Result<wit::Value, wit::Error>) -> Result<Value, Error> {
+    r.map(Value::from_wit).map_err(Error::from_wit)
 }
 
 fn to_wit(permissions: &[Permission]) -> Vec<wit::Permission> {
@@ -491,7 +533,7 @@ pub struct Token {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn access_token(prefix: &str, permissions: &[Permission], ttl: u64) -> Result<Token, Error> {
-    let t = kv::access_token(prefix, &to_wit(permissions), ttl)?;
+    let t = kv::access_token(prefix, &to_wit(permissions), ttl).map_err(Error::from_wit)?;
     Ok(Token {
         token: t.token,
         expires_at: t.expires_at,
@@ -538,7 +580,11 @@ pub fn scope() -> Scope {
     let s = wit_scope::get();
     Scope {
         prefix: s.prefix,
-        permissions: s.permissions.into_iter().map(Into::into).collect(),
+        permissions: s
+            .permissions
+            .into_iter()
+            .map(Permission::from_wit)
+            .collect(),
     }
 }
 
@@ -559,5 +605,5 @@ pub fn scope() -> Scope {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn set_scope(prefix: &str, permissions: &[Permission]) -> Result<(), Error> {
-    Ok(wit_scope::set(prefix, &to_wit(permissions))?)
+    wit_scope::set(prefix, &to_wit(permissions)).map_err(Error::from_wit)
 }

@@ -41,10 +41,21 @@
 //! | `kvdb.escape_html(s)` | [`escape_html`] |
 //!
 //! Every data call is checked against the run's scope; a denied or failed
-//! call returns an [`Error`] and never ends the run by itself. The functions
-//! only work inside a running script: natively (in unit tests) they panic,
-//! while [`Request`], [`Response`], [`Value`] and [`escape_html`] are plain
-//! Rust and can be tested anywhere.
+//! call returns an [`Error`] and never ends the run by itself.
+//!
+//! # Testing natively
+//!
+//! The functions that call the host, the data functions ([`get`] to
+//! [`access_token`], [`scope`], [`set_scope`]) and the log ([`log()`],
+//! [`log::info`] and friends), only work inside a running script. Natively
+//! (a `cargo test`) the call panics in a function that can't unwind, so the
+//! whole test process aborts (`SIGABRT`, "panic in a function that cannot
+//! unwind"), taking every other test of the run with it; `#[should_panic]`
+//! can't catch it. [`Request`], [`Response`], [`Value`], [`Number`],
+//! [`Error`] and [`escape_html`] are plain Rust and work anywhere: keep the
+//! logic in functions that take and answer those (parse the request, build
+//! the response from values already read) and test them natively; test the
+//! data calls by uploading the component to a server.
 
 #![deny(missing_docs)]
 
@@ -110,6 +121,39 @@ pub mod wit {
 ///
 /// kvdb_guest::export!(Echo);
 /// ```
+///
+/// A handler that makes several data calls is shortest as a function
+/// answering `Result<Response, Error>`, `?` after each call, and
+/// [`Response::from_result`] in `handle`: a failed call answers its error
+/// as text with the status [`Error::status`] gives (403 for a denied call,
+/// and so on). Map errors yourself where the response must have another
+/// shape.
+///
+/// ```no_run
+/// use kvdb_guest::{Error, Handler, Request, Response};
+///
+/// struct Rename;
+///
+/// fn rename(req: &Request) -> Result<Response, Error> {
+///     let (Some(from), Some(to)) = (req.var("from"), req.var("to")) else {
+///         return Ok(Response::text("from and to are required\n").with_status(400));
+///     };
+///     let Some(value) = kvdb_guest::get(from)? else {
+///         return Ok(Response::text("no such key\n").with_status(404));
+///     };
+///     kvdb_guest::set(to, value)?;
+///     kvdb_guest::delete(from)?;
+///     Ok(Response::text("renamed\n"))
+/// }
+///
+/// impl Handler for Rename {
+///     fn handle(req: Request) -> Response {
+///         Response::from_result(rename(&req))
+///     }
+/// }
+///
+/// kvdb_guest::export!(Rename);
+/// ```
 pub trait Handler {
     /// Handles one request; the response is sent as it is.
     fn handle(req: Request) -> Response;
@@ -121,7 +165,7 @@ pub struct __Export<H>(core::marker::PhantomData<H>);
 
 impl<H: Handler> wit::Guest for __Export<H> {
     fn handle(request: wit::Request) -> wit::Response {
-        H::handle(Request::from(request)).into()
+        H::handle(Request::from_wit(request)).into()
     }
 }
 

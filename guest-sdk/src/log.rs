@@ -4,6 +4,10 @@
 //! The server logs at `info` and above unless its `KVDB_LOG` filter says
 //! otherwise: debug lines appear with `KVDB_LOG=info,kvdb::script=debug`.
 //!
+//! Like the data functions, these call the host: outside a running script
+//! (a native `cargo test`) a call aborts the whole test process, as the
+//! crate's "Testing natively" says.
+//!
 //! ```no_run
 //! kvdb_guest::log::info("starting");
 //! kvdb_guest::log(kvdb_guest::Level::Debug, "details");

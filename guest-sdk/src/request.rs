@@ -120,6 +120,12 @@ impl Request {
     /// a form (or JSON object) body field, the body winning on a clash, or
     /// `remote_addr`.
     ///
+    /// Two query names are reserved: `?key=` and `?access_token=` on a
+    /// script's URL are read as the caller's credential (a wrong one is a
+    /// `401` before the script runs) and never reach the script, so
+    /// `var("key")` sees only a body field of that name. Name your own
+    /// parameters otherwise (`?k=`, `?name=`).
+    ///
     /// # Example
     ///
     /// ```
@@ -136,7 +142,8 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
-    /// All variables, in the order the host gave them.
+    /// All variables, in the order the host gave them (never the query's
+    /// `key` or `access_token`: see [`var`](Self::var)).
     ///
     /// # Example
     ///
@@ -222,8 +229,9 @@ impl Request {
     }
 }
 
-impl From<wit::Request> for Request {
-    fn from(r: wit::Request) -> Self {
+impl Request {
+    /// The SDK's request of the one the host gave.
+    pub(crate) fn from_wit(r: wit::Request) -> Self {
         Request {
             method: r.method,
             path: r.path,

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use crate::Error;
 use crate::wit::kvdb::script::types as wit;
 
 /// The content type of text responses: the Lua runtime's default.
@@ -206,6 +207,73 @@ impl Response {
     #[must_use]
     pub fn body(&self) -> &[u8] {
         &self.body
+    }
+}
+
+impl Response {
+    /// The response of a handler's result: the `Ok` response as it is, an
+    /// error as `From<Error>` makes it.
+    /// With it, the handler's work goes in a function answering
+    /// `Result<Response, Error>`, where `?` ends it at the first failed
+    /// data call, and [`Handler::handle`](crate::Handler::handle) is one
+    /// line.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use kvdb_guest::{Error, Handler, Request, Response};
+    ///
+    /// struct Counter;
+    ///
+    /// fn count(req: &Request) -> Result<Response, Error> {
+    ///     let key = format!("count:{}", req.var("page").unwrap_or("home"));
+    ///     let n = kvdb_guest::incr(&key, 1)?; // a denied call: 403 and its text
+    ///     Ok(Response::text(format!("{n}\n")))
+    /// }
+    ///
+    /// impl Handler for Counter {
+    ///     fn handle(req: Request) -> Response {
+    ///         Response::from_result(count(&req))
+    ///     }
+    /// }
+    ///
+    /// kvdb_guest::export!(Counter);
+    /// ```
+    ///
+    /// A function answering `Result<Response, Error>` can be tested
+    /// natively up to its first data call; the error case is plain Rust:
+    ///
+    /// ```
+    /// use kvdb_guest::{Error, Response};
+    ///
+    /// let r = Response::from_result(Err(Error::Limit("too big".into())));
+    /// assert_eq!(r.status(), 413);
+    /// assert_eq!(Response::from_result(Ok(Response::text("ok\n"))).status(), 200);
+    /// ```
+    #[must_use]
+    pub fn from_result(result: Result<Response, Error>) -> Self {
+        result.unwrap_or_else(Response::from)
+    }
+}
+
+impl From<Error> for Response {
+    /// A text response for a failed call: the status of
+    /// [`Error::status`] (404, 403, 409, 413, 400 or 500), and the error's
+    /// `Display` text with a newline as the body, the bytes `kvdb.say(err)`
+    /// writes in Lua.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use kvdb_guest::{Error, Response};
+    ///
+    /// let r = Response::from(Error::PermissionDenied("no write".into()));
+    /// assert_eq!(r.status(), 403);
+    /// assert_eq!(r.body(), b"permission denied: no write\n");
+    /// assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    /// ```
+    fn from(e: Error) -> Self {
+        Response::text(format!("{e}\n")).with_status(e.status())
     }
 }
 

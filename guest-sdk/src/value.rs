@@ -1,5 +1,7 @@
 //! Stored values and amounts, typed as API.md describes.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -8,10 +10,21 @@ use crate::wit::kvdb::script::types as wit;
 
 /// A stored value: raw bytes, a 64-bit integer, a 64-bit float or JSON.
 ///
-/// `From` conversions make the common cases short: text and bytes are
-/// stored raw, Rust integers and floats as numbers. Unlike a Lua string or an
-/// untyped HTTP body, raw text is *not* coerced: `"42"` stays text; store
-/// `42` (or [`Value::Integer`]) for a number.
+/// `From` conversions make the common cases short, so [`set`](crate::set)
+/// takes any of these as they are. Unlike a Lua string or an untyped HTTP
+/// body, raw text is *not* coerced: `"42"` stays text; store `42` (or
+/// [`Value::Integer`]) for a number.
+///
+/// | Rust | stored as |
+/// | --- | --- |
+/// | `&str`, `String`, `&String`, `Cow<str>` | [`Value::Raw`] (the text's bytes) |
+/// | `&[u8]`, `&[u8; N]` (`b"..."`), `Vec<u8>`, `&Vec<u8>` | [`Value::Raw`] |
+/// | `i8`, `i16`, `i32`, `i64`, `u8`, `u16`, `u32` | [`Value::Integer`] |
+/// | `u64`, `usize`, `isize`, `i128`, `u128` | `TryFrom` only: [`Value::Integer`] if it fits an `i64`, else [`Error::InvalidInput`] (never wrapped or rounded) |
+/// | `f32` (widened exactly), `f64` | [`Value::Float`] |
+/// | `bool` | [`Value::Json`] `true` / `false` (as Lua's `kvdb.set` stores a boolean) |
+/// | `serde_json::Value`, `&serde_json::Value` | [`Value::Json`], its compact text |
+/// | any `Serialize` type | [`Value::json`] (or [`set_json`](crate::set_json)) |
 ///
 /// `Display` writes the value as Lua's `tostring` (and so `kvdb.say`) does:
 /// integers in decimal, floats as `%.14g` (with `.0` when they look whole),
@@ -26,6 +39,57 @@ use crate::wit::kvdb::script::types as wit;
 /// assert_eq!(Value::from("bob").as_str(), Some("bob"));
 /// assert_eq!(Value::Float(0.1 + 0.2).to_string(), "0.3");
 /// assert_eq!(Value::Float(3.0).to_string(), "3.0");
+/// ```
+///
+/// Text and bytes, borrowed or owned:
+///
+/// ```
+/// use std::borrow::Cow;
+/// use kvdb_guest::Value;
+///
+/// let name = String::from("bob");
+/// assert_eq!(Value::from(&name), Value::Raw(b"bob".to_vec()));
+/// assert_eq!(Value::from(Cow::Borrowed("bob")), Value::from(name));
+/// assert_eq!(Value::from(b"\x00\x01"), Value::Raw(vec![0, 1]));
+/// assert_eq!(Value::from(&vec![7u8]), Value::Raw(vec![7]));
+/// ```
+///
+/// Numbers: small integers and `f32` convert directly; `u64`, `usize`,
+/// `isize`, `i128` and `u128` go through `TryFrom`, whose error is this
+/// crate's [`Error`], so `?` works in a function answering it:
+///
+/// ```
+/// use kvdb_guest::{Error, Value};
+///
+/// assert_eq!(Value::from(7u8), Value::Integer(7));
+/// assert_eq!(Value::from(-7i16), Value::Integer(-7));
+/// assert_eq!(Value::from(0.5f32), Value::Float(0.5));
+///
+/// let items = vec!["a", "b"];
+/// assert_eq!(Value::try_from(items.len())?, Value::Integer(2));
+/// assert!(matches!(Value::try_from(u64::MAX), Err(Error::InvalidInput(_))));
+/// # Ok::<(), Error>(())
+/// ```
+///
+/// Booleans and JSON:
+///
+/// ```
+/// use kvdb_guest::Value;
+///
+/// assert_eq!(Value::from(true), Value::Json("true".into()));
+/// let doc = serde_json::json!({"name": "bob", "tags": ["a"]});
+/// assert_eq!(Value::from(&doc), Value::Json(r#"{"name":"bob","tags":["a"]}"#.into()));
+/// ```
+///
+/// So with the data functions:
+///
+/// ```no_run
+/// let name = String::from("bob");
+/// kvdb_guest::set("users:1:name", &name)?;
+/// kvdb_guest::set("users:1:admin", false)?;
+/// kvdb_guest::set("users:1:tags", serde_json::json!(["a", "b"]))?;
+/// kvdb_guest::set("users:count", kvdb_guest::Value::try_from(3usize)?)?;
+/// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -212,55 +276,158 @@ fn trim_zeros(s: &str) -> &str {
 }
 
 impl From<&str> for Value {
+    /// Raw text.
     fn from(s: &str) -> Self {
         Value::Raw(s.as_bytes().to_vec())
     }
 }
 
 impl From<String> for Value {
+    /// Raw text.
     fn from(s: String) -> Self {
         Value::Raw(s.into_bytes())
     }
 }
 
+impl From<&String> for Value {
+    /// Raw text.
+    fn from(s: &String) -> Self {
+        Value::from(s.as_str())
+    }
+}
+
+impl From<Cow<'_, str>> for Value {
+    /// Raw text.
+    fn from(s: Cow<'_, str>) -> Self {
+        Value::from(s.into_owned())
+    }
+}
+
 impl From<&[u8]> for Value {
+    /// Raw bytes.
     fn from(b: &[u8]) -> Self {
         Value::Raw(b.to_vec())
     }
 }
 
+impl<const N: usize> From<&[u8; N]> for Value {
+    /// Raw bytes (a byte string literal, `b"..."`).
+    fn from(b: &[u8; N]) -> Self {
+        Value::Raw(b.to_vec())
+    }
+}
+
 impl From<Vec<u8>> for Value {
+    /// Raw bytes.
     fn from(b: Vec<u8>) -> Self {
         Value::Raw(b)
     }
 }
 
-impl From<i64> for Value {
-    fn from(i: i64) -> Self {
-        Value::Integer(i)
+impl From<&Vec<u8>> for Value {
+    /// Raw bytes.
+    fn from(b: &Vec<u8>) -> Self {
+        Value::Raw(b.clone())
     }
 }
 
-impl From<i32> for Value {
-    fn from(i: i32) -> Self {
-        Value::Integer(i.into())
-    }
+/// Integer types that always fit an `i64`: `From` for [`Value`] and
+/// [`Number`].
+macro_rules! from_integer {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Value {
+            /// An integer.
+            fn from(i: $t) -> Self {
+                Value::Integer(i.into())
+            }
+        }
+
+        impl From<$t> for Number {
+            /// An integer.
+            fn from(i: $t) -> Self {
+                Number::Integer(i.into())
+            }
+        }
+    )*};
 }
 
-impl From<u32> for Value {
-    fn from(i: u32) -> Self {
-        Value::Integer(i.into())
-    }
+from_integer!(i8, i16, i32, i64, u8, u16, u32);
+
+/// Integer types that may not fit an `i64`: `TryFrom` for [`Value`] and
+/// [`Number`], failing with [`Error::InvalidInput`] rather than wrapping or
+/// rounding.
+macro_rules! try_from_integer {
+    ($($t:ty),*) => {$(
+        impl TryFrom<$t> for Value {
+            type Error = Error;
+
+            /// An integer, if it fits an `i64`.
+            fn try_from(i: $t) -> Result<Self, Error> {
+                Ok(Value::Integer(fit(i)?))
+            }
+        }
+
+        impl TryFrom<$t> for Number {
+            type Error = Error;
+
+            /// An integer, if it fits an `i64`.
+            fn try_from(i: $t) -> Result<Self, Error> {
+                Ok(Number::Integer(fit(i)?))
+            }
+        }
+    )*};
+}
+
+try_from_integer!(u64, usize, isize, i128, u128);
+
+/// `i` as an `i64`, or why not.
+fn fit<T: TryInto<i64> + Copy + std::fmt::Display>(i: T) -> Result<i64, Error> {
+    i.try_into().map_err(|_| {
+        Error::InvalidInput(format!(
+            "{i} does not fit a 64-bit signed integer (at most {})",
+            i64::MAX
+        ))
+    })
 }
 
 impl From<f64> for Value {
+    /// A float.
     fn from(f: f64) -> Self {
         Value::Float(f)
     }
 }
 
-impl From<wit::Value> for Value {
-    fn from(v: wit::Value) -> Self {
+impl From<f32> for Value {
+    /// A float, widened exactly to an `f64`.
+    fn from(f: f32) -> Self {
+        Value::Float(f.into())
+    }
+}
+
+impl From<bool> for Value {
+    /// JSON `true` or `false`, as Lua's `kvdb.set` stores a boolean.
+    fn from(b: bool) -> Self {
+        Value::Json(b.to_string())
+    }
+}
+
+impl From<serde_json::Value> for Value {
+    /// A JSON value, as its compact text.
+    fn from(v: serde_json::Value) -> Self {
+        Value::Json(v.to_string())
+    }
+}
+
+impl From<&serde_json::Value> for Value {
+    /// A JSON value, as its compact text.
+    fn from(v: &serde_json::Value) -> Self {
+        Value::Json(v.to_string())
+    }
+}
+
+impl Value {
+    /// The SDK's value of one the bindings answered.
+    pub(crate) fn from_wit(v: wit::Value) -> Self {
         match v {
             wit::Value::Raw(b) => Value::Raw(b),
             wit::Value::Integer(i) => Value::Integer(i),
@@ -284,6 +451,10 @@ impl From<Value> for wit::Value {
 /// An amount to add with [`incr`](crate::incr): an integer or a float.
 ///
 /// Integer literals convert directly, so `incr(key, 1)` adds the integer 1.
+/// As for [`Value`]: `i8` to `i64`, `u8` to `u32`, `f32` and `f64` convert
+/// with `From`; `u64`, `usize`, `isize`, `i128` and `u128` with `TryFrom`,
+/// failing with [`Error::InvalidInput`] beyond an `i64` (never wrapped or
+/// rounded).
 ///
 /// # Example
 ///
@@ -292,6 +463,17 @@ impl From<Value> for wit::Value {
 ///
 /// assert_eq!(Number::from(1), Number::Integer(1));
 /// assert_eq!(Number::from(0.5), Number::Float(0.5));
+/// assert_eq!(Number::from(3u8), Number::Integer(3));
+/// assert_eq!(Number::from(0.25f32), Number::Float(0.25));
+/// assert_eq!(Number::try_from(5usize)?, Number::Integer(5));
+/// assert!(Number::try_from(u64::MAX).is_err());
+/// # Ok::<(), kvdb_guest::Error>(())
+/// ```
+///
+/// ```no_run
+/// let added: usize = 3;
+/// kvdb_guest::incr("items", kvdb_guest::Number::try_from(added)?)?;
+/// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Number {
@@ -301,27 +483,17 @@ pub enum Number {
     Float(f64),
 }
 
-impl From<i64> for Number {
-    fn from(i: i64) -> Self {
-        Number::Integer(i)
-    }
-}
-
-impl From<i32> for Number {
-    fn from(i: i32) -> Self {
-        Number::Integer(i.into())
-    }
-}
-
-impl From<u32> for Number {
-    fn from(i: u32) -> Self {
-        Number::Integer(i.into())
-    }
-}
-
 impl From<f64> for Number {
+    /// A float.
     fn from(f: f64) -> Self {
         Number::Float(f)
+    }
+}
+
+impl From<f32> for Number {
+    /// A float, widened exactly to an `f64`.
+    fn from(f: f32) -> Self {
+        Number::Float(f.into())
     }
 }
 
