@@ -1003,6 +1003,23 @@ fn head_does_not_run_a_script() {
     );
     r.assert_problem(405);
     assert_eq!(r.header("allow").as_deref(), Some("GET,POST,PUT,DELETE"));
+    assert!(
+        r.text().contains("a script runs on GET and POST"),
+        "{}",
+        r.text()
+    );
+    // A DELETE or PUT without the secret key (a client that meant to run
+    // the script with it) is told what those do here.
+    for method in ["DELETE", "PUT"] {
+        let r = s.request(method, &format!("/{b}/scripts/count"), &[], Some(b"x"));
+        r.assert_problem(401);
+        assert!(
+            r.text()
+                .contains("PUT and DELETE on a script's URL upload and delete the script itself"),
+            "{method}: {}",
+            r.text()
+        );
+    }
     assert_body(&run(&s, &b, "count"), "1\n");
     assert_eq!(
         s.request("HEAD", &format!("/{b}/scripts/count"), &[], None)

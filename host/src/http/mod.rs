@@ -212,13 +212,19 @@ async fn method_not_allowed(
     } else {
         String::new()
     };
+    let script = matched.is_some_and(|m| m.as_str() == scripts::SCRIPT_ROUTE);
+    let allowed = if script {
+        "a script runs on GET and POST, and PUT and DELETE (with the secret key) upload and delete it"
+    } else {
+        "the Allow header lists the methods that are"
+    };
     let mut refused = ApiError::MethodNotAllowed(format!(
-        "{method} is not supported on {path}{case}: the Allow header lists the methods that are"
+        "{method} is not supported on {path}{case}: {allowed}"
     ))
     .into_response();
     // axum's Allow lists HEAD with every GET route, but HEAD does not run a
     // script (see `scripts::run_script`); set here, axum leaves it alone.
-    if matched.is_some_and(|m| m.as_str() == scripts::SCRIPT_ROUTE) {
+    if script {
         refused.headers_mut().insert(
             header::ALLOW,
             axum::http::HeaderValue::from_static(scripts::SCRIPT_METHODS),

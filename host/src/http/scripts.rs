@@ -77,7 +77,7 @@ pub async fn put_script(
 ) -> Result<Response, ApiError> {
     let name = script_name(&params)?;
     // Refuse before reading and compiling anything.
-    bucket.ensure_admin()?;
+    bucket.ensure_admin().map_err(managing)?;
     let limits = state.scripts.limits;
     let declared_wasm = content_essence(&headers).as_deref() == Some("application/wasm");
     let (ceiling, what) = if declared_wasm {
@@ -137,8 +137,24 @@ pub async fn delete_script(
     Access(bucket): Access,
     params: RawPathParams,
 ) -> Result<StatusCode, ApiError> {
-    bucket.delete_script(&script_name(&params)?).await?;
+    bucket
+        .delete_script(&script_name(&params)?)
+        .await
+        .map_err(managing)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A refused PUT or DELETE of a script's URL says what it would have done,
+/// so that a client that meant to run the script with it (a REST-style
+/// script's DELETE) learns that scripts run on GET and POST (found by a
+/// review).
+fn managing(e: BucketError) -> BucketError {
+    const HINT: &str = " (PUT and DELETE on a script's URL upload and delete the script itself; a script runs on GET and POST)";
+    match e {
+        BucketError::Unauthorized(m) => BucketError::Unauthorized(m + HINT),
+        BucketError::Forbidden(m) => BucketError::Forbidden(m + HINT),
+        other => other,
+    }
 }
 
 /// `GET /:bucket/scripts/:script/edit`: the editor page, with the current
