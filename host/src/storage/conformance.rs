@@ -168,6 +168,7 @@ conformance!(
     an_increment_removes_what_an_expired_overwrite_replaced,
     a_restored_store_refuses_backups_from_before_its_restore,
     a_restored_store_written_to_since_refuses_the_next_increment,
+    a_clean_up_with_nothing_to_do_commits_nothing,
     restore_refuses_a_gap_in_the_chain,
     an_increment_of_a_restored_copy_does_not_continue_the_original_chain,
     writes_after_close_are_refused,
@@ -685,6 +686,26 @@ fn a_restored_store_written_to_since_refuses_the_next_increment(f: Fixture) {
             "{change}: {refused:?}"
         );
     }
+}
+
+/// Found by a review: a server that opened a directory and never wrote to
+/// it raised its version counter anyway (a clean-up step that reclaimed
+/// nothing reserved versions first), and a full restore then called the
+/// directory not empty. A clean-up with nothing to do commits nothing, and
+/// a reopened store starts from version 0 again.
+fn a_clean_up_with_nothing_to_do_commits_nothing(f: Fixture) {
+    assert_eq!(f.gc(), super::GcStats::default());
+    f.store.close().expect("close");
+    let reopened =
+        Store::open_with_manual_clock(f.backend.clone(), f.clock.clone()).expect("reopen");
+    let version = reopened.backup(0).expect("backup").info().version;
+    assert_eq!(version, 0, "nothing was written");
+    let source = memory();
+    source.put("k", "v", 0);
+    let (full, _) = backup_bytes(&source, 0);
+    reopened
+        .restore(&mut full.as_slice())
+        .expect("an empty directory");
 }
 
 fn an_increment_removes_what_an_expired_overwrite_replaced(f: Fixture) {

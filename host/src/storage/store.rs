@@ -826,6 +826,13 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// Which kinds of [`Store::gc`] step have something to do.
+struct GcDue {
+    expired: bool,
+    purge: bool,
+    tombstones: bool,
+}
+
 /// What one [`Store::gc`] pass reclaimed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GcStats {
@@ -1071,28 +1078,85 @@ impl Store {
     /// A step failed to commit.
     pub async fn gc(&self) -> Result<GcStats, StorageError> {
         let mut stats = GcStats::default();
-        loop {
-            let n = self.write_background(gc_expired_step).await??;
-            stats.expired += n;
-            if n < GC_CHUNK {
-                break;
+        // A kind of step with nothing to do is not submitted: an idle
+        // server commits nothing. A batch that waits for no fsync first puts
+        // a block of versions on disk when few are left (see
+        // `Writer::run_batch`), so a step that reclaimed nothing raised the
+        // version counter of a directory nobody wrote to (found by a review:
+        // a full restore then called it not empty).
+        let due = self.gc_due()?;
+        if due.expired {
+            loop {
+                let n = self.write_background(gc_expired_step).await??;
+                stats.expired += n;
+                if n < GC_CHUNK {
+                    break;
+                }
             }
         }
-        loop {
-            let (n, more) = self.write_background(gc_purge_step).await??;
-            stats.purged += n;
-            if !more {
-                break;
+        if due.purge {
+            loop {
+                let (n, more) = self.write_background(gc_purge_step).await??;
+                stats.purged += n;
+                if !more {
+                    break;
+                }
             }
         }
-        loop {
-            let n = self.write_background(gc_tombstone_step).await??;
-            stats.tombstones += n;
-            if n < GC_CHUNK {
-                break;
+        if due.tombstones {
+            loop {
+                let n = self.write_background(gc_tombstone_step).await??;
+                stats.tombstones += n;
+                if n < GC_CHUNK {
+                    break;
+                }
             }
         }
         Ok(stats)
+    }
+
+    /// Which kinds of [`Store::gc`] step have something to do, judged on
+    /// the latest snapshot as the steps judge (a step finds at least what
+    /// this found: its time is no earlier).
+    fn gc_due(&self) -> Result<GcDue, StorageError> {
+        let snapshot = self.snapshot()?;
+        let raw = &*snapshot.raw;
+        let exists = |lower: &[u8], upper: &[u8]| -> Result<bool, StorageError> {
+            let mut found = false;
+            raw.scan(
+                Bound::Included(lower),
+                Bound::Excluded(upper),
+                false,
+                &mut |_, _| {
+                    found = true;
+                    false
+                },
+            )?;
+            Ok(found)
+        };
+        let expired = exists(
+            &[NS_EXPIRY],
+            &expiry_key(snapshot.now.saturating_add(1), &[]),
+        )?;
+        let purge = exists(&[NS_PURGE], &[NS_PURGE + 1])?;
+        // Tombstones are in version order; the step forgets them from the
+        // first until one is young enough.
+        let cutoff = snapshot.now.saturating_sub(TOMBSTONE_RETENTION_MS);
+        let mut tombstones = false;
+        raw.scan(
+            Bound::Included(&[NS_TOMBSTONE]),
+            Bound::Excluded(&[NS_TOMBSTONE + 1]),
+            false,
+            &mut |_, v| {
+                tombstones = v.get(1..9).map_or(0, be_u64) < cutoff;
+                false
+            },
+        )?;
+        Ok(GcDue {
+            expired,
+            purge,
+            tombstones,
+        })
     }
 
     /// Makes every commit so far durable.
@@ -1218,11 +1282,21 @@ impl Store {
             )));
         }
         let increment = info.since != 0;
-        let (restored, seq, has_data, written_since, chain) =
+        let (restored, has_data, written_since, chain) =
             self.write_blocking(move |ctx| -> Result<_, StorageError> {
                 let restored = ctx.meta(META_RESTORED)?;
                 let chain = ctx.raw.get(META_CHAIN)?;
-                let has_data = any_in(ctx.raw, &[NS_DATA], &[NS_DATA + 1])?;
+                // Data, not the version counter: a server that opened the
+                // directory may have raised that without writing anything.
+                // Tombstones, a purge to come and forgotten tombstones count:
+                // a full restore's numbering and horizon must not mix with
+                // deletions of another history.
+                let has_data = [NS_DATA, NS_EXPIRY, NS_TOMBSTONE, NS_PURGE]
+                    .into_iter()
+                    .map(|ns| any_in(ctx.raw, &[ns], &[ns + 1]))
+                    .collect::<Result<Vec<_>, _>>()?
+                    .contains(&true)
+                    || ctx.meta(META_HORIZON)? > 0;
                 // Reads every entry: only for an increment that could apply.
                 // A horizon past the restore means tombstones written after
                 // it were forgotten (past their retention): deletions the
@@ -1230,11 +1304,19 @@ impl Store {
                 let written_since = increment
                     && restored == info.since
                     && (ctx.meta(META_HORIZON)? > restored || written_after(ctx.raw, restored)?);
-                Ok((restored, ctx.seq, has_data, written_since, chain))
+                Ok((restored, has_data, written_since, chain))
             })??;
-        if info.since == 0 && (has_data || seq > 0) {
+        if info.since == 0 && restored > 0 {
+            return Err(StorageError::Restore(format!(
+                "this data directory holds a restore already (up to version {restored}), and a \
+                 full backup can only be restored into an empty one: restore into a new \
+                 directory (after a restore that failed part-way, remove this one and start \
+                 again; to add the next increment, give the increment alone)"
+            )));
+        }
+        if info.since == 0 && has_data {
             return Err(StorageError::Restore(
-                "a full backup can only be restored into an empty data directory: restore into a new directory (a failed restore leaves what it restored: remove it and start again)".into(),
+                "this data directory holds data (a server wrote to it), and a full backup can only be restored into an empty one: restore into a new directory".into(),
             ));
         }
         if increment
@@ -2229,6 +2311,49 @@ mod tests {
             .write_to(&mut stream)
             .expect("stream");
         stream
+    }
+
+    /// A full restore asks for a directory without data, whatever its
+    /// version counter says (found by a review: a directory that a server
+    /// had only opened was refused, its counter raised by a clean-up that
+    /// reclaimed nothing, with a message blaming a failed restore), and the
+    /// refusal says what the directory holds.
+    #[test]
+    fn a_full_restore_goes_by_the_data_not_the_version_counter() {
+        let stream = full_backup_of(vec![b"v".to_vec()]);
+        let backend = Arc::new(MemoryBackend::new());
+        // What such a server left: versions reserved, nothing written.
+        backend
+            .write(true, &mut |raw| raw.put(META_SEQ, &SEQ_BLOCK.to_be_bytes()))
+            .expect("reserve");
+        let target = Store::open(backend, Durability::Strict).expect("open");
+        target
+            .restore(&mut stream.as_slice())
+            .expect("no data: an empty directory");
+        let got = target
+            .snapshot()
+            .expect("snapshot")
+            .get(b"k\0")
+            .expect("get");
+        assert_eq!(got.map(|e| e.value), Some(b"v".to_vec()));
+        let err = target
+            .restore(&mut stream.as_slice())
+            .expect_err("a second full restore");
+        assert!(err.to_string().contains("holds a restore already"), "{err}");
+        // A deletion is data too: its tombstone is in the next increments.
+        let written =
+            Store::open(Arc::new(MemoryBackend::new()), Durability::Strict).expect("open");
+        written
+            .write_blocking(|ctx| ctx.delete(b"x"))
+            .expect("commit")
+            .expect("delete");
+        let err = written
+            .restore(&mut stream.as_slice())
+            .expect_err("written to");
+        assert!(
+            err.to_string().contains("holds data") && !err.to_string().contains("failed"),
+            "{err}"
+        );
     }
 
     /// A restore applies a backup in transactions of at most
