@@ -293,15 +293,46 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
         ),
         Err(_) => (false, resolve_link(path)),
     });
-    let bytes = match &target {
+    let received = receive(&mut reader, target.as_ref());
+    progress.finish_and_clear();
+    let received = received?;
+    let bytes = received.bytes;
+    eprintln!(
+        "backup of versions {}..={version} complete ({bytes} bytes); for the next incremental backup use --since {version}",
+        since + 1
+    );
+    if output.is_some() {
+        println!("version {version}");
+    }
+    Ok(())
+}
+
+/// Copies the backup stream to where `--output` says (`target`: whether
+/// it is written as it is, and the path; `None`: standard output),
+/// checking it as it goes ([`kvdb::storage::receive_backup`]): a stream
+/// that ends before its footer is refused, never called complete, whatever
+/// the transport made of its end (found by a review: a body delimited by
+/// the connection's close, or a server whose backup task died, ended
+/// "cleanly" and the cut-off file was renamed into place).
+fn receive(
+    reader: &mut dyn std::io::Read,
+    target: Option<&(bool, std::path::PathBuf)>,
+) -> anyhow::Result<kvdb::storage::Received> {
+    match target {
         Some((true, path)) => {
             let mut out = std::fs::OpenOptions::new()
                 .write(true)
                 .open(path)
                 .with_context(|| format!("opening {}", path.display()))?;
-            let n = std::io::copy(&mut reader, &mut out).context("receiving the backup")?;
-            out.flush()?;
-            n
+            kvdb::storage::receive_backup(reader, &mut out).map_err(|e| {
+                not_whole(
+                    &e,
+                    &format!(
+                        "what went into {} is incomplete (a restore refuses it)",
+                        path.display()
+                    ),
+                )
+            })
         }
         Some((false, path)) => {
             // FILE.partial until complete (not `with_extension`, which would
@@ -323,9 +354,31 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
                 file.set_permissions(std::fs::Permissions::from_mode(0o600))
                     .with_context(|| format!("making {} private", partial.display()))?;
             }
-            let n = std::io::copy(&mut reader, &mut file).context("receiving the backup")?;
-            file.sync_all()?;
-            std::fs::rename(&partial, path)?;
+            let received = match kvdb::storage::receive_backup(reader, &mut file) {
+                Ok(received) => received,
+                Err(e) => {
+                    drop(file);
+                    // Removed rather than kept: it can't be resumed or
+                    // restored, and it holds keys in the clear.
+                    let left = match std::fs::remove_file(&partial) {
+                        Ok(()) => format!(
+                            "the incomplete {} was removed and {} not written",
+                            partial.display(),
+                            path.display()
+                        ),
+                        Err(_) => format!(
+                            "{} is incomplete: delete it ({} was not written)",
+                            partial.display(),
+                            path.display()
+                        ),
+                    };
+                    return Err(not_whole(&e, &left));
+                }
+            };
+            file.sync_all()
+                .with_context(|| format!("syncing {}", partial.display()))?;
+            std::fs::rename(&partial, path)
+                .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
             // The rename itself on disk too: after a power cut the backup
             // is there under its name (found by a review).
             let folder = match path.parent() {
@@ -335,7 +388,7 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
             std::fs::File::open(folder)
                 .and_then(|d| d.sync_all())
                 .with_context(|| format!("syncing the directory {}", folder.display()))?;
-            n
+            Ok(received)
         }
         None => {
             let mut out = std::io::stdout().lock();
@@ -348,20 +401,27 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
             // the transfer breaks, the reader of the pipe has a stream
             // without its footer, which a restore refuses, and this command
             // fails.
-            let n = std::io::copy(&mut reader, &mut out).context("receiving the backup")?;
-            out.flush()?;
-            n
+            kvdb::storage::receive_backup(reader, &mut out).map_err(|e| {
+                not_whole(
+                    &e,
+                    "what went to the standard output is incomplete (a restore refuses it)",
+                )
+            })
         }
-    };
-    progress.finish_and_clear();
-    eprintln!(
-        "backup of versions {}..={version} complete ({bytes} bytes); for the next incremental backup use --since {version}",
-        since + 1
-    );
-    if output.is_some() {
-        println!("version {version}");
     }
-    Ok(())
+}
+
+/// A backup not received whole: why, what became of what was written
+/// (`left`), and what to do.
+fn not_whole(e: &kvdb::storage::ReceiveError, left: &str) -> anyhow::Error {
+    match e {
+        kvdb::storage::ReceiveError::Output(_) => anyhow::anyhow!(
+            "the backup is not complete: {e}; {left}; free space (or fix the output), then run the backup again"
+        ),
+        _ => anyhow::anyhow!(
+            "the backup was cut off before its end, so it is not complete: {e}; {left}; run the backup again"
+        ),
+    }
 }
 
 /// What a `path` that does not exist names once its symbolic links are

@@ -1041,3 +1041,119 @@ fn an_operator_token_with_spaces_around_it_works_as_without() {
         );
     }
 }
+
+/// Serves one `GET /_admin/backup` on 127.0.0.1 as a proxy might pass on a
+/// backup cut off midway: the headers of a real one (version `version`),
+/// then `body` (written as one chunk with `chunked`, else delimited by the
+/// connection's close), and the connection closes. Returns the server's
+/// URL and the thread to join.
+fn serve_cut_off(
+    version: u64,
+    body: Vec<u8>,
+    chunked: bool,
+) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let served = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        // The whole request (it has no body): closing with unread bytes
+        // would reset the connection instead.
+        let mut request = Vec::new();
+        let mut byte = [0; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            conn.read_exact(&mut byte).expect("the request");
+            request.push(byte[0]);
+        }
+        let framing = if chunked {
+            "transfer-encoding: chunked"
+        } else {
+            "connection: close"
+        };
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.kvdb.backup\r\nx-kvdb-backup-version: {version}\r\nx-kvdb-backup-since: 0\r\n{framing}\r\n\r\n"
+        )
+        .expect("headers");
+        if chunked {
+            // One chunk, and never the last (empty) one.
+            write!(conn, "{:x}\r\n", body.len()).expect("chunk size");
+            conn.write_all(&body).expect("chunk");
+            conn.write_all(b"\r\n").expect("chunk end");
+        } else {
+            conn.write_all(&body).expect("body");
+        }
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+    });
+    (url, served)
+}
+
+/// Found by a review: a backup whose body ended early without a transport
+/// error (delimited by the connection's close, as through a proxy, or a
+/// server whose backup task died) was called complete, renamed into place
+/// and its version printed; and one whose transfer broke left
+/// `FILE.partial` behind without a word. Now each is refused, says to run
+/// the backup again, and leaves neither file; to a pipe, it fails too.
+#[test]
+fn a_backup_cut_off_midway_is_refused_and_leaves_no_file() {
+    let s = TestServer::start_with(&["--admin-token", OP]);
+    let b = s.create_bucket("secret_key=sk");
+    for i in 0..50 {
+        assert_eq!(s.put(&format!("/{b}/k{i}"), "some value").status, 204);
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let whole = dir.path().join("whole.kvdb");
+    let version = backup(&s, 0, &whole);
+    let bytes = std::fs::read(&whole).expect("backup");
+    let half = bytes[..bytes.len() / 2].to_vec();
+    let run = |url: &str, output: Option<&Path>| {
+        let mut command = kvdb_command();
+        command
+            .env_remove("KVDB_ADMIN_TOKEN")
+            .env_remove("KVDB_SERVER")
+            .args(["backup", "--server", url, "--admin-token", OP]);
+        if let Some(file) = output {
+            command.arg("-o").arg(file);
+        }
+        command.output().expect("run kvdb backup")
+    };
+    for chunked in [false, true] {
+        let (url, served) = serve_cut_off(version, half.clone(), chunked);
+        let file = dir.path().join(format!("cut-{chunked}.kvdb"));
+        let out = run(&url, Some(&file));
+        served.join().expect("the fake server");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "chunked {chunked}: {stderr}");
+        assert!(
+            stderr.contains("cut off") && stderr.contains("run the backup again"),
+            "chunked {chunked}: {stderr}"
+        );
+        assert!(!stderr.contains("complete ("), "{stderr}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("version"),
+            "no version to continue from"
+        );
+        assert!(
+            !file.exists(),
+            "chunked {chunked}: a cut-off backup renamed"
+        );
+        let partial = dir.path().join(format!("cut-{chunked}.kvdb.partial"));
+        assert!(
+            !partial.exists(),
+            "chunked {chunked}: the incomplete .partial left"
+        );
+        assert!(stderr.contains("was removed"), "{stderr}");
+    }
+    // To standard output (a pipe): what went through is incomplete, and
+    // the command says so.
+    let (url, served) = serve_cut_off(version, half.clone(), false);
+    let out = run(&url, None);
+    served.join().expect("the fake server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cut off") && stderr.contains("standard output is incomplete"),
+        "{stderr}"
+    );
+    assert_eq!(out.stdout, half, "streamed as it came");
+}

@@ -44,6 +44,31 @@ impl Write for ChannelWriter {
     }
 }
 
+/// A response body of what `produce` writes, run on a blocking thread. It
+/// ends cleanly only if `produce` returns `Ok`: an error, or a panic, ends
+/// it with an error, which aborts the response (a chunked body without its
+/// last chunk), so that the client sees a broken transfer and never a short
+/// backup that ended like a whole one (found by a review: a panic dropped
+/// the channel, and the body ended as if complete).
+fn streamed<F>(produce: F) -> Body
+where
+    F: FnOnce(&mut dyn Write) -> Result<u64, crate::storage::StorageError> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::task::spawn_blocking(move || {
+        let mut writer = ChannelWriter(tx.clone());
+        let failure =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| produce(&mut writer))) {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the backup task panicked".to_owned(),
+            };
+        tracing::error!(error = %failure, "backup stream failed");
+        let _ = tx.blocking_send(Err(std::io::Error::other(failure)));
+    });
+    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 /// `GET /_admin/backup?since=N`: a consistent backup stream of everything
 /// written after version `N` (0 or absent: everything).
 pub async fn get_backup(
@@ -67,18 +92,8 @@ pub async fn get_backup(
         .await
         .map_err(|e| ApiError::Internal(format!("the backup task failed: {e}")))??;
     let info = backup.info();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::task::spawn_blocking(move || {
-        let mut writer = ChannelWriter(tx.clone());
-        if let Err(e) = backup.write_to(&mut writer) {
-            tracing::error!(error = %e, "backup stream failed");
-            // Ending the body with an error aborts the response, so the client
-            // sees a truncated (and so refused) backup, never a short one.
-            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-        }
-    });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut response = (StatusCode::OK, Body::from_stream(stream)).into_response();
+    let body = streamed(move |out| backup.write_to(out));
+    let mut response = (StatusCode::OK, body).into_response();
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -87,4 +102,40 @@ pub async fn get_backup(
     h.insert(VERSION_HEADER, HeaderValue::from(info.version));
     h.insert(SINCE_HEADER, HeaderValue::from(info.since));
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::streamed;
+    use crate::storage::StorageError;
+
+    /// What a client receives of the body: its bytes, or the error that
+    /// ended it.
+    async fn received(body: axum::body::Body) -> Result<Vec<u8>, String> {
+        body.collect()
+            .await
+            .map(|c| c.to_bytes().to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_backup_that_fails_or_panics_midway_ends_its_body_with_an_error() {
+        let whole = streamed(|out| {
+            out.write_all(b"all of it")?;
+            Ok(1)
+        });
+        assert_eq!(received(whole).await.as_deref(), Ok(&b"all of it"[..]));
+        let failed = streamed(|out| {
+            out.write_all(b"half")?;
+            Err(StorageError::Engine("the disk".into()))
+        });
+        assert!(received(failed).await.is_err(), "a failed backup");
+        let panicked = streamed(|out| {
+            out.write_all(b"half")?;
+            panic!("a bug in the backup");
+        });
+        assert!(received(panicked).await.is_err(), "a panicked backup");
+    }
 }

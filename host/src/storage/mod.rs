@@ -17,6 +17,7 @@
 
 mod backup;
 pub mod memory;
+mod received;
 pub mod redb;
 mod store;
 
@@ -29,6 +30,7 @@ pub use backup::{
     BackupInfo, Lineage, chain_hint as backup_chain_hint,
     other_server_hint as backup_other_server_hint, verify as verify_backup,
 };
+pub use received::{ReceiveError, Received, copy as receive_backup};
 pub(crate) use store::prefix_end;
 pub use store::{Backup, Durability, Entry, GcStats, NewValue, Snapshot, Store, WriteCtx};
 

@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | `d` + data key | entry record: kind (1), expires_at ms (8, BE), version (8, BE), bytes |
 //! | `e` + expires_at (8, BE) + data key | nothing: the expiry index, in time order |
-//! | `t` + version (8, BE) | a tombstone: 0 (one key) or 1 (a prefix), deleted_at ms (8), key |
+//! | `t` + version (8, BE) | a tombstone: 0 (one key), 1 (a prefix) or 2 (an expired key reclaimed), deleted_at ms (8), key |
 //! | `r` + prefix | nothing: a prefix still to purge in the background |
 //! | `m` + name | store metadata (sequence ceiling, backup horizon, restored version) |
 //!
@@ -60,9 +60,25 @@ const META_LINEAGE: &[u8] = b"mlineage";
 /// increment must share.
 const META_CHAIN: &[u8] = b"mchain";
 
+/// The highest version of a forgotten tombstone that an expired key's
+/// reclaim did not leave (see [`TOMBSTONE_EXPIRED`]), with the
+/// [`META_HORIZON`] it was recorded at: horizon (8, BE) + version (8, BE).
+/// What the check that a restored directory was not written to since
+/// goes by, as [`META_HORIZON`] is what backups go by.
+const META_FORGOTTEN_WRITES: &[u8] = b"mforgotten";
+
 const RECORD_HEADER: usize = 17;
 const TOMBSTONE_KEY: u8 = 0;
 const TOMBSTONE_PREFIX: u8 = 1;
+/// A key's tombstone left by the reclaim of an expired entry that a
+/// restore wrote (its version is no later than the restored one): a
+/// deletion to a backup (as [`TOMBSTONE_KEY`], and read as one by older
+/// versions), but not a write to the check that a restored directory still
+/// holds what the next increment continues: the entry was invisible
+/// already, so the directory holds the same data as before. The reclaim of
+/// an entry a server wrote leaves a [`TOMBSTONE_KEY`]: that write changed
+/// what the restore left.
+const TOMBSTONE_EXPIRED: u8 = 2;
 
 /// The most jobs committed together. Bounds the latency a job adds to the
 /// others in its batch; at ~2 µs a job, 1024 jobs are ~2 ms, below one fsync.
@@ -826,6 +842,13 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// Which kinds of [`Store::gc`] step have something to do.
+struct GcDue {
+    expired: bool,
+    purge: bool,
+    tombstones: bool,
+}
+
 /// What one [`Store::gc`] pass reclaimed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GcStats {
@@ -1071,28 +1094,85 @@ impl Store {
     /// A step failed to commit.
     pub async fn gc(&self) -> Result<GcStats, StorageError> {
         let mut stats = GcStats::default();
-        loop {
-            let n = self.write_background(gc_expired_step).await??;
-            stats.expired += n;
-            if n < GC_CHUNK {
-                break;
+        // A kind of step with nothing to do is not submitted: an idle
+        // server commits nothing. A batch that waits for no fsync first puts
+        // a block of versions on disk when few are left (see
+        // `Writer::run_batch`), so a step that reclaimed nothing raised the
+        // version counter of a directory nobody wrote to (found by a review:
+        // a full restore then called it not empty).
+        let due = self.gc_due()?;
+        if due.expired {
+            loop {
+                let n = self.write_background(gc_expired_step).await??;
+                stats.expired += n;
+                if n < GC_CHUNK {
+                    break;
+                }
             }
         }
-        loop {
-            let (n, more) = self.write_background(gc_purge_step).await??;
-            stats.purged += n;
-            if !more {
-                break;
+        if due.purge {
+            loop {
+                let (n, more) = self.write_background(gc_purge_step).await??;
+                stats.purged += n;
+                if !more {
+                    break;
+                }
             }
         }
-        loop {
-            let n = self.write_background(gc_tombstone_step).await??;
-            stats.tombstones += n;
-            if n < GC_CHUNK {
-                break;
+        if due.tombstones {
+            loop {
+                let n = self.write_background(gc_tombstone_step).await??;
+                stats.tombstones += n;
+                if n < GC_CHUNK {
+                    break;
+                }
             }
         }
         Ok(stats)
+    }
+
+    /// Which kinds of [`Store::gc`] step have something to do, judged on
+    /// the latest snapshot as the steps judge (a step finds at least what
+    /// this found: its time is no earlier).
+    fn gc_due(&self) -> Result<GcDue, StorageError> {
+        let snapshot = self.snapshot()?;
+        let raw = &*snapshot.raw;
+        let exists = |lower: &[u8], upper: &[u8]| -> Result<bool, StorageError> {
+            let mut found = false;
+            raw.scan(
+                Bound::Included(lower),
+                Bound::Excluded(upper),
+                false,
+                &mut |_, _| {
+                    found = true;
+                    false
+                },
+            )?;
+            Ok(found)
+        };
+        let expired = exists(
+            &[NS_EXPIRY],
+            &expiry_key(snapshot.now.saturating_add(1), &[]),
+        )?;
+        let purge = exists(&[NS_PURGE], &[NS_PURGE + 1])?;
+        // Tombstones are in version order; the step forgets them from the
+        // first until one is young enough.
+        let cutoff = snapshot.now.saturating_sub(TOMBSTONE_RETENTION_MS);
+        let mut tombstones = false;
+        raw.scan(
+            Bound::Included(&[NS_TOMBSTONE]),
+            Bound::Excluded(&[NS_TOMBSTONE + 1]),
+            false,
+            &mut |_, v| {
+                tombstones = v.get(1..9).map_or(0, be_u64) < cutoff;
+                false
+            },
+        )?;
+        Ok(GcDue {
+            expired,
+            purge,
+            tombstones,
+        })
     }
 
     /// Makes every commit so far durable.
@@ -1218,23 +1298,40 @@ impl Store {
             )));
         }
         let increment = info.since != 0;
-        let (restored, seq, has_data, written_since, chain) =
+        let (restored, has_data, written_since, chain) =
             self.write_blocking(move |ctx| -> Result<_, StorageError> {
                 let restored = ctx.meta(META_RESTORED)?;
                 let chain = ctx.raw.get(META_CHAIN)?;
-                let has_data = any_in(ctx.raw, &[NS_DATA], &[NS_DATA + 1])?;
+                // Data, not the version counter: a server that opened the
+                // directory may have raised that without writing anything.
+                // Tombstones, a purge to come and forgotten tombstones count:
+                // a full restore's numbering and horizon must not mix with
+                // deletions of another history.
+                let has_data = [NS_DATA, NS_EXPIRY, NS_TOMBSTONE, NS_PURGE]
+                    .into_iter()
+                    .map(|ns| any_in(ctx.raw, &[ns], &[ns + 1]))
+                    .collect::<Result<Vec<_>, _>>()?
+                    .contains(&true)
+                    || ctx.meta(META_HORIZON)? > 0;
                 // Reads every entry: only for an increment that could apply.
-                // A horizon past the restore means tombstones written after
-                // it were forgotten (past their retention): deletions the
-                // scan below can no longer see.
+                // Tombstones forgotten past their retention are deletions
+                // the scan below can no longer see.
                 let written_since = increment
                     && restored == info.since
-                    && (ctx.meta(META_HORIZON)? > restored || written_after(ctx.raw, restored)?);
-                Ok((restored, ctx.seq, has_data, written_since, chain))
+                    && (forgotten_writes(ctx.raw)? > restored || written_after(ctx.raw, restored)?);
+                Ok((restored, has_data, written_since, chain))
             })??;
-        if info.since == 0 && (has_data || seq > 0) {
+        if info.since == 0 && restored > 0 {
+            return Err(StorageError::Restore(format!(
+                "this data directory holds a restore already (up to version {restored}), and a \
+                 full backup can only be restored into an empty one: restore into a new \
+                 directory (after a restore that failed part-way, remove this one and start \
+                 again; to add the next increment, give the increment alone)"
+            )));
+        }
+        if info.since == 0 && has_data {
             return Err(StorageError::Restore(
-                "a full backup can only be restored into an empty data directory: restore into a new directory (a failed restore leaves what it restored: remove it and start again)".into(),
+                "this data directory holds data (a server wrote to it), and a full backup can only be restored into an empty one: restore into a new directory".into(),
             ));
         }
         if increment
@@ -1256,8 +1353,10 @@ impl Store {
         if written_since {
             return Err(StorageError::Restore(format!(
                 "the data directory was written to after its restore (which ended at version \
-                 {restored}), so it no longer holds what this backup continues: restore the \
-                 whole chain into a new directory"
+                 {restored}): a key, bucket or script was written or deleted by a server on it \
+                 (expired keys reclaimed by a KVdb older than this one count too), so it no \
+                 longer holds what this backup continues: restore the whole chain into a new \
+                 directory"
             )));
         }
         // Until the last record and the checksum are in, the directory is
@@ -1305,7 +1404,8 @@ impl Store {
                 // backup of this store from before `version` would miss
                 // them, so it is refused as one past the tombstones kept.
                 let horizon = ctx.meta(META_HORIZON)?.max(version);
-                ctx.raw.put(META_HORIZON, &horizon.to_be_bytes())?;
+                let written = forgotten_writes(ctx.raw)?.max(version);
+                set_horizon(ctx.raw, horizon, written)?;
                 ctx.seq = ctx.seq.max(version);
                 ctx.raw.delete(META_RESTORING)?;
                 Ok(())
@@ -1317,10 +1417,23 @@ impl Store {
 }
 
 /// Whether anything was written after version `version`: a deletion (its
-/// tombstone) or an entry with a later version. Reads every entry.
+/// tombstone) or an entry with a later version. Reads every entry. The
+/// reclaim of an expired entry is no write: it changed nothing a reader or
+/// a restored increment sees (found by a review: the first clean-up after
+/// a restore reclaimed a restored key that had expired, and the next
+/// increment was refused although nobody wrote).
 fn written_after(raw: &dyn RawWrite, version: u64) -> Result<bool, StorageError> {
     let after = ns_key(NS_TOMBSTONE, &(version + 1).to_be_bytes());
-    let mut found = any_in(raw, &after, &[NS_TOMBSTONE + 1])?;
+    let mut found = false;
+    raw.scan(
+        Bound::Included(&after),
+        Bound::Excluded(&[NS_TOMBSTONE + 1]),
+        false,
+        &mut |_, tombstone| {
+            found = tombstone.first() != Some(&TOMBSTONE_EXPIRED);
+            !found
+        },
+    )?;
     if !found {
         raw.scan(
             Bound::Included(&[NS_DATA]),
@@ -1333,6 +1446,25 @@ fn written_after(raw: &dyn RawWrite, version: u64) -> Result<bool, StorageError>
         )?;
     }
     Ok(found)
+}
+
+/// The highest version of a forgotten tombstone of a write (see
+/// [`META_FORGOTTEN_WRITES`]). A horizon moved without it (by a KVdb older
+/// than it) counts whole: any tombstone up to it may have been a write's.
+fn forgotten_writes(raw: &dyn RawWrite) -> Result<u64, StorageError> {
+    let horizon = raw.get(META_HORIZON)?.map_or(0, |v| be_u64(&v));
+    Ok(match raw.get(META_FORGOTTEN_WRITES)? {
+        Some(v) if v.len() == 16 && be_u64(&v[..8]) == horizon => be_u64(&v[8..]),
+        _ => horizon,
+    })
+}
+
+/// Sets [`META_HORIZON`], and [`META_FORGOTTEN_WRITES`] with it.
+fn set_horizon(raw: &mut dyn RawWrite, horizon: u64, written: u64) -> Result<(), StorageError> {
+    raw.put(META_HORIZON, &horizon.to_be_bytes())?;
+    let mut both = horizon.to_be_bytes().to_vec();
+    both.extend_from_slice(&written.to_be_bytes());
+    raw.put(META_FORGOTTEN_WRITES, &both)
 }
 
 /// Whether any key lies in `[lower, upper)`.
@@ -1405,6 +1537,8 @@ fn gc_expired_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
         },
     );
     ctx.check(r)?;
+    let r = ctx.meta(META_RESTORED);
+    let restored = ctx.check(r)?;
     let n = due.len();
     for ikey in due {
         let expires_at = be_u64(&ikey[1..9]);
@@ -1418,7 +1552,12 @@ fn gc_expired_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
                 // Like a delete, for incremental backups: an increment
                 // taken after this must still remove the value this entry
                 // overwrote, which an earlier backup of the chain holds.
-                ctx.tombstone(TOMBSTONE_KEY, key)?;
+                let kind = if record_version(&record) <= restored {
+                    TOMBSTONE_EXPIRED
+                } else {
+                    TOMBSTONE_KEY
+                };
+                ctx.tombstone(kind, key)?;
             }
             ctx.raw.delete(&ikey)
         })();
@@ -1459,6 +1598,8 @@ fn gc_purge_step(ctx: &mut WriteCtx<'_>) -> Result<(usize, bool), StorageError> 
 fn gc_tombstone_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
     let cutoff = ctx.now.saturating_sub(TOMBSTONE_RETENTION_MS);
     let mut old = Vec::new();
+    // The last forgotten tombstone that a write left (not an expiry's).
+    let mut written = 0;
     let r = ctx.raw.scan(
         Bound::Included(&[NS_TOMBSTONE]),
         Bound::Excluded(&[NS_TOMBSTONE + 1]),
@@ -1468,6 +1609,9 @@ fn gc_tombstone_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
             if deleted_at >= cutoff {
                 return false;
             }
+            if v.first() != Some(&TOMBSTONE_EXPIRED) {
+                written = be_u64(&k[1..9]);
+            }
             old.push(k.to_vec());
             old.len() < GC_CHUNK
         },
@@ -1475,8 +1619,13 @@ fn gc_tombstone_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
     ctx.check(r)?;
     let n = old.len();
     if let Some(last) = old.last() {
-        let horizon = be_u64(&last[1..9]);
-        let r = ctx.raw.put(META_HORIZON, &horizon.to_be_bytes());
+        // Never back: a restore sets the horizon to its version, which
+        // tombstones of this store's own from before it may be below.
+        let r = (|| {
+            let horizon = ctx.meta(META_HORIZON)?.max(be_u64(&last[1..9]));
+            let written = forgotten_writes(ctx.raw)?.max(written);
+            set_horizon(ctx.raw, horizon, written)
+        })();
         ctx.check(r)?;
     }
     for key in old {
@@ -2229,6 +2378,49 @@ mod tests {
             .write_to(&mut stream)
             .expect("stream");
         stream
+    }
+
+    /// A full restore asks for a directory without data, whatever its
+    /// version counter says (found by a review: a directory that a server
+    /// had only opened was refused, its counter raised by a clean-up that
+    /// reclaimed nothing, with a message blaming a failed restore), and the
+    /// refusal says what the directory holds.
+    #[test]
+    fn a_full_restore_goes_by_the_data_not_the_version_counter() {
+        let stream = full_backup_of(vec![b"v".to_vec()]);
+        let backend = Arc::new(MemoryBackend::new());
+        // What such a server left: versions reserved, nothing written.
+        backend
+            .write(true, &mut |raw| raw.put(META_SEQ, &SEQ_BLOCK.to_be_bytes()))
+            .expect("reserve");
+        let target = Store::open(backend, Durability::Strict).expect("open");
+        target
+            .restore(&mut stream.as_slice())
+            .expect("no data: an empty directory");
+        let got = target
+            .snapshot()
+            .expect("snapshot")
+            .get(b"k\0")
+            .expect("get");
+        assert_eq!(got.map(|e| e.value), Some(b"v".to_vec()));
+        let err = target
+            .restore(&mut stream.as_slice())
+            .expect_err("a second full restore");
+        assert!(err.to_string().contains("holds a restore already"), "{err}");
+        // A deletion is data too: its tombstone is in the next increments.
+        let written =
+            Store::open(Arc::new(MemoryBackend::new()), Durability::Strict).expect("open");
+        written
+            .write_blocking(|ctx| ctx.delete(b"x"))
+            .expect("commit")
+            .expect("delete");
+        let err = written
+            .restore(&mut stream.as_slice())
+            .expect_err("written to");
+        assert!(
+            err.to_string().contains("holds data") && !err.to_string().contains("failed"),
+            "{err}"
+        );
     }
 
     /// A restore applies a backup in transactions of at most
