@@ -213,6 +213,49 @@ fn a_core_module_is_400_saying_it_is_a_core_module_not_a_component() {
     assert_eq!(scripts_of(&s, &b), json!([]));
 }
 
+/// Found by a reviewer writing guests: a binary uploaded as Lua (neither
+/// declared `application/wasm` nor starting with the `\0asm` magic) answered
+/// only Lua's "x:1: unexpected symbol near '<\224>'".
+#[test]
+fn a_binary_uploaded_as_lua_is_400_saying_how_to_upload_a_component() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    // What `curl -d @file` (8.7 and later) sends of a component: its bytes
+    // without NUL, CR and LF, as a form.
+    let stripped: Vec<u8> = hello()
+        .into_iter()
+        .filter(|c| !matches!(c, 0 | b'\r' | b'\n'))
+        .collect();
+    let form = Some("application/x-www-form-urlencoded");
+    let detail = upload_bytes(&s, &b, "d", &stripped, form).assert_problem(400);
+    // Lua's message, then what to do.
+    assert!(detail.contains("d:1: syntax error"), "{detail}");
+    assert!(
+        detail
+            .contains("looks like a WebAssembly component whose NUL, CR and LF bytes were dropped"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("-H 'Content-Type: application/wasm'")
+            && detail.contains("use `--data-binary @file` or `-T file`"),
+        "{detail}"
+    );
+    // Binary garbage (or a component cut at its first NUL, as older curls
+    // send it): not UTF-8.
+    let garbage = [0xe0, 0x80, 0xff, 0xfe, 0x01, 0x02];
+    let detail = upload_bytes(&s, &b, "g", &garbage, None).assert_problem(400);
+    assert!(detail.contains("unexpected symbol"), "{detail}");
+    assert!(
+        detail.contains("A Lua script is UTF-8 text, and this is not")
+            && detail.contains("Content-Type: application/wasm"),
+        "{detail}"
+    );
+    // Text that is no Lua: Lua's message alone.
+    let detail = upload_bytes(&s, &b, "t", b"kvdb.say(", None).assert_problem(400);
+    assert!(!detail.contains("WebAssembly"), "{detail}");
+    assert_eq!(scripts_of(&s, &b), json!([]));
+}
+
 /// A hand-written component of the `kvdb:script` world (no imports): its
 /// `handle` runs `prelude`, then answers `200 ok`. `before` goes ahead of
 /// the main module (more core modules and instances).
