@@ -391,6 +391,96 @@ fn a_component_of_another_world_is_400_saying_it_does_not_fit_kvdb_script() {
         detail.contains("does not fit") || detail.contains("does not export"),
         "{detail}"
     );
+    // The import this server lacks, named.
+    assert!(
+        detail.contains("does not provide: `test:other/greeter`"),
+        "{detail}"
+    );
+    assert_eq!(scripts_of(&s, &b), json!([]));
+}
+
+/// The version of `kvdb:script` the server provides: `wit/kvdb.wit`'s.
+fn wit_version() -> &'static str {
+    include_str!("../../wit/kvdb.wit")
+        .lines()
+        .find_map(|l| l.strip_prefix("package kvdb:script@"))
+        .and_then(|v| v.strip_suffix(';'))
+        .expect("wit/kvdb.wit names its package")
+}
+
+/// Found by a reviewer writing guests: a component built against another
+/// version of the WIT package got wasmtime's "instance export `get` has the
+/// wrong type: function implementation is missing".
+#[test]
+fn a_component_built_against_another_kvdb_script_version_is_400_saying_to_rebuild() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let kv = r#"(import "kvdb:script/kv@0.2.0" (instance
+      (export "get" (func (param "key" string) (result (option (list u8)))))))"#;
+    let detail = upload_bytes(
+        &s,
+        &b,
+        "v2",
+        &wat_component(kv, ""),
+        Some("application/wasm"),
+    )
+    .assert_problem(400);
+    assert!(
+        detail.contains("this component was built against kvdb:script@0.2.0"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains(&format!(
+            "this server provides kvdb:script@{}: rebuild it against this server's wit/",
+            wit_version()
+        )),
+        "{detail}"
+    );
+    assert!(!detail.contains("implementation is missing"), "{detail}");
+    assert_eq!(scripts_of(&s, &b), json!([]));
+    // The same import at the server's version, and a WASI one it provides:
+    // uploaded (an unused import is no error).
+    let fits = format!(
+        r#"(import "kvdb:script/kv@{}" (instance))
+  (import "wasi:random/random@0.2.0" (instance))"#,
+        wit_version()
+    );
+    install_wasm(&s, &b, "fits", &wat_component(&fits, ""));
+    assert_body(&run(&s, &b, "fits"), "ok\n");
+}
+
+/// Found by a reviewer writing guests: componentize-js's default output
+/// imports wasi:http (for `fetch` and fetch events), which the server does
+/// not provide; the 400 named only wasmtime's first mismatch.
+#[test]
+fn a_component_importing_wasi_http_is_400_naming_it_and_the_componentize_js_fix() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    // An instance import needs an item to be refused: one without any is
+    // satisfied by nothing.
+    let http = r#"(import "wasi:http/types@0.2.3" (instance
+    (export "fields" (type (sub resource)))))
+  (import "wasi:io/streams@0.2.3" (instance
+    (export "input-stream" (type (sub resource)))))
+  (import "wasi:http/outgoing-handler@0.2.3" (instance (export "handle" (func))))"#;
+    let detail = upload_bytes(
+        &s,
+        &b,
+        "js",
+        &wat_component(http, ""),
+        Some("application/wasm"),
+    )
+    .assert_problem(400);
+    assert!(
+        detail.contains(
+            "does not provide: `wasi:http/types@0.2.3`, `wasi:http/outgoing-handler@0.2.3`."
+        ),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("disableFeatures: ['http', 'fetch-event']"),
+        "{detail}"
+    );
     assert_eq!(scripts_of(&s, &b), json!([]));
 }
 

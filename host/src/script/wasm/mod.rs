@@ -35,6 +35,7 @@
 mod bindings;
 mod host;
 mod output;
+mod world;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -380,6 +381,15 @@ fn disk_cache(dir: &Path) -> wasmtime::Result<Cache> {
     Cache::new(config)
 }
 
+/// A linker with what a script may import: WASI 0.2 (granting clocks and
+/// random only, see [`Wasi`]) and the `kvdb:script` interfaces.
+fn linker(engine: &Engine) -> wasmtime::Result<Linker<WasmState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    Script::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
 fn internal(e: impl std::fmt::Display) -> ScriptError {
     ScriptError::Internal(e.to_string())
 }
@@ -438,9 +448,7 @@ impl WasmRuntime {
             .total_stacks(slots);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(internal)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
-        Script::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(internal)?;
+        let linker = linker(&engine).map_err(internal)?;
         let ticker = Ticker::spawn(&engine).map_err(internal)?;
         Ok(Self {
             engine,
@@ -473,15 +481,34 @@ impl WasmRuntime {
         let component = Component::new(&self.engine, bytes).map_err(|e| {
             ScriptError::Invalid(format!("this is not a valid WebAssembly component: {e:#}"))
         })?;
+        // What does not link is said from the component's names when they
+        // tell (another version of kvdb:script, an import this server lacks),
+        // else by wasmtime.
+        let misfit = || {
+            let ty = component.component_type();
+            world::misfit(
+                ty.imports(&self.engine).map(|(name, _)| name),
+                ty.exports(&self.engine).map(|(name, _)| name),
+            )
+            .map(|why| {
+                ScriptError::Invalid(format!(
+                    "the component does not fit the kvdb:script world (see wit/kvdb.wit): {why}"
+                ))
+            })
+        };
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
-            ScriptError::Invalid(format!(
-                "the component does not fit the kvdb:script world (see wit/kvdb.wit): {e:#}"
-            ))
+            misfit().unwrap_or_else(|| {
+                ScriptError::Invalid(format!(
+                    "the component does not fit the kvdb:script world (see wit/kvdb.wit): {e:#}"
+                ))
+            })
         })?;
         let pre = ScriptPre::new(pre).map_err(|e| {
-            ScriptError::Invalid(format!(
-                "the component does not export the kvdb:script `handle` function: {e:#}"
-            ))
+            misfit().unwrap_or_else(|| {
+                ScriptError::Invalid(format!(
+                    "the component does not export the kvdb:script `handle` function: {e:#}"
+                ))
+            })
         })?;
         Ok(Prepared(Arc::new(pre)))
     }
