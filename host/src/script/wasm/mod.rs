@@ -810,17 +810,7 @@ impl WasmRuntime {
             _ => {}
         }
         let output = String::from_utf8_lossy(stderr);
-        if let Some(panic) = output.lines().find(|l| l.contains("panicked")) {
-            let mut message = panic.trim().to_owned();
-            // Rust's panic message follows on the next line.
-            if let Some(next) = output
-                .lines()
-                .skip_while(|l| !l.contains("panicked"))
-                .nth(1)
-            {
-                message.push(' ');
-                message.push_str(next.trim());
-            }
+        if let Some(message) = panic_detail(&output) {
             return ScriptError::Failed(crate::script::clip_message(message));
         }
         // The trap itself ("wasm trap: out of bounds memory access"), or
@@ -848,6 +838,58 @@ impl WasmRuntime {
         }
         ScriptError::Failed(crate::script::clip_message(message))
     }
+}
+
+/// The most bytes of what a guest wrote before it panicked that a panic's
+/// detail repeats (the whole detail is cut at 4 KiB too).
+const BEFORE_PANIC_BYTES: usize = 512;
+
+/// A guest's panic, from its stderr: the panic's line and message, and what
+/// the guest wrote just before it, which for a Python guest is its
+/// exception. componentize-py prints the traceback and then panics with
+/// "Python function threw an unexpected exception": the exception
+/// (`ValueError: boom`) was only in the server log (found by a reviewer
+/// writing guests). `None` without a panic.
+fn panic_detail(stderr: &str) -> Option<String> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    // Rust's panic hook writes "thread '…' panicked at FILE:LINE:COL:"; the
+    // last such line is the panic (a Python message may say "panicked" too).
+    let at = lines
+        .iter()
+        .rposition(|l| l.contains(" panicked at "))
+        .or_else(|| lines.iter().position(|l| l.contains("panicked")))?;
+    let mut message = lines[at].trim().to_owned();
+    // Rust's panic message follows on the next line.
+    let next = lines.get(at + 1).map(|l| l.trim()).unwrap_or_default();
+    if !next.is_empty() {
+        message.push(' ');
+        message.push_str(next);
+    }
+    let before = &lines[..at];
+    // A Python traceback ends with the exception's line, the first one
+    // after the (last) traceback's heading that is not indented; a message
+    // of several lines goes on below it. Other guests: their last line.
+    let said = match before
+        .iter()
+        .rposition(|l| l.trim_end() == "Traceback (most recent call last):")
+    {
+        Some(heading) => before[heading + 1..]
+            .iter()
+            .find(|l| !l.trim().is_empty() && !l.starts_with(char::is_whitespace)),
+        None => before.iter().rfind(|l| !l.trim().is_empty()),
+    };
+    if let Some(said) = said.map(|l| l.trim()).filter(|l| *l != next) {
+        let mut end = said.len().min(BEFORE_PANIC_BYTES);
+        while !said.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.push_str("; before it on stderr: ");
+        message.push_str(&said[..end]);
+        if end < said.len() {
+            message.push('…');
+        }
+    }
+    Some(message)
 }
 
 fn log_output(script: &StoredScript, stream: &str, bytes: &[u8], dropped: bool) {
@@ -905,7 +947,74 @@ async fn off_the_worker(call: Call) -> Result<Ran, ScriptError> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Compiled, MAX_CACHED};
+    use super::{Compiled, MAX_CACHED, panic_detail};
+
+    /// A componentize-py guest's stderr (0.25.1) as captured from a run
+    /// whose `handle` raised `ValueError("boom")` after writing a line.
+    const PYTHON_STDERR: &str = "before the exception
+Traceback (most recent call last):
+  File \"/0/app.py\", line 15, in handle
+  File \"/0/app.py\", line 8, in fail
+  File \"/0/app.py\", line 7, in fail
+ValueError: boom
+
+thread '<unnamed>' (1) panicked at runtime/src/lib.rs:1280:25:
+Python function threw an unexpected exception
+note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
+";
+
+    #[test]
+    fn a_python_guests_panic_names_its_exception() {
+        assert_eq!(
+            panic_detail(PYTHON_STDERR).as_deref(),
+            Some(
+                "thread '<unnamed>' (1) panicked at runtime/src/lib.rs:1280:25: Python function \
+                 threw an unexpected exception; before it on stderr: ValueError: boom"
+            )
+        );
+        // A message of several lines: its first; a chained exception: the
+        // last one raised.
+        let several = PYTHON_STDERR.replace("ValueError: boom", "KeyError: 'a'\nand more");
+        assert!(panic_detail(&several).is_some_and(|d| d.ends_with("stderr: KeyError: 'a'")));
+        let chained = PYTHON_STDERR.replace(
+            "ValueError: boom",
+            "ValueError: boom\n\nDuring handling of the above exception, another exception \
+             occurred:\n\nTraceback (most recent call last):\n  File \"/0/app.py\", line 9, \
+             in handle\napp.Oops: second",
+        );
+        assert!(panic_detail(&chained).is_some_and(|d| d.ends_with("stderr: app.Oops: second")));
+        // Bounded.
+        let long = PYTHON_STDERR.replace("boom", &"é".repeat(5000));
+        let detail = panic_detail(&long).expect("a panic");
+        assert!(
+            detail.len() < 700 && detail.ends_with('…'),
+            "{}",
+            detail.len()
+        );
+    }
+
+    #[test]
+    fn a_rust_guests_panic_is_its_line_and_message() {
+        let stderr = "thread '<unnamed>' panicked at src/lib.rs:113:24:
+hostile guest panics on purpose (4f2a)
+note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
+";
+        assert_eq!(
+            panic_detail(stderr).as_deref(),
+            Some(
+                "thread '<unnamed>' panicked at src/lib.rs:113:24: hostile guest panics on \
+                 purpose (4f2a)"
+            )
+        );
+        // What it wrote before comes after.
+        let said = format!("loading the config\n{stderr}");
+        assert!(
+            panic_detail(&said)
+                .is_some_and(|d| d.ends_with("; before it on stderr: loading the config"))
+        );
+        assert_eq!(panic_detail("no panic here\n"), None);
+        assert_eq!(panic_detail(""), None);
+    }
 
     fn digest(n: usize) -> [u8; 32] {
         let mut d = [0; 32];
