@@ -355,6 +355,8 @@ fn the_memory_limit_holds_for_all_of_a_runs_memories_together() {
     let t = get_within(&s, &format!("/{b}/scripts/two"), BOUND);
     let detail = assert_limit(&t, &[(500, "script-memory-limit")]);
     assert!(detail.contains("16777216"), "{detail}");
+    assert!(detail.contains("use less memory per request"), "{detail}");
+    assert!(detail.contains("--script-memory-bytes"), "{detail}");
     // Either alone fits.
     install_wasm(&s, &b, "one", &wat_component(&memories(1, 1), grows));
     assert_body(&run(&s, &b, "one"), "ok\n");
@@ -869,6 +871,9 @@ fn an_endless_loop_with_little_fuel_ends_with_the_fuel_limit() {
     let t = misbehave(&s, &b, "loop");
     let detail = assert_limit(&t, &[(500, "script-fuel-limit")]);
     assert!(detail.contains("5000000"), "{detail}");
+    // What to do: less work, or an operator's flag.
+    assert!(detail.contains("do less work per request"), "{detail}");
+    assert!(detail.contains("--script-fuel"), "{detail}");
     assert!(t.elapsed < Duration::from_secs(5), "took {:?}", t.elapsed);
     assert_server_still_answers(&s, &b);
 }
@@ -1242,6 +1247,8 @@ fn a_huge_response_ends_with_the_response_limit_and_one_at_the_limit_is_sent() {
     let t = misbehave(&s, &b, "huge");
     let detail = assert_limit(&t, &[(500, "script-response-limit")]);
     assert!(detail.contains("10000"), "{detail}");
+    assert!(detail.contains("answer less per request"), "{detail}");
+    assert!(detail.contains("--script-response-bytes"), "{detail}");
     assert!(!t.body.contains("xxxx"), "a partial body was sent");
     let t = misbehave(&s, &b, "huge&bytes=10001");
     assert_limit(&t, &[(500, "script-response-limit")]);
@@ -1511,6 +1518,10 @@ fn a_response_of_millions_of_headers_is_refused_before_the_host_copies_it() {
     for t in &runs {
         let detail = assert_limit(t, &[(500, "script-memory-limit")]);
         assert!(detail.contains("handed the host more than"), "{detail}");
+        assert!(
+            detail.contains("--max-value-bytes and --script-response-bytes"),
+            "{detail}"
+        );
     }
     assert!(grown < 100_000_000, "the server grew by {grown} bytes");
     assert_server_still_answers(&s, &b);

@@ -118,6 +118,22 @@ const MAX_RANDOM_BYTES: u64 = 1 << 20;
 /// guest that handed the host more than its hostcall fuel allows at once.
 const HANDOVER_EXCEEDED: &str = "too much data is being copied between the host and the guest";
 
+/// What to do about a limit, added to its error: the run's own share of
+/// work, and the flag that sets the limit (the unit test
+/// `the_hints_name_real_flags` holds them to `kvdb serve`'s flags).
+const FUEL_HINT: &str = "do less work per request (fuel is about one unit per instruction); \
+     the server's operator sets the limit with --script-fuel";
+/// See [`FUEL_HINT`].
+const MEMORY_HINT: &str = "use less memory per request (smaller values, fewer of them at once); \
+     the server's operator sets the limit with --script-memory-bytes";
+/// See [`FUEL_HINT`].
+const RESPONSE_HINT: &str = "answer less per request (e.g. a page of a listing at a time); \
+     the server's operator sets the limit with --script-response-bytes";
+/// See [`FUEL_HINT`]: what a run hands over at once is bounded by two
+/// limits, neither of them the memory limit.
+const HANDOVER_HINT: &str = "hand over smaller values and responses; the server's operator \
+     sets the limits with --max-value-bytes and --script-response-bytes";
+
 /// What a run's store holds.
 pub struct WasmState {
     host: Host,
@@ -726,7 +742,7 @@ impl WasmRuntime {
             return Err(ScriptError::Limit {
                 limit: Limit::Response,
                 detail: format!(
-                    "the response is {} bytes; the limit is {}",
+                    "the response is {} bytes; the limit is {}: {RESPONSE_HINT}",
                     response.body.len(),
                     self.limits.response_bytes
                 ),
@@ -769,7 +785,7 @@ impl WasmRuntime {
             return limit(
                 Limit::Memory,
                 format!(
-                    "the script handed the host more than {handover} bytes at once (in its response or in one call); a run may hand over at most twice the larger of the value size limit and the response limit, plus {HANDOVER_SLACK} bytes"
+                    "the script handed the host more than {handover} bytes at once (in its response or in one call); a run may hand over at most twice the larger of the value size limit and the response limit, plus {HANDOVER_SLACK} bytes: {HANDOVER_HINT}"
                 ),
             );
         }
@@ -788,7 +804,7 @@ impl WasmRuntime {
             return limit(
                 Limit::Memory,
                 format!(
-                    "the script tried to use more than {} bytes of memory",
+                    "the script tried to use more than {} bytes of memory: {MEMORY_HINT}",
                     self.limits.memory_bytes
                 ),
             );
@@ -798,7 +814,10 @@ impl WasmRuntime {
             Some(Trap::OutOfFuel) => {
                 return limit(
                     Limit::Fuel,
-                    format!("the script used more than {} fuel", self.limits.fuel),
+                    format!(
+                        "the script used more than {} fuel: {FUEL_HINT}",
+                        self.limits.fuel
+                    ),
                 );
             }
             Some(Trap::Interrupt) => {
@@ -1045,5 +1064,29 @@ note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
         cache.insert(digest(0), 7);
         assert_eq!(cache.entries.len(), MAX_CACHED);
         assert_eq!(cache.get(&digest(0)), Some(7));
+    }
+
+    /// Every `--flag` a limit's hint names is one of `kvdb serve`'s.
+    #[test]
+    fn the_hints_name_real_flags() {
+        use clap::CommandFactory;
+        let serve = crate::config::ServeArgs::command();
+        let mut named = 0;
+        for hint in [
+            super::FUEL_HINT,
+            super::MEMORY_HINT,
+            super::RESPONSE_HINT,
+            super::HANDOVER_HINT,
+        ] {
+            for flag in hint.split_whitespace().filter_map(|w| w.strip_prefix("--")) {
+                let flag = flag.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+                assert!(
+                    serve.get_arguments().any(|a| a.get_long() == Some(flag)),
+                    "--{flag} (in \"{hint}\") is no flag of kvdb serve"
+                );
+                named += 1;
+            }
+        }
+        assert_eq!(named, 5);
     }
 }
