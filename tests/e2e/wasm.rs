@@ -213,6 +213,49 @@ fn a_core_module_is_400_saying_it_is_a_core_module_not_a_component() {
     assert_eq!(scripts_of(&s, &b), json!([]));
 }
 
+/// Found by a reviewer writing guests: a binary uploaded as Lua (neither
+/// declared `application/wasm` nor starting with the `\0asm` magic) answered
+/// only Lua's "x:1: unexpected symbol near '<\224>'".
+#[test]
+fn a_binary_uploaded_as_lua_is_400_saying_how_to_upload_a_component() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    // What `curl -d @file` (8.7 and later) sends of a component: its bytes
+    // without NUL, CR and LF, as a form.
+    let stripped: Vec<u8> = hello()
+        .into_iter()
+        .filter(|c| !matches!(c, 0 | b'\r' | b'\n'))
+        .collect();
+    let form = Some("application/x-www-form-urlencoded");
+    let detail = upload_bytes(&s, &b, "d", &stripped, form).assert_problem(400);
+    // Lua's message, then what to do.
+    assert!(detail.contains("d:1: syntax error"), "{detail}");
+    assert!(
+        detail
+            .contains("looks like a WebAssembly component whose NUL, CR and LF bytes were dropped"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("-H 'Content-Type: application/wasm'")
+            && detail.contains("use `--data-binary @file` or `-T file`"),
+        "{detail}"
+    );
+    // Binary garbage (or a component cut at its first NUL, as older curls
+    // send it): not UTF-8.
+    let garbage = [0xe0, 0x80, 0xff, 0xfe, 0x01, 0x02];
+    let detail = upload_bytes(&s, &b, "g", &garbage, None).assert_problem(400);
+    assert!(detail.contains("unexpected symbol"), "{detail}");
+    assert!(
+        detail.contains("A Lua script is UTF-8 text, and this is not")
+            && detail.contains("Content-Type: application/wasm"),
+        "{detail}"
+    );
+    // Text that is no Lua: Lua's message alone.
+    let detail = upload_bytes(&s, &b, "t", b"kvdb.say(", None).assert_problem(400);
+    assert!(!detail.contains("WebAssembly"), "{detail}");
+    assert_eq!(scripts_of(&s, &b), json!([]));
+}
+
 /// A hand-written component of the `kvdb:script` world (no imports): its
 /// `handle` runs `prelude`, then answers `200 ok`. `before` goes ahead of
 /// the main module (more core modules and instances).
@@ -312,6 +355,8 @@ fn the_memory_limit_holds_for_all_of_a_runs_memories_together() {
     let t = get_within(&s, &format!("/{b}/scripts/two"), BOUND);
     let detail = assert_limit(&t, &[(500, "script-memory-limit")]);
     assert!(detail.contains("16777216"), "{detail}");
+    assert!(detail.contains("use less memory per request"), "{detail}");
+    assert!(detail.contains("--script-memory-bytes"), "{detail}");
     // Either alone fits.
     install_wasm(&s, &b, "one", &wat_component(&memories(1, 1), grows));
     assert_body(&run(&s, &b, "one"), "ok\n");
@@ -346,6 +391,96 @@ fn a_component_of_another_world_is_400_saying_it_does_not_fit_kvdb_script() {
     assert!(detail.contains("kvdb:script"), "{detail}");
     assert!(
         detail.contains("does not fit") || detail.contains("does not export"),
+        "{detail}"
+    );
+    // The import this server lacks, named.
+    assert!(
+        detail.contains("does not provide: `test:other/greeter`"),
+        "{detail}"
+    );
+    assert_eq!(scripts_of(&s, &b), json!([]));
+}
+
+/// The version of `kvdb:script` the server provides: `wit/kvdb.wit`'s.
+fn wit_version() -> &'static str {
+    include_str!("../../wit/kvdb.wit")
+        .lines()
+        .find_map(|l| l.strip_prefix("package kvdb:script@"))
+        .and_then(|v| v.strip_suffix(';'))
+        .expect("wit/kvdb.wit names its package")
+}
+
+/// Found by a reviewer writing guests: a component built against another
+/// version of the WIT package got wasmtime's "instance export `get` has the
+/// wrong type: function implementation is missing".
+#[test]
+fn a_component_built_against_another_kvdb_script_version_is_400_saying_to_rebuild() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let kv = r#"(import "kvdb:script/kv@0.2.0" (instance
+      (export "get" (func (param "key" string) (result (option (list u8)))))))"#;
+    let detail = upload_bytes(
+        &s,
+        &b,
+        "v2",
+        &wat_component(kv, ""),
+        Some("application/wasm"),
+    )
+    .assert_problem(400);
+    assert!(
+        detail.contains("this component was built against kvdb:script@0.2.0"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains(&format!(
+            "this server provides kvdb:script@{}: rebuild it against this server's wit/",
+            wit_version()
+        )),
+        "{detail}"
+    );
+    assert!(!detail.contains("implementation is missing"), "{detail}");
+    assert_eq!(scripts_of(&s, &b), json!([]));
+    // The same import at the server's version, and a WASI one it provides:
+    // uploaded (an unused import is no error).
+    let fits = format!(
+        r#"(import "kvdb:script/kv@{}" (instance))
+  (import "wasi:random/random@0.2.0" (instance))"#,
+        wit_version()
+    );
+    install_wasm(&s, &b, "fits", &wat_component(&fits, ""));
+    assert_body(&run(&s, &b, "fits"), "ok\n");
+}
+
+/// Found by a reviewer writing guests: componentize-js's default output
+/// imports wasi:http (for `fetch` and fetch events), which the server does
+/// not provide; the 400 named only wasmtime's first mismatch.
+#[test]
+fn a_component_importing_wasi_http_is_400_naming_it_and_the_componentize_js_fix() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    // An instance import needs an item to be refused: one without any is
+    // satisfied by nothing.
+    let http = r#"(import "wasi:http/types@0.2.3" (instance
+    (export "fields" (type (sub resource)))))
+  (import "wasi:io/streams@0.2.3" (instance
+    (export "input-stream" (type (sub resource)))))
+  (import "wasi:http/outgoing-handler@0.2.3" (instance (export "handle" (func))))"#;
+    let detail = upload_bytes(
+        &s,
+        &b,
+        "js",
+        &wat_component(http, ""),
+        Some("application/wasm"),
+    )
+    .assert_problem(400);
+    assert!(
+        detail.contains(
+            "does not provide: `wasi:http/types@0.2.3`, `wasi:http/outgoing-handler@0.2.3`."
+        ),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("disableFeatures: ['http', 'fetch-event']"),
         "{detail}"
     );
     assert_eq!(scripts_of(&s, &b), json!([]));
@@ -736,6 +871,9 @@ fn an_endless_loop_with_little_fuel_ends_with_the_fuel_limit() {
     let t = misbehave(&s, &b, "loop");
     let detail = assert_limit(&t, &[(500, "script-fuel-limit")]);
     assert!(detail.contains("5000000"), "{detail}");
+    // What to do: less work, or an operator's flag.
+    assert!(detail.contains("do less work per request"), "{detail}");
+    assert!(detail.contains("--script-fuel"), "{detail}");
     assert!(t.elapsed < Duration::from_secs(5), "took {:?}", t.elapsed);
     assert_server_still_answers(&s, &b);
 }
@@ -1109,6 +1247,8 @@ fn a_huge_response_ends_with_the_response_limit_and_one_at_the_limit_is_sent() {
     let t = misbehave(&s, &b, "huge");
     let detail = assert_limit(&t, &[(500, "script-response-limit")]);
     assert!(detail.contains("10000"), "{detail}");
+    assert!(detail.contains("answer less per request"), "{detail}");
+    assert!(detail.contains("--script-response-bytes"), "{detail}");
     assert!(!t.body.contains("xxxx"), "a partial body was sent");
     let t = misbehave(&s, &b, "huge&bytes=10001");
     assert_limit(&t, &[(500, "script-response-limit")]);
@@ -1378,6 +1518,10 @@ fn a_response_of_millions_of_headers_is_refused_before_the_host_copies_it() {
     for t in &runs {
         let detail = assert_limit(t, &[(500, "script-memory-limit")]);
         assert!(detail.contains("handed the host more than"), "{detail}");
+        assert!(
+            detail.contains("--max-value-bytes and --script-response-bytes"),
+            "{detail}"
+        );
     }
     assert!(grown < 100_000_000, "the server grew by {grown} bytes");
     assert_server_still_answers(&s, &b);

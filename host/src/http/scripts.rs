@@ -120,7 +120,10 @@ pub async fn put_script(
     let checked = source.clone();
     let shown = name.to_string();
     tokio::task::spawn_blocking(move || match kind {
-        ScriptKind::Lua => runtimes.lua.validate(&shown, &checked),
+        ScriptKind::Lua => runtimes
+            .lua
+            .validate(&shown, &checked)
+            .map_err(|e| not_lua(e, &checked)),
         ScriptKind::Wasm => runtimes.wasm.compile_cached(&checked).map(drop),
     })
     .await
@@ -130,6 +133,40 @@ pub async fn put_script(
     let bucket = bucket.reauthorized()?;
     let stored = bucket.put_script(&name, kind, source.to_vec()).await?;
     Ok(Json(stored.summary()).into_response())
+}
+
+/// How to send a component unaltered, for the errors below.
+const SEND_A_COMPONENT: &str = "send it unaltered, with Content-Type: application/wasm \
+     (`curl -T file.wasm -H 'Content-Type: application/wasm' …`; `-d @file` drops a binary's \
+     NUL, CR and LF bytes: use `--data-binary @file` or `-T file`)";
+
+/// A Lua upload that does not compile, with what to do when the body is no
+/// Lua at all: Lua's own message about it (`x:1: unexpected symbol near
+/// '<\224>'`) says neither (found by a reviewer writing guests). The kind is
+/// still decided by `Content-Type` and the `\0asm` magic only, never guessed
+/// from the rest of the body.
+fn not_lua(e: crate::script::ScriptError, body: &[u8]) -> crate::script::ScriptError {
+    use crate::script::ScriptError;
+    let ScriptError::Invalid(message) = e else {
+        return e;
+    };
+    // A component's first bytes (`\0asm\r\0\x01\0`) once `curl -d @file`
+    // dropped its NUL, CR and LF bytes (curl 8.7 and later; earlier ones cut
+    // each line at its first NUL instead, which leaves no UTF-8).
+    let hint = if body.starts_with(b"asm\x01") {
+        format!(
+            "This looks like a WebAssembly component whose NUL, CR and LF bytes were dropped \
+             on the way, as `curl -d @file` does: {SEND_A_COMPONENT}."
+        )
+    } else if std::str::from_utf8(body).is_err() {
+        format!(
+            "A Lua script is UTF-8 text, and this is not. To upload a WebAssembly component, \
+             {SEND_A_COMPONENT}."
+        )
+    } else {
+        return ScriptError::Invalid(message);
+    };
+    ScriptError::Invalid(format!("{message}. {hint}"))
 }
 
 /// `DELETE /:bucket/scripts/:script`.

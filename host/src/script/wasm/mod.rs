@@ -35,6 +35,7 @@
 mod bindings;
 mod host;
 mod output;
+mod world;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -116,6 +117,22 @@ const MAX_RANDOM_BYTES: u64 = 1 << 20;
 /// The start of the message of wasmtime's error (a private type) for a
 /// guest that handed the host more than its hostcall fuel allows at once.
 const HANDOVER_EXCEEDED: &str = "too much data is being copied between the host and the guest";
+
+/// What to do about a limit, added to its error: the run's own share of
+/// work, and the flag that sets the limit (the unit test
+/// `the_hints_name_real_flags` holds them to `kvdb serve`'s flags).
+const FUEL_HINT: &str = "do less work per request (fuel is about one unit per instruction); \
+     the server's operator sets the limit with --script-fuel";
+/// See [`FUEL_HINT`].
+const MEMORY_HINT: &str = "use less memory per request (smaller values, fewer of them at once); \
+     the server's operator sets the limit with --script-memory-bytes";
+/// See [`FUEL_HINT`].
+const RESPONSE_HINT: &str = "answer less per request (e.g. a page of a listing at a time); \
+     the server's operator sets the limit with --script-response-bytes";
+/// See [`FUEL_HINT`]: what a run hands over at once is bounded by two
+/// limits, neither of them the memory limit.
+const HANDOVER_HINT: &str = "hand over smaller values and responses; the server's operator \
+     sets the limits with --max-value-bytes and --script-response-bytes";
 
 /// What a run's store holds.
 pub struct WasmState {
@@ -380,6 +397,15 @@ fn disk_cache(dir: &Path) -> wasmtime::Result<Cache> {
     Cache::new(config)
 }
 
+/// A linker with what a script may import: WASI 0.2 (granting clocks and
+/// random only, see [`Wasi`]) and the `kvdb:script` interfaces.
+fn linker(engine: &Engine) -> wasmtime::Result<Linker<WasmState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    Script::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
 fn internal(e: impl std::fmt::Display) -> ScriptError {
     ScriptError::Internal(e.to_string())
 }
@@ -438,9 +464,7 @@ impl WasmRuntime {
             .total_stacks(slots);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(internal)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(internal)?;
-        Script::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(internal)?;
+        let linker = linker(&engine).map_err(internal)?;
         let ticker = Ticker::spawn(&engine).map_err(internal)?;
         Ok(Self {
             engine,
@@ -473,15 +497,34 @@ impl WasmRuntime {
         let component = Component::new(&self.engine, bytes).map_err(|e| {
             ScriptError::Invalid(format!("this is not a valid WebAssembly component: {e:#}"))
         })?;
+        // What does not link is said from the component's names when they
+        // tell (another version of kvdb:script, an import this server lacks),
+        // else by wasmtime.
+        let misfit = || {
+            let ty = component.component_type();
+            world::misfit(
+                ty.imports(&self.engine).map(|(name, _)| name),
+                ty.exports(&self.engine).map(|(name, _)| name),
+            )
+            .map(|why| {
+                ScriptError::Invalid(format!(
+                    "the component does not fit the kvdb:script world (see wit/kvdb.wit): {why}"
+                ))
+            })
+        };
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
-            ScriptError::Invalid(format!(
-                "the component does not fit the kvdb:script world (see wit/kvdb.wit): {e:#}"
-            ))
+            misfit().unwrap_or_else(|| {
+                ScriptError::Invalid(format!(
+                    "the component does not fit the kvdb:script world (see wit/kvdb.wit): {e:#}"
+                ))
+            })
         })?;
         let pre = ScriptPre::new(pre).map_err(|e| {
-            ScriptError::Invalid(format!(
-                "the component does not export the kvdb:script `handle` function: {e:#}"
-            ))
+            misfit().unwrap_or_else(|| {
+                ScriptError::Invalid(format!(
+                    "the component does not export the kvdb:script `handle` function: {e:#}"
+                ))
+            })
         })?;
         Ok(Prepared(Arc::new(pre)))
     }
@@ -699,7 +742,7 @@ impl WasmRuntime {
             return Err(ScriptError::Limit {
                 limit: Limit::Response,
                 detail: format!(
-                    "the response is {} bytes; the limit is {}",
+                    "the response is {} bytes; the limit is {}: {RESPONSE_HINT}",
                     response.body.len(),
                     self.limits.response_bytes
                 ),
@@ -742,7 +785,7 @@ impl WasmRuntime {
             return limit(
                 Limit::Memory,
                 format!(
-                    "the script handed the host more than {handover} bytes at once (in its response or in one call); a run may hand over at most twice the larger of the value size limit and the response limit, plus {HANDOVER_SLACK} bytes"
+                    "the script handed the host more than {handover} bytes at once (in its response or in one call); a run may hand over at most twice the larger of the value size limit and the response limit, plus {HANDOVER_SLACK} bytes: {HANDOVER_HINT}"
                 ),
             );
         }
@@ -761,7 +804,7 @@ impl WasmRuntime {
             return limit(
                 Limit::Memory,
                 format!(
-                    "the script tried to use more than {} bytes of memory",
+                    "the script tried to use more than {} bytes of memory: {MEMORY_HINT}",
                     self.limits.memory_bytes
                 ),
             );
@@ -771,7 +814,10 @@ impl WasmRuntime {
             Some(Trap::OutOfFuel) => {
                 return limit(
                     Limit::Fuel,
-                    format!("the script used more than {} fuel", self.limits.fuel),
+                    format!(
+                        "the script used more than {} fuel: {FUEL_HINT}",
+                        self.limits.fuel
+                    ),
                 );
             }
             Some(Trap::Interrupt) => {
@@ -783,17 +829,7 @@ impl WasmRuntime {
             _ => {}
         }
         let output = String::from_utf8_lossy(stderr);
-        if let Some(panic) = output.lines().find(|l| l.contains("panicked")) {
-            let mut message = panic.trim().to_owned();
-            // Rust's panic message follows on the next line.
-            if let Some(next) = output
-                .lines()
-                .skip_while(|l| !l.contains("panicked"))
-                .nth(1)
-            {
-                message.push(' ');
-                message.push_str(next.trim());
-            }
+        if let Some(message) = panic_detail(&output) {
             return ScriptError::Failed(crate::script::clip_message(message));
         }
         // The trap itself ("wasm trap: out of bounds memory access"), or
@@ -821,6 +857,58 @@ impl WasmRuntime {
         }
         ScriptError::Failed(crate::script::clip_message(message))
     }
+}
+
+/// The most bytes of what a guest wrote before it panicked that a panic's
+/// detail repeats (the whole detail is cut at 4 KiB too).
+const BEFORE_PANIC_BYTES: usize = 512;
+
+/// A guest's panic, from its stderr: the panic's line and message, and what
+/// the guest wrote just before it, which for a Python guest is its
+/// exception. componentize-py prints the traceback and then panics with
+/// "Python function threw an unexpected exception": the exception
+/// (`ValueError: boom`) was only in the server log (found by a reviewer
+/// writing guests). `None` without a panic.
+fn panic_detail(stderr: &str) -> Option<String> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    // Rust's panic hook writes "thread '…' panicked at FILE:LINE:COL:"; the
+    // last such line is the panic (a Python message may say "panicked" too).
+    let at = lines
+        .iter()
+        .rposition(|l| l.contains(" panicked at "))
+        .or_else(|| lines.iter().position(|l| l.contains("panicked")))?;
+    let mut message = lines[at].trim().to_owned();
+    // Rust's panic message follows on the next line.
+    let next = lines.get(at + 1).map(|l| l.trim()).unwrap_or_default();
+    if !next.is_empty() {
+        message.push(' ');
+        message.push_str(next);
+    }
+    let before = &lines[..at];
+    // A Python traceback ends with the exception's line, the first one
+    // after the (last) traceback's heading that is not indented; a message
+    // of several lines goes on below it. Other guests: their last line.
+    let said = match before
+        .iter()
+        .rposition(|l| l.trim_end() == "Traceback (most recent call last):")
+    {
+        Some(heading) => before[heading + 1..]
+            .iter()
+            .find(|l| !l.trim().is_empty() && !l.starts_with(char::is_whitespace)),
+        None => before.iter().rfind(|l| !l.trim().is_empty()),
+    };
+    if let Some(said) = said.map(|l| l.trim()).filter(|l| *l != next) {
+        let mut end = said.len().min(BEFORE_PANIC_BYTES);
+        while !said.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.push_str("; before it on stderr: ");
+        message.push_str(&said[..end]);
+        if end < said.len() {
+            message.push('…');
+        }
+    }
+    Some(message)
 }
 
 fn log_output(script: &StoredScript, stream: &str, bytes: &[u8], dropped: bool) {
@@ -878,7 +966,74 @@ async fn off_the_worker(call: Call) -> Result<Ran, ScriptError> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Compiled, MAX_CACHED};
+    use super::{Compiled, MAX_CACHED, panic_detail};
+
+    /// A componentize-py guest's stderr (0.25.1) as captured from a run
+    /// whose `handle` raised `ValueError("boom")` after writing a line.
+    const PYTHON_STDERR: &str = "before the exception
+Traceback (most recent call last):
+  File \"/0/app.py\", line 15, in handle
+  File \"/0/app.py\", line 8, in fail
+  File \"/0/app.py\", line 7, in fail
+ValueError: boom
+
+thread '<unnamed>' (1) panicked at runtime/src/lib.rs:1280:25:
+Python function threw an unexpected exception
+note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
+";
+
+    #[test]
+    fn a_python_guests_panic_names_its_exception() {
+        assert_eq!(
+            panic_detail(PYTHON_STDERR).as_deref(),
+            Some(
+                "thread '<unnamed>' (1) panicked at runtime/src/lib.rs:1280:25: Python function \
+                 threw an unexpected exception; before it on stderr: ValueError: boom"
+            )
+        );
+        // A message of several lines: its first; a chained exception: the
+        // last one raised.
+        let several = PYTHON_STDERR.replace("ValueError: boom", "KeyError: 'a'\nand more");
+        assert!(panic_detail(&several).is_some_and(|d| d.ends_with("stderr: KeyError: 'a'")));
+        let chained = PYTHON_STDERR.replace(
+            "ValueError: boom",
+            "ValueError: boom\n\nDuring handling of the above exception, another exception \
+             occurred:\n\nTraceback (most recent call last):\n  File \"/0/app.py\", line 9, \
+             in handle\napp.Oops: second",
+        );
+        assert!(panic_detail(&chained).is_some_and(|d| d.ends_with("stderr: app.Oops: second")));
+        // Bounded.
+        let long = PYTHON_STDERR.replace("boom", &"é".repeat(5000));
+        let detail = panic_detail(&long).expect("a panic");
+        assert!(
+            detail.len() < 700 && detail.ends_with('…'),
+            "{}",
+            detail.len()
+        );
+    }
+
+    #[test]
+    fn a_rust_guests_panic_is_its_line_and_message() {
+        let stderr = "thread '<unnamed>' panicked at src/lib.rs:113:24:
+hostile guest panics on purpose (4f2a)
+note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
+";
+        assert_eq!(
+            panic_detail(stderr).as_deref(),
+            Some(
+                "thread '<unnamed>' panicked at src/lib.rs:113:24: hostile guest panics on \
+                 purpose (4f2a)"
+            )
+        );
+        // What it wrote before comes after.
+        let said = format!("loading the config\n{stderr}");
+        assert!(
+            panic_detail(&said)
+                .is_some_and(|d| d.ends_with("; before it on stderr: loading the config"))
+        );
+        assert_eq!(panic_detail("no panic here\n"), None);
+        assert_eq!(panic_detail(""), None);
+    }
 
     fn digest(n: usize) -> [u8; 32] {
         let mut d = [0; 32];
@@ -909,5 +1064,29 @@ mod tests {
         cache.insert(digest(0), 7);
         assert_eq!(cache.entries.len(), MAX_CACHED);
         assert_eq!(cache.get(&digest(0)), Some(7));
+    }
+
+    /// Every `--flag` a limit's hint names is one of `kvdb serve`'s.
+    #[test]
+    fn the_hints_name_real_flags() {
+        use clap::CommandFactory;
+        let serve = crate::config::ServeArgs::command();
+        let mut named = 0;
+        for hint in [
+            super::FUEL_HINT,
+            super::MEMORY_HINT,
+            super::RESPONSE_HINT,
+            super::HANDOVER_HINT,
+        ] {
+            for flag in hint.split_whitespace().filter_map(|w| w.strip_prefix("--")) {
+                let flag = flag.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+                assert!(
+                    serve.get_arguments().any(|a| a.get_long() == Some(flag)),
+                    "--{flag} (in \"{hint}\") is no flag of kvdb serve"
+                );
+                named += 1;
+            }
+        }
+        assert_eq!(named, 5);
     }
 }
