@@ -72,7 +72,20 @@ fn assert_limit(t: &Timed, status: u16, kinds: &[&str]) {
         "type {kind}, expected one of {kinds:?}: {doc}"
     );
     assert_eq!(doc["status"], status);
-    assert!(doc["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    // Each says what to do: less per request, or the operator's flag.
+    let flag = match kind.trim_start_matches("urn:kvdb:problem:") {
+        "script-instruction-limit" => "--script-instructions",
+        "script-time-limit" => "--script-time-ms",
+        "script-memory-limit" => "--script-memory-bytes",
+        "script-response-limit" => "--script-response-bytes",
+        _ => "",
+    };
+    assert!(
+        doc["detail"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty() && d.contains(flag)),
+        "{doc}"
+    );
     assert!(t.elapsed < BOUND, "took {:?}", t.elapsed);
 }
 

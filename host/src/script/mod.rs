@@ -413,9 +413,27 @@ impl Limits {
     /// What a run stopped at its time limit is told (either runtime,
     /// however it was stopped).
     pub fn time_detail(&self) -> String {
-        format!("the script ran longer than {} ms", self.time.as_millis())
+        format!(
+            "the script ran longer than {} ms: {TIME_HINT}",
+            self.time.as_millis()
+        )
     }
 }
+
+/// What to do about a limit, added to its error (either runtime): the run's
+/// own share of work, and the flag that sets the limit (the unit test
+/// `wasm::tests::the_hints_name_real_flags` holds them to `kvdb serve`'s flags).
+pub(crate) const TIME_HINT: &str = "do less per request (a write waits for its commit to be durable); \
+     the server's operator sets the limit with --script-time-ms";
+/// See [`TIME_HINT`].
+pub(crate) const MEMORY_HINT: &str = "use less memory per request (smaller values, fewer of them at once); \
+     the server's operator sets the limit with --script-memory-bytes";
+/// See [`TIME_HINT`].
+pub(crate) const RESPONSE_HINT: &str = "answer less per request (e.g. a page of a listing at a time); \
+     the server's operator sets the limit with --script-response-bytes";
+/// See [`TIME_HINT`] (Lua).
+pub(crate) const INSTRUCTIONS_HINT: &str = "do less work per request; \
+     the server's operator sets the limit with --script-instructions";
 
 /// Which limit a run hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -623,8 +623,9 @@ fn tostring_bytes(tostring: &Function, v: Value) -> mlua::Result<Vec<u8>> {
 fn write_body(run: &mut Run, bytes: &[u8]) -> mlua::Result<()> {
     if run.body.len().saturating_add(bytes.len()) > run.limits.response_bytes {
         let detail = format!(
-            "the response grew beyond {} bytes",
-            run.limits.response_bytes
+            "the response grew beyond {} bytes: {}",
+            run.limits.response_bytes,
+            crate::script::RESPONSE_HINT
         );
         return Err(run.over_response_limit(detail));
     }

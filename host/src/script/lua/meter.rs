@@ -181,8 +181,9 @@ impl Meter {
             HIT_INSTRUCTIONS => Some((
                 Limit::Instructions,
                 format!(
-                    "the script ran more than {} Lua instructions",
-                    limits.instructions
+                    "the script ran more than {} Lua instructions: {}",
+                    limits.instructions,
+                    crate::script::INSTRUCTIONS_HINT
                 ),
             )),
             HIT_TIME => Some((Limit::Time, limits.time_detail())),

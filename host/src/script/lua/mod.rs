@@ -565,8 +565,9 @@ impl State {
                 return Err(ScriptError::Limit {
                     limit: Limit::Memory,
                     detail: format!(
-                        "the script allocated more than {} bytes",
-                        limits.memory_bytes
+                        "the script allocated more than {} bytes: {}",
+                        limits.memory_bytes,
+                        crate::script::MEMORY_HINT
                     ),
                 });
             }

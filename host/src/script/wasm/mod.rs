@@ -56,7 +56,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::SourceLoader;
 use super::api::Host;
 use super::{
-    INLINE_SLICE, Label, Limit, Limits, Request, Response, RunShares, ScriptError, SlowScripts,
+    INLINE_SLICE, Label, Limit, Limits, MEMORY_HINT, RESPONSE_HINT, Request, Response, RunShares,
+    ScriptError, SlowScripts,
 };
 use crate::bucket::StoredScript;
 use bindings::kvdb::script::types::Response as WitResponse;
@@ -120,15 +121,10 @@ const HANDOVER_EXCEEDED: &str = "too much data is being copied between the host 
 
 /// What to do about a limit, added to its error: the run's own share of
 /// work, and the flag that sets the limit (the unit test
-/// `the_hints_name_real_flags` holds them to `kvdb serve`'s flags).
+/// `the_hints_name_real_flags` holds them to `kvdb serve`'s flags; the
+/// hints both runtimes share are in the parent module).
 const FUEL_HINT: &str = "do less work per request (fuel is about one unit per instruction); \
      the server's operator sets the limit with --script-fuel";
-/// See [`FUEL_HINT`].
-const MEMORY_HINT: &str = "use less memory per request (smaller values, fewer of them at once); \
-     the server's operator sets the limit with --script-memory-bytes";
-/// See [`FUEL_HINT`].
-const RESPONSE_HINT: &str = "answer less per request (e.g. a page of a listing at a time); \
-     the server's operator sets the limit with --script-response-bytes";
 /// See [`FUEL_HINT`]: what a run hands over at once is bounded by two
 /// limits, neither of them the memory limit.
 const HANDOVER_HINT: &str = "hand over smaller values and responses; the server's operator \
@@ -1066,7 +1062,8 @@ note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
         assert_eq!(cache.get(&digest(0)), Some(7));
     }
 
-    /// Every `--flag` a limit's hint names is one of `kvdb serve`'s.
+    /// Every `--flag` a limit's hint names is one of `kvdb serve`'s (both
+    /// runtimes' hints).
     #[test]
     fn the_hints_name_real_flags() {
         use clap::CommandFactory;
@@ -1074,6 +1071,8 @@ note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
         let mut named = 0;
         for hint in [
             super::FUEL_HINT,
+            crate::script::TIME_HINT,
+            crate::script::INSTRUCTIONS_HINT,
             super::MEMORY_HINT,
             super::RESPONSE_HINT,
             super::HANDOVER_HINT,
@@ -1087,6 +1086,6 @@ note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
                 named += 1;
             }
         }
-        assert_eq!(named, 5);
+        assert_eq!(named, 7);
     }
 }
