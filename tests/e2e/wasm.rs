@@ -213,6 +213,34 @@ fn a_core_module_is_400_saying_it_is_a_core_module_not_a_component() {
     assert_eq!(scripts_of(&s, &b), json!([]));
 }
 
+/// A component PUT to `/B/scripts`, its name forgotten, is refused saying
+/// where scripts go: it was stored as the key `scripts` with a 204 (found by
+/// a review). Other values of that key are stored as any key's.
+#[test]
+fn a_component_put_to_the_scripts_key_is_400_saying_where_scripts_go() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    for content_type in [None, Some("application/wasm")] {
+        let mut headers = vec![("authorization", "Bearer sk")];
+        if let Some(ct) = content_type {
+            headers.push(("content-type", ct));
+        }
+        let r = s.request("PUT", &format!("/{b}/scripts"), &headers, Some(&hello()));
+        let detail = r.assert_problem(400);
+        assert!(
+            detail.contains("/BUCKET/scripts/NAME"),
+            "{content_type:?}: {detail}"
+        );
+        assert_eq!(as_sk(&s, "GET", &format!("/{b}/scripts")).status, 404);
+    }
+    assert_eq!(scripts_of(&s, &b), json!([]));
+    put_sk(&s, &b, "scripts", "a list of mine");
+    assert_eq!(
+        as_sk(&s, "GET", &format!("/{b}/scripts")).text(),
+        "a list of mine"
+    );
+}
+
 /// Found by a reviewer writing guests: a binary uploaded as Lua (neither
 /// declared `application/wasm` nor starting with the `\0asm` magic) answered
 /// only Lua's "x:1: unexpected symbol near '<\224>'".

@@ -134,6 +134,17 @@ pub async fn put_key(
         body,
         ..
     } = Write::parse(&state, bucket, &params, &uri, &headers, body).await?;
+    // `PUT /BUCKET/scripts`, the script's name forgotten, stored the
+    // component as the key `scripts` with a 204, as if it were uploaded
+    // (found by a review).
+    if key.as_str() == "scripts"
+        && (content_essence(&headers).as_deref() == Some("application/wasm")
+            || body.starts_with(b"\0asm"))
+    {
+        return Err(ApiError::bad_request(
+            "this would store a WebAssembly component as the key `scripts`: a script is uploaded with PUT to /BUCKET/scripts/NAME (`curl -T FILE URL/scripts/` names it after the file)",
+        ));
+    }
     let typing = typing(&headers)?;
     let value =
         Value::from_body(&body, &typing).map_err(|e| ApiError::bad_request(e.to_string()))?;
