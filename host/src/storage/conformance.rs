@@ -168,7 +168,6 @@ conformance!(
     an_increment_removes_what_an_expired_overwrite_replaced,
     a_restored_store_refuses_backups_from_before_its_restore,
     a_restored_store_written_to_since_refuses_the_next_increment,
-    reclaiming_expired_keys_is_no_write_to_a_restored_store,
     a_clean_up_with_nothing_to_do_commits_nothing,
     restore_refuses_a_gap_in_the_chain,
     an_increment_of_a_restored_copy_does_not_continue_the_original_chain,
@@ -668,24 +667,10 @@ fn a_restored_store_written_to_since_refuses_the_next_increment(f: Fixture) {
         .restore(&mut incr.as_slice())
         .expect("taken");
     assert_eq!(read_only.get("k").expect("k").value, b"new");
-    for change in [
-        "put",
-        "delete",
-        "delete, its tombstone forgotten",
-        "put with an expiry, reclaimed",
-        "put with an expiry, reclaimed, its tombstone forgotten",
-    ] {
+    for change in ["put", "delete", "delete, its tombstone forgotten"] {
         let written = restored_on_redb(&[&full]);
         if change == "put" {
             written.put("local", "x", 0);
-        } else if change.starts_with("put with an expiry") {
-            // Gone again, but the restored value it overwrote is gone too
-            // (found while fixing the reclaim of restored keys, which is
-            // no write: this one is).
-            let soon = written.clock.load(Ordering::SeqCst) + 10;
-            written.put("k", "local", soon);
-            written.advance(20);
-            assert_eq!(written.gc().expired, 1);
         } else {
             assert!(written.delete("k"));
         }
@@ -701,74 +686,6 @@ fn a_restored_store_written_to_since_refuses_the_next_increment(f: Fixture) {
             "{change}: {refused:?}"
         );
     }
-}
-
-/// Found by a review: the first clean-up after a restore reclaimed a
-/// restored key that had expired, and the next increment was refused as if
-/// the directory had been written to. An expired entry was invisible
-/// already: its reclaim is no write, whether the key had expired at the
-/// restore or expired after it, and also once the reclaim's tombstone is
-/// forgotten. Backups of the store still see the deletion, and its backup
-/// horizon never goes back below what a restore set.
-fn reclaiming_expired_keys_is_no_write_to_a_restored_store(f: Fixture) {
-    let now = f.clock.load(Ordering::SeqCst);
-    f.put("gone", "x", now + 10);
-    f.put("later", "x", now + 1_000);
-    f.put("k", "old", 0);
-    let (full, v1) = backup_bytes(&f, 0);
-    for i in 0..5 {
-        f.put("k", &format!("new {i}"), 0);
-    }
-    let (incr, v2) = backup_bytes(&f, v1);
-    let restored = || {
-        let target = redb();
-        // "gone" has expired by the time it is restored.
-        target.advance(20);
-        target.store.restore(&mut full.as_slice()).expect("full");
-        target
-    };
-    // Reclaimed (one expired at the restore, one after it), then the
-    // increment.
-    let target = restored();
-    assert_eq!(target.gc().expired, 1);
-    target.advance(1_000);
-    assert_eq!(target.gc().expired, 1);
-    // An increment of the restored store itself carries the reclaims.
-    let (own, _) = backup_bytes(&target, v1);
-    let copy = memory();
-    copy.store.restore(&mut full.as_slice()).expect("full");
-    copy.store
-        .restore(&mut own.as_slice())
-        .expect("own increment");
-    assert!(copy.get("later").is_none());
-    target
-        .store
-        .restore(&mut incr.as_slice())
-        .expect("not written to: the increment is taken");
-    assert_eq!(target.get("k").expect("k").value, b"new 4");
-    assert!(target.get("gone").is_none() && target.get("later").is_none());
-    // The reclaims' tombstones (of versions below the increment's) are
-    // forgotten: the horizon stays where the restore put it.
-    target.advance(super::store::TOMBSTONE_RETENTION_MS + 1);
-    assert_eq!(target.gc().tombstones, 2);
-    assert!(
-        matches!(
-            target.store.backup(v2 - 1),
-            Err(StorageError::BackupTooOld { .. })
-        ),
-        "a backup from before the restored version would miss its deletes"
-    );
-    // Reclaimed and their tombstones forgotten before the increment comes.
-    let target = restored();
-    target.advance(1_000);
-    assert_eq!(target.gc().expired, 2);
-    target.advance(super::store::TOMBSTONE_RETENTION_MS + 1);
-    assert_eq!(target.gc().tombstones, 2);
-    target
-        .store
-        .restore(&mut incr.as_slice())
-        .expect("forgotten reclaims are no write either");
-    assert_eq!(target.get("k").expect("k").value, b"new 4");
 }
 
 /// Found by a review: a server that opened a directory and never wrote to

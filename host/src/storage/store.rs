@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | `d` + data key | entry record: kind (1), expires_at ms (8, BE), version (8, BE), bytes |
 //! | `e` + expires_at (8, BE) + data key | nothing: the expiry index, in time order |
-//! | `t` + version (8, BE) | a tombstone: 0 (one key), 1 (a prefix) or 2 (an expired key reclaimed), deleted_at ms (8), key |
+//! | `t` + version (8, BE) | a tombstone: 0 (one key) or 1 (a prefix), deleted_at ms (8), key |
 //! | `r` + prefix | nothing: a prefix still to purge in the background |
 //! | `m` + name | store metadata (sequence ceiling, backup horizon, restored version) |
 //!
@@ -60,25 +60,9 @@ const META_LINEAGE: &[u8] = b"mlineage";
 /// increment must share.
 const META_CHAIN: &[u8] = b"mchain";
 
-/// The highest version of a forgotten tombstone that an expired key's
-/// reclaim did not leave (see [`TOMBSTONE_EXPIRED`]), with the
-/// [`META_HORIZON`] it was recorded at: horizon (8, BE) + version (8, BE).
-/// What the check that a restored directory was not written to since
-/// goes by, as [`META_HORIZON`] is what backups go by.
-const META_FORGOTTEN_WRITES: &[u8] = b"mforgotten";
-
 const RECORD_HEADER: usize = 17;
 const TOMBSTONE_KEY: u8 = 0;
 const TOMBSTONE_PREFIX: u8 = 1;
-/// A key's tombstone left by the reclaim of an expired entry that a
-/// restore wrote (its version is no later than the restored one): a
-/// deletion to a backup (as [`TOMBSTONE_KEY`], and read as one by older
-/// versions), but not a write to the check that a restored directory still
-/// holds what the next increment continues: the entry was invisible
-/// already, so the directory holds the same data as before. The reclaim of
-/// an entry a server wrote leaves a [`TOMBSTONE_KEY`]: that write changed
-/// what the restore left.
-const TOMBSTONE_EXPIRED: u8 = 2;
 
 /// The most jobs committed together. Bounds the latency a job adds to the
 /// others in its batch; at ~2 µs a job, 1024 jobs are ~2 ms, below one fsync.
@@ -1314,11 +1298,12 @@ impl Store {
                     .contains(&true)
                     || ctx.meta(META_HORIZON)? > 0;
                 // Reads every entry: only for an increment that could apply.
-                // Tombstones forgotten past their retention are deletions
-                // the scan below can no longer see.
+                // A horizon past the restore means tombstones written after
+                // it were forgotten (past their retention): deletions the
+                // scan below can no longer see.
                 let written_since = increment
                     && restored == info.since
-                    && (forgotten_writes(ctx.raw)? > restored || written_after(ctx.raw, restored)?);
+                    && (ctx.meta(META_HORIZON)? > restored || written_after(ctx.raw, restored)?);
                 Ok((restored, has_data, written_since, chain))
             })??;
         if info.since == 0 && restored > 0 {
@@ -1353,10 +1338,8 @@ impl Store {
         if written_since {
             return Err(StorageError::Restore(format!(
                 "the data directory was written to after its restore (which ended at version \
-                 {restored}): a key, bucket or script was written or deleted by a server on it \
-                 (expired keys reclaimed by a KVdb older than this one count too), so it no \
-                 longer holds what this backup continues: restore the whole chain into a new \
-                 directory"
+                 {restored}), so it no longer holds what this backup continues: restore the \
+                 whole chain into a new directory"
             )));
         }
         // Until the last record and the checksum are in, the directory is
@@ -1404,8 +1387,7 @@ impl Store {
                 // backup of this store from before `version` would miss
                 // them, so it is refused as one past the tombstones kept.
                 let horizon = ctx.meta(META_HORIZON)?.max(version);
-                let written = forgotten_writes(ctx.raw)?.max(version);
-                set_horizon(ctx.raw, horizon, written)?;
+                ctx.raw.put(META_HORIZON, &horizon.to_be_bytes())?;
                 ctx.seq = ctx.seq.max(version);
                 ctx.raw.delete(META_RESTORING)?;
                 Ok(())
@@ -1417,23 +1399,10 @@ impl Store {
 }
 
 /// Whether anything was written after version `version`: a deletion (its
-/// tombstone) or an entry with a later version. Reads every entry. The
-/// reclaim of an expired entry is no write: it changed nothing a reader or
-/// a restored increment sees (found by a review: the first clean-up after
-/// a restore reclaimed a restored key that had expired, and the next
-/// increment was refused although nobody wrote).
+/// tombstone) or an entry with a later version. Reads every entry.
 fn written_after(raw: &dyn RawWrite, version: u64) -> Result<bool, StorageError> {
     let after = ns_key(NS_TOMBSTONE, &(version + 1).to_be_bytes());
-    let mut found = false;
-    raw.scan(
-        Bound::Included(&after),
-        Bound::Excluded(&[NS_TOMBSTONE + 1]),
-        false,
-        &mut |_, tombstone| {
-            found = tombstone.first() != Some(&TOMBSTONE_EXPIRED);
-            !found
-        },
-    )?;
+    let mut found = any_in(raw, &after, &[NS_TOMBSTONE + 1])?;
     if !found {
         raw.scan(
             Bound::Included(&[NS_DATA]),
@@ -1446,25 +1415,6 @@ fn written_after(raw: &dyn RawWrite, version: u64) -> Result<bool, StorageError>
         )?;
     }
     Ok(found)
-}
-
-/// The highest version of a forgotten tombstone of a write (see
-/// [`META_FORGOTTEN_WRITES`]). A horizon moved without it (by a KVdb older
-/// than it) counts whole: any tombstone up to it may have been a write's.
-fn forgotten_writes(raw: &dyn RawWrite) -> Result<u64, StorageError> {
-    let horizon = raw.get(META_HORIZON)?.map_or(0, |v| be_u64(&v));
-    Ok(match raw.get(META_FORGOTTEN_WRITES)? {
-        Some(v) if v.len() == 16 && be_u64(&v[..8]) == horizon => be_u64(&v[8..]),
-        _ => horizon,
-    })
-}
-
-/// Sets [`META_HORIZON`], and [`META_FORGOTTEN_WRITES`] with it.
-fn set_horizon(raw: &mut dyn RawWrite, horizon: u64, written: u64) -> Result<(), StorageError> {
-    raw.put(META_HORIZON, &horizon.to_be_bytes())?;
-    let mut both = horizon.to_be_bytes().to_vec();
-    both.extend_from_slice(&written.to_be_bytes());
-    raw.put(META_FORGOTTEN_WRITES, &both)
 }
 
 /// Whether any key lies in `[lower, upper)`.
@@ -1537,8 +1487,6 @@ fn gc_expired_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
         },
     );
     ctx.check(r)?;
-    let r = ctx.meta(META_RESTORED);
-    let restored = ctx.check(r)?;
     let n = due.len();
     for ikey in due {
         let expires_at = be_u64(&ikey[1..9]);
@@ -1552,12 +1500,7 @@ fn gc_expired_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
                 // Like a delete, for incremental backups: an increment
                 // taken after this must still remove the value this entry
                 // overwrote, which an earlier backup of the chain holds.
-                let kind = if record_version(&record) <= restored {
-                    TOMBSTONE_EXPIRED
-                } else {
-                    TOMBSTONE_KEY
-                };
-                ctx.tombstone(kind, key)?;
+                ctx.tombstone(TOMBSTONE_KEY, key)?;
             }
             ctx.raw.delete(&ikey)
         })();
@@ -1598,8 +1541,6 @@ fn gc_purge_step(ctx: &mut WriteCtx<'_>) -> Result<(usize, bool), StorageError> 
 fn gc_tombstone_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
     let cutoff = ctx.now.saturating_sub(TOMBSTONE_RETENTION_MS);
     let mut old = Vec::new();
-    // The last forgotten tombstone that a write left (not an expiry's).
-    let mut written = 0;
     let r = ctx.raw.scan(
         Bound::Included(&[NS_TOMBSTONE]),
         Bound::Excluded(&[NS_TOMBSTONE + 1]),
@@ -1609,9 +1550,6 @@ fn gc_tombstone_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
             if deleted_at >= cutoff {
                 return false;
             }
-            if v.first() != Some(&TOMBSTONE_EXPIRED) {
-                written = be_u64(&k[1..9]);
-            }
             old.push(k.to_vec());
             old.len() < GC_CHUNK
         },
@@ -1619,13 +1557,8 @@ fn gc_tombstone_step(ctx: &mut WriteCtx<'_>) -> Result<usize, StorageError> {
     ctx.check(r)?;
     let n = old.len();
     if let Some(last) = old.last() {
-        // Never back: a restore sets the horizon to its version, which
-        // tombstones of this store's own from before it may be below.
-        let r = (|| {
-            let horizon = ctx.meta(META_HORIZON)?.max(be_u64(&last[1..9]));
-            let written = forgotten_writes(ctx.raw)?.max(written);
-            set_horizon(ctx.raw, horizon, written)
-        })();
+        let horizon = be_u64(&last[1..9]);
+        let r = ctx.raw.put(META_HORIZON, &horizon.to_be_bytes());
         ctx.check(r)?;
     }
     for key in old {
