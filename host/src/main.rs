@@ -251,16 +251,6 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
             response.status()
         );
     }
-    let header = |name: &str| -> anyhow::Result<u64> {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("the server sent no {name} header"))
-    };
-    let version = header(kvdb::http::BACKUP_VERSION_HEADER)?;
-    let since = header(kvdb::http::BACKUP_SINCE_HEADER)?;
     let progress = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_style(
@@ -296,6 +286,9 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
     let received = receive(&mut reader, target.as_ref());
     progress.finish_and_clear();
     let received = received?;
+    // What the checked stream says, not the response's headers: the
+    // version printed is the one the file holds (found by a review).
+    let (since, version) = (received.info.since, received.info.version);
     let bytes = received.bytes;
     eprintln!(
         "backup of versions {}..={version} complete ({bytes} bytes); for the next incremental backup use --since {version}",

@@ -1156,4 +1156,19 @@ fn a_backup_cut_off_midway_is_refused_and_leaves_no_file() {
         "{stderr}"
     );
     assert_eq!(out.stdout, half, "streamed as it came");
+    // A whole backup under a header that names another version: the
+    // version printed is the one the file holds (found by a review).
+    let (url, served) = serve_cut_off(version + 7, bytes.clone(), false);
+    let file = dir.path().join("whole-again.kvdb");
+    let out = run(&url, Some(&file));
+    served.join().expect("the fake server");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("version {version}")
+    );
 }
