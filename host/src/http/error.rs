@@ -170,7 +170,9 @@ impl ApiError {
                 Limit::Response => (StatusCode::INTERNAL_SERVER_ERROR, "script-response-limit"),
             },
             ApiError::Storage(
-                StorageError::BackupTooOld { .. } | StorageError::BackupAhead { .. },
+                StorageError::BackupTooOld { .. }
+                | StorageError::BackupBeforeRestore { .. }
+                | StorageError::BackupAhead { .. },
             ) => (StatusCode::CONFLICT, "backup-since"),
             ApiError::Bucket(B::Storage(_) | B::Token(_))
             | ApiError::Storage(_)

@@ -50,6 +50,10 @@ pub enum StorageError {
     )]
     BackupTooOld { since: u64, horizon: u64 },
     #[error(
+        "an incremental backup since version {since} is no longer possible: a backup was restored into this store after that version (its versions went on from {floor}), and an increment from before it would miss what the restore changed; take a full backup (since 0)"
+    )]
+    BackupBeforeRestore { since: u64, floor: u64 },
+    #[error(
         "an incremental backup since version {since} is not possible: this store only reaches version {version} (was that version printed by a backup of another server?); take a full backup (since 0), or pass the version a backup of this server printed"
     )]
     BackupAhead { since: u64, version: u64 },

@@ -59,6 +59,10 @@ const META_LINEAGE: &[u8] = b"mlineage";
 /// The lineage of the backups restored into this store, which the next
 /// increment must share.
 const META_CHAIN: &[u8] = b"mchain";
+/// The version this store's numbering went on from after its last restore,
+/// past every version it had handed out before: an increment of its own
+/// from before it is refused (see [`Store::restore`]).
+const META_RESTORE_FLOOR: &[u8] = b"mrestorefloor";
 
 const RECORD_HEADER: usize = 17;
 const TOMBSTONE_KEY: u8 = 0;
@@ -1240,6 +1244,10 @@ impl Store {
         if since > 0 && since < horizon {
             return Err(StorageError::BackupTooOld { since, horizon });
         }
+        let floor = raw.get(META_RESTORE_FLOOR)?.map_or(0, |v| be_u64(&v));
+        if since > 0 && since < floor && since != restored {
+            return Err(StorageError::BackupBeforeRestore { since, floor });
+        }
         if since > version {
             return Err(StorageError::BackupAhead { since, version });
         }
@@ -1338,8 +1346,9 @@ impl Store {
         if written_since {
             return Err(StorageError::Restore(format!(
                 "the data directory was written to after its restore (which ended at version \
-                 {restored}), so it no longer holds what this backup continues: restore the \
-                 whole chain into a new directory"
+                 {restored}): a server on it wrote or deleted a key, bucket or script, or \
+                 reclaimed keys that expired (restored ones too), so it no longer holds what \
+                 this backup continues: restore the whole chain into a new directory"
             )));
         }
         // Until the last record and the checksum are in, the directory is
@@ -1388,7 +1397,19 @@ impl Store {
                 // them, so it is refused as one past the tombstones kept.
                 let horizon = ctx.meta(META_HORIZON)?.max(version);
                 ctx.raw.put(META_HORIZON, &horizon.to_be_bytes())?;
-                ctx.seq = ctx.seq.max(version);
+                // The restored entries keep their versions, which may lie
+                // below versions this directory handed out before (a server
+                // that opened it reserved a block of them; this store's
+                // counter starts at that ceiling): an increment of its own
+                // from one of those would miss what the restore wrote and
+                // deleted, and is refused from here on (found by a review:
+                // a restored server's own full backup, then an increment
+                // restored into it, then its own increment from that full
+                // backup restored to another state than it held). Only the
+                // restored chain goes on from the restored version.
+                let floor = ctx.seq.max(version).saturating_add(1);
+                ctx.seq = floor;
+                ctx.raw.put(META_RESTORE_FLOOR, &floor.to_be_bytes())?;
                 ctx.raw.delete(META_RESTORING)?;
                 Ok(())
             })
