@@ -623,19 +623,47 @@ fn code_called_from_c_on_every_worker_does_not_hold_up_other_requests() {
         format!("table.sort({{3, 2, 1}}, {endless})"),
         format!("xpcall(function() error('x') end, {endless})"),
     ];
-    // One script each (a script that held a worker starts its later runs
-    // elsewhere), all uploaded before the first run.
-    let urls: Vec<String> = calls
+    let running = run_each_in_background(&s, &b, &calls);
+    assert_not_held_up_by(&s, &b, running, "the code called from C");
+}
+
+/// Uploads each of `sources` as a script of its own (a script that held a
+/// worker starts its later runs elsewhere), all before the first run, then
+/// runs each in the background.
+fn run_each_in_background(
+    s: &TestServer,
+    b: &str,
+    sources: &[impl AsRef<str>],
+) -> Vec<std::thread::JoinHandle<Result<u16, ureq::Error>>> {
+    let urls: Vec<String> = sources
         .iter()
         .enumerate()
-        .map(|(i, call)| {
-            let name = format!("fromc{i}");
-            install(&s, &b, &name, call);
+        .map(|(i, source)| {
+            let name = format!("each{i}");
+            install(s, b, &name, source.as_ref());
             s.url(&format!("/{b}/scripts/{name}"))
         })
         .collect();
-    let running = urls.into_iter().map(get_in_background).collect();
-    assert_not_held_up_by(&s, &b, running, "the code called from C");
+    urls.into_iter().map(get_in_background).collect()
+}
+
+/// A loop of long library or `kvdb` calls (each one VM instruction to the
+/// hook, which looks every thousand): a run on an async worker leaves it at
+/// the first call past its slice, so more such runs at once than the server
+/// has workers do not hold up other requests (they held them for the whole
+/// time limit; found by a review).
+#[test]
+fn loops_of_long_calls_on_every_worker_do_not_hold_up_other_requests() {
+    let s = long_runs_server();
+    let b = limit_bucket(&s);
+    let loops = [
+        r#"local s = ("\1"):rep(2000000) while true do local u = string.format("%q", s) end"#,
+        r#"local j = "[" .. ("0,"):rep(200000) .. "0]" while true do local t = kvdb.json.decode(j) end"#,
+        r#"local h = ("<"):rep(1000000) while true do local e = kvdb.escape_html(h) end"#,
+        r#"local t = {("x"):rep(200000):byte(1, -1)} while true do local e = kvdb.json.encode(t) end"#,
+    ];
+    let running = run_each_in_background(&s, &b, &loops);
+    assert_not_held_up_by(&s, &b, running, "the loops of long calls");
 }
 
 /// With `--script-runs 8`, one bucket's Lua runs hold at most 2 (a quarter)

@@ -131,6 +131,34 @@ pub(super) fn to_lua(lua: &Lua, v: KvValue) -> mlua::Result<Value> {
 /// # Errors
 /// Lua's own (out of memory: the run's memory limit).
 fn lua_of_json(lua: &Lua, text: &[u8]) -> mlua::Result<Result<Value, String>> {
+    long_call(lua, text.len(), || lua_of_json_here(lua, text))
+}
+
+/// Inputs past which a call that walks them in Rust (a JSON text to decode,
+/// a text to escape) leaves its worker's other tasks first: a megabyte
+/// takes milliseconds.
+const LONG_CALL_BYTES: usize = 64 * 1024;
+
+/// Runs `work`, a call that walks `len` bytes in Rust, where no hook looks,
+/// in `block_in_place` when the run is on an async worker and its slice is
+/// over or the input is long, so that the worker's other requests go to
+/// another thread (found by a review: a loop of such calls held a worker for
+/// the whole time limit). Its script's later runs then start on a blocking
+/// thread, as after a long pattern match.
+fn long_call<T>(lua: &Lua, len: usize, work: impl FnOnce() -> T) -> T {
+    let meter = lua
+        .app_data_ref::<RunCell>()
+        .and_then(|cell| cell.try_borrow().ok().map(|run| run.meter.clone()));
+    match meter {
+        Some(meter) if meter.on_worker() && (len > LONG_CALL_BYTES || meter.slice_over()) => {
+            meter.mark_left_worker();
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
+fn lua_of_json_here(lua: &Lua, text: &[u8]) -> mlua::Result<Result<Value, String>> {
     let mut de = serde_json::Deserializer::from_slice(text);
     let value = match lua.to_value(&serde_transcode::Transcoder::new(&mut de)) {
         Ok(value) => value,
@@ -239,12 +267,20 @@ fn json_text(lua: &Lua, v: &Value) -> Result<Vec<u8>, String> {
         let written = serde_json::to_writer(&mut out, &walk);
         (written.map(|()| out.out), watch.slice_over.get())
     };
-    let written = match attempt(true) {
-        (Err(_), true) => {
-            meter.mark_left_worker();
-            tokio::task::block_in_place(|| attempt(false)).0
+    // Past the slice already (a loop of walks of one long table, which the
+    // watch never looks at inside): all of it in `block_in_place` (found by
+    // a review).
+    let written = if meter.on_worker() && meter.slice_over() {
+        meter.mark_left_worker();
+        tokio::task::block_in_place(|| attempt(false)).0
+    } else {
+        match attempt(true) {
+            (Err(_), true) => {
+                meter.mark_left_worker();
+                tokio::task::block_in_place(|| attempt(false)).0
+            }
+            (written, _) => written,
         }
-        (written, _) => written,
     };
     match written {
         Ok(text) => Ok(text),
@@ -1165,26 +1201,31 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, s: Option<mlua::LuaString>| {
             let memory = with_run(lua, |run| Ok(run.limits.memory_bytes))?;
             let s = s.map(|s| s.to_string_lossy()).unwrap_or_default();
-            // Built outside Lua's memory limit, and up to 6 times as long
-            // as the text (`"` is `&quot;`; found by a review).
-            let escaped_len = s.len()
-                + s.bytes()
-                    .map(|b| match b {
-                        b'&' => 4,
-                        b'<' | b'>' => 3,
-                        b'"' | b'\'' | b'/' => 5,
-                        _ => 0,
-                    })
-                    .sum::<usize>();
-            if escaped_len > memory {
-                return Err(mlua::Error::runtime(format!(
-                    "kvdb.escape_html: the escaped text would be {escaped_len} bytes, over the script's memory limit ({memory} bytes)"
-                )));
-            }
-            Ok(html_escape::encode_safe(&s).into_owned())
+            long_call(lua, s.len(), || escape_html(&s, memory))
         })?,
     )?;
     Ok(t)
+}
+
+/// `kvdb.escape_html` of `s`, held to the run's `memory` limit.
+fn escape_html(s: &str, memory: usize) -> mlua::Result<String> {
+    // Built outside Lua's memory limit, and up to 6 times as long
+    // as the text (`"` is `&quot;`; found by a review).
+    let escaped_len = s.len()
+        + s.bytes()
+            .map(|b| match b {
+                b'&' => 4,
+                b'<' | b'>' => 3,
+                b'"' | b'\'' | b'/' => 5,
+                _ => 0,
+            })
+            .sum::<usize>();
+    if escaped_len > memory {
+        return Err(mlua::Error::runtime(format!(
+            "kvdb.escape_html: the escaped text would be {escaped_len} bytes, over the script's memory limit ({memory} bytes)"
+        )));
+    }
+    Ok(html_escape::encode_safe(s).into_owned())
 }
 
 /// `kvdb.json`: `encode(value)` and `decode(text)`; both raise on bad input.

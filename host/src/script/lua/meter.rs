@@ -128,7 +128,7 @@ impl Meter {
 
     /// Whether the run is on an async worker (a slice is set): it started
     /// there and has not been moved to a blocking thread.
-    fn on_worker(&self) -> bool {
+    pub(super) fn on_worker(&self) -> bool {
         self.slice_end.load(Ordering::Relaxed) != NEVER
     }
 
@@ -273,20 +273,61 @@ pub(super) fn leave_worker_function(lua: &mlua::Lua) -> mlua::Result<mlua::Funct
 }
 
 unsafe extern "C-unwind" fn leave_worker(state: *mut ffi::lua_State) -> c_int {
+    // SAFETY: the caller's state, live.
+    unsafe { suspend_on_worker(state, true) }
+}
+
+/// Suspends the run of `state` (a yield that returns no values when it
+/// is resumed) if it is on an async worker, its slice over unless
+/// `anyway`, where Lua can yield; else returns 0, the C function's results.
+///
+/// # Safety
+/// `state` is a live Lua state running a C function.
+unsafe fn suspend_on_worker(state: *mut ffi::lua_State, anyway: bool) -> c_int {
     let meter = RUNNING.with(Cell::get);
     if meter.is_null() {
         return 0;
     }
     // SAFETY: as in `limits_hook`: the meter is alive while it is set.
-    let on_worker = unsafe { (*meter).on_worker() };
+    let meter = unsafe { &*meter };
     // SAFETY: a C function of a live state may yield where the thread is
-    // yieldable (checked); it returns no values when resumed.
+    // yieldable (checked).
     unsafe {
-        if on_worker && ffi::lua_isyieldable(state) != 0 {
+        if meter.on_worker() && (anyway || meter.slice_over()) && ffi::lua_isyieldable(state) != 0 {
             return ffi::lua_yield(state, 0);
         }
     }
     0
+}
+
+/// `check()`, called by the sandbox's wrappers of the library functions
+/// whose one call can take long, before each call: raises if the run is
+/// over its time or was stopped (an ordinary error raised from a call, not
+/// from the hook), and suspends a run on an async worker whose slice is
+/// over, as the hook does. The hook looks only every [`HOOK_EVERY`]
+/// instructions, and a loop of long calls makes few: 200 calls of 75 ms
+/// each held a worker for the whole time limit (found by a review).
+///
+/// # Errors
+/// Lua could not create the function (out of memory).
+pub(super) fn check_function(lua: &mlua::Lua) -> mlua::Result<mlua::Function> {
+    // SAFETY: `check_call` has the signature of a Lua C function and
+    // follows its protocol.
+    unsafe { lua.create_c_function(check_call) }
+}
+
+unsafe extern "C-unwind" fn check_call(state: *mut ffi::lua_State) -> c_int {
+    let meter = RUNNING.with(Cell::get);
+    // SAFETY: as in `limits_hook`: the meter is alive while it is set.
+    if !meter.is_null() && unsafe { (*meter).check(0) } {
+        // SAFETY: raising from a C function; nothing here needs dropping.
+        unsafe {
+            ffi::lua_pushstring(state, c"the script was stopped by a limit".as_ptr());
+            ffi::lua_error(state);
+        }
+    }
+    // SAFETY: the caller's state, live.
+    unsafe { suspend_on_worker(state, false) }
 }
 
 /// The hook: counts, stops a run over a limit (with `lua_error`, leaving

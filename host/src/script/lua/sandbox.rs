@@ -30,7 +30,7 @@
 use mlua::chunk::ChunkMode;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
-use super::{RunCell, bindings};
+use super::bindings;
 
 /// The basic functions a script may use.
 const BASIC: &[&str] = &[
@@ -207,7 +207,7 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
         .set_name("=sandbox")
         .set_mode(ChunkMode::Text)
         .call::<()>((
-            lua.create_function(check_scan)?,
+            super::meter::check_function(&lua)?,
             TABLE_MOVE_MAX,
             DATE_FORMAT_MAX,
             super::meter::leave_worker_function(&lua)?,
@@ -229,7 +229,9 @@ pub(super) fn new_lua() -> mlua::Result<Lua> {
 /// limits every `meter::HOOK_EVERY`: a loop of long scans ran 37 times past its
 /// time limit (found by a review). Each wrapper looks at the limits (the
 /// time, and whether the run was stopped) before the call, so a run ends at
-/// most one call past its time; nothing is charged by length, which would
+/// most one call past its time, and a run on an async worker whose slice is
+/// over leaves it there (`meter::check_function`), one call past its slice
+/// at most; nothing is charged by length, which would
 /// make a loop over the parts of a long string quadratic. `table.move` over
 /// more than [`TABLE_MOVE_MAX`] elements is refused (`table.move({}, 1,
 /// 1e15, 1, {})` never ended). The pattern functions are replaced by
@@ -371,22 +373,6 @@ const SORT_STRING_ON_WORKER_MAX: i64 = 256;
 
 /// The longest format `os.date` takes (`%Y-%m-%d %H:%M:%S` is 17 bytes).
 const DATE_FORMAT_MAX: i64 = 4096;
-
-/// `check()`: looks at the current run's limits (the wall clock), and
-/// raises if the run is over one or was stopped (an ordinary error raised
-/// from a call, not from the hook).
-fn check_scan(lua: &Lua, (): ()) -> mlua::Result<()> {
-    let Some(cell) = lua.app_data_ref::<RunCell>() else {
-        return Ok(());
-    };
-    let Ok(run) = cell.try_borrow() else {
-        return Ok(());
-    };
-    if run.meter.check(0) {
-        return Err(mlua::Error::runtime(super::meter::STOPPED));
-    }
-    Ok(())
-}
 
 /// Compiles a script as text. The chunk takes its environment as argument, so
 /// one compiled chunk serves every run with a fresh environment; the prefix is
