@@ -239,6 +239,22 @@ fn a_component_put_to_the_scripts_key_is_400_saying_where_scripts_go() {
         as_sk(&s, "GET", &format!("/{b}/scripts")).text(),
         "a list of mine"
     );
+    // A declared component over the value limit is told the same (it was a
+    // 413, "value too large").
+    let s = TestServer::start_with(&["--max-value-bytes", "1000"]);
+    let b = script_bucket(&s, "");
+    let detail = s
+        .request(
+            "PUT",
+            &format!("/{b}/scripts"),
+            &[
+                ("content-type", "application/wasm"),
+                ("authorization", "Bearer sk"),
+            ],
+            Some(&hello()),
+        )
+        .assert_problem(400);
+    assert!(detail.contains("/BUCKET/scripts/NAME"), "{detail}");
 }
 
 /// Found by a reviewer writing guests: a binary uploaded as Lua (neither

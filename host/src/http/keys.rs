@@ -126,6 +126,21 @@ pub async fn put_key(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // `PUT /BUCKET/scripts`, the script's name forgotten, stored the
+    // component as the key `scripts` with a 204, as if it were uploaded
+    // (found by a review): refused, before a declared component's body is
+    // read (one over the value limit was answered as too large).
+    let component_as_scripts = |key: &Key, body: &[u8]| {
+        key.as_str() == "scripts"
+            && (content_essence(&headers).as_deref() == Some("application/wasm")
+                || body.starts_with(b"\0asm"))
+    };
+    let named = key_param(&params)?;
+    if component_as_scripts(&named, &[]) {
+        // A 401/403 first, as for any write.
+        bucket.ensure_writable(&named)?;
+        return Err(component_as_scripts_key());
+    }
     let Write {
         bucket,
         key,
@@ -134,16 +149,8 @@ pub async fn put_key(
         body,
         ..
     } = Write::parse(&state, bucket, &params, &uri, &headers, body).await?;
-    // `PUT /BUCKET/scripts`, the script's name forgotten, stored the
-    // component as the key `scripts` with a 204, as if it were uploaded
-    // (found by a review).
-    if key.as_str() == "scripts"
-        && (content_essence(&headers).as_deref() == Some("application/wasm")
-            || body.starts_with(b"\0asm"))
-    {
-        return Err(ApiError::bad_request(
-            "this would store a WebAssembly component as the key `scripts`: a script is uploaded with PUT to /BUCKET/scripts/NAME (`curl -T FILE URL/scripts/` names it after the file)",
-        ));
+    if component_as_scripts(&key, &body) {
+        return Err(component_as_scripts_key());
     }
     let typing = typing(&headers)?;
     let value =
@@ -155,6 +162,13 @@ pub async fn put_key(
         StatusCode::NO_CONTENT.into_response(),
         &bucket.etag(version),
     ))
+}
+
+/// See [`put_key`].
+fn component_as_scripts_key() -> ApiError {
+    ApiError::bad_request(
+        "this would store a WebAssembly component as the key `scripts`: a script is uploaded with PUT to /BUCKET/scripts/NAME (`curl -T FILE URL/scripts/` names it after the file)",
+    )
 }
 
 /// How a write's body is typed, from its `Content-Type`.

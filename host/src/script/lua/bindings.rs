@@ -139,6 +139,12 @@ fn lua_of_json(lua: &Lua, text: &[u8]) -> mlua::Result<Result<Value, String>> {
 /// takes milliseconds.
 const LONG_CALL_BYTES: usize = 64 * 1024;
 
+/// Inputs below which such a call past the run's slice is made where it
+/// is: a few microseconds, and the hook suspends the run within a thousand
+/// instructions (a hand-off for each of a loop of small calls would cost
+/// more than the calls).
+const SHORT_CALL_BYTES: usize = 4 * 1024;
+
 /// Runs `work`, a call that walks `len` bytes in Rust, where no hook looks,
 /// in `block_in_place` when the run is on an async worker and its slice is
 /// over or the input is long, so that the worker's other requests go to
@@ -150,12 +156,24 @@ fn long_call<T>(lua: &Lua, len: usize, work: impl FnOnce() -> T) -> T {
         .app_data_ref::<RunCell>()
         .and_then(|cell| cell.try_borrow().ok().map(|run| run.meter.clone()));
     match meter {
-        Some(meter) if meter.on_worker() && (len > LONG_CALL_BYTES || meter.slice_over()) => {
+        Some(meter)
+            if meter.on_worker()
+                && (len > LONG_CALL_BYTES || (len > SHORT_CALL_BYTES && meter.slice_over()))
+                && on_multi_thread_runtime() =>
+        {
             meter.mark_left_worker();
             tokio::task::block_in_place(work)
         }
         _ => work(),
     }
+}
+
+/// Whether `block_in_place` may be called here: on a multi-thread tokio
+/// runtime (a run driven by a current-thread one, as a test may, would
+/// panic in it).
+pub(super) fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 fn lua_of_json_here(lua: &Lua, text: &[u8]) -> mlua::Result<Result<Value, String>> {
@@ -270,7 +288,7 @@ fn json_text(lua: &Lua, v: &Value) -> Result<Vec<u8>, String> {
     // Past the slice already (a loop of walks of one long table, which the
     // watch never looks at inside): all of it in `block_in_place` (found by
     // a review).
-    let written = if meter.on_worker() && meter.slice_over() {
+    let written = if meter.on_worker() && meter.slice_over() && on_multi_thread_runtime() {
         meter.mark_left_worker();
         tokio::task::block_in_place(|| attempt(false)).0
     } else {
