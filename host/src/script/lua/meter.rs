@@ -62,6 +62,10 @@ pub(super) struct Meter {
     /// A library call went on past the slice in `block_in_place` (see
     /// [`Meter::left_worker`]).
     left_worker: AtomicBool,
+    /// See [`Meter::held_worker`].
+    held: AtomicBool,
+    /// See [`Meter::left_at_a_call`].
+    left_at_call: AtomicBool,
 }
 
 /// What the hook does next.
@@ -82,6 +86,8 @@ impl Meter {
             hit: AtomicU8::new(HIT_NONE),
             stopped: AtomicBool::new(false),
             left_worker: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            left_at_call: AtomicBool::new(false),
         }
     }
 
@@ -105,6 +111,8 @@ impl Meter {
         self.hit.store(HIT_NONE, Ordering::Relaxed);
         self.stopped.store(false, Ordering::Relaxed);
         self.left_worker.store(false, Ordering::Relaxed);
+        self.held.store(false, Ordering::Relaxed);
+        self.left_at_call.store(false, Ordering::Relaxed);
     }
 
     /// Whether the run's slice on its async worker is over (never on a
@@ -132,11 +140,23 @@ impl Meter {
         self.slice_end.load(Ordering::Relaxed) != NEVER
     }
 
-    /// Whether a run still on its async worker is past its slice: it ended
-    /// there late, most often held where the hook can't suspend it (code
-    /// called from C that no wrapper saw coming).
-    pub(super) fn overran_slice(&self) -> bool {
-        self.on_worker() && self.slice_over()
+    /// Whether the hook found the run past its slice where Lua can't
+    /// suspend it (code called from C that no wrapper saw coming): it held
+    /// its worker. Not the wall clock alone: under load a short run is
+    /// often past its slice for being preempted, and marking its script
+    /// slow for that sent the benchmark's Lua scripts to blocking threads
+    /// (a third of their throughput at 64 connections).
+    pub(super) fn held_worker(&self) -> bool {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Whether the run left its worker at a library call's `check()` past
+    /// its slice: a short run that was preempted does that too, so it is no
+    /// mark of a slow script (marking its script sent every run of it to a
+    /// blocking thread under load); a long loop of such calls leaves at its
+    /// second call past the slice in every run.
+    pub(super) fn left_at_a_call(&self) -> bool {
+        self.left_at_call.load(Ordering::Relaxed)
     }
 
     /// The run goes on where no slice ends (a blocking thread).
@@ -326,8 +346,18 @@ unsafe extern "C-unwind" fn check_call(state: *mut ffi::lua_State) -> c_int {
             ffi::lua_error(state);
         }
     }
+    if !meter.is_null() {
+        // SAFETY: as above.
+        unsafe { (*meter).left_at_call.store(true, Ordering::Relaxed) };
+    }
     // SAFETY: the caller's state, live.
-    unsafe { suspend_on_worker(state, false) }
+    let suspended = unsafe { suspend_on_worker(state, false) };
+    if !meter.is_null() && suspended == 0 {
+        // Not suspended after all.
+        // SAFETY: as above.
+        unsafe { (*meter).left_at_call.store(false, Ordering::Relaxed) };
+    }
+    suspended
 }
 
 /// The hook: counts, stops a run over a limit (with `lua_error`, leaving
@@ -349,6 +379,8 @@ unsafe extern "C-unwind" fn limits_hook(state: *mut ffi::lua_State, _: *mut ffi:
         Next::Suspend => unsafe {
             if ffi::lua_isyieldable(state) != 0 {
                 ffi::lua_yield(state, 0);
+            } else {
+                (*meter).held.store(true, Ordering::Relaxed);
             }
         },
         // SAFETY: raising from a hook is allowed; nothing in this frame

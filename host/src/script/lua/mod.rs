@@ -18,8 +18,8 @@
 //! wrappers and `meter::leave_worker_function`). A data call that has to
 //! wait (a write waiting for its commit) waits in `block_in_place` (see
 //! [`Host`]), and a pattern call still matching when the slice ends goes on
-//! there (see `pattern`). Either way, as when a run ends on the worker past
-//! its slice, its script is remembered as slow and its later runs start on
+//! there (see `pattern`). Either way, as when the hook finds a run past
+//! its slice where it can't suspend it, its script is remembered as slow and its later runs start on
 //! a blocking thread. Data calls go through [`Host`], never to storage
 //! directly.
 //!
@@ -339,7 +339,9 @@ impl LuaRuntime {
                 (state, outcome)
             }
             None => {
-                if inline {
+                // Left at a library call past the slice: a short run that
+                // was preempted does that too, so not a slow script.
+                if inline && !state.meter.left_at_a_call() {
                     self.slow.mark(script.digest);
                 }
                 let moved = tokio::task::spawn_blocking(move || {
@@ -361,9 +363,10 @@ impl LuaRuntime {
         };
         // A run that waited for a write on the worker, or went on with a
         // pattern call past its slice (in block_in_place), cost a thread
-        // hand-off there, and one that ended on the worker past its slice
-        // held it: later runs start on a blocking thread.
-        if inline && (state.waited() || state.meter.overran_slice()) {
+        // hand-off there, and one the hook found past its slice where it
+        // could not suspend it held it: later runs start on a blocking
+        // thread.
+        if inline && (state.waited() || state.meter.held_worker()) {
             self.slow.mark(script.digest);
         }
         let result = state.finish(outcome, self.limits);
