@@ -1125,18 +1125,8 @@ impl Store {
     fn gc_due(&self) -> Result<GcDue, StorageError> {
         let snapshot = self.snapshot()?;
         let raw = &*snapshot.raw;
-        let exists = |lower: &[u8], upper: &[u8]| -> Result<bool, StorageError> {
-            let mut found = false;
-            raw.scan(
-                Bound::Included(lower),
-                Bound::Excluded(upper),
-                false,
-                &mut |_, _| {
-                    found = true;
-                    false
-                },
-            )?;
-            Ok(found)
+        let exists = |lower: &[u8], upper: &[u8]| {
+            any_in(|visit| raw.scan(Bound::Included(lower), Bound::Excluded(upper), false, visit))
         };
         let expired = exists(
             &[NS_EXPIRY],
@@ -1301,7 +1291,17 @@ impl Store {
                 // deletions of another history.
                 let has_data = [NS_DATA, NS_EXPIRY, NS_TOMBSTONE, NS_PURGE]
                     .into_iter()
-                    .map(|ns| any_in(ctx.raw, &[ns], &[ns + 1]))
+                    .map(|ns| {
+                        any_in(|visit| {
+                            let (lower, upper) = ([ns], [ns + 1]);
+                            ctx.raw.scan(
+                                Bound::Included(&lower),
+                                Bound::Excluded(&upper),
+                                false,
+                                visit,
+                            )
+                        })
+                    })
                     .collect::<Result<Vec<_>, _>>()?
                     .contains(&true)
                     || ctx.meta(META_HORIZON)? > 0;
@@ -1423,7 +1423,14 @@ impl Store {
 /// tombstone) or an entry with a later version. Reads every entry.
 fn written_after(raw: &dyn RawWrite, version: u64) -> Result<bool, StorageError> {
     let after = ns_key(NS_TOMBSTONE, &(version + 1).to_be_bytes());
-    let mut found = any_in(raw, &after, &[NS_TOMBSTONE + 1])?;
+    let mut found = any_in(|visit| {
+        raw.scan(
+            Bound::Included(&after),
+            Bound::Excluded(&[NS_TOMBSTONE + 1]),
+            false,
+            visit,
+        )
+    })?;
     if !found {
         raw.scan(
             Bound::Included(&[NS_DATA]),
@@ -1438,18 +1445,16 @@ fn written_after(raw: &dyn RawWrite, version: u64) -> Result<bool, StorageError>
     Ok(found)
 }
 
-/// Whether any key lies in `[lower, upper)`.
-fn any_in(raw: &dyn RawWrite, lower: &[u8], upper: &[u8]) -> Result<bool, StorageError> {
+/// Whether `scan` (a snapshot's or a write's, over the range it names)
+/// visits any key.
+fn any_in(
+    scan: impl FnOnce(&mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), StorageError>,
+) -> Result<bool, StorageError> {
     let mut found = false;
-    raw.scan(
-        Bound::Included(lower),
-        Bound::Excluded(upper),
-        false,
-        &mut |_, _| {
-            found = true;
-            false
-        },
-    )?;
+    scan(&mut |_, _| {
+        found = true;
+        false
+    })?;
     Ok(found)
 }
 
