@@ -7,20 +7,23 @@
 #   ROUNDS=5 SECONDS_EACH=4 WORKLOADS="patch-relaxed-1 put-relaxed-1" bench/ab.sh A B
 #
 # Workloads: KIND-DURABILITY-CONNS with KIND get (a small value), put (fresh
-# keys), patch (+1 on one of 10,000 keys), patchhot (+1 on one key);
-# DURABILITY strict or relaxed.
+# keys), patch (+1 on one of 10,000 keys), patchhot (+1 on one key), wasmhello
+# (the WebAssembly hello example, GET ?name=World), luahello (its Lua twin);
+# DURABILITY strict or relaxed. wasmhello needs the guests built
+# (cargo build --target wasm32-wasip2 --release -p kvdb-example-hello).
 # Default: patch-relaxed-1 put-relaxed-1 patch-strict-1 patch-relaxed-64.
 # Needs wrk (bench/run.sh installs it). Build the two binaries the same way,
 # e.g. with CARGO_TARGET_DIR=target/ab CARGO_PROFILE_RELEASE_LTO=false for a
 # quick A/B (the default fat LTO takes minutes per build).
 set -euo pipefail
 
-[ $# -eq 2 ] || { sed -n 2,14p "$0"; exit 2; }
+[ $# -eq 2 ] || { sed -n 2,16p "$0"; exit 2; }
 A=$1 B=$2
 ROUNDS=${ROUNDS:-5}
 SECONDS_EACH=${SECONDS_EACH:-4}
 WORKLOADS=${WORKLOADS:-patch-relaxed-1 put-relaxed-1 patch-strict-1 patch-relaxed-64}
 here="$(cd "$(dirname "$0")" && pwd)"
+GUESTS=$here/../target/wasm32-wasip2/release
 command -v wrk >/dev/null || { echo "wrk is missing: bench/run.sh installs it" >&2; exit 1; }
 
 tmp=$(mktemp -d /var/tmp/kvdb-ab.XXXXXX)
@@ -48,6 +51,14 @@ start() { # NAME BINARY DURABILITY
     local bucket
     bucket=$(curl -fsS -d secret_key=abbenchsecret "http://127.0.0.1:$port/")
     curl -fsS -X PUT --data-binary hello "http://127.0.0.1:$port/$bucket/k"
+    if [[ " $WORKLOADS " == *" wasmhello-"* ]]; then
+        curl -fsS -o /dev/null -u abbenchsecret: -H 'Content-Type: application/wasm' \
+            -T "$GUESTS/kvdb_example_hello.wasm" "http://127.0.0.1:$port/$bucket/scripts/whello"
+    fi
+    if [[ " $WORKLOADS " == *" luahello-"* ]]; then
+        curl -fsS -o /dev/null -u abbenchsecret: -T "$here/../examples/hello/hello.lua" \
+            "http://127.0.0.1:$port/$bucket/scripts/lhello"
+    fi
     server[$1]="$port $bucket $pid"
 }
 for side in A B; do
@@ -66,6 +77,8 @@ run() { # SIDE WORKLOAD
         get) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" "$url/$bucket/k" >"$out" ;;
         put) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" -s "$here/wrk/put.lua" "$url" -- kvdb "/$bucket" "ab$RANDOM$RANDOM" >"$out" ;;
         patch) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" -s "$here/wrk/patch.lua" "$url" -- kvdb "/$bucket" 10000 >"$out" ;;
+        wasmhello) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" "$url/$bucket/scripts/whello?name=World" >"$out" ;;
+        luahello) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" "$url/$bucket/scripts/lhello?name=World" >"$out" ;;
         patchhot) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" -s "$here/wrk/patch.lua" "$url" -- kvdb "/$bucket" 1 >"$out" ;;
         *) echo "unknown workload $2" >&2; exit 2 ;;
     esac

@@ -1087,11 +1087,15 @@ fn a_write_waiting_for_the_store_ends_with_the_time_limit() {
 /// first 1000 are 31.25 MiB, and 24 more fill the budget.
 #[test]
 fn a_script_listing_with_values_holds_one_budget_of_values() {
+    // 32 MiB through a debug build's Lua: a time limit with room for a
+    // loaded machine (the default 1 s was hit once while CI ran beside it).
     let s = TestServer::start_with(&[
         "--durability",
         "relaxed",
         "--script-memory-bytes",
         "200000000",
+        "--script-time-ms",
+        "20000",
     ]);
     let b = script_bucket(&s, "");
     let value = "v".repeat(32 * 1024);
