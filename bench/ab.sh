@@ -8,16 +8,18 @@
 #
 # Workloads: KIND-DURABILITY-CONNS with KIND get (a small value), put (fresh
 # keys), patch (+1 on one of 10,000 keys), patchhot (+1 on one key), wasmhello
-# (the WebAssembly hello example, GET ?name=World), luahello (its Lua twin);
-# DURABILITY strict or relaxed. wasmhello needs the guests built
-# (cargo build --target wasm32-wasip2 --release -p kvdb-example-hello).
+# (the WebAssembly hello example, GET ?name=World), luahello (its Lua twin),
+# wasmcounter (the WebAssembly visitors counter), luacounter (its Lua twin);
+# DURABILITY strict or relaxed. The wasm workloads need the guests built
+# (cargo build --target wasm32-wasip2 --release -p kvdb-example-hello
+# -p kvdb-example-visitors).
 # Default: patch-relaxed-1 put-relaxed-1 patch-strict-1 patch-relaxed-64.
 # Needs wrk (bench/run.sh installs it). Build the two binaries the same way,
 # e.g. with CARGO_TARGET_DIR=target/ab CARGO_PROFILE_RELEASE_LTO=false for a
 # quick A/B (the default fat LTO takes minutes per build).
 set -euo pipefail
 
-[ $# -eq 2 ] || { sed -n 2,16p "$0"; exit 2; }
+[ $# -eq 2 ] || { sed -n 2,18p "$0"; exit 2; }
 A=$1 B=$2
 ROUNDS=${ROUNDS:-5}
 SECONDS_EACH=${SECONDS_EACH:-4}
@@ -51,14 +53,20 @@ start() { # NAME BINARY DURABILITY
     local bucket
     bucket=$(curl -fsS -d secret_key=abbenchsecret "http://127.0.0.1:$port/")
     curl -fsS -X PUT --data-binary hello "http://127.0.0.1:$port/$bucket/k"
-    if [[ " $WORKLOADS " == *" wasmhello-"* ]]; then
-        curl -fsS -o /dev/null -u abbenchsecret: -H 'Content-Type: application/wasm' \
-            -T "$GUESTS/kvdb_example_hello.wasm" "http://127.0.0.1:$port/$bucket/scripts/whello"
-    fi
-    if [[ " $WORKLOADS " == *" luahello-"* ]]; then
-        curl -fsS -o /dev/null -u abbenchsecret: -T "$here/../examples/hello/hello.lua" \
-            "http://127.0.0.1:$port/$bucket/scripts/lhello"
-    fi
+    # The scripts the workloads run: KIND NAME FILE (a component if .wasm).
+    local kind name file
+    while read -r kind name file; do
+        [[ " $WORKLOADS " == *" $kind-"* ]] || continue
+        local type=()
+        [[ $file == *.wasm ]] && type=(-H 'Content-Type: application/wasm')
+        curl -fsS -o /dev/null -u abbenchsecret: "${type[@]}" -T "$file" \
+            "http://127.0.0.1:$port/$bucket/scripts/$name"
+    done <<EOF
+wasmhello whello $GUESTS/kvdb_example_hello.wasm
+luahello lhello $here/../examples/hello/hello.lua
+wasmcounter wcounter $GUESTS/kvdb_example_visitors.wasm
+luacounter lcounter $here/../examples/visitors/visitors.lua
+EOF
     server[$1]="$port $bucket $pid"
 }
 for side in A B; do
@@ -78,6 +86,8 @@ run() { # SIDE WORKLOAD
         put) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" -s "$here/wrk/put.lua" "$url" -- kvdb "/$bucket" "ab$RANDOM$RANDOM" >"$out" ;;
         patch) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" -s "$here/wrk/patch.lua" "$url" -- kvdb "/$bucket" 10000 >"$out" ;;
         wasmhello) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" "$url/$bucket/scripts/whello?name=World" >"$out" ;;
+        wasmcounter) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" "$url/$bucket/scripts/wcounter" >"$out" ;;
+        luacounter) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" "$url/$bucket/scripts/lcounter" >"$out" ;;
         luahello) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" "$url/$bucket/scripts/lhello?name=World" >"$out" ;;
         patchhot) wrk -t$threads -c"$conns" -d"${SECONDS_EACH}s" -s "$here/wrk/patch.lua" "$url" -- kvdb "/$bucket" 1 >"$out" ;;
         *) echo "unknown workload $2" >&2; exit 2 ;;

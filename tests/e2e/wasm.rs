@@ -1052,6 +1052,45 @@ fn a_guest_write_waiting_for_the_store_ends_with_the_time_limit() {
     assert_server_still_answers(&s, &b);
 }
 
+/// A run whose client goes away while the run is suspended on the async
+/// worker (in a WASI sleep here; a write waiting for its commit is another
+/// such point, now that writes are async imports) goes on to its end: a
+/// script is not cut off between two of its writes by a closed connection.
+/// (It holds because the server answers every request it has read, to the
+/// end, and drops no handler when its client goes away.)
+#[test]
+fn a_run_whose_client_went_away_goes_on_to_its_end() {
+    let s = limited("10000", "1000000000000000");
+    let b = hostile_bucket(&s);
+    // The run sets the key once and sleeps 1.5 s: its client goes away
+    // meanwhile.
+    s.get_and_hang_up(
+        &format!("/{b}/scripts/h?do=nap-set&at=n&ms=1500"),
+        Duration::from_millis(300),
+    );
+    // It wakes and sets the key again.
+    let started = Instant::now();
+    loop {
+        let r = s.request(
+            "GET",
+            &format!("/{b}/n"),
+            &[("authorization", "Bearer sk")],
+            None,
+        );
+        if (r.status, r.text().as_str()) == (200, "2") {
+            break;
+        }
+        assert!(
+            started.elapsed() < BOUND,
+            "the run was cut off when its client went away: {} {}",
+            r.status,
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_server_still_answers(&s, &b);
+}
+
 /// The handles a run holds (WASI pollables here) take host memory, outside
 /// the memory limit: past 1024 at once the run ends with the memory limit
 /// (wasmtime's default of 100,000 let a guest hold ~28 MB a run; found by a

@@ -125,32 +125,33 @@ impl Host {
         self.scoped.bucket().max_value_bytes()
     }
 
-    /// Waits for a store future from a synchronous data call. Most are ready
-    /// at once (a relaxed write committed inline); one that is not (a write
-    /// waiting for its group commit) is waited for in
+    /// Waits for a store future from a synchronous data call (Lua's; a
+    /// WebAssembly guest awaits the `_async` calls). Most are ready at once
+    /// (a relaxed write committed inline); one that is not (a write waiting
+    /// for its group commit) is waited for in
     /// [`tokio::task::block_in_place`], so that a run on a worker thread
     /// hands that worker's other tasks to another thread instead of stalling
     /// them. On a blocking thread `block_in_place` just runs the closure.
     ///
     /// The wait ends at the run's deadline: while the thread waits here no
-    /// script code runs, so neither the Lua hook nor the WebAssembly epoch
-    /// can stop the run (a guest's merge queued behind 30 large merges
-    /// answered after 12 s with a 1 s limit, holding its pool slot and a
-    /// thread; found by a review). The call then fails with a limit error,
-    /// and the run ends with its time limit ([`Host::timed_out`]).
+    /// script code runs, so the Lua hook can't stop the run (a guest's merge
+    /// queued behind 30 large merges answered after 12 s with a 1 s limit,
+    /// holding its state and a thread; found by a review). The call then
+    /// fails with a limit error, and the run ends with its time limit
+    /// ([`Host::timed_out`]).
     fn wait<T, F>(&self, fut: F) -> Result<T, CallError>
     where
-        F: std::future::Future<Output = Result<T, BucketError>>,
+        F: std::future::Future<Output = Result<T, CallError>>,
     {
         let mut fut = std::pin::pin!(fut);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-            return Ok(out?);
+            return out;
         }
         self.waited
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let Some(deadline) = self.deadline else {
-            return Ok(tokio::task::block_in_place(|| self.runtime.block_on(fut))?);
+            return tokio::task::block_in_place(|| self.runtime.block_on(fut));
         };
         tokio::task::block_in_place(|| {
             self.runtime
@@ -164,7 +165,6 @@ impl Host {
                     .into(),
             )
         })?
-        .map_err(CallError::from)
     }
 
     /// The value under `key`, if any.
@@ -188,9 +188,28 @@ impl Host {
     /// # Errors
     /// Permission denied, an invalid key, a value over the size limit.
     pub fn set(&self, k: &str, value: Value, ttl: Option<u64>) -> Result<(), CallError> {
+        self.wait(self.set_async(k, value, ttl))
+    }
+
+    /// [`Host::set`] for a caller that awaits the write's commit instead of
+    /// waiting for it on its thread (a WebAssembly guest, on a fiber: the
+    /// run is suspended meanwhile and its thread serves other requests).
+    /// The run's time limit is the caller's to enforce.
+    ///
+    /// # Errors
+    /// As [`Host::set`].
+    pub async fn set_async(
+        &self,
+        k: &str,
+        value: Value,
+        ttl: Option<u64>,
+    ) -> Result<(), CallError> {
         let k = key(k)?;
-        self.wait(self.scoped.set(&k, value, ttl, Condition::Always))?;
-        Ok(())
+        self.scoped
+            .set(&k, value, ttl, Condition::Always)
+            .await
+            .map(drop)
+            .map_err(CallError::from)
     }
 
     /// Deletes `key`; `false` if it was absent.
@@ -198,19 +217,26 @@ impl Host {
     /// # Errors
     /// Permission denied, an invalid key.
     pub fn delete(&self, k: &str) -> Result<bool, CallError> {
-        let k = key(k)?;
-        self.wait(async {
-            match self.scoped.delete(&k, Condition::Always).await {
-                Ok(()) => Ok(true),
-                Err(BucketError::KeyNotFound(_)) => Ok(false),
-                Err(e) => Err(e),
-            }
-        })
+        self.wait(self.delete_async(k))
     }
 
-    fn op(&self, k: &str, op: Op) -> Result<Value, CallError> {
+    /// [`Host::delete`], awaited (see [`Host::set_async`]).
+    ///
+    /// # Errors
+    /// As [`Host::delete`].
+    pub async fn delete_async(&self, k: &str) -> Result<bool, CallError> {
         let k = key(k)?;
-        Ok(self.wait(self.scoped.patch_for_script(&k, op))?.value)
+        match self.scoped.delete(&k, Condition::Always).await {
+            Ok(()) => Ok(true),
+            Err(BucketError::KeyNotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// An atomic operation on `key`; the new value.
+    async fn op(&self, k: &str, op: Op) -> Result<Value, CallError> {
+        let k = key(k)?;
+        Ok(self.scoped.patch_for_script(&k, op).await?.value)
     }
 
     /// Adds `n` atomically (a missing key counts as 0); the new value.
@@ -218,7 +244,15 @@ impl Host {
     /// # Errors
     /// Permission denied, a non-numeric value, overflow.
     pub fn incr(&self, k: &str, n: Number) -> Result<Value, CallError> {
-        self.op(k, Op::Add(n))
+        self.wait(self.incr_async(k, n))
+    }
+
+    /// [`Host::incr`], awaited (see [`Host::set_async`]).
+    ///
+    /// # Errors
+    /// As [`Host::incr`].
+    pub async fn incr_async(&self, k: &str, n: Number) -> Result<Value, CallError> {
+        self.op(k, Op::Add(n)).await
     }
 
     /// A JSON argument given as text (a merge or JSON patch), read. Text
@@ -244,7 +278,15 @@ impl Host {
     /// # Errors
     /// Permission denied, a non-JSON value.
     pub fn merge(&self, k: &str, patch: serde_json::Value) -> Result<Value, CallError> {
-        self.op(k, Op::MergePatch(patch))
+        self.wait(self.merge_async(k, patch))
+    }
+
+    /// [`Host::merge`], awaited (see [`Host::set_async`]).
+    ///
+    /// # Errors
+    /// As [`Host::merge`].
+    pub async fn merge_async(&self, k: &str, patch: serde_json::Value) -> Result<Value, CallError> {
+        self.op(k, Op::MergePatch(patch)).await
     }
 
     /// RFC 6902 patch of a JSON value; the new value. A JSON patch reads
@@ -254,9 +296,17 @@ impl Host {
     /// # Errors
     /// Permission denied, a malformed patch, a failed `test`.
     pub fn patch(&self, k: &str, patch: serde_json::Value) -> Result<Value, CallError> {
+        self.wait(self.patch_async(k, patch))
+    }
+
+    /// [`Host::patch`], awaited (see [`Host::set_async`]).
+    ///
+    /// # Errors
+    /// As [`Host::patch`].
+    pub async fn patch_async(&self, k: &str, patch: serde_json::Value) -> Result<Value, CallError> {
         let patch = serde_json::from_value(patch)
             .map_err(|e| CallError::Invalid(format!("not a JSON patch: {e}")))?;
-        self.op(k, Op::JsonPatch(patch))
+        self.op(k, Op::JsonPatch(patch)).await
     }
 
     /// Appends bytes to a raw value; the new value.
@@ -264,6 +314,14 @@ impl Host {
     /// # Errors
     /// Permission denied, a non-raw value, the size limit.
     pub fn append(&self, k: &str, bytes: Vec<u8>) -> Result<Value, CallError> {
+        self.wait(self.append_async(k, bytes))
+    }
+
+    /// [`Host::append`], awaited (see [`Host::set_async`]).
+    ///
+    /// # Errors
+    /// As [`Host::append`].
+    pub async fn append_async(&self, k: &str, bytes: Vec<u8>) -> Result<Value, CallError> {
         self.op(
             k,
             Op::Append {
@@ -271,6 +329,7 @@ impl Host {
                 media_type: None,
             },
         )
+        .await
     }
 
     /// Keys (and values) under `prefix`, in byte order; a page ends early

@@ -97,21 +97,21 @@ impl kv::Host for WasmState {
         Ok(self.host.exists(&key)?)
     }
 
-    fn set(
+    async fn set(
         &mut self,
         key: String,
         value: types::Value,
         ttl: Option<u64>,
     ) -> Result<(), types::Error> {
         let value = from_wit(value)?;
-        Ok(self.host.set(&key, value, ttl)?)
+        Ok(self.host.set_async(&key, value, ttl).await?)
     }
 
-    fn delete(&mut self, key: String) -> Result<bool, types::Error> {
-        Ok(self.host.delete(&key)?)
+    async fn delete(&mut self, key: String) -> Result<bool, types::Error> {
+        Ok(self.host.delete_async(&key).await?)
     }
 
-    fn incr(&mut self, key: String, by: types::Number) -> Result<types::Value, types::Error> {
+    async fn incr(&mut self, key: String, by: types::Number) -> Result<types::Value, types::Error> {
         let n = match by {
             types::Number::Integer(i) => Number::Int(i),
             types::Number::Float(f) if f.is_finite() => Number::Float(f),
@@ -119,25 +119,21 @@ impl kv::Host for WasmState {
                 return Err(CallError::Invalid("the amount must be finite".into()).into());
             }
         };
-        Ok(to_wit(self.host.incr(&key, n)?))
+        Ok(to_wit(self.host.incr_async(&key, n).await?))
     }
 
-    fn merge(&mut self, key: String, patch: String) -> Result<types::Value, types::Error> {
-        Ok(to_wit(
-            self.host
-                .merge(&key, self.host.json_arg(patch.as_bytes())?)?,
-        ))
+    async fn merge(&mut self, key: String, patch: String) -> Result<types::Value, types::Error> {
+        let patch = self.host.json_arg(patch.as_bytes())?;
+        Ok(to_wit(self.host.merge_async(&key, patch).await?))
     }
 
-    fn patch(&mut self, key: String, patch: String) -> Result<types::Value, types::Error> {
-        Ok(to_wit(
-            self.host
-                .patch(&key, self.host.json_arg(patch.as_bytes())?)?,
-        ))
+    async fn patch(&mut self, key: String, patch: String) -> Result<types::Value, types::Error> {
+        let patch = self.host.json_arg(patch.as_bytes())?;
+        Ok(to_wit(self.host.patch_async(&key, patch).await?))
     }
 
-    fn append(&mut self, key: String, bytes: Vec<u8>) -> Result<types::Value, types::Error> {
-        Ok(to_wit(self.host.append(&key, bytes)?))
+    async fn append(&mut self, key: String, bytes: Vec<u8>) -> Result<types::Value, types::Error> {
+        Ok(to_wit(self.host.append_async(&key, bytes).await?))
     }
 
     fn list(

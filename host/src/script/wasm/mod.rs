@@ -28,9 +28,15 @@
 //!   [`RunShares`]): a bucket whose scripts are slow, or flooded, gets 503s,
 //!   not every other bucket.
 //! - Runs are async calls (the guest on a fiber) that hand control back every
-//!   `YIELD_FUEL`: a run starts on the async worker that took the request
-//!   and moves to a blocking thread once it has used [`INLINE_SLICE`] of
-//!   guest time, or if a write made it wait (see [`SlowScripts`]).
+//!   `YIELD_FUEL`, and whose writes are async imports (a write waiting for
+//!   its commit suspends the guest): a run starts on the async worker that
+//!   took the request and moves to a blocking thread once it has used
+//!   [`INLINE_SLICE`] of guest time. Unlike Lua's, a script's later runs
+//!   start on the worker all the same: a run can always be suspended, so
+//!   one past its slice holds no worker, and under load a short run is
+//!   often past its slice by the wall clock (its thread preempted); marking
+//!   the script sent every run of the visitors counter through a blocking
+//!   thread.
 
 mod bindings;
 mod host;
@@ -57,7 +63,7 @@ use super::SourceLoader;
 use super::api::Host;
 use super::{
     INLINE_SLICE, Label, Limit, Limits, MEMORY_HINT, RESPONSE_HINT, Request, Response, RunShares,
-    ScriptError, SlowScripts,
+    ScriptError,
 };
 use crate::bucket::StoredScript;
 use bindings::kvdb::script::types::Response as WitResponse;
@@ -276,7 +282,6 @@ pub struct WasmRuntime {
     /// One lock per component being compiled for a run, so that the runs
     /// that find it missing compile it once, not each.
     compiling: Mutex<HashMap<[u8; 32], Arc<Mutex<()>>>>,
-    slow: SlowScripts,
     ticker: Ticker,
     shares: RunShares,
 }
@@ -468,7 +473,6 @@ impl WasmRuntime {
             limits,
             cache: Mutex::new(Compiled::default()),
             compiling: Mutex::new(HashMap::new()),
-            slow: SlowScripts::default(),
             ticker,
             shares,
         })
@@ -622,15 +626,15 @@ impl WasmRuntime {
         // The epoch deadline stops guest code; this one also stops a run
         // waiting in the host, on a WASI pollable (a sleep, found by a
         // review: a guest slept past its limit, holding a pool slot and a
-        // thread after its client had gone) or a write (`Host::wait`), where
-        // no guest code runs and the epoch is never looked at. A little
-        // later than the epoch's, so that a run in guest code ends with its
-        // own trap.
+        // thread after its client had gone) or a write waiting for its
+        // commit (an async import), where no guest code runs and the epoch
+        // is never looked at. A little later than the epoch's, so that a
+        // run in guest code ends with its own trap.
         let deadline = tokio::time::Instant::now() + self.limits.time + 2 * EPOCH_TICK;
         let mut store = Store::new(
             &self.engine,
             WasmState {
-                host: host.with_deadline(deadline),
+                host,
                 log: crate::script::LogBudget::default(),
                 wasi: None,
                 table: {
@@ -697,35 +701,13 @@ impl WasmRuntime {
             let result = tokio::time::timeout_at(deadline, run)
                 .await
                 .unwrap_or_else(|_| Err(wasmtime::Error::new(Trap::Interrupt)));
-            // A write stopped waiting at the deadline: the run is over its
-            // time even if the guest answered before the epoch stopped it.
-            let result = if store.data().host.timed_out() {
-                Err(wasmtime::Error::new(Trap::Interrupt))
-            } else {
-                result
-            };
-            let waited = store.data().host.waited();
             let output = Output::of(store.data_mut().wasi.take());
-            (result, waited, output)
+            (result, output)
         });
-        let (result, _, output) = if self.slow.contains(&script.digest) {
-            off_the_worker(call).await?
-        } else {
-            let mut call = call;
-            match on_the_worker_for_a_slice(&mut call).await {
-                Some(done) => {
-                    if done.1 {
-                        // It waited for a write on the worker (in
-                        // block_in_place): later runs start off it.
-                        self.slow.mark(script.digest);
-                    }
-                    done
-                }
-                None => {
-                    self.slow.mark(script.digest);
-                    off_the_worker(call).await?
-                }
-            }
+        let mut call = call;
+        let (result, output) = match on_the_worker_for_a_slice(&mut call).await {
+            Some(done) => done,
+            None => off_the_worker(call).await?,
         };
         let Output {
             stdout: (stdout, stdout_dropped),
@@ -928,11 +910,11 @@ fn log_output(script: &StoredScript, stream: &str, bytes: &[u8], dropped: bool) 
     }
 }
 
-/// A run in progress: its result, and whether it waited for a write.
+/// A run in progress.
 type Call = Pin<Box<dyn Future<Output = Ran> + Send>>;
 
-/// A run's result, whether it waited for a write, and its output.
-type Ran = (wasmtime::Result<WitResponse>, bool, Output);
+/// A run's result, and its output.
+type Ran = (wasmtime::Result<WitResponse>, Output);
 
 /// Polls `call` on this async worker until it ends (`Some`) or has used
 /// [`INLINE_SLICE`] of guest time (`None`: the rest is for a blocking thread).

@@ -17,6 +17,9 @@
 //! - `merge`: merges `{"w":1}` into the JSON value under `at` (answers
 //!   `merged` or the error), a write that may wait for the store;
 //! - `pollables`: holds `n` WASI pollables (default 90,000) at once;
+//! - `nap-set`: sets the key `at` to `1`, sleeps `ms` milliseconds (in the
+//!   host, where the run is suspended) and sets it to `2`: a run whose
+//!   client goes away meanwhile must still end;
 //! - `ok` (or nothing): answers `ok\n`;
 //! - `set-json`: sets the key `at` to the JSON value `json` (as text);
 //! - `remember` (keeps `secret`, repeated to fill several pages, in a static
@@ -152,6 +155,18 @@ impl Handler for Hostile {
             "narrow-prefix" => Response::text(narrow_prefix()),
             "narrow-perms" => Response::text(narrow_perms()),
             "plain-get" => Response::text(plain_get()),
+            "nap-set" => {
+                let key = req.var("at").unwrap_or("n");
+                let ms: u64 = req.var("ms").and_then(|m| m.parse().ok()).unwrap_or(500);
+                if let Err(e) = kvdb_guest::set(key, 1) {
+                    return Response::text(format!("set: {e}\n"));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                match kvdb_guest::set(key, 2) {
+                    Ok(()) => Response::text("set twice\n"),
+                    Err(e) => Response::text(format!("set: {e}\n")),
+                }
+            }
             "set-json" => {
                 let key = req.var("at").unwrap_or("j");
                 let text = req.var("json").unwrap_or("null");
