@@ -8,9 +8,10 @@
 //! [`Scoped`](crate::bucket::Scoped) bucket. A run starts on the async
 //! worker that took the request and moves to a blocking thread if it runs
 //! longer than [`INLINE_SLICE`] (see [`lua`] and [`wasm`] for how each
-//! runtime suspends a run); scripts whose runs do not fit are remembered in
-//! [`SlowScripts`] and start on a blocking thread for a while. Each runtime
-//! holds its runs in flight, and each bucket's, to [`RunShares`].
+//! runtime suspends a run); Lua scripts whose runs do not fit are remembered
+//! in [`SlowScripts`] and start on a blocking thread for a while (a
+//! WebAssembly run can always be suspended, so its scripts are not). Each
+//! runtime holds its runs in flight, and each bucket's, to [`RunShares`].
 
 pub mod api;
 pub mod lua;
@@ -280,9 +281,10 @@ const SLOW_FOR: Duration = Duration::from_secs(1);
 /// Scripts known as slow past which the set starts over.
 const MAX_SLOW_SCRIPTS: usize = 4096;
 
-/// Scripts (by the digest of their code) whose recent runs did not fit on an
-/// async worker: they ran past [`INLINE_SLICE`], or waited for a write. Their
-/// runs start on a blocking thread for a second (`SLOW_FOR`).
+/// Lua scripts (by the digest of their code) whose recent runs did not fit on
+/// an async worker: the hook found one past [`INLINE_SLICE`] where it could
+/// not suspend it, or one waited for a write. Their runs start on a blocking
+/// thread for a second (`SLOW_FOR`).
 #[derive(Default)]
 pub struct SlowScripts {
     scripts: Mutex<HashMap<[u8; 32], Instant>>,

@@ -5,8 +5,8 @@
 //! Errors the guest should see come back as the WIT `error` variant; nothing
 //! here traps.
 
-use super::WasmState;
 use super::bindings::kvdb::script::{kv, log, scope, types};
+use super::{WasmState, give_way};
 use crate::bucket::{Number, Permission, Permissions, Typing, Value};
 use crate::script::api::{CallError, ListOptions};
 
@@ -88,12 +88,17 @@ fn wit_permissions(p: Permissions) -> Vec<types::Permission> {
 
 impl types::Host for WasmState {}
 
+/// Every `kv` call is async: it first hands control back if the run is past
+/// its slice on the async worker ([`give_way`]), and a write waiting for its
+/// commit suspends the guest.
 impl kv::Host for WasmState {
-    fn get(&mut self, key: String) -> Result<Option<types::Value>, types::Error> {
+    async fn get(&mut self, key: String) -> Result<Option<types::Value>, types::Error> {
+        give_way().await;
         Ok(self.host.get(&key)?.map(to_wit))
     }
 
-    fn exists(&mut self, key: String) -> Result<bool, types::Error> {
+    async fn exists(&mut self, key: String) -> Result<bool, types::Error> {
+        give_way().await;
         Ok(self.host.exists(&key)?)
     }
 
@@ -103,15 +108,18 @@ impl kv::Host for WasmState {
         value: types::Value,
         ttl: Option<u64>,
     ) -> Result<(), types::Error> {
+        give_way().await;
         let value = from_wit(value)?;
         Ok(self.host.set_async(&key, value, ttl).await?)
     }
 
     async fn delete(&mut self, key: String) -> Result<bool, types::Error> {
+        give_way().await;
         Ok(self.host.delete_async(&key).await?)
     }
 
     async fn incr(&mut self, key: String, by: types::Number) -> Result<types::Value, types::Error> {
+        give_way().await;
         let n = match by {
             types::Number::Integer(i) => Number::Int(i),
             types::Number::Float(f) if f.is_finite() => Number::Float(f),
@@ -123,24 +131,28 @@ impl kv::Host for WasmState {
     }
 
     async fn merge(&mut self, key: String, patch: String) -> Result<types::Value, types::Error> {
+        give_way().await;
         let patch = self.host.json_arg(patch.as_bytes())?;
         Ok(to_wit(self.host.merge_async(&key, patch).await?))
     }
 
     async fn patch(&mut self, key: String, patch: String) -> Result<types::Value, types::Error> {
+        give_way().await;
         let patch = self.host.json_arg(patch.as_bytes())?;
         Ok(to_wit(self.host.patch_async(&key, patch).await?))
     }
 
     async fn append(&mut self, key: String, bytes: Vec<u8>) -> Result<types::Value, types::Error> {
+        give_way().await;
         Ok(to_wit(self.host.append_async(&key, bytes).await?))
     }
 
-    fn list(
+    async fn list(
         &mut self,
         prefix: String,
         options: types::ListOptions,
     ) -> Result<Vec<types::Entry>, types::Error> {
+        give_way().await;
         let opts = ListOptions {
             limit: options.limit.map(|l| l as usize),
             start: options.start,
@@ -159,12 +171,13 @@ impl kv::Host for WasmState {
             .collect())
     }
 
-    fn access_token(
+    async fn access_token(
         &mut self,
         prefix: String,
         perms: Vec<types::Permission>,
         ttl: u64,
     ) -> Result<types::Token, types::Error> {
+        give_way().await;
         let (token, expires_at) = self.host.access_token(&prefix, permissions(&perms), ttl)?;
         Ok(types::Token { token, expires_at })
     }
@@ -185,7 +198,8 @@ impl scope::Host for WasmState {
 }
 
 impl log::Host for WasmState {
-    fn log(&mut self, level: log::Level, message: String) {
+    async fn log(&mut self, level: log::Level, message: String) {
+        give_way().await;
         let Some(message) = self.log.line(&message) else {
             return;
         };

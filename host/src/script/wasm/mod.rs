@@ -28,15 +28,16 @@
 //!   [`RunShares`]): a bucket whose scripts are slow, or flooded, gets 503s,
 //!   not every other bucket.
 //! - Runs are async calls (the guest on a fiber) that hand control back every
-//!   `YIELD_FUEL`, and whose writes are async imports (a write waiting for
-//!   its commit suspends the guest): a run starts on the async worker that
-//!   took the request and moves to a blocking thread once it has used
-//!   [`INLINE_SLICE`] of guest time. Unlike Lua's, a script's later runs
-//!   start on the worker all the same: a run can always be suspended, so
-//!   one past its slice holds no worker, and under load a short run is
-//!   often past its slice by the wall clock (its thread preempted); marking
-//!   the script sent every run of the visitors counter through a blocking
-//!   thread.
+//!   `YIELD_FUEL`, whose data calls are async imports (a write waiting for
+//!   its commit suspends the guest, and every call first hands control back
+//!   if the run is past its slice: host calls use no fuel): a run starts on
+//!   the async worker that took the request and moves to a blocking thread
+//!   once its polls have taken [`INLINE_SLICE`]. Unlike Lua's, a script's
+//!   later runs start on the worker all the same: a run can always be
+//!   suspended, so one past its slice holds no worker, and under load a
+//!   short run is often past its slice by the wall clock (its thread
+//!   preempted); marking the script sent every run of the visitors counter
+//!   through a blocking thread.
 
 mod bindings;
 mod host;
@@ -916,14 +917,35 @@ type Call = Pin<Box<dyn Future<Output = Ran> + Send>>;
 /// A run's result, and its output.
 type Ran = (wasmtime::Result<WitResponse>, Output);
 
+thread_local! {
+    /// When the slice of the run being polled on this async worker ends
+    /// (`None` on a blocking thread, and between polls).
+    static SLICE_END: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Hands control back (the run goes `Pending`) if the run being polled on
+/// this async worker is past its slice, so that it moves to a blocking
+/// thread before a host call that may take a while: copying a large value,
+/// a listing, a write that commits inline. Guest code hands control back
+/// every `YIELD_FUEL`, but host calls use no fuel: a guest looping over
+/// large `get`s held its worker until its time limit.
+pub(super) async fn give_way() {
+    if SLICE_END.get().is_some_and(|end| Instant::now() >= end) {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Polls `call` on this async worker until it ends (`Some`) or has used
-/// [`INLINE_SLICE`] of guest time (`None`: the rest is for a blocking thread).
-/// Only time inside the guest counts, not time waiting to be polled again.
+/// [`INLINE_SLICE`] of time in its polls (`None`: the rest is for a blocking
+/// thread). Time waiting to be polled again (for a write's commit) does not
+/// count.
 async fn on_the_worker_for_a_slice(call: &mut Call) -> Option<Ran> {
     let mut used = Duration::ZERO;
     std::future::poll_fn(|cx| {
         let started = Instant::now();
+        SLICE_END.set(Some(started + INLINE_SLICE.saturating_sub(used)));
         let polled = call.as_mut().poll(cx);
+        SLICE_END.set(None);
         used += started.elapsed();
         match polled {
             Poll::Ready(done) => Poll::Ready(Some(done)),

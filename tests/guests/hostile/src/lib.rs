@@ -17,6 +17,8 @@
 //! - `merge`: merges `{"w":1}` into the JSON value under `at` (answers
 //!   `merged` or the error), a write that may wait for the store;
 //! - `pollables`: holds `n` WASI pollables (default 90,000) at once;
+//! - `gets`: reads the key `at` for ever (host calls that copy a lot and use
+//!   little fuel);
 //! - `nap-set`: sets the key `at` to `1`, sleeps `ms` milliseconds (in the
 //!   host, where the run is suspended) and sets it to `2`: a run whose
 //!   client goes away meanwhile must still end;
@@ -155,6 +157,12 @@ impl Handler for Hostile {
             "narrow-prefix" => Response::text(narrow_prefix()),
             "narrow-perms" => Response::text(narrow_perms()),
             "plain-get" => Response::text(plain_get()),
+            "gets" => {
+                let key = req.var("at").unwrap_or("big");
+                loop {
+                    let _ = black_box(kvdb_guest::get(black_box(key)));
+                }
+            }
             "nap-set" => {
                 let key = req.var("at").unwrap_or("n");
                 let ms: u64 = req.var("ms").and_then(|m| m.parse().ok()).unwrap_or(500);
