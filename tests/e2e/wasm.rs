@@ -1152,6 +1152,18 @@ fn guests_looping_over_large_reads_do_not_hold_the_server() {
     assert_runs_do_not_hold_the_server(&s, &b, "gets");
 }
 
+/// The same with WASI's calls, which are not the server's own and have no
+/// slice check: 1 MiB of random bytes, again and again. The guest's code
+/// hands control back at the next epoch tick past its slice (without it,
+/// every run held its worker to its time limit; found by a review).
+#[test]
+fn guests_looping_over_wasi_calls_do_not_hold_the_server() {
+    let s = limited("2500", "1000000000000000");
+    let b = hostile_bucket(&s);
+    assert_limit(&misbehave(&s, &b, "randoms"), &[(504, "script-time-limit")]);
+    assert_runs_do_not_hold_the_server(&s, &b, "randoms");
+}
+
 /// Runs whose host calls copy a lot (an 8 MiB log line, for ever) and use
 /// little fuel don't hold the server either. (A review reasoned they would
 /// hold their workers for the whole limit; they don't, and this keeps it

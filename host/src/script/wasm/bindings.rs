@@ -7,14 +7,16 @@
 //! (waiting on the thread made every run of a script that writes go
 //! through a blocking thread: ~3.6 thread switches and ~90 µs of CPU a run
 //! of the visitors counter at 64 connections, against ~15 µs for a PATCH).
-//! The reads and `log` are async too: a call past the run's slice on the
-//! async worker hands control back first (`give_way`). `scope` is plain.
+//! The reads, `scope` and `log` are async too: a call past the run's slice on
+//! the async worker hands control back first (`give_way`; wasmtime has
+//! copied its arguments by then, one call's worth).
 
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "script",
     imports: {
         "kvdb:script/kv": async,
+        "kvdb:script/scope": async,
         "kvdb:script/log": async,
     },
     exports: { default: async },

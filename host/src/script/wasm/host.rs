@@ -184,7 +184,8 @@ impl kv::Host for WasmState {
 }
 
 impl scope::Host for WasmState {
-    fn get(&mut self) -> types::ScopeInfo {
+    async fn get(&mut self) -> types::ScopeInfo {
+        give_way().await;
         let (prefix, perms) = self.host.scope();
         types::ScopeInfo {
             prefix,
@@ -192,7 +193,12 @@ impl scope::Host for WasmState {
         }
     }
 
-    fn set(&mut self, prefix: String, perms: Vec<types::Permission>) -> Result<(), types::Error> {
+    async fn set(
+        &mut self,
+        prefix: String,
+        perms: Vec<types::Permission>,
+    ) -> Result<(), types::Error> {
+        give_way().await;
         Ok(self.host.set_scope(&prefix, permissions(&perms))?)
     }
 }

@@ -56,7 +56,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable, ResourceTableError};
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError,
-    PoolingAllocationConfig, ResourceLimiter, Store, Trap,
+    PoolingAllocationConfig, ResourceLimiter, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -665,16 +665,23 @@ impl WasmRuntime {
         store
             .fuel_async_yield_interval(Some(YIELD_FUEL))
             .map_err(internal)?;
-        // The ticker runs on its own, so the first tick may come at once: one
-        // tick more guarantees the run its whole time limit.
-        let ticks = self
-            .limits
-            .time
-            .as_millis()
-            .div_ceil(EPOCH_TICK.as_millis())
-            + 1;
-        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
-        store.epoch_deadline_trap();
+        // At every tick its code looks at (at most an `EPOCH_TICK` apart
+        // while the guest runs), the run ends if its time is up, and hands
+        // control back if it is past its slice on the async worker: a host
+        // call without a slice check of its own (WASI's, such as a 1 MiB
+        // `get-random-bytes`) uses no fuel, and a guest looping over them
+        // held its worker to its time limit (found by a review).
+        let time_up = Instant::now() + self.limits.time;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= time_up {
+                UpdateDeadline::Interrupt
+            } else if past_the_slice() {
+                UpdateDeadline::Yield(1)
+            } else {
+                UpdateDeadline::Continue(1)
+            })
+        });
         let vars = request.take_vars();
         let wit_request = bindings::kvdb::script::types::Request {
             method: request.method,
@@ -923,6 +930,23 @@ thread_local! {
     static SLICE_END: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
+/// [`SLICE_END`] for one poll, put back as it was when the poll ends (by a
+/// panic too, which would otherwise leave it set for whatever this thread
+/// polls next).
+struct SliceEnd(Option<Instant>);
+
+impl SliceEnd {
+    fn set(end: Instant) -> Self {
+        Self(SLICE_END.replace(Some(end)))
+    }
+}
+
+impl Drop for SliceEnd {
+    fn drop(&mut self) {
+        SLICE_END.set(self.0);
+    }
+}
+
 /// Hands control back (the run goes `Pending`) if the run being polled on
 /// this async worker is past its slice, so that it moves to a blocking
 /// thread before a host call that may take a while: copying a large value,
@@ -930,9 +954,15 @@ thread_local! {
 /// every `YIELD_FUEL`, but host calls use no fuel: a guest looping over
 /// large `get`s held its worker until its time limit.
 pub(super) async fn give_way() {
-    if SLICE_END.get().is_some_and(|end| Instant::now() >= end) {
+    if past_the_slice() {
         tokio::task::yield_now().await;
     }
+}
+
+/// Whether the run being polled on this async worker is past its slice
+/// (never on a blocking thread).
+fn past_the_slice() -> bool {
+    SLICE_END.get().is_some_and(|end| Instant::now() >= end)
 }
 
 /// Polls `call` on this async worker until it ends (`Some`) or has used
@@ -943,9 +973,10 @@ async fn on_the_worker_for_a_slice(call: &mut Call) -> Option<Ran> {
     let mut used = Duration::ZERO;
     std::future::poll_fn(|cx| {
         let started = Instant::now();
-        SLICE_END.set(Some(started + INLINE_SLICE.saturating_sub(used)));
-        let polled = call.as_mut().poll(cx);
-        SLICE_END.set(None);
+        let polled = {
+            let _slice = SliceEnd::set(started + INLINE_SLICE.saturating_sub(used));
+            call.as_mut().poll(cx)
+        };
         used += started.elapsed();
         match polled {
             Poll::Ready(done) => Poll::Ready(Some(done)),

@@ -19,6 +19,8 @@
 //! - `pollables`: holds `n` WASI pollables (default 90,000) at once;
 //! - `gets`: reads the key `at` for ever (host calls that copy a lot and use
 //!   little fuel);
+//! - `randoms`: asks WASI for 1 MiB of random bytes for ever (a host call
+//!   that is not the server's own and uses little fuel);
 //! - `nap-set`: sets the key `at` to `1`, sleeps `ms` milliseconds (in the
 //!   host, where the run is suspended) and sets it to `2`: a run whose
 //!   client goes away meanwhile must still end;
@@ -163,6 +165,9 @@ impl Handler for Hostile {
                     let _ = black_box(kvdb_guest::get(black_box(key)));
                 }
             }
+            "randoms" => loop {
+                random_bytes(1 << 20);
+            },
             "nap-set" => {
                 let key = req.var("at").unwrap_or("n");
                 let ms: u64 = req.var("ms").and_then(|m| m.parse().ok()).unwrap_or(500);
@@ -348,6 +353,32 @@ fn plain_get() -> String {
 fn pollable() -> i32 {
     // SAFETY: a WASI call with a plain integer argument.
     unsafe { subscribe_duration(1_000_000_000_000) }
+}
+
+/// `len` random bytes straight from WASI (the standard library asks for a
+/// few at a time), dropped at once.
+#[allow(unsafe_code)]
+fn random_bytes(len: usize) {
+    let mut list = [0usize; 2];
+    // SAFETY: the host writes the list's address and length into `list`;
+    // it allocated the bytes with the guest's `cabi_realloc` (the global
+    // allocator, alignment 1), so they go back to it the same way.
+    unsafe {
+        get_random_bytes(len as i64, list.as_mut_ptr());
+        if list[1] > 0 {
+            std::alloc::dealloc(
+                list[0] as *mut u8,
+                std::alloc::Layout::from_size_align_unchecked(list[1], 1),
+            );
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+#[link(wasm_import_module = "wasi:random/random@0.2.6")]
+unsafe extern "C" {
+    #[link_name = "get-random-bytes"]
+    fn get_random_bytes(len: i64, list: *mut usize);
 }
 
 #[allow(unsafe_code)]
