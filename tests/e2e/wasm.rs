@@ -1109,12 +1109,21 @@ fn a_guest_holding_too_many_handles_ends_with_the_memory_limit() {
     assert_server_still_answers(&s, &b);
 }
 
-/// Starts 4 runs of the hostile guest's `what` at once (more than there are
-/// async workers) and asserts that a plain request is answered while they
-/// go on, and that each ends with the time limit.
+/// On a server with a 2.5 s time limit, runs the hostile guest's `what`
+/// once, then 4 runs of it at once (more than there are async workers), and
+/// asserts that a plain request is answered while they go on, and that each
+/// run ends with the time limit. The first run is there because a run past
+/// its slice once marked its script, and later runs then started off the
+/// worker: every run must leave it on its own. The bucket holds a 4 MiB
+/// value under `big`.
 #[track_caller]
-fn assert_runs_do_not_hold_the_server(s: &TestServer, b: &str, what: &str) {
+fn assert_runs_do_not_hold_the_server(what: &str) {
+    let s = limited("2500", "1000000000000000");
+    let b = hostile_bucket(&s);
+    put_sk(&s, &b, "big", &"b".repeat(4 << 20));
+    assert_limit(&misbehave(&s, &b, what), &[(504, "script-time-limit")]);
     std::thread::scope(|scope| {
+        let (s, b) = (&s, &b);
         let runs: Vec<_> = (0..4)
             .map(|_| scope.spawn(move || misbehave(s, b, what)))
             .collect();
@@ -1132,7 +1141,7 @@ fn assert_runs_do_not_hold_the_server(s: &TestServer, b: &str, what: &str) {
             assert_limit(&t, &[(504, "script-time-limit")]);
         }
     });
-    assert_server_still_answers(s, b);
+    assert_server_still_answers(&s, &b);
 }
 
 /// Runs that read a large value (4 MiB) again and again don't hold the
@@ -1143,13 +1152,7 @@ fn assert_runs_do_not_hold_the_server(s: &TestServer, b: &str, what: &str) {
 /// its worker to its time limit; found by a review).
 #[test]
 fn guests_looping_over_large_reads_do_not_hold_the_server() {
-    let s = limited("2500", "1000000000000000");
-    let b = hostile_bucket(&s);
-    put_sk(&s, &b, "big", &"b".repeat(4 << 20));
-    // A first run ends with its time limit; the runs after it are the ones
-    // a mark would have sent off the worker.
-    assert_limit(&misbehave(&s, &b, "gets"), &[(504, "script-time-limit")]);
-    assert_runs_do_not_hold_the_server(&s, &b, "gets");
+    assert_runs_do_not_hold_the_server("gets");
 }
 
 /// The same with WASI's calls, which are not the server's own and have no
@@ -1158,10 +1161,7 @@ fn guests_looping_over_large_reads_do_not_hold_the_server() {
 /// every run held its worker to its time limit; found by a review).
 #[test]
 fn guests_looping_over_wasi_calls_do_not_hold_the_server() {
-    let s = limited("2500", "1000000000000000");
-    let b = hostile_bucket(&s);
-    assert_limit(&misbehave(&s, &b, "randoms"), &[(504, "script-time-limit")]);
-    assert_runs_do_not_hold_the_server(&s, &b, "randoms");
+    assert_runs_do_not_hold_the_server("randoms");
 }
 
 /// Runs whose host calls copy a lot (an 8 MiB log line, for ever) and use
@@ -1170,9 +1170,7 @@ fn guests_looping_over_wasi_calls_do_not_hold_the_server() {
 /// so.)
 #[test]
 fn guests_copying_in_host_calls_do_not_hold_the_server() {
-    let s = limited("2500", "1000000000000000");
-    let b = hostile_bucket(&s);
-    assert_runs_do_not_hold_the_server(&s, &b, "copies");
+    assert_runs_do_not_hold_the_server("copies");
 }
 
 /// One bucket's runs hold at most a quarter of the pool (64 of its 256

@@ -694,7 +694,7 @@ impl WasmRuntime {
         // run. It moves with the run, which outlives this function if the
         // client goes away once the run is on a blocking thread.
         let ticking = self.ticker.start();
-        let call: Call = Box::pin(async move {
+        let mut call: Call = Box::pin(async move {
             let _ticking = ticking;
             // Given back after the store (and its pool slot): locals drop in
             // reverse order.
@@ -712,7 +712,6 @@ impl WasmRuntime {
             let output = Output::of(store.data_mut().wasi.take());
             (result, output)
         });
-        let mut call = call;
         let (result, output) = match on_the_worker_for_a_slice(&mut call).await {
             Some(done) => done,
             None => off_the_worker(call).await?,
