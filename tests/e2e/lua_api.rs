@@ -307,19 +307,35 @@ fn concurrent_counter_runs_lose_no_increment_in_either_durability() {
 
 #[test]
 fn writes_from_inside_library_callbacks_work() {
-    // A write inside a gsub replacement function or a sort comparator runs
-    // where Lua can't suspend the run (inside a C function).
+    // Writes inside a gsub replacement function, a pcall, an xpcall
+    // handler, a sort comparator and an __index metamethod (the last three
+    // called from C, where Lua can't suspend a run: the run leaves its
+    // worker before it gets there): each waits for its commit (strict
+    // durability) and gives its status, failed ones too.
     let s = TestServer::start();
     let b = script_bucket(&s, "");
     let r = eval(
         &s,
         &b,
-        r#"local out = string.gsub("abc", ".", function(c) kvdb.incr("g", 1); return c:upper() end)
+        r#"kvdb.set("text", "abc")
+local out = string.gsub("abc", ".", function(c) kvdb.incr("g", 1); return c:upper() end)
 local t = {3, 1, 2}
 table.sort(t, function(x, y) kvdb.set("sorted", "yes"); return x < y end)
-kvdb.say(out, " ", kvdb.get("g"), " ", kvdb.get("sorted"), " ", table.concat(t, ","))"#,
+local failed = string.gsub("x", "x", function() return kvdb.incr("text", 1) end)
+local ok, status = pcall(kvdb.incr, "text", 1)
+local handled = select(2, xpcall(error, function() return kvdb.append("g", "!") end, "boom"))
+local seen = setmetatable({}, { __index = function(_, k) kvdb.set("seen", k); return k end })
+kvdb.say(out, " ", kvdb.get("g"), " ", kvdb.get("sorted"), " ", table.concat(t, ","))
+kvdb.say(failed, " | ", tostring(ok), " ", status, " | ", tostring(handled))
+kvdb.say(seen.key, " ", kvdb.get("seen"), " ", kvdb.delete("seen"), " ", kvdb.exists("seen"))"#,
     );
-    assert_body(&r, "ABC 3 yes 1,2,3\n");
+    let raw_bytes = "type mismatch: the current value is raw bytes, not a number";
+    assert_body(
+        &r,
+        &format!(
+            "ABC 3 yes 1,2,3\n{raw_bytes} | true {raw_bytes} | type mismatch: the current value is an integer; only raw values can be appended to\nkey key nil false\n"
+        ),
+    );
 }
 
 #[test]

@@ -1066,8 +1066,9 @@ fn a_write_waiting_for_the_store_ends_with_the_time_limit() {
         &b,
         "merge",
         // Nothing after the merge looks at the time: the run ends with the
-        // time limit all the same.
-        r#"local err = kvdb.merge("big", {w = 1}) return"#,
+        // time limit all the same, and writes nothing more.
+        r#"local err = kvdb.merge("big", {w = 1})
+kvdb.set("after", err or "merged")"#,
     );
     let (r, answered, drained) = with_merges_queued(&s, &b, "big", 8, || {
         get_within(&s, &format!("/{b}/scripts/merge"), BOUND)
@@ -1078,6 +1079,7 @@ fn a_write_waiting_for_the_store_ends_with_the_time_limit() {
     );
     assert_eq!(r.status, 504, "{}", r.body);
     assert!(r.elapsed < Duration::from_secs(2), "took {:?}", r.elapsed);
+    assert_eq!(s.get(&format!("/{b}/after")).status, 404);
 }
 
 /// A script's listing with values holds at most one page's budget of values

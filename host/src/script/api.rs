@@ -67,14 +67,43 @@ pub const MAX_LIST: usize = 10_000;
 /// runs on; the rest in `block_in_place` (a key costs about a microsecond).
 const INLINE_LIST: usize = 1000;
 
+/// A write a synchronous caller (a Lua run) started and waits for where
+/// it can: not ready at its first poll (see [`Write`]).
+pub type PendingWrite =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CallError>> + Send>>;
+
+/// A write from a synchronous caller, after its first poll: most are done
+/// then (a relaxed write committed inline); one waiting for its commit is
+/// for the caller to wait for, on its worker without holding it (a Lua run
+/// suspends itself until it is done) or on its thread ([`Host::wait_write`]).
+pub enum Write {
+    Done(Result<(), CallError>),
+    Pending(PendingWrite),
+}
+
+impl Write {
+    fn start(
+        write: impl std::future::Future<Output = Result<(), CallError>> + Send + 'static,
+    ) -> Self {
+        let mut write: PendingWrite = Box::pin(write);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match write.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(done) => Self::Done(done),
+            std::task::Poll::Pending => Self::Pending(write),
+        }
+    }
+}
+
 /// The scoped bucket of one run, with the calls a script can make.
 pub struct Host {
-    scoped: Scoped,
+    /// Shared with the writes a Lua run started ([`Write`]), which outlive
+    /// the call that started them.
+    scoped: std::sync::Arc<Scoped>,
     runtime: tokio::runtime::Handle,
-    /// A data call of this run had to wait (see [`Host::wait`]).
+    /// A data call of this run had to wait on its thread (see [`Host::wait_write`]).
     waited: std::sync::atomic::AtomicBool,
     /// When the run's time is up: a call waiting for the store stops
-    /// waiting then ([`Host::wait`]).
+    /// waiting then ([`Host::wait_write`]).
     deadline: Option<tokio::time::Instant>,
     /// A call stopped waiting at the deadline: the run is over its time,
     /// whatever the script does next.
@@ -87,10 +116,10 @@ fn key(k: &str) -> Result<Key, CallError> {
 
 impl Host {
     /// `runtime` drives the store's async writes. The run itself may be on
-    /// one of its worker threads or on a blocking thread (see `Host::wait`).
+    /// one of its worker threads or on a blocking thread (see `Host::wait_write`).
     pub fn new(scoped: Scoped, runtime: tokio::runtime::Handle) -> Self {
         Self {
-            scoped,
+            scoped: std::sync::Arc::new(scoped),
             runtime,
             waited: std::sync::atomic::AtomicBool::new(false),
             deadline: None,
@@ -112,8 +141,8 @@ impl Host {
         self
     }
 
-    /// Whether a data call of this run had to wait for the store (a write
-    /// waiting for its commit): such a run is better off on a blocking
+    /// Whether a data call of this run had to wait for the store on its
+    /// thread ([`Host::wait_write`]): such a run is better off on a blocking
     /// thread than on an async worker.
     pub fn waited(&self) -> bool {
         self.waited.load(std::sync::atomic::Ordering::Relaxed)
@@ -125,13 +154,37 @@ impl Host {
         self.scoped.bucket().max_value_bytes()
     }
 
-    /// Waits for a store future from a synchronous data call (Lua's; a
-    /// WebAssembly guest awaits the `_async` calls). Most are ready at once
-    /// (a relaxed write committed inline); one that is not (a write waiting
-    /// for its group commit) is waited for in
+    /// This run's host for a write that outlives the call that started it
+    /// (the same scope, deadline and runtime).
+    fn detached(&self) -> Self {
+        Self {
+            scoped: std::sync::Arc::clone(&self.scoped),
+            runtime: self.runtime.clone(),
+            waited: std::sync::atomic::AtomicBool::new(false),
+            deadline: self.deadline,
+            timed_out: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The error of a write whose run's time ran out while it waited for
+    /// the store; the run ends with its time limit ([`Host::timed_out`]).
+    pub fn write_timed_out(&self) -> CallError {
+        self.timed_out
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        CallError::Limit(
+            "the script's time limit ran out while this write waited for the store (it may still be applied)"
+                .into(),
+        )
+    }
+
+    /// Waits on this thread for a [`Write::Pending`] of a synchronous
+    /// caller that can't suspend itself (a Lua run inside a function called
+    /// from C, or on a blocking thread), in
     /// [`tokio::task::block_in_place`], so that a run on a worker thread
     /// hands that worker's other tasks to another thread instead of stalling
-    /// them. On a blocking thread `block_in_place` just runs the closure.
+    /// them (and its script's later runs start on a blocking thread:
+    /// [`Host::waited`]). On a blocking thread `block_in_place` just runs
+    /// the closure.
     ///
     /// The wait ends at the run's deadline: while the thread waits here no
     /// script code runs, so the Lua hook can't stop the run (a guest's merge
@@ -139,32 +192,24 @@ impl Host {
     /// holding its state and a thread; found by a review). The call then
     /// fails with a limit error, and the run ends with its time limit
     /// ([`Host::timed_out`]).
-    fn wait<T, F>(&self, fut: F) -> Result<T, CallError>
-    where
-        F: std::future::Future<Output = Result<T, CallError>>,
-    {
-        let mut fut = std::pin::pin!(fut);
+    ///
+    /// # Errors
+    /// The write's error, or the run's time ran out.
+    pub fn wait_write(&self, mut write: PendingWrite) -> Result<(), CallError> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+        if let std::task::Poll::Ready(out) = write.as_mut().poll(&mut cx) {
             return out;
         }
         self.waited
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let Some(deadline) = self.deadline else {
-            return tokio::task::block_in_place(|| self.runtime.block_on(fut));
+            return tokio::task::block_in_place(|| self.runtime.block_on(write));
         };
         tokio::task::block_in_place(|| {
             self.runtime
-                .block_on(tokio::time::timeout_at(deadline, fut))
+                .block_on(tokio::time::timeout_at(deadline, write))
         })
-        .map_err(|_| {
-            self.timed_out
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            CallError::Limit(
-                "the script's time limit ran out while this write waited for the store (it may still be applied)"
-                    .into(),
-            )
-        })?
+        .map_err(|_| self.write_timed_out())?
     }
 
     /// The value under `key`, if any.
@@ -184,20 +229,13 @@ impl Host {
     }
 
     /// Sets `key`; `ttl` in seconds (0: never), else the bucket's default.
-    ///
-    /// # Errors
-    /// Permission denied, an invalid key, a value over the size limit.
-    pub fn set(&self, k: &str, value: Value, ttl: Option<u64>) -> Result<(), CallError> {
-        self.wait(self.set_async(k, value, ttl))
-    }
-
-    /// [`Host::set`] for a caller that awaits the write's commit instead of
-    /// waiting for it on its thread (a WebAssembly guest, on a fiber: the
-    /// run is suspended meanwhile and its thread serves other requests).
+    /// For a caller that awaits the write's commit (a WebAssembly guest, on
+    /// a fiber: the run is suspended meanwhile and its thread serves other
+    /// requests); a synchronous caller starts it with [`Host::start_set`].
     /// The run's time limit is the caller's to enforce.
     ///
     /// # Errors
-    /// As [`Host::set`].
+    /// Permission denied, an invalid key, a value over the size limit.
     pub async fn set_async(
         &self,
         k: &str,
@@ -212,18 +250,11 @@ impl Host {
             .map_err(CallError::from)
     }
 
-    /// Deletes `key`; `false` if it was absent.
+    /// Deletes `key`; `false` if it was absent (awaited: see
+    /// [`Host::set_async`]).
     ///
     /// # Errors
     /// Permission denied, an invalid key.
-    pub fn delete(&self, k: &str) -> Result<bool, CallError> {
-        self.wait(self.delete_async(k))
-    }
-
-    /// [`Host::delete`], awaited (see [`Host::set_async`]).
-    ///
-    /// # Errors
-    /// As [`Host::delete`].
     pub async fn delete_async(&self, k: &str) -> Result<bool, CallError> {
         let k = key(k)?;
         match self.scoped.delete(&k, Condition::Always).await {
@@ -239,18 +270,11 @@ impl Host {
         Ok(self.scoped.patch_for_script(&k, op).await?.value)
     }
 
-    /// Adds `n` atomically (a missing key counts as 0); the new value.
+    /// Adds `n` atomically (a missing key counts as 0); the new value
+    /// (awaited: see [`Host::set_async`]).
     ///
     /// # Errors
     /// Permission denied, a non-numeric value, overflow.
-    pub fn incr(&self, k: &str, n: Number) -> Result<Value, CallError> {
-        self.wait(self.incr_async(k, n))
-    }
-
-    /// [`Host::incr`], awaited (see [`Host::set_async`]).
-    ///
-    /// # Errors
-    /// As [`Host::incr`].
     pub async fn incr_async(&self, k: &str, n: Number) -> Result<Value, CallError> {
         self.op(k, Op::Add(n)).await
     }
@@ -273,54 +297,32 @@ impl Host {
         serde_json::from_slice(text).map_err(|e| CallError::Invalid(format!("not JSON: {e}")))
     }
 
-    /// RFC 7396 merge into a JSON value; the new value.
+    /// RFC 7396 merge into a JSON value; the new value (awaited: see
+    /// [`Host::set_async`]).
     ///
     /// # Errors
     /// Permission denied, a non-JSON value.
-    pub fn merge(&self, k: &str, patch: serde_json::Value) -> Result<Value, CallError> {
-        self.wait(self.merge_async(k, patch))
-    }
-
-    /// [`Host::merge`], awaited (see [`Host::set_async`]).
-    ///
-    /// # Errors
-    /// As [`Host::merge`].
     pub async fn merge_async(&self, k: &str, patch: serde_json::Value) -> Result<Value, CallError> {
         self.op(k, Op::MergePatch(patch)).await
     }
 
-    /// RFC 6902 patch of a JSON value; the new value. A JSON patch reads
-    /// the value (it fails or not on the paths the document holds), so it
-    /// needs read permission too.
+    /// RFC 6902 patch of a JSON value; the new value (awaited: see
+    /// [`Host::set_async`]). A JSON patch reads the value (it fails or not
+    /// on the paths the document holds), so it needs read permission too.
     ///
     /// # Errors
     /// Permission denied, a malformed patch, a failed `test`.
-    pub fn patch(&self, k: &str, patch: serde_json::Value) -> Result<Value, CallError> {
-        self.wait(self.patch_async(k, patch))
-    }
-
-    /// [`Host::patch`], awaited (see [`Host::set_async`]).
-    ///
-    /// # Errors
-    /// As [`Host::patch`].
     pub async fn patch_async(&self, k: &str, patch: serde_json::Value) -> Result<Value, CallError> {
         let patch = serde_json::from_value(patch)
             .map_err(|e| CallError::Invalid(format!("not a JSON patch: {e}")))?;
         self.op(k, Op::JsonPatch(patch)).await
     }
 
-    /// Appends bytes to a raw value; the new value.
+    /// Appends bytes to a raw value; the new value (awaited: see
+    /// [`Host::set_async`]).
     ///
     /// # Errors
     /// Permission denied, a non-raw value, the size limit.
-    pub fn append(&self, k: &str, bytes: Vec<u8>) -> Result<Value, CallError> {
-        self.wait(self.append_async(k, bytes))
-    }
-
-    /// [`Host::append`], awaited (see [`Host::set_async`]).
-    ///
-    /// # Errors
-    /// As [`Host::append`].
     pub async fn append_async(&self, k: &str, bytes: Vec<u8>) -> Result<Value, CallError> {
         self.op(
             k,
@@ -330,6 +332,48 @@ impl Host {
             },
         )
         .await
+    }
+
+    /// [`Host::set_async`] for a synchronous caller (a Lua run): the write
+    /// done, or to wait for (see [`Write`]).
+    pub fn start_set(&self, k: String, value: Value, ttl: Option<u64>) -> Write {
+        let host = self.detached();
+        Write::start(async move { host.set_async(&k, value, ttl).await })
+    }
+
+    /// [`Host::delete_async`] for a synchronous caller (see
+    /// [`Host::start_set`]), whether the key was there left out.
+    pub fn start_delete(&self, k: String) -> Write {
+        let host = self.detached();
+        Write::start(async move { host.delete_async(&k).await.map(drop) })
+    }
+
+    /// [`Host::incr_async`] for a synchronous caller (see
+    /// [`Host::start_set`]), the new value left out.
+    pub fn start_incr(&self, k: String, n: Number) -> Write {
+        let host = self.detached();
+        Write::start(async move { host.incr_async(&k, n).await.map(drop) })
+    }
+
+    /// [`Host::merge_async`] for a synchronous caller (see
+    /// [`Host::start_set`]), the new value left out.
+    pub fn start_merge(&self, k: String, patch: serde_json::Value) -> Write {
+        let host = self.detached();
+        Write::start(async move { host.merge_async(&k, patch).await.map(drop) })
+    }
+
+    /// [`Host::patch_async`] for a synchronous caller (see
+    /// [`Host::start_set`]), the new value left out.
+    pub fn start_patch(&self, k: String, patch: serde_json::Value) -> Write {
+        let host = self.detached();
+        Write::start(async move { host.patch_async(&k, patch).await.map(drop) })
+    }
+
+    /// [`Host::append_async`] for a synchronous caller (see
+    /// [`Host::start_set`]), the new value left out.
+    pub fn start_append(&self, k: String, bytes: Vec<u8>) -> Write {
+        let host = self.detached();
+        Write::start(async move { host.append_async(&k, bytes).await.map(drop) })
     }
 
     /// Keys (and values) under `prefix`, in byte order; a page ends early
@@ -354,7 +398,7 @@ impl Host {
         };
         // The first INLINE_LIST keys on this thread; a longer scan is
         // blocking work, continued in `block_in_place` (off the async worker,
-        // as a write that waits: see `wait`).
+        // as a write that waits: see `wait_write`).
         let limit = query.limit;
         let first = ListQuery {
             limit: limit.min(INLINE_LIST),
@@ -441,7 +485,7 @@ impl Host {
     /// A prefix that no key could have.
     pub fn set_scope(&mut self, prefix: &str, permissions: Permissions) -> Result<(), CallError> {
         crate::bucket::check_key_text(prefix).map_err(|e| CallError::Invalid(e.to_string()))?;
-        self.scoped = self.scoped.rescoped(Scope {
+        self.scoped = std::sync::Arc::new(self.scoped.rescoped(Scope {
             admin: false,
             grants: vec![Grant {
                 prefix: prefix.to_owned(),
@@ -449,7 +493,7 @@ impl Host {
             }],
             principal: Principal::Script,
             expires_at: self.scoped.scope().expires_at,
-        });
+        }));
         Ok(())
     }
 }

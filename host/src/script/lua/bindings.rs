@@ -11,7 +11,7 @@ use mlua::{Function, Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
 
 use super::{Run, RunCell};
 use crate::bucket::{Number, OperandError, Permission, Permissions, Typing, Value as KvValue};
-use crate::script::api::{CallError, ListOptions, permissions};
+use crate::script::api::{CallError, Host, ListOptions, Write, permissions};
 
 fn with_run<R>(lua: &Lua, f: impl FnOnce(&mut Run) -> mlua::Result<R>) -> mlua::Result<R> {
     let cell = lua
@@ -90,6 +90,34 @@ fn keyed<T>(
         Ok(key) => with_run(lua, |run| Ok(call(run, &key))),
         Err(e) => Ok(Err(e)),
     }
+}
+
+/// A write's status for the script (see [`status_of`]) if it was done at
+/// once, else `true`: the sandbox's wrapper of the write then waits for it
+/// (`meter::await_write_function`) and takes its status from
+/// [`finish_write_function`]'s function.
+fn write(lua: &Lua, start: impl FnOnce(&Host) -> Write) -> mlua::Result<Value> {
+    let done = with_run(lua, |run| {
+        let write = start(&run.host);
+        Ok(run.start_write(write))
+    })?;
+    match done {
+        Some(done) => status_of(lua, done),
+        None => Ok(Value::Boolean(true)),
+    }
+}
+
+/// `finish_write()`, for the sandbox's wrappers of the `kvdb` writes: the
+/// status of the run's write that was not done at once (see [`write()`]),
+/// waiting for it here if the run could not be suspended meanwhile.
+///
+/// # Errors
+/// Lua could not create the function (out of memory).
+pub(super) fn finish_write_function(lua: &Lua) -> mlua::Result<Function> {
+    lua.create_function(|lua, ()| {
+        let done = with_run(lua, |run| Ok(run.finish_write()))?;
+        status_of(lua, done)
+    })
 }
 
 /// `nil` on success, the message on a call error.
@@ -945,57 +973,53 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "set",
         lua.create_function(|lua, (KeyArg(key), value, ttl): (KeyArg, Value, Value)| {
-            let r = match key.and_then(|key| {
+            match key.and_then(|key| {
                 let ttl = whole(&ttl, "ttl")?;
                 Ok((key, from_lua(lua, value)?, ttl))
             }) {
                 // A stopped run raises here, as from every call.
-                Ok((key, v, ttl)) => with_run(lua, |run| Ok(run.host.set(&key, v, ttl)))?,
-                Err(e) => Err(e),
-            };
-            status_of(lua, r)
+                Ok((key, v, ttl)) => write(lua, |host| host.start_set(key, v, ttl)),
+                Err(e) => status_of(lua, Err(e)),
+            }
         })?,
     )?;
     t.raw_set(
         "delete",
-        lua.create_function(|lua, key: KeyArg| {
-            let r = keyed(lua, key, |run, key| run.host.delete(key))?;
-            status_of(lua, r.map(drop))
+        lua.create_function(|lua, KeyArg(key): KeyArg| match key {
+            Ok(key) => write(lua, |host| host.start_delete(key)),
+            Err(e) => status_of(lua, Err(e)),
         })?,
     )?;
     t.raw_set(
         "incr",
         lua.create_function(|lua, (KeyArg(key), n): (KeyArg, Option<Value>)| {
-            let r = match key.and_then(|key| Ok((key, number(n)?))) {
-                Ok((key, n)) => with_run(lua, |run| Ok(run.host.incr(&key, n)))?,
-                Err(e) => Err(e),
-            };
-            status_of(lua, r.map(drop))
+            match key.and_then(|key| Ok((key, number(n)?))) {
+                Ok((key, n)) => write(lua, |host| host.start_incr(key, n)),
+                Err(e) => status_of(lua, Err(e)),
+            }
         })?,
     )?;
     t.raw_set(
         "merge",
         lua.create_function(|lua, (KeyArg(key), patch): (KeyArg, Value)| {
-            let r = match key.and_then(|key| Ok((key, json_arg(lua, patch)?))) {
-                Ok((key, p)) => with_run(lua, |run| Ok(run.host.merge(&key, p)))?,
-                Err(e) => Err(e),
-            };
-            status_of(lua, r.map(drop))
+            match key.and_then(|key| Ok((key, json_arg(lua, patch)?))) {
+                Ok((key, p)) => write(lua, |host| host.start_merge(key, p)),
+                Err(e) => status_of(lua, Err(e)),
+            }
         })?,
     )?;
     t.raw_set(
         "patch",
         lua.create_function(|lua, (KeyArg(key), patch): (KeyArg, Value)| {
-            let r = match key.and_then(|key| Ok((key, json_arg(lua, patch)?))) {
-                Ok((key, p)) => with_run(lua, |run| Ok(run.host.patch(&key, p)))?,
-                Err(e) => Err(e),
-            };
-            status_of(lua, r.map(drop))
+            match key.and_then(|key| Ok((key, json_arg(lua, patch)?))) {
+                Ok((key, p)) => write(lua, |host| host.start_patch(key, p)),
+                Err(e) => status_of(lua, Err(e)),
+            }
         })?,
     )?;
     t.raw_set(
         "append",
-        lua.create_function(|lua, (key, bytes): (KeyArg, Value)| {
+        lua.create_function(|lua, (KeyArg(key), bytes): (KeyArg, Value)| {
             // Text, or a number as Lua writes it; anything else is the
             // call's error, not a raised one.
             let bytes = match bytes {
@@ -1011,8 +1035,10 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
                     return status_of(lua, Err(e));
                 }
             };
-            let r = keyed(lua, key, |run, key| run.host.append(key, bytes))?;
-            status_of(lua, r.map(drop))
+            match key {
+                Ok(key) => write(lua, |host| host.start_append(key, bytes)),
+                Err(e) => status_of(lua, Err(e)),
+            }
         })?,
     )?;
     t.raw_set(

@@ -32,6 +32,11 @@ use crate::script::{Limit, Limits};
 /// to cost little, often enough to stop a run within microseconds of one.
 pub(super) const HOOK_EVERY: u32 = 1000;
 
+/// Lua instructions after which a run found past its slice is taken to
+/// have run long rather than to have been preempted: ten hook ticks, some
+/// tens of microseconds of Lua code at the least.
+const LONG_RUN: u64 = 10 * HOOK_EVERY as u64;
+
 /// The message a stopped run's next library call raises (the hook's own is
 /// the same, as a C string).
 pub(super) const STOPPED: &str = "the script was stopped by a limit";
@@ -66,6 +71,9 @@ pub(super) struct Meter {
     held: AtomicBool,
     /// See [`Meter::left_at_a_call`].
     left_at_call: AtomicBool,
+    /// A write the run started waits for its commit (see
+    /// [`await_write_function`]).
+    write_waiting: AtomicBool,
 }
 
 /// What the hook does next.
@@ -88,6 +96,7 @@ impl Meter {
             left_worker: AtomicBool::new(false),
             held: AtomicBool::new(false),
             left_at_call: AtomicBool::new(false),
+            write_waiting: AtomicBool::new(false),
         }
     }
 
@@ -113,6 +122,7 @@ impl Meter {
         self.left_worker.store(false, Ordering::Relaxed);
         self.held.store(false, Ordering::Relaxed);
         self.left_at_call.store(false, Ordering::Relaxed);
+        self.write_waiting.store(false, Ordering::Relaxed);
     }
 
     /// Whether the run's slice on its async worker is over (never on a
@@ -159,9 +169,39 @@ impl Meter {
         self.left_at_call.load(Ordering::Relaxed)
     }
 
+    /// Whether a write the run started waits for its commit (see
+    /// [`await_write_function`]).
+    pub(super) fn set_write_waiting(&self, waiting: bool) {
+        self.write_waiting.store(waiting, Ordering::Relaxed);
+    }
+
+    /// The run waited `waited` for a write, suspended, on its worker: time
+    /// that does not count against its slice there.
+    pub(super) fn extend_slice(&self, waited: std::time::Duration) {
+        let waited = u64::try_from(waited.as_nanos()).unwrap_or(NEVER);
+        let _ = self
+            .slice_end
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |end| {
+                (end != NEVER).then(|| end.saturating_add(waited).min(NEVER - 1))
+            });
+    }
+
+    /// Whether the run has run at least [`LONG_RUN`] Lua instructions (as
+    /// the hook and the library calls' `check()` count them).
+    pub(super) fn ran_long(&self) -> bool {
+        self.instructions.load(Ordering::Relaxed) >= LONG_RUN
+    }
+
     /// The run goes on where no slice ends (a blocking thread).
     pub(super) fn end_slice(&self) {
         self.slice_end.store(NEVER, Ordering::Relaxed);
+    }
+
+    /// Stops the run for good with its time limit (a write of it stopped
+    /// waiting at the run's deadline).
+    pub(super) fn time_up(&self) {
+        self.hit.store(HIT_TIME, Ordering::Relaxed);
+        self.stop();
     }
 
     /// Stops the run for good (the response limit, `kvdb.exit`).
@@ -318,6 +358,33 @@ unsafe fn suspend_on_worker(state: *mut ffi::lua_State, anyway: bool) -> c_int {
         }
     }
     0
+}
+
+/// `await_write()`, a Lua function for the sandbox's wrappers of the
+/// `kvdb` writes: a run on an async worker whose write waits for its commit
+/// (one not done at its first poll) is suspended, so that the worker serves
+/// other requests meanwhile; the runtime waits for the write and resumes the
+/// run, still on the worker (see `LuaRuntime::execute`). Elsewhere (a
+/// blocking thread, or inside a function Lua called from C, where it can't
+/// yield) it does nothing, and the wrapper's next call waits for the write
+/// on its thread (`Host::wait_write`).
+///
+/// # Errors
+/// Lua could not create the function (out of memory).
+pub(super) fn await_write_function(lua: &mlua::Lua) -> mlua::Result<mlua::Function> {
+    // SAFETY: `await_write` has the signature of a Lua C function and
+    // follows its protocol.
+    unsafe { lua.create_c_function(await_write) }
+}
+
+unsafe extern "C-unwind" fn await_write(state: *mut ffi::lua_State) -> c_int {
+    let meter = RUNNING.with(Cell::get);
+    // SAFETY: as in `limits_hook`: the meter is alive while it is set.
+    if meter.is_null() || !unsafe { (*meter).write_waiting.load(Ordering::Relaxed) } {
+        return 0;
+    }
+    // SAFETY: the caller's state, live.
+    unsafe { suspend_on_worker(state, true) }
 }
 
 /// `check()`, called by the sandbox's wrappers of the library functions

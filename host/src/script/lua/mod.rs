@@ -15,13 +15,16 @@
 //! blocking thread. The hook can't suspend code Lua calls from C (a
 //! metamethod, a sort comparator, an `xpcall` handler), so a run leaves the
 //! worker before the library calls that may get there (see the sandbox's
-//! wrappers and `meter::leave_worker_function`). A data call that has to
-//! wait (a write waiting for its commit) waits in `block_in_place` (see
-//! [`Host`]), and a pattern call still matching when the slice ends goes on
-//! there (see `pattern`). Either way, as when the hook finds a run past
-//! its slice where it can't suspend it, its script is remembered as slow and its later runs start on
-//! a blocking thread. Data calls go through [`Host`], never to storage
-//! directly.
+//! wrappers and `meter::leave_worker_function`). A write that waits for its
+//! commit suspends the run too, which the runtime resumes on the same
+//! worker once the write is done (see `State::on_the_worker`); where Lua
+//! can't suspend it, the write waits in `block_in_place` (see
+//! [`Host::wait_write`]), and a pattern call still matching when the slice
+//! ends goes on there (see `pattern`). Either way, as when the hook finds a
+//! run past its slice where it can't suspend it, or suspends one that ran
+//! long in Lua code, its script is remembered as slow and its later runs
+//! start on a blocking thread. Data calls go through [`Host`], never to
+//! storage directly.
 //!
 //! Runs in flight are held to [`Limits::runs`], and one bucket's to a
 //! quarter of them ([`RunShares`]): each holds a state, and may hold a
@@ -43,7 +46,7 @@ use mlua::thread::ThreadStatus;
 use mlua::{Function, Lua, Thread};
 
 use super::SourceLoader;
-use super::api::Host;
+use super::api::{CallError, Host, PendingWrite, Write};
 use super::{
     INLINE_SLICE, Label, Limit, Limits, Request, Response, RunShare, RunShares, ScriptError,
     SlowScripts,
@@ -58,11 +61,21 @@ const MAX_CACHED_CHUNKS: usize = 256;
 /// up to ~7 times its source (a table of short string literals), outside
 /// every run's memory limit: 256 chunks of 255 KB each in each of the idle
 /// states grew a server by gigabytes (found by a review). Hundreds of small
-/// scripts fit; at most ~4 MiB a state, ~120 MiB for all the idle ones.
+/// scripts fit, and twice the largest script; at most ~4 MiB a state,
+/// ~250 MiB for all the idle ones.
 const MAX_CACHED_SOURCE_BYTES: usize = 512 * 1024;
 
-/// Idle states kept for reuse (more exist while that many runs are in flight).
-const MAX_IDLE_STATES: usize = 32;
+/// Idle states kept for reuse (more exist while that many runs are in
+/// flight). Runs waiting for their writes hold a state each, one a
+/// connection: with 32 kept, a Lua counter at 64 connections built a new
+/// state (compiling the sandbox) for every other run, three times a run's
+/// cost.
+const MAX_IDLE_STATES: usize = 64;
+
+/// The most garbage of its last run an idle state keeps uncollected: an
+/// idle state allocates nothing, so Lua would never collect it, and each of
+/// the idle states could hold up to a memory limit of it.
+const IDLE_GARBAGE_BYTES: usize = 1024 * 1024;
 
 /// The Lua runtime: a pool of sandboxed states.
 pub struct LuaRuntime {
@@ -134,6 +147,13 @@ pub(crate) struct Run {
     pub var: Option<mlua::Table>,
     pub headers_table: Option<mlua::Table>,
     pub scope_table: Option<mlua::Table>,
+    /// A write the script started that was not done at once, until the run
+    /// (suspended meanwhile, see [`LuaRuntime::execute`]) or the write's
+    /// wrapper waits for it.
+    write: Option<PendingWrite>,
+    /// Its outcome, once the runtime waited for it, until the wrapper
+    /// takes it.
+    written: Option<Result<(), CallError>>,
 }
 
 pub(crate) type RunCell = RefCell<Run>;
@@ -147,6 +167,50 @@ impl Run {
     /// Every stop goes through the meter, which the hook looks at too.
     pub fn stopped(&self) -> bool {
         self.meter.stopped()
+    }
+
+    /// A write started: its outcome if it is done, else `None`: the
+    /// sandbox's wrapper then suspends the run until it is (see
+    /// `meter::await_write_function`) and takes the outcome from
+    /// [`Run::finish_write`].
+    pub fn start_write(&mut self, write: Write) -> Option<Result<(), CallError>> {
+        match write {
+            Write::Done(done) => Some(done),
+            Write::Pending(write) => {
+                self.write = Some(write);
+                self.written = None;
+                self.meter.set_write_waiting(true);
+                None
+            }
+        }
+    }
+
+    /// The outcome of the write [`Run::start_write`] left pending: waited
+    /// for on the worker while the run was suspended, or now, on this
+    /// thread, if it could not be (see `Host::wait_write`).
+    pub fn finish_write(&mut self) -> Result<(), CallError> {
+        self.meter.set_write_waiting(false);
+        if let Some(done) = self.written.take() {
+            return done;
+        }
+        let done = match self.write.take() {
+            Some(write) => self.host.wait_write(write),
+            None => Err(CallError::Internal("no write is waiting".into())),
+        };
+        if self.host.timed_out() {
+            // The run's time is up (its deadline came a little before the
+            // hook's, set after the compile): it does nothing more, and
+            // starts no more writes.
+            self.meter.time_up();
+        }
+        done
+    }
+
+    /// The outcome of the write the run was suspended for, waited for by
+    /// the runtime, for [`Run::finish_write`].
+    fn written(&mut self, done: Result<(), CallError>) {
+        self.written = Some(done);
+        self.meter.set_write_waiting(false);
     }
 
     /// Stops the run over the response limit (the first `detail` is kept);
@@ -253,6 +317,11 @@ impl LuaRuntime {
     }
 
     fn give_back(&self, state: State) {
+        if state.lua.used_memory() > state.kept.saturating_add(IDLE_GARBAGE_BYTES)
+            && state.lua.gc_collect().is_err()
+        {
+            return;
+        }
         let mut idle = self
             .idle
             .lock()
@@ -316,8 +385,10 @@ impl LuaRuntime {
         let inline = !self.slow.contains(&script.digest);
         let slice_end = inline.then(|| Instant::now() + INLINE_SLICE);
         // A write the run waits for stops waiting when its time is up
-        // (`Host::wait`); the hook then ends the run.
-        let host = host.with_deadline(tokio::time::Instant::now() + self.limits.time);
+        // (`State::on_the_worker`, `Host::wait_write`); the hook then ends
+        // the run.
+        let deadline = tokio::time::Instant::now() + self.limits.time;
+        let host = host.with_deadline(deadline);
         let (thread, env) =
             match state.prepare(script, source, host, request, self.limits, slice_end) {
                 Ok(prepared) => prepared,
@@ -327,10 +398,11 @@ impl LuaRuntime {
                 }
             };
         let (finished, env) = if inline {
-            (state.step(&thread, Some(env)), None)
+            (state.on_the_worker(&thread, env, deadline).await, None)
         } else {
             (None, Some(env))
         };
+        let stayed = finished.is_some();
         let (mut state, outcome) = match finished {
             Some(outcome) => {
                 if outcome.is_ok() {
@@ -339,9 +411,14 @@ impl LuaRuntime {
                 (state, outcome)
             }
             None => {
-                // Left at a library call past the slice: a short run that
-                // was preempted does that too, so not a slow script.
-                if inline && !state.meter.left_at_a_call() {
+                // Past its slice. Under load a short run often is, for being
+                // preempted rather than for running long, and leaves at its
+                // next library call (`check()`) or hook tick: its script is
+                // marked slow only if the hook suspended it after it ran
+                // enough Lua code to fill much of a slice (marking every
+                // such run sent a Lua counter's runs at 64 connections to
+                // blocking threads half of the time).
+                if inline && !state.meter.left_at_a_call() && state.meter.ran_long() {
                     self.slow.mark(script.digest);
                 }
                 let moved = tokio::task::spawn_blocking(move || {
@@ -361,12 +438,17 @@ impl LuaRuntime {
                 }
             }
         };
-        // A run that waited for a write on the worker, or went on with a
-        // pattern call past its slice (in block_in_place), cost a thread
-        // hand-off there, and one the hook found past its slice where it
-        // could not suspend it held it: later runs start on a blocking
-        // thread.
-        if inline && (state.waited() || state.meter.held_worker()) {
+        // A run that waited for a write on its thread on the worker (where
+        // it could not be suspended; after it moved, that cost no hand-off),
+        // or went on with a library call past its slice (both in
+        // block_in_place), cost a thread hand-off there, and one the hook
+        // found past its slice where it could not suspend it held it: later
+        // runs start on a blocking thread.
+        if inline
+            && (state.meter.left_worker()
+                || state.meter.held_worker()
+                || (stayed && state.waited_for_a_write()))
+        {
             self.slow.mark(script.digest);
         }
         let result = state.finish(outcome, self.limits);
@@ -487,6 +569,8 @@ impl State {
             var: None,
             headers_table: None,
             scope_table: None,
+            write: None,
+            written: None,
         }));
         lua.set_memory_limit(self.kept.saturating_add(limits.memory_bytes))
             .map_err(internal)?;
@@ -506,6 +590,43 @@ impl State {
         }
     }
 
+    /// Runs the run on this async worker until it ends (`Some`) or its slice
+    /// is over (`None`: the hook suspended it, to go on on a blocking
+    /// thread). A run suspended for a write of its own that waits for its
+    /// commit (see `meter::await_write_function`) is resumed once the write
+    /// is done, the worker serving other requests meanwhile: a Lua counter
+    /// at 64 connections, its runs on blocking threads, answered a third of
+    /// `PATCH +1`'s requests. The wait ends at `deadline` (the write's
+    /// error then says so, and the run ends with its time limit) and does
+    /// not count against the slice.
+    async fn on_the_worker(
+        &mut self,
+        thread: &Thread,
+        start: Start,
+        deadline: tokio::time::Instant,
+    ) -> Option<mlua::Result<()>> {
+        let mut start = Some(start);
+        loop {
+            if let Some(outcome) = self.step(thread, start.take()) {
+                return Some(outcome);
+            }
+            let write = self
+                .lua
+                .app_data_ref::<RunCell>()
+                .and_then(|cell| cell.borrow_mut().write.take());
+            // Suspended by the hook: the slice is over.
+            let write = write?;
+            let waiting = Instant::now();
+            let done = tokio::time::timeout_at(deadline, write).await;
+            self.meter.extend_slice(waiting.elapsed());
+            if let Some(cell) = self.lua.app_data_ref::<RunCell>() {
+                let mut run = cell.borrow_mut();
+                let done = done.unwrap_or_else(|_| Err(run.host.write_timed_out()));
+                run.written(done);
+            }
+        }
+    }
+
     /// Runs a run to its end with no more suspensions: a suspended one, or
     /// one not started yet (`env` given).
     fn run_to_end(&self, thread: &Thread, mut env: Option<Start>) -> mlua::Result<()> {
@@ -517,14 +638,12 @@ impl State {
         }
     }
 
-    /// Whether the current run's data calls had to wait for the store, or
-    /// a library call went on past the slice (both in `block_in_place`).
-    fn waited(&self) -> bool {
-        self.meter.left_worker()
-            || self
-                .lua
-                .app_data_ref::<RunCell>()
-                .is_some_and(|cell| cell.borrow().host.waited())
+    /// Whether a write of the current run had to wait for the store on its
+    /// thread (in `block_in_place`).
+    fn waited_for_a_write(&self) -> bool {
+        self.lua
+            .app_data_ref::<RunCell>()
+            .is_some_and(|cell| cell.borrow().host.waited())
     }
 
     /// Clears what [`State::prepare`] set, returning the run's record.
@@ -657,6 +776,49 @@ mod tests {
         );
     }
 
+    /// A bucket of a new store (`durability`, values up to 32 MiB), a
+    /// script of `source` in it, a loader of its source, and the host of an
+    /// admin run of it (a function, for one host a run).
+    async fn bucket_with_script(
+        durability: Durability,
+        source: &str,
+    ) -> (
+        StoredScript,
+        impl Fn() -> Result<Vec<u8>, ScriptError> + use<>,
+        impl Fn() -> Host + use<>,
+    ) {
+        let store = Store::open(Arc::new(MemoryBackend::new()), durability).expect("store");
+        let buckets = Buckets::new(
+            store,
+            crate::bucket::Limits {
+                max_value_bytes: 32 << 20,
+            },
+        );
+        let (id, _) = buckets
+            .create(PolicyChange::default())
+            .await
+            .expect("bucket");
+        let bucket = buckets.open(id).expect("open");
+        let source = source.as_bytes().to_vec();
+        let script = StoredScript {
+            bucket: id,
+            name: ScriptName::new("s").expect("name"),
+            kind: ScriptKind::Lua,
+            size: source.len() as u64,
+            version: 1,
+            digest: <sha2::Sha256 as sha2::Digest>::digest(&source).into(),
+            updated_at: 0,
+        };
+        let load = move || -> Result<Vec<u8>, ScriptError> { Ok(source.clone()) };
+        let host = move || {
+            Host::new(
+                bucket.clone().scoped(Scope::admin()),
+                tokio::runtime::Handle::current(),
+            )
+        };
+        (script, load, host)
+    }
+
     /// A run whose caller stopped waiting (its future dropped once the run
     /// was on a blocking thread) keeps its bucket's place until it ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -668,46 +830,164 @@ mod tests {
             runs: 4,
             ..Limits::default()
         });
-        let store =
-            Store::open(Arc::new(MemoryBackend::new()), Durability::Relaxed).expect("store");
-        let buckets = Buckets::new(
-            store,
-            crate::bucket::Limits {
-                max_value_bytes: 1024,
-            },
-        );
-        let (id, _) = buckets
-            .create(PolicyChange::default())
-            .await
-            .expect("bucket");
-        let bucket = buckets.open(id).expect("open");
-        let source = b"while true do end".to_vec();
-        let script = StoredScript {
-            bucket: id,
-            name: ScriptName::new("spin").expect("name"),
-            kind: ScriptKind::Lua,
-            size: source.len() as u64,
-            version: 1,
-            digest: <sha2::Sha256 as sha2::Digest>::digest(&source).into(),
-            updated_at: 0,
-        };
-        let load = move || -> Result<Vec<u8>, ScriptError> { Ok(source.clone()) };
-        let host = Host::new(
-            bucket.scoped(Scope::admin()),
-            tokio::runtime::Handle::current(),
-        );
-        let run = runtime.run(&script, &load, host, Request::default());
+        let (script, load, host) =
+            bucket_with_script(Durability::Relaxed, "while true do end").await;
+        let run = runtime.run(&script, &load, host(), Request::default());
         // Long past the inline slice: the run is on a blocking thread.
         let gone = tokio::time::timeout(Duration::from_millis(200), run).await;
         assert!(gone.is_err(), "the endless run ended");
         assert!(
-            matches!(runtime.shares.take(id), Err(ScriptError::Busy(_))),
+            matches!(
+                runtime.shares.take(script.bucket),
+                Err(ScriptError::Busy(_))
+            ),
             "the run's place was given back while it still ran"
         );
         tokio::time::sleep(time + Duration::from_millis(500)).await;
         runtime
             .shares
-            .take(id)
+            .take(script.bucket)
             .expect("the place came back when the run ended");
+    }
+
+    /// A run whose writes wait for their commit (strict durability: each
+    /// goes to the writer thread) is suspended on its worker meanwhile, not
+    /// waited for on its thread: its script is not marked slow (its runs
+    /// went to blocking threads, a Lua counter at a third of `PATCH +1`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_waiting_for_its_writes_stays_on_its_worker() {
+        let runtime = LuaRuntime::new(Limits::default());
+        let (script, load, host) = bucket_with_script(
+            Durability::Strict,
+            r#"local err = kvdb.incr("n", 1)
+kvdb.set("t", "text")
+kvdb.say(err or kvdb.get("n"), " ", kvdb.incr("t", 1))"#,
+        )
+        .await;
+        for n in 1..=3 {
+            let r = runtime
+                .run(&script, &load, host(), Request::default())
+                .await
+                .expect("run");
+            assert_eq!(
+                String::from_utf8_lossy(&r.body),
+                format!("{n} type mismatch: the current value is raw bytes, not a number\n")
+            );
+        }
+        assert!(
+            !runtime.slow.contains(&script.digest),
+            "a run that waited for its writes was marked slow"
+        );
+    }
+
+    /// Sets a 16 MiB value under `big` if it is missing, and reads it into
+    /// `v`: milliseconds, past a run's slice.
+    const READ_BIG: &str = r#"if not kvdb.exists("big") then kvdb.set("big", string.rep("x", 16 << 20)) end
+local v = kvdb.get("big")
+"#;
+
+    /// Limits with room for [`READ_BIG`] and long loops.
+    fn roomy_limits() -> Limits {
+        Limits {
+            time: Duration::from_secs(20),
+            instructions: u64::MAX,
+            memory_bytes: 256 << 20,
+            ..Limits::default()
+        }
+    }
+
+    /// A run past its slice leaves its worker at its next data call: a
+    /// data call is one VM instruction to the hook, and a loop of slow ones
+    /// held the worker some 200 calls past the slice in every run. The run
+    /// is past its slice after reading a 16 MiB value, and its next call
+    /// moves it to a blocking thread: its first poll does not finish it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_past_its_slice_leaves_the_worker_at_its_next_data_call() {
+        let runtime = LuaRuntime::new(roomy_limits());
+        let (script, load, host) = bucket_with_script(
+            Durability::Relaxed,
+            &format!(r#"{READ_BIG}kvdb.say(#v, " ", tostring(kvdb.exists("big")))"#),
+        )
+        .await;
+        let r = runtime
+            .run(&script, &load, host(), Request::default())
+            .await
+            .expect("run");
+        assert_eq!(String::from_utf8_lossy(&r.body), "16777216 true\n");
+        let mut run = std::pin::pin!(runtime.run(&script, &load, host(), Request::default()));
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(run.as_mut().poll(cx))).await;
+        assert!(
+            first.is_pending(),
+            "the run went on on its worker past its slice"
+        );
+        let r = run.await.expect("run");
+        assert_eq!(String::from_utf8_lossy(&r.body), "16777216 true\n");
+    }
+
+    /// A state goes back to the pool without its last run's garbage (an
+    /// idle state allocates nothing, so Lua would never collect it: each of
+    /// the idle states could hold up to a memory limit of it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_state_keeps_no_garbage_of_its_last_run() {
+        let runtime = LuaRuntime::new(Limits::default());
+        let (script, load, host) = bucket_with_script(
+            Durability::Relaxed,
+            r#"local t = {}
+for i = 1, 2000 do t[i] = string.rep("x", 4096) .. i end
+kvdb.say(#t)"#,
+        )
+        .await;
+        let r = runtime
+            .run(&script, &load, host(), Request::default())
+            .await
+            .expect("run");
+        assert_eq!(String::from_utf8_lossy(&r.body), "2000\n");
+        let idle = runtime.idle.lock().expect("pool");
+        let state = idle.last().expect("the state went back to the pool");
+        let garbage = state.lua.used_memory().saturating_sub(state.kept);
+        assert!(
+            garbage <= super::IDLE_GARBAGE_BYTES,
+            "an idle state holds {garbage} bytes of garbage"
+        );
+    }
+
+    /// A short run found past its slice (a preempted one, or one that
+    /// waited in a long data call) leaves the worker without marking its
+    /// script slow; one that ran long in Lua code marks it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_run_long_in_lua_code_marks_its_script_slow() {
+        let runtime = LuaRuntime::new(roomy_limits());
+        // The run is past its slice at the next hook tick (every 1000
+        // instructions).
+        let (big, load, host) = bucket_with_script(
+            Durability::Relaxed,
+            &format!(
+                r#"{READ_BIG}local n = 0
+for i = 1, 700 do n = n + i end
+kvdb.say(#v, " ", n)"#
+            ),
+        )
+        .await;
+        for _ in 0..3 {
+            let r = runtime
+                .run(&big, &load, host(), Request::default())
+                .await
+                .expect("run");
+            assert_eq!(String::from_utf8_lossy(&r.body), "16777216 245350\n");
+        }
+        assert!(
+            !runtime.slow.contains(&big.digest),
+            "a short run past its slice was marked slow"
+        );
+        let (long, load, host) =
+            bucket_with_script(Durability::Relaxed, "for i = 1, 20000000 do end").await;
+        runtime
+            .run(&long, &load, host(), Request::default())
+            .await
+            .expect("run");
+        assert!(
+            runtime.slow.contains(&long.digest),
+            "a long run was not marked slow"
+        );
     }
 }

@@ -101,6 +101,41 @@ end
 return safe_pcall, safe_xpcall, safe_setmetatable
 "#;
 
+/// Wraps the `kvdb` data calls (in the table it is given, with
+/// `meter::check_function`, `meter::await_write_function` and
+/// `bindings::finish_write_function`). Each looks at the limits first, as
+/// the library wrappers do (see [`SCANS`]): a data call is one VM
+/// instruction to the hook, and a loop of them (of large listings, say)
+/// held its worker some 200 calls past the slice in every run. A write not
+/// done at once returns `true` (see `bindings::write`); the run is then
+/// suspended on its worker until it is, and takes its outcome. Each wrapper
+/// calls the data call through a local of the same name, not as a tail
+/// call, so that Lua's messages still name it.
+const DATA_CALLS: &str = r#"
+local kvdb, check, await_write, finish_write = ...
+local get, exists, list, access_token = kvdb.get, kvdb.exists, kvdb.list, kvdb.access_token
+local set, delete, incr = kvdb.set, kvdb.delete, kvdb.incr
+local merge, patch, append = kvdb.merge, kvdb.patch, kvdb.append
+local function pass(...) return ... end
+local function finished(status)
+  if status == true then
+    await_write()
+    return finish_write()
+  end
+  return status
+end
+kvdb.get = function(...) check() return pass(get(...)) end
+kvdb.exists = function(...) check() return pass(exists(...)) end
+kvdb.list = function(...) check() return pass(list(...)) end
+kvdb.access_token = function(...) check() return pass(access_token(...)) end
+kvdb.set = function(...) check() local status = set(...) return finished(status) end
+kvdb.delete = function(...) check() local status = delete(...) return finished(status) end
+kvdb.incr = function(...) check() local status = incr(...) return finished(status) end
+kvdb.merge = function(...) check() local status = merge(...) return finished(status) end
+kvdb.patch = function(...) check() local status = patch(...) return finished(status) end
+kvdb.append = function(...) check() local status = append(...) return finished(status) end
+"#;
+
 /// Builds one run's globals in one call (far cheaper than a Rust call per
 /// table): the environment and its `kvdb` table. Takes their two
 /// metatables. The request fields of `kvdb` are filled in when first
@@ -508,6 +543,15 @@ impl Base {
         env_mt.raw_set("__index", base)?;
         env_mt.raw_set("__metatable", false)?;
         let kvdb = bindings::functions(lua)?;
+        lua.load(DATA_CALLS)
+            .set_name("=sandbox")
+            .set_mode(ChunkMode::Text)
+            .call::<()>((
+                &kvdb,
+                super::meter::check_function(lua)?,
+                super::meter::await_write_function(lua)?,
+                bindings::finish_write_function(lua)?,
+            ))?;
         // What `kvdb` does not hold is a request field or `kvdb.scope`, made
         // on first use.
         let fields_mt = lua.create_table()?;
