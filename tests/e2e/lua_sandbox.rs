@@ -1065,8 +1065,8 @@ fn a_write_waiting_for_the_store_ends_with_the_time_limit() {
         &s,
         &b,
         "merge",
-        // Nothing after the merge looks at the time: the run ends with the
-        // time limit all the same, and writes nothing more.
+        // The run ends with the time limit, and makes no write after the
+        // one that stopped waiting.
         r#"local err = kvdb.merge("big", {w = 1})
 kvdb.set("after", err or "merged")"#,
     );

@@ -32,11 +32,6 @@ use crate::script::{Limit, Limits};
 /// to cost little, often enough to stop a run within microseconds of one.
 pub(super) const HOOK_EVERY: u32 = 1000;
 
-/// Lua instructions after which a run found past its slice is taken to
-/// have run long rather than to have been preempted: ten hook ticks, some
-/// tens of microseconds of Lua code at the least.
-const LONG_RUN: u64 = 10 * HOOK_EVERY as u64;
-
 /// The message a stopped run's next library call raises (the hook's own is
 /// the same, as a C string).
 pub(super) const STOPPED: &str = "the script was stopped by a limit";
@@ -184,12 +179,6 @@ impl Meter {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |end| {
                 (end != NEVER).then(|| end.saturating_add(waited).min(NEVER - 1))
             });
-    }
-
-    /// Whether the run has run at least [`LONG_RUN`] Lua instructions (as
-    /// the hook and the library calls' `check()` count them).
-    pub(super) fn ran_long(&self) -> bool {
-        self.instructions.load(Ordering::Relaxed) >= LONG_RUN
     }
 
     /// The run goes on where no slice ends (a blocking thread).
@@ -364,7 +353,7 @@ unsafe fn suspend_on_worker(state: *mut ffi::lua_State, anyway: bool) -> c_int {
 /// `kvdb` writes: a run on an async worker whose write waits for its commit
 /// (one not done at its first poll) is suspended, so that the worker serves
 /// other requests meanwhile; the runtime waits for the write and resumes the
-/// run, still on the worker (see `LuaRuntime::execute`). Elsewhere (a
+/// run on an async worker (see `State::on_the_worker`). Elsewhere (a
 /// blocking thread, or inside a function Lua called from C, where it can't
 /// yield) it does nothing, and the wrapper's next call waits for the write
 /// on its thread (`Host::wait_write`).

@@ -15,16 +15,17 @@
 //! blocking thread. The hook can't suspend code Lua calls from C (a
 //! metamethod, a sort comparator, an `xpcall` handler), so a run leaves the
 //! worker before the library calls that may get there (see the sandbox's
-//! wrappers and `meter::leave_worker_function`). A write that waits for its
-//! commit suspends the run too, which the runtime resumes on the same
-//! worker once the write is done (see `State::on_the_worker`); where Lua
-//! can't suspend it, the write waits in `block_in_place` (see
-//! [`Host::wait_write`]), and a pattern call still matching when the slice
-//! ends goes on there (see `pattern`). Either way, as when the hook finds a
-//! run past its slice where it can't suspend it, or suspends one that ran
-//! long in Lua code, its script is remembered as slow and its later runs
-//! start on a blocking thread. Data calls go through [`Host`], never to
-//! storage directly.
+//! wrappers and `meter::leave_worker_function`); each data call looks at the
+//! slice first. A write that waits for its commit suspends the run too,
+//! which the runtime resumes on an async worker once the write is done
+//! (see `State::on_the_worker`); where Lua can't suspend it, the write waits
+//! in `block_in_place` (see [`Host::wait_write`]), and a pattern call still
+//! matching when the slice ends goes on there (see `pattern`). Either way
+//! (if on the worker), as when the hook finds a run past its slice where it
+//! can't suspend it, or suspends one that used much of its slice in CPU
+//! time, its script is remembered as slow and its later runs start on a
+//! blocking thread. Data calls go through [`Host`], never to storage
+//! directly.
 //!
 //! Runs in flight are held to [`Limits::runs`], and one bucket's to a
 //! quarter of them ([`RunShares`]): each holds a state, and may hold a
@@ -40,7 +41,7 @@ mod sandbox;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mlua::thread::ThreadStatus;
 use mlua::{Function, Lua, Thread};
@@ -72,10 +73,32 @@ const MAX_CACHED_SOURCE_BYTES: usize = 512 * 1024;
 /// cost.
 const MAX_IDLE_STATES: usize = 64;
 
-/// The most garbage of its last run an idle state keeps uncollected: an
-/// idle state allocates nothing, so Lua would never collect it, and each of
-/// the idle states could hold up to a memory limit of it.
+/// The most garbage of its last run an idle state keeps uncollected (see
+/// `State::collect_garbage`).
 const IDLE_GARBAGE_BYTES: usize = 1024 * 1024;
+
+/// The CPU time of a step on the worker (half of [`INLINE_SLICE`]) after
+/// which a run the hook suspended past its slice is taken to have run long
+/// rather than to have been preempted.
+const LONG_STEP: Duration = Duration::from_micros(100);
+
+/// How a run's time on its async worker ended.
+enum Worker {
+    /// The run ended.
+    Ended(mlua::Result<()>),
+    /// Past its slice, the run goes on on a blocking thread; `long`: it used
+    /// much of the slice's CPU time in its last step.
+    Moved { long: bool },
+}
+
+/// This thread's CPU time so far (zero if the clock can't be read).
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
 
 /// The Lua runtime: a pool of sandboxed states.
 pub struct LuaRuntime {
@@ -148,7 +171,7 @@ pub(crate) struct Run {
     pub headers_table: Option<mlua::Table>,
     pub scope_table: Option<mlua::Table>,
     /// A write the script started that was not done at once, until the run
-    /// (suspended meanwhile, see [`LuaRuntime::execute`]) or the write's
+    /// (suspended meanwhile, see `State::on_the_worker`) or the write's
     /// wrapper waits for it.
     write: Option<PendingWrite>,
     /// Its outcome, once the runtime waited for it, until the wrapper
@@ -190,12 +213,20 @@ impl Run {
     /// thread, if it could not be (see `Host::wait_write`).
     pub fn finish_write(&mut self) -> Result<(), CallError> {
         self.meter.set_write_waiting(false);
-        if let Some(done) = self.written.take() {
-            return done;
-        }
-        let done = match self.write.take() {
-            Some(write) => self.host.wait_write(write),
-            None => Err(CallError::Internal("no write is waiting".into())),
+        let done = match (self.written.take(), self.write.take()) {
+            (Some(done), _) => done,
+            (None, Some(write)) => {
+                let on_worker = self.meter.on_worker();
+                let done = self.host.wait_write(write);
+                if on_worker && self.host.waited() {
+                    // Waited in block_in_place on the worker: a thread
+                    // hand-off there, which its script's later runs avoid
+                    // by starting on a blocking thread.
+                    self.meter.mark_left_worker();
+                }
+                done
+            }
+            (None, None) => Err(CallError::Internal("no write is waiting".into())),
         };
         if self.host.timed_out() {
             // The run's time is up (its deadline came a little before the
@@ -316,10 +347,11 @@ impl LuaRuntime {
         }
     }
 
+    /// Puts `state` back in the pool, its last run's garbage collected (on
+    /// this thread: a run that went on on a blocking thread was collected
+    /// there; one that ended on the worker made little in its slice).
     fn give_back(&self, state: State) {
-        if state.lua.used_memory() > state.kept.saturating_add(IDLE_GARBAGE_BYTES)
-            && state.lua.gc_collect().is_err()
-        {
+        if !state.collect_garbage() {
             return;
         }
         let mut idle = self
@@ -400,30 +432,32 @@ impl LuaRuntime {
         let (finished, env) = if inline {
             (state.on_the_worker(&thread, env, deadline).await, None)
         } else {
-            (None, Some(env))
+            (Worker::Moved { long: false }, Some(env))
         };
-        let stayed = finished.is_some();
         let (mut state, outcome) = match finished {
-            Some(outcome) => {
+            Worker::Ended(outcome) => {
                 if outcome.is_ok() {
                     state.spare_thread = Some(thread);
                 }
                 (state, outcome)
             }
-            None => {
+            Worker::Moved { long } => {
                 // Past its slice. Under load a short run often is, for being
                 // preempted rather than for running long, and leaves at its
-                // next library call (`check()`) or hook tick: its script is
-                // marked slow only if the hook suspended it after it ran
-                // enough Lua code to fill much of a slice (marking every
-                // such run sent a Lua counter's runs at 64 connections to
+                // next library or data call (`check()`) or hook tick: its
+                // script is marked slow only if the hook suspended it after
+                // it used much of a slice of CPU time (marking every such
+                // run sent a Lua counter's runs at 64 connections to
                 // blocking threads half of the time).
-                if inline && !state.meter.left_at_a_call() && state.meter.ran_long() {
+                if inline && !state.meter.left_at_a_call() && long {
                     self.slow.mark(script.digest);
                 }
                 let moved = tokio::task::spawn_blocking(move || {
                     let _share = share;
                     let outcome = state.run_to_end(&thread, env);
+                    // Its garbage is collected here, not on the worker that
+                    // gives the state back (see `LuaRuntime::give_back`).
+                    state.collect_garbage();
                     (state, outcome)
                 })
                 .await;
@@ -439,16 +473,11 @@ impl LuaRuntime {
             }
         };
         // A run that waited for a write on its thread on the worker (where
-        // it could not be suspended; after it moved, that cost no hand-off),
-        // or went on with a library call past its slice (both in
-        // block_in_place), cost a thread hand-off there, and one the hook
-        // found past its slice where it could not suspend it held it: later
-        // runs start on a blocking thread.
-        if inline
-            && (state.meter.left_worker()
-                || state.meter.held_worker()
-                || (stayed && state.waited_for_a_write()))
-        {
+        // it could not be suspended), or went on with a library call past
+        // its slice (both in block_in_place), cost a thread hand-off there,
+        // and one the hook found past its slice where it could not suspend
+        // it held it: later runs start on a blocking thread.
+        if inline && (state.meter.left_worker() || state.meter.held_worker()) {
             self.slow.mark(script.digest);
         }
         let result = state.finish(outcome, self.limits);
@@ -604,18 +633,27 @@ impl State {
         thread: &Thread,
         start: Start,
         deadline: tokio::time::Instant,
-    ) -> Option<mlua::Result<()>> {
+    ) -> Worker {
         let mut start = Some(start);
         loop {
+            let cpu = thread_cpu_time();
             if let Some(outcome) = self.step(thread, start.take()) {
-                return Some(outcome);
+                return Worker::Ended(outcome);
             }
             let write = self
                 .lua
                 .app_data_ref::<RunCell>()
                 .and_then(|cell| cell.borrow_mut().write.take());
-            // Suspended by the hook: the slice is over.
-            let write = write?;
+            let Some(write) = write else {
+                // Suspended past its slice. The CPU time of this step, not
+                // its wall time nor its instructions: one instruction or
+                // library call can take milliseconds (`s:sub(2)` of a long
+                // string), and a preempted run takes wall time but no CPU.
+                let used = thread_cpu_time().saturating_sub(cpu);
+                return Worker::Moved {
+                    long: used >= LONG_STEP,
+                };
+            };
             let waiting = Instant::now();
             let done = tokio::time::timeout_at(deadline, write).await;
             self.meter.extend_slice(waiting.elapsed());
@@ -638,12 +676,14 @@ impl State {
         }
     }
 
-    /// Whether a write of the current run had to wait for the store on its
-    /// thread (in `block_in_place`).
-    fn waited_for_a_write(&self) -> bool {
-        self.lua
-            .app_data_ref::<RunCell>()
-            .is_some_and(|cell| cell.borrow().host.waited())
+    /// Collects the garbage of the state's last run if it left more than
+    /// [`IDLE_GARBAGE_BYTES`]: an idle state allocates nothing, so Lua would
+    /// never collect it, and each of the idle states could hold up to a
+    /// memory limit of it. `false` if Lua failed to (the state is not
+    /// trusted again).
+    fn collect_garbage(&self) -> bool {
+        self.lua.used_memory() <= self.kept.saturating_add(IDLE_GARBAGE_BYTES)
+            || self.lua.gc_collect().is_ok()
     }
 
     /// Clears what [`State::prepare`] set, returning the run's record.
@@ -951,43 +991,29 @@ kvdb.say(#t)"#,
         );
     }
 
-    /// A short run found past its slice (a preempted one, or one that
-    /// waited in a long data call) leaves the worker without marking its
-    /// script slow; one that ran long in Lua code marks it.
+    /// A run the hook finds past its slice after using much of it in CPU
+    /// time marks its script slow (its runs start on a blocking thread for
+    /// a second), whether in many instructions or in a few long ones (a
+    /// copy of 8 MiB each, with no library call that looks at the slice: it
+    /// was counted in instructions, so such a run held its worker some 200
+    /// copies past its slice in every run; found by a review).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn only_a_run_long_in_lua_code_marks_its_script_slow() {
+    async fn a_run_that_used_its_slice_of_cpu_marks_its_script_slow() {
         let runtime = LuaRuntime::new(roomy_limits());
-        // The run is past its slice at the next hook tick (every 1000
-        // instructions).
-        let (big, load, host) = bucket_with_script(
-            Durability::Relaxed,
-            &format!(
-                r#"{READ_BIG}local n = 0
-for i = 1, 700 do n = n + i end
-kvdb.say(#v, " ", n)"#
-            ),
-        )
-        .await;
-        for _ in 0..3 {
-            let r = runtime
-                .run(&big, &load, host(), Request::default())
+        for source in [
+            "for i = 1, 20000000 do end",
+            r#"local s = string.rep("x", 8 << 20)
+for i = 1, 300 do local t = s:sub(2) end"#,
+        ] {
+            let (script, load, host) = bucket_with_script(Durability::Relaxed, source).await;
+            runtime
+                .run(&script, &load, host(), Request::default())
                 .await
                 .expect("run");
-            assert_eq!(String::from_utf8_lossy(&r.body), "16777216 245350\n");
+            assert!(
+                runtime.slow.contains(&script.digest),
+                "a long run was not marked slow: {source}"
+            );
         }
-        assert!(
-            !runtime.slow.contains(&big.digest),
-            "a short run past its slice was marked slow"
-        );
-        let (long, load, host) =
-            bucket_with_script(Durability::Relaxed, "for i = 1, 20000000 do end").await;
-        runtime
-            .run(&long, &load, host(), Request::default())
-            .await
-            .expect("run");
-        assert!(
-            runtime.slow.contains(&long.digest),
-            "a long run was not marked slow"
-        );
     }
 }
