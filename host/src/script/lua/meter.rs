@@ -64,8 +64,6 @@ pub(super) struct Meter {
     left_worker: AtomicBool,
     /// See [`Meter::held_worker`].
     held: AtomicBool,
-    /// See [`Meter::left_at_a_call`].
-    left_at_call: AtomicBool,
     /// A write the run started waits for its commit (see
     /// [`await_write_function`]).
     write_waiting: AtomicBool,
@@ -90,7 +88,6 @@ impl Meter {
             stopped: AtomicBool::new(false),
             left_worker: AtomicBool::new(false),
             held: AtomicBool::new(false),
-            left_at_call: AtomicBool::new(false),
             write_waiting: AtomicBool::new(false),
         }
     }
@@ -116,7 +113,6 @@ impl Meter {
         self.stopped.store(false, Ordering::Relaxed);
         self.left_worker.store(false, Ordering::Relaxed);
         self.held.store(false, Ordering::Relaxed);
-        self.left_at_call.store(false, Ordering::Relaxed);
         self.write_waiting.store(false, Ordering::Relaxed);
     }
 
@@ -128,8 +124,8 @@ impl Meter {
     }
 
     /// A library call of this run went on past its slice in
-    /// `block_in_place`: like a write that waited, a cost its script's later
-    /// runs avoid by starting on a blocking thread.
+    /// `block_in_place`, or a write of it waited there on the worker: a
+    /// cost its script's later runs avoid by starting on a blocking thread.
     pub(super) fn mark_left_worker(&self) {
         self.left_worker.store(true, Ordering::Relaxed);
     }
@@ -153,15 +149,6 @@ impl Meter {
     /// (a third of their throughput at 64 connections).
     pub(super) fn held_worker(&self) -> bool {
         self.held.load(Ordering::Relaxed)
-    }
-
-    /// Whether the run left its worker at a library call's `check()` past
-    /// its slice: a short run that was preempted does that too, so it is no
-    /// mark of a slow script (marking its script sent every run of it to a
-    /// blocking thread under load); a long loop of such calls leaves at its
-    /// second call past the slice in every run.
-    pub(super) fn left_at_a_call(&self) -> bool {
-        self.left_at_call.load(Ordering::Relaxed)
     }
 
     /// Whether a write the run started waits for its commit (see
@@ -402,18 +389,8 @@ unsafe extern "C-unwind" fn check_call(state: *mut ffi::lua_State) -> c_int {
             ffi::lua_error(state);
         }
     }
-    if !meter.is_null() {
-        // SAFETY: as above.
-        unsafe { (*meter).left_at_call.store(true, Ordering::Relaxed) };
-    }
     // SAFETY: the caller's state, live.
-    let suspended = unsafe { suspend_on_worker(state, false) };
-    if !meter.is_null() && suspended == 0 {
-        // Not suspended after all.
-        // SAFETY: as above.
-        unsafe { (*meter).left_at_call.store(false, Ordering::Relaxed) };
-    }
-    suspended
+    unsafe { suspend_on_worker(state, false) }
 }
 
 /// The hook: counts, stops a run over a limit (with `lua_error`, leaving

@@ -74,24 +74,27 @@ const MAX_CACHED_SOURCE_BYTES: usize = 512 * 1024;
 const MAX_IDLE_STATES: usize = 64;
 
 /// The most garbage of its last run an idle state keeps uncollected (see
-/// `State::collect_garbage`).
+/// [`LuaRuntime::give_back`]).
 const IDLE_GARBAGE_BYTES: usize = 1024 * 1024;
 
-/// The CPU time of a step on the worker (half of [`INLINE_SLICE`]) after
-/// which a run the hook suspended past its slice is taken to have run long
-/// rather than to have been preempted.
+/// The CPU time on the worker (half of [`INLINE_SLICE`]) after which a run
+/// found past its slice is taken to have run long rather than to have been
+/// preempted.
 const LONG_STEP: Duration = Duration::from_micros(100);
 
 /// How a run's time on its async worker ended.
 enum Worker {
     /// The run ended.
     Ended(mlua::Result<()>),
-    /// Past its slice, the run goes on on a blocking thread; `long`: it used
-    /// much of the slice's CPU time in its last step.
+    /// Past its slice (or before code Lua calls from C, see
+    /// `meter::leave_worker_function`), the run goes on on a blocking
+    /// thread; `long`: it used at least [`LONG_STEP`] of CPU time on the
+    /// worker.
     Moved { long: bool },
 }
 
-/// This thread's CPU time so far (zero if the clock can't be read).
+/// This thread's CPU time so far (a system call: the vDSO does not serve
+/// this clock).
 fn thread_cpu_time() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     Duration::new(
@@ -103,7 +106,9 @@ fn thread_cpu_time() -> Duration {
 /// The Lua runtime: a pool of sandboxed states.
 pub struct LuaRuntime {
     limits: Limits,
-    idle: Mutex<Vec<State>>,
+    /// Shared with the blocking threads that collect a state's garbage
+    /// before it goes back (see [`LuaRuntime::give_back`]).
+    idle: Arc<Mutex<Vec<State>>>,
     slow: SlowScripts,
     /// Runs in flight, in all and per bucket: each holds a state (and may
     /// hold a blocking thread) until it ends.
@@ -325,11 +330,21 @@ fn is_memory_error(e: &mlua::Error) -> bool {
     }
 }
 
+/// Puts `state` in the pool `idle` unless it is full.
+fn pool(idle: &Mutex<Vec<State>>, state: State) {
+    let mut idle = idle
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if idle.len() < MAX_IDLE_STATES {
+        idle.push(state);
+    }
+}
+
 impl LuaRuntime {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
-            idle: Mutex::new(Vec::new()),
+            idle: Arc::new(Mutex::new(Vec::new())),
             slow: SlowScripts::default(),
             shares: RunShares::new("Lua", limits.runs),
         }
@@ -347,19 +362,30 @@ impl LuaRuntime {
         }
     }
 
-    /// Puts `state` back in the pool, its last run's garbage collected (on
-    /// this thread: a run that went on on a blocking thread was collected
-    /// there; one that ended on the worker made little in its slice).
+    /// Puts `state` back in the pool. If its last run left more than
+    /// [`IDLE_GARBAGE_BYTES`] of garbage, that is collected first, on a
+    /// blocking thread (a full collection costs with the whole heap, chunks
+    /// and libraries too): an idle state allocates nothing, so Lua would
+    /// never collect it, and each of the idle states could hold up to a
+    /// memory limit of it.
     fn give_back(&self, state: State) {
-        if !state.collect_garbage() {
+        if state.lua.used_memory() <= state.kept.saturating_add(IDLE_GARBAGE_BYTES) {
+            pool(&self.idle, state);
             return;
         }
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if idle.len() < MAX_IDLE_STATES {
-            idle.push(state);
+        let idle = Arc::clone(&self.idle);
+        let collect = move || {
+            let mut state = state;
+            // A state Lua fails to collect is not trusted again.
+            if state.lua.gc_collect().is_ok() {
+                // What it keeps, measured now that nothing else is live.
+                state.kept = state.lua.used_memory();
+                pool(&idle, state);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(collect)),
+            Err(_) => collect(),
         }
     }
 
@@ -443,21 +469,16 @@ impl LuaRuntime {
             }
             Worker::Moved { long } => {
                 // Past its slice. Under load a short run often is, for being
-                // preempted rather than for running long, and leaves at its
-                // next library or data call (`check()`) or hook tick: its
-                // script is marked slow only if the hook suspended it after
-                // it used much of a slice of CPU time (marking every such
-                // run sent a Lua counter's runs at 64 connections to
-                // blocking threads half of the time).
-                if inline && !state.meter.left_at_a_call() && long {
+                // preempted rather than for running long: its script is
+                // marked slow only if it used much of a slice of CPU time
+                // (marking every such run sent a Lua counter's runs at 64
+                // connections to blocking threads half of the time).
+                if inline && long {
                     self.slow.mark(script.digest);
                 }
                 let moved = tokio::task::spawn_blocking(move || {
                     let _share = share;
                     let outcome = state.run_to_end(&thread, env);
-                    // Its garbage is collected here, not on the worker that
-                    // gives the state back (see `LuaRuntime::give_back`).
-                    state.collect_garbage();
                     (state, outcome)
                 })
                 .await;
@@ -619,9 +640,8 @@ impl State {
         }
     }
 
-    /// Runs the run on this async worker until it ends (`Some`) or its slice
-    /// is over (`None`: the hook suspended it, to go on on a blocking
-    /// thread). A run suspended for a write of its own that waits for its
+    /// Runs the run on this async worker until it ends or moves (its slice
+    /// over, it is suspended to go on on a blocking thread). A run suspended for a write of its own that waits for its
     /// commit (see `meter::await_write_function`) is resumed once the write
     /// is done, the worker serving other requests meanwhile: a Lua counter
     /// at 64 connections, its runs on blocking threads, answered a third of
@@ -635,21 +655,22 @@ impl State {
         deadline: tokio::time::Instant,
     ) -> Worker {
         let mut start = Some(start);
+        // The CPU time of its steps (not what the worker did while a write
+        // waited), not their wall time nor its instructions: one
+        // instruction or library call can take milliseconds (`s:sub(2)` of
+        // a long string), and a preempted run takes wall time but no CPU.
+        let mut used = Duration::ZERO;
         loop {
             let cpu = thread_cpu_time();
             if let Some(outcome) = self.step(thread, start.take()) {
                 return Worker::Ended(outcome);
             }
+            used += thread_cpu_time().saturating_sub(cpu);
             let write = self
                 .lua
                 .app_data_ref::<RunCell>()
                 .and_then(|cell| cell.borrow_mut().write.take());
             let Some(write) = write else {
-                // Suspended past its slice. The CPU time of this step, not
-                // its wall time nor its instructions: one instruction or
-                // library call can take milliseconds (`s:sub(2)` of a long
-                // string), and a preempted run takes wall time but no CPU.
-                let used = thread_cpu_time().saturating_sub(cpu);
                 return Worker::Moved {
                     long: used >= LONG_STEP,
                 };
@@ -674,16 +695,6 @@ impl State {
                 return outcome;
             }
         }
-    }
-
-    /// Collects the garbage of the state's last run if it left more than
-    /// [`IDLE_GARBAGE_BYTES`]: an idle state allocates nothing, so Lua would
-    /// never collect it, and each of the idle states could hold up to a
-    /// memory limit of it. `false` if Lua failed to (the state is not
-    /// trusted again).
-    fn collect_garbage(&self) -> bool {
-        self.lua.used_memory() <= self.kept.saturating_add(IDLE_GARBAGE_BYTES)
-            || self.lua.gc_collect().is_ok()
     }
 
     /// Clears what [`State::prepare`] set, returning the run's record.
@@ -892,8 +903,9 @@ mod tests {
 
     /// A run whose writes wait for their commit (strict durability: each
     /// goes to the writer thread) is suspended on its worker meanwhile, not
-    /// waited for on its thread: its script is not marked slow (its runs
-    /// went to blocking threads, a Lua counter at a third of `PATCH +1`).
+    /// waited for on the worker's thread (in `block_in_place`, which marked
+    /// its script slow: its runs went to blocking threads, a Lua counter at
+    /// a third of `PATCH +1`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_run_waiting_for_its_writes_stays_on_its_worker() {
         let runtime = LuaRuntime::new(Limits::default());
@@ -913,11 +925,13 @@ kvdb.say(err or kvdb.get("n"), " ", kvdb.incr("t", 1))"#,
                 String::from_utf8_lossy(&r.body),
                 format!("{n} type mismatch: the current value is raw bytes, not a number\n")
             );
+            let idle = runtime.idle.lock().expect("pool");
+            let state = idle.last().expect("the state went back to the pool");
+            assert!(
+                !state.meter.left_worker(),
+                "a write waited on the worker's thread"
+            );
         }
-        assert!(
-            !runtime.slow.contains(&script.digest),
-            "a run that waited for its writes was marked slow"
-        );
     }
 
     /// Sets a 16 MiB value under `big` if it is missing, and reads it into
@@ -982,6 +996,16 @@ kvdb.say(#t)"#,
             .await
             .expect("run");
         assert_eq!(String::from_utf8_lossy(&r.body), "2000\n");
+        // Collected on a blocking thread, then pooled.
+        let mut waited = Duration::ZERO;
+        while runtime.idle.lock().expect("pool").is_empty() {
+            assert!(
+                waited < Duration::from_secs(10),
+                "the state never went back to the pool"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += Duration::from_millis(10);
+        }
         let idle = runtime.idle.lock().expect("pool");
         let state = idle.last().expect("the state went back to the pool");
         let garbage = state.lua.used_memory().saturating_sub(state.kept);
