@@ -59,8 +59,8 @@ pub(super) struct Meter {
     hit: AtomicU8,
     /// Stopped for good: a limit, the response limit, or `kvdb.exit`.
     stopped: AtomicBool,
-    /// A library call went on past the slice in `block_in_place` (see
-    /// [`Meter::left_worker`]).
+    /// A library call went on past the slice, or a write waited, in
+    /// `block_in_place` on the worker (see [`Meter::left_worker`]).
     left_worker: AtomicBool,
     /// See [`Meter::held_worker`].
     held: AtomicBool,
