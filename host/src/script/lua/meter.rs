@@ -22,7 +22,7 @@
 use std::cell::Cell;
 use std::ffi::{CStr, c_int};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mlua::ffi;
 
@@ -38,6 +38,19 @@ pub(super) const STOPPED: &str = "the script was stopped by a limit";
 
 /// No time set (`slice_end`).
 const NEVER: u64 = u64::MAX;
+
+/// The CPU time on its worker after which a run is taken to have run long
+/// rather than to have been preempted: well above a short script's whole
+/// run (10–30 µs), and below what a long one gets of its 200 µs slice on a
+/// loaded server (about half of it, with four busy threads on two cores).
+pub(super) const LONG_ON_WORKER: Duration = Duration::from_micros(60);
+
+/// How far past its slice by the wall clock a run that used less than
+/// [`LONG_ON_WORKER`] of CPU time stays on its worker: under load a short
+/// run is often past its slice for being preempted (moving it then costs a
+/// thread hand-off and frees nothing: its worker's thread is what waited);
+/// one blocked off the CPU (a read from disk) leaves after this.
+const PREEMPTED_ROOM: Duration = Duration::from_micros(800);
 
 /// What stopped a run: nothing, or which limit.
 const HIT_NONE: u8 = 0;
@@ -64,6 +77,10 @@ pub(super) struct Meter {
     left_worker: AtomicBool,
     /// See [`Meter::held_worker`].
     held: AtomicBool,
+    /// The thread CPU time (nanoseconds) at which the run's CPU time on its
+    /// worker would have been zero: set as each step starts (see
+    /// [`Meter::start_step`]).
+    cpu_base: AtomicU64,
     /// A write the run started waits for its commit (see
     /// [`await_write_function`]).
     write_waiting: AtomicBool,
@@ -88,6 +105,7 @@ impl Meter {
             stopped: AtomicBool::new(false),
             left_worker: AtomicBool::new(false),
             held: AtomicBool::new(false),
+            cpu_base: AtomicU64::new(0),
             write_waiting: AtomicBool::new(false),
         }
     }
@@ -118,9 +136,36 @@ impl Meter {
 
     /// Whether the run's slice on its async worker is over (never on a
     /// blocking thread): a library call that can't be suspended, as the
-    /// hook suspends Lua code, goes on in `block_in_place`.
+    /// hook suspends Lua code, goes on in `block_in_place`. Past its slice
+    /// by the wall clock, a run that used less than [`LONG_ON_WORKER`] of
+    /// CPU time there was preempted rather than long, and has
+    /// [`PREEMPTED_ROOM`] more (a Lua counter at 64 connections had two
+    /// runs in three moved to blocking threads for that, at every data
+    /// call's check; the CPU clock is read only past the slice).
     pub(super) fn slice_over(&self) -> bool {
-        self.elapsed() >= self.slice_end.load(Ordering::Relaxed)
+        let now = self.elapsed();
+        let end = self.slice_end.load(Ordering::Relaxed);
+        if now < end {
+            return false;
+        }
+        let room = u64::try_from(PREEMPTED_ROOM.as_nanos()).unwrap_or(0);
+        now >= end.saturating_add(room) || self.cpu_on_worker() >= LONG_ON_WORKER
+    }
+
+    /// A step of the run on its worker starts, after `used` of CPU time
+    /// there in its earlier steps.
+    pub(super) fn start_step(&self, used: Duration) {
+        let base = thread_cpu_time().saturating_sub(used);
+        self.cpu_base.store(
+            u64::try_from(base.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The CPU time the run used on its worker so far (its steps there).
+    pub(super) fn cpu_on_worker(&self) -> Duration {
+        let base = Duration::from_nanos(self.cpu_base.load(Ordering::Relaxed));
+        thread_cpu_time().saturating_sub(base)
     }
 
     /// A library call of this run went on past its slice in
@@ -236,6 +281,16 @@ impl Meter {
         }
         Next::Continue
     }
+}
+
+/// This thread's CPU time so far (a system call: the vDSO does not serve
+/// this clock).
+pub(super) fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 thread_local! {
@@ -422,5 +477,45 @@ unsafe extern "C-unwind" fn limits_hook(state: *mut ffi::lua_State, _: *mut ffi:
             ffi::lua_pushstring(state, message.as_ptr());
             ffi::lua_error(state);
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{LONG_ON_WORKER, Meter, PREEMPTED_ROOM};
+    use crate::script::Limits;
+
+    /// A run past its slice by the wall clock but with little CPU time on
+    /// its worker (preempted: here, asleep) keeps its worker, up to
+    /// [`PREEMPTED_ROOM`] past the slice; one that used its CPU time there
+    /// does not.
+    #[test]
+    fn a_preempted_run_keeps_its_slice_a_while() {
+        let meter = Meter::new();
+        meter.start(&Limits::default(), Some(Instant::now()));
+        meter.start_step(Duration::ZERO);
+        assert!(!meter.slice_over(), "a run that used no CPU time was moved");
+        std::thread::sleep(PREEMPTED_ROOM + Duration::from_millis(1));
+        assert!(meter.slice_over(), "a run far past its slice stayed");
+
+        let meter = Meter::new();
+        meter.start(&Limits::default(), Some(Instant::now()));
+        meter.start_step(Duration::ZERO);
+        let spin = Instant::now();
+        while meter.cpu_on_worker() < LONG_ON_WORKER {
+            assert!(spin.elapsed() < Duration::from_secs(10), "no CPU time");
+        }
+        assert!(meter.slice_over(), "a run that used its CPU time stayed");
+
+        // CPU time of earlier steps counts.
+        let meter = Meter::new();
+        meter.start(&Limits::default(), Some(Instant::now()));
+        meter.start_step(LONG_ON_WORKER);
+        assert!(
+            meter.slice_over(),
+            "earlier steps' CPU time was not counted"
+        );
     }
 }

@@ -78,12 +78,16 @@ const MAX_IDLE_STATES: usize = 64;
 /// [`LuaRuntime::give_back`]).
 const IDLE_GARBAGE_BYTES: usize = 1024 * 1024;
 
-/// The CPU time on the worker after which a run that leaves it is taken to
-/// have run long rather than to have been preempted: well above a short
-/// script's whole run (10–30 µs), and below what a long one gets of its
-/// 200 µs slice on a loaded server (about half of it, with four busy
-/// threads on two cores).
-const LONG_STEP: Duration = Duration::from_micros(60);
+/// The CPU time on its worker after which a run that leaves it marks its
+/// script slow. A run leaves once it has used [`meter::LONG_ON_WORKER`] at
+/// its next hook tick or library or data call; one that used far more
+/// did so in long single calls (`s:sub(2)` of an 8 MiB string, 200 of
+/// them before a hook tick), and its script's runs start on a blocking
+/// thread for a second (after a second such run within a second). A short script's run now and then takes far more
+/// than its usual 10–30 µs (Lua's collector finishing a cycle): marking at
+/// 60 µs, or 150, sent a Lua counter at 64 connections to blocking threads
+/// for most of every few seconds.
+const SLOW_RUN_CPU: Duration = Duration::from_millis(1);
 
 /// How a run's time on its async worker ended.
 enum Worker {
@@ -91,19 +95,9 @@ enum Worker {
     Ended(mlua::Result<()>),
     /// Past its slice (or before code Lua calls from C, see
     /// `meter::leave_worker_function`), the run goes on on a blocking
-    /// thread; `long`: it used at least [`LONG_STEP`] of CPU time on the
+    /// thread; `long`: it used at least [`SLOW_RUN_CPU`] of CPU time on the
     /// worker.
     Moved { long: bool },
-}
-
-/// This thread's CPU time so far (a system call: the vDSO does not serve
-/// this clock).
-fn thread_cpu_time() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-    Duration::new(
-        u64::try_from(t.tv_sec).unwrap_or(0),
-        u32::try_from(t.tv_nsec).unwrap_or(0),
-    )
 }
 
 /// The Lua runtime: a pool of sandboxed states.
@@ -113,6 +107,9 @@ pub struct LuaRuntime {
     /// before it goes back (see [`LuaRuntime::give_back`]).
     idle: Arc<Mutex<Vec<State>>>,
     slow: SlowScripts,
+    /// Scripts with one run in the last second that held its worker long
+    /// (see `SLOW_RUN_CPU`): a second marks them slow.
+    suspects: SlowScripts,
     /// Runs in flight, in all and per bucket: each holds a state (and may
     /// hold a blocking thread) until it ends.
     shares: RunShares,
@@ -349,6 +346,7 @@ impl LuaRuntime {
             limits,
             idle: Arc::new(Mutex::new(Vec::new())),
             slow: SlowScripts::default(),
+            suspects: SlowScripts::default(),
             shares: RunShares::new("Lua", limits.runs),
         }
     }
@@ -475,13 +473,17 @@ impl LuaRuntime {
                 (state, outcome)
             }
             Worker::Moved { long } => {
-                // Past its slice (or before code Lua calls from C). Under load a short run often is, for being
-                // preempted rather than for running long: its script is
-                // marked slow only if it used much of a slice of CPU time
-                // (marking every such run sent a Lua counter's runs at 64
-                // connections to blocking threads half of the time).
+                // Past its slice (or before code Lua calls from C): its
+                // script is marked slow only if it held the worker long in
+                // CPU time (see `SLOW_RUN_CPU`), twice within a second: one
+                // such run of a short script was seen every few seconds
+                // under load (Lua's collector, page faults).
                 if inline && long {
-                    self.slow.mark(script.digest);
+                    if self.suspects.contains(&script.digest) {
+                        self.slow.mark(script.digest);
+                    } else {
+                        self.suspects.mark(script.digest);
+                    }
                 }
                 let share = share.take();
                 let moved = tokio::task::spawn_blocking(move || {
@@ -673,18 +675,18 @@ impl State {
         // a long string), and a preempted run takes wall time but no CPU.
         let mut used = Duration::ZERO;
         loop {
-            let cpu = thread_cpu_time();
+            self.meter.start_step(used);
             if let Some(outcome) = self.step(thread, start.take()) {
                 return Worker::Ended(outcome);
             }
-            used += thread_cpu_time().saturating_sub(cpu);
+            used = self.meter.cpu_on_worker();
             let write = self
                 .lua
                 .app_data_ref::<RunCell>()
                 .and_then(|cell| cell.borrow_mut().write.take());
             let Some(write) = write else {
                 return Worker::Moved {
-                    long: used >= LONG_STEP,
+                    long: used >= SLOW_RUN_CPU,
                 };
             };
             let waiting = Instant::now();
@@ -1064,7 +1066,8 @@ kvdb.say(#t)"#,
     async fn a_run_that_used_its_slice_of_cpu_marks_its_script_slow() {
         let runtime = LuaRuntime::new(roomy_limits());
         for source in [
-            "for i = 1, 2000000 do end",
+            r#"local s = string.rep("x", 64 << 20)
+for i = 1, 3000 do end"#,
             r#"local s = string.rep("x", 8 << 20)
 for i = 1, 300 do local t = s:sub(2) end"#,
         ] {
