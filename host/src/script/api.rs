@@ -81,26 +81,14 @@ pub enum Write {
     Pending(PendingWrite),
 }
 
-impl Write {
-    fn start(
-        write: impl std::future::Future<Output = Result<(), CallError>> + Send + 'static,
-    ) -> Self {
-        let mut write: PendingWrite = Box::pin(write);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match write.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(done) => Self::Done(done),
-            std::task::Poll::Pending => Self::Pending(write),
-        }
-    }
-}
-
 /// The scoped bucket of one run, with the calls a script can make.
 pub struct Host {
     /// Shared with the writes a Lua run started ([`Write`]), which outlive
     /// the call that started them.
     scoped: std::sync::Arc<Scoped>,
     runtime: tokio::runtime::Handle,
-    /// A data call of this run had to wait on its thread (see [`Host::wait_write`]).
+    /// A data call of this run had to wait on its thread (see
+    /// [`Host::wait_write`]).
     waited: std::sync::atomic::AtomicBool,
     /// When the run's time is up: a call waiting for the store stops
     /// waiting then ([`Host::wait_write`]).
@@ -116,7 +104,8 @@ fn key(k: &str) -> Result<Key, CallError> {
 
 impl Host {
     /// `runtime` drives the store's async writes. The run itself may be on
-    /// one of its worker threads or on a blocking thread (see `Host::wait_write`).
+    /// one of its worker threads or on a blocking thread (see
+    /// `Host::wait_write`).
     pub fn new(scoped: Scoped, runtime: tokio::runtime::Handle) -> Self {
         Self {
             scoped: std::sync::Arc::new(scoped),
@@ -152,18 +141,6 @@ impl Host {
     /// value.
     pub fn max_value_bytes(&self) -> usize {
         self.scoped.bucket().max_value_bytes()
-    }
-
-    /// This run's host for a write that outlives the call that started it
-    /// (the same scope, deadline and runtime).
-    fn detached(&self) -> Self {
-        Self {
-            scoped: std::sync::Arc::clone(&self.scoped),
-            runtime: self.runtime.clone(),
-            waited: std::sync::atomic::AtomicBool::new(false),
-            deadline: self.deadline,
-            timed_out: std::sync::atomic::AtomicBool::new(false),
-        }
     }
 
     /// The error of a write whose run's time ran out while it waited for
@@ -231,7 +208,7 @@ impl Host {
     /// Sets `key`; `ttl` in seconds (0: never), else the bucket's default.
     /// For a caller that awaits the write's commit (a WebAssembly guest, on
     /// a fiber: the run is suspended meanwhile and its thread serves other
-    /// requests); a synchronous caller starts it with [`Host::start_set`].
+    /// requests); a synchronous caller starts it with [`Host::start_write`].
     /// The run's time limit is the caller's to enforce.
     ///
     /// # Errors
@@ -334,46 +311,27 @@ impl Host {
         .await
     }
 
-    /// [`Host::set_async`] for a synchronous caller (a Lua run): the write
-    /// done, or to wait for (see [`Write`]).
-    pub fn start_set(&self, k: String, value: Value, ttl: Option<u64>) -> Write {
-        let host = self.detached();
-        Write::start(async move { host.set_async(&k, value, ttl).await })
-    }
-
-    /// [`Host::delete_async`] for a synchronous caller (see
-    /// [`Host::start_set`]), whether the key was there left out.
-    pub fn start_delete(&self, k: String) -> Write {
-        let host = self.detached();
-        Write::start(async move { host.delete_async(&k).await.map(drop) })
-    }
-
-    /// [`Host::incr_async`] for a synchronous caller (see
-    /// [`Host::start_set`]), the new value left out.
-    pub fn start_incr(&self, k: String, n: Number) -> Write {
-        let host = self.detached();
-        Write::start(async move { host.incr_async(&k, n).await.map(drop) })
-    }
-
-    /// [`Host::merge_async`] for a synchronous caller (see
-    /// [`Host::start_set`]), the new value left out.
-    pub fn start_merge(&self, k: String, patch: serde_json::Value) -> Write {
-        let host = self.detached();
-        Write::start(async move { host.merge_async(&k, patch).await.map(drop) })
-    }
-
-    /// [`Host::patch_async`] for a synchronous caller (see
-    /// [`Host::start_set`]), the new value left out.
-    pub fn start_patch(&self, k: String, patch: serde_json::Value) -> Write {
-        let host = self.detached();
-        Write::start(async move { host.patch_async(&k, patch).await.map(drop) })
-    }
-
-    /// [`Host::append_async`] for a synchronous caller (see
-    /// [`Host::start_set`]), the new value left out.
-    pub fn start_append(&self, k: String, bytes: Vec<u8>) -> Write {
-        let host = self.detached();
-        Write::start(async move { host.append_async(&k, bytes).await.map(drop) })
+    /// Starts a write for a synchronous caller (a Lua run), one of the
+    /// `*_async` calls: `write` gets a copy of this host (the same scope,
+    /// deadline and runtime) for the write to keep, as it may outlive the
+    /// call that started it. Its first poll tells whether it is done, or to
+    /// wait for (see [`Write`]).
+    pub fn start_write<F>(&self, write: impl FnOnce(Host) -> F) -> Write
+    where
+        F: std::future::Future<Output = Result<(), CallError>> + Send + 'static,
+    {
+        let mut write: PendingWrite = Box::pin(write(Self {
+            scoped: std::sync::Arc::clone(&self.scoped),
+            runtime: self.runtime.clone(),
+            waited: std::sync::atomic::AtomicBool::new(false),
+            deadline: self.deadline,
+            timed_out: std::sync::atomic::AtomicBool::new(false),
+        }));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match write.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(done) => Write::Done(done),
+            std::task::Poll::Pending => Write::Pending(write),
+        }
     }
 
     /// Keys (and values) under `prefix`, in byte order; a page ends early

@@ -283,9 +283,9 @@ const MAX_SLOW_SCRIPTS: usize = 4096;
 
 /// Lua scripts (by the digest of their code) whose recent runs did not fit on
 /// an async worker: the hook found one past [`INLINE_SLICE`] where it could
-/// not suspend it, or two runs within a second held it 1 ms of CPU time, or one waited
-/// on the worker's thread (for a write where it could not be suspended, or
-/// in a library call past its slice). Their runs start on a blocking thread
+/// not suspend it, or two runs within a second held it 1 ms of CPU time, or
+/// one waited on the worker's thread (for a write where it could not be
+/// suspended, or in a library call past its slice). Their runs start on a blocking thread
 /// for a second (`SLOW_FOR`).
 #[derive(Default)]
 pub struct SlowScripts {

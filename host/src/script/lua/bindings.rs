@@ -11,7 +11,7 @@ use mlua::{Function, Lua, LuaSerdeExt, MultiValue, Table, Value, Variadic};
 
 use super::{Run, RunCell};
 use crate::bucket::{Number, OperandError, Permission, Permissions, Typing, Value as KvValue};
-use crate::script::api::{CallError, Host, ListOptions, Write, permissions};
+use crate::script::api::{CallError, Host, ListOptions, permissions};
 
 fn with_run<R>(lua: &Lua, f: impl FnOnce(&mut Run) -> mlua::Result<R>) -> mlua::Result<R> {
     let cell = lua
@@ -92,13 +92,17 @@ fn keyed<T>(
     }
 }
 
-/// A write's status for the script (see [`status_of`]) if it was done at
-/// once, else `true`: the sandbox's wrapper of the write then waits for it
-/// (`meter::await_write_function`) and takes its status from
+/// Starts the write `write` makes of the run's host (see
+/// [`Host::start_write`]): its status for the script (see [`status_of`]) if
+/// it was done at once, else `true`: the sandbox's wrapper of the write then
+/// waits for it (`meter::await_write_function`) and takes its status from
 /// [`finish_write_function`]'s function.
-fn write(lua: &Lua, start: impl FnOnce(&Host) -> Write) -> mlua::Result<Value> {
+fn write<F>(lua: &Lua, write: impl FnOnce(Host) -> F) -> mlua::Result<Value>
+where
+    F: std::future::Future<Output = Result<(), CallError>> + Send + 'static,
+{
     let done = with_run(lua, |run| {
-        let write = start(&run.host);
+        let write = run.host.start_write(write);
         Ok(run.start_write(write))
     })?;
     match done {
@@ -978,7 +982,9 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
                 Ok((key, from_lua(lua, value)?, ttl))
             }) {
                 // A stopped run raises here, as from every call.
-                Ok((key, v, ttl)) => write(lua, |host| host.start_set(key, v, ttl)),
+                Ok((key, v, ttl)) => write(lua, move |host| async move {
+                    host.set_async(&key, v, ttl).await
+                }),
                 Err(e) => status_of(lua, Err(e)),
             }
         })?,
@@ -986,7 +992,9 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "delete",
         lua.create_function(|lua, KeyArg(key): KeyArg| match key {
-            Ok(key) => write(lua, |host| host.start_delete(key)),
+            Ok(key) => write(lua, move |host| async move {
+                host.delete_async(&key).await.map(drop)
+            }),
             Err(e) => status_of(lua, Err(e)),
         })?,
     )?;
@@ -994,7 +1002,9 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
         "incr",
         lua.create_function(|lua, (KeyArg(key), n): (KeyArg, Option<Value>)| {
             match key.and_then(|key| Ok((key, number(n)?))) {
-                Ok((key, n)) => write(lua, |host| host.start_incr(key, n)),
+                Ok((key, n)) => write(lua, move |host| async move {
+                    host.incr_async(&key, n).await.map(drop)
+                }),
                 Err(e) => status_of(lua, Err(e)),
             }
         })?,
@@ -1003,7 +1013,9 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
         "merge",
         lua.create_function(|lua, (KeyArg(key), patch): (KeyArg, Value)| {
             match key.and_then(|key| Ok((key, json_arg(lua, patch)?))) {
-                Ok((key, p)) => write(lua, |host| host.start_merge(key, p)),
+                Ok((key, p)) => write(lua, move |host| async move {
+                    host.merge_async(&key, p).await.map(drop)
+                }),
                 Err(e) => status_of(lua, Err(e)),
             }
         })?,
@@ -1012,7 +1024,9 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
         "patch",
         lua.create_function(|lua, (KeyArg(key), patch): (KeyArg, Value)| {
             match key.and_then(|key| Ok((key, json_arg(lua, patch)?))) {
-                Ok((key, p)) => write(lua, |host| host.start_patch(key, p)),
+                Ok((key, p)) => write(lua, move |host| async move {
+                    host.patch_async(&key, p).await.map(drop)
+                }),
                 Err(e) => status_of(lua, Err(e)),
             }
         })?,
@@ -1036,7 +1050,9 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
                 }
             };
             match key {
-                Ok(key) => write(lua, |host| host.start_append(key, bytes)),
+                Ok(key) => write(lua, move |host| async move {
+                    host.append_async(&key, bytes).await.map(drop)
+                }),
                 Err(e) => status_of(lua, Err(e)),
             }
         })?,

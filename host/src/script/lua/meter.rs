@@ -204,7 +204,7 @@ impl Meter {
 
     /// The run waited `waited` for a write, suspended, on its worker: time
     /// that does not count against its slice there.
-    pub(super) fn extend_slice(&self, waited: std::time::Duration) {
+    pub(super) fn extend_slice(&self, waited: Duration) {
         let waited = u64::try_from(waited.as_nanos()).unwrap_or(NEVER);
         let _ = self
             .slice_end
@@ -285,7 +285,7 @@ impl Meter {
 
 /// This thread's CPU time so far (a system call: the vDSO does not serve
 /// this clock).
-pub(super) fn thread_cpu_time() -> Duration {
+fn thread_cpu_time() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     Duration::new(
         u64::try_from(t.tv_sec).unwrap_or(0),

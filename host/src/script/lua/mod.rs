@@ -13,7 +13,8 @@
 //! the request, inside a Lua thread (coroutine). If it is still running after
 //! [`INLINE_SLICE`] (and has used 60 µs of CPU time on the worker, or is
 //! 0.8 ms past it: a preempted run stays, see `Meter::slice_over`), the
-//! instruction hook suspends it and it goes on on a blocking thread. The hook can't suspend code Lua calls from C (a
+//! instruction hook suspends it and it goes on on a blocking thread. The
+//! hook can't suspend code Lua calls from C (a
 //! metamethod, a sort comparator, an `xpcall` handler), so a run leaves the
 //! worker before the library calls that may get there (see the sandbox's
 //! wrappers and `meter::leave_worker_function`); each data call looks at the
@@ -658,8 +659,9 @@ impl State {
     }
 
     /// Runs the run on this async worker until it ends or moves (its slice
-    /// over, it is suspended to go on on a blocking thread). A run suspended for a write of its own that waits for its
-    /// commit (see `meter::await_write_function`) is resumed once the write
+    /// over, it is suspended to go on on a blocking thread). A run
+    /// suspended for a write of its own that waits for its commit (see
+    /// `meter::await_write_function`) is resumed once the write
     /// is done, the worker serving other requests meanwhile: a Lua counter
     /// at 64 connections, its runs on blocking threads, answered a third of
     /// `PATCH +1`'s requests. The wait ends at `deadline` (the write's
@@ -909,6 +911,20 @@ mod tests {
         (script, load, host)
     }
 
+    /// The body of a run of `script` that ends well.
+    async fn answer(
+        runtime: &LuaRuntime,
+        script: &StoredScript,
+        load: crate::script::SourceLoader<'_>,
+        host: Host,
+    ) -> String {
+        let r = runtime
+            .run(script, load, host, Request::default())
+            .await
+            .expect("run");
+        String::from_utf8_lossy(&r.body).into_owned()
+    }
+
     /// A run whose caller stopped waiting (its future dropped once the run
     /// was on a blocking thread) keeps its bucket's place until it ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -956,12 +972,8 @@ kvdb.say(err or kvdb.get("n"), " ", kvdb.incr("t", 1))"#,
         )
         .await;
         for n in 1..=3 {
-            let r = runtime
-                .run(&script, &load, host(), Request::default())
-                .await
-                .expect("run");
             assert_eq!(
-                String::from_utf8_lossy(&r.body),
+                answer(&runtime, &script, &load, host()).await,
                 format!("{n} type mismatch: the current value is raw bytes, not a number\n")
             );
             let idle = runtime.idle.lock().expect("pool");
@@ -993,7 +1005,7 @@ local v = kvdb.get("big")
     /// data call is one VM instruction to the hook, and a loop of slow ones
     /// held the worker some 200 calls past the slice in every run. The run
     /// is past its slice after reading a 16 MiB value, and its next call
-    /// moves it to a blocking thread: its first poll does not finish it.
+    /// moves it to a blocking thread.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_run_past_its_slice_leaves_the_worker_at_its_next_data_call() {
         let runtime = LuaRuntime::new(roomy_limits());
@@ -1002,19 +1014,26 @@ local v = kvdb.get("big")
             &format!(r#"{READ_BIG}kvdb.say(#v, " ", tostring(kvdb.exists("big")))"#),
         )
         .await;
-        let r = runtime
-            .run(&script, &load, host(), Request::default())
-            .await
-            .expect("run");
-        assert_eq!(String::from_utf8_lossy(&r.body), "16777216 true\n");
-        let mut run = std::pin::pin!(runtime.run(&script, &load, host(), Request::default()));
-        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(run.as_mut().poll(cx))).await;
+        assert_eq!(
+            answer(&runtime, &script, &load, host()).await,
+            "16777216 true\n"
+        );
         assert!(
-            first.is_pending(),
+            !runtime.slow.contains(&script.digest),
+            "the next run would not start on the worker"
+        );
+        assert_eq!(
+            answer(&runtime, &script, &load, host()).await,
+            "16777216 true\n"
+        );
+        // A run that moved goes on with no slice (its state's meter keeps
+        // that until the next run starts); one that stayed keeps its slice.
+        let idle = runtime.idle.lock().expect("pool");
+        let state = idle.last().expect("the state went back to the pool");
+        assert!(
+            !state.meter.on_worker(),
             "the run went on on its worker past its slice"
         );
-        let r = run.await.expect("run");
-        assert_eq!(String::from_utf8_lossy(&r.body), "16777216 true\n");
     }
 
     /// A state goes back to the pool without its last run's garbage (an
@@ -1030,11 +1049,7 @@ for i = 1, 2000 do t[i] = string.rep("x", 4096) .. i end
 kvdb.say(#t)"#,
         )
         .await;
-        let r = runtime
-            .run(&script, &load, host(), Request::default())
-            .await
-            .expect("run");
-        assert_eq!(String::from_utf8_lossy(&r.body), "2000\n");
+        assert_eq!(answer(&runtime, &script, &load, host()).await, "2000\n");
         // Collected on a blocking thread, then pooled.
         let mut waited = Duration::ZERO;
         while runtime.idle.lock().expect("pool").is_empty() {
@@ -1075,10 +1090,7 @@ for i = 1, 300 do local t = s:sub(2) end"#,
         ] {
             let (script, load, host) = bucket_with_script(Durability::Relaxed, source).await;
             for run in 0..10 {
-                runtime
-                    .run(&script, &load, host(), Request::default())
-                    .await
-                    .expect("run");
+                answer(&runtime, &script, &load, host()).await;
                 let slow = runtime.slow.contains(&script.digest);
                 assert!(!(run == 0 && slow), "one long run marked: {source}");
                 if slow {
