@@ -650,7 +650,12 @@ cp -r "$TMP/logs" "$RESULTS/logs"
 cp "$TMP"/*.out "$TMP"/*.err "$TMP/webdis.log" "$RESULTS/logs/" 2>/dev/null || true
 sed "s|$TMP/logs/|$RESULTS/logs/|" "$TMP/runs.tsv" >"$RESULTS/logs/runs.tsv"
 
-NOTES+=("machine: $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)")
+# The CPU model, kernel and how long the machine has been up go with the
+# figures: WebAssembly hello took 23.1 µs of server CPU a request on a freshly
+# provisioned VM (13:49 on 2026-12-04) and 16.5 µs on one up for hours, while
+# a GET took 8.1 and 7.9 (bench/HISTORY.md).
+cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+NOTES+=("machine: $(nproc) cores (${cpu_model:-unknown CPU}), Linux $(uname -r), up $(awk '{printf "%.1f h", $1 / 3600}' /proc/uptime), load average at the end $(cut -d' ' -f1-3 /proc/loadavg)")
 NOTE_ARGS=()
 for note in "${NOTES[@]}"; do NOTE_ARGS+=(--note "$note"); done
 

@@ -48,10 +48,18 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
         Err(_) => tracing_subscriber::EnvFilter::new("info"),
         Ok(text) => match tracing_subscriber::EnvFilter::try_new(&text) {
             Ok(filter) => {
-                for word in text.split(',').map(str::trim).filter(|d| is_bare_module(d)) {
-                    eprintln!(
-                        "note: KVDB_LOG names {word:?}, which is read as a module's name (every event of that module, nothing else); a level is one of {LEVELS} (e.g. KVDB_LOG=debug, or KVDB_LOG=info,{word}=debug)"
-                    );
+                for word in text.split(',').map(str::trim) {
+                    match bare_word(word) {
+                        BareWord::Fine => {}
+                        BareWord::Module => eprintln!(
+                            "note: KVDB_LOG names {word:?}, which is read as a module's name (every event of that module, nothing else); a level is one of {LEVELS} (e.g. KVDB_LOG=debug, or KVDB_LOG=info,{word}=debug)"
+                        ),
+                        BareWord::NotOurs => eprintln!(
+                            "note: KVDB_LOG names {:?}, which is no module of kvdb, so nothing is logged for it; kvdb's modules are {}",
+                            word.split_once('=').map_or(word, |(target, _)| target),
+                            OUR_MODULES.map(|m| format!("kvdb::{m}")).join(", ")
+                        ),
+                    }
                 }
                 filter
             }
@@ -65,16 +73,54 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
     }
 }
 
-/// Whether a directive of a log filter is a bare word that is not a level
-/// (nor a level's number) nor our own crate: what a user who meant a level
-/// wrote.
-fn is_bare_module(directive: &str) -> bool {
-    !directive.is_empty()
-        && !directive.starts_with("kvdb")
-        && !directive.contains(['=', '[', ':'])
-        && directive
+/// The top-level modules of the `kvdb` crate: the targets of its log
+/// events start with `kvdb::` and one of these.
+const OUR_MODULES: [&str; 6] = ["auth", "bucket", "config", "http", "script", "storage"];
+
+/// What a directive of a log filter is, for a note at start.
+enum BareWord {
+    /// A level, a directive with one for another crate (`hyper=debug`), a
+    /// span filter, or our crate or one of its modules.
+    Fine,
+    /// A bare word that is no level: what a user who meant a level wrote
+    /// (`verbose`); the filter reads it as a module's name.
+    Module,
+    /// `kvdb` followed by something that is none of its modules, bare or
+    /// with a level (a typo: `kvdb::scrpt=debug`, `kvdbx`): nothing would
+    /// be logged for it (found by a reviewer following the README).
+    NotOurs,
+}
+
+fn bare_word(directive: &str) -> BareWord {
+    if directive.is_empty() || directive.contains('[') {
+        return BareWord::Fine;
+    }
+    let (target, level) = match directive.split_once('=') {
+        Some((target, level)) => (target, Some(level)),
+        None => (directive, None),
+    };
+    if level.is_none()
+        && target
             .parse::<tracing_subscriber::filter::LevelFilter>()
-            .is_err()
+            .is_ok()
+    {
+        return BareWord::Fine;
+    }
+    let Some(rest) = target.strip_prefix("kvdb") else {
+        return if level.is_none() {
+            BareWord::Module
+        } else {
+            BareWord::Fine
+        };
+    };
+    let top = rest
+        .strip_prefix("::")
+        .map(|path| path.split("::").next().unwrap_or(path));
+    match top {
+        _ if rest.is_empty() => BareWord::Fine,
+        Some(module) if OUR_MODULES.contains(&module) => BareWord::Fine,
+        _ => BareWord::NotOurs,
+    }
 }
 
 /// The data directory's folder of compiled WebAssembly (a cache: deleting

@@ -242,7 +242,7 @@ fn read_key_cannot_write_or_delete() {
     // What would be allowed, as the 401s say what to send.
     assert!(
         detail.contains(
-            "which grants read on every key; the secret key, or an access token that grants it, may"
+            "which grants read on every key; the write or secret key, or an access token that grants it, may"
         ),
         "{detail}"
     );
@@ -342,7 +342,11 @@ fn listing_needs_the_secret_key_when_one_is_set() {
     let list = format!("/{b}/");
     assert_unauthorized(&anon(&s, "GET", &list, None));
     as_(&s, "GET", &list, "rk", None).assert_problem(403);
-    as_(&s, "GET", &list, "wk", None).assert_problem(403);
+    let detail = as_(&s, "GET", &list, "wk", None).assert_problem(403);
+    assert!(
+        detail.contains("; the secret key, or an access token that grants it, may"),
+        "{detail}"
+    );
     let r = as_(&s, "GET", &list, "sk", None);
     assert_eq!((r.status, r.text().trim()), (200, "k"));
 
@@ -586,7 +590,12 @@ fn write_only_token_cannot_read() {
         as_(&s, "PUT", &format!("/{b}/w"), &t, Some("1")).status,
         204
     );
-    as_(&s, "GET", &format!("/{b}/w"), &t, None).assert_problem(403);
+    let detail = as_(&s, "GET", &format!("/{b}/w"), &t, None).assert_problem(403);
+    // Each key would do (the 403 names those that grant what was refused).
+    assert!(
+        detail.contains("; the read, write or secret key, or an access token that grants it, may"),
+        "{detail}"
+    );
     as_(&s, "GET", &format!("/{b}/k"), &t, None).assert_problem(403);
     // Nor delete: delete is its own permission.
     as_(&s, "DELETE", &format!("/{b}/w"), &t, None).assert_problem(403);

@@ -234,6 +234,22 @@ fn keys_named_scripts_and_tokens_are_ordinary_keys() {
     assert_eq!(s.delete(&format!("/{b}/scripts")).status, 204);
     assert_eq!(s.delete(&format!("/{b}/tokens")).status, 204);
     assert_unchanged(&s, &b);
+    // Missing, their 404 says where the route with the slash is.
+    let detail = s.get(&format!("/{b}/scripts")).assert_problem(404);
+    assert!(
+        detail.contains("there is no key \"scripts\" in this bucket (scripts are listed at /BUCKET/scripts/, with the slash)"),
+        "{detail}"
+    );
+    let detail = s.get(&format!("/{b}/tokens")).assert_problem(404);
+    assert!(
+        detail.contains("(tokens are issued by POST /BUCKET/tokens/, with the slash)"),
+        "{detail}"
+    );
+    let detail = s.get(&format!("/{b}/other")).assert_problem(404);
+    assert!(
+        detail.ends_with("there is no key \"other\" in this bucket"),
+        "{detail}"
+    );
 }
 
 #[test]

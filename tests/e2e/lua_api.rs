@@ -432,6 +432,44 @@ fn upload_with_a_syntax_error_is_400_naming_the_line() {
     assert!(detail.contains("unclosed:"), "{detail}");
 }
 
+/// `curl -d @file` sends a file as a form without its line breaks; a `--`
+/// comment then runs to the end of the script, which uploaded without an
+/// error and answered nothing (found by a reviewer following the README
+/// with `-d`: the visitors example's first line ends in a comment).
+#[test]
+fn a_script_whose_line_breaks_curl_dropped_is_400_saying_how_to_upload_it() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    let file = "kvdb.incr('visits') -- count\nkvdb.say(kvdb.get('visits'))\n";
+    let dropped = file.replace('\n', "");
+    let form = |source: &str| {
+        s.request(
+            "PUT",
+            &format!("/{b}/scripts/visits"),
+            &[
+                ("authorization", "Bearer sk"),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            Some(source.as_bytes()),
+        )
+    };
+    let detail = assert_problem_type(&form(&dropped), 400, "script-invalid");
+    assert!(
+        detail.contains("without line breaks, and has a `--` comment")
+            && detail.contains("`curl -T file.lua …` or `--data-binary @file.lua`"),
+        "{detail}"
+    );
+    assert_problem_type(&run(&s, &b, "visits"), 404, "script-not-found");
+    // The same bytes as text (not a form), the file with its line breaks
+    // as a form, and a one-line script with no comment (`curl -d 'CODE'`)
+    // upload.
+    assert_eq!(upload(&s, &b, "visits", dropped.as_bytes()).status, 200);
+    assert_eq!(form(file).status, 200);
+    assert_body(&run(&s, &b, "visits"), "1\n");
+    assert_eq!(form("kvdb.say('hi')").status, 200);
+    assert_body(&run(&s, &b, "visits"), "hi\n");
+}
+
 #[test]
 fn upload_of_an_empty_script_is_400() {
     let s = TestServer::start();

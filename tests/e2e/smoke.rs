@@ -193,9 +193,9 @@ fn limits_out_of_range_are_refused_at_start() {
 /// What an operator gets wrong is said plainly: a data directory that is a
 /// file (the system's error, twice), a backup `--server` without a scheme
 /// (blamed on the connection), a `KVDB_LOG` that is no filter (silently
-/// replaced) or a word that is no level (read as a module's name, so
-/// nothing was logged); a wrong operator token is logged, without the
-/// token.
+/// replaced), a word that is no level (read as a module's name, so
+/// nothing was logged) or a misspelt module of kvdb; a wrong operator token
+/// is logged, without the token.
 #[test]
 fn operator_mistakes_are_named() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -226,7 +226,22 @@ fn operator_mistakes_are_named() {
         stderr.contains("KVDB_LOG=\"[[[bad\" is not a log filter"),
         "{stderr}"
     );
-    for (filter, noted) in [("verbose", true), ("info,Debug,hyper=debug,kvdb", false)] {
+    // A typo of one of kvdb's modules would log nothing of it.
+    let not_ours = |name: &str| {
+        format!(
+            "note: KVDB_LOG names \"{name}\", which is no module of kvdb, so nothing is logged for it; kvdb's modules are kvdb::auth, "
+        )
+    };
+    for (filter, note) in [
+        (
+            "verbose",
+            Some("note: KVDB_LOG names \"verbose\", which is read as a module's name".to_owned()),
+        ),
+        ("info,Debug,hyper=debug,kvdb", None),
+        ("info,kvdb::script::wasm=debug,kvdb::http", None),
+        ("kvdbx", Some(not_ours("kvdbx"))),
+        ("info,kvdb::scrpt=debug", Some(not_ours("kvdb::scrpt"))),
+    ] {
         let mut command = crate::harness::kvdb_command();
         command
             .env("KVDB_LOG", filter)
@@ -234,15 +249,10 @@ fn operator_mistakes_are_named() {
             .args(["backup", "--server", "127.0.0.1:1", "--admin-token", "t"]);
         let out = exited(command);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            stderr.contains("note: KVDB_LOG names \"verbose\", which is read as a module's name"),
-            noted,
-            "{filter}: {stderr}"
-        );
-        assert!(
-            noted || !stderr.contains("note: KVDB_LOG"),
-            "{filter}: {stderr}"
-        );
+        match note {
+            Some(note) => assert!(stderr.contains(&note), "{filter}: {stderr}"),
+            None => assert!(!stderr.contains("note: KVDB_LOG"), "{filter}: {stderr}"),
+        }
     }
     let log = TestServer::log_while(&["--admin-token", "optoken"], |s| {
         let r = s.request(

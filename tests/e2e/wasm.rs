@@ -284,6 +284,22 @@ fn a_binary_uploaded_as_lua_is_400_saying_how_to_upload_a_component() {
             && detail.contains("use `--data-binary @file` or `-T file`"),
         "{detail}"
     );
+    // The same bytes declared a component (`curl -d @file -H 'Content-Type:
+    // application/wasm'`, as the README's upload lines set the type): the
+    // same advice after wasmtime's message (a reviewer following the README
+    // got only "this is not WebAssembly").
+    let detail = upload_bytes(&s, &b, "w", &stripped, Some("application/wasm")).assert_problem(400);
+    assert!(detail.contains("this is not WebAssembly"), "{detail}");
+    assert!(
+        detail
+            .contains("looks like a WebAssembly component whose NUL, CR and LF bytes were dropped")
+            && detail.contains("use `--data-binary @file` or `-T file`"),
+        "{detail}"
+    );
+    // Other bytes declared a component: wasmtime's message alone.
+    let detail =
+        upload_bytes(&s, &b, "x", b"nothing", Some("application/wasm")).assert_problem(400);
+    assert!(!detail.contains("dropped"), "{detail}");
     // Binary garbage (or a component cut at its first NUL, as older curls
     // send it): not UTF-8.
     let garbage = [0xe0, 0x80, 0xff, 0xfe, 0x01, 0x02];

@@ -64,6 +64,17 @@ pub fn whole_number(text: &str) -> Option<u64> {
 /// [`Scoped::list`]).
 pub const LIST_VALUE_BYTES: usize = 32 * 1024 * 1024;
 
+/// For a missing key named as a route without its slash (`GET
+/// /BUCKET/scripts`): where the route is (found by a reviewer following the
+/// README: the key `scripts` or `tokens` is an ordinary key, API.md).
+fn route_hint(key: &str) -> &'static str {
+    match key {
+        "scripts" => " (scripts are listed at /BUCKET/scripts/, with the slash)",
+        "tokens" => " (tokens are issued by POST /BUCKET/tokens/, with the slash)",
+        _ => "",
+    }
+}
+
 /// What a bucket operation can fail with; mapped to HTTP once, in `http::error`.
 #[derive(Debug, thiserror::Error)]
 pub enum BucketError {
@@ -71,7 +82,7 @@ pub enum BucketError {
         "there is no bucket with this id: check it against what `POST /` answered (22 characters); a deleted bucket is gone for good"
     )]
     NotFound,
-    #[error("there is no key {0:?} in this bucket")]
+    #[error("there is no key {0:?} in this bucket{hint}", hint = route_hint(.0))]
     KeyNotFound(String),
     #[error(
         "there is no script {0:?} in this bucket: a script is uploaded with PUT and the secret key (`curl -u SECRET: -T FILE` to this URL), and `GET /BUCKET/scripts/` lists them"
@@ -694,14 +705,22 @@ impl Scoped {
         &self.bucket.buckets.store
     }
 
-    fn refuse(&self, what: String) -> BucketError {
+    /// A refusal of `what`, which needs `needs` (the strongest permission
+    /// it needs): a 401 without credentials, else a 403 that says which
+    /// keys would do.
+    fn refuse(&self, what: String, needs: Permission) -> BucketError {
         match self.scope.principal {
             Principal::Anonymous => BucketError::Unauthorized(format!(
                 "{what} needs a key or an access token for this bucket"
             )),
             Principal::Credential => BucketError::Forbidden(format!(
-                "{what} is not allowed with this credential, which grants {}; the secret key, or an access token that grants it, may",
-                self.scope.describe()
+                "{what} is not allowed with this credential, which grants {}; {}, or an access token that grants it, may",
+                self.scope.describe(),
+                match needs {
+                    Permission::Read => "the read, write or secret key",
+                    Permission::Write | Permission::Delete => "the write or secret key",
+                    Permission::Enumerate => "the secret key",
+                }
             )),
             Principal::Script => BucketError::Forbidden(format!(
                 "{what} is not allowed in the scope the script set, which grants {}",
@@ -714,7 +733,7 @@ impl Scoped {
         if self.scope.allows(p, key) {
             Ok(())
         } else {
-            Err(self.refuse(format!("{} on key {key:?}", p.name())))
+            Err(self.refuse(format!("{} on key {key:?}", p.name()), p))
         }
     }
 
@@ -955,7 +974,7 @@ impl Scoped {
             return Err(self.refuse(format!(
                 "a JSON patch of key {:?} reads the value (a test, copy, move or remove succeeds or fails on what it holds), so it needs read as well as write (a merge patch needs write only); it",
                 key.as_str()
-            )));
+            ), Permission::Read));
         }
         let id = self.bucket.id;
         let etag_key = self.bucket.etag_key;
@@ -1169,15 +1188,16 @@ impl Scoped {
     /// values are asked for), or a storage failure.
     pub fn list(&self, query: &ListQuery) -> Result<Listing, BucketError> {
         let Some(prefix) = self.scope.listing_prefix(&query.prefix) else {
-            return Err(self.refuse(format!(
-                "enumerate (listing keys) under prefix {:?}",
-                query.prefix
-            )));
+            return Err(self.refuse(
+                format!("enumerate (listing keys) under prefix {:?}", query.prefix),
+                Permission::Enumerate,
+            ));
         };
         if query.values && !self.scope.allows(Permission::Read, &prefix) {
-            return Err(self.refuse(format!(
-                "values=true (read on the keys under prefix {prefix:?})"
-            )));
+            return Err(self.refuse(
+                format!("values=true (read on the keys under prefix {prefix:?})"),
+                Permission::Read,
+            ));
         }
         self.ensure_exists()?;
         let base = data_prefix(&self.bucket.id);
@@ -1344,11 +1364,19 @@ impl Scoped {
     ) -> Result<(String, u64), BucketError> {
         check_token_request(grant, ttl_s)?;
         if !self.scope.covers(grant) {
-            return Err(self.refuse(format!(
-                "issuing a token for {:?} on prefix {:?}",
-                grant.permissions.names(),
-                grant.prefix
-            )));
+            // The strongest permission asked for says which keys would do.
+            let needs = [Permission::Enumerate, Permission::Write, Permission::Delete]
+                .into_iter()
+                .find(|&p| grant.permissions.has(p))
+                .unwrap_or(Permission::Read);
+            return Err(self.refuse(
+                format!(
+                    "issuing a token for {:?} on prefix {:?}",
+                    grant.permissions.names(),
+                    grant.prefix
+                ),
+                needs,
+            ));
         }
         self.sign_token(grant, ttl_s, self.scope.expires_at)
     }

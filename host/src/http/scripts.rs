@@ -97,6 +97,9 @@ pub async fn put_script(
     } else {
         ScriptKind::Lua
     };
+    if kind == ScriptKind::Lua {
+        lines_dropped(&headers, &source)?;
+    }
     // Read up to the larger limit when the kind was not declared: each
     // kind is held to its own (a component sent without `application/wasm`
     // passed its limit up to the Lua one).
@@ -124,7 +127,11 @@ pub async fn put_script(
             .lua
             .validate(&shown, &checked)
             .map_err(|e| not_lua(e, &checked)),
-        ScriptKind::Wasm => runtimes.wasm.compile_cached(&checked).map(drop),
+        ScriptKind::Wasm => runtimes
+            .wasm
+            .compile_cached(&checked)
+            .map(drop)
+            .map_err(|e| not_a_component(e, &checked)),
     })
     .await
     .map_err(|e| ApiError::Internal(format!("validation task: {e}")))??;
@@ -140,6 +147,60 @@ const SEND_A_COMPONENT: &str = "send it unaltered, with Content-Type: applicatio
      (`curl -T file.wasm -H 'Content-Type: application/wasm' …`; `-d @file` drops a binary's \
      NUL, CR and LF bytes: use `--data-binary @file` or `-T file`)";
 
+/// A component's first bytes (`\0asm\r\0\x01\0`) once `curl -d @file`
+/// dropped its NUL, CR and LF bytes (curl 8.7 and later; earlier ones cut
+/// each line at its first NUL instead, which leaves no UTF-8).
+const MANGLED_COMPONENT: &[u8] = b"asm\x01";
+
+/// What to do about a body sent with `Content-Type: application/wasm` that
+/// is no WebAssembly because `curl -d @file` dropped bytes of it (wasmtime's
+/// message says only that it is not WebAssembly).
+fn not_a_component(e: crate::script::ScriptError, body: &[u8]) -> crate::script::ScriptError {
+    use crate::script::ScriptError;
+    match e {
+        ScriptError::Invalid(message) if body.starts_with(MANGLED_COMPONENT) => {
+            ScriptError::Invalid(format!(
+                "{message}. It looks like a WebAssembly component whose NUL, CR and LF bytes \
+                 were dropped on the way, as `curl -d @file` does: {SEND_A_COMPONENT}."
+            ))
+        }
+        other => other,
+    }
+}
+
+/// Refuses a Lua upload that came as `curl -d @file` sends a file: with the
+/// form type and its line breaks dropped. Lua needs no line breaks between
+/// statements, but a `--` comment then runs to the end of the script, which
+/// would upload without an error and do nothing (found by a reviewer
+/// following the README with `-d`; the visitors example's first line ends
+/// in a comment). A one-line script sent with `curl -d 'CODE'` and no
+/// comment still uploads.
+fn lines_dropped(headers: &HeaderMap, source: &[u8]) -> Result<(), ApiError> {
+    let form = content_essence(headers).as_deref() == Some("application/x-www-form-urlencoded");
+    // A component or other bytes that are no text get `not_lua`'s advice.
+    let text = !source.starts_with(MANGLED_COMPONENT) && std::str::from_utf8(source).is_ok();
+    if form
+        && text
+        && !source.contains(&b'\n')
+        && !source.contains(&b'\r')
+        && contains(source, b"--")
+    {
+        return Err(crate::script::ScriptError::Invalid(
+            "this script came with the form type (`curl -d`) and without line breaks, and has a \
+             `--` comment, which would run to the end of the script: `curl -d @file` drops a \
+             file's line breaks. Upload the file unaltered: `curl -T file.lua …` or \
+             `--data-binary @file.lua`"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// A Lua upload that does not compile, with what to do when the body is no
 /// Lua at all: Lua's own message about it (`x:1: unexpected symbol near
 /// '<\224>'`) says neither (found by a reviewer writing guests). The kind is
@@ -150,10 +211,7 @@ fn not_lua(e: crate::script::ScriptError, body: &[u8]) -> crate::script::ScriptE
     let ScriptError::Invalid(message) = e else {
         return e;
     };
-    // A component's first bytes (`\0asm\r\0\x01\0`) once `curl -d @file`
-    // dropped its NUL, CR and LF bytes (curl 8.7 and later; earlier ones cut
-    // each line at its first NUL instead, which leaves no UTF-8).
-    let hint = if body.starts_with(b"asm\x01") {
+    let hint = if body.starts_with(MANGLED_COMPONENT) {
         format!(
             "This looks like a WebAssembly component whose NUL, CR and LF bytes were dropped \
              on the way, as `curl -d @file` does: {SEND_A_COMPONENT}."
