@@ -1081,4 +1081,54 @@ fn malformed_conditional_headers_are_400_and_change_nothing() {
     // On a read, a malformed If-None-Match is ignored: the value is answered.
     let r = s.request("GET", &path, &[("if-none-match", "garbage")], None);
     assert_eq!((r.status, r.text().as_str()), (200, "v3"));
+    // A malformed If-Match is a 400 on a read as on a write.
+    let detail = s
+        .request("GET", &path, &[("if-match", "garbage")], None)
+        .assert_problem(400);
+    assert!(detail.contains("takes ETags in quotes"), "{detail}");
+}
+
+/// RFC 9110: a read whose If-Match fails is a 412, not the value (found by
+/// a review: the value was answered); If-Match is judged before
+/// If-None-Match; a missing key stays a 404.
+#[test]
+fn a_read_whose_if_match_fails_is_412() {
+    let s = TestServer::start();
+    let b = s.create_bucket("");
+    let path = format!("/{b}/k");
+    let old = s.put(&path, "v1").header("etag").expect("etag");
+    let etag = s.put(&path, "v2").header("etag").expect("etag");
+    for method in ["GET", "HEAD"] {
+        let r = s.request(method, &path, &[("if-match", old.as_str())], None);
+        assert_eq!(r.status, 412, "{method}: {}", r.text());
+        let weak = format!("W/{etag}");
+        let r = s.request(method, &path, &[("if-match", weak.as_str())], None);
+        assert_eq!(r.status, 412, "{method}: {}", r.text());
+        for tag in [etag.as_str(), "*"] {
+            let r = s.request(method, &path, &[("if-match", tag)], None);
+            assert_eq!(r.status, 200, "{method} {tag}: {}", r.text());
+        }
+    }
+    let detail = s
+        .request("GET", &path, &[("if-match", old.as_str())], None)
+        .assert_problem(412);
+    assert!(
+        detail.contains("the value has changed since that ETag"),
+        "{detail}"
+    );
+    let r = s.request("GET", &path, &[("if-match", etag.as_str())], None);
+    assert_eq!((r.status, r.text().as_str()), (200, "v2"));
+    // Both: If-Match decides first; a matching one leaves If-None-Match's 304.
+    let both = |m: &str| {
+        s.request(
+            "GET",
+            &path,
+            &[("if-match", m), ("if-none-match", etag.as_str())],
+            None,
+        )
+        .status
+    };
+    assert_eq!((both(old.as_str()), both(etag.as_str())), (412, 304));
+    let r = s.request("GET", &format!("/{b}/none"), &[("if-match", "*")], None);
+    assert_eq!(r.status, 404);
 }

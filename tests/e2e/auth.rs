@@ -1200,6 +1200,29 @@ fn bad_token_requests_are_400() {
         assert_eq!(r.status, 400, "{body}: {}", r.text());
         r.assert_problem(400);
     }
+    // A field of the wrong type says what it takes (it said only "has the
+    // wrong type"; found by a review).
+    for (body, says) in [
+        (r#"{"prefix":null}"#, "prefix must be a string"),
+        (r#"{"prefix":5}"#, "not 5"),
+        (
+            r#"{"permissions":{"read":true}}"#,
+            "permissions must be names separated by commas (\"read,write\") or a list of them",
+        ),
+    ] {
+        let detail = s
+            .request(
+                "POST",
+                &format!("/{b}/tokens/"),
+                &[
+                    ("authorization", "Bearer sk"),
+                    ("content-type", "application/json"),
+                ],
+                Some(body.as_bytes()),
+            )
+            .assert_problem(400);
+        assert!(detail.contains(says), "{body}: {detail}");
+    }
 }
 
 #[test]

@@ -233,6 +233,28 @@ fn patch_cannot_unset_the_secret_key() {
     assert_eq!(policy(&s, &b, "sk")["secret_key"], "sk");
 }
 
+/// Found by a review: `read_key=a%0Ab` was taken, a key that only `?key=`
+/// could present (`Authorization: Bearer` can't carry a line break).
+#[test]
+fn keys_a_header_cannot_carry_are_400_and_change_nothing() {
+    let s = TestServer::start();
+    let b = s.create_bucket("secret_key=sk");
+    for form in ["read_key=a%0Ab", "write_key=%00", "secret_key=sk2%20"] {
+        let detail = patch_policy(&s, &b, "sk", form).assert_problem(400);
+        assert!(
+            detail.contains("has a control character or starts or ends with white space"),
+            "{detail}"
+        );
+    }
+    let p = policy(&s, &b, "sk");
+    assert_eq!(
+        (&p["secret_key"], &p["read_key"], &p["write_key"]),
+        (&json!("sk"), &json!(null), &json!(null))
+    );
+    let r = s.request("POST", "/", &[FORM], Some(b"secret_key=%09sk"));
+    r.assert_problem(400);
+}
+
 #[test]
 fn patch_can_change_the_secret_key() {
     let s = TestServer::start();

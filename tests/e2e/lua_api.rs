@@ -855,6 +855,74 @@ kvdb.status(200)"#,
     }
 }
 
+/// A refused argument of a response call names the call, what it takes
+/// and the script's line (found by a review: `kvdb.status("abc")` said only
+/// "bad argument #1: error converting Lua string to u16").
+#[test]
+fn a_bad_argument_to_a_response_call_names_the_call_and_the_line() {
+    let s = TestServer::start();
+    let b = script_bucket(&s, "");
+    for (source, says) in [
+        (
+            "kvdb.say('x')\nkvdb.status('abc')",
+            ":2: kvdb.status takes an HTTP status, a whole number from 200 to 599, not \"abc\"",
+        ),
+        (
+            "kvdb.status(200.5)",
+            ":1: kvdb.status takes an HTTP status, a whole number from 200 to 599, not 200.5",
+        ),
+        (
+            "kvdb.status(99)",
+            ":1: kvdb.status: invalid HTTP status 99: a script answers 200 to 599",
+        ),
+        (
+            "local t = {}\n\nkvdb.exit(t)",
+            ":3: kvdb.exit takes an HTTP status, a whole number from 200 to 599, not a table",
+        ),
+        (
+            "kvdb.exit(-1)",
+            "kvdb.exit takes an HTTP status, a whole number from 200 to 599, not -1",
+        ),
+        (
+            "kvdb.redirect('/a', 'abc')",
+            "kvdb.redirect takes a redirect status: 301, 302 (the default), 303, 307 or 308, not \"abc\"",
+        ),
+        (
+            "kvdb.redirect('/a', 200)",
+            "kvdb.redirect takes a redirect status: 301, 302 (the default), 303, 307 or 308, not 200",
+        ),
+        (
+            "kvdb.redirect(nil)",
+            "kvdb.redirect takes a URL, a string, not nil",
+        ),
+        (
+            "local function f() kvdb.header(nil, 'x') end\nf()",
+            ":1: kvdb.header takes a header's name and value, both strings, not nil",
+        ),
+        (
+            "kvdb.header('x', {})",
+            "kvdb.header takes a header's name and value, both strings, not a table",
+        ),
+        ("kvdb.header('bad name', 'v')", "kvdb.header: "),
+    ] {
+        let detail = assert_problem_type(&eval(&s, &b, source), 500, "script-error");
+        assert!(detail.contains(says), "{source}: {detail}");
+    }
+    // What Lua would coerce still goes: a string of digits, a whole float,
+    // a number as a header value.
+    let r = eval(
+        &s,
+        &b,
+        "kvdb.header('x-n', 5) kvdb.status('404') kvdb.say('gone')",
+    );
+    assert_eq!((r.status, r.header("x-n").as_deref()), (404, Some("5")));
+    assert_eq!(eval(&s, &b, "kvdb.exit(201.0)").status, 201);
+    let name = fresh_name();
+    install(&s, &b, &name, "kvdb.redirect('/x', '307')");
+    let (status, _, _) = raw(&s, "GET", &format!("/{b}/scripts/{name}"));
+    assert_eq!(status, 307);
+}
+
 #[test]
 fn script_pages_are_sandboxed_in_a_unique_origin_which_the_script_cannot_lift() {
     // Anyone can own a bucket and upload scripts: a script's page must not

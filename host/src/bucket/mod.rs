@@ -697,6 +697,15 @@ impl Scoped {
         self.bucket.etag_key.etag(version)
     }
 
+    /// A read's `If-Match: tags` against the value it found (RFC 9110: a
+    /// `GET` whose `If-Match` fails is a 412 too, not the value).
+    ///
+    /// # Errors
+    /// [`BucketError::PreconditionFailed`], as for a write.
+    pub fn check_if_match(&self, tags: &[String], stored: &Stored) -> Result<(), BucketError> {
+        if_match(tags, Some(stored), self.bucket.etag_key)
+    }
+
     pub fn bucket(&self) -> &Bucket {
         &self.bucket
     }

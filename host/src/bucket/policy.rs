@@ -61,6 +61,10 @@ pub enum PolicyError {
     #[error("{0} is longer than 1024 bytes")]
     TooLong(&'static str),
     #[error(
+        "{0} has a control character or starts or ends with white space: a key is sent in a header (`Authorization: Bearer KEY`), where it could not be given whole; use printable characters (e.g. `openssl rand -hex 16`)"
+    )]
+    Unsendable(&'static str),
+    #[error(
         "signing_key has {0} characters: it signs access tokens, and one that short can be guessed from any token it signed; give at least {MIN_SIGNING_KEY} random characters (e.g. `openssl rand -hex 16`), or leave it out to have one made"
     )]
     WeakSigningKey(usize),
@@ -90,7 +94,7 @@ impl PolicyChange {
         for (name, value) in fields {
             match name.as_str() {
                 "secret_key" => {
-                    change.secret_key = Some(text(&value, "secret_key")?.unwrap_or_default())
+                    change.secret_key = Some(key_text(&value, "secret_key")?.unwrap_or_default())
                 }
                 "signing_key" => {
                     let key = text(&value, "signing_key")?.unwrap_or_default();
@@ -102,8 +106,8 @@ impl PolicyChange {
                     }
                     change.signing_key = Some(key);
                 }
-                "read_key" => change.read_key = Some(text(&value, "read_key")?),
-                "write_key" => change.write_key = Some(text(&value, "write_key")?),
+                "read_key" => change.read_key = Some(key_text(&value, "read_key")?),
+                "write_key" => change.write_key = Some(key_text(&value, "write_key")?),
                 "email" => change.email = Some(text(&value, "email")?),
                 "default_ttl" => change.default_ttl = Some(ttl(&value)?),
                 _ => return Err(PolicyError::UnknownField(name)),
@@ -174,6 +178,20 @@ fn text(value: &serde_json::Value, field: &'static str) -> Result<Option<String>
         serde_json::Value::Null => Ok(None),
         _ => Err(PolicyError::NotAString(field)),
     }
+}
+
+/// A key clients present: one with a control character (`a%0Ab` in a
+/// form) or white space at an end can't be sent whole as `Authorization:
+/// Bearer KEY` (found by a review: such keys were taken and worked only in
+/// `?key=`). A signing key is never sent, so it is not held to this.
+fn key_text(value: &serde_json::Value, field: &'static str) -> Result<Option<String>, PolicyError> {
+    let key = text(value, field)?;
+    if let Some(k) = &key
+        && (k.chars().any(char::is_control) || k.trim() != k)
+    {
+        return Err(PolicyError::Unsendable(field));
+    }
+    Ok(key)
 }
 
 fn ttl(value: &serde_json::Value) -> Result<u64, PolicyError> {
@@ -274,6 +292,26 @@ mod tests {
             unset.check_update(),
             Err(PolicyError::CannotUnset("secret_key"))
         );
+    }
+
+    #[test]
+    fn keys_that_a_header_cannot_carry_are_refused() {
+        for field in ["secret_key", "read_key", "write_key"] {
+            for key in ["a\nb", "nul\0", " lead", "trail\t", "tab\tinside"] {
+                assert_eq!(
+                    PolicyChange::from_fields(fields(json!({ field: key }))).err(),
+                    Some(PolicyError::Unsendable(field)),
+                    "{field} {key:?}"
+                );
+            }
+            // Printable, inner spaces and any script: fine.
+            for key in ["a b", "clé-ü", "x:y"] {
+                PolicyChange::from_fields(fields(json!({ field: key }))).expect(key);
+            }
+        }
+        // A signing key is never sent: not held to it.
+        PolicyChange::from_fields(fields(json!({"signing_key": "\n0123456789abcdef "})))
+            .expect("signing key");
     }
 
     #[test]

@@ -150,8 +150,15 @@ fn token_grant(
                     ))
                 })?;
             }
-            ("prefix" | "permissions", _) => {
-                return Err(ApiError::bad_request(format!("{name} has the wrong type")));
+            ("prefix", _) => {
+                return Err(ApiError::bad_request(format!(
+                    "prefix must be a string (the keys the token reaches start with it; \"\" for all), not {value}"
+                )));
+            }
+            ("permissions", _) => {
+                return Err(ApiError::bad_request(format!(
+                    "permissions must be names separated by commas (\"read,write\") or a list of them ([\"read\",\"write\"]), not {value}"
+                )));
             }
             _ => {
                 return Err(ApiError::bad_request(format!(

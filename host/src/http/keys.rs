@@ -54,6 +54,11 @@ pub async fn get_key(
         .get(&key)?
         .ok_or_else(|| BucketError::KeyNotFound(key.to_string()))?;
     let etag = bucket.etag(stored.version);
+    // If-Match first (RFC 9110 13.2.2); malformed, a 400 as on a write (found
+    // by a review: a failed one was ignored and the value answered).
+    if let Some(tags) = etag_list(&headers, &header::IF_MATCH)? {
+        bucket.check_if_match(&tags, &stored)?;
+    }
     // A malformed If-None-Match on a read is ignored (RFC 9110): the value
     // is answered in full.
     let unchanged = etag_list(&headers, &header::IF_NONE_MATCH)

@@ -23,7 +23,7 @@ use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, Uri, header};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use tower_http::cors::CorsLayer;
@@ -174,12 +174,29 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .route("/_admin/backup", get(admin::get_backup))
+        // Other paths under `/_admin` are no bucket's (`_admin` is no
+        // bucket id): said so rather than "there is no bucket with this id"
+        // (found by a review).
+        .route("/_admin", any(no_operator_route))
+        .route("/_admin/", any(no_operator_route))
+        .route("/_admin/{*rest}", any(no_operator_route))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
+async fn no_operator_route(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no operator route {}: the operator routes are GET /_admin/backup (see \"Backups\" in the README)",
+        uri.path()
+    ))
+}
+
 async fn not_found(uri: Uri) -> ApiError {
-    let path = uri.path();
+    // A CONNECT's target has no path: its authority is what was asked for.
+    let path = match uri.path() {
+        "" => uri.authority().map_or("", |a| a.as_str()),
+        path => path,
+    };
     // `/BUCKET/a/b` or `/BUCKET/a/`: most likely a key with a `/` in it.
     let under_a_bucket = path.trim_start_matches('/').split('/').nth(2).is_some();
     let hint = if under_a_bucket && !path.starts_with("/_admin/") {
@@ -804,6 +821,25 @@ mod tests {
             StatusCode::FORBIDDEN,
             "backups are off without --admin-token"
         );
+        // No bucket's: `_admin` is no bucket id (it was "there is no
+        // bucket with this id").
+        for (method, path) in [
+            ("GET", "/_admin/other"),
+            ("GET", "/_admin"),
+            ("DELETE", "/_admin/"),
+            ("PUT", "/_admin/a/b"),
+        ] {
+            let (status, body) = send(&app, method, path, "").await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
+            assert!(
+                body.contains(&format!(
+                    "no operator route {path}: the operator routes are GET /_admin/backup"
+                )),
+                "{body}"
+            );
+        }
+        let (status, _) = send(&app, "POST", "/_admin/backup", "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     }
 
     #[test]

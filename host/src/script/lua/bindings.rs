@@ -651,6 +651,68 @@ fn whole(v: &Value, what: &str) -> Result<Option<u64>, CallError> {
     }
 }
 
+/// What a bad argument was, for an error message: a string's text (cut
+/// short), a number, or the type's name.
+fn shown(v: &Value) -> String {
+    match v {
+        Value::String(s) => {
+            let text = s.to_string_lossy();
+            match text.char_indices().nth(40) {
+                Some((end, _)) => format!("{:?}…", &text[..end]),
+                None => format!("{text:?}"),
+            }
+        }
+        Value::Integer(i) => i.to_string(),
+        Value::Number(f) => f.to_string(),
+        Value::Nil => "nil".to_owned(),
+        other => format!("a {}", other.type_name()),
+    }
+}
+
+/// The status `kvdb.status` or `kvdb.exit` answers with.
+fn answerable(v: &Value, function: &str) -> mlua::Result<u16> {
+    let code = status_arg(
+        v,
+        function,
+        "an HTTP status, a whole number from 200 to 599",
+    )?;
+    crate::script::check_status(code)
+        .map_err(|e| mlua::Error::runtime(format!("{function}: {e}")))?;
+    Ok(code)
+}
+
+/// An HTTP status argument of `function` (a whole number, or a string of
+/// one as Lua would coerce it). mlua's own message named neither the
+/// function nor what it takes ("error converting Lua string to u16";
+/// found by a review).
+fn status_arg(v: &Value, function: &str, takes: &str) -> mlua::Result<u16> {
+    let code = match *v {
+        Value::Integer(i) => Some(i),
+        #[allow(clippy::cast_possible_truncation)]
+        Value::Number(f) if f.fract() == 0.0 && (-1e9..1e9).contains(&f) => Some(f as i64),
+        Value::String(ref s) => s.to_str().ok().and_then(|t| t.trim().parse().ok()),
+        _ => None,
+    };
+    code.and_then(|c| u16::try_from(c).ok())
+        .ok_or_else(|| mlua::Error::runtime(format!("{function} takes {takes}, not {}", shown(v))))
+}
+
+/// A text argument of `function` (a string, or a number as Lua would
+/// coerce it).
+fn text_arg(v: &Value, function: &str, takes: &str) -> mlua::Result<String> {
+    match v {
+        Value::String(s) => s.to_str().map(|t| t.to_owned()).map_err(|_| {
+            mlua::Error::runtime(format!("{function} takes {takes}: this one is not UTF-8"))
+        }),
+        Value::Integer(i) => Ok(i.to_string()),
+        Value::Number(f) => Ok(f.to_string()),
+        other => Err(mlua::Error::runtime(format!(
+            "{function} takes {takes}, not {}",
+            shown(other)
+        ))),
+    }
+}
+
 fn number(v: Option<Value>) -> Result<Number, CallError> {
     match v {
         None | Some(Value::Nil) => Ok(Number::Int(1)),
@@ -1190,8 +1252,12 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set("print", output(lua, false)?)?;
     t.raw_set(
         "header",
-        lua.create_function(|lua, (name, value): (String, String)| {
-            let lower = crate::script::check_header(&name, &value).map_err(mlua::Error::runtime)?;
+        lua.create_function(|lua, (name, value): (Value, Value)| {
+            const TAKES: &str = "a header's name and value, both strings";
+            let name = text_arg(&name, "kvdb.header", TAKES)?;
+            let value = text_arg(&value, "kvdb.header", TAKES)?;
+            let lower = crate::script::check_header(&name, &value)
+                .map_err(|e| mlua::Error::runtime(format!("kvdb.header: {e}")))?;
             with_run(lua, |run| {
                 run.headers.retain(|(k, _)| *k != lower);
                 run.headers.push((lower, value));
@@ -1206,8 +1272,8 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "status",
-        lua.create_function(|lua, code: u16| {
-            crate::script::check_status(code).map_err(mlua::Error::runtime)?;
+        lua.create_function(|lua, code: Value| {
+            let code = answerable(&code, "kvdb.status")?;
             with_run(lua, |run| {
                 run.status = code;
                 Ok(())
@@ -1216,10 +1282,13 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.raw_set(
         "exit",
-        lua.create_function(|lua, code: Option<u16>| -> mlua::Result<()> {
+        lua.create_function(|lua, code: Value| -> mlua::Result<()> {
+            let code = match code {
+                Value::Nil => None,
+                code => Some(answerable(&code, "kvdb.exit")?),
+            };
             with_run(lua, |run| {
                 if let Some(code) = code {
-                    crate::script::check_status(code).map_err(mlua::Error::runtime)?;
                     run.status = code;
                 }
                 Err(exit_now(run))
@@ -1229,20 +1298,28 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "redirect",
         lua.create_function(
-            |lua, (url, code): (String, Option<u16>)| -> mlua::Result<()> {
-                let code = code.unwrap_or(302);
-                if ![301, 302, 303, 307, 308].contains(&code) {
+            |lua, (url, code): (Value, Value)| -> mlua::Result<()> {
+                const REDIRECTS: [u16; 5] = [301, 302, 303, 307, 308];
+                const TAKES: &str = "a redirect status: 301, 302 (the default), 303, 307 or 308";
+                let url = text_arg(&url, "kvdb.redirect", "a URL, a string")?;
+                let code = match code {
+                    Value::Nil => 302,
+                    code => status_arg(&code, "kvdb.redirect", TAKES)?,
+                };
+                if !REDIRECTS.contains(&code) {
                     return Err(mlua::Error::runtime(format!(
-                        "invalid redirect status {code}"
+                        "kvdb.redirect takes {TAKES}, not {code}"
                     )));
                 }
                 if axum::http::HeaderValue::from_str(&url).is_err() {
-                    return Err(mlua::Error::runtime("invalid redirect URL"));
+                    return Err(mlua::Error::runtime(
+                        "kvdb.redirect: the URL is not a valid header value (percent-encode spaces, control characters and non-ASCII)",
+                    ));
                 }
                 // The header limits hold for a redirect's Location as for
                 // any header (a 30 MB URL went out; found by a review).
-                let lower =
-                    crate::script::check_header("Location", &url).map_err(mlua::Error::runtime)?;
+                let lower = crate::script::check_header("Location", &url)
+                    .map_err(|e| mlua::Error::runtime(format!("kvdb.redirect: {e}")))?;
                 with_run(lua, |run| {
                     run.headers.retain(|(k, _)| *k != lower);
                     run.headers.push((lower, url));

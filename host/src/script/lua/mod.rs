@@ -265,7 +265,19 @@ impl Run {
 fn lua_error(e: &mlua::Error) -> String {
     // The first line: "name:LINE: message" without the traceback.
     let text = match e {
-        mlua::Error::CallbackError { cause, .. } => return lua_error(cause),
+        // A Rust function's error (a binding's argument refused) carries no
+        // position of its own: the script's line from the traceback taken
+        // where it was raised (found by a review: `kvdb.status("abc")` said
+        // neither where nor which call).
+        mlua::Error::CallbackError { cause, traceback } => {
+            let message = lua_error(cause);
+            return match script_position(traceback) {
+                Some(position) if !has_position(&message) => {
+                    crate::script::clip_message(format!("{position}: {message}"))
+                }
+                _ => message,
+            };
+        }
         mlua::Error::WithContext { cause, .. } => return lua_error(cause),
         other => other.to_string(),
     };
