@@ -117,15 +117,19 @@ impl Typing {
                 }
                 // Kept and served back with the value: `garbage` would be
                 // answered as a Content-Type no client can read.
-                // The essence only: mime reads parameters more strictly
-                // than RFC 9110 (no space before `;`, no `""`), and they are
-                // kept as sent (found by a review).
-                let essence = media_type.split(';').next().unwrap_or("").trim();
-                let why = match essence.parse::<mime::Mime>() {
+                // The essence by mime, the parameters by RFC 9110's grammar:
+                // mime reads them more strictly (no space before `;`, no
+                // `""`), and they are kept as sent (found by a review).
+                let (essence, parameters) =
+                    media_type.split_at(media_type.find(';').unwrap_or(media_type.len()));
+                let why = match essence.trim().parse::<mime::Mime>() {
                     Err(e) => Some(e.to_string()),
                     // mime reads `image/` as a type with an empty subtype.
                     Ok(m) if m.subtype().as_str().is_empty() => Some("no subtype".into()),
-                    Ok(_) => None,
+                    Ok(m) if m.type_() == mime::STAR || m.subtype() == mime::STAR => {
+                        Some("a value has one media type, not a pattern with `*`".into())
+                    }
+                    Ok(_) => check_parameters(parameters).err(),
                 };
                 if let Some(why) = why {
                     return Err(BadMediaType::Malformed {
@@ -137,6 +141,54 @@ impl Typing {
             }
         })
     }
+}
+
+/// Whether `text` is a media type's parameters as RFC 9110 writes them:
+/// `*( OWS ";" OWS [ token "=" ( token / quoted-string ) ] )`. An unclosed
+/// quote or a parameter without a name was kept and served back (found by a
+/// review: `a/b; charset="`).
+fn check_parameters(text: &str) -> Result<(), String> {
+    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    let ows = |s: &str| s.trim_start_matches([' ', '\t']).to_owned();
+    let mut rest = ows(text);
+    while !rest.is_empty() {
+        let Some(after) = rest.strip_prefix(';') else {
+            return Err(format!("expected `;` before {rest:?}"));
+        };
+        rest = ows(after);
+        if rest.is_empty() || rest.starts_with(';') {
+            continue;
+        }
+        let name_end = rest.find(|c| !is_tchar(c)).unwrap_or(rest.len());
+        let name = &rest[..name_end];
+        if name.is_empty() {
+            return Err(format!("a parameter has no name before {rest:?}"));
+        }
+        let Some(value) = rest[name_end..].strip_prefix('=') else {
+            return Err(format!("the parameter {name:?} has no `=value`"));
+        };
+        let value_end = if let Some(quoted) = value.strip_prefix('"') {
+            // A quoted-string: up to the first unescaped quote.
+            let mut escaped = false;
+            let close = quoted.char_indices().find(|&(_, c)| {
+                let closes = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                closes
+            });
+            match close {
+                Some((i, _)) => 1 + i + 1,
+                None => return Err(format!("the quoted value of {name:?} is not closed")),
+            }
+        } else {
+            let end = value.find(|c| !is_tchar(c)).unwrap_or(value.len());
+            if end == 0 {
+                return Err(format!("the parameter {name:?} has an empty value"));
+            }
+            end
+        };
+        rest = ows(&value[value_end..]);
+    }
+    Ok(())
 }
 
 /// A value that can't be stored as asked.
@@ -1088,6 +1140,15 @@ mod tests {
             "a b/c",
             "text/c,sv",
             "garbage; charset=utf-8",
+            // Found by a review: kept and served back.
+            "a/b; charset=\"",
+            "a/b; =x",
+            "a/b; charset",
+            "a/b; charset=",
+            "a/b; a=1 b=2",
+            "a/b; a=\"x\\\"",
+            "*/*",
+            "image/*",
         ] {
             assert!(
                 matches!(

@@ -78,7 +78,7 @@ pub async fn get_backup(
 ) -> Result<Response, ApiError> {
     check_operator(&state, &headers)?;
     let pairs = query_pairs(&uri)?;
-    let since = query_param(&pairs, "since").map_or(Ok(0), |s| {
+    let since = query_param(&pairs, "since")?.map_or(Ok(0), |s| {
         crate::bucket::whole_number(s).ok_or_else(|| {
             ApiError::bad_request(format!(
                 "since must be a version number (digits only), not {s:?}"

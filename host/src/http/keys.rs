@@ -268,7 +268,7 @@ pub async fn patch_key(
         condition,
         body,
     } = Write::parse(&state, bucket, &params, &uri, &headers, body).await?;
-    let op = parse_op(&headers, query_param(&pairs, "op"), &body)?;
+    let op = parse_op(&headers, query_param(&pairs, "op")?, &body)?;
     let is_add = matches!(op, Op::Add(_));
     let patched = bucket.patch(&key, op, ttl, condition).await?;
     let etag = bucket.etag(patched.version);

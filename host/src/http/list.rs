@@ -19,7 +19,7 @@ enum Format {
 }
 
 fn flag(pairs: &[(String, String)], name: &str) -> Result<bool, ApiError> {
-    let Some(value) = query_param(pairs, name) else {
+    let Some(value) = query_param(pairs, name)? else {
         return Ok(false);
     };
     match value.to_ascii_lowercase().as_str() {
@@ -34,7 +34,7 @@ fn flag(pairs: &[(String, String)], name: &str) -> Result<bool, ApiError> {
 /// A count (`limit`, `skip`); digits past what 64 bits hold count as the
 /// most there is (a larger `limit` lists a full page, as any over 10000).
 fn number(pairs: &[(String, String)], name: &str, default: usize) -> Result<usize, ApiError> {
-    query_param(pairs, name).map_or(Ok(default), |v| {
+    query_param(pairs, name)?.map_or(Ok(default), |v| {
         if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
             return Err(ApiError::bad_request(format!(
                 "{name} must be a whole number (digits only), not {v:?}"
@@ -45,7 +45,7 @@ fn number(pairs: &[(String, String)], name: &str, default: usize) -> Result<usiz
 }
 
 fn text_param(pairs: &[(String, String)], name: &str) -> Result<Option<String>, ApiError> {
-    query_param(pairs, name)
+    query_param(pairs, name)?
         .map(|v| {
             check_key_text(v)
                 .map(|()| v.to_owned())
@@ -55,7 +55,7 @@ fn text_param(pairs: &[(String, String)], name: &str) -> Result<Option<String>, 
 }
 
 fn parse(pairs: &[(String, String)], headers: &HeaderMap) -> Result<(ListQuery, Format), ApiError> {
-    let format = match query_param(pairs, "format") {
+    let format = match query_param(pairs, "format")? {
         Some("text") => Format::Text,
         Some("json") => Format::Json,
         Some("jsonl") => Format::Jsonl,

@@ -256,7 +256,9 @@ async fn method_not_allowed(
 /// A parameter that is not UTF-8 once decoded: refused rather than
 /// silently replaced.
 pub(crate) fn query_pairs(uri: &Uri) -> Result<Vec<(String, String)>, ApiError> {
-    urlencoded_pairs(uri.query().unwrap_or(""), "query parameter")
+    let query = uri.query().unwrap_or("");
+    check_escapes(query, "query")?;
+    urlencoded_pairs(query, "query parameter")
 }
 
 /// The pairs of a form body (`application/x-www-form-urlencoded`).
@@ -314,29 +316,45 @@ fn urlencoded_pairs(text: &str, what: &str) -> Result<Vec<(String, String)>, Api
         .collect()
 }
 
-/// The last value of query parameter `name`.
-pub(crate) fn query_param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    pairs
+/// The value of query parameter `name`.
+///
+/// # Errors
+/// The parameter given twice: refused rather than one of them taken, as
+/// for a form's or a JSON body's fields (found by a review: `?ttl=abc&ttl=1`
+/// was taken, `?ttl=1&ttl=abc` refused).
+pub(crate) fn query_param<'a>(
+    pairs: &'a [(String, String)],
+    name: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    let mut given = pairs
         .iter()
-        .rev()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str());
+    let value = given.next();
+    if given.next().is_some() {
+        return Err(ApiError::bad_request(format!(
+            "the query parameter {name:?} is given twice: give it once"
+        )));
+    }
+    Ok(value)
 }
 
-/// Refuses a path with a `%` not followed by two hex digits: decoding would
-/// keep it literally, so that `/b/a%` and `/b/a%25` would name the same key.
+/// Refuses a path or query (`what`) with a `%` not followed by two hex
+/// digits: decoding would keep it literally, so that `/b/a%` and `/b/a%25`
+/// would name the same key, and `?prefix=a%` and `?prefix=a%25` the same
+/// prefix (the query's found by a review).
 ///
 /// # Errors
 /// The first such `%`, quoted, and how to write a literal one.
-fn check_escapes(path: &str) -> Result<(), ApiError> {
-    let bytes = path.as_bytes();
-    for (i, _) in path.match_indices('%') {
+fn check_escapes(text: &str, what: &str) -> Result<(), ApiError> {
+    let bytes = text.as_bytes();
+    for (i, _) in text.match_indices('%') {
         let hex = |j: usize| bytes.get(j).is_some_and(u8::is_ascii_hexdigit);
         if !(hex(i + 1) && hex(i + 2)) {
-            let end = (i + 3).min(path.len());
-            let shown = path.get(i..end).unwrap_or("%");
+            let end = (i + 3).min(text.len());
+            let shown = text.get(i..end).unwrap_or("%");
             return Err(ApiError::bad_request(format!(
-                "the path has a `%` that is not followed by two hex digits ({shown:?}): write a literal % as %25"
+                "the {what} has a `%` that is not followed by two hex digits ({shown:?}): write a literal % as %25"
             )));
         }
     }
@@ -457,7 +475,7 @@ impl FromRequestParts<AppState> for Access {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        check_escapes(parts.uri.path())?;
+        check_escapes(parts.uri.path(), "path")?;
         let params = RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|e| {
@@ -496,8 +514,8 @@ impl FromRequestParts<AppState> for Access {
         });
         let credentials = auth::presented(
             authorization,
-            query_param(&pairs, "access_token"),
-            query_param(&pairs, "key"),
+            query_param(&pairs, "access_token")?,
+            query_param(&pairs, "key")?,
         )?;
         Ok(Access(bucket.authorized(credentials)?))
     }
@@ -717,7 +735,7 @@ pub(crate) fn etag_list(
 /// # Errors
 /// Anything else.
 pub(crate) fn ttl_param(pairs: &[(String, String)]) -> Result<Option<u64>, ApiError> {
-    query_param(pairs, "ttl")
+    query_param(pairs, "ttl")?
         .map(|t| {
             crate::bucket::whole_number(t).ok_or_else(|| {
                 // `?ttl=+5` arrives as " 5": a `+` in a query is a space.
