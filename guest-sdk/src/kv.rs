@@ -1,8 +1,8 @@
 //! The scoped bucket: the same operations as the Lua `kvdb` table.
 //!
 //! Every call is checked against the run's scope (see [`scope`]) and only
-//! works inside a running script: natively (a `cargo test`) a call aborts
-//! the whole test process, as the crate's "Testing natively" says.
+//! works inside a running script: natively (a `cargo test`) a call panics,
+//! as the crate's "Testing natively" says.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -27,6 +27,7 @@ use crate::{Error, Number, Value};
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn get(key: &str) -> Result<Option<Value>, Error> {
+    crate::host_only("get");
     Ok(kv::get(key).map_err(Error::from_wit)?.map(Value::from_wit))
 }
 
@@ -70,6 +71,7 @@ pub fn get_json<T: DeserializeOwned>(key: &str) -> Result<Option<T>, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn exists(key: &str) -> Result<bool, Error> {
+    crate::host_only("exists");
     kv::exists(key).map_err(Error::from_wit)
 }
 
@@ -89,6 +91,7 @@ pub fn exists(key: &str) -> Result<bool, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn set(key: &str, value: impl Into<Value>) -> Result<(), Error> {
+    crate::host_only("set");
     kv::set(key, &value.into().into(), None).map_err(Error::from_wit)
 }
 
@@ -110,6 +113,7 @@ pub fn set(key: &str, value: impl Into<Value>) -> Result<(), Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn set_with_ttl(key: &str, value: impl Into<Value>, ttl: u64) -> Result<(), Error> {
+    crate::host_only("set_with_ttl");
     kv::set(key, &value.into().into(), Some(ttl)).map_err(Error::from_wit)
 }
 
@@ -142,6 +146,7 @@ pub fn set_json<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<(), Error
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn delete(key: &str) -> Result<bool, Error> {
+    crate::host_only("delete");
     kv::delete(key).map_err(Error::from_wit)
 }
 
@@ -172,6 +177,7 @@ pub fn delete(key: &str) -> Result<bool, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn incr(key: &str, by: impl Into<Number>) -> Result<Value, Error> {
+    crate::host_only("incr");
     value(kv::incr(key, by.into().into()))
 }
 
@@ -196,6 +202,7 @@ pub fn incr(key: &str, by: impl Into<Number>) -> Result<Value, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn merge(key: &str, patch: &str) -> Result<Value, Error> {
+    crate::host_only("merge");
     value(kv::merge(key, patch))
 }
 
@@ -227,6 +234,7 @@ pub fn merge(key: &str, patch: &str) -> Result<Value, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn patch(key: &str, patch: &str) -> Result<Value, Error> {
+    crate::host_only("patch");
     value(kv::patch(key, patch))
 }
 
@@ -251,6 +259,7 @@ pub fn patch(key: &str, patch: &str) -> Result<Value, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn append(key: &str, bytes: impl AsRef<[u8]>) -> Result<Value, Error> {
+    crate::host_only("append");
     value(kv::append(key, bytes.as_ref()))
 }
 
@@ -408,6 +417,7 @@ pub fn list(prefix: &str, options: ListOptions) -> Result<Vec<Entry>, Error> {
         reverse: options.reverse,
         values: options.values,
     };
+    crate::host_only("list");
     Ok(kv::list(prefix, &options)
         .map_err(Error::from_wit)?
         .into_iter()
@@ -533,6 +543,7 @@ pub struct Token {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn access_token(prefix: &str, permissions: &[Permission], ttl: u64) -> Result<Token, Error> {
+    crate::host_only("access_token");
     let t = kv::access_token(prefix, &to_wit(permissions), ttl).map_err(Error::from_wit)?;
     Ok(Token {
         token: t.token,
@@ -548,7 +559,9 @@ pub fn access_token(prefix: &str, permissions: &[Permission], ttl: u64) -> Resul
 /// prefix. The summary gives the shortest prefix and only the permissions
 /// that hold on all of it, so setting a scope from it (say, a new prefix
 /// with the same permissions) never carries a right the caller had only on
-/// other keys.
+/// other keys. So it is no test of whether a call may be made: make the
+/// call, and answer its [`Error::PermissionDenied`] (a 403 by
+/// [`Error::status`]).
 ///
 /// # Example
 ///
@@ -577,6 +590,7 @@ pub struct Scope {
 /// ```
 #[must_use]
 pub fn scope() -> Scope {
+    crate::host_only("scope");
     let s = wit_scope::get();
     Scope {
         prefix: s.prefix,
@@ -605,5 +619,25 @@ pub fn scope() -> Scope {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn set_scope(prefix: &str, permissions: &[Permission]) -> Result<(), Error> {
+    crate::host_only("set_scope");
     wit_scope::set(prefix, &to_wit(permissions)).map_err(Error::from_wit)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Natively a host call panics saying what to do, and unwinds (it
+    /// aborted the whole test process with "entered unreachable code").
+    #[test]
+    #[should_panic(
+        expected = "kvdb_guest::get calls the KVdb server, which only a script running in it provides"
+    )]
+    fn a_host_call_outside_a_script_panics_saying_so() {
+        let _ = crate::get("k");
+    }
+
+    #[test]
+    #[should_panic(expected = "kvdb_guest::log calls the KVdb server")]
+    fn a_log_line_outside_a_script_panics_saying_so() {
+        crate::log::info("hello");
+    }
 }

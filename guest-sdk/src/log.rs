@@ -5,8 +5,8 @@
 //! otherwise: debug lines appear with `KVDB_LOG=info,kvdb::script=debug`.
 //!
 //! Like the data functions, these call the host: outside a running script
-//! (a native `cargo test`) a call aborts the whole test process, as the
-//! crate's "Testing natively" says.
+//! (a native `cargo test`) a call panics, as the crate's "Testing natively"
+//! says.
 //!
 //! ```no_run
 //! kvdb_guest::log::info("starting");
@@ -53,6 +53,7 @@ impl From<Level> for wit::Level {
 /// kvdb_guest::log(kvdb_guest::Level::Info, "hello");
 /// ```
 pub fn log(level: Level, message: &str) {
+    crate::host_only("log");
     wit::log(level.into(), message);
 }
 

@@ -92,7 +92,9 @@ impl Request {
         self
     }
 
-    /// The HTTP method: `GET` or `POST`.
+    /// The HTTP method: `GET` or `POST` (a script runs for no other: a `PUT`
+    /// or `DELETE` with the secret key to its URL uploads or deletes the
+    /// script itself).
     ///
     /// # Example
     ///

@@ -79,8 +79,9 @@ const OUR_MODULES: [&str; 6] = ["auth", "bucket", "config", "http", "script", "s
 
 /// What a directive of a log filter is, for a note at start.
 enum BareWord {
-    /// A level, a directive with one for another crate (`hyper=debug`), a
-    /// span filter, or our crate or one of its modules.
+    /// A level, a directive with one for another crate (`hyper=debug`) or
+    /// a module path of one (`tower_http::trace`), a span filter, or our
+    /// crate or one of its modules.
     Fine,
     /// A bare word that is no level: what a user who meant a level wrote
     /// (`verbose`); the filter reads it as a module's name.
@@ -106,20 +107,25 @@ fn bare_word(directive: &str) -> BareWord {
     {
         return BareWord::Fine;
     }
-    let Some(rest) = target.strip_prefix("kvdb") else {
-        return if level.is_none() {
+    if !target.starts_with("kvdb") {
+        // A bare word without `::`: most likely a level misspelt; a path
+        // (`tower_http::trace`) is a module's name as meant.
+        return if level.is_none() && !target.contains("::") {
             BareWord::Module
         } else {
             BareWord::Fine
         };
-    };
-    let top = rest
-        .strip_prefix("::")
-        .map(|path| path.split("::").next().unwrap_or(path));
-    match top {
-        _ if rest.is_empty() => BareWord::Fine,
-        Some(module) if OUR_MODULES.contains(&module) => BareWord::Fine,
-        _ => BareWord::NotOurs,
+    }
+    // The filter matches a target that starts with the directive's: fine
+    // if one of our modules' paths does, or it is within one of them.
+    let ours = OUR_MODULES.iter().any(|m| {
+        let path = format!("kvdb::{m}");
+        path.starts_with(target) || target.starts_with(&path)
+    });
+    if ours {
+        BareWord::Fine
+    } else {
+        BareWord::NotOurs
     }
 }
 

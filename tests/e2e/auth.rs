@@ -544,7 +544,10 @@ fn token_cannot_list_outside_its_prefix() {
         as_(&s, "GET", &format!("/{b}/?values=true"), &names_only, None).assert_problem(403);
     assert!(
         detail.contains(r#"values=true (read on the keys under prefix "users:1:")"#)
-            && detail.contains("which grants enumerate on keys starting with"),
+            && detail.contains("which grants enumerate on keys starting with")
+            // Listing needs enumerate as well, which only the secret key
+            // grants (it named the read and write keys).
+            && detail.contains("; the secret key, or an access token that grants it, may"),
         "{detail}"
     );
     assert_eq!(
@@ -665,7 +668,13 @@ fn patch_without_read_permission_changes_the_value_but_does_not_answer_it() {
             Some(patch),
         );
         let detail = r.assert_problem(403);
-        assert!(detail.contains("needs read as well as write"), "{detail}");
+        // Write as well: the read key would not do (it was named).
+        assert!(
+            detail.contains("needs read as well as write")
+                && detail
+                    .contains("; the write or secret key, or an access token that grants it, may"),
+            "{detail}"
+        );
     }
     assert_eq!(
         as_(&s, "GET", &format!("/{b}/user"), "rk", None).json(),

@@ -242,7 +242,9 @@ fn keys_a_header_cannot_carry_are_400_and_change_nothing() {
     for form in ["read_key=a%0Ab", "write_key=%00", "secret_key=sk2%20"] {
         let detail = patch_policy(&s, &b, "sk", form).assert_problem(400);
         assert!(
-            detail.contains("has a control character or starts or ends with white space"),
+            detail.contains(
+                "has a control character (a tab, a line break…) or starts or ends with white space"
+            ),
             "{detail}"
         );
     }
@@ -253,6 +255,9 @@ fn keys_a_header_cannot_carry_are_400_and_change_nothing() {
     );
     let r = s.request("POST", "/", &[FORM], Some(b"secret_key=%09sk"));
     r.assert_problem(400);
+    // A form's `+` is a space: the message says how to write one.
+    let detail = patch_policy(&s, &b, "sk", "read_key=+abc").assert_problem(400);
+    assert!(detail.contains("write a literal + as %2B"), "{detail}");
 }
 
 #[test]

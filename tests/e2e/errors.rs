@@ -265,6 +265,12 @@ fn a_query_parameter_given_twice_or_a_bare_percent_in_a_query_is_400() {
         );
     }
     assert_unchanged(&s, &b);
+    // A write the caller can't make is a 401 first, whatever its query.
+    let locked = s.create_bucket("write_key=wk");
+    for query in ["ttl=5%", "ttl=1&ttl=2"] {
+        let r = s.put(&format!("/{locked}/k?{query}"), "v");
+        assert_eq!(r.status, 401, "{query}: {}", r.text());
+    }
     // Once each, and a literal % written %25: fine.
     assert_eq!(s.put(&format!("/{b}/t?ttl=60"), "v").status, 204);
     let r = s.get(&format!("/{b}/?prefix=t%25&limit=5"));

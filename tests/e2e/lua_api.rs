@@ -917,6 +917,14 @@ fn a_bad_argument_to_a_response_call_names_the_call_and_the_line() {
     );
     assert_eq!((r.status, r.header("x-n").as_deref()), (404, Some("5")));
     assert_eq!(eval(&s, &b, "kvdb.exit(201.0)").status, 201);
+    // A 204 has no content, so no type either (it went out as text/plain).
+    let r = eval(&s, &b, "kvdb.status(204)");
+    assert_eq!((r.status, r.header("content-type")), (204, None));
+    let r = eval(&s, &b, "kvdb.status(202)");
+    assert_eq!(
+        (r.status, r.header("content-type").as_deref()),
+        (202, Some("text/plain; charset=utf-8"))
+    );
     let name = fresh_name();
     install(&s, &b, &name, "kvdb.redirect('/x', '307')");
     let (status, _, _) = raw(&s, "GET", &format!("/{b}/scripts/{name}"));

@@ -239,6 +239,9 @@ fn operator_mistakes_are_named() {
         ),
         ("info,Debug,hyper=debug,kvdb", None),
         ("info,kvdb::script::wasm=debug,kvdb::http", None),
+        // Another crate's module path, and a prefix of one of ours (the
+        // filter matches targets by their start).
+        ("tower_http::trace,kvdb::scr=debug", None),
         ("kvdbx", Some(not_ours("kvdbx"))),
         ("info,kvdb::scrpt=debug", Some(not_ours("kvdb::scrpt"))),
     ] {

@@ -980,10 +980,12 @@ impl Scoped {
         key.check_writable()
             .map_err(|e| BucketError::Invalid(e.to_string()))?;
         if op.reads() && !self.scope.allows(Permission::Read, key.as_str()) {
+            // It needs write as well: which keys would do is the write key's
+            // answer (found by a review).
             return Err(self.refuse(format!(
                 "a JSON patch of key {:?} reads the value (a test, copy, move or remove succeeds or fails on what it holds), so it needs read as well as write (a merge patch needs write only); it",
                 key.as_str()
-            ), Permission::Read));
+            ), Permission::Write));
         }
         let id = self.bucket.id;
         let etag_key = self.bucket.etag_key;
@@ -1203,9 +1205,11 @@ impl Scoped {
             ));
         };
         if query.values && !self.scope.allows(Permission::Read, &prefix) {
+            // It needs enumerate as well: which keys would do is the
+            // secret key's answer (found by a review).
             return Err(self.refuse(
                 format!("values=true (read on the keys under prefix {prefix:?})"),
-                Permission::Read,
+                Permission::Enumerate,
             ));
         }
         self.ensure_exists()?;

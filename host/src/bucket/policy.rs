@@ -61,7 +61,7 @@ pub enum PolicyError {
     #[error("{0} is longer than 1024 bytes")]
     TooLong(&'static str),
     #[error(
-        "{0} has a control character or starts or ends with white space: a key is sent in a header (`Authorization: Bearer KEY`), where it could not be given whole; use printable characters (e.g. `openssl rand -hex 16`)"
+        "{0} has a control character (a tab, a line break…) or starts or ends with white space, which `Authorization: Bearer KEY` can't carry or drops; use printable characters (e.g. `openssl rand -hex 16`). In a form, `+` is a space: write a literal + as %2B"
     )]
     Unsendable(&'static str),
     #[error(

@@ -498,7 +498,11 @@ impl FromRequestParts<AppState> for Access {
             .and_then(|(_, v)| v.parse().ok())
             .ok_or(crate::bucket::BucketError::NotFound)?;
         let bucket = state.buckets.open(id)?;
-        let pairs = query_pairs(&parts.uri)?;
+        // Only the credentials are read here: the rest of the query is
+        // judged by the handler, after the credentials (a write they can't
+        // make is a 401/403 even if its query is also wrong; found by a
+        // review).
+        let pairs = urlencoded_pairs(parts.uri.query().unwrap_or(""), "query parameter")?;
         let authorization = match parts.headers.get(header::AUTHORIZATION) {
             Some(v) => Some(v.to_str().map_err(|_| {
                 ApiError::Auth(auth::AuthError::Malformed("the header is not ASCII"))

@@ -183,13 +183,13 @@ fn lines_dropped(headers: &HeaderMap, source: &[u8]) -> Result<(), ApiError> {
         && text
         && !source.contains(&b'\n')
         && !source.contains(&b'\r')
-        && contains(source, b"--")
+        && has_line_comment(source)
     {
         return Err(crate::script::ScriptError::Invalid(
             "this script came with the form type (`curl -d`) and without line breaks, and has a \
              `--` comment, which would run to the end of the script: `curl -d @file` drops a \
              file's line breaks. Upload the file unaltered: `curl -T file.lua …` or \
-             `--data-binary @file.lua`"
+             `--data-binary @file.lua` (so too a one-line script that ends in a comment)"
                 .into(),
         )
         .into());
@@ -197,8 +197,52 @@ fn lines_dropped(headers: &HeaderMap, source: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Whether Lua `source` has a line comment (`--` not opening a long
+/// comment `--[[ ]]`), outside its strings and long brackets: `--` in
+/// `"----"` or `"<!-- -->"` is none (found by a review).
+fn has_line_comment(source: &[u8]) -> bool {
+    // `[`, `=`…, `[` opens a long bracket of that level: its length.
+    let long_open = |at: usize| {
+        let rest = source.get(at..)?;
+        let level = rest.iter().skip(1).take_while(|&&b| b == b'=').count();
+        (rest.first() == Some(&b'[') && rest.get(level + 1) == Some(&b'[')).then_some(level)
+    };
+    // Past the `]=…]` closing a long bracket of `level` from `at`.
+    let long_end = |at: usize, level: usize| {
+        let mut close = vec![b']'];
+        close.extend(std::iter::repeat_n(b'=', level));
+        close.push(b']');
+        source
+            .get(at..)
+            .and_then(|rest| {
+                rest.windows(close.len())
+                    .position(|w| w == close.as_slice())
+            })
+            .map_or(source.len(), |i| at + i + close.len())
+    };
+    let mut i = 0;
+    while i < source.len() {
+        match source[i] {
+            b'-' if source.get(i + 1) == Some(&b'-') => match long_open(i + 2) {
+                Some(level) => i = long_end(i + 2 + level + 2, level),
+                None => return true,
+            },
+            quote @ (b'"' | b'\'') => {
+                i += 1;
+                while i < source.len() && source[i] != quote {
+                    // An escape takes the next byte with it.
+                    i += if source[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'[' => match long_open(i) {
+                Some(level) => i = long_end(i + level + 2, level),
+                None => i += 1,
+            },
+            _ => i += 1,
+        }
+    }
+    false
 }
 
 /// A Lua upload that does not compile, with what to do when the body is no
@@ -485,12 +529,18 @@ pub async fn run_script(
         .map_err(|e| ApiError::Internal(format!("script status: {e}")))?;
     // These answers have no content (RFC 9110): what the script said is
     // not sent, nor a Content-Length for it (it was; found by a review).
-    let body = if matches!(response.status, 204 | 205 | 304) {
+    let no_content = matches!(response.status, 204 | 205 | 304);
+    let body = if no_content {
         Vec::new()
     } else {
         response.body
     };
     let mut out = (status, body).into_response();
+    if no_content {
+        // Nor a type for it, unless the script sets one (axum gives a body
+        // of bytes application/octet-stream; found by a guest author).
+        out.headers_mut().remove(header::CONTENT_TYPE);
+    }
     for (k, v) in response.headers {
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
@@ -551,6 +601,28 @@ mod tests {
     use axum::response::IntoResponse;
 
     use super::*;
+
+    #[test]
+    fn a_line_comment_is_found_outside_strings_and_long_brackets() {
+        for (source, comment) in [
+            ("kvdb.say(1) -- c", true),
+            ("a = \"x\" -- c", true),
+            ("x = 1 --[ not long", true),
+            ("s = [=[ ]] -- ]=] -- c", true),
+            ("--[[ a ]] kvdb.say(1) -- c", true),
+            ("kvdb.say(\"----\")", false),
+            ("kvdb.say(\"<!-- x -->\")", false),
+            ("--[[ note ]] kvdb.say(1)", false),
+            ("--[==[ a ]] b ]==] x", false),
+            ("kvdb.say([[--]])", false),
+            ("kvdb.say('it\\'s -- no')", false),
+            ("kvdb.say(\"a\\\\\") x = '--'", false),
+            ("a = b - -c", false),
+            ("unclosed = \"-- x", false),
+        ] {
+            assert_eq!(has_line_comment(source.as_bytes()), comment, "{source}");
+        }
+    }
 
     /// A source replaced or deleted as a run starts is a race a retry
     /// settles (503 with Retry-After), not the script's failure (500).

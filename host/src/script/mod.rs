@@ -29,6 +29,19 @@ use crate::bucket::BucketId;
 /// and 101 would switch the connection away from HTTP).
 pub const ANSWERABLE_STATUS: std::ops::RangeInclusive<u16> = 200..=599;
 
+/// Gives a script's response the type of plain text if the script set no
+/// `Content-Type`, except a 204, 205 or 304, which have no content (a
+/// guest's 204 went out as `text/plain`; found by a guest author).
+pub(crate) fn default_content_type(status: u16, headers: &mut Vec<(String, String)>) {
+    if !matches!(status, 204 | 205 | 304)
+        && !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        headers.push(("content-type".into(), "text/plain; charset=utf-8".into()));
+    }
+}
+
 /// Refuses a status a script may not answer ([`ANSWERABLE_STATUS`]), saying
 /// which ones it may.
 ///

@@ -670,8 +670,9 @@ fn shown(v: &Value) -> String {
 }
 
 /// The status `kvdb.status` or `kvdb.exit` answers with.
-fn answerable(v: &Value, function: &str) -> mlua::Result<u16> {
+fn answerable(lua: &Lua, v: &Value, function: &str) -> mlua::Result<u16> {
     let code = status_arg(
+        lua,
         v,
         function,
         "an HTTP status, a whole number from 200 to 599",
@@ -681,36 +682,28 @@ fn answerable(v: &Value, function: &str) -> mlua::Result<u16> {
     Ok(code)
 }
 
-/// An HTTP status argument of `function` (a whole number, or a string of
-/// one as Lua would coerce it). mlua's own message named neither the
-/// function nor what it takes ("error converting Lua string to u16";
-/// found by a review).
-fn status_arg(v: &Value, function: &str, takes: &str) -> mlua::Result<u16> {
-    let code = match *v {
-        Value::Integer(i) => Some(i),
-        #[allow(clippy::cast_possible_truncation)]
-        Value::Number(f) if f.fract() == 0.0 && (-1e9..1e9).contains(&f) => Some(f as i64),
-        Value::String(ref s) => s.to_str().ok().and_then(|t| t.trim().parse().ok()),
-        _ => None,
-    };
-    code.and_then(|c| u16::try_from(c).ok())
+/// An HTTP status argument of `function`: what Lua reads as an integer
+/// (`404`, `404.0`, `"404"`). mlua's own message named neither the
+/// function nor what it takes ("error converting Lua string to u16"; found
+/// by a review).
+fn status_arg(lua: &Lua, v: &Value, function: &str, takes: &str) -> mlua::Result<u16> {
+    lua.coerce_integer(v.clone())?
+        .and_then(|c| u16::try_from(c).ok())
         .ok_or_else(|| mlua::Error::runtime(format!("{function} takes {takes}, not {}", shown(v))))
 }
 
-/// A text argument of `function` (a string, or a number as Lua would
-/// coerce it).
-fn text_arg(v: &Value, function: &str, takes: &str) -> mlua::Result<String> {
-    match v {
-        Value::String(s) => s.to_str().map(|t| t.to_owned()).map_err(|_| {
-            mlua::Error::runtime(format!("{function} takes {takes}: this one is not UTF-8"))
-        }),
-        Value::Integer(i) => Ok(i.to_string()),
-        Value::Number(f) => Ok(f.to_string()),
-        other => Err(mlua::Error::runtime(format!(
+/// A text argument of `function`: a string, or a number as Lua writes it
+/// (`tostring`).
+fn text_arg(lua: &Lua, v: &Value, function: &str, takes: &str) -> mlua::Result<String> {
+    let Some(text) = lua.coerce_string(v.clone())? else {
+        return Err(mlua::Error::runtime(format!(
             "{function} takes {takes}, not {}",
-            shown(other)
-        ))),
-    }
+            shown(v)
+        )));
+    };
+    text.to_str().map(|t| t.to_owned()).map_err(|_| {
+        mlua::Error::runtime(format!("{function} takes {takes}: this one is not UTF-8"))
+    })
 }
 
 fn number(v: Option<Value>) -> Result<Number, CallError> {
@@ -1254,8 +1247,8 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
         "header",
         lua.create_function(|lua, (name, value): (Value, Value)| {
             const TAKES: &str = "a header's name and value, both strings";
-            let name = text_arg(&name, "kvdb.header", TAKES)?;
-            let value = text_arg(&value, "kvdb.header", TAKES)?;
+            let name = text_arg(lua, &name, "kvdb.header", TAKES)?;
+            let value = text_arg(lua, &value, "kvdb.header", TAKES)?;
             let lower = crate::script::check_header(&name, &value)
                 .map_err(|e| mlua::Error::runtime(format!("kvdb.header: {e}")))?;
             with_run(lua, |run| {
@@ -1273,7 +1266,7 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
     t.raw_set(
         "status",
         lua.create_function(|lua, code: Value| {
-            let code = answerable(&code, "kvdb.status")?;
+            let code = answerable(lua, &code, "kvdb.status")?;
             with_run(lua, |run| {
                 run.status = code;
                 Ok(())
@@ -1285,7 +1278,7 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, code: Value| -> mlua::Result<()> {
             let code = match code {
                 Value::Nil => None,
-                code => Some(answerable(&code, "kvdb.exit")?),
+                code => Some(answerable(lua, &code, "kvdb.exit")?),
             };
             with_run(lua, |run| {
                 if let Some(code) = code {
@@ -1301,10 +1294,10 @@ pub(super) fn functions(lua: &Lua) -> mlua::Result<Table> {
             |lua, (url, code): (Value, Value)| -> mlua::Result<()> {
                 const REDIRECTS: [u16; 5] = [301, 302, 303, 307, 308];
                 const TAKES: &str = "a redirect status: 301, 302 (the default), 303, 307 or 308";
-                let url = text_arg(&url, "kvdb.redirect", "a URL, a string")?;
+                let url = text_arg(lua, &url, "kvdb.redirect", "a URL, a string")?;
                 let code = match code {
                     Value::Nil => 302,
-                    code => status_arg(&code, "kvdb.redirect", TAKES)?,
+                    code => status_arg(lua, &code, "kvdb.redirect", TAKES)?,
                 };
                 if !REDIRECTS.contains(&code) {
                     return Err(mlua::Error::runtime(format!(

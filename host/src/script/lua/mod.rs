@@ -262,22 +262,38 @@ impl Run {
     }
 }
 
+/// The message a run that failed with `e` ends with: [`lua_error`], and
+/// for an error a Rust function raised (a binding's argument refused),
+/// which carries no position of its own, the script's line from the
+/// traceback taken where it was raised (found by a review:
+/// `kvdb.status("abc")` said neither where nor which call). What `pcall`
+/// catches stays without it, as Lua's own errors do there.
+fn run_error(e: &mlua::Error) -> String {
+    let message = lua_error(e);
+    if has_position(&message) {
+        return message;
+    }
+    match raised_at(e).and_then(script_position) {
+        Some(position) => crate::script::clip_message(format!("{position}: {message}")),
+        None => message,
+    }
+}
+
+/// The traceback of the innermost Rust function's error in `e`.
+fn raised_at(e: &mlua::Error) -> Option<&str> {
+    match e {
+        mlua::Error::CallbackError { cause, traceback } => {
+            raised_at(cause).or(Some(traceback.as_str()))
+        }
+        mlua::Error::WithContext { cause, .. } => raised_at(cause),
+        _ => None,
+    }
+}
+
 fn lua_error(e: &mlua::Error) -> String {
     // The first line: "name:LINE: message" without the traceback.
     let text = match e {
-        // A Rust function's error (a binding's argument refused) carries no
-        // position of its own: the script's line from the traceback taken
-        // where it was raised (found by a review: `kvdb.status("abc")` said
-        // neither where nor which call).
-        mlua::Error::CallbackError { cause, traceback } => {
-            let message = lua_error(cause);
-            return match script_position(traceback) {
-                Some(position) if !has_position(&message) => {
-                    crate::script::clip_message(format!("{position}: {message}"))
-                }
-                _ => message,
-            };
-        }
+        mlua::Error::CallbackError { cause, .. } => return lua_error(cause),
         mlua::Error::WithContext { cause, .. } => return lua_error(cause),
         other => other.to_string(),
     };
@@ -798,7 +814,7 @@ impl State {
                 });
             }
             Err(e) => {
-                let message = lua_error(&e);
+                let message = run_error(&e);
                 if message.contains("stack overflow") {
                     return Err(ScriptError::Limit {
                         limit: Limit::Stack,
@@ -809,12 +825,7 @@ impl State {
             }
         }
         let mut headers = run.headers;
-        if !headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
-            headers.push(("content-type".into(), "text/plain; charset=utf-8".into()));
-        }
+        crate::script::default_content_type(run.status, &mut headers);
         Ok(Response {
             status: run.status,
             headers,

@@ -747,9 +747,7 @@ impl WasmRuntime {
                 .map_err(|e| ScriptError::Failed(format!("the script's response: {e}")))?;
             headers.push((name, value));
         }
-        if !headers.iter().any(|(k, _)| k == "content-type") {
-            headers.push(("content-type".into(), "text/plain; charset=utf-8".into()));
-        }
+        crate::script::default_content_type(response.status, &mut headers);
         Ok(Response {
             status: response.status,
             headers,
