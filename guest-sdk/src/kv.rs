@@ -53,6 +53,7 @@ pub fn get(key: &str) -> Result<Option<Value>, Error> {
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn get_json<T: DeserializeOwned>(key: &str) -> Result<Option<T>, Error> {
+    crate::host_only("get_json");
     get(key)?.map(|v| v.parse_json()).transpose()
 }
 
@@ -130,6 +131,7 @@ pub fn set_with_ttl(key: &str, value: impl Into<Value>, ttl: u64) -> Result<(), 
 /// # Ok::<(), kvdb_guest::Error>(())
 /// ```
 pub fn set_json<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<(), Error> {
+    crate::host_only("set_json");
     set(key, Value::json(value)?)
 }
 

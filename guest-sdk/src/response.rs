@@ -44,7 +44,8 @@ impl Default for Response {
 
 impl Response {
     /// An empty `200` with the text content type (what a Lua script that
-    /// says nothing answers).
+    /// says nothing answers). With a status that has no content (204, 205,
+    /// 304) the server sends it without a body or a content type.
     ///
     /// # Example
     ///

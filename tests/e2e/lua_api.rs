@@ -468,6 +468,18 @@ fn a_script_whose_line_breaks_curl_dropped_is_400_saying_how_to_upload_it() {
     assert_body(&run(&s, &b, "visits"), "1\n");
     assert_eq!(form("kvdb.say('hi')").status, 200);
     assert_body(&run(&s, &b, "visits"), "hi\n");
+    // A first line starting with `#` is skipped: without line breaks, all.
+    let detail = assert_problem_type(
+        &form("#!/usr/bin/env lua kvdb.say('x')"),
+        400,
+        "script-invalid",
+    );
+    assert!(
+        detail.contains("a first line starting with `#`"),
+        "{detail}"
+    );
+    // `--` in a string is no comment.
+    assert_eq!(form("kvdb.say('<!-- -->')").status, 200);
 }
 
 #[test]
@@ -917,6 +929,39 @@ fn a_bad_argument_to_a_response_call_names_the_call_and_the_line() {
     );
     assert_eq!((r.status, r.header("x-n").as_deref()), (404, Some("5")));
     assert_eq!(eval(&s, &b, "kvdb.exit(201.0)").status, 201);
+    // Lua's own coercion: `"404.0"` is 404, a float header value is written
+    // as `tostring` writes it.
+    assert_eq!(eval(&s, &b, "kvdb.status('404.0')").status, 404);
+    let r = eval(
+        &s,
+        &b,
+        "kvdb.header('x-a', 2.0) kvdb.header('x-b', 0.1 * 3)",
+    );
+    assert_eq!(
+        (r.header("x-a").as_deref(), r.header("x-b").as_deref()),
+        (Some("2.0"), Some("0.3"))
+    );
+    // What pcall catches has no position (as Lua's own errors there); a
+    // run's error names the line of the call, also one a helper returns.
+    assert_body(
+        &eval(&s, &b, "local ok, e = pcall(kvdb.status, 'x')\nkvdb.say(e)"),
+        "kvdb.status takes an HTTP status, a whole number from 200 to 599, not \"x\"\n",
+    );
+    let detail = assert_problem_type(
+        &eval(
+            &s,
+            &b,
+            "local function answer(c) return kvdb.status(c) end\n\nanswer('x')",
+        ),
+        500,
+        "script-error",
+    );
+    assert!(
+        detail.contains(
+            ":1: kvdb.status takes an HTTP status, a whole number from 200 to 599, not \"x\""
+        ),
+        "{detail}"
+    );
     // A 204 has no content, so no type either (it went out as text/plain).
     let r = eval(&s, &b, "kvdb.status(204)");
     assert_eq!((r.status, r.header("content-type")), (204, None));

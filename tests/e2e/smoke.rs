@@ -244,6 +244,7 @@ fn operator_mistakes_are_named() {
         ("tower_http::trace,kvdb::scr=debug", None),
         ("kvdbx", Some(not_ours("kvdbx"))),
         ("info,kvdb::scrpt=debug", Some(not_ours("kvdb::scrpt"))),
+        ("kvdb::scripts=debug", Some(not_ours("kvdb::scripts"))),
     ] {
         let mut command = crate::harness::kvdb_command();
         command

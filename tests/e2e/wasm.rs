@@ -1500,6 +1500,27 @@ fn a_guest_answering_an_invalid_status_is_a_script_error() {
     assert_server_still_answers(&s, &b);
 }
 
+/// A guest's `Response::new().with_status(204)` has no content and no
+/// Content-Type (it went out as text/plain, its Lua twin's without; found
+/// by a guest author); the same empty answer with another status is plain
+/// text, as in Lua.
+#[test]
+fn a_guest_answering_204_sends_no_content_type() {
+    let s = TestServer::start();
+    let b = hostile_bucket(&s);
+    for (code, content_type) in [
+        (204, None),
+        (304, None),
+        (200, Some("text/plain; charset=utf-8")),
+    ] {
+        let r = s.get(&format!("/{b}/scripts/h?do=empty&code={code}"));
+        assert_eq!(
+            (r.status, r.header("content-type").as_deref()),
+            (code, content_type)
+        );
+    }
+}
+
 #[test]
 fn a_guest_sees_its_request_variables_in_order_with_only_the_real_remote_addr_last() {
     let s = TestServer::start();

@@ -498,11 +498,10 @@ impl FromRequestParts<AppState> for Access {
             .and_then(|(_, v)| v.parse().ok())
             .ok_or(crate::bucket::BucketError::NotFound)?;
         let bucket = state.buckets.open(id)?;
-        // Only the credentials are read here: the rest of the query is
-        // judged by the handler, after the credentials (a write they can't
-        // make is a 401/403 even if its query is also wrong; found by a
-        // review).
-        let pairs = urlencoded_pairs(parts.uri.query().unwrap_or(""), "query parameter")?;
+        // A query that can't be read (a bare `%`, not UTF-8) is a 400
+        // here, before the credentials, as a path that can't be: what it
+        // says is not known (`?key=sk%` could mean `sk%25`).
+        let pairs = query_pairs(&parts.uri)?;
         let authorization = match parts.headers.get(header::AUTHORIZATION) {
             Some(v) => Some(v.to_str().map_err(|_| {
                 ApiError::Auth(auth::AuthError::Malformed("the header is not ASCII"))

@@ -179,15 +179,22 @@ fn lines_dropped(headers: &HeaderMap, source: &[u8]) -> Result<(), ApiError> {
     let form = content_essence(headers).as_deref() == Some("application/x-www-form-urlencoded");
     // A component or other bytes that are no text get `not_lua`'s advice.
     let text = !source.starts_with(MANGLED_COMPONENT) && std::str::from_utf8(source).is_ok();
+    // A first line starting with `#` (`#!/usr/bin/env lua`) is skipped as
+    // the `lua` command does: without line breaks, that is all of it.
+    let shebang = source
+        .strip_prefix("\u{feff}".as_bytes())
+        .unwrap_or(source)
+        .starts_with(b"#");
     if form
         && text
         && !source.contains(&b'\n')
         && !source.contains(&b'\r')
-        && has_line_comment(source)
+        && (shebang || has_line_comment(source))
     {
         return Err(crate::script::ScriptError::Invalid(
             "this script came with the form type (`curl -d`) and without line breaks, and has a \
-             `--` comment, which would run to the end of the script: `curl -d @file` drops a \
+             `--` comment or a first line starting with `#`, which would run to the end of the \
+             script: `curl -d @file` drops a \
              file's line breaks. Upload the file unaltered: `curl -T file.lua …` or \
              `--data-binary @file.lua` (so too a one-line script that ends in a comment)"
                 .into(),
@@ -529,18 +536,13 @@ pub async fn run_script(
         .map_err(|e| ApiError::Internal(format!("script status: {e}")))?;
     // These answers have no content (RFC 9110): what the script said is
     // not sent, nor a Content-Length for it (it was; found by a review).
-    let no_content = matches!(response.status, 204 | 205 | 304);
+    let no_content = crate::script::has_no_content(response.status);
     let body = if no_content {
         Vec::new()
     } else {
         response.body
     };
     let mut out = (status, body).into_response();
-    if no_content {
-        // Nor a type for it, unless the script sets one (axum gives a body
-        // of bytes application/octet-stream; found by a guest author).
-        out.headers_mut().remove(header::CONTENT_TYPE);
-    }
     for (k, v) in response.headers {
         if let (Ok(k), Ok(v)) = (
             HeaderName::from_bytes(k.as_bytes()),
@@ -548,6 +550,13 @@ pub async fn run_script(
         ) {
             out.headers_mut().insert(k, v);
         }
+    }
+    if no_content {
+        // Nor a type for it: axum's for a body of bytes, or the one every
+        // constructor of the Rust SDK's `Response` sets (a guest's 204 went
+        // out as text/plain, its Lua twin's without; found by a guest
+        // author).
+        out.headers_mut().remove(header::CONTENT_TYPE);
     }
     // Appended after the script's own headers, so that a policy the script
     // sets adds to this one and can't lift it.

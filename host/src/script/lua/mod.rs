@@ -337,6 +337,9 @@ fn is_position(s: &str) -> bool {
 /// The innermost frame of the script itself in an error's traceback
 /// (`name:LINE`), skipping library functions (`[C]`) and the sandbox's own
 /// Lua.
+/// None when tail calls come first: the frame that made the call is gone
+/// from the traceback, and the next one would name its caller's line
+/// (`return kvdb.status(c)` in a helper; found by a review).
 fn script_position(text: &str) -> Option<&str> {
     text.lines()
         .skip_while(|l| !l.starts_with("stack traceback:"))
@@ -344,9 +347,13 @@ fn script_position(text: &str) -> Option<&str> {
         .map(str::trim)
         .filter(|l| !l.starts_with("[C]") && !l.starts_with("sandbox:"))
         .find_map(|l| {
+            if l.starts_with("(...tail calls...)") {
+                return Some(None);
+            }
             let (position, _) = l.split_once(": in ")?;
-            is_position(position).then_some(position)
+            is_position(position).then_some(Some(position))
         })
+        .flatten()
 }
 
 fn is_memory_error(e: &mlua::Error) -> bool {

@@ -10,7 +10,8 @@
 //!   kept in linear memory, which run out of the 64 KiB stack there first),
 //!   `panic` (panics with [`PANIC_MESSAGE`]), `huge`
 //!   (a body of `bytes` bytes, default 1 MB), `status` (answers the status
-//!   `code`), `headers` (`x-test: 1`, and with `which`: a lying
+//!   `code`), `empty` (answers the status `code`, default 204, with no body
+//!   nor headers), `headers` (`x-test: 1`, and with `which`: a lying
 //!   `content-length` (`length`), a header value with a line break
 //!   (`inject`), an invalid header name (`name`), 101 headers (`many`), a
 //!   70 KB header (`big`));
@@ -128,6 +129,10 @@ impl Handler for Hostile {
             "status" => {
                 let code = req.var("code").and_then(|c| c.parse().ok()).unwrap_or(200);
                 Response::text("status\n").with_status(code)
+            }
+            "empty" => {
+                let code = req.var("code").and_then(|c| c.parse().ok()).unwrap_or(204);
+                Response::new().with_status(code)
             }
             "headers" => {
                 let response = Response::text("hi").with_header("X-Test", "1");
