@@ -654,7 +654,10 @@ sed "s|$TMP/logs/|$RESULTS/logs/|" "$TMP/runs.tsv" >"$RESULTS/logs/runs.tsv"
 # figures: WebAssembly hello took 23.1 µs of server CPU a request on a freshly
 # provisioned VM (13:49 on 2026-12-04) and 16.5 µs on one up for hours, while
 # a GET took 8.1 and 7.9 (bench/HISTORY.md).
-cpu_model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+# (A VM's model name can be as vague as "AMD EPYC": family, model and
+# stepping tell the generation.)
+cpu_model=$(awk -F': ' '/^model name/ {n = $2} /^cpu family/ {f = $2} /^model\t/ {m = $2}
+    /^stepping/ {s = $2} /^$/ {exit} END {printf "%s, family %s model %s stepping %s", n, f, m, s}' /proc/cpuinfo)
 NOTES+=("machine: $(nproc) cores (${cpu_model:-unknown CPU}), Linux $(uname -r), up $(awk '{printf "%.1f h", $1 / 3600}' /proc/uptime), load average at the end $(cut -d' ' -f1-3 /proc/loadavg)")
 NOTE_ARGS=()
 for note in "${NOTES[@]}"; do NOTE_ARGS+=(--note "$note"); done
