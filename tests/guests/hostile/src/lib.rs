@@ -33,7 +33,14 @@
 //!   what an earlier `remember` left behind;
 //! - the WebAssembly twins of the Lua scope tests (tests/e2e/lua_api.rs),
 //!   printing the same lines as those Lua scripts: `whoami`, `anon`,
-//!   `narrow-prefix`, `narrow-perms`, `plain-get`, `widen`.
+//!   `narrow-prefix`, `narrow-perms`, `plain-get`, `widen`;
+//! - `escape`: tries what WASI would give a script beyond clocks and random
+//!   (the environment, the file system, a TCP connection to `port` on
+//!   127.0.0.1) and answers a line for each: what it got;
+//! - `calls`: makes the data calls the POST body lists, a JSON array of
+//!   calls, each an array of strings (`["incr", "n", "1.5"]`; see
+//!   [`call`]), and answers a line for each: its result, or `error: ` and
+//!   the error as the Lua error strings word it.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -196,6 +203,13 @@ impl Handler for Hostile {
             "widen" => match kvdb_guest::set_scope("", &[Permission::Read]) {
                 Ok(()) => Response::text(plain_get()),
                 Err(e) => Response::text(format!("set_scope: {e}\n")),
+            },
+            "escape" => Response::text(escape(req.var("port").unwrap_or("1"))),
+            "calls" => match req.json::<Vec<Vec<String>>>() {
+                Ok(calls) => {
+                    Response::text(calls.iter().map(|c| call(c) + "\n").collect::<String>())
+                }
+                Err(e) => Response::text(format!("calls: {e}\n")).with_status(400),
             },
             other => Response::text(format!("unknown do={other}\n")).with_status(400),
         }
@@ -391,4 +405,116 @@ unsafe extern "C" {
 unsafe extern "C" {
     #[link_name = "subscribe-duration"]
     fn subscribe_duration(nanoseconds: i64) -> i32;
+}
+
+/// One data call of `do=calls`, `[name, args…]`, and its result as a line:
+///
+/// - `get KEY`, `exists KEY`, `delete KEY`;
+/// - `set KEY VALUE [TTL]`;
+/// - `incr KEY BY` (a float if `BY` has a `.`), `merge KEY JSON`,
+///   `patch KEY JSON`, `append KEY TEXT`: the new value;
+/// - `list PREFIX [OPTIONS]`, `OPTIONS` comma-separated from `values`,
+///   `reverse`, `limit=N`, `start=KEY`, `end=KEY`: the keys (`key=value`
+///   with values) separated by spaces;
+/// - `token PREFIX PERMISSIONS TTL` (`PERMISSIONS` comma-separated):
+///   `token TOKEN EXPIRES_AT`;
+/// - `scope PREFIX`: sets the scope's prefix, keeping its permissions;
+/// - `whoami`: the scope's prefix and permissions.
+fn call(c: &[String]) -> String {
+    let arg = |i: usize| c.get(i).map_or("", String::as_str);
+    let shown = |r: Result<String, Error>| r.unwrap_or_else(|e| format!("error: {e}"));
+    let value = |r: Result<kvdb_guest::Value, Error>| shown(r.map(|v| v.to_string()));
+    match arg(0) {
+        "get" => shown(kvdb_guest::get(arg(1)).map(|v| v.map_or("nil".into(), |v| v.to_string()))),
+        "exists" => shown(kvdb_guest::exists(arg(1)).map(|e| e.to_string())),
+        "delete" => shown(kvdb_guest::delete(arg(1)).map(|d| d.to_string())),
+        "set" => shown(
+            match arg(3).parse::<u64>() {
+                Ok(ttl) => kvdb_guest::set_with_ttl(arg(1), arg(2), ttl),
+                Err(_) => kvdb_guest::set(arg(1), arg(2)),
+            }
+            .map(|()| "ok".into()),
+        ),
+        "incr" if arg(2).contains('.') => value(kvdb_guest::incr(
+            arg(1),
+            arg(2).parse::<f64>().unwrap_or(f64::NAN),
+        )),
+        "incr" => value(kvdb_guest::incr(arg(1), arg(2).parse::<i64>().unwrap_or(0))),
+        "merge" => value(kvdb_guest::merge(arg(1), arg(2))),
+        "patch" => value(kvdb_guest::patch(arg(1), arg(2))),
+        "append" => value(kvdb_guest::append(arg(1), arg(2))),
+        "list" => {
+            let mut options = ListOptions::default();
+            for option in arg(2).split(',').filter(|o| !o.is_empty()) {
+                options = match option.split_once('=') {
+                    None if option == "values" => options.with_values(),
+                    None if option == "reverse" => options.reversed(),
+                    Some(("limit", n)) => options.with_limit(n.parse().unwrap_or(0)),
+                    Some(("start", key)) => options.with_start(key),
+                    Some(("end", key)) => options.with_end(key),
+                    _ => return format!("unknown list option {option}"),
+                };
+            }
+            shown(kvdb_guest::list(arg(1), options).map(|entries| {
+                entries
+                    .into_iter()
+                    .map(|e| match e.value {
+                        Some(v) => format!("{}={v}", e.key),
+                        None => e.key,
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }))
+        }
+        "token" => {
+            let permissions: Vec<Permission> = arg(2)
+                .split(',')
+                .filter_map(|p| match p {
+                    "read" => Some(Permission::Read),
+                    "write" => Some(Permission::Write),
+                    "delete" => Some(Permission::Delete),
+                    "enumerate" => Some(Permission::Enumerate),
+                    _ => None,
+                })
+                .collect();
+            shown(
+                kvdb_guest::access_token(arg(1), &permissions, arg(3).parse().unwrap_or(60))
+                    .map(|t| format!("token {} {}", t.token, t.expires_at)),
+            )
+        }
+        "scope" => {
+            let permissions = kvdb_guest::scope().permissions;
+            shown(kvdb_guest::set_scope(arg(1), &permissions).map(|()| "ok".into()))
+        }
+        "whoami" => format!("[{}] {}", kvdb_guest::scope().prefix, permissions()),
+        other => format!("unknown call {other}"),
+    }
+}
+
+/// `do=escape`: what the environment, the file system and the network give.
+fn escape(port: &str) -> String {
+    let env = std::env::vars().count();
+    let args = std::env::args().count();
+    let cwd =
+        std::env::current_dir().map_or_else(|e| format!("error {e}"), |d| d.display().to_string());
+    let fs = ["/", ".", "/etc/passwd"]
+        .map(|path| match std::fs::read_dir(path) {
+            Ok(entries) => format!("{path} lists {}", entries.count()),
+            Err(_) => match std::fs::read(path) {
+                Ok(bytes) => format!("{path} reads {} bytes", bytes.len()),
+                Err(e) => format!("{path} error {}", e.kind()),
+            },
+        })
+        .join(", ");
+    let net = match std::net::TcpStream::connect(format!("127.0.0.1:{port}")) {
+        Ok(_) => "connected".to_owned(),
+        Err(e) => format!("error {}", e.kind()),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "env {env}\nargs {args}\ncwd {cwd}\nfs {fs}\nnet {net}\nclock {}\n",
+        now > 1_700_000_000
+    )
 }
