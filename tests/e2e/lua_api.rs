@@ -503,6 +503,12 @@ fn upload_beyond_the_source_limit_is_413() {
     let over = format!("{at_limit}x");
     let detail = upload(&s, &b, "big", over.as_bytes()).assert_problem(413);
     assert!(detail.contains("--script-source-bytes"), "{detail}");
+    // A component sent as Lua (`curl -X PUT -d @file` without a type) is
+    // told how to send one (found by a Python guest's author).
+    assert!(
+        detail.contains("Content-Type: application/wasm") && detail.contains("`curl -T file.wasm`"),
+        "{detail}"
+    );
     assert_problem_type(&run(&s, &b, "big"), 404, "script-not-found");
     assert_body(&run(&s, &b, "fits"), "a\n");
 }

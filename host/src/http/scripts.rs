@@ -164,6 +164,12 @@ fn not_a_component(e: crate::script::ScriptError, body: &[u8]) -> crate::script:
                  were dropped on the way, as `curl -d @file` does: {SEND_A_COMPONENT}."
             ))
         }
+        // Declared a component, yet no WebAssembly at all: curl before 8.7
+        // cuts a `-d @file` at each NUL instead, which leaves no `asm`
+        // (found by a Python guest's author with curl 7.88).
+        ScriptError::Invalid(message) if !body.starts_with(b"\0asm") => ScriptError::Invalid(
+            format!("{message}. If it is a component file: {SEND_A_COMPONENT}."),
+        ),
         other => other,
     }
 }
