@@ -503,8 +503,9 @@ fn upload_beyond_the_source_limit_is_413() {
     let over = format!("{at_limit}x");
     let detail = upload(&s, &b, "big", over.as_bytes()).assert_problem(413);
     assert!(detail.contains("--script-source-bytes"), "{detail}");
-    // A component sent as Lua (`curl -X PUT -d @file` without a type) is
-    // told how to send one (found by a Python guest's author).
+    // The message also says how to send a component, which lands here when
+    // sent as Lua (`curl -X PUT -d @file.wasm` without a type; found by a
+    // Python guest's author).
     assert!(
         detail.contains("Content-Type: application/wasm") && detail.contains("`curl -T file.wasm`"),
         "{detail}"

@@ -144,8 +144,9 @@ pub async fn put_script(
 
 /// How to send a component unaltered, for the errors below.
 const SEND_A_COMPONENT: &str = "send it unaltered, with Content-Type: application/wasm \
-     (`curl -T file.wasm -H 'Content-Type: application/wasm' …`; `-d @file` drops a binary's \
-     NUL, CR and LF bytes: use `--data-binary @file` or `-T file`)";
+     (`curl -T file.wasm -H 'Content-Type: application/wasm' …`; `-d @file` alters a binary, \
+     dropping its NUL, CR and LF bytes, or before curl 8.7 cutting it at each NUL: use \
+     `--data-binary @file` or `-T file`)";
 
 /// A component's first bytes (`\0asm\r\0\x01\0`) once `curl -d @file`
 /// dropped its NUL, CR and LF bytes (curl 8.7 and later; earlier ones cut

@@ -485,10 +485,16 @@ impl WasmRuntime {
     /// [`ScriptError::Invalid`]: not WebAssembly, a core module, not a
     /// component of the `kvdb:script` world.
     pub fn compile(&self, bytes: &[u8]) -> Result<Prepared, ScriptError> {
-        if !bytes.starts_with(b"\0asm") || bytes.len() < 8 {
+        if !bytes.starts_with(b"\0asm") {
             return Err(ScriptError::Invalid(
                 "this is not WebAssembly (it does not start with \\0asm)".into(),
             ));
+        }
+        if bytes.len() < 8 {
+            return Err(ScriptError::Invalid(format!(
+                "this is not WebAssembly: {} bytes, shorter than a WebAssembly header (8)",
+                bytes.len()
+            )));
         }
         if bytes[4..8] == [1, 0, 0, 0] {
             return Err(ScriptError::Invalid(

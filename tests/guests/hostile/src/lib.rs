@@ -411,6 +411,7 @@ unsafe extern "C" {
 ///
 /// - `get KEY`, `exists KEY`, `delete KEY`;
 /// - `set KEY VALUE [TTL]`;
+/// - an argument that can't be read answers `bad argument: …`;
 /// - `incr KEY BY` (a float if `BY` has a `.`), `merge KEY JSON`,
 ///   `patch KEY JSON`, `append KEY TEXT`: the new value;
 /// - `list PREFIX [OPTIONS]`, `OPTIONS` comma-separated from `values`,
@@ -428,18 +429,19 @@ fn call(c: &[String]) -> String {
         "get" => shown(kvdb_guest::get(arg(1)).map(|v| v.map_or("nil".into(), |v| v.to_string()))),
         "exists" => shown(kvdb_guest::exists(arg(1)).map(|e| e.to_string())),
         "delete" => shown(kvdb_guest::delete(arg(1)).map(|d| d.to_string())),
-        "set" => shown(
-            match arg(3).parse::<u64>() {
-                Ok(ttl) => kvdb_guest::set_with_ttl(arg(1), arg(2), ttl),
-                Err(_) => kvdb_guest::set(arg(1), arg(2)),
-            }
-            .map(|()| "ok".into()),
-        ),
-        "incr" if arg(2).contains('.') => value(kvdb_guest::incr(
-            arg(1),
-            arg(2).parse::<f64>().unwrap_or(f64::NAN),
-        )),
-        "incr" => value(kvdb_guest::incr(arg(1), arg(2).parse::<i64>().unwrap_or(0))),
+        "set" if c.len() < 4 => shown(kvdb_guest::set(arg(1), arg(2)).map(|()| "ok".into())),
+        "set" => match arg(3).parse::<u64>() {
+            Ok(ttl) => shown(kvdb_guest::set_with_ttl(arg(1), arg(2), ttl).map(|()| "ok".into())),
+            Err(_) => format!("bad argument: ttl {:?}", arg(3)),
+        },
+        "incr" if arg(2).contains('.') => match arg(2).parse::<f64>() {
+            Ok(by) => value(kvdb_guest::incr(arg(1), by)),
+            Err(_) => format!("bad argument: {:?}", arg(2)),
+        },
+        "incr" => match arg(2).parse::<i64>() {
+            Ok(by) => value(kvdb_guest::incr(arg(1), by)),
+            Err(_) => format!("bad argument: {:?}", arg(2)),
+        },
         "merge" => value(kvdb_guest::merge(arg(1), arg(2))),
         "patch" => value(kvdb_guest::patch(arg(1), arg(2))),
         "append" => value(kvdb_guest::append(arg(1), arg(2))),
@@ -467,20 +469,24 @@ fn call(c: &[String]) -> String {
             }))
         }
         "token" => {
-            let permissions: Vec<Permission> = arg(2)
+            let permissions: Result<Vec<Permission>, String> = arg(2)
                 .split(',')
-                .filter_map(|p| match p {
-                    "read" => Some(Permission::Read),
-                    "write" => Some(Permission::Write),
-                    "delete" => Some(Permission::Delete),
-                    "enumerate" => Some(Permission::Enumerate),
-                    _ => None,
+                .map(|p| match p {
+                    "read" => Ok(Permission::Read),
+                    "write" => Ok(Permission::Write),
+                    "delete" => Ok(Permission::Delete),
+                    "enumerate" => Ok(Permission::Enumerate),
+                    other => Err(format!("bad argument: permission {other:?}")),
                 })
                 .collect();
-            shown(
-                kvdb_guest::access_token(arg(1), &permissions, arg(3).parse().unwrap_or(60))
-                    .map(|t| format!("token {} {}", t.token, t.expires_at)),
-            )
+            match (permissions, arg(3).parse::<u64>()) {
+                (Ok(permissions), Ok(ttl)) => shown(
+                    kvdb_guest::access_token(arg(1), &permissions, ttl)
+                        .map(|t| format!("token {} {}", t.token, t.expires_at)),
+                ),
+                (Err(bad), _) => bad,
+                (_, Err(_)) => format!("bad argument: ttl {:?}", arg(3)),
+            }
         }
         "scope" => {
             let permissions = kvdb_guest::scope().permissions;
