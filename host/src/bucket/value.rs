@@ -149,7 +149,9 @@ impl Typing {
 /// review: `a/b; charset="`).
 fn check_parameters(text: &str) -> Result<(), String> {
     let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-    let ows = |s: &str| s.trim_start_matches([' ', '\t']).to_owned();
+    fn ows(s: &str) -> &str {
+        s.trim_start_matches([' ', '\t'])
+    }
     let mut rest = ows(text);
     while !rest.is_empty() {
         let Some(after) = rest.strip_prefix(';') else {

@@ -89,7 +89,7 @@ impl std::fmt::Display for BodyLimit {
                  (`kvdb serve --script-source-bytes`); keep data in keys, not in the source. \
                  An upload is Lua unless it starts with `\\0asm` or comes with \
                  Content-Type: application/wasm: send a WebAssembly component unaltered \
-                 (`curl -T file.wasm`; `-d @file` drops its NUL, CR and LF bytes)",
+                 (`curl -T file.wasm`; `-d @file` alters a binary)",
             ),
             BodyLimit::Component => f.write_str(
                 "a WebAssembly component may be at most that large on this server \

@@ -29,20 +29,13 @@ use crate::bucket::BucketId;
 /// and 101 would switch the connection away from HTTP).
 pub const ANSWERABLE_STATUS: std::ops::RangeInclusive<u16> = 200..=599;
 
-/// Whether a response with `status` has no content (RFC 9110: 204, 205,
-/// 304): a script's is sent without a body or a `Content-Type`.
-pub(crate) fn has_no_content(status: u16) -> bool {
-    matches!(status, 204 | 205 | 304)
-}
-
 /// Gives a script's response the type of plain text if the script set no
-/// `Content-Type`, except one that has no content (a guest's 204 went out
-/// as `text/plain`; found by a guest author).
-pub(crate) fn default_content_type(status: u16, headers: &mut Vec<(String, String)>) {
-    if !has_no_content(status)
-        && !headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+/// `Content-Type` (both runtimes; one without content loses it when it is
+/// sent, in `http::scripts`).
+pub(crate) fn default_content_type(headers: &mut Vec<(String, String)>) {
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
     {
         headers.push(("content-type".into(), "text/plain; charset=utf-8".into()));
     }

@@ -832,7 +832,7 @@ impl State {
             }
         }
         let mut headers = run.headers;
-        crate::script::default_content_type(run.status, &mut headers);
+        crate::script::default_content_type(&mut headers);
         Ok(Response {
             status: run.status,
             headers,

@@ -753,7 +753,7 @@ impl WasmRuntime {
                 .map_err(|e| ScriptError::Failed(format!("the script's response: {e}")))?;
             headers.push((name, value));
         }
-        crate::script::default_content_type(response.status, &mut headers);
+        crate::script::default_content_type(&mut headers);
         Ok(Response {
             status: response.status,
             headers,
